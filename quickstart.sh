@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The two quick-start commands (README):
+#   ./quickstart.sh demo   install everything, then run `synord demo`
+#   ./quickstart.sh test   install everything, then run the whole test suite
+# Idempotent: each step checks what is already there. Run as root on Debian 12.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc libgmp-dev        # venv + fastecdsa (libp2p dep) build
+  crun runc runsc bubblewrap umoci skopeo busybox-static # container sandboxes, OCI images
+  qemu-system-x86 cpio zstd xz-utils                     # microVMs and the guest image build
+  pocl-opencl-icd ocl-icd-libopencl1                     # OpenCL on CPUs without a GPU
+  clang lld wasi-libc libclang-rt-14-dev-wasm32 binaryen # building the test WASM modules
+  iproute2 procps
+)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "apt-get install ${missing[*]}"
+    if [ "$(id -u)" != 0 ]; then echo "quickstart: need root to install ${missing[*]}" >&2; exit 1; fi
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+}
+
+install_venv() {
+  if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    python3 -m venv .venv
+  fi
+  local stamp=.venv/.synord-installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    log "pip install -e .[test]"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    touch "$stamp"
+  fi
+}
+
+build_assets() {
+  # Guest kernel + initramfs for microVMs, test WASM modules and OCI images.
+  # Each script is idempotent and skips work whose output is newer than its inputs.
+  for s in packaging/guest/build.sh tests/assets/build.sh; do
+    if [ -f "$s" ]; then log "$s"; bash "$s"; fi
+  done
+}
+
+setup() { install_apt; install_venv; build_assets; }
+
+case "${1:-}" in
+  demo)
+    setup
+    shift
+    exec .venv/bin/synord demo "$@"
+    ;;
+  test)
+    setup
+    shift
+    # -p no:cacheprovider: CI runs from a read-only-friendly clean clone
+    exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
+    ;;
+  setup)
+    setup
+    ;;
+  *)
+    echo "usage: $0 demo|test|setup" >&2
+    exit 2
+    ;;
+esac

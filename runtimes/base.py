@@ -1,0 +1,214 @@
+"""The one interface every sandbox implements.
+
+Life of a task in a sandbox:
+
+    rt = get_runtime("wasm")            # a Runtime: knows whether it works here
+    rt.available()                      # Availability(available, reason)
+    sb = await rt.prepare(spec)         # verify artefact, unpack, build bundle
+    await sb.start(nursery)             # background work lives in the caller's nursery
+    async for chunk in sb.logs(): ...   # stdout/stderr as it is produced
+    status = await sb.wait()            # ExitStatus(code, usage, reason)
+    await sb.kill()                     # idempotent; always reaps everything started
+    info = await sb.checkpoint(dir, leave_running=False)   # where supported
+    sb2 = await rt.restore(spec, dir)   # prepared; start() resumes from the checkpoint
+
+`prepare` raises `SpecError` for a bad spec or artefact before anything is
+started, and `Unavailable` if the sandbox kind does not work on this host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, ClassVar, Literal
+
+import trio
+
+Kind = Literal["wasm", "container", "microvm"]
+KINDS: tuple[str, ...] = ("wasm", "container", "microvm")
+
+
+class RuntimeError_(Exception):
+    """Base class of sandbox errors (named to not shadow the builtin)."""
+
+
+class SpecError(RuntimeError_):
+    """The task spec or its artefact is unusable; nothing was started."""
+
+
+class Unavailable(RuntimeError_):
+    """This sandbox kind cannot run on this host (the message says why)."""
+
+
+class CheckpointUnsupported(RuntimeError_):
+    pass
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"available": self.available, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Mount:
+    host: Path
+    guest: str
+    writable: bool = False
+
+
+@dataclass
+class Limits:
+    cpus: float = 1.0
+    memory_bytes: int = 256 * 1024 * 1024
+    timeout_s: float | None = None
+    pids: int = 64
+    fuel: int | None = None  # wasm only: instruction budget
+
+
+@dataclass
+class TaskSpec:
+    kind: str
+    artifact: Path  # .wasm file, OCI layout dir or oci-archive tarball
+    sha256: str | None = None  # expected digest of the artefact file; verified in prepare
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    stdin: bytes | None = None
+    limits: Limits = field(default_factory=Limits)
+    network: bool = False  # never granted by default
+    mounts: list[Mount] = field(default_factory=list)
+    workdir: Path | None = None  # scratch dir for bundles/rootfs; the runtime makes one if None
+    checkpointable: bool = False  # container: run under runsc so it can migrate
+    task_id: str = ""
+
+
+@dataclass
+class Usage:
+    cpu_s: float = 0.0
+    peak_memory_bytes: int = 0
+    wall_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"cpu_s": self.cpu_s, "peak_memory_bytes": self.peak_memory_bytes,
+                "wall_s": self.wall_s}
+
+
+@dataclass
+class ExitStatus:
+    code: int
+    usage: Usage
+    reason: str | None = None  # None = exited by itself; else timeout, oom, killed, out_of_fuel, trap, pids
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "usage": self.usage.to_json(), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path  # a directory holding the checkpoint files
+    bytes: int
+    sha256: str  # digest over the checkpoint files (see checkpoint_digest)
+
+
+class Sandbox(ABC):
+    supports_checkpoint: ClassVar[bool] = False
+
+    @abstractmethod
+    async def start(self, nursery: trio.Nursery) -> None: ...
+
+    @abstractmethod
+    async def wait(self) -> ExitStatus: ...
+
+    @abstractmethod
+    def logs(self) -> AsyncIterator[LogChunk]:
+        """Output in order, from the start; the iterator ends when the task exits."""
+
+    @abstractmethod
+    async def kill(self) -> None: ...
+
+    async def checkpoint(self, dest: Path, leave_running: bool = False) -> CheckpointInfo:
+        raise CheckpointUnsupported(f"{type(self).__name__} cannot checkpoint")
+
+
+class Runtime(ABC):
+    kind: ClassVar[str]
+    supports_checkpoint: ClassVar[bool] = False
+
+    @abstractmethod
+    def available(self) -> Availability: ...
+
+    @abstractmethod
+    async def prepare(self, spec: TaskSpec) -> Sandbox: ...
+
+    async def restore(self, spec: TaskSpec, checkpoint: Path) -> Sandbox:
+        raise CheckpointUnsupported(f"{self.kind} cannot restore")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_artifact(path: Path, expected: str | None) -> None:
+    """Raise SpecError unless the artefact exists and matches its digest."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"artefact {path} does not exist")
+    if expected is None or path.is_dir():
+        return
+    actual = sha256_file(path)
+    if actual != expected.removeprefix("sha256:"):
+        raise SpecError(f"artefact {path.name}: sha256 mismatch (expected {expected}, got {actual})")
+
+
+def checkpoint_digest(directory: Path) -> tuple[int, str]:
+    """(total bytes, sha256) over every file of a checkpoint directory, by sorted name."""
+    h = hashlib.sha256()
+    total = 0
+    for p in sorted(Path(directory).rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(directory).as_posix().encode()
+            h.update(len(rel).to_bytes(4, "big") + rel)
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+                    total += len(block)
+    return total, h.hexdigest()
+
+
+def get_runtime(kind: str) -> Runtime:
+    """The Runtime for ``kind``; imports lazily so the CLI stays fast."""
+    if kind == "wasm":
+        from .wasm import WasmRuntime
+        return WasmRuntime()
+    if kind == "container":
+        from .container import ContainerRuntime
+        return ContainerRuntime()
+    if kind == "microvm":
+        from .microvm import MicroVMRuntime
+        return MicroVMRuntime()
+    raise SpecError(f"unknown runtime {kind!r} (expected one of {', '.join(KINDS)})")
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for helper processes: never leak systemd's notify/watchdog/socket vars."""
+    import os
+    env = {k: v for k, v in os.environ.items()
+           if not (k == "NOTIFY_SOCKET" or k.startswith("WATCHDOG_") or k.startswith("LISTEN_"))}
+    if extra:
+        env.update(extra)
+    return env

@@ -1,0 +1,209 @@
+"""The local control API: HTTP+JSON for the CLI, the dashboard and the tray.
+
+Listens on loopback or a Unix socket only. Every request needs
+``Authorization: Bearer <api.token>`` (401 otherwise), except the static
+dashboard page, which holds no data. A Host header that is not loopback gets
+421: that blocks DNS-rebinding attacks from web pages in the user's browser.
+
+The routes are thin: each calls one method of the Node (synord.daemon), which
+owns the state; errors it raises as ApiError become JSON {"error": ...}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+log = logging.getLogger("synord.api")
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def host_is_loopback(host_header: str) -> bool:
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[: host.find("]") + 1]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host in LOOPBACK_HOSTS
+
+
+class GuardMiddleware:
+    """Host check (421) then bearer-token check (401), before any route runs."""
+
+    PUBLIC = {"/", "/dashboard.js"}
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        # Unix-socket clients have no meaningful Host; TCP ones must say loopback.
+        if scope.get("server") and not host_is_loopback(headers.get("host", "")):
+            return await _send_json(send, 421, {"error": "misdirected request: host is not loopback"})
+        if scope["path"] not in self.PUBLIC:
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else b""
+            if not given or not hmac.compare_digest(given, self.token):
+                return await _send_json(send, 401, {"error": "missing or wrong API token "
+                                                    "(see api.token in the node's home)"})
+        return await self.app(scope, receive, send)
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def build_app(node: "Node", token: str):
+    async def call(fn, *args) -> Response:
+        try:
+            result = fn(*args)
+            if hasattr(result, "__await__"):
+                result = await result
+            return JSONResponse(result)
+        except ApiError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return data
+
+    async def status(request: Request):
+        return await call(node.status_json)
+
+    async def peers(request: Request):
+        return await call(node.peers_json)
+
+    async def probe(request: Request):
+        return await call(node.probe_json, request.query_params.get("bench") == "1")
+
+    async def book(request: Request):
+        return await call(node.book_json, request.query_params.get("class"))
+
+    async def ledger(request: Request):
+        return await call(node.ledger_json)
+
+    async def pause(request: Request):
+        return await call(node.pause)
+
+    async def resume(request: Request):
+        return await call(node.resume)
+
+    async def jobs(request: Request):
+        return await call(node.jobs_json)
+
+    async def job(request: Request):
+        return await call(node.job_json, request.path_params["job_id"])
+
+    async def submit(request: Request):
+        try:
+            spec = await body_of(request)
+        except ApiError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return await call(node.submit_job, spec)
+
+    async def cancel(request: Request):
+        return await call(node.cancel_job, request.path_params["job_id"])
+
+    async def preempt(request: Request):
+        try:
+            body = await body_of(request)
+        except ApiError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return await call(node.preempt_notice, body)
+
+    async def logs(request: Request):
+        job_id = request.path_params["job_id"]
+        follow = request.query_params.get("follow") == "1"
+        try:
+            stream = node.job_output(job_id, follow)
+        except ApiError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        # newline-delimited JSON: {"stream": "stdout", "data": "..."} then a final {"exit_code": ...}
+        return StreamingResponse(stream, media_type="application/x-ndjson")
+
+    async def metrics(request: Request):
+        from prometheus_client import generate_latest
+        return Response(generate_latest(node.metrics_registry),
+                        media_type="text/plain; version=0.0.4")
+
+    async def dashboard(request: Request):
+        from .dashboard import PAGE
+        return Response(PAGE, media_type="text/html",
+                        headers={"content-security-policy": "default-src 'self'; "
+                                 "script-src 'unsafe-inline' 'self'; connect-src 'self'"})
+
+    routes = [
+        Route("/", dashboard),
+        Route("/v1/status", status),
+        Route("/v1/peers", peers),
+        Route("/v1/probe", probe),
+        Route("/v1/book", book),
+        Route("/v1/ledger", ledger),
+        Route("/v1/pause", pause, methods=["POST"]),
+        Route("/v1/resume", resume, methods=["POST"]),
+        Route("/v1/preempt", preempt, methods=["POST"]),
+        Route("/v1/jobs", jobs),
+        Route("/v1/jobs", submit, methods=["POST"]),
+        Route("/v1/jobs/{job_id}", job),
+        Route("/v1/jobs/{job_id}/cancel", cancel, methods=["POST"]),
+        Route("/v1/jobs/{job_id}/logs", logs),
+        Route("/metrics", metrics),
+    ]
+    return GuardMiddleware(Starlette(routes=routes), token)
+
+
+async def serve(node: "Node", listen: str, token: str, task_status) -> None:
+    """Run the API until cancelled; ``task_status.started(url)`` once it listens."""
+    from hypercorn.config import Config as HyperConfig
+    from hypercorn.trio import serve as hyper_serve
+
+    cfg = HyperConfig()
+    cfg.bind = [listen]
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn")
+    cfg.graceful_timeout = 1.0
+
+    import trio
+
+    class _Started:
+        def started(self, urls):
+            url = urls[0] if urls else listen
+            if listen.startswith("unix:"):
+                url = listen
+            task_status.started(url)
+
+    await hyper_serve(build_app(node, token), cfg, shutdown_trigger=trio.sleep_forever,
+                      task_status=_Started())

@@ -1,0 +1,373 @@
+"""`synord` command line (../shared/CLI.md is the contract).
+
+Read commands take --json and then print exactly one JSON document on stdout.
+Errors: one line on stderr, non-zero exit. This module imports only the
+standard library and small synord modules: the networking stack is loaded by
+`synord daemon` alone, so `synord status` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .home import Home, default_home
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise CliError(f"{self.prog}: {message} (see `{self.prog} --help`)", EXIT_USAGE)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1G', '256MiB', '1048576' -> bytes."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def _client(args):
+    from .client import ApiClient
+    return ApiClient(Home(args.home))
+
+
+def _emit(args, data: Any, human: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(human(data).rstrip("\n") + "\n")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*map(str, r)) for r in rows])
+
+
+# ---- commands ---------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    from protocols.identity import load_or_create
+    from .config import default_toml
+    home = Home(args.home)
+    home.ensure()
+    ident, created = load_or_create(home.path)
+    if not home.config.exists():
+        home.config.write_text(default_toml())
+    home.ensure_token()
+    _emit(args, {"peer_id": ident.peer_id, "home": str(home.path), "created": created},
+          lambda d: f"{'created' if created else 'kept'} identity {d['peer_id']} in {d['home']}")
+    return 0
+
+
+def cmd_daemon(args) -> int:
+    from .config import ConfigError, load
+    from .daemon import DaemonOptions
+    from . import logs
+    home = Home(args.home)
+    if not home.identity.exists():
+        raise CliError(f"no identity in {home.path}: run `synord --home {home.path} init` first")
+    try:
+        cfg = load(home.config)
+        DaemonOptions(listen=args.listen, bootstrap=args.bootstrap, api=args.api,
+                      mdns=False if args.no_mdns else None).apply(cfg)
+        from .config import validate
+        validate(cfg)
+    except ConfigError as exc:
+        raise CliError(f"invalid configuration: {exc}") from None
+    logs.setup(cfg["log.level"])
+    from .daemon import run
+    return run(home, cfg)
+
+
+def cmd_status(args) -> int:
+    data = _client(args).get("/v1/status")
+    _emit(args, data, lambda d: "\n".join([
+        f"peer id      {d['peer_id']}",
+        f"version      {d['version']}",
+        f"uptime       {d['uptime_s']:.0f} s",
+        f"peers        {d['peers']}",
+        f"contributing {'yes' if d['contributing'] else 'no'}",
+        "addrs        " + ("\n             ".join(d["addrs"]) or "-"),
+    ]))
+    return 0
+
+
+def cmd_peers(args) -> int:
+    data = _client(args).get("/v1/peers")
+
+    def human(peers):
+        rows = []
+        for p in peers:
+            caps = p.get("capabilities") or {}
+            devs = ", ".join(sorted({d.get("kind", "?") for d in caps.get("devices", [])})) or "-"
+            rows.append([p["peer_id"], devs, (p.get("addrs") or ["-"])[0]])
+        return _table(rows, ["PEER", "DEVICES", "ADDR"])
+    _emit(args, data, human)
+    return 0
+
+
+def cmd_probe(args) -> int:
+    try:
+        data = _client(args).get("/v1/probe" + ("?bench=1" if args.bench else ""))
+    except Exception as exc:
+        from .client import ClientError
+        if not isinstance(exc, ClientError) or "not running" not in str(exc):
+            raise
+        data = _local_probe(args.bench)  # no daemon: probe in-process
+
+    def human(d):
+        lines = []
+        for dev in d.get("devices", []):
+            tp = dev.get("throughput") or {}
+            mem = dev.get("memory_bytes") or 0
+            lines.append(f"{dev.get('kind', '?'):7} {dev.get('vendor') or '-'} {dev.get('model') or '-'}"
+                         f"  mem {mem / 2**30:.1f} GiB  fp32 {tp.get('fp32_gflops') or '-'} GFLOPS"
+                         + (f" (measured {tp['measured_fp32_gflops']:.1f})"
+                            if tp.get("measured_fp32_gflops") else ""))
+        for kind, rt in sorted(d.get("runtimes", {}).items()):
+            lines.append(f"runtime {kind:9} {'yes' if rt['available'] else 'no '}  {rt.get('reason', '')}")
+        return "\n".join(lines)
+    _emit(args, data, human)
+    return 0
+
+
+def _local_probe(bench: bool) -> dict:
+    import hwprobe
+    from runtimes.base import KINDS, get_runtime
+    runtimes = {}
+    for kind in KINDS:
+        try:
+            runtimes[kind] = get_runtime(kind).available().to_json()
+        except Exception as exc:
+            runtimes[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+    return hwprobe.probe(bench=bench, runtimes=runtimes).to_json()
+
+
+def cmd_book(args) -> int:
+    path = "/v1/book" + (f"?class={args.cls}" if args.cls else "")
+    data = _client(args).get(path)
+
+    def human(d):
+        out = []
+        for cls, side in sorted(d.get("classes", {}).items()):
+            out.append(f"[{cls}] asks {len(side.get('asks', []))}  bids {len(side.get('bids', []))}"
+                       f"  best ask {side.get('best_ask')}  best bid {side.get('best_bid')}"
+                       f"  last trade {side.get('last_trade')}")
+        return "\n".join(out) or "(empty book)"
+    _emit(args, data, human)
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    data = _client(args).get("/v1/ledger")
+    _emit(args, data, lambda d: f"balance {d.get('balance')}  receipts {len(d.get('receipts', []))}")
+    return 0
+
+
+def cmd_pause(args) -> int:
+    data = _client(args).post("/v1/pause")
+    _emit(args, data, lambda d: "paused: no new work; running tasks are handed elsewhere")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    data = _client(args).post("/v1/resume")
+    _emit(args, data, lambda d: "resumed: taking work again")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    data = _client(args).get("/v1/jobs")
+    _emit(args, data, lambda jobs: _table(
+        [[j["id"], j["state"], j["runtime"], (j.get("provider") or "-")[:20],
+          "-" if j.get("exit_code") is None else j["exit_code"]] for j in jobs],
+        ["ID", "STATE", "RUNTIME", "PROVIDER", "EXIT"]))
+    return 0
+
+
+def cmd_job(args) -> int:
+    data = _client(args).get(f"/v1/jobs/{args.id}")
+    _emit(args, data, lambda j: json.dumps(j, indent=2, sort_keys=True))
+    return 0
+
+
+def _print_output(client, job_id: str, follow: bool) -> int | None:
+    exit_code = None
+    for item in client.stream(f"/v1/jobs/{job_id}/logs" + ("?follow=1" if follow else "")):
+        if "data" in item:
+            out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
+            out.write(item["data"])
+            out.flush()
+        elif "progress" in item:
+            sys.stderr.write(f"synord: {item['progress']}\n")
+        if "exit_code" in item:
+            exit_code = item["exit_code"]
+        if "error" in item:
+            sys.stderr.write(f"synord: job {job_id}: {item['error']}\n")
+    return exit_code
+
+
+def cmd_logs(args) -> int:
+    _print_output(_client(args), args.id, args.follow)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    data = _client(args).post(f"/v1/jobs/{args.id}/cancel")
+    _emit(args, data, lambda d: f"job {args.id}: {d.get('state')}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    artifact = Path(args.artifact).resolve()
+    if not artifact.exists():
+        raise CliError(f"artefact {args.artifact} does not exist")
+    spec = {"artifact": str(artifact), "runtime": args.runtime, "args": args.args,
+            "cpus": args.cpus, "memory_bytes": args.memory, "max_price": args.max_price,
+            "timeout_s": args.timeout, "checkpointable": args.checkpointable}
+    client = _client(args)
+    job = client.post("/v1/jobs", spec)
+    if args.detach:
+        _emit(args, job, lambda j: j["id"])
+        return 0
+    sys.stderr.write(f"synord: job {job['id']} submitted\n")
+    try:
+        code = _print_output(client, job["id"], follow=True)
+    except KeyboardInterrupt:
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        sys.stderr.write(f"synord: job {job['id']} cancelled\n")
+        return 130
+    final = client.get(f"/v1/jobs/{job['id']}")
+    if final.get("state") != "succeeded" and final.get("error"):
+        sys.stderr.write(f"synord: job {job['id']} {final['state']}: {final['error']}\n")
+    if code is None:
+        code = final.get("exit_code")
+    return 1 if code is None else int(code)
+
+
+def cmd_sandbox_run(args) -> int:
+    from .sandbox_cmd import run_local
+    return run_local(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+    return demo_main(args)
+
+
+# ---- parser -----------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="synord", description="peer-to-peer compute mesh daemon")
+    p.add_argument("--version", action="version", version=f"synord {__version__}")
+    p.add_argument("--home", type=Path, default=None,
+                   help="state directory (default: $SYNORD_HOME or ~/.local/share/synord)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, fn, help_: str, json_flag: bool = True):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print one JSON document")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("init", cmd_init, "create the node identity and default config (idempotent)")
+    d = add("daemon", cmd_daemon, "run the node in the foreground", json_flag=False)
+    d.add_argument("--listen", action="append", metavar="MULTIADDR")
+    d.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
+    d.add_argument("--api", metavar="HOST:PORT|unix:PATH")
+    d.add_argument("--no-mdns", action="store_true")
+    add("status", cmd_status, "node status")
+    add("peers", cmd_peers, "known peers and their capabilities")
+    pr = add("probe", cmd_probe, "this machine's capability profile")
+    pr.add_argument("--bench", action="store_true", help="also measure throughput")
+    b = add("book", cmd_book, "this node's share of the order book")
+    b.add_argument("--class", dest="cls", metavar="NAME")
+    add("ledger", cmd_ledger, "usage receipts and balance")
+    add("pause", cmd_pause, "contributor: stop taking work, hand running tasks elsewhere")
+    add("resume", cmd_resume, "contributor: take work again")
+    add("jobs", cmd_jobs, "jobs this node submitted or runs")
+    j = add("job", cmd_job, "one job")
+    j.add_argument("id")
+    lg = add("logs", cmd_logs, "a job's output", json_flag=False)
+    lg.add_argument("id")
+    lg.add_argument("--follow", "-f", action="store_true")
+    c = add("cancel", cmd_cancel, "cancel a job")
+    c.add_argument("id")
+
+    def task_flags(sp):
+        sp.add_argument("--runtime", choices=["wasm", "container", "microvm"])
+        sp.add_argument("--cpus", type=float, default=1.0)
+        sp.add_argument("--memory", type=parse_size, default=256 << 20, metavar="SIZE")
+        sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+        sp.add_argument("artifact", metavar="ARTIFACT")
+        sp.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS")
+
+    r = add("run", cmd_run, "place a task on the mesh and stream its output")
+    r.add_argument("--max-price", type=float, default=None, metavar="P")
+    r.add_argument("--detach", action="store_true")
+    r.add_argument("--checkpointable", action="store_true",
+                   help="run so the task can migrate (wasm ABI v1, runsc, microvm)")
+    task_flags(r)
+    sb = sub.add_parser("sandbox", help="try this host's sandboxes locally, without the mesh")
+    sbsub = sb.add_subparsers(dest="sandbox_command", metavar="COMMAND", parser_class=_Parser)
+    sbr = sbsub.add_parser("run", help="run a task in a local sandbox")
+    sbr.add_argument("--json", action="store_true", help="print the exit status as JSON")
+    task_flags(sbr)
+    sbr.set_defaults(fn=cmd_sandbox_run)
+    dm = add("demo", cmd_demo, "throwaway local mesh of real daemons placing real tasks",
+             json_flag=False)
+    dm.add_argument("--keep", action="store_true", help="leave the demo homes on disk")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.home is None:
+            args.home = default_home()
+        if getattr(args, "args", None) and args.args[0] == "--":
+            args.args = args.args[1:]
+        if not getattr(args, "fn", None):
+            raise CliError("synord: missing command (see `synord --help`)", EXIT_USAGE)
+        return args.fn(args)
+    except CliError as exc:
+        print(str(exc) if str(exc).startswith("synord") else f"synord: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        from .client import ClientError
+        if isinstance(exc, ClientError):
+            print(f"synord: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

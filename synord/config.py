@@ -1,0 +1,190 @@
+"""config.toml: defaults, validation, CLI overrides.
+
+The schema below is the single source of truth: `init` writes it out as a
+commented file, `load` checks every key against it and refuses unknown keys or
+wrong types with "file: section.key: reason" so a typo never silently does
+nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# section -> key -> (default, type, help). Types: "str", "int", "float", "bool", "list[str]".
+SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
+    "node": {
+        "listen": (["/ip4/0.0.0.0/tcp/4001"], "list[str]", "libp2p listen multiaddrs"),
+        "bootstrap": ([], "list[str]", "bootstrap peers, full multiaddrs with /p2p/<id>"),
+        "mdns": (True, "bool", "discover peers on the LAN with mDNS"),
+        "announce_interval_s": (30.0, "float", "re-announce capabilities this often"),
+        "region": ("", "str", "free-form region label used by consumers' constraints"),
+    },
+    "api": {
+        "listen": ("127.0.0.1:7070", "str",
+                   "control API: HOST:PORT on loopback, or unix:/path/to.sock"),
+    },
+    "contributor": {
+        "enabled": (True, "bool", "offer this machine's capacity to the mesh"),
+        "cpu_share": (1.0, "float", "share of CPU cores offered, 0..1"),
+        "memory_share": (0.75, "float", "share of memory offered, 0..1"),
+        "gpu_share": (1.0, "float", "share of GPUs offered, 0..1"),
+        "idle_only": (False, "bool", "only take work while the user is idle"),
+        "idle_after_s": (300, "int", "seconds without input that count as idle"),
+        "ac_only": (False, "bool", "only take work on AC power"),
+        "min_battery_percent": (20, "int", "stop below this battery level"),
+        "allowed_hours": ("", "str", "e.g. \"22-07\"; empty = any hour"),
+    },
+    "pricing": {
+        "electricity_per_kwh": (0.25, "float", "your electricity price per kWh"),
+        "depreciation_per_hour": (0.02, "float", "hardware wear per machine-hour"),
+        "protocol_fee": (0.01, "float", "fee fraction added to every ask"),
+        "preemptible_discount": (0.3, "float", "price cut for preemptible capacity"),
+        "min_price": (0.0, "float", "never accept less than this per unit-hour"),
+    },
+    "runtimes": {
+        "enabled": (["wasm", "container", "microvm"], "list[str]", "sandboxes offered"),
+        "guest_dir": ("", "str", "microVM guest kernel/initramfs dir; empty = packaged default"),
+    },
+    "jobs": {
+        "checkpoint_interval_s": (10.0, "float", "periodic checkpoints of migratable tasks"),
+        "heartbeat_interval_s": (1.0, "float", "lease heartbeat period"),
+        "lease_timeout_s": (5.0, "float", "missed heartbeats for this long = provider lost"),
+        "preemption_grace_s": (10.0, "float", "grace period sent with a preemption notice"),
+    },
+    "log": {
+        "level": ("info", "str", "debug, info, warning or error"),
+    },
+}
+
+_LEVELS = {"debug", "info", "warning", "error"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(value: Any, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    raise AssertionError(kind)
+
+
+@dataclass
+class Config:
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    def __getitem__(self, dotted: str) -> Any:
+        section, key = dotted.split(".", 1)
+        return self.values[section][key]
+
+    def set(self, dotted: str, value: Any) -> None:
+        section, key = dotted.split(".", 1)
+        self.values[section][key] = value
+
+    def to_json(self) -> dict:
+        return {s: dict(v) for s, v in self.values.items()}
+
+
+def defaults() -> Config:
+    return Config({s: {k: (list(d) if isinstance(d, list) else d) for k, (d, _, _) in keys.items()}
+                   for s, keys in SCHEMA.items()})
+
+
+def load(path: Path) -> Config:
+    """Read and validate ``path``; a missing file means all defaults."""
+    cfg = defaults()
+    path = Path(path)
+    if not path.exists():
+        return cfg
+    cfg.source = str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for section, table in data.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{path}: [{section}]: unknown section "
+                              f"(known: {', '.join(SCHEMA)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section}: must be a table")
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{path}: {section}.{key}: unknown key "
+                                  f"(known: {', '.join(SCHEMA[section])})")
+            kind = SCHEMA[section][key][1]
+            if not _check_type(value, kind):
+                raise ConfigError(f"{path}: {section}.{key}: expected {kind}, "
+                                  f"got {type(value).__name__} {value!r}")
+            cfg.values[section][key] = float(value) if kind == "float" else value
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    where = cfg.source
+
+    def fail(key: str, reason: str) -> None:
+        raise ConfigError(f"{where}: {key}: {reason}")
+
+    for key in ("cpu_share", "memory_share", "gpu_share"):
+        if not 0.0 <= cfg[f"contributor.{key}"] <= 1.0:
+            fail(f"contributor.{key}", "must be between 0 and 1")
+    hours = cfg["contributor.allowed_hours"]
+    if hours and not re.fullmatch(r"([01]?\d|2[0-3])-([01]?\d|2[0-4])", hours):
+        fail("contributor.allowed_hours", f"expected \"HH-HH\" (e.g. \"22-07\"), got {hours!r}")
+    if not 0 <= cfg["contributor.min_battery_percent"] <= 100:
+        fail("contributor.min_battery_percent", "must be between 0 and 100")
+    if cfg["log.level"] not in _LEVELS:
+        fail("log.level", f"must be one of {', '.join(sorted(_LEVELS))}")
+    for rt in cfg["runtimes.enabled"]:
+        if rt not in ("wasm", "container", "microvm"):
+            fail("runtimes.enabled", f"unknown runtime {rt!r}")
+    api = cfg["api.listen"]
+    if not api.startswith("unix:"):
+        host, _, port = api.rpartition(":")
+        if not port.isdigit() or not host:
+            fail("api.listen", f"expected HOST:PORT or unix:/path, got {api!r}")
+        if host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+            fail("api.listen", f"the control API listens on loopback only, not {host}")
+    for addr in cfg["node.listen"] + cfg["node.bootstrap"]:
+        if not addr.startswith("/"):
+            fail("node.listen/bootstrap", f"not a multiaddr: {addr!r}")
+    for key in ("jobs.heartbeat_interval_s", "jobs.lease_timeout_s", "node.announce_interval_s"):
+        if cfg[key] <= 0:
+            fail(key, "must be positive")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def default_toml() -> str:
+    """The commented default config written by `synord init` (every key commented out)."""
+    lines = ["# synord configuration. Every key is shown with its default, commented out.",
+             "# Uncomment to change; command-line flags override this file.", ""]
+    for section, keys in SCHEMA.items():
+        lines.append(f"[{section}]")
+        for key, (default, _kind, help_) in keys.items():
+            lines.append(f"# {help_}")
+            lines.append(f"# {key} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)

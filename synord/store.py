@@ -1,0 +1,131 @@
+"""The daemon's one state store: SQLite in WAL mode, owned by the daemon.
+
+Durability rule: a write is acknowledged (API answer, protocol message) only
+after its transaction committed; with WAL + synchronous=FULL a committed
+transaction survives kill -9 and power loss.
+
+Schema changes are append-only migrations: `MIGRATIONS[i]` moves the database
+from ``user_version == i`` to ``i + 1``. Components that own tables add a
+migration here (or a callable that gets the connection) — never edit an old one.
+
+Calls are synchronous: each is a short local transaction (well under a
+millisecond on this disk), cheaper than a thread hop.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+Migration = str | Callable[[sqlite3.Connection], None]
+
+
+def _market_schema(conn: sqlite3.Connection) -> None:
+    from .market.ledger import init_schema  # the ledger owns its tables' definitions
+    init_schema(conn)
+
+
+MIGRATIONS: list[Migration] = [
+    # 1: generic durable settings (pause state, counters...)
+    """
+    CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated REAL NOT NULL
+    );
+    """,
+    # 2: jobs this node submitted (consumer side) or runs (provider side)
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('consumer', 'provider')),
+        state TEXT NOT NULL,
+        runtime TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        provider TEXT,
+        consumer TEXT,
+        exit_code INTEGER,
+        error TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE TABLE job_history (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        seq INTEGER NOT NULL,
+        entry TEXT NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE job_output (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    """,
+]
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    def migrate(self) -> int:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise RuntimeError(f"{self.path}: schema version {version} is newer than this synord "
+                               f"({len(MIGRATIONS)}); upgrade synord")
+        for i in range(version, len(MIGRATIONS)):
+            with self.tx() as conn:
+                step = MIGRATIONS[i]
+                if callable(step):
+                    step(conn)
+                else:
+                    _exec_script(conn, step)
+                conn.execute(f"PRAGMA user_version = {i + 1}")
+        return len(MIGRATIONS)
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: commits on success, rolls back on error."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def kv_get(self, key: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def kv_set(self, key: str, value: Any) -> None:
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT INTO kv(key, value, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                (key, json.dumps(value), time.time()))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _exec_script(conn: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT our open transaction; run statement by statement instead.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
