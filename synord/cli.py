@@ -218,8 +218,10 @@ def _print_output(client, job_id: str, follow: bool) -> int | None:
     for item in client.stream(f"/v1/jobs/{job_id}/logs" + ("?follow=1" if follow else "")):
         if "data" in item:
             out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
-            out.write(item["data"])
             out.flush()
+            # the daemon decodes with surrogateescape, so any bytes round-trip
+            out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
+            out.buffer.flush()
         elif "progress" in item:
             sys.stderr.write(f"synord: {item['progress']}\n")
         if "exit_code" in item:
@@ -267,6 +269,15 @@ def cmd_run(args) -> int:
     return 1 if code is None else int(code)
 
 
+def cmd_dashboard(args) -> int:
+    client = _client(args)
+    if client.url.startswith("unix:"):
+        raise CliError("the dashboard needs a TCP API listener (api.listen = \"127.0.0.1:PORT\")")
+    url = f"{client.url}/#token={client.token}"
+    _emit(args, {"url": url}, lambda d: d["url"])
+    return 0
+
+
 def cmd_sandbox_run(args) -> int:
     from .sandbox_cmd import run_local
     return run_local(args)
@@ -308,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("ledger", cmd_ledger, "usage receipts and balance")
     add("pause", cmd_pause, "contributor: stop taking work, hand running tasks elsewhere")
     add("resume", cmd_resume, "contributor: take work again")
+    add("dashboard", cmd_dashboard, "print the loopback dashboard URL (with its token)")
     add("jobs", cmd_jobs, "jobs this node submitted or runs")
     j = add("job", cmd_job, "one job")
     j.add_argument("id")

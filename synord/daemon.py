@@ -128,6 +128,13 @@ class Node:
 
     async def _start_components(self, nursery: trio.Nursery) -> None:
         """Start the mesh, market and jobs components (each owns its own tasks)."""
+        from .mesh_service import MeshService
+        self.mesh = MeshService(
+            self.identity, self.config["node.listen"], self.config["node.bootstrap"],
+            mdns=self.config["node.mdns"],
+            profile_provider=lambda: self.profile.to_json() if self.profile is not None else None,
+            announce_interval_s=self.config["node.announce_interval_s"])
+        await nursery.start(self.mesh.run)
 
     # ---- capability profile ------------------------------------------------------
 
@@ -244,6 +251,15 @@ def _new_registry():
 
 
 def run(home: Home, config: Config) -> int:
-    node = Node(home, config)
-    trio.run(node.run)
+    """Run the node until it stops; 0 after a graceful stop, 1 after a failure."""
+    try:
+        node = Node(home, config)
+    except Exception as exc:  # unusable identity or state store: say why, no traceback
+        log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
+        raise SystemExit(f"synord: cannot start: {exc}") from None
+    try:
+        trio.run(node.run)
+    except Exception:
+        log.exception("daemon failed")
+        return 1
     return 0

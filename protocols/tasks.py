@@ -1,0 +1,119 @@
+"""The task protocol (`/synord/task/1.0.0`): start or re-attach a task on a
+provider and stream it back.
+
+Opening message (consumer → provider), a signed envelope in a frame
+``{"env": bytes}``:
+
+  task.start   {job_id, agreement_id, kind, artifact_sha256, args, env,
+                limits: {cpus, memory_bytes, timeout_s, pids},
+                checkpointable, checkpoint_interval_s,
+                restore: null | {sha256, offsets: {stdout, stderr}}}
+  task.attach  {job_id, offsets: {stdout, stderr}}
+
+Then plain frames on the authenticated stream (the Noise session binds them
+to the peer; data is not signed chunk by chunk):
+
+  provider → consumer   {"started": true} | {"error": text}
+                        {"o": "stdout"|"stderr", "off": int, "d": bytes}
+                        {"hb": unix_ms}                      lease heartbeat
+                        {"ckpt": {sha256, bytes, offsets, final: bool}} + blob
+                        {"preempt": {grace_s, deadline_ms, reason}}
+                        {"exit": {code, reason, usage, error}, "receipt": envelope|null}
+  consumer → provider   {"cancel": true}
+                        {"checkpoint": {"stop": bool}}       ask for a checkpoint now
+                        {"countersigned": envelope}          the settled receipt
+
+The stream ends after the exit frame and the countersignature.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .envelope import message_type
+
+TASK_PROTOCOL = "/synord/task/1.0.0"
+RUNTIME_KINDS = ("wasm", "container", "microvm")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_ARGS = 256
+MAX_ARG_LEN = 4096
+
+
+class TaskSpecError(ValueError):
+    pass
+
+
+def _id(body: dict, key: str) -> None:
+    v = body.get(key)
+    if not isinstance(v, str) or not _ID_RE.match(v):
+        raise TaskSpecError(f"{key} must match {_ID_RE.pattern}")
+
+
+def _offsets(v: Any) -> None:
+    if not isinstance(v, dict) or set(v) - {"stdout", "stderr"} or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v.values()):
+        raise TaskSpecError("offsets must be {stdout: int >= 0, stderr: int >= 0}")
+
+
+def check_limits(limits: Any) -> None:
+    if not isinstance(limits, dict) or set(limits) - {"cpus", "memory_bytes", "timeout_s", "pids"}:
+        raise TaskSpecError("limits must be a map of cpus, memory_bytes, timeout_s, pids")
+    cpus = limits.get("cpus", 1.0)
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 < cpus <= 1024:
+        raise TaskSpecError("limits.cpus must be in (0, 1024]")
+    mem = limits.get("memory_bytes", 256 << 20)
+    if isinstance(mem, bool) or not isinstance(mem, int) or not (1 << 20) <= mem <= (1 << 44):
+        raise TaskSpecError("limits.memory_bytes must be between 1 MiB and 16 TiB")
+    t = limits.get("timeout_s")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 366 * 86400):
+        raise TaskSpecError("limits.timeout_s must be positive")
+    pids = limits.get("pids", 64)
+    if isinstance(pids, bool) or not isinstance(pids, int) or not 1 <= pids <= 65536:
+        raise TaskSpecError("limits.pids must be in [1, 65536]")
+
+
+def check_args_env(args: Any, env: Any) -> None:
+    if not isinstance(args, list) or len(args) > MAX_ARGS or not all(
+            isinstance(a, str) and len(a) <= MAX_ARG_LEN for a in args):
+        raise TaskSpecError(f"args must be at most {MAX_ARGS} strings of <= {MAX_ARG_LEN} chars")
+    if not isinstance(env, dict) or len(env) > MAX_ARGS or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= MAX_ARG_LEN
+            and "=" not in k and k for k, v in env.items()):
+        raise TaskSpecError("env must be a map of short strings (no '=' in names)")
+
+
+def check_start(body: Any) -> None:
+    if not isinstance(body, dict):
+        raise TaskSpecError("task.start body must be a map")
+    _id(body, "job_id")
+    _id(body, "agreement_id")
+    if body.get("kind") not in RUNTIME_KINDS:
+        raise TaskSpecError(f"kind must be one of {RUNTIME_KINDS}")
+    if not isinstance(body.get("artifact_sha256"), str) or not _SHA_RE.match(body["artifact_sha256"]):
+        raise TaskSpecError("artifact_sha256 must be 64 hex digits")
+    check_args_env(body.get("args", []), body.get("env", {}))
+    check_limits(body.get("limits", {}))
+    if not isinstance(body.get("checkpointable", False), bool):
+        raise TaskSpecError("checkpointable must be a bool")
+    iv = body.get("checkpoint_interval_s", 0)
+    if isinstance(iv, bool) or not isinstance(iv, (int, float)) or iv < 0:
+        raise TaskSpecError("checkpoint_interval_s must be >= 0")
+    restore = body.get("restore")
+    if restore is not None:
+        if not isinstance(restore, dict) or not isinstance(restore.get("sha256"), str) \
+                or not _SHA_RE.match(restore["sha256"]):
+            raise TaskSpecError("restore.sha256 must be 64 hex digits")
+        _offsets(restore.get("offsets", {}))
+
+
+def check_attach(body: Any) -> None:
+    if not isinstance(body, dict):
+        raise TaskSpecError("task.attach body must be a map")
+    _id(body, "job_id")
+    _offsets(body.get("offsets", {}))
+
+
+message_type("task.start", check_start)
+message_type("task.attach", check_attach)

@@ -1,0 +1,168 @@
+"""Content-addressed blob transfer (`/synord/transfer/1.0.0`), resumable.
+
+    sender                                  receiver
+    envelope blob.offer {sha256, size, kind} ->
+                                            <- {"have": n}      (bytes it already holds; == size: cached)
+    {"blob": size - n} + raw bytes from n  ->
+                                            <- {"ok": true} | {"error": reason}
+
+The receiver appends to a partial file and checks the sha256 of the whole
+file before it becomes visible under its digest; a mismatch deletes the
+partial file. Only the offer is signed: the bytes are bound to it by the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from .envelope import message_type
+from .framing import CHUNK, FramedStream
+
+TRANSFER_PROTOCOL = "/synord/transfer/1.0.0"
+KINDS = ("artifact", "checkpoint")
+MAX_BLOB_BYTES = 16 << 30
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TransferError(Exception):
+    pass
+
+
+def _check_offer(body: Any) -> None:
+    if not isinstance(body, dict) or set(body) - {"sha256", "size", "kind", "job_id"}:
+        raise ValueError("offer must be a map of sha256, size, kind, job_id")
+    if not isinstance(body.get("sha256"), str) or not _SHA_RE.match(body["sha256"]):
+        raise ValueError("sha256 must be 64 lowercase hex digits")
+    size = body.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_BLOB_BYTES:
+        raise ValueError(f"size must be an integer in [0, {MAX_BLOB_BYTES}]")
+    if body.get("kind") not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    if not isinstance(body.get("job_id", ""), str) or len(body.get("job_id", "")) > 64:
+        raise ValueError("job_id must be a short string")
+
+
+message_type("blob.offer", _check_offer)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class BlobStore:
+    """Files named by their sha256 in one directory; partial uploads beside them."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        if not _SHA_RE.match(sha):
+            raise TransferError(f"not a sha256: {sha!r}")
+        return self.dir / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).exists()
+
+    def partial(self, sha: str) -> Path:
+        return self.dir / f"{sha}.part"
+
+    def add_file(self, src: Path) -> str:
+        """Copy-free import of a local file (hard link when possible); returns its sha256."""
+        sha = sha256_of(src)
+        dest = self.path(sha)
+        if not dest.exists():
+            tmp = self.dir / f".{sha}.{os.getpid()}.tmp"
+            try:
+                os.link(src, tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        return sha
+
+
+async def send_file(stream: FramedStream, offer_envelope: bytes, path: Path,
+                    progress: Callable[[int, int], None] | None = None) -> int:
+    """Offer ``path`` and send what the receiver lacks; returns bytes actually sent."""
+    await stream.send({"offer": offer_envelope})
+    reply = await stream.receive()
+    if not isinstance(reply, dict) or "have" not in reply:
+        raise TransferError(str(reply.get("error") if isinstance(reply, dict) else reply))
+    size = path.stat().st_size
+    have = int(reply["have"])
+    if not 0 <= have <= size:
+        raise TransferError(f"receiver claims {have} of {size} bytes")
+    await stream.send({"blob": size - have})
+    sent = 0
+    with open(path, "rb") as f:
+        f.seek(have)
+        while block := f.read(CHUNK):
+            await stream.raw.write(block)
+            sent += len(block)
+            if progress:
+                progress(have + sent, size)
+    reply = await stream.receive()
+    if not (isinstance(reply, dict) and reply.get("ok")):
+        raise TransferError(str(reply.get("error") if isinstance(reply, dict) else reply))
+    return sent
+
+
+Authorize = Callable[[str, dict], Awaitable[str | None]]
+
+
+async def receive_file(stream: FramedStream, store: BlobStore, verify_offer: Callable[[bytes], Any],
+                       authorize: Authorize) -> tuple[dict, Path]:
+    """Serve one offer: returns (offer body, path of the verified blob)."""
+    first = await stream.receive()
+    env = verify_offer(first.get("offer") if isinstance(first, dict) else None)
+    offer = env.body
+    if env.sender_id != stream.remote_peer:
+        await stream.send({"error": "offer not signed by the connected peer"})
+        raise TransferError("offer sender mismatch")
+    reason = await authorize(stream.remote_peer, offer)
+    if reason:
+        await stream.send({"error": reason})
+        raise TransferError(reason)
+    sha, size = offer["sha256"], offer["size"]
+    final = store.path(sha)
+    if final.exists():
+        await stream.send({"have": size})
+        head = await stream.receive()
+        if head != {"blob": 0}:
+            raise TransferError("sender sent bytes for a cached blob")
+        await stream.send({"ok": True})
+        return offer, final
+    part = store.partial(sha)
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    await stream.send({"have": have})
+    head = await stream.receive()
+    left = head.get("blob") if isinstance(head, dict) else None
+    if left != size - have:
+        raise TransferError(f"expected {size - have} bytes, sender announced {left!r}")
+    with open(part, "ab") as f:
+        while left:
+            block = await stream._read_exactly(min(left, CHUNK))
+            f.write(block)
+            left -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    actual = sha256_of(part)
+    if actual != sha:
+        part.unlink(missing_ok=True)
+        await stream.send({"error": f"sha256 mismatch: offered {sha}, received {actual}"})
+        raise TransferError("sha256 mismatch")
+    os.replace(part, final)
+    await stream.send({"ok": True})
+    return offer, final

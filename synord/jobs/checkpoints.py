@@ -1,0 +1,54 @@
+"""Checkpoints as single content-addressed files: a deterministic tar of the
+runtime's checkpoint directory, named by its sha256 so it can travel through
+the blob transfer protocol and be verified on arrival."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+from protocols.transfer import sha256_of
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def pack(directory: Path, dest_tar: Path) -> tuple[str, int]:
+    """Tar ``directory`` (sorted names, zeroed times/owners); returns (sha256, size)."""
+    directory = Path(directory)
+    tmp = dest_tar.with_name(dest_tar.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for p in sorted(directory.rglob("*")):
+            if p.is_symlink() or not (p.is_file() or p.is_dir()):
+                continue  # checkpoints are plain files and directories
+            info = tar.gettarinfo(str(p), arcname=p.relative_to(directory).as_posix())
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if p.is_file():
+                with open(p, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    os.replace(tmp, dest_tar)
+    return sha256_of(dest_tar), dest_tar.stat().st_size
+
+
+def unpack(tar_path: Path, dest: Path, expected_sha: str | None = None) -> Path:
+    """Verify and extract a checkpoint tar; refuses anything but plain files and dirs."""
+    if expected_sha is not None and sha256_of(tar_path) != expected_sha:
+        raise CheckpointError(f"checkpoint {tar_path.name}: sha256 mismatch")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for m in tar.getmembers():
+                name = Path(m.name)
+                if name.is_absolute() or ".." in name.parts or not (m.isfile() or m.isdir()):
+                    raise CheckpointError(f"checkpoint entry {m.name!r} is not allowed")
+            tar.extractall(dest, filter="data")
+    except tarfile.TarError as exc:
+        raise CheckpointError(f"checkpoint {tar_path.name} is not a valid archive: {exc}") from None
+    return dest

@@ -1,0 +1,654 @@
+"""Consumer side of jobs: submit → place through the book → ship → watch →
+settle, and migrate when the provider is preempted or lost.
+
+    queued → negotiating → running ⇄ migrating → succeeded | failed | cancelled
+
+Durability: the job row, its history and every output byte received are in
+the state store. Output is stored by per-stream byte offset, so a re-attach
+(after our restart) or a restore (after a migration) asks the provider for
+"everything after offset N" and the user sees each line exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
+
+import trio
+
+from protocols import receipts as rc
+from protocols.envelope import seal
+from protocols.framing import CHUNK, FramedStream
+from protocols.identity import Identity
+from protocols.negotiation import Terms
+from protocols.tasks import TASK_PROTOCOL, TaskSpecError, check_args_env, check_limits
+from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file, sha256_of
+from runtimes.base import KINDS, SpecError, infer_kind
+
+from ..api import ApiError
+from ..store import Store
+from .migration import Displaced, Slot, Thresholds, assign_optimal, decide_mode
+
+log = logging.getLogger("synord.jobs.consumer")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+FLUSH_INTERVAL_S = 0.02
+DEFAULT_BANDWIDTH_BPS = 100 * 1024 * 1024
+BATCH_WINDOW_S = 0.25
+
+
+class NoPlacement(Exception):
+    pass
+
+
+class PlacementRejected(Exception):
+    """A candidate said no (the market raises this from negotiate)."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    runtime: str
+    cores: float
+    memory: int
+    max_price: float | None
+    duration_s: int
+    gpus: int = 0
+    gpu_class: str | None = None
+    resource_class: str = "cpu"
+
+
+class Market(Protocol):
+    """What jobs need from the market component (synord.market.service)."""
+
+    def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Any]: ...
+    def explain(self, needs: Needs) -> str: ...
+    async def negotiate(self, candidate: Any, needs: Needs) -> Terms: ...
+    async def settled(self, terms: Terms, receipt: Any) -> None: ...
+
+
+@dataclass
+class ConsumerJob:
+    id: str
+    runtime: str
+    spec: dict
+    state: str = "queued"
+    provider: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    history: list[dict] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    cancel_requested: bool = False
+    changed: trio.Event = field(default_factory=trio.Event)
+    session: "Session | None" = None
+    pending_output: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    @property
+    def checkpoint(self) -> dict | None:
+        return self.spec.get("checkpoint")
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "state": self.state, "runtime": self.runtime,
+                "provider": self.provider, "exit_code": self.exit_code, "error": self.error,
+                "created": self.created, "history": self.history,
+                "artifact": self.spec.get("artifact"), "args": self.spec.get("args", []),
+                "checkpoint": ({k: self.checkpoint[k] for k in ("sha256", "bytes", "offsets")}
+                               if self.checkpoint else None)}
+
+
+@dataclass
+class Session:
+    """One placement of a job: the agreement and the open task stream."""
+    provider: str
+    terms: Terms
+    stream: FramedStream
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    preempt: dict | None = None
+    mode: str | None = None
+
+    async def send(self, obj: Any) -> None:
+        async with self.send_lock:
+            await self.stream.send(obj)
+
+
+class ConsumerJobs:
+    def __init__(self, identity: Identity, store: Store, home, mesh, market: Market,
+                 lease_timeout_s: float = 5.0, checkpoint_interval_s: float = 10.0,
+                 placement_timeout_s: float = 30.0, thresholds: Thresholds = Thresholds()):
+        self.identity = identity
+        self.store = store
+        self.home = home
+        self.mesh = mesh
+        self.market = market
+        self.lease_timeout_s = lease_timeout_s
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.placement_timeout_s = placement_timeout_s
+        self.thresholds = thresholds
+        self.blobs = BlobStore(home.artifacts)
+        self.ckpt_dir = Path(home.checkpoints)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, ConsumerJob] = {}
+        self.bandwidth: dict[str, float] = {}
+        self._nursery: trio.Nursery | None = None
+        self._displaced: list[tuple[ConsumerJob, Displaced, trio.Event, dict]] = []
+        self._batch_task_running = False
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._load()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._flusher)
+            for job in self.jobs.values():
+                if job.state not in TERMINAL:
+                    log.info("resuming job after restart", extra={"job": job.id, "state": job.state})
+                    nursery.start_soon(self._drive, job, True)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _load(self) -> None:
+        rows = self.store.conn.execute("SELECT * FROM jobs WHERE role = 'consumer' ORDER BY created").fetchall()
+        for r in rows:
+            job = ConsumerJob(r["id"], r["runtime"], json.loads(r["spec"]), r["state"], r["provider"],
+                              r["exit_code"], r["error"], r["created"])
+            job.history = [json.loads(h[0]) for h in self.store.conn.execute(
+                "SELECT entry FROM job_history WHERE job_id = ? ORDER BY seq", (job.id,))]
+            for stream, n in self.store.conn.execute(
+                    "SELECT stream, SUM(LENGTH(data)) FROM job_output WHERE job_id = ? GROUP BY stream",
+                    (job.id,)):
+                job.offsets[stream] = int(n)
+            self.jobs[job.id] = job
+
+    def _save(self, job: ConsumerJob) -> None:
+        with self.store.tx() as conn:
+            conn.execute(
+                "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, exit_code, error, created, updated)"
+                " VALUES (?, 'consumer', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+                " state = excluded.state, spec = excluded.spec, provider = excluded.provider,"
+                " exit_code = excluded.exit_code, error = excluded.error, updated = excluded.updated",
+                (job.id, job.state, job.runtime, json.dumps(job.spec), job.provider,
+                 self.identity.peer_id, job.exit_code, job.error, job.created, time.time()))
+        job.notify()
+
+    def _set_state(self, job: ConsumerJob, state: str, **fields: Any) -> None:
+        job.state = state
+        for k, v in fields.items():
+            setattr(job, k, v)
+        self._save(job)
+
+    def _add_history(self, job: ConsumerJob, entry: dict) -> None:
+        job.history.append(entry)
+        with self.store.tx() as conn:
+            conn.execute("INSERT INTO job_history(job_id, seq, entry) VALUES (?, ?, ?)",
+                         (job.id, len(job.history), json.dumps(entry)))
+
+    def _update_history(self, job: ConsumerJob, **fields: Any) -> None:
+        if not job.history:
+            return
+        job.history[-1].update(fields)
+        with self.store.tx() as conn:
+            conn.execute("UPDATE job_history SET entry = ? WHERE job_id = ? AND seq = ?",
+                         (json.dumps(job.history[-1]), job.id, len(job.history)))
+
+    # ---- submission (everything checked before anything is reserved) ------------------
+
+    def submit(self, req: dict) -> dict:
+        try:
+            spec = self._validate(req)
+        except (SpecError, TaskSpecError, ValueError) as exc:
+            raise ApiError(400, f"bad task: {exc}") from None
+        job = ConsumerJob(id=uuid.uuid4().hex[:16], runtime=spec["kind"], spec=spec)
+        self.jobs[job.id] = job
+        self._save(job)
+        log.info("job submitted", extra={"job": job.id, "runtime": job.runtime})
+        self._nursery.start_soon(self._drive, job, False)
+        return job.to_json()
+
+    def _validate(self, req: dict) -> dict:
+        from runtimes.artifacts import check_artifact, ship_form
+        path = Path(str(req.get("artifact", "")))
+        if not path.is_absolute():
+            raise ValueError("artifact must be an absolute path on this node")
+        kind = req.get("runtime") or infer_kind(path)
+        if kind not in KINDS:
+            raise ValueError(f"unknown runtime {kind!r}")
+        if kind == "wasm" and path.is_dir():
+            raise SpecError("a wasm task needs a .wasm module, not a directory")
+        check_artifact(kind, path)  # not wasm / broken image / bad digests: refused here
+        args = [str(a) for a in req.get("args") or []]
+        env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
+        check_args_env(args, env)
+        memory = int(req.get("memory_bytes") or 256 << 20)
+        limits = {"cpus": float(req.get("cpus") or 1.0), "memory_bytes": memory}
+        if req.get("timeout_s"):
+            limits["timeout_s"] = float(req["timeout_s"])
+        check_limits(limits)
+        max_price = req.get("max_price")
+        if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
+            raise ValueError("max_price must be a non-negative number")
+        # One file on the wire: an image layout directory travels as its oci-archive.
+        shipped = ship_form(kind, path, self.home.artifacts)
+        sha = self.blobs.add_file(shipped)
+        if shipped != path:
+            shipped.unlink(missing_ok=True)
+        checkpointable = bool(req.get("checkpointable")) or kind in ("wasm", "microvm")
+        return {"kind": kind, "artifact": str(path), "sha256": sha, "args": args, "env": env,
+                "limits": limits, "max_price": max_price, "checkpointable": checkpointable,
+                "checkpoint": None}
+
+    def _needs(self, job: ConsumerJob) -> Needs:
+        lim = job.spec["limits"]
+        duration = int(lim.get("timeout_s") or 3600)
+        return Needs(runtime=job.runtime, cores=lim["cpus"], memory=lim["memory_bytes"],
+                     max_price=job.spec.get("max_price"), duration_s=max(60, duration + 60))
+
+    # ---- the drive loop -------------------------------------------------------------------
+
+    async def _drive(self, job: ConsumerJob, resumed: bool) -> None:
+        exclude: tuple[str, ...] = ()
+        try:
+            session = None
+            if resumed and job.state in ("running", "migrating") and job.provider:
+                session = await self._attach(job)
+                if session is None:
+                    await self._lost(job, "provider unreachable after our restart")
+            while True:
+                if job.cancel_requested:
+                    self._set_state(job, "cancelled")
+                    return
+                if session is None:
+                    session = await self._place(job, exclude)
+                outcome, detail = await self._watch(job, session)
+                if outcome == "exit":
+                    return
+                exclude = (session.provider,)
+                session = None
+                if outcome == "lost":
+                    await self._lost(job, detail)
+        except NoPlacement as exc:
+            self._set_state(job, "failed", error=str(exc))
+            log.warning("job failed: no placement", extra={"job": job.id, "reason": str(exc)})
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            log.exception("job failed", extra={"job": job.id})
+            self._set_state(job, "failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _lost(self, job: ConsumerJob, reason: str) -> None:
+        ck = job.checkpoint
+        mode = "restart-from-checkpoint" if ck else "restart"
+        self._update_history(job, end=time.time(), ended="lost", reason=reason)
+        log.warning("provider lost", extra={"job": job.id, "provider": (job.provider or "")[:16],
+                                            "reason": reason, "mode": mode})
+        job.spec["restore_mode"] = mode
+        self._set_state(job, "migrating")
+
+    # ---- placement --------------------------------------------------------------------------
+
+    async def _place(self, job: ConsumerJob, exclude: tuple[str, ...],
+                     preferred: Any = None) -> Session:
+        if job.state != "migrating":
+            self._set_state(job, "negotiating")
+        needs = self._needs(job)
+        deadline = trio.current_time() + self.placement_timeout_s
+        reasons: list[str] = []
+        while True:
+            cands = self.market.candidates(needs, exclude)
+            if preferred is not None:
+                cands = [preferred] + [c for c in cands if c is not preferred
+                                       and getattr(c, "peer", None) != getattr(preferred, "peer", None)]
+                preferred = None
+            for cand in cands:
+                if job.cancel_requested:
+                    raise NoPlacement("cancelled")
+                try:
+                    terms = await self.market.negotiate(cand, needs)
+                except PlacementRejected as exc:
+                    reasons.append(f"{cand.peer[:12]}: {exc}")
+                    log.info("candidate rejected us", extra={"job": job.id, "provider": cand.peer[:16],
+                                                             "reason": str(exc)})
+                    continue
+                try:
+                    return await self._launch(job, terms)
+                except Exception as exc:
+                    reasons.append(f"{terms.provider[:12]}: {exc}")
+                    log.warning("launch failed", extra={"job": job.id, "provider": terms.provider[:16],
+                                                        "error": f"{type(exc).__name__}: {exc}"})
+            if trio.current_time() >= deadline:
+                why = "; ".join(reasons[-5:]) or self.market.explain(needs)
+                raise NoPlacement(f"no provider could take the task: {why}")
+            await trio.sleep(0.5)
+
+    async def _push(self, peer: str, path: Path, sha: str, kind: str, job: ConsumerJob) -> None:
+        size = path.stat().st_size
+        offer = seal(self.identity, "blob.offer",
+                     {"sha256": sha, "size": size, "kind": kind, "job_id": job.id}).encode()
+        stream = await self.mesh.open_stream(peer, TRANSFER_PROTOCOL)
+        t0 = time.monotonic()
+        try:
+            sent = await send_file(stream, offer, path)
+        finally:
+            with trio.move_on_after(1):
+                await stream.close()
+        dt = time.monotonic() - t0
+        if sent > 1 << 20 and dt > 0:
+            self.bandwidth[peer] = sent / dt
+        log.info("blob shipped", extra={"job": job.id, "kind": kind, "bytes": size, "sent": sent,
+                                        "s": round(dt, 3)})
+
+    async def _launch(self, job: ConsumerJob, terms: Terms) -> Session:
+        peer = terms.provider
+        await self._push(peer, self.blobs.path(job.spec["sha256"]), job.spec["sha256"], "artifact", job)
+        restore = None
+        mode = job.spec.pop("restore_mode", None) if job.state == "migrating" else None
+        ck = job.checkpoint
+        if mode in ("full", "partial", "restart-from-checkpoint") and ck:
+            await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
+            restore = {"sha256": ck["sha256"], "offsets": ck["offsets"]}
+        body = {"job_id": job.id, "agreement_id": terms.aid.hex(), "kind": job.runtime,
+                "artifact_sha256": job.spec["sha256"], "args": job.spec["args"],
+                "env": job.spec["env"], "limits": job.spec["limits"],
+                "checkpointable": job.spec["checkpointable"],
+                "checkpoint_interval_s": self.checkpoint_interval_s if job.spec["checkpointable"] else 0,
+                "restore": restore}
+        stream = await self.mesh.open_stream(peer, TASK_PROTOCOL)
+        await stream.send({"env": seal(self.identity, "task.start", body).encode()})
+        with trio.fail_after(120):  # unpacking a big image or a checkpoint takes a while
+            reply = await stream.receive()
+        if not (isinstance(reply, dict) and reply.get("started")):
+            with trio.move_on_after(1):
+                await stream.close()
+            raise RuntimeError(str(reply.get("error") if isinstance(reply, dict) else reply))
+        entry = {"provider": peer, "start": time.time(), "end": None,
+                 "mode": mode or "initial", "checkpoint_bytes": ck["bytes"] if restore else 0,
+                 "agreement": terms.aid.hex(), "price": terms.price}
+        if job.state == "migrating":
+            entry["from"] = job.provider
+        self.store.kv_set(f"terms:{terms.aid.hex()}", _hex(terms.to_body()))  # for re-attach
+        self._add_history(job, entry)
+        self._set_state(job, "running", provider=peer)
+        log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
+        job.session = Session(peer, terms, stream)
+        return job.session
+
+    async def _attach(self, job: ConsumerJob) -> Session | None:
+        try:
+            with trio.fail_after(10):
+                stream = await self.mesh.open_stream(job.provider, TASK_PROTOCOL)
+                await stream.send({"env": seal(self.identity, "task.attach",
+                                               {"job_id": job.id, "offsets": dict(job.offsets)}).encode()})
+                reply = await stream.receive()
+        except Exception as exc:
+            log.info("re-attach failed", extra={"job": job.id, "error": f"{type(exc).__name__}: {exc}"})
+            return None
+        if not (isinstance(reply, dict) and reply.get("started")):
+            log.info("re-attach refused", extra={"job": job.id, "reply": str(reply)[:200]})
+            return None
+        terms = self._terms_of(job)
+        job.session = Session(job.provider, terms, stream)
+        self._set_state(job, "running")
+        return job.session
+
+    def _terms_of(self, job: ConsumerJob) -> Terms | None:
+        aid = job.history[-1].get("agreement") if job.history else None
+        if not aid:
+            return None
+        row = self.store.kv_get(f"terms:{aid}")
+        return Terms.from_body(_unhex(row)) if row else None
+
+    # ---- watching a placement ----------------------------------------------------------------
+
+    async def _watch(self, job: ConsumerJob, session: Session) -> tuple[str, str]:
+        """Read the task stream until the task exits (→ "exit") or moves (→ "moved"/"lost")."""
+        stream = session.stream
+        try:
+            while True:
+                if job.cancel_requested and not getattr(session, "cancel_sent", False):
+                    await session.send({"cancel": True})
+                    session.cancel_sent = True  # type: ignore[attr-defined]
+                with trio.move_on_after(self.lease_timeout_s) as idle:
+                    msg = await stream.receive()
+                if idle.cancelled_caught:
+                    return "lost", f"no heartbeat for {self.lease_timeout_s:g} s"
+                if not isinstance(msg, dict):
+                    continue
+                if "o" in msg:
+                    self._output(job, msg)
+                elif "ckpt" in msg:
+                    await self._receive_checkpoint(job, session, msg["ckpt"])
+                elif "ckpt_error" in msg:
+                    log.warning("provider could not checkpoint", extra={"job": job.id,
+                                                                      "error": msg["ckpt_error"]})
+                    if session.mode == "full":
+                        session.mode = "partial" if job.checkpoint else "restart"
+                        await session.send({"cancel": True})
+                elif "preempt" in msg:
+                    await self._preempted(job, session, msg["preempt"])
+                elif "exit" in msg:
+                    return await self._exited(job, session, msg)
+                elif "error" in msg:
+                    return "lost", str(msg["error"])
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            return "lost", f"stream closed: {exc or type(exc).__name__}"
+        except Exception as exc:
+            if job.cancel_requested:
+                self._set_state(job, "cancelled")
+                return "exit", "cancelled"
+            return "lost", f"{type(exc).__name__}: {exc}"
+        finally:
+            job.session = None
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await stream.close()
+
+    def _output(self, job: ConsumerJob, msg: dict) -> None:
+        s, off, data = msg.get("o"), msg.get("off"), msg.get("d")
+        if s not in ("stdout", "stderr") or not isinstance(off, int) or not isinstance(data, bytes):
+            return
+        have = job.offsets[s]
+        if off + len(data) <= have:
+            return  # already delivered (replayed after a restore)
+        if off < have:
+            data = data[have - off:]
+        job.offsets[s] = have + len(data)
+        job.pending_output.append((s, data))
+        job.notify()
+
+    async def _flusher(self) -> None:
+        """Commit received output in small batches (one fsync per batch, not per line)."""
+        while True:
+            await trio.sleep(FLUSH_INTERVAL_S)
+            self._flush_all()
+
+    def _flush_all(self) -> None:
+        dirty = [j for j in self.jobs.values() if j.pending_output]
+        if not dirty:
+            return
+        with self.store.tx() as conn:
+            for job in dirty:
+                seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM job_output WHERE job_id = ?",
+                                   (job.id,)).fetchone()[0]
+                for s, data in job.pending_output:
+                    seq += 1
+                    conn.execute("INSERT INTO job_output(job_id, seq, stream, data) VALUES (?, ?, ?, ?)",
+                                 (job.id, seq, s, data))
+                job.pending_output.clear()
+        for job in dirty:
+            job.notify()
+
+    async def _receive_checkpoint(self, job: ConsumerJob, session: Session, info: dict) -> None:
+        sha, size = info.get("sha256"), info.get("bytes")
+        head = await session.stream.receive()
+        if not isinstance(head, dict) or head.get("blob") != size:
+            raise RuntimeError("checkpoint header without its blob")
+        tmp = self.ckpt_dir / f"{job.id}.part"
+        t0 = time.monotonic()
+        left = size
+        with open(tmp, "wb") as f:
+            while left:
+                block = await session.stream.read_raw(min(left, CHUNK))
+                f.write(block)
+                left -= len(block)
+        dt = time.monotonic() - t0
+        if size > (1 << 20) and dt > 0:
+            self.bandwidth[session.provider] = size / dt
+        actual = sha256_of(tmp)
+        if actual != sha:
+            tmp.unlink(missing_ok=True)
+            log.warning("corrupted checkpoint refused", extra={"job": job.id})
+            return
+        dest = self.ckpt_dir / f"{job.id}-{sha[:16]}.tar"
+        tmp.replace(dest)
+        old = job.checkpoint
+        self._flush_all()
+        job.spec["checkpoint"] = {"sha256": sha, "bytes": size, "offsets": info.get("offsets") or {},
+                                  "path": str(dest), "at": time.time()}
+        self._save(job)
+        if old and old.get("path") != str(dest):
+            Path(old["path"]).unlink(missing_ok=True)
+        log.info("checkpoint stored", extra={"job": job.id, "bytes": size, "final": bool(info.get("final"))})
+
+    async def _preempted(self, job: ConsumerJob, session: Session, notice: dict) -> None:
+        session.preempt = notice
+        ck = job.checkpoint
+        size = ck["bytes"] if ck else 0
+        bw = self.bandwidth.get(session.provider, DEFAULT_BANDWIDTH_BPS)
+        grace = max(0.0, notice.get("deadline_ms", 0) / 1000 - time.time())
+        mode, ratio = decide_mode(bw, grace, size or 1, job.spec["checkpointable"], ck is not None,
+                                  self.thresholds)
+        session.mode = mode
+        self._update_history(job, preempt_reason=notice.get("reason"), decision=mode,
+                             ratio=round(ratio, 3), grace_s=round(grace, 3))
+        log.info("preemption notice", extra={"job": job.id, "mode": mode, "ratio": round(ratio, 3)})
+        if mode == "full":
+            await session.send({"checkpoint": {"stop": True}})
+        else:
+            await session.send({"cancel": True})
+
+    async def _exited(self, job: ConsumerJob, session: Session, msg: dict) -> tuple[str, str]:
+        ex = msg["exit"]
+        await self._settle(job, session, msg.get("receipt"))
+        self._flush_all()
+        now = time.time()
+        if session.preempt is not None or ex.get("handed_back"):
+            mode = session.mode or "restart"
+            self._update_history(job, end=now, ended="preempted")
+            job.spec["restore_mode"] = mode if job.checkpoint else "restart"
+            self._set_state(job, "migrating")
+            return "moved", mode
+        self._update_history(job, end=now, ended="exit", exit_code=ex.get("code"),
+                             usage=ex.get("usage"))
+        if job.cancel_requested or ex.get("reason") == "cancelled":
+            self._set_state(job, "cancelled", exit_code=ex.get("code"))
+        elif ex.get("code") == 0 and not ex.get("reason"):
+            self._set_state(job, "succeeded", exit_code=0)
+        else:
+            err = ex.get("error") or ex.get("reason")
+            self._set_state(job, "failed", exit_code=ex.get("code"), error=err)
+        self._cleanup(job)
+        log.info("job ended", extra={"job": job.id, "state": job.state, "exit_code": job.exit_code})
+        return "exit", job.state
+
+    async def _settle(self, job: ConsumerJob, session: Session, body: Any) -> None:
+        if body is None or session.terms is None:
+            return
+        try:
+            sr = rc.countersign(self.identity, rc.SignedReceipt.from_body(body), session.terms)
+        except Exception as exc:
+            log.warning("receipt refused", extra={"job": job.id, "error": str(exc)})
+            return
+        await session.send({"countersigned": sr.to_body()})
+        await self.market.settled(session.terms, sr)
+
+    def _cleanup(self, job: ConsumerJob) -> None:
+        ck = job.checkpoint
+        if ck:
+            Path(ck["path"]).unlink(missing_ok=True)
+
+    # ---- API -------------------------------------------------------------------------------
+
+    def jobs_json(self) -> list[dict]:
+        return [j.to_json() for j in self.jobs.values()]
+
+    def job_json(self, job_id: str) -> dict:
+        return self._get(job_id).to_json()
+
+    def _get(self, job_id: str) -> ConsumerJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id}")
+        return job
+
+    async def cancel(self, job_id: str) -> dict:
+        job = self._get(job_id)
+        if job.state in TERMINAL:
+            return job.to_json()
+        job.cancel_requested = True
+        if job.session is not None:
+            with trio.move_on_after(5):
+                await job.session.send({"cancel": True})
+                job.session.cancel_sent = True  # type: ignore[attr-defined]
+        elif job.state in ("queued", "negotiating"):
+            self._set_state(job, "cancelled")
+        job.notify()
+        with trio.move_on_after(10):
+            while job.state not in TERMINAL:
+                await job.changed.wait()
+        return job.to_json()
+
+    async def output(self, job_id: str, follow: bool) -> AsyncIterator[bytes]:
+        job = self._get(job_id)
+        last_seq = 0
+        while True:
+            changed = job.changed
+            rows = self.store.conn.execute(
+                "SELECT seq, stream, data FROM job_output WHERE job_id = ? AND seq > ? ORDER BY seq",
+                (job.id, last_seq)).fetchall()
+            for seq, s, data in rows:
+                last_seq = seq
+                yield (json.dumps({"stream": s, "data": data.decode("utf-8", "surrogateescape")}) + "\n").encode()
+            if job.state in TERMINAL and not job.pending_output:
+                if not rows:
+                    end = {"exit_code": job.exit_code, "state": job.state}
+                    if job.error:
+                        end["error"] = job.error
+                    yield (json.dumps(end) + "\n").encode()
+                    return
+                continue
+            if not follow:
+                return
+            with trio.move_on_after(1.0):
+                await changed.wait()
+
+
+def _hex(obj: Any) -> Any:
+    """JSON-safe form of a msgpack body (bytes → {"$b": hex})."""
+    if isinstance(obj, bytes):
+        return {"$b": obj.hex()}
+    if isinstance(obj, dict):
+        return {k: _hex(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_hex(v) for v in obj]
+    return obj
+
+
+def _unhex(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"$b"}:
+            return bytes.fromhex(obj["$b"])
+        return {k: _unhex(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unhex(v) for v in obj]
+    return obj

@@ -1,0 +1,133 @@
+"""Provider side: one task running in one sandbox, owned by a nursery.
+
+The execution keeps every output chunk it produced, numbered from the task's
+very first byte (offsets survive a restore: the checkpoint carries them), so
+a consumer that reconnects asks "from offset N" and gets exactly what it
+missed — never a duplicate, never a gap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from runtimes.base import (CheckpointInfo, ExitStatus, Runtime, Sandbox, TaskSpec, Usage)
+
+log = logging.getLogger("synord.jobs.executor")
+
+OFFSETS_FILE = "synord-output.json"  # written beside the runtime's own checkpoint files
+
+
+@dataclass
+class OutputLog:
+    """Ordered output with per-stream byte offsets; bounded in memory."""
+
+    limit_bytes: int = 64 << 20
+    chunks: list[tuple[str, int, bytes]] = field(default_factory=list)  # (stream, offset, data)
+    offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    _size: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def append(self, stream: str, data: bytes) -> None:
+        self.chunks.append((stream, self.offsets[stream], data))
+        self.offsets[stream] += len(data)
+        self._size += len(data)
+        while self._size > self.limit_bytes and len(self.chunks) > 1:
+            self._size -= len(self.chunks.pop(0)[2])
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def since(self, offsets: dict[str, int]) -> list[tuple[str, int, bytes]]:
+        """Chunks (or their tails) the reader has not seen, given its per-stream offsets."""
+        out = []
+        for stream, off, data in self.chunks:
+            seen = offsets.get(stream, 0)
+            end = off + len(data)
+            if end > seen:
+                out.append((stream, max(off, seen), data[max(0, seen - off):]))
+        return out
+
+
+class TaskExecution:
+    """Prepare (or restore) → start → pump output → wait; cancel and checkpoint on request."""
+
+    def __init__(self, job_id: str, runtime: Runtime, spec: TaskSpec,
+                 restore_from: Path | None = None, start_offsets: dict[str, int] | None = None):
+        self.job_id = job_id
+        self.runtime = runtime
+        self.spec = spec
+        self.restore_from = restore_from
+        self.output = OutputLog()
+        if start_offsets:
+            self.output.offsets.update(start_offsets)
+        self.sandbox: Sandbox | None = None
+        self.status: ExitStatus | None = None
+        self.error: str | None = None
+        self.done = trio.Event()
+        self.started_at = time.time()
+        self._cancelled = False
+        self._checkpoint_lock = trio.Lock()
+        self.checkpoint_bytes_estimate = 0
+
+    @property
+    def supports_checkpoint(self) -> bool:
+        return bool(self.sandbox is not None and self.sandbox.supports_checkpoint)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Runs until the task ends; ``started`` once the sandbox runs (or failed to start)."""
+        started = False
+        try:
+            if self.restore_from is not None:
+                self.sandbox = await self.runtime.restore(self.spec, self.restore_from)
+            else:
+                self.sandbox = await self.runtime.prepare(self.spec)
+            async with trio.open_nursery() as nursery:
+                await self.sandbox.start(nursery)
+                task_status.started()
+                started = True
+                async for chunk in self.sandbox.logs():
+                    self.output.append(chunk.stream, chunk.data)
+                self.status = await self.sandbox.wait()
+        except Exception as exc:
+            log.warning("task failed", extra={"job": self.job_id, "error": str(exc)})
+            self.error = str(exc) or type(exc).__name__
+            self.status = ExitStatus(code=-1, usage=Usage(), reason="error")
+        finally:
+            if self.sandbox is not None:
+                with trio.CancelScope(shield=True):
+                    await self.sandbox.kill()
+            if self.status is None:
+                self.status = ExitStatus(code=137, usage=Usage(), reason="killed")
+            if self._cancelled:
+                self.status.reason = "cancelled"
+            self.done.set()
+            self.output.changed.set()
+            if not started:
+                task_status.started()
+
+    async def cancel(self) -> None:
+        self._cancelled = True
+        if self.sandbox is not None:
+            await self.sandbox.kill()
+
+    async def checkpoint(self, dest: Path, leave_running: bool) -> tuple[CheckpointInfo, dict[str, int]]:
+        """Checkpoint into ``dest``; returns (info, output offsets at the checkpoint)."""
+        async with self._checkpoint_lock:
+            if self.sandbox is None or self.done.is_set():
+                raise RuntimeError("the task is not running")
+            dest.mkdir(parents=True, exist_ok=True)
+            info = await self.sandbox.checkpoint(dest, leave_running=leave_running)
+            # A runtime that knows the exact offsets at the checkpoint writes them
+            # (wasm does, at a step boundary); otherwise what we have read so far.
+            offsets_path = Path(info.path) / OFFSETS_FILE
+            if offsets_path.exists():
+                offsets = json.loads(offsets_path.read_text())
+            else:
+                offsets = dict(self.output.offsets)
+            self.checkpoint_bytes_estimate = info.bytes
+            return info, offsets

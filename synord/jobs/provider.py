@@ -1,0 +1,420 @@
+"""Provider side of jobs: accept artefacts, run tasks under an agreement,
+stream them back, checkpoint them, hand them back when preempted.
+
+Every execution lives in this component's nursery, not in the stream
+handler's: a consumer that disconnects and re-attaches finds its task still
+running, with every byte of output it missed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from protocols import receipts as rc
+from protocols.envelope import EnvelopeValidator, Rejected, seal
+from protocols.framing import CHUNK, FramedStream
+from protocols.identity import Identity
+from protocols.negotiation import Terms
+from protocols.tasks import TASK_PROTOCOL
+from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
+from runtimes.base import Limits, Runtime, TaskSpec
+
+from ..store import Store
+from .checkpoints import CheckpointError, pack, unpack
+from .executor import TaskExecution
+
+log = logging.getLogger("synord.jobs.provider")
+
+RECEIPT_WAIT_S = 10.0
+
+
+@dataclass
+class ProviderTask:
+    job_id: str
+    consumer: str
+    terms: Terms
+    execution: TaskExecution
+    checkpointable: bool
+    checkpoint_interval_s: float
+    workdir: Path
+    started_ms: int
+    preempt: dict | None = None  # the notice, once the owner wants the machine back
+    preempt_sent: bool = False
+    attached: trio.CancelScope | None = None
+    handed_back: bool = False  # a stop-checkpoint went to the consumer
+    settled: bool = False
+    receipt: Any = None  # our signed receipt, once the task ended
+    checkpoints_taken: int = 0
+
+
+class ProviderJobs:
+    def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
+                 lookup_agreement: Callable[[bytes], Terms | None],
+                 on_finished: Callable[[Terms, str, Any], Awaitable[None] | None],
+                 heartbeat_s: float = 1.0, preemption_grace_s: float = 10.0,
+                 validator: EnvelopeValidator | None = None):
+        self.identity = identity
+        self.store = store
+        self.home = home
+        self.runtimes = runtimes
+        self.lookup_agreement = lookup_agreement
+        self.on_finished = on_finished
+        self.heartbeat_s = heartbeat_s
+        self.preemption_grace_s = preemption_grace_s
+        self.validator = validator or EnvelopeValidator()
+        self.blobs = BlobStore(home.artifacts)
+        self.tasks: dict[str, ProviderTask] = {}
+        # Agreements signed but whose task has not started yet (aid -> terms).
+        self.pending_terms: dict[bytes, Terms] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self.store.tx() as conn:
+            # Tasks of a previous life of this daemon are gone with their sandboxes.
+            n = conn.execute("UPDATE jobs SET state = 'lost', error = 'provider restarted', "
+                             "updated = ? WHERE role = 'provider' AND state IN ('running', 'queued')",
+                             (time.time(),)).rowcount
+        if n:
+            log.warning("tasks lost in a restart", extra={"count": n})
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def register(self, mesh) -> None:
+        mesh.set_handler(TASK_PROTOCOL, self.handle_task)
+        mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
+
+    def running(self) -> list[ProviderTask]:
+        return [t for t in self.tasks.values() if not t.execution.done.is_set()]
+
+    # ---- artefacts and checkpoints in ------------------------------------------
+
+    def _verify_envelope(self, data: Any, stream: FramedStream, types: tuple[str, ...]):
+        if not isinstance(data, bytes):
+            raise TransferError("expected a signed envelope")
+        env = self.validator.check(data)
+        if isinstance(env, Rejected):
+            raise TransferError(f"envelope rejected: {env.reason}")
+        if env.type not in types:
+            raise TransferError(f"unexpected message {env.type}")
+        if env.sender_id != stream.remote_peer:
+            raise TransferError("envelope not signed by the connected peer")
+        return env
+
+    async def handle_transfer(self, stream: FramedStream) -> None:
+        async def authorize(peer: str, offer: dict) -> str | None:
+            # Only peers holding an agreement with us may fill our disk.
+            if not any(t.consumer == peer for t in self._agreements_of(peer)):
+                return "no active agreement with this peer"
+            return None
+
+        try:
+            offer, path = await receive_file(
+                stream, self.blobs, lambda d: self._verify_envelope(d, stream, ("blob.offer",)),
+                authorize)
+            log.info("blob received", extra={"sha256": offer["sha256"][:16], "kind": offer["kind"],
+                                             "bytes": offer["size"]})
+        except (TransferError, EOFError) as exc:
+            log.info("transfer refused", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
+        except Exception as exc:  # a broken peer must never take the daemon down
+            log.warning("transfer failed", extra={"peer": stream.remote_peer[:16],
+                                                  "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            with trio.move_on_after(1):
+                await stream.close()
+
+    def _agreements_of(self, peer: str) -> list[Terms]:
+        return [t for t in self.pending_terms.values() if t.consumer == peer] + \
+               [t.terms for t in self.tasks.values() if t.consumer == peer]
+
+    def agreement_made(self, terms: Terms) -> None:
+        """The market tells us about a new agreement: its consumer may now upload and start."""
+        self.pending_terms[terms.aid] = terms
+
+    # ---- tasks -------------------------------------------------------------------
+
+    async def handle_task(self, stream: FramedStream) -> None:
+        try:
+            first = await stream.receive()
+            env = self._verify_envelope(first.get("env") if isinstance(first, dict) else None,
+                                        stream, ("task.start", "task.attach"))
+            if env.type == "task.start":
+                task = await self._start(stream.remote_peer, env.body)
+                offsets = dict(env.body.get("restore", None) and env.body["restore"].get("offsets")
+                               or {"stdout": 0, "stderr": 0})
+            else:
+                task = self.tasks.get(env.body["job_id"])
+                if task is None or task.consumer != stream.remote_peer:
+                    row = self.store.conn.execute(
+                        "SELECT state, error FROM jobs WHERE id = ? AND role = 'provider' AND consumer = ?",
+                        (env.body["job_id"], stream.remote_peer)).fetchone()
+                    raise TaskRefused(f"lost: {row['error']}" if row else "no such task here")
+                offsets = dict(env.body["offsets"])
+            await stream.send({"started": True})
+            await self._serve(stream, task, offsets)
+        except TaskRefused as exc:
+            log.info("task refused", extra={"peer": stream.remote_peer[:16], "reason": str(exc)})
+            with trio.move_on_after(2):
+                await stream.send({"error": str(exc)})
+        except (EOFError, TransferError) as exc:
+            log.info("task stream ended", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            log.warning("task stream failed", extra={"peer": stream.remote_peer[:16],
+                                                     "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            with trio.move_on_after(1):
+                await stream.close()
+
+    async def _start(self, consumer: str, body: dict) -> ProviderTask:
+        job_id = body["job_id"]
+        aid = bytes.fromhex(body["agreement_id"]) if len(body["agreement_id"]) == 32 else b""
+        terms = self.pending_terms.get(aid) or self.lookup_agreement(aid)
+        if terms is None or terms.consumer != consumer:
+            raise TaskRefused("no active agreement for this task")
+        if terms.runtime != body["kind"]:
+            raise TaskRefused(f"the agreement is for {terms.runtime}, not {body['kind']}")
+        if job_id in self.tasks:
+            raise TaskRefused("a task with this job id already runs here")
+        runtime = self.runtimes.get(body["kind"])
+        if runtime is None:
+            raise TaskRefused(f"this provider does not offer {body['kind']}")
+        sha = body["artifact_sha256"]
+        if not self.blobs.has(sha):
+            raise TaskRefused("artefact not transferred (send it on /synord/transfer first)")
+        limits = body.get("limits", {})
+        memory = int(limits.get("memory_bytes", 256 << 20))
+        if memory > terms.memory or float(limits.get("cpus", 1.0)) > terms.cores + 1e-9:
+            raise TaskRefused("limits exceed the agreed resources")
+        workdir = self.home.work / job_id
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        spec = TaskSpec(kind=body["kind"], artifact=self.blobs.path(sha), sha256=sha,
+                        args=list(body.get("args", [])), env=dict(body.get("env", {})),
+                        limits=Limits(cpus=float(limits.get("cpus", 1.0)), memory_bytes=memory,
+                                      timeout_s=limits.get("timeout_s"),
+                                      pids=int(limits.get("pids", 64))),
+                        workdir=workdir / "sandbox", checkpointable=bool(body.get("checkpointable")),
+                        task_id=job_id)
+        spec.workdir.mkdir()
+        restore_dir = None
+        start_offsets = None
+        if body.get("restore"):
+            csha = body["restore"]["sha256"]
+            if not self.blobs.has(csha):
+                raise TaskRefused("checkpoint not transferred")
+            try:
+                restore_dir = unpack(self.blobs.path(csha), workdir / "restore", expected_sha=csha)
+            except CheckpointError as exc:
+                raise TaskRefused(f"corrupted checkpoint: {exc}") from None
+            start_offsets = dict(body["restore"].get("offsets", {}))
+        execution = TaskExecution(job_id, runtime, spec, restore_from=restore_dir,
+                                  start_offsets=start_offsets)
+        now = time.time()
+        with self.store.tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO jobs(id, role, state, runtime, spec, provider, consumer, created, updated)"
+                " VALUES (?, 'provider', 'running', ?, ?, ?, ?, ?, ?)",
+                (job_id, body["kind"], json.dumps({k: v for k, v in body.items() if k != "env"}),
+                 self.identity.peer_id, consumer, now, now))
+        task = ProviderTask(job_id, consumer, terms, execution, spec.checkpointable,
+                            float(body.get("checkpoint_interval_s") or 0), workdir, int(now * 1000))
+        self.tasks[job_id] = task
+        self.pending_terms.pop(terms.aid, None)
+        await self._nursery.start(self._run_task, task)
+        if execution.done.is_set() and execution.error:
+            raise TaskRefused(f"the sandbox did not start: {execution.error}")
+        log.info("task started", extra={"job": job_id, "kind": body["kind"],
+                                        "restored": restore_dir is not None})
+        return task
+
+    async def _run_task(self, task: ProviderTask, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await task.execution.run(task_status=task_status)
+        finally:
+            st = task.execution.status
+            state = "checkpointed" if task.handed_back else ("succeeded" if st.code == 0 and not st.reason else "failed")
+            with self.store.tx() as conn:
+                conn.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, updated = ? WHERE id = ? "
+                             "AND role = 'provider'",
+                             (state, st.code, task.execution.error or st.reason, time.time(), task.job_id))
+            # Give an attached consumer the time to fetch the end and settle, then forget.
+            with trio.move_on_after(RECEIPT_WAIT_S * 3):
+                while not task.settled:
+                    await trio.sleep(0.1)
+            shutil.rmtree(task.workdir, ignore_errors=True)
+
+    # ---- one attached consumer ------------------------------------------------------
+
+    async def _serve(self, stream: FramedStream, task: ProviderTask, offsets: dict[str, int]) -> None:
+        if task.attached is not None:
+            task.attached.cancel()  # a newer attachment replaces the old one
+        send_lock = trio.Lock()
+
+        async def send(obj: Any) -> None:
+            async with send_lock:
+                await stream.send(obj)
+
+        with trio.CancelScope() as scope:
+            task.attached = scope
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_consumer, stream, task, send_lock)
+                await self._write_loop(stream, task, offsets, send, send_lock)
+                nursery.cancel_scope.cancel()
+        if task.attached is scope:
+            task.attached = None
+
+    async def _write_loop(self, stream, task: ProviderTask, offsets, send, send_lock) -> None:
+        ex = task.execution
+        last_hb = 0.0
+        next_ckpt = (trio.current_time() + task.checkpoint_interval_s
+                     if task.checkpointable and task.checkpoint_interval_s > 0 else None)
+        while True:
+            changed = ex.output.changed
+            for s, off, data in ex.output.since(offsets):
+                for i in range(0, len(data), CHUNK):
+                    await send({"o": s, "off": off + i, "d": data[i:i + CHUNK]})
+                offsets[s] = off + len(data)
+            if ex.done.is_set():
+                break
+            now = trio.current_time()
+            if task.preempt and not task.preempt_sent:
+                await send({"preempt": task.preempt})
+                task.preempt_sent = True
+            if now - last_hb >= self.heartbeat_s:
+                await send({"hb": int(time.time() * 1000)})
+                last_hb = now
+            if next_ckpt is not None and now >= next_ckpt and not task.preempt:
+                await self._send_checkpoint(stream, task, send_lock, stop=False)
+                next_ckpt = trio.current_time() + task.checkpoint_interval_s
+            with trio.move_on_after(self.heartbeat_s):
+                await changed.wait()
+        await self._finish(stream, task, send)
+
+    async def _read_consumer(self, stream, task: ProviderTask, send_lock) -> None:
+        while True:
+            try:
+                msg = await stream.receive()
+            except (EOFError, Exception):
+                return
+            if not isinstance(msg, dict):
+                continue
+            if msg.get("cancel"):
+                log.info("task cancelled by its consumer", extra={"job": task.job_id})
+                await task.execution.cancel()
+            elif isinstance(msg.get("checkpoint"), dict):
+                stop = bool(msg["checkpoint"].get("stop"))
+                try:
+                    await self._send_checkpoint(stream, task, send_lock, stop=stop)
+                except Exception as exc:
+                    async with send_lock:
+                        await stream.send({"ckpt_error": str(exc)})
+            elif "countersigned" in msg:
+                await self._settle(task, msg["countersigned"])
+
+    async def _send_checkpoint(self, stream, task: ProviderTask, send_lock, stop: bool) -> None:
+        ex = task.execution
+        if not ex.supports_checkpoint:
+            raise RuntimeError("this task cannot be checkpointed")
+        task.checkpoints_taken += 1
+        n = task.checkpoints_taken
+        ckdir = task.workdir / f"ckpt-{n}"
+        info, offsets = await ex.checkpoint(ckdir, leave_running=not stop)
+        tar = task.workdir / f"ckpt-{n}.tar"
+        sha, size = await trio.to_thread.run_sync(pack, ckdir, tar)
+        shutil.rmtree(ckdir, ignore_errors=True)
+        if stop:
+            task.handed_back = True
+        async with send_lock:
+            await stream.send({"ckpt": {"sha256": sha, "bytes": size, "offsets": offsets, "final": stop}})
+            await stream.send({"blob": size})
+            with open(tar, "rb") as f:
+                while block := f.read(CHUNK):
+                    await stream.raw.write(block)
+        tar.unlink(missing_ok=True)
+        log.info("checkpoint sent", extra={"job": task.job_id, "bytes": size, "final": stop})
+
+    async def _finish(self, stream, task: ProviderTask, send) -> None:
+        ex = task.execution
+        st = ex.status
+        outcome = ("preempted" if task.handed_back or task.preempt else
+                   "cancelled" if st.reason == "cancelled" else
+                   "completed" if st.code == 0 and not st.reason else "failed")
+        ended = int(time.time() * 1000)
+        receipt = rc.issue(self.identity, task.terms, cpu_s=st.usage.cpu_s,
+                           peak_memory=st.usage.peak_memory_bytes,
+                           started=task.started_ms, ended=max(ended, task.started_ms), outcome=outcome)
+        task.receipt = receipt
+        await send({"exit": {"code": st.code, "reason": st.reason, "usage": st.usage.to_json(),
+                             "error": ex.error, "handed_back": task.handed_back},
+                    "receipt": receipt.to_body()})
+        with trio.move_on_after(RECEIPT_WAIT_S):
+            while not task.settled:
+                await trio.sleep(0.05)
+        if not task.settled:
+            # The consumer never countersigned: we keep our half, marked as such.
+            await self._record(task, receipt, outcome)
+
+    async def _settle(self, task: ProviderTask, body: Any) -> None:
+        try:
+            sr = rc.SignedReceipt.from_body(body)
+        except Exception as exc:
+            log.warning("bad countersigned receipt", extra={"job": task.job_id, "error": str(exc)})
+            return
+        mine = task.receipt
+        if mine is None or sr.receipt != mine.receipt or not rc.verify_receipt(sr):
+            log.warning("countersigned receipt does not match", extra={"job": task.job_id})
+            return
+        await self._record(task, sr, sr.receipt.outcome)
+
+    async def _record(self, task: ProviderTask, receipt, outcome: str) -> None:
+        if task.settled:
+            return
+        task.settled = True
+        result = self.on_finished(task.terms, outcome, receipt)
+        if hasattr(result, "__await__"):
+            await result
+
+    # ---- preemption ----------------------------------------------------------------------
+
+    async def preempt_all(self, reason: str, grace_s: float | None = None) -> int:
+        """Notify every consumer with a running task; kill what is left after the grace period."""
+        grace = self.preemption_grace_s if grace_s is None else grace_s
+        deadline_ms = int((time.time() + grace) * 1000)
+        tasks = [t for t in self.running() if t.preempt is None]
+        for t in tasks:
+            t.preempt = {"grace_s": grace, "deadline_ms": deadline_ms, "reason": reason}
+            t.execution.output.changed.set()  # wake the writer so the notice goes out now
+        if tasks:
+            log.info("preemption notices sent", extra={"tasks": len(tasks), "reason": reason,
+                                                       "grace_s": grace})
+            self._nursery.start_soon(self._enforce_grace, tasks, grace)
+        return len(tasks)
+
+    async def _enforce_grace(self, tasks: list[ProviderTask], grace: float) -> None:
+        await trio.sleep(grace)
+        for t in tasks:
+            if not t.execution.done.is_set():
+                log.warning("grace period over: killing task", extra={"job": t.job_id})
+                await t.execution.cancel()
+
+    async def wait_handed_back(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            while self.running():
+                await trio.sleep(0.05)
+
+
+class TaskRefused(Exception):
+    pass

@@ -1,0 +1,133 @@
+"""Match a bid against asks: constraints, then price-time, then router score.
+
+1. Constraint filter, checked in the order of `CONSTRAINTS`; an ask is
+   charged to the *first* constraint it fails, so the explanation of an
+   empty result says exactly how many asks each constraint excluded.
+2. Price-time priority: the first ``shortlist`` asks that pass, cheapest
+   first, earliest on equal price.  With a presorted input (the book's), the
+   scan stops at the first ask over the bid's limit once one has passed.
+3. Router score re-ranks that shortlist (stable: equal scores keep
+   price-time order).  The consumer tries candidates in this order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from protocols.orders import Ask, Bid
+
+from .router import UNKNOWN, PeerInfo, PeerLookup, Router
+
+CONSTRAINTS = ("expired", "own", "runtime", "memory", "cores", "accelerator", "region",
+               "reputation", "duration", "preemptible", "price")
+
+
+@dataclass(slots=True)
+class Candidate:
+    ask: Ask
+    score: float
+    components: dict[str, float]
+
+
+@dataclass
+class MatchResult:
+    bid: Bid
+    candidates: list[Candidate]
+    considered: int
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.candidates)
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def explain(self) -> str:
+        if self.candidates:
+            c = self.candidates[0]
+            return (f"{len(self.candidates)} candidate(s); best {c.ask.peer[:16]}/{c.ask.id} "
+                    f"at {c.ask.price:g} per unit-hour (score {c.score:.3f})")
+        if not self.considered:
+            return f"no ask of class {self.bid.resource_class!r} in the book"
+        why = ", ".join(f"{name} excluded {n} ({_need(self.bid, name)})"
+                        for name, n in self.excluded.items() if n)
+        return f"no ask matched: {self.considered} considered; {why}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"considered": self.considered, "excluded": dict(self.excluded),
+                "candidates": [{"peer": c.ask.peer, "id": c.ask.id, "seq": c.ask.seq,
+                                "price": c.ask.price, "score": c.score} for c in self.candidates],
+                "explanation": self.explain()}
+
+
+def _need(bid: Bid, name: str) -> str:
+    return {
+        "expired": "ask expired", "own": "our own asks",
+        "runtime": f"need runtime {bid.runtime}", "memory": f"need {bid.memory} bytes",
+        "cores": f"need {bid.cores:g} cores",
+        "accelerator": f"need {bid.gpus} x {bid.gpu_class or 'any'} accelerator",
+        "region": f"need region {bid.region}", "reputation": f"need reputation >= {bid.min_reputation:g}",
+        "duration": f"need {bid.duration_s}s", "preemptible": "bid refuses preemptible asks",
+        "price": f"max {bid.max_price:g} per unit-hour",
+    }[name]
+
+
+def first_failed(ask: Ask, bid: Bid, now: int, info: PeerInfo, own: frozenset[str] = frozenset()) -> str | None:
+    """Name of the first constraint ``ask`` fails for ``bid``, or None."""
+    if ask.expires <= now:
+        return "expired"
+    if ask.peer in own:
+        return "own"
+    if bid.runtime not in ask.runtimes:
+        return "runtime"
+    if ask.memory < bid.memory:
+        return "memory"
+    if ask.cores < bid.cores:
+        return "cores"
+    if bid.gpus > 0 and (ask.gpus < bid.gpus or (bid.gpu_class is not None and ask.gpu_class != bid.gpu_class)):
+        return "accelerator"
+    if bid.region is not None and ask.region != bid.region:
+        return "region"
+    if bid.min_reputation > 0 and (0.5 if info.reputation is None else info.reputation) < bid.min_reputation:
+        return "reputation"
+    if not ask.min_duration_s <= bid.duration_s <= ask.max_duration_s:
+        return "duration"
+    if ask.preemptible and not bid.preemptible_ok:
+        return "preemptible"
+    if ask.price > bid.max_price:
+        return "price"
+    return None
+
+
+def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | None = None,
+          router: Router | None = None, shortlist: int = 8, presorted: bool = False,
+          exclude_peers: Iterable[str] = ()) -> MatchResult:
+    router = router or _DEFAULT_ROUTER
+    own = frozenset(exclude_peers)
+    if not presorted:
+        asks = sorted(asks, key=lambda a: (a.price, a.ts))
+    excluded = dict.fromkeys(CONSTRAINTS, 0)
+    passed: list[tuple[Ask, PeerInfo]] = []
+    considered = 0
+    for ask in asks:
+        if ask.resource_class != bid.resource_class:
+            continue
+        considered += 1
+        if presorted and passed and ask.price > bid.max_price:
+            break  # the rest costs at least as much; counts only matter when nothing passed
+        info = peer_info(ask.peer) if peer_info is not None else UNKNOWN
+        reason = first_failed(ask, bid, now, info, own)
+        if reason is not None:
+            excluded[reason] += 1
+            continue
+        passed.append((ask, info))
+        if len(passed) >= shortlist:
+            break
+    cands = [Candidate(a, router.score(a, bid, i), router.components(a, bid, i)) for a, i in passed]
+    cands.sort(key=lambda c: -c.score)  # stable: ties keep price-time order
+    return MatchResult(bid, cands, considered, excluded)
+
+
+_DEFAULT_ROUTER = Router()

@@ -1,0 +1,410 @@
+"""The two parties of a negotiation, driving `protocols.negotiation`.
+
+`Provider` and `Consumer` take envelopes (or raw bytes) and return the
+envelopes to send as `Send(to, envelope)`; the daemon only moves bytes over
+``/synord/negotiate/1.0.0`` streams and calls `tick` when `next_deadline`
+passes (`run_timers` does that under trio).  Time comes from ``clock`` (unix
+ms), so tests drive everything with plain integers or a MockClock.
+
+Provider admission, in order: the ask is ours and live at the proposed seq,
+runtime, price, quantity within the ask, duration, the contributor-limit
+hook (``admission(proposal) -> reason | None``), then an atomic reservation
+in the ask's pool *and* the host pool.  Each refusal is a ``reject`` with a
+reason code (`REASONS`) and a human detail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import trio
+
+from protocols.envelope import Envelope, EnvelopeValidator, Rejected, now_ms, seal
+from protocols.identity import Identity
+from protocols.negotiation import (
+    CONSUMER, PROVIDER, Agreement, BodyError, Countersign, End, Heartbeat, Negotiation,
+    NegotiationError, Propose, Reject, Reserve, State, Terms, Timeouts, event_from_envelope,
+)
+from protocols.orders import Ask, Bid
+
+from .matching import MatchResult
+from .reservations import CapacityPool, InsufficientCapacity
+
+NEGOTIATE_PROTOCOL = "/synord/negotiate/1.0.0"
+REASONS = ("not_our_ask", "unknown_ask", "stale_ask", "ask_expired", "runtime", "price",
+           "exceeds_ask", "duration", "admission", "capacity", "bad_agreement", "timeout")
+MESSAGE_TTL_MS = 30_000
+
+
+@dataclass(frozen=True)
+class Send:
+    to: str  # peer id (text)
+    envelope: Envelope
+
+
+class _Party:
+    def __init__(self, identity: Identity, clock: Callable[[], int] | None, timeouts: Timeouts | None,
+                 validator: EnvelopeValidator | None):
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.clock = clock or now_ms
+        self.timeouts = timeouts or Timeouts()
+        self.validator = validator or EnvelopeValidator()
+        self.dropped: Counter[str] = Counter()  # why incoming messages were ignored
+
+    def receive(self, data: bytes, peer: bytes | None = None) -> list[Send]:
+        """Raw bytes from a stream: validate (signature, expiry, replay), then handle."""
+        env = self.validator.check(data, self.clock(), peer)
+        if isinstance(env, Rejected):
+            self.dropped[env.reason] += 1
+            return []
+        return self.handle(env)
+
+    def _seal(self, to: str, event) -> Send:
+        return Send(to, seal(self.identity, event.type, event.to_body(), MESSAGE_TTL_MS, now=self.clock()))
+
+    def _event(self, env: Envelope):
+        try:
+            return event_from_envelope(env)
+        except BodyError:
+            self.dropped["bad_body"] += 1
+            return None
+
+    def handle(self, env: Envelope) -> list[Send]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def next_deadline(self) -> int | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tick(self, now: int | None = None) -> list[Send]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Provider(_Party):
+    def __init__(self, identity: Identity, pool: CapacityPool, *, clock: Callable[[], int] | None = None,
+                 timeouts: Timeouts | None = None, validator: EnvelopeValidator | None = None,
+                 admission: Callable[[Propose], str | None] | None = None,
+                 on_agreement: Callable[[Negotiation], None] | None = None,
+                 on_end: Callable[[Negotiation], None] | None = None):
+        super().__init__(identity, clock, timeouts, validator)
+        self.pool = pool
+        self.admission = admission
+        self.on_agreement = on_agreement
+        self.on_end = on_end
+        self.asks: dict[str, Ask] = {}
+        self._ask_pools: dict[str, CapacityPool] = {}
+        self._res_ask: dict[str, str] = {}  # reservation key -> ask id
+        self.negotiations: dict[tuple[str, bytes], Negotiation] = {}
+        self.finished: list[Negotiation] = []
+
+    # --- our asks -------------------------------------------------------------
+
+    def offer(self, ask: Ask) -> None:
+        """Publish-side twin: the ask we also gossip.  A new seq replaces it;
+        reservations already made against it stay counted."""
+        ask.peer = self.peer_id
+        self.asks[ask.id] = ask
+        cap = {"cpus": ask.cores, "memory_bytes": ask.memory, "gpus": ask.gpus}
+        pool = self._ask_pools.get(ask.id)
+        if pool is None:
+            self._ask_pools[ask.id] = CapacityPool(cap)
+        else:
+            pool.set_capacity(cap)
+
+    def withdraw(self, ask_id: str) -> None:
+        self.asks.pop(ask_id, None)
+
+    # --- incoming -------------------------------------------------------------
+
+    def handle(self, env: Envelope) -> list[Send]:
+        ev = self._event(env)
+        if ev is None:
+            return []
+        sender, now = env.sender_id, self.clock()
+        key = (sender, ev.nid)
+        if isinstance(ev, Propose):
+            if key in self.negotiations:
+                self.dropped["duplicate_proposal"] += 1
+                return []
+            return self._admit(sender, ev, now)
+        m = self.negotiations.get(key)
+        if m is None:
+            self.dropped["unknown_negotiation"] += 1
+            return []
+        try:
+            m.receive(ev, now)
+        except NegotiationError as exc:
+            self.dropped[exc.reason.split(":")[0]] += 1
+            if isinstance(ev, Countersign) and m.state is State.AGREED:
+                out = self._reject(m, sender, "bad_agreement", str(exc), now)
+                return out
+            return []
+        if isinstance(ev, Countersign):
+            self.pool.commit(self._key(m), m.terms.expires)
+            self._ask_pools[m.terms.ask_id].commit(self._key(m), m.terms.expires)
+            if self.on_agreement:
+                self.on_agreement(m)
+        self._reap(m)
+        return []
+
+    def _admit(self, consumer: str, p: Propose, now: int) -> list[Send]:
+        m = Negotiation(PROVIDER, p.nid, consumer, self.peer_id, self.timeouts)
+        try:
+            m.receive(p, now)
+        except NegotiationError as exc:
+            self.dropped[exc.reason] += 1
+            return []
+        self.negotiations[(consumer, p.nid)] = m
+        reason, detail = self._refusal(p, now)
+        if reason is None:
+            need = {"cpus": p.cores, "memory_bytes": p.memory, "gpus": p.gpus}
+            key, ask_pool = self._key(m), self._ask_pools[p.ask_id]
+            try:
+                ask_pool.reserve(key, need, now, self.timeouts.countersign_ms)
+                try:
+                    self.pool.reserve(key, need, now, self.timeouts.countersign_ms)
+                except InsufficientCapacity:
+                    ask_pool.release(key)
+                    raise
+            except InsufficientCapacity as exc:
+                reason, detail = "capacity", str(exc)
+        if reason is not None:
+            return self._reject(m, consumer, reason, detail, now)
+        m.send(Reserve(), now)
+        ask = self.asks[p.ask_id]
+        terms = Terms(
+            aid=os.urandom(16), nid=p.nid, consumer=consumer, provider=self.peer_id,
+            ask_id=p.ask_id, ask_seq=p.ask_seq, bid_id=p.bid_id, bid_seq=p.bid_seq,
+            resource_class=p.resource_class, cores=p.cores, memory=p.memory, gpus=p.gpus,
+            gpu_class=ask.gpu_class if p.gpus else None, runtime=p.runtime, price=ask.price,
+            units=_units(p), duration_s=p.duration_s,
+            heartbeat_ms=self.timeouts.heartbeat_ms, created=now, expires=now + p.duration_s * 1000)
+        agreement = Agreement(terms, terms.sign(self.identity))
+        m.send(agreement, now)
+        return [self._seal(consumer, agreement)]
+
+    def _refusal(self, p: Propose, now: int) -> tuple[str | None, str]:
+        if p.ask_peer != self.peer_id:
+            return "not_our_ask", "the proposal names another provider"
+        ask = self.asks.get(p.ask_id)
+        if ask is None:
+            return "unknown_ask", f"no live ask {p.ask_id!r} (withdrawn?)"
+        if p.ask_seq != ask.seq:
+            return "stale_ask", f"ask {ask.id} is at seq {ask.seq}, proposal names {p.ask_seq}"
+        if ask.expires <= now:
+            return "ask_expired", f"ask {ask.id} expired"
+        if p.resource_class != ask.resource_class:
+            return "stale_ask", f"ask {ask.id} is of class {ask.resource_class}"
+        if p.runtime not in ask.runtimes:
+            return "runtime", f"{p.runtime} not offered (offered: {', '.join(ask.runtimes)})"
+        if ask.price > p.max_price:
+            return "price", f"ask price {ask.price:g} > max {p.max_price:g}"
+        if p.cores > ask.cores or p.memory > ask.memory or p.gpus > ask.gpus:
+            return "exceeds_ask", "need exceeds the ask's quantity"
+        if p.gpus and p.gpu_class is not None and p.gpu_class != ask.gpu_class:
+            return "exceeds_ask", f"accelerator {p.gpu_class} not offered"
+        if not ask.min_duration_s <= p.duration_s <= ask.max_duration_s:
+            return "duration", f"{p.duration_s}s outside [{ask.min_duration_s}, {ask.max_duration_s}]"
+        if self.admission is not None:
+            why = self.admission(p)
+            if why:
+                return "admission", why
+        return None, ""
+
+    def _reject(self, m: Negotiation, consumer: str, reason: str, detail: str, now: int) -> list[Send]:
+        rej = Reject(m.nid, reason, detail)
+        m.send(rej, now)
+        self._release(m)
+        self._reap(m)
+        return [self._seal(consumer, rej)]
+
+    # --- time -----------------------------------------------------------------
+
+    def next_deadline(self) -> int | None:
+        times = [t for m in self.negotiations.values() for t in (m.deadline, m.next_heartbeat) if t is not None]
+        return min(times, default=None)
+
+    def tick(self, now: int | None = None) -> list[Send]:
+        """Timeouts (releasing reservations) and our due heartbeats."""
+        now = self.clock() if now is None else now
+        out: list[Send] = []
+        for m in list(self.negotiations.values()):
+            if m.check_timeout(now) is not None:
+                self._reap(m)
+            elif m.heartbeat_due(now):
+                out.append(self._seal(m.consumer, m.heartbeat(now)))
+        return out
+
+    def end(self, consumer: str, nid: bytes, outcome: str, reason: str = "") -> list[Send]:
+        m = self.negotiations[(consumer, nid)]
+        ev = End(nid, outcome, reason)
+        m.send(ev, self.clock())
+        self._reap(m)
+        return [self._seal(consumer, ev)]
+
+    def _key(self, m: Negotiation) -> str:
+        return f"{m.consumer}/{m.nid.hex()}"
+
+    def _release(self, m: Negotiation) -> None:
+        key = self._key(m)
+        self.pool.release(key)
+        if m.proposal is not None and m.proposal.ask_id in self._ask_pools:
+            self._ask_pools[m.proposal.ask_id].release(key)
+
+    def _reap(self, m: Negotiation) -> None:
+        if m.done:
+            self._release(m)
+            self.negotiations.pop((m.consumer, m.nid), None)
+            self.finished.append(m)
+            del self.finished[:-1000]
+            if self.on_end and m.agreement is not None and m.csig is not None:
+                self.on_end(m)
+
+
+def _units(p: Propose) -> float:
+    return p.cores if p.resource_class == "cpu" else float(p.gpus)
+
+
+@dataclass
+class Placement:
+    """One bid being placed: candidates are tried in order until one agrees."""
+    bid: Bid
+    candidates: list[Ask]
+    index: int = -1
+    negotiation: Negotiation | None = None
+    attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (provider, ask id, outcome)
+    state: str = "negotiating"  # negotiating | active | failed | ended | lost
+
+    @property
+    def current(self) -> Ask | None:
+        return self.candidates[self.index] if 0 <= self.index < len(self.candidates) else None
+
+    def explain(self) -> str:
+        tried = "; ".join(f"{p[:16]}/{a}: {why}" for p, a, why in self.attempts)
+        return f"{self.state} after {len(self.attempts)} attempt(s): {tried}" if tried else self.state
+
+
+class Consumer(_Party):
+    def __init__(self, identity: Identity, *, clock: Callable[[], int] | None = None,
+                 timeouts: Timeouts | None = None, validator: EnvelopeValidator | None = None,
+                 on_agreement: Callable[[Placement], None] | None = None,
+                 on_failed: Callable[[Placement], None] | None = None,
+                 on_lost: Callable[[Placement], None] | None = None):
+        super().__init__(identity, clock, timeouts, validator)
+        self.on_agreement, self.on_failed, self.on_lost = on_agreement, on_failed, on_lost
+        self.placements: dict[str, Placement] = {}       # bid id -> placement
+        self._by_nid: dict[bytes, Placement] = {}
+
+    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask]) -> list[Send]:
+        """Start placing ``bid``: propose to the first candidate."""
+        asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)
+        pl = Placement(bid, asks)
+        self.placements[bid.id] = pl
+        return self._next(pl, self.clock())
+
+    def _next(self, pl: Placement, now: int) -> list[Send]:
+        if pl.negotiation is not None:
+            self._by_nid.pop(pl.negotiation.nid, None)
+        pl.index += 1
+        ask = pl.current
+        if ask is None:
+            pl.state, pl.negotiation = "failed", None
+            if self.on_failed:
+                self.on_failed(pl)
+            return []
+        b = pl.bid
+        p = Propose(os.urandom(16), ask.peer, ask.id, ask.seq, b.id, b.seq, b.resource_class, b.cores,
+                    b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class)
+        m = Negotiation(CONSUMER, p.nid, self.peer_id, ask.peer, self.timeouts)
+        m.send(p, now)
+        pl.negotiation = m
+        self._by_nid[p.nid] = pl
+        return [self._seal(ask.peer, p)]
+
+    def handle(self, env: Envelope) -> list[Send]:
+        ev = self._event(env)
+        if ev is None:
+            return []
+        pl = self._by_nid.get(ev.nid)
+        m = pl.negotiation if pl else None
+        if m is None or env.sender_id != m.provider:
+            self.dropped["unknown_negotiation"] += 1
+            return []
+        now = self.clock()
+        try:
+            m.receive(ev, now)
+        except NegotiationError as exc:
+            self.dropped[exc.reason.split(":")[0]] += 1
+            if isinstance(ev, Agreement) and m.state is State.PROPOSED:
+                # Tampered or not what we asked for: say so (the provider
+                # releases at once) and try the next candidate.
+                pl.attempts.append((m.provider, pl.current.id, f"bad_agreement: {exc.reason}"))
+                rej = Reject(m.nid, "bad_agreement", exc.reason)
+                m.send(rej, now)
+                return [self._seal(m.provider, rej)] + self._next(pl, now)
+            return []
+        if isinstance(ev, Agreement):
+            cs = Countersign(m.nid, ev.terms.aid, ev.terms.sign(self.identity))
+            m.send(cs, now)
+            pl.state = "active"
+            pl.attempts.append((m.provider, pl.current.id, "agreed"))
+            if self.on_agreement:
+                self.on_agreement(pl)
+            return [self._seal(m.provider, cs)]
+        if isinstance(ev, Reject):
+            pl.attempts.append((m.provider, pl.current.id, m.reason))
+            return self._next(pl, now)
+        if isinstance(ev, End):
+            pl.state = "ended"
+            self._by_nid.pop(m.nid, None)
+        return []
+
+    def next_deadline(self) -> int | None:
+        times = [t for pl in self._by_nid.values() if pl.negotiation
+                 for t in (pl.negotiation.deadline, pl.negotiation.next_heartbeat) if t is not None]
+        return min(times, default=None)
+
+    def tick(self, now: int | None = None) -> list[Send]:
+        now = self.clock() if now is None else now
+        out: list[Send] = []
+        for pl in list(self._by_nid.values()):
+            m = pl.negotiation
+            if m.check_timeout(now) is not None:
+                if m.state is State.LOST:
+                    pl.state = "lost"
+                    self._by_nid.pop(m.nid, None)
+                    if self.on_lost:
+                        self.on_lost(pl)
+                else:
+                    pl.attempts.append((m.provider, pl.current.id, m.reason))
+                    out += self._next(pl, now)
+            elif m.heartbeat_due(now):
+                out.append(self._seal(m.provider, m.heartbeat(now)))
+        return out
+
+    def end(self, bid_id: str, outcome: str, reason: str = "") -> list[Send]:
+        pl = self.placements[bid_id]
+        m = pl.negotiation
+        ev = End(m.nid, outcome, reason)
+        m.send(ev, self.clock())
+        pl.state = "ended"
+        self._by_nid.pop(m.nid, None)
+        return [self._seal(m.provider, ev)]
+
+
+async def run_timers(party: _Party, send: Callable[[Send], "trio.Awaitable"], clock: Callable[[], int],
+                     idle_poll_s: float = 1.0) -> None:
+    """Call ``party.tick`` whenever its next deadline passes; forever (cancel to stop).
+
+    ``clock`` must agree with trio's clock (``trio.current_time``) for MockClock
+    tests; the daemon passes wall-clock ms and polls at least every ``idle_poll_s``.
+    """
+    while True:
+        deadline = party.next_deadline()
+        wait = idle_poll_s if deadline is None else min(idle_poll_s, max(0.0, (deadline - clock()) / 1000.0))
+        await trio.sleep(wait)
+        for s in party.tick(clock()):
+            await send(s)

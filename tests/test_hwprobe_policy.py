@@ -1,0 +1,120 @@
+"""Contributor limits -> offerable capacity, the known-device matcher and
+market resource classes."""
+
+import pytest
+
+from hwprobe import CapabilityProfile, ContributorLimits, ContributorSignals, offerable, resource_classes
+from hwprobe import known
+
+
+def signals(**kw) -> ContributorSignals:
+    base = dict(on_ac_power=True, battery_percent=None, user_idle_s=None, idle_source="none",
+                cpu_pressure=0.0, cpu_psi_some_avg10=None, hour_of_day=12)
+    base.update(kw)
+    return ContributorSignals(**base)
+
+
+def profile(n_gpus=2) -> CapabilityProfile:
+    gpu = {"kind": "gpu", "vendor": "NVIDIA", "model": "NVIDIA H100 80GB HBM3", "slug": "h100",
+           "tier": "datacenter", "usable": True, "memory_bytes": 80 * 2**30, "throughput": {}}
+    devices = [{"kind": "cpu", "vendor": "x", "model": "x", "memory_bytes": 0, "throughput": {}}]
+    devices += [dict(gpu, index=i) for i in range(n_gpus)]
+    devices.append({"kind": "opencl", "device_type": "cpu", "vendor": "x", "model": "pocl",
+                    "memory_bytes": 0, "throughput": {}})
+    host = {"logical_cores": 16, "effective_cpus": 16.0, "memory_total_bytes": 64 * 2**30,
+            "memory_effective_bytes": 64 * 2**30, "memory_available_bytes": 60 * 2**30,
+            "cgroup": {"memory_limit_bytes": None, "memory_usage_bytes": None}}
+    return CapabilityProfile(devices=devices, host=host)
+
+
+def test_full_share_when_everything_allows():
+    o = offerable(profile(), ContributorLimits(cpu_share=1.0, memory_share=0.5), signals())
+    assert o == {"cpus": 16.0, "memory_bytes": 32 * 2**30, "gpus": 2, "opencl_devices": 1,
+                 "allowed": True, "why_not": None}
+
+
+def test_shares_and_other_load_reduce_the_offer():
+    o = offerable(profile(), ContributorLimits(cpu_share=0.5, gpu_share=0.5), signals(cpu_pressure=0.75))
+    # 16 CPUs, others use 12: only 4 are free although the share would allow 8.
+    assert o["cpus"] == 4.0 and o["gpus"] == 1
+    o = offerable(profile(n_gpus=1), ContributorLimits(gpu_share=0.5, cpu_share=0.0), signals())
+    assert o["gpus"] == 0 and o["cpus"] == 0.0 and o["opencl_devices"] == 0
+
+
+def test_memory_never_above_what_is_available():
+    p = profile()
+    p.host["memory_available_bytes"] = 2**30
+    assert offerable(p, ContributorLimits(memory_share=1.0), signals())["memory_bytes"] == 2**30
+
+
+@pytest.mark.parametrize("limits,sig,reason", [
+    (ContributorLimits(ac_only=True), signals(on_ac_power=False, battery_percent=90), "battery power"),
+    (ContributorLimits(min_battery_percent=30), signals(on_ac_power=False, battery_percent=20), "battery at 20%"),
+    (ContributorLimits(idle_only=True, idle_after_s=300), signals(user_idle_s=10), "user active"),
+    (ContributorLimits(allowed_hours="09-17"), signals(hour_of_day=17), "outside allowed hours"),
+    (ContributorLimits(allowed_hours="22-06"), signals(hour_of_day=12), "outside allowed hours"),
+])
+def test_policy_forbids(limits, sig, reason):
+    o = offerable(profile(), limits, sig)
+    assert o["allowed"] is False and reason in o["why_not"]
+    assert (o["cpus"], o["memory_bytes"], o["gpus"], o["opencl_devices"]) == (0.0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("limits,sig", [
+    (ContributorLimits(ac_only=True), signals(on_ac_power=True, battery_percent=10)),
+    (ContributorLimits(min_battery_percent=30), signals(on_ac_power=False, battery_percent=31)),
+    (ContributorLimits(idle_only=True), signals(user_idle_s=301)),
+    (ContributorLimits(idle_only=True), signals(user_idle_s=None)),  # headless: nobody to disturb
+    (ContributorLimits(allowed_hours="09-17"), signals(hour_of_day=9)),
+    (ContributorLimits(allowed_hours="22-06"), signals(hour_of_day=23)),
+    (ContributorLimits(allowed_hours="22-06"), signals(hour_of_day=5)),
+])
+def test_policy_allows(limits, sig):
+    assert offerable(profile(), limits, sig)["allowed"] is True
+
+
+@pytest.mark.parametrize("kw", [{"cpu_share": 1.5}, {"memory_share": -0.1}, {"allowed_hours": "9 to 5"},
+                                {"allowed_hours": "25-03"}, {"allowed_hours": "08-08"},
+                                {"min_battery_percent": 120}])
+def test_bad_limits_are_rejected_clearly(kw):
+    with pytest.raises(ValueError):
+        ContributorLimits(**kw)
+
+
+def test_limits_json_round_trip_and_unknown_keys():
+    lim = ContributorLimits(cpu_share=0.25, idle_only=True, allowed_hours="22-06")
+    assert ContributorLimits.from_json(lim.to_json()) == lim
+    with pytest.raises(ValueError, match="gpu_shares"):
+        ContributorLimits.from_json({"gpu_shares": 1})
+
+
+@pytest.mark.parametrize("name,pci,model", [
+    ("NVIDIA H100 80GB HBM3", None, "H100 SXM5 80GB"),
+    ("NVIDIA H100 PCIe", None, "H100 PCIe 80GB"),
+    ("NVIDIA H100 NVL", None, "H100 NVL 94GB"),
+    ("NVIDIA H200", None, "H200 SXM 141GB"),
+    ("NVIDIA A100-SXM4-40GB", None, "A100 SXM4 40GB"),
+    ("NVIDIA A100 80GB PCIe", None, "A100 PCIe 80GB"),
+    ("NVIDIA L4", None, "L4"),
+    ("NVIDIA L40S", None, "L40S"),
+    ("NVIDIA GeForce RTX 4090", None, "GeForce RTX 4090"),
+    ("anything", "10de:2335", "H200 SXM 141GB"),
+    ("Apple M2 Ultra", None, "M2 Ultra"),
+    ("Intel(R) Arc(TM) A770 Graphics", None, "Arc A770"),
+])
+def test_known_device_matcher(name, pci, model):
+    assert known.match(name, pci)["model"] == model
+
+
+def test_unknown_device_matches_nothing():
+    assert known.match("NVIDIA Quadro K420") is None
+    assert known.throughput(None)["source"] is None
+
+
+def test_resource_classes():
+    p = profile()
+    p.devices.append({"kind": "gpu", "vendor": "NVIDIA", "model": "NVIDIA GeForce RTX 4090", "slug": "rtx4090",
+                      "tier": "consumer", "usable": True, "throughput": {}})
+    p.devices.append({"kind": "gpu", "vendor": "NVIDIA", "model": "Quadro", "slug": None, "tier": None,
+                      "usable": True, "throughput": {}})
+    assert resource_classes(p) == ["cpu", "gpu.h100", "opencl", "gpu.consumer"]
