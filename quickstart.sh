@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 ROOT=$PWD
 
 APT_PACKAGES=(
-  python3 python3-venv python3-dev gcc libgmp-dev        # venv + fastecdsa (libp2p dep) build
+  python3 python3-venv python3-dev gcc libc6-dev libgmp-dev # venv, fastecdsa build, static guest init
   crun runc runsc bubblewrap umoci skopeo busybox-static # container sandboxes, OCI images
   qemu-system-x86 cpio zstd xz-utils                     # microVMs and the guest image build
   pocl-opencl-icd ocl-icd-libopencl1                     # OpenCL on CPUs without a GPU
