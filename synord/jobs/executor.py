@@ -63,8 +63,9 @@ class TaskExecution:
         self.spec = spec
         self.restore_from = restore_from
         self.output = OutputLog()
-        if start_offsets:
-            self.output.offsets.update(start_offsets)
+        # Offsets count from the task's first byte, across restores.
+        self.base_offsets = {"stdout": 0, "stderr": 0, **(start_offsets or {})}
+        self.output.offsets.update(self.base_offsets)
         self.sandbox: Sandbox | None = None
         self.status: ExitStatus | None = None
         self.error: str | None = None
@@ -122,11 +123,13 @@ class TaskExecution:
                 raise RuntimeError("the task is not running")
             dest.mkdir(parents=True, exist_ok=True)
             info = await self.sandbox.checkpoint(dest, leave_running=leave_running)
-            # A runtime that knows the exact offsets at the checkpoint writes them
-            # (wasm does, at a step boundary); otherwise what we have read so far.
+            # A runtime that knows how much output precedes the checkpoint writes
+            # it (wasm does, at a step boundary, counted from this sandbox's start);
+            # otherwise what we have read so far is the best estimate.
             offsets_path = Path(info.path) / OFFSETS_FILE
             if offsets_path.exists():
-                offsets = json.loads(offsets_path.read_text())
+                rel = json.loads(offsets_path.read_text())
+                offsets = {s: self.base_offsets[s] + int(rel.get(s, 0)) for s in ("stdout", "stderr")}
             else:
                 offsets = dict(self.output.offsets)
             self.checkpoint_bytes_estimate = info.bytes

@@ -1,0 +1,722 @@
+"""WASM sandbox on wasmtime: WASI command modules and checkpointable step modules.
+
+Theory of operation
+- A module runs in one worker thread (`trio.to_thread.run_sync`); everything
+  else (logs, wait, kill, checkpoint requests, the epoch ticker) is trio.
+- Interruption: engines are built with epoch interruption; a trio task bumps
+  the engine epoch every ~10 ms and each store has a deadline callback (run in
+  the worker thread) that decides from *its own* sandbox's flags whether to
+  go on, or to trap for a kill or a timeout. Extra ticks from other sandboxes
+  sharing the engine are harmless: the decision is made from wall-clock time.
+- Limits: fuel (an engine of its own, since fuel metering changes the compiled
+  code), memory via `Store.set_limits` (memory.grow then fails in the guest).
+- Compiled modules are cached in memory and on disk, keyed by the module's
+  sha256 and a fingerprint of the engine config and wasmtime version. Only
+  files this code wrote are ever deserialized, and each carries a digest.
+- Step modules (ABI v1, see WASM_ABI.md and wasm_abi.py) are driven step by
+  step; a checkpoint request is honoured between two steps.
+
+Exit codes when the module did not exit by itself: trap 134, timeout 124,
+killed / out_of_fuel / oom 137, checkpointed 0 (the reason says which).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import fcntl
+import termios
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import AsyncIterator, ClassVar
+
+import trio
+
+from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogChunk,
+                   Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
+                   checkpoint_digest, verify_artifact)
+from . import wasm_abi as abi
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.01
+OUTPUT_OFFSETS_FILE = "synord-output.json"  # see the executor in synord.jobs
+CODE_TRAP, CODE_TIMEOUT, CODE_KILLED = 134, 124, 137
+_WASM_MAGIC = b"\0asm\x01\0\0\0"
+_MEMORY_CACHE_MAX = 64
+_DEFAULT_LOG_LIMIT = 64 << 20
+_INLINE_READ_MAX = 1 << 20
+
+try:
+    import wasmtime
+    from wasmtime import _ffi as _wffi
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # ImportError, or a broken native library
+    wasmtime = None  # type: ignore[assignment]
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _wasmtime_version() -> str:
+    global _VERSION
+    if _VERSION is None:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            _VERSION = version("wasmtime")
+        except PackageNotFoundError:
+            _VERSION = "unknown"
+    return _VERSION
+
+
+_VERSION: str | None = None
+
+# --- engines: one per config, shared by the whole process ---
+
+_engines: dict[bool, tuple["wasmtime.Engine", str, "wasmtime.Linker"]] = {}
+_engines_lock = threading.Lock()
+
+
+def _engine(fuel: bool) -> tuple["wasmtime.Engine", str, "wasmtime.Linker"]:
+    """(engine, config fingerprint, WASI linker) for fuel metering on or off."""
+    with _engines_lock:
+        if fuel not in _engines:
+            cfg = wasmtime.Config()
+            cfg.epoch_interruption = True
+            cfg.consume_fuel = fuel
+            engine = wasmtime.Engine(cfg)
+            desc = {"wasmtime": _wasmtime_version(), "fuel": fuel, "epoch": True,
+                    "machine": platform.machine()}
+            fp = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+            linker = wasmtime.Linker(engine)
+            linker.define_wasi()
+            _engines[fuel] = (engine, fp, linker)
+        return _engines[fuel]
+
+
+_last_tick: dict[int, float] = {}  # engine id -> when a ticker last bumped its epoch
+
+if wasmtime is not None:
+    _DeadlineCB = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.POINTER(_wffi.wasmtime_context_t),
+                                   ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                                   ctypes.POINTER(ctypes.c_uint8))
+    _Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    _NO_FINALIZER = _Finalizer(lambda _data: None)
+
+
+def _read_verified(path: Path, sha256: str | None) -> bytes:
+    verify_artifact(path, sha256)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror}") from None
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SYNORD_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "synord") / "wasm"
+
+
+class ModuleCache:
+    """Compiled modules by (module sha256, engine fingerprint), in memory and on disk."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self._mem: OrderedDict[tuple[str, str], "wasmtime.Module"] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "compiles": 0}
+
+    def lookup(self, sha: str, fp: str) -> "wasmtime.Module | None":
+        with self._lock:
+            mod = self._mem.get((sha, fp))
+            if mod is not None:
+                self._mem.move_to_end((sha, fp))
+                self.stats["memory_hits"] += 1
+            return mod
+
+    def _remember(self, key: tuple[str, str], mod: "wasmtime.Module") -> None:
+        with self._lock:
+            self._mem[key] = mod
+            while len(self._mem) > _MEMORY_CACHE_MAX:
+                self._mem.popitem(last=False)
+
+    def load_or_compile(self, engine: "wasmtime.Engine", sha: str, fp: str, wasm: bytes) -> "wasmtime.Module":
+        """Blocking (compiles): call from a worker thread."""
+        path = self.dir / f"{sha}-{fp}.cwasm"
+        mod = self._load_disk(engine, path)
+        if mod is not None:
+            self.stats["disk_hits"] += 1
+        else:
+            try:
+                mod = wasmtime.Module(engine, wasm)
+            except wasmtime.WasmtimeError as e:
+                raise SpecError(f"invalid WebAssembly module: {str(e).splitlines()[0]}") from None
+            self.stats["compiles"] += 1
+            self._store_disk(path, bytes(mod.serialize()))
+        self._remember((sha, fp), mod)
+        return mod
+
+    def _load_disk(self, engine, path: Path):
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            return None
+        # Layout: 32-byte sha256 of the payload, then the serialized module.
+        digest, payload = blob[:32], blob[32:]
+        if hashlib.sha256(payload).digest() != digest:
+            log.warning("wasm cache entry %s is corrupted; recompiling", path.name)
+            return None
+        try:
+            return wasmtime.Module.deserialize(engine, payload)
+        except wasmtime.WasmtimeError as e:  # e.g. written by another wasmtime build
+            log.info("wasm cache entry %s unusable (%s); recompiling", path.name, str(e).splitlines()[0])
+            return None
+
+    def _store_disk(self, path: Path, payload: bytes) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(hashlib.sha256(payload).digest() + payload)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only or full cache only costs speed
+            log.warning("cannot write wasm cache %s: %s", path, e)
+
+
+class WasmRuntime(Runtime):
+    kind: ClassVar[str] = "wasm"
+    supports_checkpoint: ClassVar[bool] = True
+
+    def __init__(self, cache_dir: Path | str | None = None, log_limit_bytes: int = _DEFAULT_LOG_LIMIT):
+        self.cache = ModuleCache(Path(cache_dir) if cache_dir else default_cache_dir())
+        self.log_limit_bytes = log_limit_bytes
+
+    def available(self) -> Availability:
+        if wasmtime is None:
+            return Availability(False, f"wasmtime is not importable ({_IMPORT_ERROR}); pip install wasmtime")
+        return Availability(True, f"wasmtime {_wasmtime_version()}")
+
+    async def prepare(self, spec: TaskSpec) -> "WasmSandbox":
+        if wasmtime is None:
+            raise Unavailable(self.available().reason)
+        if spec.kind != "wasm":
+            raise SpecError(f"spec kind is {spec.kind!r}, not 'wasm'")
+        if spec.network:
+            raise SpecError("the wasm sandbox has no network access; run this task in a container or microvm")
+        artifact = Path(spec.artifact)
+        if artifact.is_dir():
+            raise SpecError(f"not a WebAssembly module: {artifact} is a directory")
+        try:
+            small = artifact.stat().st_size <= _INLINE_READ_MAX
+        except OSError:
+            small = True  # verify_artifact reports it
+        # Typical modules are read in microseconds; only big ones are worth a thread hop.
+        wasm = _read_verified(artifact, spec.sha256) if small else \
+            await trio.to_thread.run_sync(_read_verified, artifact, spec.sha256)
+        if wasm[:4] != b"\0asm":
+            raise SpecError(f"not a WebAssembly module: {artifact.name} does not start with \\0asm")
+        if wasm[:8] != _WASM_MAGIC:
+            raise SpecError(f"not a WebAssembly core module: {artifact.name} (components are not supported)")
+        lim = spec.limits
+        if lim.memory_bytes <= 0:
+            raise SpecError("limits.memory_bytes must be positive")
+        if lim.fuel is not None and lim.fuel < 0:
+            raise SpecError("limits.fuel must be >= 0")
+        if lim.timeout_s is not None and lim.timeout_s <= 0:
+            raise SpecError("limits.timeout_s must be positive")
+        for m in spec.mounts:
+            if not Path(m.host).is_dir():
+                raise SpecError(f"mount {m.host}: not a directory on this host")
+            if not m.guest:
+                raise SpecError(f"mount {m.host}: empty guest path")
+
+        sha = hashlib.sha256(wasm).hexdigest()
+        engine, fp, linker = _engine(lim.fuel is not None)
+        module = self.cache.lookup(sha, fp)
+        if module is None:
+            module = await trio.to_thread.run_sync(self.cache.load_or_compile, engine, sha, fp, wasm)
+
+        exports = {e.name: e.type for e in module.exports}
+        step = exports.get(abi.STEP_EXPORT)
+        memory_export = None
+        if step is not None:
+            if (not isinstance(step, wasmtime.FuncType) or step.params
+                    or [str(t) for t in step.results] != ["i32"]):
+                raise SpecError(f"{abi.STEP_EXPORT} must be a function () -> i32")
+            imported = [i.type for i in module.imports]
+            memory_export = abi.check_step_module(
+                wasm, sum(isinstance(t, wasmtime.GlobalType) for t in imported),
+                sum(isinstance(t, wasmtime.MemoryType) for t in imported))
+        elif not isinstance(exports.get("_start"), wasmtime.FuncType):
+            raise SpecError(f"module exports neither _start (WASI command) nor {abi.STEP_EXPORT} (step ABI v1)")
+        return WasmSandbox(spec, engine, linker, module, sha, memory_export, self.log_limit_bytes)
+
+    async def restore(self, spec: TaskSpec, checkpoint: Path) -> "WasmSandbox":
+        sb = await self.prepare(spec)
+        if sb.memory_export is None:
+            raise CheckpointUnsupported(f"{Path(spec.artifact).name} does not implement the step ABI")
+        snap = await trio.to_thread.run_sync(abi.read_checkpoint, Path(checkpoint), sb.module_sha256)
+        if snap.memory_export != sb.memory_export:
+            raise SpecError(f"checkpoint {checkpoint}: memory export {snap.memory_export!r} "
+                            f"is not the module's ({sb.memory_export!r})")
+        if len(snap.memory) > spec.limits.memory_bytes:
+            raise SpecError(f"checkpoint {checkpoint}: needs {len(snap.memory)} bytes of memory, "
+                            f"the limit is {spec.limits.memory_bytes}")
+        exported = {e.name: e.type for e in sb.module.exports}
+        for name, typ, _ in snap.globals:
+            t = exported.get(name)
+            if not isinstance(t, wasmtime.GlobalType) or not t.mutable or str(t.content) != typ:
+                raise SpecError(f"checkpoint {checkpoint}: global {name!r} ({typ}) does not match the module")
+        sb.restore_from = snap
+        return sb
+
+
+class _CheckpointRequest:
+    def __init__(self, dest: Path, leave_running: bool):
+        self.dest, self.leave_running = dest, leave_running
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.output_bytes: dict[str, int] | None = None  # emitted per stream at the checkpoint
+        self.claimed = False  # set by the worker, under the sandbox lock
+
+
+class WasmSandbox(Sandbox):
+    supports_checkpoint: ClassVar[bool] = True
+
+    def __init__(self, spec: TaskSpec, engine, linker, module, module_sha256: str,
+                 memory_export: str | None, log_limit: int):
+        self.spec = spec
+        self.engine, self.linker, self.module = engine, linker, module
+        self.module_sha256 = module_sha256
+        self.memory_export = memory_export  # set for step-ABI modules only
+        self.restore_from: abi.Snapshot | None = None
+        self._log_limit = log_limit
+        self._chunks: list[LogChunk] = []
+        self._log_bytes = 0
+        self._emitted = {"stdout": 0, "stderr": 0}  # bytes read from the guest, per stream
+        self._read_fds: list[int] = []
+        self._truncated = False
+        self._log_event = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._started = False
+        self._finished = trio.Event()
+        self._status: ExitStatus | None = None
+        # Shared with the worker thread:
+        self._lock = threading.Lock()
+        self._stop_reason: str | None = None  # "killed" / "timeout", read by the deadline callback
+        self._deadline: float | None = None
+        self._ckpt: _CheckpointRequest | None = None
+        self._worker_done = False
+        self._steps = 0
+        self._cpu_start = 0.0
+        self._write_ends: list[int] = []
+        self._run_scope = trio.CancelScope()
+        self.stop_grace_s = 2.0  # how long kill/cancel wait for the guest to leave wasm
+
+    # --- trio side ---
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        if self._started:
+            raise RuntimeError_("sandbox already started")
+        self._started = True
+        self._token = trio.lowlevel.current_trio_token()
+        nursery.start_soon(self._main)
+
+    async def _main(self) -> None:
+        stdin_path = None
+        read_ends: list[int] = []
+        try:
+            if self.spec.stdin is not None:
+                stdin_path = await trio.to_thread.run_sync(self._write_stdin)
+            # Output goes through pipes read here rather than wasmtime's Python
+            # output callbacks: those are called from wasmtime's own threads and
+            # abort the process when one fires during interpreter shutdown.
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            read_ends = [out_r, err_r]
+            self._read_fds = [out_r, err_r]
+            self._write_ends = [out_w, err_w]  # handed to the worker, see _take_write_ends
+            if self.spec.limits.timeout_s is not None:
+                self._deadline = time.monotonic() + self.spec.limits.timeout_s
+            async with trio.open_nursery() as inner:
+                inner.start_soon(self._ticker)
+                drained = [trio.Event(), trio.Event()]
+                inner.start_soon(self._pump, "stdout", out_r, drained[0])
+                inner.start_soon(self._pump, "stderr", err_r, drained[1])
+                read_ends = []  # the pumps own them now
+                result = None
+                try:
+                    with self._run_scope:  # cancelled by kill() when the guest ignores it
+                        result = await trio.to_thread.run_sync(
+                            self._run, stdin_path, abandon_on_cancel=True)
+                finally:
+                    if result is None:  # our caller or kill() gave up on the thread
+                        await self._stop_abandoned_worker()
+                if result is None:
+                    status, detail = ExitStatus(CODE_KILLED, Usage(), "killed"), \
+                        "the guest did not stop when killed (blocked in a host call); abandoned"
+                else:
+                    status, detail = result
+                    # The pipes hit EOF once the store is gone; bounded in case a
+                    # wasmtime background task holds them a little longer.
+                    with trio.move_on_after(2):
+                        for ev in drained:
+                            await ev.wait()
+                inner.cancel_scope.cancel()
+                if detail:
+                    self._emit("stderr", f"[synord] {detail}\n".encode())
+        except BaseException:
+            if self._status is None:
+                self._status = ExitStatus(CODE_KILLED, Usage(), "killed")
+            raise
+        else:
+            self._status = status
+        finally:
+            for fd in read_ends + self._take_write_ends():
+                _close_quietly(fd)
+            if stdin_path:
+                os.unlink(stdin_path)
+            self._finished.set()
+            self._wake()
+
+    async def _pump(self, stream: str, fd: int, drained: trio.Event) -> None:
+        async with trio.lowlevel.FdStream(fd) as pipe:
+            while data := await pipe.receive_some(1 << 16):
+                self._emit(stream, data)
+        drained.set()
+
+    def _write_stdin(self) -> str:
+        base = self.spec.workdir
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="synord-stdin-", dir=base)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.spec.stdin or b"")
+        return path
+
+    async def _ticker(self) -> None:
+        # Sandboxes share an engine; tick it ~once per TICK_S in total rather
+        # than once per sandbox, so each store's deadline callback stays cheap.
+        key = id(self.engine)
+        while True:
+            now = time.monotonic()
+            if now - _last_tick.get(key, 0.0) >= TICK_S * 0.9:
+                _last_tick[key] = now
+                self.engine.increment_epoch()
+            await trio.sleep(TICK_S)
+
+    async def _stop_abandoned_worker(self) -> None:
+        # Our caller was cancelled: the worker is still in wasm. Make it trap and
+        # give it a bounded time to leave (a guest blocked in a host call such as
+        # a long WASI sleep only notices when the call returns).
+        self._stop_reason = self._stop_reason or "killed"
+        wait = 0 if self._run_scope.cancel_called else self.stop_grace_s  # kill() already waited
+        with trio.CancelScope(shield=True), trio.move_on_after(wait):
+            while not self._worker_done:
+                self.engine.increment_epoch()
+                await trio.sleep(TICK_S)
+        if not self._worker_done:
+            log.warning("wasm task %s did not stop within %.1f s; its thread is abandoned",
+                        self.spec.task_id, self.stop_grace_s)
+
+    def _wake(self) -> None:
+        self._log_event.set()
+        self._log_event = trio.Event()
+
+    def _notify_from_thread(self, fn) -> None:
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    async def wait(self) -> ExitStatus:
+        await self._finished.wait()
+        return self._status
+
+    async def logs(self) -> AsyncIterator[LogChunk]:
+        i = 0
+        while True:
+            ev = self._log_event
+            if i < len(self._chunks):
+                yield self._chunks[i]
+                i += 1
+                continue
+            if self._finished.is_set():
+                return
+            await ev.wait()
+
+    async def kill(self) -> None:
+        if not self._started:
+            self._started = True
+            self._status = ExitStatus(CODE_KILLED, Usage(), "killed")
+            self._finished.set()
+            return
+        if self._finished.is_set():
+            return
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = "killed"
+        self.engine.increment_epoch()
+        with trio.move_on_after(self.stop_grace_s):
+            await self._finished.wait()
+            return
+        # The guest sits in a host call: stop waiting for it. The epoch is
+        # already past its deadline, so it traps as soon as it is back in wasm.
+        self._run_scope.cancel()
+        await self._finished.wait()
+
+    async def checkpoint(self, dest: Path, leave_running: bool = False) -> CheckpointInfo:
+        if self.memory_export is None:
+            raise CheckpointUnsupported(
+                f"{Path(self.spec.artifact).name} does not implement the step ABI "
+                f"(export {abi.STEP_EXPORT}); see runtimes/WASM_ABI.md")
+        if not self._started:
+            raise RuntimeError_("sandbox not started")
+        req = _CheckpointRequest(Path(dest), leave_running)
+        with self._lock:
+            if self._worker_done or self._finished.is_set():
+                raise RuntimeError_("task already ended; nothing to checkpoint")
+            if self._ckpt is not None:
+                raise RuntimeError_("a checkpoint is already in progress")
+            self._ckpt = req
+        try:
+            await req.done.wait()
+        except trio.Cancelled:
+            # Withdraw the request unless the worker already took it (then the
+            # checkpoint completes, and with leave_running=False the task stops).
+            with self._lock:
+                if self._ckpt is req and not req.claimed:
+                    self._ckpt = None
+            raise
+        if req.error is not None:
+            raise req.error
+        if req.output_bytes is not None:
+            # Exact output position of the checkpoint, so a restore elsewhere
+            # continues the output stream without repeating or losing a byte.
+            (Path(req.dest) / OUTPUT_OFFSETS_FILE).write_text(json.dumps(req.output_bytes))
+        nbytes, digest = await trio.to_thread.run_sync(checkpoint_digest, req.dest)
+        return CheckpointInfo(req.dest, nbytes, digest)
+
+    # --- worker thread ---
+
+    def _emit(self, stream: str, data: bytes) -> None:
+        self._emitted[stream] += len(data)
+        if self._truncated:
+            return  # keep draining the pipe so the guest never blocks on a full pipe
+        if self._log_bytes + len(data) > self._log_limit:
+            self._truncated = True
+            data = f"\n[synord] output over {self._log_limit} bytes; the rest is dropped\n".encode()
+            stream = "stderr"
+        self._log_bytes += len(data)
+        self._chunks.append(LogChunk(stream, data))
+        self._wake()
+
+    # --- worker thread ---
+
+    def _on_deadline(self, _ctx, _data, delta, kind) -> int:
+        reason = self._stop_reason
+        if reason is None and self._deadline is not None and time.monotonic() >= self._deadline:
+            reason = self._stop_reason = "timeout"
+        if reason is not None:
+            err = _wffi.wasmtime_error_new(f"synord: {reason}".encode())
+            return ctypes.cast(err, ctypes.c_void_p).value
+        delta[0] = 1
+        kind[0] = 0  # continue
+        return 0
+
+    def _take_write_ends(self) -> list[int]:
+        # Whoever takes them closes them: the worker once wasmtime has opened
+        # its own copies, or _main if the worker never got that far.
+        with self._lock:
+            fds, self._write_ends = self._write_ends, []
+        return fds
+
+    def _run(self, stdin_path: str | None) -> tuple[ExitStatus, str | None]:
+        t_wall = time.monotonic()
+        # CPU time continues across checkpoint/restore, so usage covers the whole task.
+        self._cpu_start = time.thread_time() - (self.restore_from.cpu_s if self.restore_from else 0.0)
+        spec = self.spec
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=spec.limits.memory_bytes)
+        if spec.limits.fuel is not None:
+            store.set_fuel(spec.limits.fuel)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [Path(spec.artifact).name, *spec.args]
+        wasi.env = list(spec.env.items())
+        if stdin_path:
+            wasi.stdin_file = stdin_path
+        fds = self._take_write_ends()
+        if len(fds) != 2:
+            return ExitStatus(CODE_KILLED, Usage(), "killed"), None
+        try:
+            # wasmtime opens its own descriptors on the pipes; ours must go so
+            # that the reader sees EOF when the store is dropped.
+            wasi.stdout_file = f"/dev/fd/{fds[0]}"
+            wasi.stderr_file = f"/dev/fd/{fds[1]}"
+        finally:
+            for fd in fds:
+                _close_quietly(fd)
+        for m in spec.mounts:
+            wasi.preopen_dir(str(m.host), m.guest, m.writable)
+        store.set_wasi(wasi)
+        callback = _DeadlineCB(self._on_deadline)  # keep alive for the store's lifetime
+        _wffi.wasmtime_store_epoch_deadline_callback(store.ptr(), callback, None, _NO_FINALIZER)
+        store.set_epoch_deadline(1)
+
+        code, reason, detail = 0, None, None
+        memory = instance = exports = None
+        try:
+            instance = self.linker.instantiate(store, self.module)
+            exports = instance.exports(store)
+            if self.memory_export is not None:
+                memory = exports[self.memory_export]
+                code, reason = self._step_loop(store, exports, memory)
+            else:
+                mem = _get(exports, "memory")
+                memory = mem if isinstance(mem, wasmtime.Memory) else None
+                exports["_start"](store)
+        except wasmtime.ExitTrap as e:
+            code = e.code
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+            code, reason, detail = self._classify(e, store, memory)
+        except Exception as e:  # our own bug: report it, do not kill the caller's nursery
+            log.exception("wasm task %s failed in the host", spec.task_id)
+            code, reason, detail = CODE_TRAP, "trap", f"host error: {type(e).__name__}: {e}"
+        finally:
+            with self._lock:
+                self._worker_done = True
+                pending, self._ckpt = self._ckpt, None
+            if pending is not None:
+                pending.error = RuntimeError_("task ended before it reached a step boundary")
+                self._notify_from_thread(pending.done.set)
+        peak = self._memory_size(store, memory)
+        # Drop the store here, in this thread: wasmtime's WASI streams call back
+        # into Python when freed, and if that happens from one of its own
+        # threads during interpreter shutdown the process aborts.
+        memory = instance = exports = None
+        store.close()
+        usage = Usage(cpu_s=time.thread_time() - self._cpu_start,
+                      peak_memory_bytes=peak, wall_s=time.monotonic() - t_wall)
+        return ExitStatus(code, usage, reason), detail
+
+    @staticmethod
+    def _memory_size(store, memory) -> int:
+        try:
+            return memory.data_len(store) if memory is not None else 0
+        except Exception:
+            return 0
+
+    def _classify(self, e: Exception, store, memory) -> tuple[int, str, str]:
+        msg = str(e)
+        first = next((ln.strip() for ln in reversed(msg.splitlines()) if ln.strip()), msg)
+        if self._stop_reason == "timeout" or "synord: timeout" in msg:
+            return CODE_TIMEOUT, "timeout", f"time limit of {self.spec.limits.timeout_s} s reached"
+        if self._stop_reason == "killed" or "synord: killed" in msg:
+            return CODE_KILLED, "killed", None
+        if getattr(e, "trap_code", None) == wasmtime.TrapCode.OUT_OF_FUEL or "all fuel consumed" in msg:
+            return CODE_KILLED, "out_of_fuel", f"fuel limit of {self.spec.limits.fuel} exhausted"
+        limit = self.spec.limits.memory_bytes
+        size = self._memory_size(store, memory)
+        # memory.grow fails quietly at the limit and the guest usually aborts
+        # (a trap) soon after; so a trap with memory within one allocation's
+        # reach of the limit is an OOM. Instantiating over the limit fails too.
+        if size > limit - max(1 << 20, limit // 16) or "memory minimum size" in msg \
+                or "exceeds memory limits" in msg:
+            return CODE_KILLED, "oom", f"memory limit of {limit} bytes reached ({first})"
+        return CODE_TRAP, "trap", f"trap: {first}"
+
+    def _step_loop(self, store, exports, memory) -> tuple[int, str | None]:
+        step = exports[abi.STEP_EXPORT]
+        snap = self.restore_from
+        if snap is None:
+            init = _get(exports, abi.INIT_EXPORT)
+            if isinstance(init, wasmtime.Func):
+                init(store)
+        else:
+            self._steps = snap.steps
+            have = memory.data_len(store)
+            if len(snap.memory) > have:
+                memory.grow(store, (len(snap.memory) - have) // abi.PAGE)
+            ctypes.memmove(memory.data_ptr(store), snap.memory, len(snap.memory))
+            for name, _typ, value in snap.globals:
+                exports[name].set_value(store, value)
+        while True:
+            if self._stop_reason is not None:  # a kill between steps needs no epoch tick
+                raise wasmtime.WasmtimeError(f"synord: {self._stop_reason}")
+            if self._ckpt is not None:
+                with self._lock:
+                    req = self._ckpt
+                    if req is not None:
+                        req.claimed = True
+                if req is not None:
+                    self._take_checkpoint(req, store, exports, memory)
+                    if req.error is None and not req.leave_running:
+                        return 0, "checkpointed"
+            r = step(store)
+            self._steps += 1
+            if r == 1:
+                break
+            if r != 0:
+                raise wasmtime.WasmtimeError(f"{abi.STEP_EXPORT} returned {r} (expected 0 or 1)")
+        code_fn = _get(exports, abi.EXIT_CODE_EXPORT)
+        return (code_fn(store) if isinstance(code_fn, wasmtime.Func) else 0), None
+
+    def _drain_output(self) -> dict[str, int]:
+        """Worker thread, guest paused: bytes emitted per stream up to this instant.
+
+        Waits (bounded) until the pumps have read everything the guest wrote,
+        then for one pass of the trio loop, so what was read is also emitted.
+        """
+        for _ in range(200):
+            if not any(_pipe_pending(fd) for fd in self._read_fds):
+                break
+            time.sleep(0.01)
+        trio.from_thread.run_sync(lambda: None, trio_token=self._token)
+        return dict(self._emitted)
+
+    def _take_checkpoint(self, req: _CheckpointRequest, store, exports, memory) -> None:
+        try:
+            globs = []
+            for exp in self.module.exports:
+                t = exp.type
+                if isinstance(t, wasmtime.GlobalType) and t.mutable:
+                    globs.append((exp.name, abi.scalar_type_name(t.content), exports[exp.name].value(store)))
+            mem = ctypes.string_at(memory.data_ptr(store), memory.data_len(store))
+            req.output_bytes = self._drain_output()
+            abi.write_checkpoint(req.dest, abi.Snapshot(
+                self.module_sha256, self._steps, self.memory_export, mem, globs,
+                cpu_s=time.thread_time() - self._cpu_start))
+        except BaseException as e:
+            req.error = e if isinstance(e, RuntimeError_) else RuntimeError_(f"checkpoint failed: {e}")
+        with self._lock:
+            self._ckpt = None
+        self._notify_from_thread(req.done.set)
+
+
+def _pipe_pending(fd: int) -> int:
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _get(exports, name: str):
+    try:
+        return exports[name]
+    except KeyError:
+        return None
