@@ -102,7 +102,7 @@ def first_failed(ask: Ask, bid: Bid, now: int, info: PeerInfo, own: frozenset[st
 
 
 def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | None = None,
-          router: Router | None = None, shortlist: int = 8, presorted: bool = False,
+          router: Router | None = None, shortlist: int = 5, presorted: bool = False,
           exclude_peers: Iterable[str] = ()) -> MatchResult:
     router = router or _DEFAULT_ROUTER
     own = frozenset(exclude_peers)
@@ -111,13 +111,14 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
     excluded = dict.fromkeys(CONSTRAINTS, 0)
     passed: list[tuple[Ask, PeerInfo]] = []
     considered = 0
+    cls, max_price = bid.resource_class, bid.max_price
     for ask in asks:
-        if ask.resource_class != bid.resource_class:
+        if ask.resource_class != cls:
             continue
         considered += 1
-        if presorted and passed and ask.price > bid.max_price:
+        if passed and presorted and ask.price > max_price:
             break  # the rest costs at least as much; counts only matter when nothing passed
-        info = peer_info(ask.peer) if peer_info is not None else UNKNOWN
+        info = UNKNOWN if peer_info is None else peer_info(ask.peer)
         reason = first_failed(ask, bid, now, info, own)
         if reason is not None:
             excluded[reason] += 1
@@ -125,9 +126,14 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
         passed.append((ask, info))
         if len(passed) >= shortlist:
             break
-    cands = [Candidate(a, router.score(a, bid, i), router.components(a, bid, i)) for a, i in passed]
-    cands.sort(key=lambda c: -c.score)  # stable: ties keep price-time order
+    rate = router.rate
+    cands = [Candidate(a, *rate(a, bid, i)) for a, i in passed]
+    cands.sort(key=_neg_score)  # stable: ties keep price-time order
     return MatchResult(bid, cands, considered, excluded)
+
+
+def _neg_score(c: Candidate) -> float:
+    return -c.score
 
 
 _DEFAULT_ROUTER = Router()

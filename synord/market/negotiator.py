@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import trio
@@ -25,10 +26,13 @@ import trio
 from protocols.envelope import Envelope, EnvelopeValidator, Rejected, now_ms, seal
 from protocols.identity import Identity
 from protocols.negotiation import (
-    CONSUMER, PROVIDER, Agreement, BodyError, Countersign, End, Heartbeat, Negotiation,
+    CONSUMER, PROVIDER, Agreement, BodyError, Countersign, End, Negotiation,
     NegotiationError, Propose, Reject, Reserve, State, Terms, Timeouts, event_from_envelope,
 )
 from protocols.orders import Ask, Bid
+from protocols.receipts import (
+    ReceiptAck, ReceiptError, SignedReceipt, countersign as countersign_receipt, issue, verify_receipt,
+)
 
 from .matching import MatchResult
 from .reservations import CapacityPool, InsufficientCapacity
@@ -37,6 +41,7 @@ NEGOTIATE_PROTOCOL = "/synord/negotiate/1.0.0"
 REASONS = ("not_our_ask", "unknown_ask", "stale_ask", "ask_expired", "runtime", "price",
            "exceeds_ask", "duration", "admission", "capacity", "bad_agreement", "timeout")
 MESSAGE_TTL_MS = 30_000
+MAX_SETTLING = 10_000  # agreements kept for receipts after their lease ended
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,12 @@ class Provider(_Party):
                  timeouts: Timeouts | None = None, validator: EnvelopeValidator | None = None,
                  admission: Callable[[Propose], str | None] | None = None,
                  on_agreement: Callable[[Negotiation], None] | None = None,
-                 on_end: Callable[[Negotiation], None] | None = None):
+                 on_end: Callable[[Negotiation], None] | None = None,
+                 on_receipt: Callable[[SignedReceipt], None] | None = None):
         super().__init__(identity, clock, timeouts, validator)
         self.pool = pool
+        self.on_receipt = on_receipt  # e.g. Ledger.record, with both signatures
+        self._unacked: OrderedDict[bytes, SignedReceipt] = OrderedDict()
         self.admission = admission
         self.on_agreement = on_agreement
         self.on_end = on_end
@@ -120,6 +128,8 @@ class Provider(_Party):
     # --- incoming -------------------------------------------------------------
 
     def handle(self, env: Envelope) -> list[Send]:
+        if env.type == "receipt_ack":
+            return self._receipt_ack(env)
         ev = self._event(env)
         if ev is None:
             return []
@@ -133,6 +143,11 @@ class Provider(_Party):
         m = self.negotiations.get(key)
         if m is None:
             self.dropped["unknown_negotiation"] += 1
+            return []
+        if m.check_timeout(now) is not None:
+            # Deadline passed before tick() ran: the reservation is gone (same instant).
+            self._reap(m)
+            self.dropped["late"] += 1
             return []
         try:
             m.receive(ev, now)
@@ -192,7 +207,10 @@ class Provider(_Party):
         ask = self.asks.get(p.ask_id)
         if ask is None:
             return "unknown_ask", f"no live ask {p.ask_id!r} (withdrawn?)"
-        if p.ask_seq != ask.seq:
+        if p.ask_seq > ask.seq:
+            # An older seq is served at the live price (checked against
+            # max_price below): periodic re-announcements must not make every
+            # in-flight proposal fail.
             return "stale_ask", f"ask {ask.id} is at seq {ask.seq}, proposal names {p.ask_seq}"
         if ask.expires <= now:
             return "ask_expired", f"ask {ask.id} expired"
@@ -245,6 +263,38 @@ class Provider(_Party):
         self._reap(m)
         return [self._seal(consumer, ev)]
 
+    def settle(self, consumer: str, nid: bytes, *, cpu_s: float, peak_memory: int,
+               outcome: str = "completed", reason: str = "") -> list[Send]:
+        """The run is over: end the lease (if still on) and send the signed receipt.
+        Metering (cpu_s, peak_memory) comes from the runtime."""
+        m = self.negotiations.get((consumer, nid)) or next(
+            (f for f in reversed(self.finished) if (f.consumer, f.nid) == (consumer, nid)), None)
+        if m is None or m.terms is None or m.csig is None:
+            raise KeyError("no countersigned agreement for this negotiation")
+        out = self.end(consumer, nid, outcome, reason) if not m.done else []
+        now = self.clock()
+        sr = issue(self.identity, m.terms, cpu_s=cpu_s, peak_memory=peak_memory,
+                   started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome)
+        self._unacked[sr.receipt.aid] = sr
+        while len(self._unacked) > MAX_SETTLING:
+            self._unacked.popitem(last=False)
+        return out + [Send(consumer, seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now))]
+
+    def _receipt_ack(self, env: Envelope) -> list[Send]:
+        ack = ReceiptAck.from_body(env.body)
+        sr = self._unacked.get(ack.aid)
+        if sr is None or env.sender_id != sr.receipt.consumer:
+            self.dropped["unknown_receipt"] += 1
+            return []
+        full = replace(sr, csig=ack.csig)
+        if not verify_receipt(full):
+            self.dropped["bad_receipt_signature"] += 1
+            return []
+        del self._unacked[ack.aid]
+        if self.on_receipt:
+            self.on_receipt(full)
+        return []
+
     def _key(self, m: Negotiation) -> str:
         return f"{m.consumer}/{m.nid.hex()}"
 
@@ -292,9 +342,12 @@ class Consumer(_Party):
                  timeouts: Timeouts | None = None, validator: EnvelopeValidator | None = None,
                  on_agreement: Callable[[Placement], None] | None = None,
                  on_failed: Callable[[Placement], None] | None = None,
-                 on_lost: Callable[[Placement], None] | None = None):
+                 on_lost: Callable[[Placement], None] | None = None,
+                 on_receipt: Callable[[SignedReceipt], None] | None = None):
         super().__init__(identity, clock, timeouts, validator)
         self.on_agreement, self.on_failed, self.on_lost = on_agreement, on_failed, on_lost
+        self.on_receipt = on_receipt  # e.g. Ledger.record
+        self._agreed: OrderedDict[bytes, Terms] = OrderedDict()  # aid -> terms, awaiting receipt
         self.placements: dict[str, Placement] = {}       # bid id -> placement
         self._by_nid: dict[bytes, Placement] = {}
 
@@ -325,6 +378,8 @@ class Consumer(_Party):
         return [self._seal(ask.peer, p)]
 
     def handle(self, env: Envelope) -> list[Send]:
+        if env.type == "receipt":
+            return self._receipt(env)
         ev = self._event(env)
         if ev is None:
             return []
@@ -334,6 +389,9 @@ class Consumer(_Party):
             self.dropped["unknown_negotiation"] += 1
             return []
         now = self.clock()
+        if m.deadline is not None and now >= m.deadline:
+            self.dropped["late"] += 1
+            return self.tick(now)  # applies the timeout (next candidate or lost)
         try:
             m.receive(ev, now)
         except NegotiationError as exc:
@@ -351,6 +409,9 @@ class Consumer(_Party):
             m.send(cs, now)
             pl.state = "active"
             pl.attempts.append((m.provider, pl.current.id, "agreed"))
+            self._agreed[ev.terms.aid] = ev.terms
+            while len(self._agreed) > MAX_SETTLING:
+                self._agreed.popitem(last=False)
             if self.on_agreement:
                 self.on_agreement(pl)
             return [self._seal(m.provider, cs)]
@@ -361,6 +422,24 @@ class Consumer(_Party):
             pl.state = "ended"
             self._by_nid.pop(m.nid, None)
         return []
+
+    def _receipt(self, env: Envelope) -> list[Send]:
+        sr = SignedReceipt.from_body(env.body)
+        terms = self._agreed.get(sr.receipt.aid)
+        if terms is None or env.sender_id != terms.provider:
+            self.dropped["unknown_receipt"] += 1
+            return []
+        try:
+            full = countersign_receipt(self.identity, sr, terms)
+        except ReceiptError as exc:
+            self.dropped[f"bad_receipt: {exc}"] += 1
+            return []
+        del self._agreed[sr.receipt.aid]
+        if self.on_receipt:
+            self.on_receipt(full)
+        ack = ReceiptAck(sr.receipt.aid, full.csig)
+        return [Send(terms.provider, seal(self.identity, "receipt_ack", ack.to_body(), MESSAGE_TTL_MS,
+                                          now=self.clock()))]
 
     def next_deadline(self) -> int | None:
         times = [t for pl in self._by_nid.values() if pl.negotiation

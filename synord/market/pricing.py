@@ -15,7 +15,7 @@ The +1 keeps an empty book at exactly 1x.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from protocols.orders import CPU_CLASS, Ask, RUNTIMES
 

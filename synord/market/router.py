@@ -50,19 +50,27 @@ class Router:
         self.weights = weights or RouterWeights()
         self.latency_ref_ms = latency_ref_ms
         w = self.weights
-        self._pairs = (("cost", w.cost), ("latency", w.latency), ("capability", w.capability),
-                       ("reputation", w.reputation), ("load", w.load))
-        self._total = sum(v for _, v in self._pairs)
+        self._total = w.cost + w.latency + w.capability + w.reputation + w.load
 
     def components(self, ask: Ask, bid: Bid, info: PeerInfo = UNKNOWN) -> dict[str, float]:
-        cost = 1.0 if bid.max_price <= 0 else max(0.0, 1.0 - ask.price / bid.max_price)
-        latency = 0.5 if info.rtt_ms is None else self.latency_ref_ms / (self.latency_ref_ms + max(0.0, info.rtt_ms))
-        capability = 0.5 if ask.perf is None else ask.perf / (ask.perf + 1.0)
-        reputation = 0.5 if info.reputation is None else min(1.0, max(0.0, info.reputation))
-        load = 1.0 - min(1.0, max(0.0, ask.load))
-        return {"cost": cost, "latency": latency, "capability": capability,
-                "reputation": reputation, "load": load}
+        return self.rate(ask, bid, info)[1]
 
     def score(self, ask: Ask, bid: Bid, info: PeerInfo = UNKNOWN) -> float:
-        c = self.components(ask, bid, info)
-        return sum(w * c[name] for name, w in self._pairs) / self._total
+        return self.rate(ask, bid, info)[0]
+
+    def rate(self, ask: Ask, bid: Bid, info: PeerInfo = UNKNOWN) -> tuple[float, dict[str, float]]:
+        """(score, components) in one pass: this runs for every shortlisted ask,
+        hence conditionals rather than min/max calls."""
+        mp, price = bid.max_price, ask.price
+        cost = 1.0 if mp <= 0 else (1.0 - price / mp if price < mp else 0.0)
+        rtt, rep, perf, ld = info.rtt_ms, info.reputation, ask.perf, ask.load
+        ref = self.latency_ref_ms
+        latency = 0.5 if rtt is None else (ref / (ref + rtt) if rtt > 0 else 1.0)
+        capability = 0.5 if perf is None else perf / (perf + 1.0)
+        reputation = 0.5 if rep is None else (0.0 if rep < 0 else 1.0 if rep > 1 else rep)
+        load = 1.0 if ld <= 0 else (0.0 if ld >= 1 else 1.0 - ld)
+        w = self.weights
+        score = (w.cost * cost + w.latency * latency + w.capability * capability
+                 + w.reputation * reputation + w.load * load) / self._total
+        return score, {"cost": cost, "latency": latency, "capability": capability,
+                       "reputation": reputation, "load": load}
