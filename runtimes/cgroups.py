@@ -1,0 +1,222 @@
+"""Per-task parent cgroup: limits, usage and OOM/pids events that outlive the container.
+
+The OCI runtime creates (and on exit deletes) the container's own cgroup, so
+anything read from it after `crun run` returns is gone, and cgroup v1 does not
+propagate memory/pids events to ancestors. We therefore put the limits on a
+parent we own, ``synord/<task>``, and point the container's ``cgroupsPath`` at
+``synord/<task>/ctr``: charges and OOM kills land in our parent, which we read
+after the container has exited and then remove.
+
+Works on cgroup v1 (legacy or hybrid: controllers under /sys/fs/cgroup/<ctl>)
+and v2 (unified at /sys/fs/cgroup).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+TOP = "synord"
+
+
+def cgroup_mode() -> str:
+    """'v2' (unified only), 'hybrid' (v1 controllers + an empty unified mount) or 'v1'."""
+    if (ROOT / "cgroup.controllers").exists():
+        return "v2"
+    if (ROOT / "unified" / "cgroup.controllers").exists():
+        return "hybrid"
+    return "v1"
+
+
+def _v1_hierarchies() -> list[Path]:
+    out = []
+    try:
+        for p in sorted(ROOT.iterdir()):
+            if p.name != "unified" and p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists():
+                out.append(p)
+    except OSError:
+        pass
+    return out
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: Path) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _kv(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            pass
+    return out
+
+
+class TaskCgroup:
+    def __init__(self, task: str):
+        self.rel = f"{TOP}/{task}"
+        self.mode = cgroup_mode()
+        self._oom_fds: tuple[int, int] | None = None  # v1: (eventfd, oom_control fd)
+
+    @property
+    def container_path(self) -> str:
+        """The OCI ``linux.cgroupsPath`` for the container under our parent."""
+        return f"/{self.rel}/ctr"
+
+    def _dirs(self) -> list[Path]:
+        if self.mode == "v2":
+            return [ROOT / self.rel]
+        dirs = [h / self.rel for h in _v1_hierarchies()]
+        if self.mode == "hybrid":  # runc/runsc also make the path in the empty unified tree
+            dirs.append(ROOT / "unified" / self.rel)
+        return dirs
+
+    def create(self, cpus: float, memory_bytes: int, pids: int) -> None:
+        period = 100_000
+        quota = max(1000, int(cpus * period))
+        if self.mode == "v2":
+            for d in (ROOT, ROOT / TOP):
+                d.mkdir(exist_ok=True)
+                ctrls = set(_read(d / "cgroup.controllers").split())
+                want = [c for c in ("cpu", "memory", "pids") if c in ctrls]
+                if want:
+                    _write(d / "cgroup.subtree_control", " ".join("+" + c for c in want))
+            d = ROOT / self.rel
+            d.mkdir(exist_ok=True)
+            _write(d / "memory.max", str(memory_bytes))
+            if (d / "memory.swap.max").exists():
+                _write(d / "memory.swap.max", "0")  # swap = limit: no swap beyond memory
+            _write(d / "cpu.max", f"{quota} {period}")
+            _write(d / "pids.max", str(pids))
+            return
+        for h in _v1_hierarchies():
+            d = h / self.rel
+            d.mkdir(parents=True, exist_ok=True)
+            if h.name == "cpuset":  # a new cpuset is empty until told which cpus/mems it may use
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    for p in (h / TOP, d):
+                        if not _read(p / f).strip():
+                            _write(p / f, _read(p.parent / f).strip())
+        mem = ROOT / "memory" / self.rel
+        _write(mem / "memory.limit_in_bytes", str(memory_bytes))
+        if (mem / "memory.memsw.limit_in_bytes").exists():
+            _write(mem / "memory.memsw.limit_in_bytes", str(memory_bytes))
+        cpu = ROOT / "cpu" / self.rel
+        if cpu.exists():
+            _write(cpu / "cpu.cfs_period_us", str(period))
+            _write(cpu / "cpu.cfs_quota_us", str(quota))
+        pid = ROOT / "pids" / self.rel
+        if pid.exists():
+            _write(pid / "pids.max", str(pids))
+        self._watch_oom(mem)
+
+    def _watch_oom(self, mem: Path) -> None:
+        # v1 books oom_kill on the victim's cgroup only; an eventfd on our memory.oom_control
+        # is signalled whenever our limit triggers the OOM killer, whatever cgroup below it.
+        try:
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            cfd = os.open(mem / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(mem / "cgroup.event_control", f"{efd} {cfd}")
+            except OSError:
+                os.close(efd)
+                os.close(cfd)
+                return
+            self._oom_fds = (efd, cfd)
+        except OSError:
+            pass
+
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds, peak memory bytes) charged to the task so far."""
+        if self.mode == "v2":
+            d = ROOT / self.rel
+            cpu = _kv(_read(d / "cpu.stat")).get("usage_usec", 0) / 1e6
+            peak = _read(d / "memory.peak").strip()
+            return cpu, int(peak) if peak.isdigit() else 0
+        cpu_ns = _read(ROOT / "cpuacct" / self.rel / "cpuacct.usage").strip()
+        peak = _read(ROOT / "memory" / self.rel / "memory.max_usage_in_bytes").strip()
+        return (int(cpu_ns) / 1e9 if cpu_ns.isdigit() else 0.0), (int(peak) if peak.isdigit() else 0)
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel OOM killer ran on the task's memory limit.
+
+        v2 counts ``oom_kill`` hierarchically. v1 books the kill on the victim's own
+        cgroup (the container's, gone by now), so there we use the OOM eventfd
+        registered at create; callers combine it with a SIGKILL exit. Consumes
+        the v1 event: call once."""
+        if self.mode == "v2":
+            return _kv(_read(ROOT / self.rel / "memory.events")).get("oom_kill", 0) > 0
+        if _kv(_read(ROOT / "memory" / self.rel / "memory.oom_control")).get("oom_kill", 0) > 0:
+            return True
+        if self._oom_fds is None:
+            return False
+        try:
+            return os.eventfd_read(self._oom_fds[0]) > 0
+        except BlockingIOError:
+            return False
+
+    def pids_limited(self) -> bool:
+        d = ROOT / self.rel if self.mode == "v2" else ROOT / "pids" / self.rel
+        return _kv(_read(d / "pids.events")).get("max", 0) > 0
+
+    def pids(self) -> set[int]:
+        """Every process still in the task's cgroups (any depth)."""
+        out: set[int] = set()
+        for d in self._dirs():
+            for dirpath, _, files in os.walk(d):
+                if "cgroup.procs" in files:
+                    out.update(int(x) for x in _read(Path(dirpath) / "cgroup.procs").split() if x.isdigit())
+        return out
+
+    def exists(self) -> bool:
+        return any(d.exists() for d in self._dirs())
+
+    def try_destroy(self) -> bool:
+        """One non-blocking attempt: True when nothing is left (the usual case after exit)."""
+        if self.pids():
+            return False
+        self.destroy(timeout=0)
+        return not self.exists()
+
+    def destroy(self, timeout: float = 2.0) -> None:
+        """Kill what is left inside and remove the cgroups, deepest first (may sleep: use a thread)."""
+        if self._oom_fds is not None:
+            for fd in self._oom_fds:
+                os.close(fd)
+            self._oom_fds = None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.pids()
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            busy = False
+            for d in self._dirs():
+                if not d.exists():
+                    continue
+                for dirpath, _, _ in sorted(os.walk(d), key=lambda t: -len(t[0])):
+                    try:
+                        os.rmdir(dirpath)
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        busy = True
+            if not busy or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)

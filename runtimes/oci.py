@@ -1,0 +1,613 @@
+"""OCI images on disk: verify, unpack, build.
+
+An image comes as an OCI image layout directory (``oci-layout``, ``index.json``,
+``blobs/sha256/…``) or as an ``oci-archive`` tarball of such a directory.
+`unpack_image` trusts nothing in it:
+
+- every blob it reads (manifest, config, layers) is hashed and compared with
+  the digest and size that referenced it; the uncompressed layer stream is
+  also checked against the config's ``rootfs.diff_ids``;
+- layer entries are applied in order with OCI whiteouts (``.wh.NAME`` and
+  ``.wh..wh..opq``), and refused (`SpecError`) when they are absolute, contain
+  ``..``, are device nodes, or would be written through a symlink whose ``..``
+  climbs above the rootfs. Other symlinks on the way are followed the way the
+  container sees them: absolute targets resolve against the rootfs, never the
+  host (so ``var/run -> /run`` works and ``x -> /etc`` cannot reach host /etc).
+
+The unpacking is our own (tarfile) rather than umoci's so verification and
+refusal happen in one pass and in-process; umoci/skopeo only appear in the test
+asset builder. `build_busybox_image` and `pack_oci_archive` produce
+byte-for-byte reproducible outputs (sorted entries, mtime 0, fixed gzip
+header), so the same inputs always give the same content address.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Iterator
+
+from .base import SpecError
+
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+# Docker-schema media types that skopeo may leave in a layout.
+_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+BUSYBOX_PATHS = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
+MAX_JSON_BLOB = 4 << 20  # manifests/configs are small; refuse to slurp a huge "json"
+
+
+@dataclass
+class ImageConfig:
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)  # "KEY=value", image order
+    workdir: str = "/"
+    user: str = ""
+    digest: str = ""  # manifest digest "sha256:…": the image's identity
+
+    def env_dict(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in self.env:
+            k, _, v = item.partition("=")
+            out[k] = v
+        return out
+
+
+# --------------------------------------------------------------------------
+# Reading blobs from a layout directory or an oci-archive tarball
+
+
+class _Layout:
+    """Blob access for a layout dir or an (uncompressed) oci-archive tar."""
+
+    def __init__(self, image: Path):
+        self.image = Path(image)
+        self._tar: tarfile.TarFile | None = None
+        self._members: dict[str, tarfile.TarInfo] = {}
+        if not self.image.exists():
+            raise SpecError(f"image {self.image} does not exist")
+        if self.image.is_file():
+            try:
+                self._tar = tarfile.open(self.image, "r:")
+            except (tarfile.TarError, OSError) as e:
+                raise SpecError(f"image {self.image.name}: not an oci-archive tarball ({e})") from None
+            for m in self._tar.getmembers():
+                name = m.name.removeprefix("./")
+                if m.isfile():
+                    self._members[name] = m
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+
+    def open(self, rel: str) -> IO[bytes]:
+        if self._tar is not None:
+            m = self._members.get(rel)
+            if m is None:
+                raise SpecError(f"image {self.image.name}: {rel} is missing")
+            f = self._tar.extractfile(m)
+            assert f is not None
+            return f
+        p = self.image / rel
+        if not p.is_file() or p.is_symlink():
+            raise SpecError(f"image {self.image.name}: {rel} is missing")
+        return open(p, "rb")
+
+    def json_file(self, rel: str) -> dict:
+        with self.open(rel) as f:
+            data = f.read(MAX_JSON_BLOB + 1)
+        return _parse_json(data, rel)
+
+    def blob_path(self, digest: str) -> str:
+        algo, _, hexd = digest.partition(":")
+        if algo != "sha256" or len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
+            raise SpecError(f"unsupported or malformed digest {digest!r}")
+        return f"blobs/sha256/{hexd}"
+
+    def verified_blob(self, desc: dict) -> bytes:
+        """Small blob (manifest/config), read whole and checked against desc."""
+        digest, size = _desc(desc)
+        if size > MAX_JSON_BLOB:
+            raise SpecError(f"blob {digest} is {size} bytes, too big for a manifest/config")
+        with self.open(self.blob_path(digest)) as f:
+            data = f.read(size + 1)
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if len(data) != size or actual != digest:
+            raise SpecError(f"blob {digest}: content does not match its digest "
+                            f"(got {actual}, {len(data)} bytes, expected {size})")
+        return data
+
+    def verify_stream(self, desc: dict) -> None:
+        """Hash a (possibly large) blob without keeping it in memory."""
+        digest, size = _desc(desc)
+        h = hashlib.sha256()
+        n = 0
+        with self.open(self.blob_path(digest)) as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                n += len(block)
+        if n != size or "sha256:" + h.hexdigest() != digest:
+            raise SpecError(f"blob {digest}: content does not match its digest "
+                            f"(got sha256:{h.hexdigest()}, {n} bytes, expected {size})")
+
+
+def _desc(desc: dict) -> tuple[str, int]:
+    try:
+        digest, size = desc["digest"], int(desc["size"])
+    except (KeyError, TypeError, ValueError):
+        raise SpecError(f"malformed descriptor {desc!r}") from None
+    if not isinstance(digest, str) or size < 0:
+        raise SpecError(f"malformed descriptor {desc!r}")
+    return digest, size
+
+
+def _parse_json(data: bytes, what: str) -> dict:
+    if len(data) > MAX_JSON_BLOB:
+        raise SpecError(f"{what} is too large")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecError(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise SpecError(f"{what} is not a JSON object")
+    return obj
+
+
+def _select_manifest(layout: _Layout, ref: str | None) -> dict:
+    index = layout.json_file("index.json")
+    manifests = index.get("manifests") or []
+    if not isinstance(manifests, list) or not manifests:
+        raise SpecError(f"image {layout.image.name}: index.json lists no manifests")
+    if ref is not None:
+        found = [m for m in manifests
+                 if isinstance(m, dict) and (m.get("annotations") or {}).get(REF_ANNOTATION) == ref]
+        if not found:
+            raise SpecError(f"image {layout.image.name}: no manifest tagged {ref!r}")
+        desc = found[0]
+    elif len(manifests) == 1:
+        desc = manifests[0]
+    else:
+        # Several tags: prefer "latest", else refuse to guess.
+        latest = [m for m in manifests if (m.get("annotations") or {}).get(REF_ANNOTATION) == "latest"]
+        if not latest:
+            raise SpecError(f"image {layout.image.name} holds {len(manifests)} manifests; name a tag")
+        desc = latest[0]
+    # Follow one level of nested index (multi-arch) to the linux/amd64 manifest.
+    for _ in range(2):
+        mt = desc.get("mediaType", MT_MANIFEST)
+        if mt != MT_INDEX:
+            break
+        sub = _parse_json(layout.verified_blob(desc), "nested index")
+        cands = [m for m in sub.get("manifests") or []
+                 if (m.get("platform") or {}).get("architecture") in (None, "amd64")
+                 and (m.get("platform") or {}).get("os") in (None, "linux")]
+        if not cands:
+            raise SpecError(f"image {layout.image.name}: no linux/amd64 manifest")
+        desc = cands[0]
+    return desc
+
+
+def read_image(image: Path, ref: str | None = None) -> tuple[ImageConfig, list[dict], list[str]]:
+    """Verify index → manifest → config → layers of an image without unpacking.
+
+    Returns the config, the layer descriptors and the config's diff_ids."""
+    layout = _Layout(image)
+    try:
+        return _read_image(layout, ref)
+    finally:
+        layout.close()
+
+
+def _read_image(layout: _Layout, ref: str | None) -> tuple[ImageConfig, list[dict], list[str]]:
+    mdesc = _select_manifest(layout, ref)
+    manifest = _parse_json(layout.verified_blob(mdesc), "manifest")
+    if manifest.get("mediaType", MT_MANIFEST) not in (MT_MANIFEST, _DOCKER_MANIFEST):
+        raise SpecError(f"unsupported manifest type {manifest.get('mediaType')!r}")
+    cfg = _parse_json(layout.verified_blob(manifest.get("config") or {}), "image config")
+    layers = manifest.get("layers") or []
+    if not isinstance(layers, list):
+        raise SpecError("manifest layers is not a list")
+    for layer in layers:
+        layout.verify_stream(layer)
+    diff_ids = list((cfg.get("rootfs") or {}).get("diff_ids") or [])
+    if diff_ids and len(diff_ids) != len(layers):
+        raise SpecError(f"image config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+    c = cfg.get("config") or {}
+
+    def strlist(v, what) -> list[str]:
+        if v is None:
+            return []
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise SpecError(f"image config {what} must be a list of strings")
+        return list(v)
+
+    conf = ImageConfig(entrypoint=strlist(c.get("Entrypoint"), "Entrypoint"),
+                       cmd=strlist(c.get("Cmd"), "Cmd"), env=strlist(c.get("Env"), "Env"),
+                       workdir=str(c.get("WorkingDir") or "/"), user=str(c.get("User") or ""),
+                       digest=mdesc["digest"])
+    return conf, layers, diff_ids
+
+
+# --------------------------------------------------------------------------
+# Unpacking
+
+
+class _HashingReader(io.RawIOBase):
+    """Wrap a stream; hash and count what is read through it (for diff_ids)."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.h = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.h.update(data)
+        return n
+
+    def drain(self) -> str:
+        """Read what tarfile left (end-of-archive padding) so the hash covers it all."""
+        while block := self.raw.read(1 << 20):
+            self.h.update(block)
+        return "sha256:" + self.h.hexdigest()
+
+
+def unpack_image(image: Path, dest_rootfs: Path, ref: str | None = None) -> ImageConfig:
+    """Verify ``image`` and unpack its layers into ``dest_rootfs`` (created, must not exist or be empty).
+
+    On any refusal the partial rootfs is removed and `SpecError` raised."""
+    image, dest = Path(image), Path(dest_rootfs)
+    layout = _Layout(image)
+    try:
+        conf, layers, diff_ids = _read_image(layout, ref)  # verifies all blobs first
+        if dest.exists() and any(dest.iterdir()):
+            raise SpecError(f"unpack target {dest} is not empty")
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            for i, layer in enumerate(layers):
+                mt = layer.get("mediaType", MT_LAYER_GZIP)
+                with layout.open(layout.blob_path(layer["digest"])) as raw:
+                    if mt in (MT_LAYER_GZIP, _DOCKER_LAYER_GZIP):
+                        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")
+                    elif mt == MT_LAYER_TAR:
+                        stream = raw
+                    else:
+                        raise SpecError(f"unsupported layer media type {mt!r}")
+                    reader = _HashingReader(stream)
+                    try:
+                        _apply_layer(io.BufferedReader(reader, 1 << 16), dest, layer["digest"])
+                        diff = reader.drain()
+                    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:
+                        raise SpecError(f"layer {layer['digest']}: unreadable ({e})") from None
+                if diff_ids and diff != diff_ids[i]:
+                    raise SpecError(f"layer {layer['digest']}: uncompressed digest {diff} "
+                                    f"does not match diff_id {diff_ids[i]}")
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return conf
+    finally:
+        layout.close()
+
+
+def _clean_name(name: str, layer: str) -> PurePosixPath:
+    p = PurePosixPath(name)
+    if p.is_absolute():
+        raise SpecError(f"layer {layer}: absolute path {name!r} refused")
+    parts = [x for x in p.parts if x != "."]
+    if ".." in parts:
+        raise SpecError(f"layer {layer}: path traversal {name!r} refused")
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def _resolve_parent(root: Path, rel: PurePosixPath, layer: str, name: str) -> Path:
+    """Host path of ``rel``'s parent directory, following in-root symlinks only.
+
+    A symlink on the way whose target leaves the rootfs (absolute, or ``..``
+    above the root) is refused: the host would write outside."""
+    cur: list[str] = []
+    todo = list(rel.parent.parts) if str(rel.parent) != "." else []
+    hops = 0
+    while todo:
+        comp = todo.pop(0)
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not cur:
+                raise SpecError(f"layer {layer}: {name!r} resolves outside the rootfs")
+            cur.pop()
+            continue
+        host = root.joinpath(*cur, comp)
+        try:
+            st = os.lstat(host)
+        except FileNotFoundError:
+            os.mkdir(host, 0o755)
+            cur.append(comp)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            target = os.readlink(host)
+            if hops > 40:
+                raise SpecError(f"layer {layer}: {name!r}: too many symlinks")
+            if target.startswith("/"):
+                # Re-rooted as the container sees it (Debian's var/run -> /run), never the host's.
+                cur = []
+                target = target.lstrip("/")
+            todo = list(PurePosixPath(target).parts) + todo
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise SpecError(f"layer {layer}: {name!r} has non-directory parent {'/'.join(cur + [comp])}")
+        cur.append(comp)
+    return root.joinpath(*cur)
+
+
+def resolve_in_root(root: Path, path: str) -> Path:
+    """Host path for ``path`` inside ``root``; parents resolved (and created) as the
+    container would see them, never escaping the root. The last component is not followed."""
+    rel = _clean_name(path.lstrip("/"), "path")
+    if str(rel) == ".":
+        return Path(root)
+    return _resolve_parent(Path(root), rel, "path", path) / rel.name
+
+
+def _remove(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _apply_layer(stream: IO[bytes], root: Path, layer: str) -> None:
+    created: set[str] = set()  # paths this layer made (an opaque whiteout keeps them)
+    opaque: list[tuple[Path, str]] = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for m in tar:
+            rel = _clean_name(m.name, layer)
+            if str(rel) == ".":
+                continue
+            base = rel.name
+            parent = _resolve_parent(root, rel, layer, m.name)
+            if base == ".wh..wh..opq":
+                opaque.append((parent, str(rel.parent)))
+                continue
+            if base.startswith(".wh."):
+                _remove(parent / base[4:])
+                continue
+            target = parent / base
+            created.add(str(rel))
+            if m.ischr() or m.isblk():
+                raise SpecError(f"layer {layer}: device node {m.name!r} refused")
+            mode = m.mode & 0o1777  # drop setuid/setgid: nothing in a task needs them
+            if m.isdir():
+                try:
+                    st = os.lstat(target)
+                    if not stat.S_ISDIR(st.st_mode):
+                        _remove(target)
+                        os.mkdir(target, 0o755)
+                except FileNotFoundError:
+                    os.mkdir(target, 0o755)
+                # Right away, not deferred: a later entry could swap the dir for a symlink.
+                # (We unpack as root, so a read-only dir does not stop its own filling.)
+                os.chmod(target, mode)
+                os.lchown(target, m.uid, m.gid)
+            elif m.isfile():
+                _remove_nondir(target)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    src = tar.extractfile(m)
+                    assert src is not None
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    os.fchmod(out.fileno(), mode)
+                    os.fchown(out.fileno(), m.uid, m.gid)
+            elif m.issym():
+                _remove_nondir(target)
+                os.symlink(m.linkname, target)
+                os.lchown(target, m.uid, m.gid)
+            elif m.islnk():
+                lrel = _clean_name(m.linkname, layer)
+                src = _resolve_parent(root, lrel, layer, m.linkname) / lrel.name
+                st = os.lstat(src) if os.path.lexists(src) else None
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    raise SpecError(f"layer {layer}: hard link {m.name!r} -> {m.linkname!r} "
+                                    f"does not point at a regular file in the image")
+                _remove_nondir(target)
+                os.link(src, target, follow_symlinks=False)
+            elif m.isfifo():
+                _remove_nondir(target)
+                os.mkfifo(target, mode)
+            else:
+                raise SpecError(f"layer {layer}: unsupported entry type for {m.name!r}")
+    for parent, prel in opaque:
+        for child in list(parent.iterdir()):
+            crel = child.name if prel == "." else f"{prel}/{child.name}"
+            if crel not in created:
+                _remove(child)
+
+
+def _remove_nondir(target: Path) -> None:
+    if os.path.lexists(target):
+        _remove(target)
+
+
+# --------------------------------------------------------------------------
+# Building images (tests, demo, microVM guest)
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _canon(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _tarinfo(name: str, type_: bytes, mode: int, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.size, ti.linkname = type_, mode, size, linkname
+    ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "", ""
+    return ti
+
+
+def busybox_binary() -> Path:
+    for p in BUSYBOX_PATHS:
+        if p.is_file():
+            return p
+    raise SpecError("busybox-static is not installed (apt-get install busybox-static)")
+
+
+def _busybox_applets(bb: Path) -> list[str]:
+    import subprocess
+    out = subprocess.run([str(bb), "--list"], capture_output=True, text=True, check=True).stdout
+    return sorted({a.strip() for a in out.split() if a.strip() and "/" not in a and a != "busybox"})
+
+
+def _layer_tar(entries: list[tarfile.TarInfo], contents: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for ti in sorted(entries, key=lambda t: t.name):
+            data = contents.get(ti.name)
+            tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _gzip(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    # mtime=0 and no filename: the gzip header carries nothing time-dependent.
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
+        gz.write(data)
+    return buf.getvalue()
+
+
+def build_image(dest: Path, layers: list[bytes], *, tag: str = "latest",
+                entrypoint: list[str] | None = None, cmd: list[str] | None = None,
+                env: list[str] | None = None, workdir: str = "/", compress: bool = True) -> str:
+    """Write an OCI layout at ``dest`` from uncompressed layer tars; returns the manifest digest."""
+    dest = Path(dest)
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+
+    def put(data: bytes) -> str:
+        d = _sha(data)
+        p = blobs / d.split(":", 1)[1]
+        if not p.exists():
+            tmp = p.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.rename(p)
+        return d
+
+    layer_descs, diff_ids = [], []
+    for raw in layers:
+        diff_ids.append(_sha(raw))
+        blob = _gzip(raw) if compress else raw
+        layer_descs.append({"mediaType": MT_LAYER_GZIP if compress else MT_LAYER_TAR,
+                            "digest": put(blob), "size": len(blob)})
+    config = {"architecture": "amd64", "os": "linux", "created": "1970-01-01T00:00:00Z",
+              "config": {"Entrypoint": entrypoint, "Cmd": cmd,
+                         "Env": env if env is not None else
+                         ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                         "WorkingDir": workdir},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    cblob = _canon(config)
+    manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                "config": {"mediaType": MT_CONFIG, "digest": put(cblob), "size": len(cblob)},
+                "layers": layer_descs}
+    mblob = _canon(manifest)
+    mdigest = put(mblob)
+    index = {"schemaVersion": 2, "mediaType": MT_INDEX,
+             "manifests": [{"mediaType": MT_MANIFEST, "digest": mdigest, "size": len(mblob),
+                            "annotations": {REF_ANNOTATION: tag}}]}
+    (dest / "index.json").write_bytes(_canon(index))
+    (dest / "oci-layout").write_bytes(_canon({"imageLayoutVersion": "1.0.0"}))
+    return mdigest
+
+
+def busybox_layer(files: dict[str, bytes | str] | None = None) -> bytes:
+    """Uncompressed tar of a busybox-static rootfs plus ``files`` (path -> content; mode 0755)."""
+    bb = busybox_binary()
+    data = bb.read_bytes()
+    entries: list[tarfile.TarInfo] = []
+    contents: dict[str, bytes] = {}
+    dirs = {"bin", "dev", "etc", "proc", "sys", "tmp", "root", "usr", "usr/bin", "var", "work"}
+    for d in dirs:
+        entries.append(_tarinfo(d, tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755))
+    entries.append(_tarinfo("bin/busybox", tarfile.REGTYPE, 0o755, len(data)))
+    contents["bin/busybox"] = data
+    for applet in _busybox_applets(bb):
+        entries.append(_tarinfo(f"bin/{applet}", tarfile.SYMTYPE, 0o777, linkname="busybox"))
+    etc = {"etc/passwd": b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+           "etc/group": b"root:x:0:\nnogroup:x:65534:\n"}
+    for name, content in list(etc.items()) + [(k.lstrip("/"), v.encode() if isinstance(v, str) else v)
+                                                for k, v in (files or {}).items()]:
+        parts = PurePosixPath(name).parts
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in dirs:
+                dirs.add(d)
+                entries.append(_tarinfo(d, tarfile.DIRTYPE, 0o755))
+        entries = [e for e in entries if e.name != name]
+        entries.append(_tarinfo(name, tarfile.REGTYPE, 0o755 if name not in etc else 0o644, len(content)))
+        contents[name] = content
+    return _layer_tar(entries, contents)
+
+
+def build_busybox_image(dest: Path, tag: str = "latest", files: dict[str, bytes | str] | None = None,
+                        entrypoint: list[str] | None = None, cmd: list[str] | None = None,
+                        env: list[str] | None = None) -> str:
+    """A minimal reproducible OCI layout with busybox-static; returns the manifest digest.
+
+    ``files`` adds/overrides paths (e.g. {"/work/run.sh": "#!/bin/sh\\n..."}, mode 0755).
+    Default command: ``/bin/sh``."""
+    return build_image(dest, [busybox_layer(files)], tag=tag, entrypoint=entrypoint,
+                       cmd=cmd if cmd is not None else (None if entrypoint else ["/bin/sh"]), env=env)
+
+
+def pack_oci_archive(layout_dir: Path, tar_path: Path) -> str:
+    """Tar a layout dir reproducibly (the ``oci-archive`` format); returns the tar's sha256 hex."""
+    layout_dir, tar_path = Path(layout_dir), Path(tar_path)
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for p in sorted(_walk(layout_dir)):
+            rel = p.relative_to(layout_dir).as_posix()
+            if p.is_dir():
+                tar.addfile(_tarinfo(rel, tarfile.DIRTYPE, 0o755))
+            else:
+                size = p.stat().st_size
+                with open(p, "rb") as f:
+                    tar.addfile(_tarinfo(rel, tarfile.REGTYPE, 0o644, size), f)
+    tmp.rename(tar_path)
+    h = hashlib.sha256()
+    with open(tar_path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            if not p.is_symlink():
+                yield p
