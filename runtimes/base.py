@@ -212,3 +212,23 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def infer_kind(artifact: Path) -> str:
+    """The sandbox kind an artefact asks for: .wasm (or wasm magic) -> wasm, OCI image -> container."""
+    artifact = Path(artifact)
+    if artifact.is_dir():
+        if (artifact / "oci-layout").exists():
+            return "container"
+        raise SpecError(f"{artifact}: a directory but not an OCI image layout (no oci-layout file)")
+    try:
+        with open(artifact, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise SpecError(f"cannot read artefact {artifact}: {exc.strerror}") from None
+    if head.startswith(b"\0asm") or artifact.suffix == ".wasm":
+        return "wasm"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "container"  # an oci-archive tarball
+    raise SpecError(f"{artifact}: neither a WebAssembly module nor an OCI image "
+                    "(layout directory or oci-archive tarball)")
