@@ -18,12 +18,14 @@ to the peer; data is not signed chunk by chunk):
                         {"hb": unix_ms}                      lease heartbeat
                         {"ckpt": {sha256, bytes, offsets, final: bool}} + blob
                         {"preempt": {grace_s, deadline_ms, reason}}
-                        {"exit": {code, reason, usage, error}, "receipt": envelope|null}
+                        {"exit": {code, reason, usage, error, handed_back}}
+                        {"ckpt_error": text}
   consumer → provider   {"cancel": true}
                         {"checkpoint": {"stop": bool}}       ask for a checkpoint now
-                        {"countersigned": envelope}          the settled receipt
 
-The stream ends after the exit frame and the countersignature.
+The stream ends after the exit frame. The usage receipt travels on the
+negotiation protocol, where the agreement lives (signed by the provider,
+countersigned by the consumer).
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ async def receive_file(stream: FramedStream, store: BlobStore, verify_offer: Cal
         raise TransferError(f"expected {size - have} bytes, sender announced {left!r}")
     with open(part, "ab") as f:
         while left:
-            block = await stream._read_exactly(min(left, CHUNK))
+            block = await stream.read_raw(min(left, CHUNK))
             f.write(block)
             left -= len(block)
         f.flush()

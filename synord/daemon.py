@@ -66,6 +66,10 @@ class Node:
         self.api_url: str | None = None
         self.profile = None  # hwprobe.CapabilityProfile once probed
         self.mesh = None  # MeshService once started
+        self.market = None  # MarketService
+        self.provider_jobs = None  # ProviderJobs
+        self.consumer_jobs = None  # ConsumerJobs
+        self.runtimes: dict = {}  # kind -> Runtime, those available and enabled here
         self.metrics_registry = _new_registry()
         self._stopping = trio.Event()
         # Awaited in order on graceful stop (jobs hand their tasks back first).
@@ -128,13 +132,103 @@ class Node:
 
     async def _start_components(self, nursery: trio.Nursery) -> None:
         """Start the mesh, market and jobs components (each owns its own tasks)."""
+        from runtimes.base import get_runtime
+
+        from .jobs.consumer import ConsumerJobs
+        from .jobs.provider import ProviderJobs
+        from .market.pricing import PricingPolicy
+        from .market.service import MarketService
         from .mesh_service import MeshService
+        import hwprobe
+
+        c = self.config
         self.mesh = MeshService(
-            self.identity, self.config["node.listen"], self.config["node.bootstrap"],
-            mdns=self.config["node.mdns"],
+            self.identity, c["node.listen"], c["node.bootstrap"], mdns=c["node.mdns"],
             profile_provider=lambda: self.profile.to_json() if self.profile is not None else None,
-            announce_interval_s=self.config["node.announce_interval_s"])
+            announce_interval_s=c["node.announce_interval_s"])
         await nursery.start(self.mesh.run)
+
+        self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()
+                         if av.get("available") and kind in c["runtimes.enabled"]}
+        policy = PricingPolicy(
+            electricity_per_kwh=c["pricing.electricity_per_kwh"], watts_per_core=c["pricing.watts_per_core"],
+            watts_per_gpu=c["pricing.watts_per_gpu"],
+            depreciation_per_core_hour=c["pricing.depreciation_per_core_hour"],
+            depreciation_per_gpu_hour=c["pricing.depreciation_per_gpu_hour"], margin=c["pricing.margin"],
+            protocol_fee=c["pricing.protocol_fee"], preemptible_discount=c["pricing.preemptible_discount"],
+            region=c["node.region"] or None)
+        self.market = MarketService(
+            self.identity, self.store, self.mesh.mesh, offer=self.market_offer,
+            contributing=lambda: self.contributing, policy=policy,
+            classes=lambda: hwprobe.resource_classes(self.profile),
+            preemptible=c["contributor.preemptible"], min_price=c["pricing.min_price"],
+            allow_peers=c["market.allow_peers"], deny_peers=c["market.deny_peers"],
+            on_agreement=lambda terms: self.provider_jobs.agreement_made(terms))
+        self.provider_jobs = ProviderJobs(
+            self.identity, self.store, self.home, self.runtimes,
+            lookup_agreement=lambda aid: None,
+            on_finished=lambda terms, outcome, usage: self.market.provider_settle(
+                terms, usage.cpu_s, usage.peak_memory_bytes, outcome),
+            heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])
+        self.provider_jobs.register(self.mesh.mesh)
+        await nursery.start(self.provider_jobs.run)
+        await nursery.start(self.market.run)
+        self.consumer_jobs = ConsumerJobs(
+            self.identity, self.store, self.home, self.mesh.mesh, self.market,
+            lease_timeout_s=c["jobs.lease_timeout_s"], checkpoint_interval_s=c["jobs.checkpoint_interval_s"])
+        await nursery.start(self.consumer_jobs.run)
+        nursery.start_soon(self._watch_policy)
+        self._stop_hooks.append(self._hand_back_on_stop)
+
+    def market_offer(self) -> dict:
+        """What the market may sell now: the contributor's share of this host, and the sandboxes."""
+        off = dict(self.profile.offerable) if self.profile is not None else {}
+        host = self.profile.host if self.profile is not None else {}
+        if off.get("allowed", True):
+            # A stable share (not minus momentary load: that goes in the ask's `load`).
+            cpus = float(host.get("effective_cpus") or host.get("logical_cores") or 0)
+            off["cpus"] = round(cpus * self.config["contributor.cpu_share"], 2)
+        load = (host.get("load") or {}).get("load1")
+        off["load"] = min(1.0, load / max(1.0, off.get("cpus") or 1.0)) if load is not None else 0.0
+        off["runtimes"] = sorted(self.runtimes)
+        return off
+
+    async def _watch_policy(self) -> None:
+        """Contributor limits turning false (user back, battery, hours) preempt running work;
+        an external notice file (like a cloud spot notice) does too."""
+        was_allowed = True
+        notice_file = self.home.path / "preempt-notice"
+        while True:
+            await trio.sleep(1.0)
+            off = self.profile.offerable if self.profile is not None else {}
+            allowed = off.get("allowed", True)
+            if was_allowed and not allowed:
+                await self.preempt(off.get("why_not") or "contributor limits", None)
+                self.market.offer_changed()
+            elif allowed and not was_allowed:
+                self.market.offer_changed()
+            was_allowed = allowed
+            if notice_file.exists():
+                await self._read_notice_file(notice_file)
+
+    async def _read_notice_file(self, path) -> None:
+        import json
+        try:
+            body = json.loads(path.read_text() or "{}")
+        except ValueError:
+            body = {}
+        path.unlink(missing_ok=True)
+        await self.preempt(str(body.get("reason") or "external notice"), body.get("grace_s"))
+
+    async def preempt(self, reason: str, grace_s: float | None) -> int:
+        n = await self.provider_jobs.preempt_all(reason, grace_s)
+        log.info("preemption", extra={"reason": reason, "tasks": n})
+        return n
+
+    async def _hand_back_on_stop(self) -> None:
+        await self.market.withdraw_asks()
+        if await self.preempt("provider shutting down", None):
+            await self.provider_jobs.wait_handed_back(self.config["jobs.preemption_grace_s"])
 
     # ---- capability profile ------------------------------------------------------
 
@@ -210,39 +304,50 @@ class Node:
             return prof.to_json()
         return self.profile.to_json()
 
-    def pause(self) -> dict:
+    async def pause(self) -> dict:
         self.store.kv_set("paused", True)  # committed before we answer
         log.info("paused by the contributor")
-        return {"paused": True, "contributing": self.contributing}
+        await self.market.withdraw_asks()
+        handed = await self.preempt("paused by the owner", None)
+        return {"paused": True, "contributing": self.contributing, "tasks_handed_back": handed}
 
-    def resume(self) -> dict:
+    async def resume(self) -> dict:
         self.store.kv_set("paused", False)
         log.info("resumed by the contributor")
+        self.market.offer_changed()
         return {"paused": False, "contributing": self.contributing}
 
     def book_json(self, cls: str | None = None) -> dict:
-        raise ApiError(503, "the market is not running on this node")
+        return self.market.book_json(cls)
 
     def ledger_json(self) -> dict:
-        raise ApiError(503, "the ledger is not running on this node")
+        return self.market.ledger_json()
 
     def jobs_json(self) -> list:
-        raise ApiError(503, "jobs are not available on this node")
+        provided = [{"id": t.job_id, "role": "provider", "consumer": t.consumer,
+                     "state": "running" if not t.execution.done.is_set() else "ended",
+                     "runtime": t.execution.spec.kind} for t in self.provider_jobs.tasks.values()]
+        return self.consumer_jobs.jobs_json() + provided
 
     def job_json(self, job_id: str) -> dict:
-        raise ApiError(503, "jobs are not available on this node")
+        return self.consumer_jobs.job_json(job_id)
 
     def submit_job(self, spec: dict) -> dict:
-        raise ApiError(503, "jobs are not available on this node")
+        return self.consumer_jobs.submit(spec)
 
-    def cancel_job(self, job_id: str) -> dict:
-        raise ApiError(503, "jobs are not available on this node")
+    async def cancel_job(self, job_id: str) -> dict:
+        return await self.consumer_jobs.cancel(job_id)
 
     def job_output(self, job_id: str, follow: bool):
-        raise ApiError(503, "jobs are not available on this node")
+        self.consumer_jobs.job_json(job_id)  # 404 before the stream starts
+        return self.consumer_jobs.output(job_id, follow)
 
-    def preempt_notice(self, body: dict) -> dict:
-        raise ApiError(503, "preemption is not available on this node")
+    async def preempt_notice(self, body: dict) -> dict:
+        grace = body.get("grace_s")
+        if grace is not None and (not isinstance(grace, (int, float)) or grace < 0):
+            raise ApiError(400, "grace_s must be a non-negative number")
+        n = await self.preempt(str(body.get("reason") or "external notice"), grace)
+        return {"tasks_notified": n}
 
 
 def _new_registry():

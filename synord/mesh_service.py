@@ -16,14 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import trio
 
 from protocols import caps, topics
-from protocols.envelope import Envelope, EnvelopeValidator
+from protocols.envelope import MAX_ENVELOPE_BYTES, Envelope, EnvelopeValidator
 from protocols.identity import Identity
-from protocols.mesh import Mesh, MeshConfig, create_mesh, envelope_validator
+from protocols.mesh import Mesh, MeshConfig, create_mesh, envelope_validator, protocol_id
 
 log = logging.getLogger("synord.mesh")
+
+CAPS_SYNC = protocol_id("caps")  # /synord/caps/1.0.0
+SYNC_MAX = 1024
 
 
 @dataclass
@@ -35,6 +39,7 @@ class PeerEntry:
     seq: int = -1
     last_seen: float = 0.0
     connected: bool = False
+    envelope: bytes | None = None  # the signed announcement, served to caps sync
 
     def to_json(self) -> dict:
         return {"peer_id": self.peer_id, "addrs": self.addrs, "capabilities": self.capabilities,
@@ -54,6 +59,9 @@ class MeshService:
         self.mesh = mesh or create_mesh(identity, MeshConfig(
             listen=list(listen), bootstrap=list(bootstrap or []), mdns=mdns, **mesh_options))
         self.validator = EnvelopeValidator()
+        self.sync_validator = EnvelopeValidator()
+        self._own: bytes | None = None
+        self._nursery: trio.Nursery | None = None
         self._peers: dict[str, PeerEntry] = {}
         self._best_seq: dict[str, int] = {}  # survives removal: stale gossip can't resurrect a peer
         self._seq = caps.SeqCounter()
@@ -79,6 +87,8 @@ class MeshService:
     # -- running ---------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.mesh.set_request_handler(CAPS_SYNC, self._serve_sync, max_request=1024)
             await nursery.start(self.mesh.run)
             events = self.mesh.events()
             caps_in = await self.mesh.subscribe(
@@ -100,7 +110,7 @@ class MeshService:
             with trio.move_on_after(self.announce_interval_s):
                 await self._announce_now.wait()
             self._announce_now = trio.Event()
-            await trio.sleep(0.2)  # coalesce bursts of connections / profile changes
+            await trio.sleep(1.0)  # coalesce bursts of profile changes
 
     async def announce(self) -> int:
         """Publish our caps envelope now; returns its seq."""
@@ -108,27 +118,58 @@ class MeshService:
         offer = self.offer_provider() if self.offer_provider else (
             profile.get("offer") or profile.get("offerable") or {})
         env = caps.make_caps(self.identity, profile, offer, self.listen_addrs(), self._seq.next())
-        await self.mesh.publish(topics.CAPS, env.encode())
+        data = env.encode()
+        self._own = data
+        await self.mesh.publish(topics.CAPS, data)
         self.announced += 1
         return env.body["seq"]
 
     async def _receive_caps(self, channel) -> None:
         async for msg in channel:
-            env: Envelope = msg.value
-            if env is None or msg.origin == self.identity.peer_id:
+            if msg.value is not None and msg.origin != self.identity.peer_id:
+                self._apply(msg.origin, msg.value, msg.data)
+
+    def _apply(self, origin: str, env: Envelope, data: bytes) -> None:
+        body = env.body
+        if body["seq"] <= self._best_seq.get(origin, -1):
+            return
+        self._best_seq[origin] = body["seq"]
+        entry = self._peers.setdefault(origin, PeerEntry(origin))
+        entry.capabilities = body["profile"]
+        entry.offer = body["offer"]
+        entry.seq = body["seq"]
+        entry.addrs = [a for a in body["addrs"] if a.endswith("/p2p/" + origin)] or entry.addrs
+        # when it was announced (a synced envelope may be older than its arrival)
+        entry.last_seen = max(entry.last_seen, min(time.time(), env.timestamp_ms / 1000))
+        entry.envelope = data
+        if self.on_caps is not None:
+            self.on_caps(origin, env)
+
+    # -- caps sync: a newly connected peer hands us every announcement it holds,
+    # so joining costs one request instead of mesh-wide re-announcements.
+    async def _serve_sync(self, peer_id: str, payload: bytes) -> bytes:
+        self._expire(time.time())
+        held = [e.envelope for e in self._peers.values() if e.envelope and e.peer_id != peer_id]
+        if self._own:
+            held.append(self._own)
+        return msgpack.packb(held[:SYNC_MAX], use_bin_type=True)
+
+    async def _sync_from(self, peer_id: str) -> None:
+        try:
+            reply = await self.mesh.request(peer_id, CAPS_SYNC, b"", timeout=15,
+                                            max_reply=SYNC_MAX * MAX_ENVELOPE_BYTES)
+            items = msgpack.unpackb(reply, raw=False, max_array_len=SYNC_MAX)
+            if not isinstance(items, list):
+                raise ValueError("sync reply is not a list")
+        except Exception as exc:
+            log.debug("caps sync from %s failed: %s", peer_id[:16], exc)
+            return
+        for data in items:
+            if not isinstance(data, bytes):
                 continue
-            body = env.body
-            if body["seq"] <= self._best_seq.get(msg.origin, -1):
-                continue
-            self._best_seq[msg.origin] = body["seq"]
-            entry = self._peers.setdefault(msg.origin, PeerEntry(msg.origin))
-            entry.capabilities = body["profile"]
-            entry.offer = body["offer"]
-            entry.seq = body["seq"]
-            entry.addrs = [a for a in body["addrs"] if a.endswith("/p2p/" + msg.origin)] or entry.addrs
-            entry.last_seen = time.time()
-            if self.on_caps is not None:
-                self.on_caps(msg.origin, env)
+            env = self.sync_validator.check(data)  # own replay memory: gossip is unaffected
+            if isinstance(env, Envelope) and env.type == caps.TYPE and env.sender_id != self.identity.peer_id:
+                self._apply(env.sender_id, env, data)
 
     async def _watch_connections(self, events) -> None:
         async for ev in events:
@@ -138,9 +179,17 @@ class MeshService:
                 entry.last_seen = time.time()
                 if not entry.addrs:
                     entry.addrs = self.mesh.peer_addrs(ev.peer_id)
-                self._announce_now.set()  # let the newcomer learn us now
+                self._nursery.start_soon(self._sync_from, ev.peer_id)
+                if len(self.mesh.connected_peers()) == 1:
+                    # first link into the mesh (start, or after isolation): the
+                    # gossip mesh needs a moment, then everyone should hear us
+                    self._nursery.start_soon(self._announce_soon, 1.5)
             else:
                 self._peers.pop(ev.peer_id, None)
+
+    async def _announce_soon(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self._announce_now.set()
 
     def _expire(self, now: float) -> None:
         for pid, entry in list(self._peers.items()):

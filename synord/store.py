@@ -25,8 +25,8 @@ Migration = str | Callable[[sqlite3.Connection], None]
 
 
 def _market_schema(conn: sqlite3.Connection) -> None:
-    from .market.ledger import init_schema  # the ledger owns its tables' definitions
-    init_schema(conn)
+    from .market.ledger import SCHEMA  # the ledger owns its tables' definitions
+    _exec_script(conn, SCHEMA)
 
 
 MIGRATIONS: list[Migration] = [
@@ -68,6 +68,8 @@ MIGRATIONS: list[Migration] = [
         PRIMARY KEY (job_id, seq)
     );
     """,
+    # 3: market ledger (receipts, outcomes for reputation)
+    _market_schema,
 ]
 
 

@@ -300,7 +300,7 @@ def test_admission_refusals_have_reasons(change, reason):
 
 
 def test_admission_hook_contributor_limits():
-    prov = make_provider(admission=lambda p: "on battery" if p.cores > 1 else None)
+    prov = make_provider(admission=lambda consumer, p: "on battery" if p.cores > 1 else None)
     (out,) = prov.receive(seal(C_ID, "propose", proposal().to_body()).encode())
     body = decode(out.envelope.encode()).body
     assert (body["reason"], body["detail"]) == ("admission", "on battery")

@@ -23,7 +23,6 @@ from typing import Any, AsyncIterator, Protocol
 
 import trio
 
-from protocols import receipts as rc
 from protocols.envelope import seal
 from protocols.framing import CHUNK, FramedStream
 from protocols.identity import Identity
@@ -70,7 +69,7 @@ class Market(Protocol):
     def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Any]: ...
     def explain(self, needs: Needs) -> str: ...
     async def negotiate(self, candidate: Any, needs: Needs) -> Terms: ...
-    async def settled(self, terms: Terms, receipt: Any) -> None: ...
+    async def announce_bid(self, needs: Needs, bid_id: str) -> None: ...
 
 
 @dataclass
@@ -307,8 +306,7 @@ class ConsumerJobs:
         while True:
             cands = self.market.candidates(needs, exclude)
             if preferred is not None:
-                cands = [preferred] + [c for c in cands if c is not preferred
-                                       and getattr(c, "peer", None) != getattr(preferred, "peer", None)]
+                cands = [preferred] + [c for c in cands if c.ask.peer != preferred.ask.peer]
                 preferred = None
             for cand in cands:
                 if job.cancel_requested:
@@ -316,8 +314,8 @@ class ConsumerJobs:
                 try:
                     terms = await self.market.negotiate(cand, needs)
                 except PlacementRejected as exc:
-                    reasons.append(f"{cand.peer[:12]}: {exc}")
-                    log.info("candidate rejected us", extra={"job": job.id, "provider": cand.peer[:16],
+                    reasons.append(f"{cand.ask.peer[:12]}: {exc}")
+                    log.info("candidate rejected us", extra={"job": job.id, "provider": cand.ask.peer[:16],
                                                              "reason": str(exc)})
                     continue
                 try:
@@ -539,7 +537,6 @@ class ConsumerJobs:
 
     async def _exited(self, job: ConsumerJob, session: Session, msg: dict) -> tuple[str, str]:
         ex = msg["exit"]
-        await self._settle(job, session, msg.get("receipt"))
         self._flush_all()
         now = time.time()
         if session.preempt is not None or ex.get("handed_back"):
@@ -560,17 +557,6 @@ class ConsumerJobs:
         self._cleanup(job)
         log.info("job ended", extra={"job": job.id, "state": job.state, "exit_code": job.exit_code})
         return "exit", job.state
-
-    async def _settle(self, job: ConsumerJob, session: Session, body: Any) -> None:
-        if body is None or session.terms is None:
-            return
-        try:
-            sr = rc.countersign(self.identity, rc.SignedReceipt.from_body(body), session.terms)
-        except Exception as exc:
-            log.warning("receipt refused", extra={"job": job.id, "error": str(exc)})
-            return
-        await session.send({"countersigned": sr.to_body()})
-        await self.market.settled(session.terms, sr)
 
     def _cleanup(self, job: ConsumerJob) -> None:
         ck = job.checkpoint

@@ -18,7 +18,6 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from protocols import receipts as rc
 from protocols.envelope import EnvelopeValidator, Rejected, seal
 from protocols.framing import CHUNK, FramedStream
 from protocols.identity import Identity
@@ -33,7 +32,7 @@ from .executor import TaskExecution
 
 log = logging.getLogger("synord.jobs.provider")
 
-RECEIPT_WAIT_S = 10.0
+RETAIN_S = 600.0  # a finished task's output stays available for a re-attaching consumer
 
 
 @dataclass
@@ -50,15 +49,14 @@ class ProviderTask:
     preempt_sent: bool = False
     attached: trio.CancelScope | None = None
     handed_back: bool = False  # a stop-checkpoint went to the consumer
-    settled: bool = False
-    receipt: Any = None  # our signed receipt, once the task ended
+    settled: bool = False  # the market was told how it ended (receipt sent)
     checkpoints_taken: int = 0
 
 
 class ProviderJobs:
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
                  lookup_agreement: Callable[[bytes], Terms | None],
-                 on_finished: Callable[[Terms, str, Any], Awaitable[None] | None],
+                 on_finished: Callable[[Terms, str, Any], None],
                  heartbeat_s: float = 1.0, preemption_grace_s: float = 10.0,
                  validator: EnvelopeValidator | None = None):
         self.identity = identity
@@ -250,11 +248,12 @@ class ProviderJobs:
                 conn.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, updated = ? WHERE id = ? "
                              "AND role = 'provider'",
                              (state, st.code, task.execution.error or st.reason, time.time(), task.job_id))
-            # Give an attached consumer the time to fetch the end and settle, then forget.
-            with trio.move_on_after(RECEIPT_WAIT_S * 3):
-                while not task.settled:
-                    await trio.sleep(0.1)
+            self._settle(task)
             shutil.rmtree(task.workdir, ignore_errors=True)
+            # Keep the output for a consumer that re-attaches late, then forget.
+            with trio.CancelScope(shield=False):
+                await trio.sleep(RETAIN_S)
+            self.tasks.pop(task.job_id, None)
 
     # ---- one attached consumer ------------------------------------------------------
 
@@ -321,8 +320,6 @@ class ProviderJobs:
                 except Exception as exc:
                     async with send_lock:
                         await stream.send({"ckpt_error": str(exc)})
-            elif "countersigned" in msg:
-                await self._settle(task, msg["countersigned"])
 
     async def _send_checkpoint(self, stream, task: ProviderTask, send_lock, stop: bool) -> None:
         ex = task.execution
@@ -349,43 +346,19 @@ class ProviderJobs:
     async def _finish(self, stream, task: ProviderTask, send) -> None:
         ex = task.execution
         st = ex.status
-        outcome = ("preempted" if task.handed_back or task.preempt else
-                   "cancelled" if st.reason == "cancelled" else
-                   "completed" if st.code == 0 and not st.reason else "failed")
-        ended = int(time.time() * 1000)
-        receipt = rc.issue(self.identity, task.terms, cpu_s=st.usage.cpu_s,
-                           peak_memory=st.usage.peak_memory_bytes,
-                           started=task.started_ms, ended=max(ended, task.started_ms), outcome=outcome)
-        task.receipt = receipt
         await send({"exit": {"code": st.code, "reason": st.reason, "usage": st.usage.to_json(),
-                             "error": ex.error, "handed_back": task.handed_back},
-                    "receipt": receipt.to_body()})
-        with trio.move_on_after(RECEIPT_WAIT_S):
-            while not task.settled:
-                await trio.sleep(0.05)
-        if not task.settled:
-            # The consumer never countersigned: we keep our half, marked as such.
-            await self._record(task, receipt, outcome)
+                             "error": ex.error, "handed_back": task.handed_back}})
 
-    async def _settle(self, task: ProviderTask, body: Any) -> None:
-        try:
-            sr = rc.SignedReceipt.from_body(body)
-        except Exception as exc:
-            log.warning("bad countersigned receipt", extra={"job": task.job_id, "error": str(exc)})
-            return
-        mine = task.receipt
-        if mine is None or sr.receipt != mine.receipt or not rc.verify_receipt(sr):
-            log.warning("countersigned receipt does not match", extra={"job": task.job_id})
-            return
-        await self._record(task, sr, sr.receipt.outcome)
-
-    async def _record(self, task: ProviderTask, receipt, outcome: str) -> None:
+    def _settle(self, task: ProviderTask) -> None:
+        """End the lease and have the market send our signed usage receipt."""
         if task.settled:
             return
         task.settled = True
-        result = self.on_finished(task.terms, outcome, receipt)
-        if hasattr(result, "__await__"):
-            await result
+        st = task.execution.status
+        outcome = ("preempted" if task.handed_back or task.preempt else
+                   "cancelled" if st.reason == "cancelled" else
+                   "completed" if st.code == 0 and not st.reason else "failed")
+        self.on_finished(task.terms, outcome, st.usage)
 
     # ---- preemption ----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ ms), so tests drive everything with plain integers or a MockClock.
 
 Provider admission, in order: the ask is ours and live at the proposed seq,
 runtime, price, quantity within the ask, duration, the contributor-limit
-hook (``admission(proposal) -> reason | None``), then an atomic reservation
+hook (``admission(consumer, proposal) -> reason | None``), then an atomic reservation
 in the ask's pool *and* the host pool.  Each refusal is a ``reject`` with a
 reason code (`REASONS`) and a human detail.
 """
@@ -91,7 +91,7 @@ class _Party:
 class Provider(_Party):
     def __init__(self, identity: Identity, pool: CapacityPool, *, clock: Callable[[], int] | None = None,
                  timeouts: Timeouts | None = None, validator: EnvelopeValidator | None = None,
-                 admission: Callable[[Propose], str | None] | None = None,
+                 admission: Callable[[str, Propose], str | None] | None = None,
                  on_agreement: Callable[[Negotiation], None] | None = None,
                  on_end: Callable[[Negotiation], None] | None = None,
                  on_receipt: Callable[[SignedReceipt], None] | None = None):
@@ -173,7 +173,7 @@ class Provider(_Party):
             self.dropped[exc.reason] += 1
             return []
         self.negotiations[(consumer, p.nid)] = m
-        reason, detail = self._refusal(p, now)
+        reason, detail = self._refusal(consumer, p, now)
         if reason is None:
             need = {"cpus": p.cores, "memory_bytes": p.memory, "gpus": p.gpus}
             key, ask_pool = self._key(m), self._ask_pools[p.ask_id]
@@ -201,7 +201,7 @@ class Provider(_Party):
         m.send(agreement, now)
         return [self._seal(consumer, agreement)]
 
-    def _refusal(self, p: Propose, now: int) -> tuple[str | None, str]:
+    def _refusal(self, consumer: str, p: Propose, now: int) -> tuple[str | None, str]:
         if p.ask_peer != self.peer_id:
             return "not_our_ask", "the proposal names another provider"
         ask = self.asks.get(p.ask_id)
@@ -227,7 +227,7 @@ class Provider(_Party):
         if not ask.min_duration_s <= p.duration_s <= ask.max_duration_s:
             return "duration", f"{p.duration_s}s outside [{ask.min_duration_s}, {ask.max_duration_s}]"
         if self.admission is not None:
-            why = self.admission(p)
+            why = self.admission(consumer, p)
             if why:
                 return "admission", why
         return None, ""

@@ -1,0 +1,342 @@
+"""The market component of the daemon: gossip ↔ book, our asks, negotiation
+streams, reservations and the ledger.
+
+Provider side: asks are derived from the offerable capacity (hwprobe +
+contributor limits) and the pricing policy, published on the orders topic of
+their class, re-published before they expire and cancelled when the
+contributor pauses. Proposals arrive on ``/synord/negotiate/1.0.0``; the
+`Provider` party admits, reserves atomically and signs.
+
+Consumer side: bids are matched locally against the share of the book we
+hold; `negotiate` runs one proposal against one candidate and returns the
+double-signed terms, or raises PlacementRejected with the provider's reason.
+
+Transport: the parties return ``Send(to, envelope)``; each goes out on one
+persistent stream per peer as a frame ``{"to": "provider"|"consumer", "env":
+bytes}`` (the role of the *receiving* party).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+import trio
+
+from protocols.envelope import EnvelopeValidator, now_ms, seal
+from protocols.framing import FramedStream
+from protocols.identity import b58decode
+from protocols.mesh import envelope_validator
+from protocols.negotiation import Terms, Timeouts
+from protocols.orders import Ask, Bid, Cancel
+from protocols.topics import orders as orders_topic
+
+from ..jobs.consumer import Needs, PlacementRejected
+from .book import OrderBook
+from .ledger import Ledger
+from .matching import Candidate, match
+from .negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
+from .pricing import PricingPolicy, derive_asks
+from .reservations import CapacityPool
+from .router import PeerInfo
+
+log = logging.getLogger("synord.market")
+
+ORDER_TYPES = ("ask", "bid", "cancel")
+REPUBLISH_FRACTION = 0.5  # re-announce asks when half their TTL has passed
+
+
+class MarketService:
+    def __init__(self, identity, store, mesh, *, offer: Callable[[], dict],
+                 contributing: Callable[[], bool], policy: PricingPolicy,
+                 classes: Callable[[], list[str]], preemptible: bool = False,
+                 min_price: float = 0.0, allow_peers: list[str] | None = None,
+                 deny_peers: list[str] | None = None, timeouts: Timeouts | None = None,
+                 on_agreement: Callable[[Terms], None] | None = None):
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.mesh = mesh  # protocols.mesh.Mesh
+        self.offer = offer
+        self.contributing = contributing
+        self.policy = policy
+        self.classes = classes
+        self.preemptible = preemptible
+        self.min_price = min_price
+        self.allow = set(allow_peers or [])
+        self.deny = set(deny_peers or [])
+        self.book = OrderBook()
+        self.ledger = Ledger(store.conn, self.peer_id)
+        self.validator = EnvelopeValidator()
+        self.pool = CapacityPool(self._capacity())
+        self.timeouts = timeouts or Timeouts()
+        self.provider = Provider(identity, self.pool, timeouts=self.timeouts, validator=self.validator,
+                                 admission=self._admission, on_agreement=self._on_agreement,
+                                 on_receipt=self._record)
+        self.consumer = Consumer(identity, timeouts=self.timeouts, validator=self.validator,
+                                 on_agreement=self._placement_done, on_failed=self._placement_done,
+                                 on_lost=self._on_lost, on_receipt=self._record)
+        self.on_agreement = on_agreement
+        self._waiting: dict[str, trio.Event] = {}
+        self._out: dict[str, FramedStream] = {}
+        self._out_lock: dict[str, trio.Lock] = {}
+        self._our_asks: list[Ask] = []
+        self._subscribed: set[str] = set()
+        self._republish = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.agreements = 0
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.mesh.set_handler(NEGOTIATE_PROTOCOL, self._handle_stream)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for cls in sorted(set(self.classes()) | {"cpu"}):
+                await self._subscribe(cls)
+            nursery.start_soon(run_timers, self.provider, self._to_consumer, now_ms)
+            nursery.start_soon(run_timers, self.consumer, self._to_provider, now_ms)
+            nursery.start_soon(self._ask_loop)
+            nursery.start_soon(self._expire_loop)
+            task_status.started()
+
+    async def _subscribe(self, cls: str) -> None:
+        if cls in self._subscribed:
+            return
+        self._subscribed.add(cls)
+        channel = await self.mesh.subscribe(orders_topic(cls), envelope_validator(
+            self.validator, ORDER_TYPES,
+            on_reject=lambda r: log.debug("order rejected", extra={"reason": r.reason})))
+        self._nursery.start_soon(self._receive_orders, channel)
+
+    async def _receive_orders(self, channel) -> None:
+        async for msg in channel:
+            try:
+                result = self.book.apply(msg.value, now_ms())
+            except Exception as exc:  # a valid envelope with an unusable order
+                log.debug("order ignored", extra={"error": str(exc)})
+                continue
+            log.debug("order", extra={"from": msg.origin[:16], "result": result})
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.book.expire(now_ms())
+            self.pool.expire(now_ms())
+
+    # ---- our asks ------------------------------------------------------------------
+
+    def _capacity(self) -> dict:
+        off = self.offer() or {}
+        return {"cpus": float(off.get("cpus", 0.0)), "memory_bytes": int(off.get("memory_bytes", 0)),
+                "gpus": int(off.get("gpus", 0))}
+
+    def offer_changed(self) -> None:
+        self._republish.set()
+
+    async def _ask_loop(self) -> None:
+        while True:
+            await self.publish_asks()
+            with trio.move_on_after(self.policy.ttl_ms / 1000 * REPUBLISH_FRACTION):
+                await self._republish.wait()
+            self._republish = trio.Event()
+
+    async def publish_asks(self) -> None:
+        now = now_ms()
+        if not self.contributing():
+            await self.withdraw_asks()
+            return
+        off = dict(self.offer() or {})
+        if not off.get("allowed", True):
+            await self.withdraw_asks()
+            return
+        self.pool.set_capacity(self._capacity())
+        asks = derive_asks(off, self.policy, now=now, preemptible=self.preemptible,
+                           supply_demand=self.book.supply_demand, load=float(off.get("load", 0.0)))
+        for ask in asks:
+            if ask.price < self.min_price:
+                ask.price = self.min_price  # the operator's price floor
+            self.provider.offer(ask)
+            env = seal(self.identity, "ask", ask.to_body(), ttl_ms=self.policy.ttl_ms)
+            self.book.apply(env, now)  # our share includes our own asks
+            await self._publish(ask.resource_class, env.encode())
+        gone = {a.id for a in self._our_asks} - {a.id for a in asks}
+        for ask_id in gone:
+            await self._cancel(next(a for a in self._our_asks if a.id == ask_id))
+        self._our_asks = asks
+
+    async def withdraw_asks(self) -> None:
+        for ask in self._our_asks:
+            await self._cancel(ask)
+        self._our_asks = []
+
+    async def _cancel(self, ask: Ask) -> None:
+        self.provider.withdraw(ask.id)
+        env = seal(self.identity, "cancel", Cancel(ask.id, ask.resource_class, "ask", ask.seq).to_body())
+        self.book.apply(env, now_ms())
+        await self._publish(ask.resource_class, env.encode())
+
+    async def _publish(self, cls: str, data: bytes) -> None:
+        await self._subscribe(cls)
+        try:
+            await self.mesh.publish(orders_topic(cls), data)
+        except Exception as exc:  # no peers yet: the next round re-announces
+            log.debug("publish failed", extra={"error": str(exc)})
+
+    # ---- provider: admission and agreements -----------------------------------------
+
+    def _admission(self, consumer: str, proposal) -> str | None:
+        if not self.contributing():
+            return "this provider is paused by its owner"
+        if consumer in self.deny or (self.allow and consumer not in self.allow):
+            return "this provider does not serve that peer"
+        off = self.offer() or {}
+        if not off.get("allowed", True):
+            return off.get("why_not") or "contributor limits forbid work now"
+        return None
+
+    def _on_agreement(self, negotiation) -> None:
+        self.agreements += 1
+        log.info("agreement signed", extra={"consumer": negotiation.consumer[:16],
+                                            "price": negotiation.terms.price})
+        self.book.record_trade(negotiation.terms.resource_class, negotiation.terms.price,
+                               negotiation.terms.units, now_ms())
+        if self.on_agreement:
+            self.on_agreement(negotiation.terms)
+
+    def provider_settle(self, terms: Terms, cpu_s: float, peak_memory: int, outcome: str) -> None:
+        """The task under ``terms`` ended: end the lease, release, send the signed receipt."""
+        try:
+            sends = self.provider.settle(terms.consumer, terms.nid, cpu_s=cpu_s,
+                                         peak_memory=peak_memory, outcome=outcome)
+        except KeyError:
+            log.warning("no agreement to settle", extra={"aid": terms.aid.hex()})
+            return
+        self._nursery.start_soon(self._send_all, sends, "consumer")
+
+    def _record(self, receipt) -> None:
+        try:
+            self.ledger.record(receipt)
+        except Exception as exc:
+            log.warning("receipt not recorded", extra={"error": str(exc)})
+
+    # ---- consumer: matching and negotiation ---------------------------------------------
+
+    def _bid(self, needs: Needs, bid_id: str | None = None) -> Bid:
+        now = now_ms()
+        return Bid(id=bid_id or uuid.uuid4().hex[:16], seq=now, resource_class=needs.resource_class,
+                   cores=float(needs.cores), memory=int(needs.memory), runtime=needs.runtime,
+                   max_price=float(needs.max_price if needs.max_price is not None else 1e9),
+                   duration_s=int(needs.duration_s), deadline=now + 60_000, expires=now + 60_000,
+                   gpus=needs.gpus, gpu_class=needs.gpu_class, peer=self.peer_id, ts=now)
+
+    def _peer_info(self, peer: str) -> PeerInfo:
+        return PeerInfo(reputation=self.ledger.reputation(peer))
+
+    def _match(self, needs: Needs, exclude: tuple[str, ...] = ()):
+        bid = self._bid(needs)
+        return match(bid, self.book.asks(needs.resource_class), now=now_ms(),
+                     peer_info=self._peer_info, exclude_peers=(self.peer_id, *exclude), shortlist=8)
+
+    def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Candidate]:
+        return self._match(needs, exclude).candidates
+
+    def explain(self, needs: Needs) -> str:
+        return self._match(needs).explain()
+
+    async def announce_bid(self, needs: Needs, bid_id: str) -> None:
+        """Publish the bid (the book's demand side; consumers match locally)."""
+        bid = self._bid(needs, bid_id)
+        env = seal(self.identity, "bid", bid.to_body(), ttl_ms=60_000)
+        self.book.apply(env, now_ms())
+        await self._publish(needs.resource_class, env.encode())
+
+    async def negotiate(self, candidate: Candidate, needs: Needs) -> Terms:
+        bid = self._bid(needs)
+        done = self._waiting[bid.id] = trio.Event()
+        try:
+            await self._send_all(self.consumer.place(bid, [candidate.ask]), "provider")
+            with trio.move_on_after(self.timeouts.propose_ms / 1000 + 1):
+                await done.wait()
+            pl: Placement = self.consumer.placements.pop(bid.id)
+        finally:
+            self._waiting.pop(bid.id, None)
+        if pl.state == "active" and pl.negotiation is not None and pl.negotiation.terms is not None:
+            return pl.negotiation.terms
+        raise PlacementRejected(pl.attempts[-1][2] if pl.attempts else "no answer from the provider")
+
+    def _placement_done(self, pl: Placement) -> None:
+        ev = self._waiting.get(pl.bid.id)
+        if ev is not None:
+            ev.set()
+
+    def _on_lost(self, pl: Placement) -> None:
+        terms = pl.negotiation.terms if pl.negotiation else None
+        if terms is not None:
+            self.ledger.record_outcome(terms.aid, terms.provider, "abandoned", now_ms())
+        log.warning("lease lost", extra={"provider": (pl.current.peer if pl.current else "?")[:16]})
+
+    # ---- transport ------------------------------------------------------------------------
+
+    async def _send_all(self, sends: list[Send], to_role: str) -> None:
+        for s in sends:
+            await self._send(s, to_role)
+
+    async def _to_consumer(self, s: Send) -> None:
+        await self._send(s, "consumer")
+
+    async def _to_provider(self, s: Send) -> None:
+        await self._send(s, "provider")
+
+    async def _send(self, s: Send, to_role: str) -> None:
+        """One envelope to the ``to_role`` party of peer ``s.to``, on our stream to it."""
+        frame = {"to": to_role, "env": s.envelope.encode()}
+        lock = self._out_lock.setdefault(s.to, trio.Lock())
+        async with lock:
+            for attempt in (1, 2):  # a stale stream gets one reconnect
+                try:
+                    stream = self._out.get(s.to)
+                    if stream is None:
+                        with trio.fail_after(5):
+                            stream = await self.mesh.open_stream(s.to, NEGOTIATE_PROTOCOL)
+                        self._out[s.to] = stream
+                    await stream.send(frame)
+                    return
+                except Exception as exc:
+                    self._out.pop(s.to, None)
+                    if attempt == 2:  # the state machines' timeouts handle the loss
+                        log.info("negotiation message not delivered",
+                                 extra={"to": s.to[:16], "type": s.envelope.type, "error": str(exc)})
+
+    async def _handle_stream(self, stream: FramedStream) -> None:
+        peer = stream.remote_peer
+        try:
+            peer_bytes = b58decode(peer)
+        except Exception:
+            return
+        try:
+            while True:
+                frame = await stream.receive()
+                if not isinstance(frame, dict) or not isinstance(frame.get("env"), bytes):
+                    continue
+                if frame.get("to") == "provider":
+                    await self._send_all(self.provider.receive(frame["env"], peer_bytes), "consumer")
+                else:
+                    await self._send_all(self.consumer.receive(frame["env"], peer_bytes), "provider")
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception as exc:
+            log.info("negotiation stream failed", extra={"peer": peer[:16], "error": str(exc)})
+        finally:
+            with trio.move_on_after(1):
+                await stream.close()
+
+    # ---- API -------------------------------------------------------------------------------
+
+    def book_json(self, cls: str | None = None) -> dict:
+        return {"classes": self.book.to_json(cls, now=now_ms()), "asks_published": len(self._our_asks),
+                "agreements": self.agreements}
+
+    def ledger_json(self) -> dict:
+        return self.ledger.to_json()
