@@ -287,7 +287,9 @@ class _CheckpointRequest:
 
 
 class WasmSandbox(Sandbox):
-    supports_checkpoint: ClassVar[bool] = True
+    @property
+    def supports_checkpoint(self) -> bool:  # type: ignore[override]
+        return self.memory_export is not None  # only step-ABI modules can be checkpointed
 
     def __init__(self, spec: TaskSpec, engine, linker, module, module_sha256: str,
                  memory_export: str | None, log_limit: int):

@@ -44,6 +44,13 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _client(args):
     from .client import ApiClient
     return ApiClient(Home(args.home))
@@ -248,7 +255,8 @@ def cmd_run(args) -> int:
         raise CliError(f"artefact {args.artifact} does not exist")
     spec = {"artifact": str(artifact), "runtime": args.runtime, "args": args.args,
             "cpus": args.cpus, "memory_bytes": args.memory, "max_price": args.max_price,
-            "timeout_s": args.timeout, "checkpointable": args.checkpointable}
+            "timeout_s": args.timeout, "checkpointable": args.checkpointable,
+            "env": dict(args.env)}
     client = _client(args)
     job = client.post("/v1/jobs", spec)
     if args.detach:
@@ -334,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cpus", type=float, default=1.0)
         sp.add_argument("--memory", type=parse_size, default=256 << 20, metavar="SIZE")
         sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+        sp.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE",
+                        type=_env_pair, help="environment variable for the task (repeatable)")
         sp.add_argument("artifact", metavar="ARTIFACT")
         sp.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS")
 

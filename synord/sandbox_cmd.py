@@ -26,7 +26,7 @@ def run_local(args) -> int:
         if not avail.available:
             raise CliError(f"the {kind} sandbox is not available here: {avail.reason}")
         with tempfile.TemporaryDirectory(prefix="synord-sandbox-") as work:
-            spec = TaskSpec(kind=kind, artifact=artifact, args=list(args.args),
+            spec = TaskSpec(kind=kind, artifact=artifact, args=list(args.args), env=dict(args.env),
                             limits=Limits(cpus=args.cpus, memory_bytes=args.memory,
                                           timeout_s=args.timeout),
                             workdir=Path(work), task_id="local")

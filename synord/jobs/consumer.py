@@ -70,6 +70,8 @@ class Market(Protocol):
     def explain(self, needs: Needs) -> str: ...
     async def negotiate(self, candidate: Any, needs: Needs) -> Terms: ...
     async def announce_bid(self, needs: Needs, bid_id: str) -> None: ...
+    async def abandon(self, terms: Terms, reason: str) -> None: ...
+    def lease_done(self, terms: Terms) -> None: ...
 
 
 @dataclass
@@ -121,6 +123,14 @@ class Session:
             await self.stream.send(obj)
 
 
+@dataclass
+class _Displacement:
+    job: ConsumerJob
+    exclude: tuple[str, ...]
+    done: trio.Event = field(default_factory=trio.Event)
+    candidate: Any = None
+
+
 class ConsumerJobs:
     def __init__(self, identity: Identity, store: Store, home, mesh, market: Market,
                  lease_timeout_s: float = 5.0, checkpoint_interval_s: float = 10.0,
@@ -140,8 +150,8 @@ class ConsumerJobs:
         self.jobs: dict[str, ConsumerJob] = {}
         self.bandwidth: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
-        self._displaced: list[tuple[ConsumerJob, Displaced, trio.Event, dict]] = []
-        self._batch_task_running = False
+        self._displaced: list[_Displacement] = []
+        self._batch_open = False
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -263,12 +273,13 @@ class ConsumerJobs:
                 session = await self._attach(job)
                 if session is None:
                     await self._lost(job, "provider unreachable after our restart")
+            preferred = None
             while True:
                 if job.cancel_requested:
                     self._set_state(job, "cancelled")
                     return
                 if session is None:
-                    session = await self._place(job, exclude)
+                    session = await self._place(job, exclude, preferred)
                 outcome, detail = await self._watch(job, session)
                 if outcome == "exit":
                     return
@@ -276,6 +287,7 @@ class ConsumerJobs:
                 session = None
                 if outcome == "lost":
                     await self._lost(job, detail)
+                preferred = await self._join_replacement(job, exclude)
         except NoPlacement as exc:
             self._set_state(job, "failed", error=str(exc))
             log.warning("job failed: no placement", extra={"job": job.id, "reason": str(exc)})
@@ -298,9 +310,10 @@ class ConsumerJobs:
 
     async def _place(self, job: ConsumerJob, exclude: tuple[str, ...],
                      preferred: Any = None) -> Session:
+        needs = self._needs(job)
         if job.state != "migrating":
             self._set_state(job, "negotiating")
-        needs = self._needs(job)
+            await self.market.announce_bid(needs, job.id)
         deadline = trio.current_time() + self.placement_timeout_s
         reasons: list[str] = []
         while True:
@@ -321,7 +334,15 @@ class ConsumerJobs:
                 try:
                     return await self._launch(job, terms)
                 except Exception as exc:
+                    if "corrupted checkpoint" in str(exc) and job.checkpoint:
+                        # The provider could not restore it: fall back to a clean restart.
+                        log.warning("checkpoint refused by the provider: restarting from scratch",
+                                    extra={"job": job.id, "error": str(exc)})
+                        job.spec["checkpoint"] = None
+                        job.spec["restore_mode"] = "restart"
+                        self._save(job)
                     reasons.append(f"{terms.provider[:12]}: {exc}")
+                    await self.market.abandon(terms, f"launch failed: {exc}")
                     log.warning("launch failed", extra={"job": job.id, "provider": terms.provider[:16],
                                                         "error": f"{type(exc).__name__}: {exc}"})
             if trio.current_time() >= deadline:
@@ -350,11 +371,14 @@ class ConsumerJobs:
         peer = terms.provider
         await self._push(peer, self.blobs.path(job.spec["sha256"]), job.spec["sha256"], "artifact", job)
         restore = None
-        mode = job.spec.pop("restore_mode", None) if job.state == "migrating" else None
+        mode = job.spec.get("restore_mode") if job.state == "migrating" else None
         ck = job.checkpoint
         if mode in ("full", "partial", "restart-from-checkpoint") and ck:
-            await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
-            restore = {"sha256": ck["sha256"], "offsets": ck["offsets"]}
+            if not await self._checkpoint_intact(job, ck):
+                ck, mode = None, "restart"
+            else:
+                await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
+                restore = {"sha256": ck["sha256"], "offsets": ck["offsets"]}
         body = {"job_id": job.id, "agreement_id": terms.aid.hex(), "kind": job.runtime,
                 "artifact_sha256": job.spec["sha256"], "args": job.spec["args"],
                 "env": job.spec["env"], "limits": job.spec["limits"],
@@ -374,6 +398,12 @@ class ConsumerJobs:
                  "agreement": terms.aid.hex(), "price": terms.price}
         if job.state == "migrating":
             entry["from"] = job.provider
+            if job.spec.get("assignment"):
+                entry["assignment"] = job.spec.pop("assignment")
+        job.spec.pop("restore_mode", None)
+        # Where to find the provider again if we restart mid-job.
+        job.spec["provider_addrs"] = [a if "/p2p/" in a else f"{a}/p2p/{peer}"
+                                      for a in self.mesh.peer_addrs(peer)]
         self.store.kv_set(f"terms:{terms.aid.hex()}", _hex(terms.to_body()))  # for re-attach
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
@@ -381,16 +411,43 @@ class ConsumerJobs:
         job.session = Session(peer, terms, stream)
         return job.session
 
-    async def _attach(self, job: ConsumerJob) -> Session | None:
-        try:
-            with trio.fail_after(10):
-                stream = await self.mesh.open_stream(job.provider, TASK_PROTOCOL)
-                await stream.send({"env": seal(self.identity, "task.attach",
-                                               {"job_id": job.id, "offsets": dict(job.offsets)}).encode()})
-                reply = await stream.receive()
-        except Exception as exc:
-            log.info("re-attach failed", extra={"job": job.id, "error": f"{type(exc).__name__}: {exc}"})
-            return None
+    async def _checkpoint_intact(self, job: ConsumerJob, ck: dict) -> bool:
+        """A checkpoint that no longer matches its digest is dropped: the task restarts."""
+        path = Path(ck["path"])
+        ok = path.exists() and await trio.to_thread.run_sync(sha256_of, path) == ck["sha256"]
+        if not ok:
+            log.warning("checkpoint corrupted or missing: restarting from scratch",
+                        extra={"job": job.id, "sha256": ck["sha256"][:16]})
+            path.unlink(missing_ok=True)
+            job.spec["checkpoint"] = None
+            self._save(job)
+        return ok
+
+    async def _attach(self, job: ConsumerJob, within_s: float = 30.0) -> Session | None:
+        """Re-open the task stream after our restart; the provider may need a moment
+        to reconnect to us, so keep trying for ``within_s``."""
+        deadline = trio.current_time() + within_s
+        while True:
+            if job.provider not in self.mesh.connected_peers():
+                for addr in job.spec.get("provider_addrs", []):
+                    with trio.move_on_after(5):
+                        try:
+                            await self.mesh.dial(addr)
+                            break
+                        except Exception:
+                            pass
+            try:
+                with trio.fail_after(10):
+                    stream = await self.mesh.open_stream(job.provider, TASK_PROTOCOL)
+                    await stream.send({"env": seal(self.identity, "task.attach",
+                                                   {"job_id": job.id, "offsets": dict(job.offsets)}).encode()})
+                    reply = await stream.receive()
+                break
+            except Exception as exc:
+                if trio.current_time() >= deadline:
+                    log.info("re-attach failed", extra={"job": job.id, "error": f"{type(exc).__name__}: {exc}"})
+                    return None
+                await trio.sleep(0.5)
         if not (isinstance(reply, dict) and reply.get("started")):
             log.info("re-attach refused", extra={"job": job.id, "reply": str(reply)[:200]})
             return None
@@ -405,6 +462,62 @@ class ConsumerJobs:
             return None
         row = self.store.kv_get(f"terms:{aid}")
         return Terms.from_body(_unhex(row)) if row else None
+
+    # ---- re-placement of displaced jobs, all at once --------------------------------------
+
+    async def _join_replacement(self, job: ConsumerJob, exclude: tuple[str, ...]) -> Any:
+        """Wait for the batch of jobs displaced at about the same time to be assigned
+        together; returns this job's candidate (None: place it on its own)."""
+        entry = _Displacement(job, exclude)
+        self._displaced.append(entry)
+        if not self._batch_open:
+            self._batch_open = True
+            self._nursery.start_soon(self._assign_batch)
+        await entry.done.wait()
+        return entry.candidate
+
+    async def _assign_batch(self) -> None:
+        await trio.sleep(BATCH_WINDOW_S)  # notices from one provider arrive together
+        batch, self._displaced, self._batch_open = self._displaced, [], False
+        try:
+            self._assign(batch)
+        finally:
+            for entry in batch:
+                entry.done.set()
+
+    def _assign(self, batch: list["_Displacement"]) -> None:
+        tasks, asks = [], {}
+        for e in batch:
+            needs = self._needs(e.job)
+            ck = e.job.checkpoint if e.job.spec.get("restore_mode") not in (None, "restart") else None
+            tasks.append(Displaced(e.job.id, needs.cores, needs.memory, needs.runtime,
+                                   ck["bytes"] if ck else 0, needs.max_price, e.exclude))
+            for cand in self.market.candidates(needs, e.exclude):
+                asks.setdefault((cand.ask.peer, cand.ask.id), cand)
+        slots: list[Slot] = []
+        owners: list[Any] = []
+        smallest = min(batch, key=lambda e: e.job.spec["limits"]["cpus"]).job.spec["limits"]
+        for cand in asks.values():
+            a = cand.ask
+            # How many tasks of this batch the ask can hold; each slot gets an equal share.
+            n = int(min(a.cores / max(smallest["cpus"], 1e-9), a.memory / max(smallest["memory_bytes"], 1)))
+            n = max(0, min(n, len(batch)))
+            for _ in range(n):
+                slots.append(Slot(a.peer, a.cores / n, a.memory // n, a.price,
+                                  self.bandwidth.get(a.peer, DEFAULT_BANDWIDTH_BPS), tuple(a.runtimes)))
+                owners.append(cand)
+        t0 = time.perf_counter()
+        result = assign_optimal(tasks, slots)
+        solve_ms = (time.perf_counter() - t0) * 1000
+        for e in batch:
+            j = result.get(e.job.id)
+            e.candidate = owners[j] if j is not None else None
+            e.job.spec["assignment"] = {"method": "kuhn-munkres", "batch": len(batch),
+                                        "slots": len(slots), "solve_ms": round(solve_ms, 3),
+                                        "provider": owners[j].ask.peer if j is not None else None}
+        if len(batch) > 1:
+            log.info("displaced jobs assigned together", extra={"jobs": len(batch), "slots": len(slots),
+                                                                "solve_ms": round(solve_ms, 3)})
 
     # ---- watching a placement ----------------------------------------------------------------
 
@@ -538,6 +651,8 @@ class ConsumerJobs:
     async def _exited(self, job: ConsumerJob, session: Session, msg: dict) -> tuple[str, str]:
         ex = msg["exit"]
         self._flush_all()
+        if session.terms is not None:
+            self.market.lease_done(session.terms)
         now = time.time()
         if session.preempt is not None or ex.get("handed_back"):
             mode = session.mode or "restart"

@@ -296,8 +296,14 @@ class ProviderJobs:
                 await send({"hb": int(time.time() * 1000)})
                 last_hb = now
             if next_ckpt is not None and now >= next_ckpt and not task.preempt:
-                await self._send_checkpoint(stream, task, send_lock, stop=False)
-                next_ckpt = trio.current_time() + task.checkpoint_interval_s
+                try:
+                    await self._send_checkpoint(stream, task, send_lock, stop=False)
+                    next_ckpt = trio.current_time() + task.checkpoint_interval_s
+                except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
+                    raise
+                except Exception as exc:  # the task runs on; it just cannot be checkpointed
+                    log.info("periodic checkpoints off", extra={"job": task.job_id, "error": str(exc)})
+                    next_ckpt = None
             with trio.move_on_after(self.heartbeat_s):
                 await changed.wait()
         await self._finish(stream, task, send)

@@ -79,6 +79,7 @@ class MarketService:
                                  on_lost=self._on_lost, on_receipt=self._record)
         self.on_agreement = on_agreement
         self._waiting: dict[str, trio.Event] = {}
+        self._bid_of: dict[bytes, str] = {}  # agreement id -> bid id (consumer side)
         self._out: dict[str, FramedStream] = {}
         self._out_lock: dict[str, trio.Lock] = {}
         self._our_asks: list[Ask] = []
@@ -99,6 +100,7 @@ class MarketService:
             nursery.start_soon(run_timers, self.consumer, self._to_provider, now_ms)
             nursery.start_soon(self._ask_loop)
             nursery.start_soon(self._expire_loop)
+            nursery.start_soon(self._republish_for_newcomers, self.mesh.events())
             task_status.started()
 
     async def _subscribe(self, cls: str) -> None:
@@ -118,6 +120,14 @@ class MarketService:
                 log.debug("order ignored", extra={"error": str(exc)})
                 continue
             log.debug("order", extra={"from": msg.origin[:16], "result": result})
+
+    async def _republish_for_newcomers(self, events) -> None:
+        """Gossip has no history: a peer that (re)joins hears our asks only when we
+        publish again, so publish again soon after someone connects."""
+        async for ev in events:
+            if ev.kind == "connected" and self._our_asks:
+                await trio.sleep(0.5)  # let its subscriptions reach us first; batches bursts
+                self._republish.set()
 
     async def _expire_loop(self) -> None:
         while True:
@@ -259,12 +269,30 @@ class MarketService:
             await self._send_all(self.consumer.place(bid, [candidate.ask]), "provider")
             with trio.move_on_after(self.timeouts.propose_ms / 1000 + 1):
                 await done.wait()
-            pl: Placement = self.consumer.placements.pop(bid.id)
+            pl: Placement = self.consumer.placements[bid.id]
         finally:
             self._waiting.pop(bid.id, None)
         if pl.state == "active" and pl.negotiation is not None and pl.negotiation.terms is not None:
+            self._bid_of[pl.negotiation.terms.aid] = bid.id
             return pl.negotiation.terms
+        self.consumer.placements.pop(bid.id, None)
         raise PlacementRejected(pl.attempts[-1][2] if pl.attempts else "no answer from the provider")
+
+    async def abandon(self, terms: Terms, reason: str) -> None:
+        """Consumer: we will not use this agreement (e.g. the launch failed): end the
+        lease so the provider releases what it reserved for us."""
+        bid_id = self._bid_of.pop(terms.aid, None)
+        if bid_id is None or bid_id not in self.consumer.placements:
+            return
+        sends = self.consumer.end(bid_id, "abandoned", reason[:200])
+        self.consumer.placements.pop(bid_id, None)
+        await self._send_all(sends, "provider")
+
+    def lease_done(self, terms: Terms) -> None:
+        """Consumer: the task under ``terms`` is over; forget the placement."""
+        bid_id = self._bid_of.pop(terms.aid, None)
+        if bid_id is not None:
+            self.consumer.placements.pop(bid_id, None)
 
     def _placement_done(self, pl: Placement) -> None:
         ev = self._waiting.get(pl.bid.id)
