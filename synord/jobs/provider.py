@@ -51,6 +51,9 @@ class ProviderTask:
     handed_back: bool = False  # a stop-checkpoint went to the consumer
     settled: bool = False  # the market was told how it ended (receipt sent)
     checkpoints_taken: int = 0
+    # Held while a checkpoint is taken and sent: the exit frame must come after a
+    # stop-checkpoint's bytes, since the task ends *because* of that checkpoint.
+    ckpt_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class ProviderJobs:
@@ -249,7 +252,9 @@ class ProviderJobs:
                              "AND role = 'provider'",
                              (state, st.code, task.execution.error or st.reason, time.time(), task.job_id))
             self._settle(task)
-            shutil.rmtree(task.workdir, ignore_errors=True)
+            with trio.CancelScope(shield=True):
+                async with task.ckpt_lock:  # a stop-checkpoint is still being packed and sent
+                    shutil.rmtree(task.workdir, ignore_errors=True)
             # Keep the output for a consumer that re-attaches late, then forget.
             with trio.CancelScope(shield=False):
                 await trio.sleep(RETAIN_S)
@@ -328,6 +333,10 @@ class ProviderJobs:
                         await stream.send({"ckpt_error": str(exc)})
 
     async def _send_checkpoint(self, stream, task: ProviderTask, send_lock, stop: bool) -> None:
+        async with task.ckpt_lock:
+            await self._checkpoint_and_send(stream, task, send_lock, stop)
+
+    async def _checkpoint_and_send(self, stream, task: ProviderTask, send_lock, stop: bool) -> None:
         ex = task.execution
         if not ex.supports_checkpoint:
             raise RuntimeError("this task cannot be checkpointed")
@@ -351,6 +360,8 @@ class ProviderJobs:
 
     async def _finish(self, stream, task: ProviderTask, send) -> None:
         ex = task.execution
+        async with task.ckpt_lock:
+            pass  # a stop-checkpoint in flight goes out first
         st = ex.status
         await send({"exit": {"code": st.code, "reason": st.reason, "usage": st.usage.to_json(),
                              "error": ex.error, "handed_back": task.handed_back}})
