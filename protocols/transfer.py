@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import trio
+
 from .envelope import message_type
 from .framing import CHUNK, FramedStream
 
@@ -63,6 +65,11 @@ class BlobStore:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, trio.Lock] = {}
+
+    def lock(self, sha: str) -> trio.Lock:
+        """One upload of a given blob at a time (two consumers may send the same one)."""
+        return self._locks.setdefault(sha, trio.Lock())
 
     def path(self, sha: str) -> Path:
         if not _SHA_RE.match(sha):
@@ -132,6 +139,11 @@ async def receive_file(stream: FramedStream, store: BlobStore, verify_offer: Cal
     if reason:
         await stream.send({"error": reason})
         raise TransferError(reason)
+    async with store.lock(offer["sha256"]):
+        return offer, await _receive_locked(stream, store, offer)
+
+
+async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -> Path:
     sha, size = offer["sha256"], offer["size"]
     final = store.path(sha)
     if final.exists():
@@ -140,7 +152,7 @@ async def receive_file(stream: FramedStream, store: BlobStore, verify_offer: Cal
         if head != {"blob": 0}:
             raise TransferError("sender sent bytes for a cached blob")
         await stream.send({"ok": True})
-        return offer, final
+        return final
     part = store.partial(sha)
     have = part.stat().st_size if part.exists() else 0
     if have > size:
@@ -165,4 +177,4 @@ async def receive_file(stream: FramedStream, store: BlobStore, verify_offer: Cal
         raise TransferError("sha256 mismatch")
     os.replace(part, final)
     await stream.send({"ok": True})
-    return offer, final
+    return final

@@ -92,7 +92,7 @@ def test_corrupted_checkpoint_is_refused_and_the_task_restarts_cleanly(tmp_path,
 @pytest.mark.slow
 def test_ten_tasks_of_a_paused_provider_are_reassigned_together(tmp_path):
     ensure_assets()
-    env = ["-e", "COUNT=40", "-e", "WORK=5000000"]
+    env = ["-e", "COUNT=40", "-e", "WORK=60000000"]
     ref = reference_run(*env, str(COUNTER_WASM))
     small = "[contributor]\ncpu_share = 0.2\n"  # 0.4 cores: four 0.1-core tasks each
     with DaemonCluster(tmp_path) as cluster:

@@ -29,7 +29,7 @@ from protocols.envelope import EnvelopeValidator, now_ms, seal
 from protocols.framing import FramedStream
 from protocols.identity import b58decode
 from protocols.mesh import envelope_validator
-from protocols.negotiation import Terms, Timeouts
+from protocols.negotiation import NegotiationError, Terms, Timeouts
 from protocols.orders import Ask, Bid, Cancel
 from protocols.topics import orders as orders_topic
 
@@ -284,7 +284,10 @@ class MarketService:
         bid_id = self._bid_of.pop(terms.aid, None)
         if bid_id is None or bid_id not in self.consumer.placements:
             return
-        sends = self.consumer.end(bid_id, "abandoned", reason[:200])
+        try:
+            sends = self.consumer.end(bid_id, "abandoned", reason[:200])
+        except NegotiationError:
+            sends = []  # the lease already ended (the provider gave up first)
         self.consumer.placements.pop(bid_id, None)
         await self._send_all(sends, "provider")
 
