@@ -121,3 +121,26 @@ def test_ten_tasks_of_a_paused_provider_are_reassigned_together(tmp_path):
         legs = [f["history"][-1] for f in finals]
         assert all(leg["assignment"]["method"] == "kuhn-munkres" for leg in legs)
         assert max(leg["assignment"]["batch"] for leg in legs) >= 2
+
+
+SEQUENCE = "i=0; while [ $i -lt 120 ]; do echo $i; i=$((i+1)); sleep 0.05; done"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["container", "microvm"])
+def test_pause_migrates_runsc_containers_and_microvms(tmp_path, runtime):
+    """runsc (gVisor) and QEMU checkpoints carry a running shell loop to another provider."""
+    ensure_assets()
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 2)
+        job_id, first, others = place_on_first(
+            consumer, provs, "--runtime", runtime, "--checkpointable", "--memory", "128M",
+            str(BUSYBOX_TAR), "--", "sh", "-c", SEQUENCE)
+        wait_for(lambda: "\n10\n" in output(consumer, job_id), 120, what="the loop under way")
+        assert first.post("/v1/pause")["tasks_handed_back"] == 1
+        j = wait_job(consumer, job_id, timeout=180)
+        assert j["state"] == "succeeded", j
+        assert output(consumer, job_id) == "".join(f"{i}\n" for i in range(120))
+        first_leg, second_leg = j["history"]
+        assert first_leg["ended"] == "preempted" and second_leg["mode"] == "full"
+        assert second_leg["provider"] == peer(others[0]) and second_leg["checkpoint_bytes"] > 0

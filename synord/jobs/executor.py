@@ -131,6 +131,11 @@ class TaskExecution:
                 rel = json.loads(offsets_path.read_text())
                 offsets = {s: self.base_offsets[s] + int(rel.get(s, 0)) for s in ("stdout", "stderr")}
             else:
+                if not leave_running:
+                    # Stopped: once its output is drained, everything we read precedes
+                    # the checkpoint, exactly.
+                    with trio.move_on_after(10):
+                        await self.done.wait()
                 offsets = dict(self.output.offsets)
             self.checkpoint_bytes_estimate = info.bytes
             return info, offsets
