@@ -182,7 +182,8 @@ async def test_kill_running_loop(rt, wasm_modules):
 
 
 async def test_kill_of_a_guest_blocked_in_a_host_call(rt, wasm_modules):
-    sb = await rt.prepare(probe(wasm_modules, "sleep", "2"))
+    # Long enough that a loaded machine cannot finish the sleep before the kill.
+    sb = await rt.prepare(probe(wasm_modules, "sleep", "6"))
     sb.stop_grace_s = 0.2
     with trio.fail_after(GUARD_S):
         async with trio.open_nursery() as n:
@@ -192,7 +193,7 @@ async def test_kill_of_a_guest_blocked_in_a_host_call(rt, wasm_modules):
     status = await sb.wait()
     assert (status.code, status.reason) == (137, "killed")
     assert not sb._worker_done  # still asleep in wasmtime: abandoned, not waited for
-    with trio.fail_after(GUARD_S):  # ...and it stops on its own once the host call returns
+    with trio.fail_after(GUARD_S + 6):  # ...and it stops on its own once the host call returns
         while not sb._worker_done:
             await trio.sleep(0.05)
 
