@@ -132,6 +132,8 @@ def decode(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
         t, s, ts, exp, n, b, sig = (raw[k] for k in ("t", "s", "ts", "exp", "n", "b", "sig"))
     except KeyError as exc:
         raise EnvelopeError("malformed", f"missing {exc.args[0]}") from None
+    if len(raw) != 8:  # one encoding per envelope: no room for unsigned extra fields
+        raise EnvelopeError("malformed", "unexpected fields")
     if not (isinstance(t, str) and isinstance(s, bytes) and isinstance(ts, int)
             and isinstance(exp, int) and isinstance(n, bytes) and isinstance(b, bytes)
             and isinstance(sig, bytes)):

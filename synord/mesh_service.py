@@ -61,6 +61,7 @@ class MeshService:
         self.validator = EnvelopeValidator()
         self.sync_validator = EnvelopeValidator()
         self._own: bytes | None = None
+        self._own_ready = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._peers: dict[str, PeerEntry] = {}
         self._best_seq: dict[str, int] = {}  # survives removal: stale gossip can't resurrect a peer
@@ -120,6 +121,7 @@ class MeshService:
         env = caps.make_caps(self.identity, profile, offer, self.listen_addrs(), self._seq.next())
         data = env.encode()
         self._own = data
+        self._own_ready.set()
         await self.mesh.publish(topics.CAPS, data)
         self.announced += 1
         return env.body["seq"]
@@ -150,11 +152,22 @@ class MeshService:
     async def _serve_sync(self, peer_id: str, payload: bytes) -> bytes:
         self._expire(time.time())
         held = [e.envelope for e in self._peers.values() if e.envelope and e.peer_id != peer_id]
+        with trio.move_on_after(5):  # a peer may connect before our first announcement
+            await self._own_ready.wait()
         if self._own:
             held.append(self._own)
         return msgpack.packb(held[:SYNC_MAX], use_bin_type=True)
 
     async def _sync_from(self, peer_id: str) -> None:
+        # a loaded peer may time out: retry while connected and still unknown
+        for delay in (0, 3, 6, 12):
+            await trio.sleep(delay)
+            entry = self._peers.get(peer_id)
+            if entry is None or (delay and entry.envelope is not None):
+                return
+            await self._sync_once(peer_id)
+
+    async def _sync_once(self, peer_id: str) -> None:
         try:
             reply = await self.mesh.request(peer_id, CAPS_SYNC, b"", timeout=15,
                                             max_reply=SYNC_MAX * MAX_ENVELOPE_BYTES)

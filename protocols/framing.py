@@ -1,0 +1,153 @@
+"""Length-prefixed msgpack frames and chunked blobs over any byte stream.
+
+Why our own framing: py-libp2p's varint readers give up after 100 short reads,
+which breaks payloads above ~6 MiB.  Here every read loops until it has what it
+needs (no retry cap) and large payloads go out in bounded chunks.
+
+Wire form (see docs/WIRE.md, "Stream framing"):
+
+    frame = u32 big-endian length N || N bytes of one msgpack object
+    blob  = frame {"blob": total_size} || total_size raw bytes
+
+A blob's raw bytes carry no per-chunk headers; the writer sends them in
+``CHUNK`` pieces and the reader consumes them in pieces of at most ``CHUNK``.
+A request/response exchange is one blob each way; a handler that fails answers
+with the frame {"error": text} instead of a blob header.
+
+The byte stream only needs ``async read(n) -> bytes`` (b"" at end of stream)
+and ``async write(data)``; backends adapt their native streams to that.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import msgpack
+
+MAX_FRAME = 4 * 1024 * 1024          # one msgpack frame
+MAX_BLOB = 1024 * 1024 * 1024        # default cap for one received blob
+CHUNK = 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """The peer broke the framing rules (oversized, malformed, truncated)."""
+
+
+class RemoteError(Exception):
+    """The peer's handler answered with an error frame."""
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    async def close(self) -> None: ...
+    async def reset(self) -> None: ...
+
+
+class FramedStream:
+    """Frames and blobs over a ByteStream. Not safe for concurrent readers."""
+
+    def __init__(self, raw: ByteStream, remote_peer: str = "", protocol: str = "",
+                 max_frame: int = MAX_FRAME):
+        self.raw = raw
+        self.remote_peer = remote_peer
+        self.protocol = protocol
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    # -- reading ---------------------------------------------------------
+    async def _read_exactly(self, n: int) -> bytes:
+        if len(self._buf) >= n:
+            out = bytes(self._buf[:n])
+            del self._buf[:n]
+            return out
+        parts = [bytes(self._buf)]
+        have = len(self._buf)
+        self._buf.clear()
+        while have < n:
+            chunk = await self.raw.read(min(n - have, CHUNK))
+            if not chunk:
+                raise FrameError(f"stream ended after {have} of {n} bytes")
+            parts.append(chunk)
+            have += len(chunk)
+        data = b"".join(parts)
+        if have > n:  # a backend may return more than asked
+            self._buf += data[n:]
+            data = data[:n]
+        return data
+
+    async def _read_header(self) -> int | None:
+        """Frame length, or None on a clean end of stream before a frame."""
+        while len(self._buf) < 4:
+            chunk = await self.raw.read(CHUNK)
+            if not chunk:
+                if self._buf:
+                    raise FrameError("stream ended inside a frame header")
+                return None
+            self._buf += chunk
+        (n,) = _LEN.unpack(self._buf[:4])
+        del self._buf[:4]
+        if n > self.max_frame:
+            raise FrameError(f"frame of {n} bytes exceeds {self.max_frame}")
+        return n
+
+    async def receive(self) -> Any:
+        """Next msgpack object; raises EOFError at a clean end of stream."""
+        n = await self._read_header()
+        if n is None:
+            raise EOFError("stream closed by peer")
+        data = await self._read_exactly(n)
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False,
+                                   max_bin_len=self.max_frame, max_str_len=self.max_frame)
+        except Exception as exc:  # msgpack raises many types on garbage
+            raise FrameError(f"malformed frame: {type(exc).__name__}") from None
+
+    async def iter_blob(self, max_bytes: int = MAX_BLOB) -> AsyncIterator[bytes]:
+        """Yield a blob's bytes in chunks (for writing straight to disk)."""
+        head = await self.receive()
+        if isinstance(head, dict) and "error" in head:
+            raise RemoteError(str(head["error"]))
+        size = head.get("blob") if isinstance(head, dict) else None
+        if not isinstance(size, int) or size < 0:
+            raise FrameError(f"expected a blob header, got {type(head).__name__}")
+        if size > max_bytes:
+            raise FrameError(f"blob of {size} bytes exceeds {max_bytes}")
+        left = size
+        while left:
+            piece = await self._read_exactly(min(left, CHUNK))
+            left -= len(piece)
+            yield piece
+
+    async def read_raw(self, n: int) -> bytes:
+        """Exactly ``n`` raw bytes (the body of a blob whose header the caller read)."""
+        return await self._read_exactly(n)
+
+    async def receive_blob(self, max_bytes: int = MAX_BLOB) -> bytes:
+        parts = [p async for p in self.iter_blob(max_bytes)]
+        return b"".join(parts)
+
+    # -- writing ---------------------------------------------------------
+    async def send(self, obj: Any) -> None:
+        data = msgpack.packb(obj, use_bin_type=True)
+        if len(data) > self.max_frame:
+            raise FrameError(f"frame of {len(data)} bytes exceeds {self.max_frame}")
+        await self.raw.write(_LEN.pack(len(data)) + data)
+
+    async def send_blob(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        await self.send({"blob": len(view)})
+        for off in range(0, len(view), CHUNK):
+            await self.raw.write(bytes(view[off:off + CHUNK]))
+
+    async def send_error(self, text: str) -> None:
+        await self.send({"error": text[:1000]})
+
+    async def close(self) -> None:
+        await self.raw.close()
+
+    async def reset(self) -> None:
+        await self.raw.reset()

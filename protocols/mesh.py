@@ -1,0 +1,193 @@
+"""Our mesh interface: what the daemon needs from a libp2p stack, and no more.
+
+Everything above this module talks to `Mesh`; `protocols.p2p.Libp2pMesh` is
+the py-libp2p implementation.  Another backend (e.g. the go-libp2p daemon)
+can replace it by implementing the same methods.  No libp2p import here: the
+CLI imports this module and must start fast.
+
+Conventions:
+- peers are text peer ids ("12D3KooW..."), addresses are multiaddr strings;
+- `listen_addrs()` gives full multiaddrs ending in /p2p/<id>;
+- a topic validator is ``fn(data, origin_peer_id) -> value | None``: None
+  rejects (the message is neither delivered nor forwarded), anything else
+  accepts and travels with the delivered `GossipMessage` as ``value``;
+- stream protocols speak `protocols.framing` (length-prefixed msgpack frames
+  and chunked blobs); request/response is one blob each way.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .envelope import Envelope, EnvelopeValidator, Rejected
+from .framing import FramedStream
+from .identity import Identity, IdentityError, b58decode
+
+PROTOCOL_PREFIX = "/synord/"
+PX_PROTOCOL = "/synord/px/1.0.0"
+
+
+def protocol_id(name: str, version: str = "1.0.0") -> str:
+    """The versioned stream protocol id for ``name``: /synord/<name>/<version>."""
+    return f"{PROTOCOL_PREFIX}{name}/{version}"
+
+
+class MeshError(Exception):
+    """A mesh operation failed (dial, stream, request); the text says why."""
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    kind: str  # "connected" | "disconnected"
+    peer_id: str
+
+
+@dataclass(frozen=True)
+class GossipMessage:
+    topic: str
+    data: bytes
+    origin: str          # peer id of the publisher (libp2p-signed)
+    value: Any = None    # what the topic validator returned
+
+
+Validator = Callable[[bytes, str], Any]
+StreamHandler = Callable[[FramedStream], Awaitable[None]]
+RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+@dataclass
+class MeshConfig:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    bootstrap: list[str] = field(default_factory=list)
+    mdns: bool = True
+    peer_exchange: bool = True
+    target_peers: int = 12        # stop auto-dialling PX candidates above this (gossip D_hi)
+    max_connections: int = 128
+    px_interval_s: float = 10.0
+    health_interval_s: float = 3.0  # ping every connection this often ...
+    ping_timeout_s: float = 5.0     # ... a ping slower than this is a miss ...
+    ping_misses: int = 2            # ... and this many misses in a row drop it
+    backoff_min_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+class Mesh(abc.ABC):
+    """One node's view of the mesh. Run it with ``await nursery.start(mesh.run)``."""
+
+    identity: Identity
+    config: MeshConfig
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @abc.abstractmethod
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, discover and serve until cancelled; started once listening."""
+
+    @abc.abstractmethod
+    def listen_addrs(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def security_protocols(self) -> list[str]:
+        """Security protocol ids this node offers (only /noise)."""
+
+    @abc.abstractmethod
+    async def dial(self, addr: str) -> str:
+        """Connect to a full multiaddr (with /p2p/<id>); returns the peer id."""
+
+    @abc.abstractmethod
+    def connected_peers(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def peer_addrs(self, peer_id: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel:
+        """A new channel of PeerEvent (connected / disconnected) for one reader."""
+
+    @abc.abstractmethod
+    async def publish(self, topic: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe(self, topic: str, validator: Validator | None = None,
+                        buffer: int = 1024) -> trio.MemoryReceiveChannel:
+        """Join ``topic``; returns a channel of GossipMessage that passed ``validator``."""
+
+    @abc.abstractmethod
+    def set_handler(self, protocol: str, handler: StreamHandler) -> None: ...
+
+    @abc.abstractmethod
+    async def open_stream(self, peer_id: str, protocol: str) -> FramedStream: ...
+
+    def set_request_handler(self, protocol: str, handler: RequestHandler,
+                            max_request: int = 64 * 1024 * 1024) -> None:
+        """Serve request/response: ``handler(peer_id, payload) -> reply``."""
+
+        async def serve(stream: FramedStream) -> None:
+            try:
+                payload = await stream.receive_blob(max_request)
+                try:
+                    reply = await handler(stream.remote_peer, payload)
+                except Exception as exc:  # the handler's failure goes back as an answer
+                    await stream.send_error(f"{type(exc).__name__}: {exc}")
+                else:
+                    await stream.send_blob(reply)
+            finally:
+                await stream.close()
+
+        self.set_handler(protocol, serve)
+
+    async def request(self, peer_id: str, protocol: str, payload: bytes,
+                      timeout: float = 30.0, max_reply: int = 1024 * 1024 * 1024) -> bytes:
+        """Send ``payload`` to ``peer_id`` on ``protocol``; returns the reply."""
+        with trio.fail_after(timeout):
+            stream = await self.open_stream(peer_id, protocol)
+            try:
+                await stream.send_blob(payload)
+                return await stream.receive_blob(max_reply)
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+
+
+def envelope_validator(validator: EnvelopeValidator, types: Iterable[str] | None = None,
+                       on_reject: Callable[[Rejected], None] | None = None) -> Validator:
+    """A topic validator that accepts only valid envelopes published by their signer.
+
+    ``types`` restricts which envelope types the topic carries.  The sender
+    must be the gossip origin (so nobody republishes another peer's envelope
+    under its own name); rate limits apply per origin.
+    """
+    allowed = frozenset(types) if types is not None else None
+
+    def check(data: bytes, origin: str) -> Envelope | None:
+        try:
+            origin_bytes = b58decode(origin)
+        except IdentityError:
+            origin_bytes = None
+        result = validator.check(data, peer=origin_bytes)
+        if isinstance(result, Rejected):
+            if on_reject:
+                on_reject(result)
+            return None
+        if result.sender != origin_bytes:
+            validator.rejected["sender_mismatch"] += 1
+            return None
+        if allowed is not None and result.type not in allowed:
+            validator.rejected["wrong_topic"] += 1
+            return None
+        return result
+
+    return check
+
+
+def create_mesh(identity: Identity, config: MeshConfig) -> Mesh:
+    """The default backend (py-libp2p); imported lazily because it is heavy."""
+    from .p2p import Libp2pMesh
+    return Libp2pMesh(identity, config)

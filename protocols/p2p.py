@@ -1,0 +1,509 @@
+"""The py-libp2p (0.8.1) implementation of `protocols.mesh.Mesh`.
+
+Every setting here comes from measurements in shared/notes/py-libp2p.md:
+- Noise is the only security transport (the library default also offers
+  TLS, secio and *plaintext*); yamux the only muxer;
+- ``max_connections_per_peer=1`` removes a 250 ms staggered-dial stall;
+- health pings drop a frozen (SIGSTOPped) peer; auto-dialling is off (the
+  library would keep redialling dead peers), we dial ourselves, bounded;
+- GossipSub v1.1 with spam protection / adaptive gossip / eclipse checks off
+  (they silently drop most messages); rate limits live in our validators;
+- pubsub and router services start before ``host.run``;
+- subscriptions are drained promptly into our own channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from collections import OrderedDict
+
+# Yamux sends ~3 window updates per data frame otherwise (~20% CPU). Read at call time.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+import msgpack
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.discovery.events.peerDiscovery import peerDiscovery
+from libp2p.network.config import ConnectionConfig
+from libp2p.host.ping import ID as PING_ID, PING_LENGTH
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIP_V10, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from .framing import FramedStream
+from .identity import Identity
+from .mesh import (PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
+                   StreamHandler, Validator)
+
+log = logging.getLogger("synord.mesh")
+
+PX_MAX_PEERS = 64
+PEERSTORE_TTL_S = 3600
+
+
+class _RawStream:
+    """Adapts a libp2p stream to framing's ByteStream (b"" at end of stream)."""
+
+    def __init__(self, stream):
+        self._s = stream
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._s.read(n)
+        except StreamEOF:
+            return b""
+        except StreamError as exc:
+            log.debug("stream read ended: %s", exc)
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._s.write(data)
+        except StreamError as exc:
+            raise MeshError(f"stream write failed: {exc}") from None
+
+    async def close(self) -> None:
+        try:
+            await self._s.close()
+        except Exception:  # closing a dead stream is not an error worth raising
+            pass
+
+    async def reset(self) -> None:
+        try:
+            await self._s.reset()
+        except Exception:
+            pass
+
+
+async def _discard(stream) -> None:
+    if stream is not None:
+        try:
+            await stream.reset()
+        except Exception:  # already dead
+            pass
+    return None
+
+
+class _Notifee(INotifee):
+    """Turns swarm connection callbacks into PeerEvents (first up / last down)."""
+
+    def __init__(self, mesh: "Libp2pMesh"):
+        self.mesh = mesh
+
+    async def opened_stream(self, network, stream) -> None:
+        pass
+
+    async def closed_stream(self, network, stream) -> None:
+        pass
+
+    async def connected(self, network, conn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if len(network.get_connections(peer)) <= 1:
+            self.mesh._emit(PeerEvent("connected", peer.to_base58()))
+
+    async def disconnected(self, network, conn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if not [c for c in network.get_connections(peer) if c is not conn]:
+            self.mesh._emit(PeerEvent("disconnected", peer.to_base58()))
+
+    async def listen(self, network, multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network, multiaddr) -> None:
+        pass
+
+
+def _expand_wildcard(addr: multiaddr.Multiaddr) -> list[str]:
+    """/ip4/0.0.0.0/... is not dialable: list it once per local IPv4 address."""
+    text = str(addr)
+    if "/ip4/0.0.0.0/" not in text:
+        return [text]
+    import psutil
+    ips = sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                  if a.family == socket.AF_INET})
+    return [text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in ips] or [text]
+
+
+class Libp2pMesh(Mesh):
+    def __init__(self, identity: Identity, config: MeshConfig | None = None):
+        self.identity = identity
+        self.config = config or MeshConfig()
+        cfg = self.config
+        key_pair = create_new_key_pair(identity.seed)
+        self._sec_opt = {TProtocol(NOISE_ID): NoiseTransport(
+            key_pair, noise_privkey=create_x25519_key_pair().private_key)}
+        conn_cfg = ConnectionConfig(
+            max_connections=cfg.max_connections, max_connections_per_peer=1,
+            min_connections=0, low_watermark=0, high_watermark=cfg.max_connections,
+            dial_timeout=10.0,
+            # the library's monitor drops a connection after one slow ping (false
+            # positives on a loaded machine) and pings sequentially: we run our own
+            enable_health_monitoring=False,
+        )
+        self.host = new_host(
+            key_pair=key_pair, sec_opt=self._sec_opt, muxer_opt={TProtocol(YAMUX_ID): Yamux},
+            listen_addrs=[multiaddr.Multiaddr(a) for a in cfg.listen],
+            enable_mDNS=cfg.mdns, connection_config=conn_cfg,
+            disable_identify_address_discovery=True,
+        )
+        if self.host.get_id().to_base58() != identity.peer_id:
+            raise MeshError("libp2p derived a different peer id from our key")
+        self.router = GossipSub(
+            protocols=[PROTOCOL_ID_V11, GOSSIP_V10], degree=6, degree_low=4, degree_high=12,
+            heartbeat_interval=1, spam_protection_enabled=False,
+            adaptive_gossip_enabled=False, eclipse_protection_enabled=False,
+        )
+        self.pubsub = Pubsub(self.host, self.router, strict_signing=True)
+        self._event_channels: list[trio.MemorySendChannel] = []
+        self._validated: OrderedDict[tuple[bytes, bytes], object] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+        self._px_queue_send, self._px_queue_recv = trio.open_memory_channel(256)
+        self._dialing: set[str] = set()
+        self._watched: set[str] = set()
+        self._dial_failures: dict[str, tuple[int, float]] = {}  # peer -> (count, retry_at)
+        self.dropped_messages = 0
+        self.host.get_network().register_notifee(_Notifee(self))
+        if cfg.peer_exchange:
+            self.set_request_handler(PX_PROTOCOL, self._serve_px, max_request=1024)
+
+    # -- lifecycle -----------------------------------------------------------
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
+        async with background_trio_service(self.pubsub):
+            async with background_trio_service(self.router):
+                async with self.host.run(listen):
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        for addr in self.config.bootstrap:
+                            nursery.start_soon(self._keep_connected, addr)
+                        if self.config.peer_exchange:
+                            nursery.start_soon(self._px_loop)
+                        for pid in self.host.get_connected_peers():
+                            self._start_watch(pid.to_base58())
+                        if self.config.mdns:
+                            await nursery.start(self._mdns_loop)
+                        task_status.started()
+                        try:
+                            await trio.sleep_forever()
+                        finally:
+                            self._nursery = None
+                            for ch in self._event_channels:
+                                ch.close()
+                            # say goodbye: peers drop us now instead of after missed pings
+                            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                                for pid in self.host.get_connected_peers():
+                                    try:
+                                        await self.host.disconnect(pid)
+                                    except Exception:
+                                        pass
+
+    # -- addresses and peers -------------------------------------------------
+    def listen_addrs(self) -> list[str]:
+        out: list[str] = []
+        for addr in self.host.get_addrs():
+            out.extend(_expand_wildcard(addr))
+        return out
+
+    def security_protocols(self) -> list[str]:
+        return [str(p) for p in self.host.get_network().upgrader.security_multistream.transports]
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.host.get_connected_peers()]
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        try:
+            addrs = self.host.get_peerstore().addrs(ID.from_base58(peer_id))
+        except Exception:
+            return []
+        return [str(a) for a in addrs if "/ip4/0.0.0.0/" not in str(a)]
+
+    async def dial(self, addr: str) -> str:
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            raise MeshError(f"not a dialable multiaddr with /p2p/<id>: {addr!r} ({exc})") from None
+        await self._connect(info)
+        return info.peer_id.to_base58()
+
+    async def _connect(self, info: PeerInfo) -> None:
+        if info.peer_id == self.host.get_id():
+            raise MeshError("refusing to dial ourselves")
+        try:
+            with trio.fail_after(self.config.backoff_max_s):
+                await self.host.connect(info)
+        except trio.TooSlowError:
+            raise MeshError(f"dial {info.peer_id} timed out") from None
+        except Exception as exc:
+            raise MeshError(f"dial {info.peer_id} failed: {type(exc).__name__}: {exc}") from None
+
+    def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel:
+        send, recv = trio.open_memory_channel(buffer)
+        self._event_channels.append(send)
+        return recv
+
+    def _start_watch(self, peer_id: str) -> None:
+        if self._nursery is not None and peer_id not in self._watched:
+            self._watched.add(peer_id)
+            self._nursery.start_soon(self._watch_peer, ID.from_base58(peer_id))
+
+    def _emit(self, event: PeerEvent) -> None:
+        if event.kind == "connected":
+            self._start_watch(event.peer_id)
+        if event.kind == "connected" and self.config.peer_exchange:
+            try:
+                self._px_queue_send.send_nowait(event.peer_id)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                pass
+        for ch in list(self._event_channels):
+            try:
+                ch.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning("peer event reader is slow; dropped %s", event)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._event_channels.remove(ch)
+
+    # -- gossip --------------------------------------------------------------
+    async def publish(self, topic: str, data: bytes) -> None:
+        await self.pubsub.publish(topic, data)
+
+    async def subscribe(self, topic: str, validator: Validator | None = None,
+                        buffer: int = 1024) -> trio.MemoryReceiveChannel:
+        if self._nursery is None:
+            raise MeshError("subscribe() needs a running mesh (await nursery.start(mesh.run))")
+        if validator is not None:
+            self.pubsub.set_topic_validator(topic, self._wrap_validator(validator), False)
+        sub = await self.pubsub.subscribe(topic)
+        send, recv = trio.open_memory_channel(buffer)
+        self._nursery.start_soon(self._pump, topic, sub, send)
+        return recv
+
+    def _wrap_validator(self, validator: Validator):
+        def libp2p_validator(forwarder: ID, msg) -> bool:
+            try:
+                value = validator(msg.data, ID(msg.from_id).to_base58())
+            except Exception:  # a buggy validator must reject, never crash the router
+                log.exception("topic validator failed")
+                return False
+            if value is None or value is False:
+                return False
+            # handed to the subscription pump, which sees the same message next
+            self._validated[(msg.from_id, msg.seqno)] = value
+            while len(self._validated) > 4096:
+                self._validated.popitem(last=False)
+            return True
+        return libp2p_validator
+
+    async def _pump(self, topic: str, sub, send: trio.MemorySendChannel) -> None:
+        # Drain the library's 32-slot queue at once; ours is larger and counts drops.
+        async with send:
+            while True:
+                msg = await sub.get()
+                value = self._validated.pop((msg.from_id, msg.seqno), None)
+                try:
+                    send.send_nowait(GossipMessage(topic, msg.data, ID(msg.from_id).to_base58(), value))
+                except trio.WouldBlock:
+                    self.dropped_messages += 1
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    await self.pubsub.unsubscribe(topic)
+                    return
+
+    # -- streams -------------------------------------------------------------
+    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
+        async def libp2p_handler(stream) -> None:
+            peer = stream.muxed_conn.peer_id.to_base58()
+            framed = FramedStream(_RawStream(stream), remote_peer=peer, protocol=protocol)
+            try:
+                await handler(framed)
+            except Exception as exc:  # one bad stream must not hurt the node
+                log.info("handler %s for %s failed: %s: %s", protocol, peer[:16], type(exc).__name__, exc)
+                await framed.reset()
+
+        self.host.set_stream_handler(TProtocol(protocol), libp2p_handler)
+
+    async def open_stream(self, peer_id: str, protocol: str) -> FramedStream:
+        try:
+            stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except Exception as exc:
+            raise MeshError(f"open {protocol} to {peer_id[:16]}: {type(exc).__name__}: {exc}") from None
+        return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol)
+
+    # -- health: drop frozen peers --------------------------------------------
+    async def _watch_peer(self, pid: ID) -> None:
+        """Ping a connected peer every interval on one long-lived /ipfs/ping/1.0.0
+        stream (a new stream per ping cost ~1 core on a 30-node test mesh);
+        disconnect after ``ping_misses`` misses in a row: a SIGSTOPped peer
+        keeps its TCP connection open forever otherwise."""
+        cfg, stream, misses = self.config, None, 0
+        try:
+            while True:
+                await trio.sleep(cfg.health_interval_s)
+                if not self.host.get_network().get_connections(pid):
+                    return
+                ok = False
+                with trio.move_on_after(cfg.ping_timeout_s):
+                    try:
+                        if stream is None:
+                            stream = await self.host.new_stream(pid, [PING_ID])
+                        payload = os.urandom(PING_LENGTH)
+                        await stream.write(payload)
+                        got = b""
+                        while len(got) < PING_LENGTH:
+                            chunk = await stream.read(PING_LENGTH - len(got))
+                            if not chunk:
+                                break
+                            got += chunk
+                        ok = got == payload
+                    except Exception as exc:  # any failure is a miss; the stream is redone
+                        log.debug("ping %s: %s", pid, exc)
+                if ok:
+                    misses = 0
+                    continue
+                misses += 1
+                stream = await _discard(stream)
+                if misses >= cfg.ping_misses:
+                    log.info("peer %s missed %d pings: disconnecting", pid.to_base58()[:16], misses)
+                    with trio.move_on_after(5):
+                        try:
+                            await self.host.disconnect(pid)
+                        except Exception as exc:
+                            log.debug("disconnect %s: %s", pid, exc)
+                    return
+        finally:
+            self._watched.discard(pid.to_base58())
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await _discard(stream)
+
+    # -- discovery: bootstrap, peer exchange, mDNS ----------------------------
+    async def _keep_connected(self, addr: str) -> None:
+        """Stay connected to a bootstrap peer, redialling with exponential backoff."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            log.error("bootstrap address %r ignored: needs /p2p/<id> (%s)", addr, exc)
+            return
+        if info.peer_id == self.host.get_id():
+            return
+        delay = self.config.backoff_min_s
+        while True:
+            if self.host.get_network().get_connections(info.peer_id):
+                delay = self.config.backoff_min_s
+                await trio.sleep(1.0)
+                continue
+            try:
+                await self._connect(info)
+                delay = self.config.backoff_min_s
+            except MeshError as exc:
+                log.info("bootstrap %s: %s; retry in %.1fs", addr, exc, delay)
+                await trio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.config.backoff_max_s)
+
+    async def _serve_px(self, peer_id: str, payload: bytes) -> bytes:
+        peers = []
+        for p in self.host.get_connected_peers():
+            pid = p.to_base58()
+            if pid == peer_id:
+                continue
+            addrs = self.peer_addrs(pid)
+            if addrs:
+                peers.append([pid, addrs[:8]])
+            if len(peers) >= PX_MAX_PEERS:
+                break
+        return msgpack.packb(peers, use_bin_type=True)
+
+    async def _px_loop(self) -> None:
+        """Ask newly connected peers (and, periodically, a few others) whom they know."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                targets: list[str] = []
+                with trio.move_on_after(self.config.px_interval_s):
+                    targets.append(await self._px_queue_recv.receive())
+                if not targets:
+                    connected = self.connected_peers()
+                    targets = random.sample(connected, min(3, len(connected)))
+                for peer in targets:
+                    nursery.start_soon(self._exchange_with, peer)
+
+    async def _exchange_with(self, peer: str) -> None:
+        try:
+            reply = await self.request(peer, PX_PROTOCOL, b"", timeout=5.0, max_reply=256 * 1024)
+            peers = msgpack.unpackb(reply, raw=False)
+            if not isinstance(peers, list):
+                raise ValueError("px reply is not a list")
+        except Exception as exc:
+            log.debug("peer exchange with %s failed: %s", peer[:16], exc)
+            return
+        for entry in peers[:PX_MAX_PEERS]:
+            try:
+                pid, addrs = str(entry[0]), [str(a) for a in entry[1]][:8]
+            except (TypeError, IndexError, KeyError):
+                continue
+            self._consider(pid, addrs)
+
+    def _consider(self, peer_id: str, addrs: list[str]) -> None:
+        """Dial a discovered peer unless connected, saturated or backing off."""
+        if peer_id == self.peer_id or peer_id in self._dialing or self._nursery is None:
+            return
+        if len(self.host.get_connected_peers()) >= self.config.target_peers:
+            return
+        try:
+            pid = ID.from_base58(peer_id)
+            maddrs = [multiaddr.Multiaddr(a) for a in addrs]
+        except Exception:
+            return
+        if self.host.get_network().get_connections(pid):
+            return
+        count, retry_at = self._dial_failures.get(peer_id, (0, 0.0))
+        if trio.current_time() < retry_at:
+            return
+        self._dialing.add(peer_id)
+        self._nursery.start_soon(self._dial_discovered, PeerInfo(pid, maddrs))
+
+    async def _dial_discovered(self, info: PeerInfo) -> None:
+        pid = info.peer_id.to_base58()
+        try:
+            await self._connect(info)
+            self._dial_failures.pop(pid, None)
+        except MeshError as exc:
+            count = self._dial_failures.get(pid, (0, 0.0))[0] + 1
+            delay = min(self.config.backoff_min_s * 2 ** count, self.config.backoff_max_s * 4)
+            self._dial_failures[pid] = (count, trio.current_time() + delay)
+            log.debug("dial %s: %s", pid[:16], exc)
+        finally:
+            self._dialing.discard(pid)
+
+    async def _mdns_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # zeroconf calls back on its own thread: hop onto trio with the token.
+        token = trio.lowlevel.current_trio_token()
+        send, recv = trio.open_memory_channel(64)
+
+        def on_found(info: PeerInfo) -> None:
+            def deliver():
+                try:
+                    send.send_nowait(info)
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass
+            try:
+                token.run_sync_soon(deliver)
+            except trio.RunFinishedError:
+                pass
+
+        peerDiscovery.register_peer_discovered_handler(on_found)
+        task_status.started()
+        try:
+            async for info in recv:
+                self._consider(info.peer_id.to_base58(), [str(a) for a in info.addrs])
+        finally:
+            peerDiscovery.unregister_peer_discovered_handler(on_found)
