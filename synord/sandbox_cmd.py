@@ -19,6 +19,8 @@ from runtimes.base import Limits, RuntimeError_, TaskSpec, get_runtime, infer_ki
 def run_local(args) -> int:
     from .cli import CliError
     artifact = Path(args.artifact).resolve()
+    if not artifact.exists():
+        raise CliError(f"artefact {args.artifact} does not exist")
     try:
         kind = args.runtime or infer_kind(artifact)
         runtime = get_runtime(kind)

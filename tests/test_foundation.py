@@ -223,3 +223,27 @@ def test_children_do_not_inherit_notify_socket(monkeypatch):
     scrub_environment()
     out = subprocess.run(["env"], capture_output=True, text=True).stdout
     assert "NOTIFY_SOCKET" not in out and "WATCHDOG_USEC" not in out and "LISTEN_FDS" not in out
+
+
+# ---- probe and local sandboxes from the CLI ---------------------------------------
+
+def test_probe_json_without_a_daemon(tmp_path):
+    res = synord("probe", "--json", home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    prof = json.loads(res.stdout)
+    assert any(d["kind"] == "cpu" for d in prof["devices"])
+    assert any(d["kind"] == "opencl" for d in prof["devices"])  # PoCL here
+    assert set(prof["runtimes"]) == {"wasm", "container", "microvm"}
+    assert all(set(r) >= {"available", "reason"} for r in prof["runtimes"].values())
+
+
+def test_sandbox_run_locally(tmp_path):
+    wasm = ROOT / "tests" / "assets" / "build" / "wasm" / "probe.wasm"
+    if not wasm.exists():
+        subprocess.run(["bash", str(ROOT / "tests" / "assets" / "build.sh")], check=True)
+    res = synord("sandbox", "run", str(wasm), "--", "hello", home=tmp_path)
+    assert (res.returncode, res.stdout) == (0, "hello, wasm\n")
+    res = synord("sandbox", "run", "--json", str(wasm), "--", "exit", "3", home=tmp_path)
+    assert res.returncode == 3 and json.loads(res.stdout.splitlines()[-1])["code"] == 3
+    res = synord("sandbox", "run", str(tmp_path / "nope.wasm"), home=tmp_path)
+    assert res.returncode == 1 and "does not exist" in res.stderr

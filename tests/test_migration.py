@@ -144,3 +144,29 @@ def test_pause_migrates_runsc_containers_and_microvms(tmp_path, runtime):
         first_leg, second_leg = j["history"]
         assert first_leg["ended"] == "preempted" and second_leg["mode"] == "full"
         assert second_leg["provider"] == peer(others[0]) and second_leg["checkpoint_bytes"] > 0
+
+
+@pytest.mark.parametrize("source", ["sigterm", "notice_file", "notice_api"])
+def test_other_preemption_sources_hand_the_task_back(tmp_path, reference, source):
+    """Daemon shutdown and an external (spot-style) notice move the task like a pause does."""
+    import json
+    import signal
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 2)
+        job_id, first, others = place_on_first(consumer, provs, *ENV, str(COUNTER_WASM))
+        wait_for(lambda: "step 10 " in output(consumer, job_id), 60, what="some progress")
+        if source == "sigterm":
+            first.signal(signal.SIGTERM)
+        elif source == "notice_file":
+            (first.home / "preempt-notice").write_text(json.dumps({"grace_s": 20, "reason": "spot"}))
+        else:
+            assert first.post("/v1/preempt", {"grace_s": 20, "reason": "spot"})["tasks_notified"] == 1
+        j = wait_job(consumer, job_id, timeout=120)
+        assert output(consumer, job_id) == reference.stdout
+        first_leg, second_leg = j["history"]
+        assert first_leg["ended"] == "preempted" and second_leg["mode"] == "full"
+        assert second_leg["provider"] == peer(others[0])
+        if source == "sigterm":
+            assert first.proc.wait(30) == 0  # a graceful stop, after handing the task back
+        else:
+            assert first_leg["preempt_reason"] == "spot"

@@ -54,6 +54,7 @@ class ProviderTask:
     # Held while a checkpoint is taken and sent: the exit frame must come after a
     # stop-checkpoint's bytes, since the task ends *because* of that checkpoint.
     ckpt_lock: trio.Lock = field(default_factory=trio.Lock)
+    exit_sent: trio.Event = field(default_factory=trio.Event)  # the consumer has heard the end
 
 
 class ProviderJobs:
@@ -365,6 +366,7 @@ class ProviderJobs:
         st = ex.status
         await send({"exit": {"code": st.code, "reason": st.reason, "usage": st.usage.to_json(),
                              "error": ex.error, "handed_back": task.handed_back}})
+        task.exit_sent.set()
 
     def _settle(self, task: ProviderTask) -> None:
         """End the lease and have the market send our signed usage receipt."""
@@ -401,8 +403,12 @@ class ProviderJobs:
                 await t.execution.cancel()
 
     async def wait_handed_back(self, timeout: float) -> None:
+        """Until every task has ended and its consumer heard the end (its final
+        checkpoint included), so stopping the daemon loses nothing."""
         with trio.move_on_after(timeout):
-            while self.running():
+            while any(not t.execution.done.is_set()
+                      or (t.attached is not None and not t.exit_sent.is_set())
+                      for t in self.tasks.values()):
                 await trio.sleep(0.05)
 
 
