@@ -11,6 +11,8 @@ Life of a task in a sandbox:
     await sb.kill()                     # idempotent; always reaps everything started
     info = await sb.checkpoint(dir, leave_running=False)   # where supported
     sb2 = await rt.restore(spec, dir)   # prepared; start() resumes from the checkpoint
+    async with sb.exec(argv) as proc:   # where supported: a command beside the running task
+        ...                             # proc.send_stdin / close_stdin / output / wait
 
 `prepare` raises `SpecError` for a bad spec or artefact before anything is
 started, and `Unavailable` if the sandbox kind does not work on this host.
@@ -22,7 +24,8 @@ import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, ClassVar, Literal
+from contextlib import asynccontextmanager
+from typing import AsyncContextManager, AsyncIterator, ClassVar, Literal
 
 import trio
 
@@ -44,6 +47,10 @@ class Unavailable(RuntimeError_):
 
 class CheckpointUnsupported(RuntimeError_):
     pass
+
+
+class ExecUnsupported(RuntimeError_):
+    """This sandbox cannot run an extra command beside its task (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,69 @@ class Sandbox(ABC):
 
     async def checkpoint(self, dest: Path, leave_running: bool = False) -> CheckpointInfo:
         raise CheckpointUnsupported(f"{type(self).__name__} cannot checkpoint")
+
+    supports_exec: ClassVar[bool] = False
+
+    def exec(self, argv: list[str], env: dict[str, str] | None = None) -> "AsyncContextManager[ExecProcess]":
+        """Run ``argv`` inside the running sandbox, beside its task (``synord exec``).
+
+        Use as ``async with sb.exec(argv) as proc:`` — ``proc.send_stdin(b)``,
+        ``proc.close_stdin()``, ``async for chunk in proc.output`` (LogChunks,
+        ends when both streams close), ``await proc.wait()`` (the exit code).
+        Leaving the block kills and reaps the command if it still runs. Raises
+        ``ExecUnsupported`` (on entering) where the sandbox cannot do it or the
+        task is not running.
+        """
+        kind = getattr(getattr(self, "spec", None), "kind", None) or type(self).__name__
+        return _unsupported_exec(f"exec is not supported for {kind} tasks yet")
+
+
+class ExecProcess:
+    """A command running inside a sandbox beside its task, on pipes."""
+
+    def __init__(self, proc: trio.Process, output: "trio.MemoryReceiveChannel[LogChunk]"):
+        self.proc = proc
+        self.output = output
+        self._stdin_closed = proc.stdin is None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def send_stdin(self, data: bytes) -> None:
+        if self._stdin_closed:
+            raise trio.ClosedResourceError("stdin is closed")
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(data)
+
+    async def close_stdin(self) -> None:
+        if not self._stdin_closed and self.proc.stdin is not None:
+            self._stdin_closed = True
+            await self.proc.stdin.aclose()
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+
+@asynccontextmanager
+async def _unsupported_exec(reason: str):
+    raise ExecUnsupported(reason)
+    yield  # pragma: no cover
+
+
+async def pump_exec_output(proc: trio.Process, send: "trio.MemorySendChannel[LogChunk]") -> None:
+    """Feed a process's stdout and stderr, as they come, into ``send``; close it at EOF of both."""
+    async def pump(stream, name: str, ch) -> None:
+        async with ch:
+            try:
+                while data := await stream.receive_some(65536):
+                    await ch.send(LogChunk(name, data))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    async with send, trio.open_nursery() as n:
+        n.start_soon(pump, proc.stdout, "stdout", send.clone())
+        n.start_soon(pump, proc.stderr, "stderr", send.clone())
 
 
 class Runtime(ABC):

@@ -29,14 +29,16 @@ import subprocess
 import tempfile
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
 import trio
 
 from . import cgroups, oci, seccomp
-from .base import (Availability, CheckpointInfo, RuntimeError_, ExitStatus, LogChunk, Runtime, Sandbox, SpecError,
-                   TaskSpec, Unavailable, Usage, checkpoint_digest, child_env, verify_artifact)
+from .base import (Availability, CheckpointInfo, RuntimeError_, ExecProcess, ExecUnsupported, ExitStatus, LogChunk,
+                   Runtime, Sandbox, SpecError, TaskSpec, Unavailable, Usage, checkpoint_digest, child_env,
+                   pump_exec_output, verify_artifact)
 
 STATE_ROOT = Path(os.environ.get("SYNORD_RUNTIME_STATE", "/run/synord"))
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -498,3 +500,95 @@ class ContainerSandbox(Sandbox):
             raise RuntimeError_(f"runsc checkpoint failed: {res.stderr.decode(errors='replace').strip()}")
         total, digest = await trio.to_thread.run_sync(checkpoint_digest, dest)
         return CheckpointInfo(dest, total, digest)
+
+    # -- exec: a command beside the task (synord exec / shell) ----------------
+    supports_exec = True
+
+    @asynccontextmanager
+    async def exec(self, argv: list[str], env: dict[str, str] | None = None):
+        """``<rt> exec --process p.json ID``: same user, cwd, no capabilities,
+        noNewPrivileges, rlimits (and, from the container, seccomp, namespaces
+        and cgroup — so the task's limits cover it) as the task's own process."""
+        if not argv or not all(isinstance(a, str) and a for a in argv[:1]):
+            raise SpecError("exec needs a command")
+        if not self._started or self._done.is_set() or self._proc is None \
+                or self._proc.returncode is not None or self._torn_down:
+            raise ExecUnsupported("the container is not running")
+        await self._wait_created()
+        process = json.loads(json.dumps(self.config["process"]))  # deep copy
+        merged = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
+        merged.update(env or {})
+        process.update(args=list(argv), env=[f"{k}={v}" for k, v in merged.items()], terminal=False)
+        tag = uuid.uuid4().hex[:12]
+        pfile = self.workdir / f"exec-{tag}.json"
+        pidfile = self.workdir / f"exec-{tag}.pid"
+        pfile.write_text(json.dumps(process))
+        pid_flag = "--internal-pid-file" if self.engine_name == "runsc" else "--pid-file"
+        cmd = self._cmd("exec", "--process", str(pfile), f"{pid_flag}={pidfile}", self.id)
+        try:
+            proc = await trio.lowlevel.open_process(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=child_env(), start_new_session=True)
+        except OSError as e:
+            pfile.unlink(missing_ok=True)
+            raise ExecUnsupported(f"cannot start {self.engine_name} exec: {e}") from None
+        send, recv = trio.open_memory_channel(64)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(pump_exec_output, proc, send)
+                try:
+                    yield ExecProcess(proc, recv)
+                finally:
+                    recv.close()  # a caller that stopped reading must not block the pumps
+                    with trio.CancelScope(shield=True):
+                        await self._end_exec(proc, pidfile)
+                        n.cancel_scope.deadline = trio.current_time() + 2  # pipes close with the process
+        finally:
+            pfile.unlink(missing_ok=True)
+            pidfile.unlink(missing_ok=True)
+
+    async def _wait_created(self, timeout: float = 10.0) -> None:
+        """Just after start, ``<rt> run`` may not have created the container yet."""
+        with trio.move_on_after(timeout):
+            while not self._done.is_set():
+                res = await self._run_quiet("state", self.id, timeout=5)
+                try:
+                    status = json.loads(res.stdout).get("status") if res.returncode == 0 else None
+                except (ValueError, AttributeError):
+                    status = None
+                if status == "running":
+                    return
+                if status == "stopped":
+                    break
+                await trio.sleep(0.05)
+        raise ExecUnsupported("the container is not running")
+
+    async def _end_exec(self, proc: trio.Process, pidfile: Path) -> None:
+        """Kill the command inside the container (killing `<rt> exec` alone would orphan it)."""
+        if proc.stdin is not None:
+            with trio.move_on_after(1):
+                try:
+                    await proc.stdin.aclose()
+                except trio.BrokenResourceError:
+                    pass
+        if proc.returncode is None:
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0:
+                if self.engine_name == "runsc":
+                    await self._run_quiet("kill", f"--pid={pid}", self.id, "KILL", timeout=10)
+                else:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            with trio.move_on_after(3):
+                await proc.wait()
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await proc.wait()

@@ -79,8 +79,11 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def build_app(node: "Node", token: str):
-    async def call(fn, *args) -> Response:
+    async def call(fn, *args, request: Request | None = None) -> Response:
+        """Run one Node method; with ``request``, its JSON body is the last argument."""
         try:
+            if request is not None:
+                args = (*args, await body_of(request))
             result = fn(*args)
             if hasattr(result, "__await__"):
                 result = await result
@@ -128,21 +131,13 @@ def build_app(node: "Node", token: str):
         return await call(node.job_json, request.path_params["job_id"])
 
     async def submit(request: Request):
-        try:
-            spec = await body_of(request)
-        except ApiError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-        return await call(node.submit_job, spec)
+        return await call(node.submit_job, request=request)
 
     async def cancel(request: Request):
         return await call(node.cancel_job, request.path_params["job_id"])
 
     async def preempt(request: Request):
-        try:
-            body = await body_of(request)
-        except ApiError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-        return await call(node.preempt_notice, body)
+        return await call(node.preempt_notice, request=request)
 
     async def logs(request: Request):
         job_id = request.path_params["job_id"]
@@ -153,6 +148,17 @@ def build_app(node: "Node", token: str):
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         # newline-delimited JSON: {"stream": "stdout", "data": "..."} then a final {"exit_code": ...}
         return StreamingResponse(stream, media_type="application/x-ndjson")
+
+    async def exec_(request: Request):
+        # NDJSON: [{"session": id} if interactive], {"stream", "data"}..., then {"exit_code"} or {"error"}
+        try:
+            stream = await node.exec_job(request.path_params["job_id"], await body_of(request))
+        except ApiError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return StreamingResponse(stream, media_type="application/x-ndjson")
+
+    async def exec_stdin(request: Request):  # body {"data": text?, "eof": bool?}
+        return await call(node.exec_stdin, request.path_params["session"], request=request)
 
     async def metrics(request: Request):
         from prometheus_client import generate_latest
@@ -180,6 +186,8 @@ def build_app(node: "Node", token: str):
         Route("/v1/jobs/{job_id}", job),
         Route("/v1/jobs/{job_id}/cancel", cancel, methods=["POST"]),
         Route("/v1/jobs/{job_id}/logs", logs),
+        Route("/v1/jobs/{job_id}/exec", exec_, methods=["POST"]),
+        Route("/v1/exec/{session}/stdin", exec_stdin, methods=["POST"]),
         Route("/metrics", metrics),
     ]
     return GuardMiddleware(Starlette(routes=routes), token)

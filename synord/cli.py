@@ -277,6 +277,55 @@ def cmd_run(args) -> int:
     return 1 if code is None else int(code)
 
 
+def _feed_stdin(client, session: str) -> None:
+    """Forward our stdin, line by line as it comes, to an interactive exec session (a thread)."""
+    from .client import ClientError
+    path = f"/v1/exec/{session}/stdin"
+    try:
+        for line in iter(sys.stdin.buffer.readline, b""):
+            client.post(path, {"data": line.decode("utf-8", "surrogateescape")})
+        client.post(path, {"eof": True})
+    except (ClientError, OSError, ValueError):
+        pass  # the session ended (the command exited): nothing more to send
+
+
+def _exec(args, argv: list[str], interactive: bool) -> int:
+    import threading
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise CliError("missing command (synord exec JOB -- CMD [ARGS...])", EXIT_USAGE)
+    client = _client(args)
+    body = {"argv": argv, "env": dict(args.env), "interactive": interactive}
+    code, error = None, None
+    for item in client.stream(f"/v1/jobs/{args.id}/exec", method="POST", body=body):
+        if "session" in item:
+            threading.Thread(target=_feed_stdin, args=(client, item["session"]), daemon=True).start()
+        elif "data" in item:
+            out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
+            out.flush()
+            out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
+            out.buffer.flush()
+        elif "exit_code" in item:
+            code = item["exit_code"]
+        elif "error" in item:
+            error = item["error"]
+    if code is None:
+        raise CliError(f"job {args.id}: {error or 'the exec session ended without an exit code'}")
+    code = int(code)
+    return code if 0 <= code <= 255 else (128 + (-code & 0x7F) if code < 0 else 255)
+
+
+def cmd_exec(args) -> int:
+    return _exec(args, list(args.argv), args.interactive)
+
+
+def cmd_shell(args) -> int:
+    if sys.stdin.isatty():
+        sys.stderr.write(f"synord: shell in job {args.id} (no TTY: type commands, Ctrl-D to end)\n")
+    return _exec(args, [args.shell], interactive=True)
+
+
 def cmd_dashboard(args) -> int:
     client = _client(args)
     if client.url.startswith("unix:"):
@@ -336,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--follow", "-f", action="store_true")
     c = add("cancel", cmd_cancel, "cancel a job")
     c.add_argument("id")
+
+    ex = add("exec", cmd_exec, "run a command inside a running job's sandbox (exit code = the command's)",
+             json_flag=False)
+    ex.add_argument("--interactive", "-i", action="store_true", help="forward stdin to the command")
+    ex.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", type=_env_pair)
+    ex.add_argument("id", metavar="JOB")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+    sh = add("shell", cmd_shell, "a shell (no TTY) inside a running job's sandbox; reads commands from stdin",
+             json_flag=False)
+    sh.add_argument("--shell", default="/bin/sh", metavar="PATH")
+    sh.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", type=_env_pair)
+    sh.add_argument("id", metavar="JOB")
 
     def task_flags(sp):
         sp.add_argument("--runtime", choices=["wasm", "container", "microvm"])

@@ -88,9 +88,9 @@ class ApiClient:
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body if body is not None else {})
 
-    def stream(self, path: str) -> Iterator[dict]:
+    def stream(self, path: str, method: str = "GET", body: Any = None) -> Iterator[dict]:
         """Newline-delimited JSON objects from a streaming endpoint, as they arrive."""
-        conn, resp = self._send("GET", path, timeout=None)
+        conn, resp = self._send(method, path, body, timeout=None)
         try:
             if resp.status >= 400:
                 raw = resp.read()
@@ -98,7 +98,7 @@ class ApiClient:
                     msg = json.loads(raw).get("error")
                 except ValueError:
                     msg = None
-                raise ClientError(msg or f"GET {path}: HTTP {resp.status}")
+                raise ClientError(msg or f"{method} {path}: HTTP {resp.status}")
             for line in resp:
                 line = line.strip()
                 if line:

@@ -69,6 +69,7 @@ class Node:
         self.market = None  # MarketService
         self.provider_jobs = None  # ProviderJobs
         self.consumer_jobs = None  # ConsumerJobs
+        self.consumer_exec = None  # jobs.shell.ConsumerExec, on the first exec
         self.runtimes: dict = {}  # kind -> Runtime, those available and enabled here
         self.metrics_registry = _new_registry()
         self._stopping = trio.Event()
@@ -341,6 +342,18 @@ class Node:
     def job_output(self, job_id: str, follow: bool):
         self.consumer_jobs.job_json(job_id)  # 404 before the stream starts
         return self.consumer_jobs.output(job_id, follow)
+
+    async def exec_job(self, job_id: str, body: dict):
+        """`synord exec`/`shell`: NDJSON lines of a command run in the job's sandbox (synord.jobs.shell)."""
+        if self.consumer_exec is None:
+            from .jobs.shell import ConsumerExec
+            self.consumer_exec = ConsumerExec(self.consumer_jobs, self.mesh.mesh, self.identity)
+        return await self.consumer_exec.start(job_id, body)
+
+    async def exec_stdin(self, session: str, body: dict) -> dict:
+        if self.consumer_exec is None:
+            raise ApiError(404, f"no exec session {session}")
+        return await self.consumer_exec.stdin(session, body)
 
     async def preempt_notice(self, body: dict) -> dict:
         grace = body.get("grace_s")

@@ -96,6 +96,10 @@ class ProviderJobs:
     def register(self, mesh) -> None:
         mesh.set_handler(TASK_PROTOCOL, self.handle_task)
         mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
+        from protocols.shell import SHELL_PROTOCOL
+        from .shell import ShellService
+        self.shell = ShellService(self)
+        mesh.set_handler(SHELL_PROTOCOL, self.shell.handle)
 
     def running(self) -> list[ProviderTask]:
         return [t for t in self.tasks.values() if not t.execution.done.is_set()]

@@ -1,0 +1,251 @@
+"""`synord exec` / `synord shell`: a command inside a running task's sandbox,
+over /synord/shell/1.0.0, for the task's owner only.
+
+Sandbox level: ContainerRuntime's exec (stdin, output, exit code, env, abort
+kills the command, refused once the task ended). Mesh level, with real
+daemons: exec and shell into a container task placed through the book, the
+exit code comes back, another peer is refused, a finished job gives a clear
+error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from runtimes.base import ExecUnsupported, LogChunk, Sandbox, TaskSpec
+from runtimes.container import ContainerRuntime
+
+from daemons import ROOT, wait_for
+
+RT = ContainerRuntime()
+_avail = RT.available()
+needs_containers = pytest.mark.skipif(not _avail.available, reason=f"containers unavailable: {_avail.reason}")
+
+
+def busybox_dir():
+    from jobs_helpers import BUSYBOX_DIR, ensure_assets
+    ensure_assets()
+    return BUSYBOX_DIR
+
+
+# ---- the interface ------------------------------------------------------------------------
+
+class _Plain(Sandbox):
+    async def start(self, nursery): ...
+    async def wait(self): ...
+    async def kill(self): ...
+
+    async def logs(self):
+        yield LogChunk("stdout", b"")
+
+
+async def test_exec_is_unsupported_by_default():
+    sb = _Plain()
+    assert not sb.supports_exec
+    with pytest.raises(ExecUnsupported, match="not supported"):
+        async with sb.exec(["true"]):
+            pass
+
+
+async def test_microvm_and_wasm_say_exec_is_unsupported():
+    from runtimes.microvm import MicroVMSandbox
+    from runtimes.wasm import WasmSandbox
+    for cls in (MicroVMSandbox, WasmSandbox):
+        assert not cls.supports_exec
+        with pytest.raises(ExecUnsupported, match="not supported"):
+            async with Sandbox.exec(object.__new__(cls), ["true"]):
+                pass
+
+
+# ---- ContainerRuntime directly ---------------------------------------------------------------
+
+async def _collect(proc) -> tuple[bytes, bytes]:
+    out, err = bytearray(), bytearray()
+    async for c in proc.output:
+        (out if c.stream == "stdout" else err).extend(c.data)
+    return bytes(out), bytes(err)
+
+
+@needs_containers
+async def test_container_exec_stdin_output_exit_code_env(tmp_path):
+    sb = await RT.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sh", "-c", "sleep 30"],
+                                   env={"TASK_VAR": "t"}, workdir=tmp_path / "wd"))
+    async with trio.open_nursery() as n:
+        await sb.start(n)
+        try:
+            with trio.fail_after(20):
+                async with sb.exec(["sh", "-c", 'cat /proc/1/cmdline; echo; echo $((6*7)) $TASK_VAR $X; '
+                                    'echo err >&2; read line; echo "got $line"; exit 5'],
+                                   env={"X": "x"}) as proc:
+                    await proc.send_stdin(b"hello\n")
+                    await proc.close_stdin()
+                    out, err = await _collect(proc)
+                    code = await proc.wait()
+            assert code == 5
+            assert out == b"sleep\x0030\x00\n42 t x\ngot hello\n"
+            assert err == b"err\n"
+            # The command runs with the task's restrictions: no capabilities, no new privileges.
+            async with sb.exec(["sh", "-c", "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status"]) as proc:
+                out, _ = await _collect(proc)
+                assert await proc.wait() == 0
+            assert b"CapEff:\t0000000000000000" in out and b"NoNewPrivs:\t1" in out
+            # Leaving the block early kills the command inside the container.
+            async with sb.exec(["sleep", "1000"]) as proc:
+                await trio.sleep(0.3)
+            assert proc.proc.returncode is not None
+            with trio.fail_after(10):
+                async with sb.exec(["sh", "-c", "ps -o comm | grep -c '^sleep$'"]) as proc:
+                    out, _ = await _collect(proc)
+            assert out == b"1\n"  # only the task's own sleep is left
+        finally:
+            await sb.kill()
+    with pytest.raises(ExecUnsupported, match="not running"):
+        async with sb.exec(["true"]):
+            pass
+
+
+@needs_containers
+async def test_runsc_container_exec(tmp_path):
+    import shutil
+    if not shutil.which("runsc"):
+        pytest.skip("runsc not installed")
+    sb = await RT.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sh", "-c", "sleep 30"],
+                                   checkpointable=True, workdir=tmp_path / "wd"))
+    async with trio.open_nursery() as n:
+        await sb.start(n)
+        try:
+            with trio.fail_after(60):
+                async with sb.exec(["sh", "-c", "echo $((6*7)); exit 3"]) as proc:
+                    out, _ = await _collect(proc)
+                    assert (await proc.wait(), out) == (3, b"42\n")
+                async with sb.exec(["sleep", "1000"]) as proc:
+                    await trio.sleep(0.5)
+                async with sb.exec(["ps", "-o", "comm"]) as proc:
+                    out, _ = await _collect(proc)
+            assert out.split().count(b"sleep") == 1  # the aborted command is gone
+        finally:
+            await sb.kill()
+
+
+# ---- over the mesh ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    from daemons import DaemonCluster
+    from jobs_helpers import ensure_assets, start_mesh
+    if not _avail.available:
+        pytest.skip(f"containers unavailable: {_avail.reason}")
+    ensure_assets()
+    with DaemonCluster(tmp_path_factory.mktemp("exec")) as cluster:
+        consumer, provs = start_mesh(cluster, 1)
+        yield consumer, provs[0]
+
+
+def _running_task(consumer, *cmd: str) -> str:
+    from jobs_helpers import submit, wait_job
+    job_id = submit(consumer, "--runtime", "container", str(busybox_dir()), "--", *cmd)
+    wait_job(consumer, job_id, states=("running",), timeout=60)
+    return job_id
+
+
+def test_exec_and_shell_in_a_running_container_task(mesh):
+    consumer, provider = mesh
+    job_id = _running_task(consumer, "sh", "-c", "sleep 30")
+    res = consumer.cli("exec", job_id, "--", "cat", "/proc/1/cmdline")
+    assert res.stdout.split("\0")[:2] == ["sleep", "30"]
+    res = consumer.cli("exec", job_id, "--", "sh", "-c", "echo $((6*7)); echo oops >&2; exit 3", check=False)
+    assert (res.returncode, res.stdout) == (3, "42\n")
+    assert "oops\n" in res.stderr
+    # A shell reads commands from (piped) stdin, line by line.
+    res = subprocess.run([*_synord(consumer), "shell", job_id], input="echo hi $((1+1))\nexit 4\n",
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (res.returncode, res.stdout) == (4, "hi 2\n"), res.stderr
+    # exec -i forwards stdin; without -i the command sees it closed.
+    res = subprocess.run([*_synord(consumer), "exec", "-i", job_id, "--", "tr", "a-z", "A-Z"],
+                         input="abc\n", capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (res.returncode, res.stdout) == (0, "ABC\n"), res.stderr
+    # The same over the control API directly (NDJSON).
+    lines = list(consumer.client.stream(f"/v1/jobs/{job_id}/exec", method="POST",
+                                          body={"argv": ["cat"], "stdin": "via api\n"}))
+    assert lines == [{"stream": "stdout", "data": "via api\n"}, {"exit_code": 0}]
+    # The task itself is untouched.
+    assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"
+    consumer.cli("cancel", job_id)
+
+
+def test_a_consumer_that_goes_away_aborts_the_command(mesh):
+    consumer, _ = mesh
+    job_id = _running_task(consumer, "sh", "-c", "sleep 30")
+    cli = subprocess.Popen([*_synord(consumer), "exec", job_id, "--", "sh", "-c", "echo started; exec sleep 1000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert cli.stdout.readline() == b"started\n"
+    finally:
+        cli.kill()
+        cli.wait()
+
+    def sleeps() -> list[str]:
+        out = consumer.cli("exec", job_id, "--", "ps", "-o", "args").stdout
+        return [line for line in out.splitlines() if line.startswith("sleep")]
+    wait_for(lambda: sleeps() == ["sleep 30"], 15, what="the abandoned command to be killed")
+    consumer.cli("cancel", job_id)
+
+
+INTRUDER = textwrap.dedent("""
+    import json, sys, trio
+    from protocols.identity import Identity
+    from synord.mesh_service import MeshService
+    from synord.jobs.shell import ExecError, open_exec
+
+    async def main(addr, job_id):
+        svc = MeshService(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], [], mdns=False)
+        async with trio.open_nursery() as n:
+            await n.start(svc.run)
+            peer = await svc.mesh.dial(addr)
+            try:
+                client = await open_exec(svc.mesh, svc.identity, peer, job_id, ["echo", "pwned"])
+                out = [e async for e in client.events()]
+                print(json.dumps({"ok": True, "events": repr(out)}))
+            except ExecError as exc:
+                print(json.dumps({"ok": False, "code": exc.code, "error": str(exc)}))
+            n.cancel_scope.cancel()
+
+    trio.run(main, sys.argv[1], sys.argv[2])
+""")
+
+
+def test_another_peer_is_refused(mesh):
+    consumer, provider = mesh
+    job_id = _running_task(consumer, "sh", "-c", "sleep 30")
+    addr = provider.p2p_addrs()[0]
+    res = subprocess.run([sys.executable, "-c", INTRUDER, addr, job_id], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    answer = json.loads(res.stdout.strip().splitlines()[-1])
+    assert answer["ok"] is False and answer["code"] == "forbidden", answer
+    assert "only the consumer that placed job" in answer["error"]
+    # The owner still can.
+    assert consumer.cli("exec", job_id, "--", "echo", "mine").stdout == "mine\n"
+    consumer.cli("cancel", job_id)
+
+
+def test_exec_into_a_finished_job_is_a_clear_error(mesh):
+    from jobs_helpers import submit, wait_job
+    consumer, _ = mesh
+    job_id = submit(consumer, "--runtime", "container", str(busybox_dir()), "--", "true")
+    wait_job(consumer, job_id, states=("succeeded",), timeout=60)
+    res = consumer.cli("exec", job_id, "--", "echo", "hi", check=False)
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr.strip() == f"synord: job {job_id} is not running (succeeded)"
+    res = consumer.cli("exec", "nope", "--", "echo", check=False)
+    assert res.returncode != 0 and "no job nope" in res.stderr
+
+
+def _synord(d) -> list[str]:
+    from daemons import SYNORD
+    return [*SYNORD, "--home", str(d.home)]
