@@ -121,7 +121,7 @@ async def run_size(n: int, msgs: int, rate: float) -> dict:
             for i in range(msgs):
                 await peers[i % n].send("announce")
                 await trio.sleep(1.0 / rate)
-            await trio.sleep(3)
+            await trio.sleep(10)  # late deliveries (gossip repair) still count
         finally:
             for p in peers:
                 try:

@@ -204,11 +204,15 @@ class Libp2pMesh(Mesh):
                                 ch.close()
                             # say goodbye: peers drop us now instead of after missed pings
                             with trio.CancelScope(shield=True), trio.move_on_after(2):
-                                for pid in self.host.get_connected_peers():
-                                    try:
-                                        await self.host.disconnect(pid)
-                                    except Exception:
-                                        pass
+                                async with trio.open_nursery() as bye:
+                                    for pid in self.host.get_connected_peers():
+                                        bye.start_soon(self._goodbye, pid)
+
+    async def _goodbye(self, pid: ID) -> None:
+        try:
+            await self.host.disconnect(pid)
+        except Exception:  # already gone
+            pass
 
     # -- addresses and peers -------------------------------------------------
     def listen_addrs(self) -> list[str]:
