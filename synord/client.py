@@ -39,14 +39,15 @@ class ApiClient:
             raise ClientError(f"{home.api_json}: unreadable ({exc})") from None
         self.timeout = timeout
 
-    def _connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
-        t = self.timeout if timeout is None else timeout
+    def _connection(self, timeout: float | None | object = ...) -> http.client.HTTPConnection:
+        # ``...`` = the client's default; None = wait forever (a followed log stream)
+        t = self.timeout if timeout is ... else timeout
         if self.url.startswith("unix:"):
             return _UnixHTTPConnection(self.url[5:], t)
         parts = urlsplit(self.url)
         return http.client.HTTPConnection(parts.hostname, parts.port, timeout=t)
 
-    def _send(self, method: str, path: str, body: Any = None, timeout: float | None = None):
+    def _send(self, method: str, path: str, body: Any = None, timeout: float | None | object = ...):
         conn = self._connection(timeout)
         headers = {"Authorization": f"Bearer {self.token}", "Host": "127.0.0.1"}
         data = None

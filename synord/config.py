@@ -63,6 +63,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "heartbeat_interval_s": (1.0, "float", "lease heartbeat period"),
         "lease_timeout_s": (5.0, "float", "missed heartbeats for this long = provider lost"),
         "preemption_grace_s": (10.0, "float", "grace period sent with a preemption notice"),
+        "placement_timeout_s": (30.0, "float", "keep trying to place a task this long before failing it"),
     },
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),

@@ -176,7 +176,8 @@ class Node:
         await nursery.start(self.market.run)
         self.consumer_jobs = ConsumerJobs(
             self.identity, self.store, self.home, self.mesh.mesh, self.market,
-            lease_timeout_s=c["jobs.lease_timeout_s"], checkpoint_interval_s=c["jobs.checkpoint_interval_s"])
+            lease_timeout_s=c["jobs.lease_timeout_s"], checkpoint_interval_s=c["jobs.checkpoint_interval_s"],
+            placement_timeout_s=c["jobs.placement_timeout_s"])
         await nursery.start(self.consumer_jobs.run)
         nursery.start_soon(self._watch_policy)
         self._stop_hooks.append(self._hand_back_on_stop)

@@ -247,3 +247,14 @@ def test_sandbox_run_locally(tmp_path):
     assert res.returncode == 3 and json.loads(res.stdout.splitlines()[-1])["code"] == 3
     res = synord("sandbox", "run", str(tmp_path / "nope.wasm"), home=tmp_path)
     assert res.returncode == 1 and "does not exist" in res.stderr
+
+
+def test_followed_streams_have_no_socket_timeout(tmp_path):
+    """`synord run` / `logs -f` may wait minutes for the next line: no 30 s socket timeout."""
+    from synord.client import ApiClient
+    from synord.home import Home
+    (tmp_path / "api.json").write_text('{"url": "http://127.0.0.1:9", "pid": 1}')
+    (tmp_path / "api.token").write_text("t\n")
+    client = ApiClient(Home(tmp_path))
+    assert client._connection(None).timeout is None
+    assert client._connection().timeout == client.timeout == 30.0
