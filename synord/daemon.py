@@ -334,8 +334,8 @@ class Node:
     def job_json(self, job_id: str) -> dict:
         return self.consumer_jobs.job_json(job_id)
 
-    def submit_job(self, spec: dict) -> dict:
-        return self.consumer_jobs.submit(spec)
+    async def submit_job(self, spec: dict) -> dict:
+        return await self.consumer_jobs.submit(spec)
 
     async def cancel_job(self, job_id: str) -> dict:
         return await self.consumer_jobs.cancel(job_id)

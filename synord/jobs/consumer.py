@@ -213,9 +213,10 @@ class ConsumerJobs:
 
     # ---- submission (everything checked before anything is reserved) ------------------
 
-    def submit(self, req: dict) -> dict:
+    async def submit(self, req: dict) -> dict:
         try:
-            spec = self._validate(req)
+            # Reading, validating and hashing a big artefact must not stall the daemon.
+            spec = await trio.to_thread.run_sync(self._validate, req)
         except (SpecError, TaskSpecError, ValueError) as exc:
             raise ApiError(400, f"bad task: {exc}") from None
         job = ConsumerJob(id=uuid.uuid4().hex[:16], runtime=spec["kind"], spec=spec)
