@@ -128,6 +128,41 @@ class CheckpointInfo:
     sha256: str  # digest over the checkpoint files (see checkpoint_digest)
 
 
+class LogBuffer:
+    """A sandbox's output, kept from the start so `logs()` can replay it, and
+    followed live until the sandbox closes it."""
+
+    def __init__(self) -> None:
+        self.chunks: list[LogChunk] = []
+        self.closed = False
+        self._changed = trio.Event()
+
+    def extend(self, chunks: list[LogChunk]) -> None:
+        self.chunks.extend(chunks)
+        self._wake()
+
+    def append(self, chunk: LogChunk) -> None:
+        self.extend([chunk])
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def follow(self) -> AsyncIterator[LogChunk]:
+        i = 0
+        while True:
+            while i < len(self.chunks):
+                yield self.chunks[i]
+                i += 1
+            if self.closed:
+                return
+            await self._changed.wait()
+
+
 class Sandbox(ABC):
     supports_checkpoint: ClassVar[bool] = False
 

@@ -36,7 +36,7 @@ from typing import AsyncIterator
 import trio
 
 from . import cgroups, oci, seccomp
-from .base import (Availability, CheckpointInfo, RuntimeError_, ExecProcess, ExecUnsupported, ExitStatus, LogChunk,
+from .base import (Availability, CheckpointInfo, RuntimeError_, ExecProcess, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
                    Runtime, Sandbox, SpecError, TaskSpec, Unavailable, Usage, checkpoint_digest, child_env,
                    pump_exec_output, verify_artifact)
 
@@ -290,9 +290,7 @@ class ContainerSandbox(Sandbox):
         self.state_dir = rt.state_root / self.engine_name
         self._restore_from: Path | None = None
         self._proc: trio.Process | None = None
-        self._chunks: list[LogChunk] = []
-        self._changed = trio.Event()
-        self._logs_done = False
+        self._output = LogBuffer()
         self._done = trio.Event()
         self._status: ExitStatus | None = None
         self._reason: str | None = None
@@ -353,9 +351,7 @@ class ContainerSandbox(Sandbox):
     async def _pump(self, stream, name: str) -> None:
         try:
             while data := await stream.receive_some(65536):
-                self._chunks.append(LogChunk(name, data))
-                self._changed.set()
-                self._changed = trio.Event()
+                self._output.append(LogChunk(name, data))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
@@ -415,8 +411,7 @@ class ContainerSandbox(Sandbox):
                 elif reason is None and code != 0 and self._pids_hit:
                     reason = "pids"
                 self._status = ExitStatus(code, Usage(cpu, peak, wall), reason)
-                self._logs_done = True
-                self._changed.set()
+                self._output.close()
                 self._done.set()
 
     async def _stop(self) -> None:
@@ -459,14 +454,8 @@ class ContainerSandbox(Sandbox):
         return self._status
 
     async def logs(self) -> AsyncIterator[LogChunk]:
-        i = 0
-        while True:
-            while i < len(self._chunks):
-                yield self._chunks[i]
-                i += 1
-            if self._logs_done:
-                return
-            await self._changed.wait()
+        async for chunk in self._output.follow():
+            yield chunk
 
     async def kill(self) -> None:
         if not self._started or self._done.is_set():

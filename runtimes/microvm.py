@@ -37,7 +37,7 @@ from typing import AsyncIterator
 import psutil
 import trio
 
-from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogChunk,
+from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogBuffer, LogChunk,
                    Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
                    checkpoint_digest, child_env, sha256_file, verify_artifact)
 from .anchored import AnchoredProcess, spawn
@@ -418,8 +418,7 @@ class MicroVMSandbox(Sandbox):
         self._proc: AnchoredProcess | None = None
         self._qmp: QMP | None = None
         self._qmp_lock = trio.Lock()
-        self._chunks: list[LogChunk] = []
-        self._changed = trio.Event()
+        self._output = LogBuffer()
         self._done = trio.Event()
         self._console_eof = trio.Event()
         self._status: ExitStatus | None = None
@@ -459,6 +458,7 @@ class MicroVMSandbox(Sandbox):
                 # wait()/kill() must not hang on a sandbox that never ran
                 self._status = ExitStatus(NO_EXIT_CODE, Usage(), "restore_failed")
                 self._done.set()
+                self._output.close()
                 if self._owns_workdir:
                     shutil.rmtree(self.workdir, ignore_errors=True)
                 raise
@@ -564,7 +564,7 @@ class MicroVMSandbox(Sandbox):
                         self.diagnostics[-2000:].decode(errors="replace"))
         self._status = ExitStatus(code=code, usage=usage, reason=reason)
         self._done.set()
-        self._changed.set()
+        self._output.close()
         if self._qmp_dir is not None:
             shutil.rmtree(self._qmp_dir, ignore_errors=True)
         if self._owns_workdir and reason != "checkpointed":
@@ -575,9 +575,7 @@ class MicroVMSandbox(Sandbox):
             while data := await stream.receive_some(65536):
                 chunks = self._parser.feed(data)
                 if chunks:
-                    self._chunks.extend(chunks)
-                    self._changed.set()
-                    self._changed = trio.Event()
+                    self._output.extend(chunks)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -625,14 +623,8 @@ class MicroVMSandbox(Sandbox):
         return self._status
 
     async def logs(self) -> AsyncIterator[LogChunk]:
-        i = 0
-        while True:
-            while i < len(self._chunks):
-                yield self._chunks[i]
-                i += 1
-            if self._done.is_set():
-                return
-            await self._changed.wait()
+        async for chunk in self._output.follow():
+            yield chunk
 
     async def kill(self) -> None:
         if self._proc is None:
