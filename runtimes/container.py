@@ -22,6 +22,7 @@ mount namespace with ``/sys/fs/cgroup/unified`` unmounted (about +3 ms).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -36,9 +37,12 @@ from typing import AsyncIterator
 import trio
 
 from . import cgroups, oci, seccomp
+
 from .base import (Availability, CheckpointInfo, RuntimeError_, ExecProcess, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
                    Runtime, Sandbox, SpecError, TaskSpec, Unavailable, Usage, checkpoint_digest, child_env,
                    pump_exec_output, verify_artifact)
+
+log = logging.getLogger(__name__)
 
 STATE_ROOT = Path(os.environ.get("SYNORD_RUNTIME_STATE", "/run/synord"))
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -372,12 +376,27 @@ class ContainerSandbox(Sandbox):
         # `runsc restore --detach` returns once the sandbox runs; its exit status comes from `wait`.
         if code != 0:
             return code
-        res = await trio.run_process(self._cmd("wait", self.id), capture_stdout=True,
-                                     capture_stderr=True, check=False, env=child_env())
-        try:
-            return int(json.loads(res.stdout)["exitStatus"])
-        except (ValueError, KeyError, TypeError):
-            return 128 + signal.SIGKILL if self._reason else 1
+        for _ in range(50):
+            res = await trio.run_process(self._cmd("wait", self.id), capture_stdout=True,
+                                         capture_stderr=True, check=False, env=child_env())
+            try:
+                return int(json.loads(res.stdout)["exitStatus"])
+            except (ValueError, KeyError, TypeError):
+                pass
+            # `runsc wait` can fail transiently on a loaded host while the restored
+            # sandbox still runs: ask its state, and wait again while it lives.
+            st = await trio.run_process(self._cmd("state", self.id), capture_stdout=True,
+                                        capture_stderr=True, check=False, env=child_env())
+            try:
+                status = json.loads(st.stdout).get("status")
+            except ValueError:
+                status = None
+            if status not in ("created", "running", "paused"):
+                break
+            log.info("runsc wait failed while the sandbox runs; waiting again",
+                     extra={"id": self.id, "error": res.stderr.decode(errors="replace")[-200:]})
+            await trio.sleep(0.2)
+        return 128 + signal.SIGKILL if self._reason else 1
 
     async def _supervise(self) -> None:
         assert self._proc is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 

@@ -16,10 +16,9 @@ happen here, never in the CLI's import path.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 from daemons import ROOT, DaemonCluster, wait_for
 

@@ -11,11 +11,10 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from daemons import ROOT, SYNORD, wait_for
+from daemons import ROOT, SYNORD
 
 from protocols.identity import Identity, peer_id_from_public_key, public_key_from_peer_id, verify
 

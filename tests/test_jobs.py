@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 
 import pytest
 
 from daemons import wait_for
 from jobs_helpers import (BUSYBOX_DIR, BUSYBOX_TAR, COUNTER_WASM, PROBE_WASM, ensure_assets,
-                          job, output, reference_run, start_mesh, submit, wait_job)
+                          output, reference_run, start_mesh, submit, wait_job)
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_corrupted_checkpoint_is_refused_and_the_task_restarts_cleanly(tmp_path,
     with DaemonCluster(tmp_path) as cluster:
         consumer, provs = start_mesh(cluster, 2, consumer_config=CONSUMER_ONLY + FAST_CHECKPOINTS)
         job_id, first, others = place_on_first(consumer, provs, *ENV, str(COUNTER_WASM))
-        ck = wait_for(lambda: job(consumer, job_id).get("checkpoint"), 60, what="a checkpoint")
+        wait_for(lambda: job(consumer, job_id).get("checkpoint"), 60, what="a checkpoint")
         # Corrupt every checkpoint file the consumer holds, then lose the provider.
         first.signal(19)  # SIGSTOP: no new checkpoint can replace the corrupted one
         for f in (consumer.home / "checkpoints").glob(f"{job_id}-*.tar"):

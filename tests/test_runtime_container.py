@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtimes import cgroups, oci
+from runtimes import oci
 from runtimes.base import (CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec)
 from runtimes.container import ContainerRuntime
 

@@ -4,7 +4,6 @@ the blob transfer protocol and be verified on arrival."""
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from pathlib import Path

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -117,6 +115,7 @@ class Session:
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     preempt: dict | None = None
     mode: str | None = None
+    cancel_sent: bool = False
 
     async def send(self, obj: Any) -> None:
         async with self.send_lock:
@@ -527,9 +526,9 @@ class ConsumerJobs:
         stream = session.stream
         try:
             while True:
-                if job.cancel_requested and not getattr(session, "cancel_sent", False):
+                if job.cancel_requested and not session.cancel_sent:
                     await session.send({"cancel": True})
-                    session.cancel_sent = True  # type: ignore[attr-defined]
+                    session.cancel_sent = True
                 with trio.move_on_after(self.lease_timeout_s) as idle:
                     msg = await stream.receive()
                 if idle.cancelled_caught:
@@ -701,7 +700,7 @@ class ConsumerJobs:
         if job.session is not None:
             with trio.move_on_after(5):
                 await job.session.send({"cancel": True})
-                job.session.cancel_sent = True  # type: ignore[attr-defined]
+                job.session.cancel_sent = True
         elif job.state in ("queued", "negotiating"):
             self._set_state(job, "cancelled")
         job.notify()

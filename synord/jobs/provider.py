@@ -14,11 +14,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, Rejected, seal
+from protocols.envelope import EnvelopeValidator, Rejected
 from protocols.framing import CHUNK, FramedStream
 from protocols.identity import Identity
 from protocols.negotiation import Terms

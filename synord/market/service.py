@@ -19,9 +19,8 @@ bytes}`` (the role of the *receiving* party).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 import trio
 
