@@ -233,23 +233,39 @@ class Node:
 
     # ---- capability profile ------------------------------------------------------
 
-    async def _probe(self) -> None:
+    async def _probe(self, bench: bool = False):
+        """Probe in a child process: vendor libraries (PoCL's LLVM, NVML, ...) cost
+        ~80 MiB and can crash; neither should stay in the daemon."""
+        import json
+        import sys
+
         import hwprobe
-        from runtimes.base import KINDS, get_runtime
+        from runtimes.base import KINDS, child_env, get_runtime
 
-        def probe():
-            runtimes = {}
-            for kind in KINDS:
-                if kind not in self.config["runtimes.enabled"]:
-                    runtimes[kind] = {"available": False, "reason": "disabled in config"}
-                    continue
-                try:
-                    runtimes[kind] = get_runtime(kind).available().to_json()
-                except Exception as exc:  # a broken runtime module must not stop the node
-                    runtimes[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-            return hwprobe.probe(runtimes=runtimes, limits=self.contributor_limits())
-
-        self.profile = await trio.to_thread.run_sync(probe)
+        res = await trio.run_process([sys.executable, "-m", "hwprobe", "--json"]
+                                     + (["--bench"] if bench else []),
+                                     capture_stdout=True, capture_stderr=True, check=False,
+                                     env=child_env())
+        if res.returncode != 0:
+            raise RuntimeError("hardware probe failed: "
+                               + res.stderr.decode(errors="replace").strip()[-500:])
+        profile = hwprobe.CapabilityProfile.from_json(json.loads(res.stdout))
+        runtimes = {}
+        for kind in KINDS:
+            if kind not in self.config["runtimes.enabled"]:
+                runtimes[kind] = {"available": False, "reason": "disabled in config"}
+                continue
+            try:
+                runtimes[kind] = get_runtime(kind).available().to_json()
+            except Exception as exc:  # a broken runtime module must not stop the node
+                runtimes[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+        profile.runtimes = runtimes
+        profile.limits = self.contributor_limits().to_json()
+        # Signals and the offer under our contributor limits (cheap, in-process).
+        profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, profile)
+        if not bench:
+            self.profile = profile
+        return profile
 
     async def _refresh_profile(self) -> None:
         import hwprobe
@@ -298,11 +314,7 @@ class Node:
 
     async def probe_json(self, bench: bool = False) -> dict:
         if bench:
-            import hwprobe
-            prof = await trio.to_thread.run_sync(
-                lambda: hwprobe.probe(bench=True, runtimes=self.profile.runtimes,
-                                      limits=self.contributor_limits()))
-            return prof.to_json()
+            return (await self._probe(bench=True)).to_json()
         return self.profile.to_json()
 
     async def pause(self) -> dict:
