@@ -46,6 +46,8 @@ def test_wasm_task_end_to_end_with_receipts(mesh):
     theirs = wait_for(lambda: receipt(provider), 20, what="provider receipt")
     assert mine["provider_sig"] == theirs["provider_sig"] and mine["consumer_sig"] == theirs["consumer_sig"]
     assert mine["outcome"] == "completed" and mine["amount"] > 0
+    trade = consumer.get("/v1/book")["classes"]["cpu"]["last_trade"]
+    assert trade is not None and trade["price"] > 0
 
 
 def test_exit_code_and_stderr_pass_through(mesh):

@@ -210,7 +210,7 @@ class MarketService:
         log.info("agreement signed", extra={"consumer": negotiation.consumer[:16],
                                             "price": negotiation.terms.price})
         self.book.record_trade(negotiation.terms.resource_class, negotiation.terms.price,
-                               negotiation.terms.units, now_ms())
+                               negotiation.terms.units, now_ms(), negotiation.terms.aid.hex())
         if self.on_agreement:
             self.on_agreement(negotiation.terms)
 
@@ -272,8 +272,11 @@ class MarketService:
         finally:
             self._waiting.pop(bid.id, None)
         if pl.state == "active" and pl.negotiation is not None and pl.negotiation.terms is not None:
-            self._bid_of[pl.negotiation.terms.aid] = bid.id
-            return pl.negotiation.terms
+            terms = pl.negotiation.terms
+            self._bid_of[terms.aid] = bid.id
+            self.book.record_trade(terms.resource_class, terms.price, terms.units, now_ms(),
+                                   terms.aid.hex())
+            return terms
         self.consumer.placements.pop(bid.id, None)
         raise PlacementRejected(pl.attempts[-1][2] if pl.attempts else "no answer from the provider")
 
