@@ -166,7 +166,6 @@ class Node:
             on_agreement=lambda terms: self.provider_jobs.agreement_made(terms))
         self.provider_jobs = ProviderJobs(
             self.identity, self.store, self.home, self.runtimes,
-            lookup_agreement=lambda aid: None,
             on_finished=lambda terms, outcome, usage: self.market.provider_settle(
                 terms, usage.cpu_s, usage.peak_memory_bytes, outcome),
             heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])

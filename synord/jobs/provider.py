@@ -59,7 +59,6 @@ class ProviderTask:
 
 class ProviderJobs:
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
-                 lookup_agreement: Callable[[bytes], Terms | None],
                  on_finished: Callable[[Terms, str, Any], None],
                  heartbeat_s: float = 1.0, preemption_grace_s: float = 10.0,
                  validator: EnvelopeValidator | None = None):
@@ -67,7 +66,6 @@ class ProviderJobs:
         self.store = store
         self.home = home
         self.runtimes = runtimes
-        self.lookup_agreement = lookup_agreement
         self.on_finished = on_finished
         self.heartbeat_s = heartbeat_s
         self.preemption_grace_s = preemption_grace_s
@@ -187,7 +185,7 @@ class ProviderJobs:
     async def _start(self, consumer: str, body: dict) -> ProviderTask:
         job_id = body["job_id"]
         aid = bytes.fromhex(body["agreement_id"]) if len(body["agreement_id"]) == 32 else b""
-        terms = self.pending_terms.get(aid) or self.lookup_agreement(aid)
+        terms = self.pending_terms.get(aid)  # told by the market when it was countersigned
         if terms is None or terms.consumer != consumer:
             raise TaskRefused("no active agreement for this task")
         if terms.runtime != body["kind"]:
