@@ -66,7 +66,7 @@ class MeshConfig:
     bootstrap: list[str] = field(default_factory=list)
     mdns: bool = True
     peer_exchange: bool = True
-    target_peers: int = 12        # stop auto-dialling PX candidates above this (gossip D_hi)
+    target_peers: int = 12        # stop dialling peer-exchange candidates above this many connections
     max_connections: int = 128
     px_interval_s: float = 10.0
     health_interval_s: float = 3.0  # ping every connection this often ...
