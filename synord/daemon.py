@@ -70,7 +70,8 @@ class Node:
         self.consumer_jobs = None  # ConsumerJobs
         self.consumer_exec = None  # jobs.shell.ConsumerExec, on the first exec
         self.runtimes: dict = {}  # kind -> Runtime, those available and enabled here
-        self.metrics_registry = _new_registry()
+        from .metrics import registry_for
+        self.metrics_registry = registry_for(self)
         self._stopping = trio.Event()
         # Awaited in order on graceful stop (jobs hand their tasks back first).
         self._stop_hooks: list = []
@@ -372,11 +373,6 @@ class Node:
             raise ApiError(400, "grace_s must be a non-negative number")
         n = await self.preempt(str(body.get("reason") or "external notice"), grace)
         return {"tasks_notified": n}
-
-
-def _new_registry():
-    from prometheus_client import CollectorRegistry
-    return CollectorRegistry()
 
 
 def run(home: Home, config: Config) -> int:

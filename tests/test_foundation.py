@@ -160,6 +160,11 @@ def test_api_requires_token_and_loopback_host(cluster):
     code, body = _raw(url, "/v1/status", {"Authorization": f"Bearer {token}"})
     assert code == 200 and body["peer_id"] == d.status()["peer_id"]
     assert _raw(url, "/metrics", {})[0] == 401
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    text = conn.getresponse().read().decode()
+    assert "synord_peers 0.0" in text and "synord_contributing 1.0" in text
 
 
 def test_status_json_contract(cluster):

@@ -292,3 +292,15 @@ async def test_bad_order_gossip_never_enters_the_book(cluster):
         assert reason in log, f"{reason} not logged"
     status = await in_thread(d.status)
     assert status["peers"] >= 0  # the daemon is alive and answering after all of it
+    # ...and counted every refusal by reason (Prometheus, same token as the API).
+    metrics = await in_thread(_metrics, d)
+    for reason in ("replay", "bad_body", "expired", "future_timestamp", "malformed", "sender_mismatch"):
+        assert f'synord_envelopes_rejected_total{{reason="{reason}",where="market"}}' in metrics, reason
+
+
+def _metrics(d) -> str:
+    import http.client
+    host, port = d.client.url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {d.client.token}"})
+    return conn.getresponse().read().decode()
