@@ -20,6 +20,7 @@ import trio
 
 from protocols.envelope import EnvelopeValidator, Rejected
 from protocols.framing import CHUNK, FramedStream
+from protocols.mesh import MeshError
 from protocols.identity import Identity
 from protocols.negotiation import Terms
 from protocols.tasks import TASK_PROTOCOL
@@ -176,8 +177,14 @@ class ProviderJobs:
         except trio.Cancelled:
             raise
         except Exception as exc:
-            log.warning("task stream failed", extra={"peer": stream.remote_peer[:16],
-                                                     "error": f"{type(exc).__name__}: {exc}"})
+            leaves = _leaves(exc)
+            if all(isinstance(e, _GONE) for e in leaves):
+                # The consumer went away (it may re-attach); the task runs on.
+                log.info("consumer detached", extra={"peer": stream.remote_peer[:16]})
+            else:
+                log.warning("task stream failed", extra={
+                    "peer": stream.remote_peer[:16],
+                    "error": "; ".join(f"{type(e).__name__}: {e}" for e in leaves)})
         finally:
             with trio.move_on_after(1):
                 await stream.close()
@@ -416,3 +423,14 @@ class ProviderJobs:
 
 class TaskRefused(Exception):
     pass
+
+
+# What a consumer that disconnected looks like from here (MeshError: the stream broke).
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, ConnectionError, MeshError)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The real errors inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
