@@ -35,8 +35,10 @@ class TransferError(Exception):
 
 
 def _check_offer(body: Any) -> None:
-    if not isinstance(body, dict) or set(body) - {"sha256", "size", "kind", "job_id"}:
-        raise ValueError("offer must be a map of sha256, size, kind, job_id")
+    if not isinstance(body, dict) or set(body) - {"sha256", "size", "kind", "job_id", "grant"}:
+        raise ValueError("offer must be a map of sha256, size, kind, job_id, grant")
+    if not isinstance(body.get("grant", b""), bytes) or len(body.get("grant", b"")) > 2048:
+        raise ValueError("grant must be an encoded envelope of at most 2 KiB")
     if not isinstance(body.get("sha256"), str) or not _SHA_RE.match(body["sha256"]):
         raise ValueError("sha256 must be 64 lowercase hex digits")
     size = body.get("size")
@@ -48,7 +50,17 @@ def _check_offer(body: Any) -> None:
         raise ValueError("job_id must be a short string")
 
 
+def _check_grant(body: Any) -> None:
+    if not isinstance(body, dict) or set(body) != {"job_id", "from", "to"} or not all(
+            isinstance(v, str) and 0 < len(v) <= 64 for v in body.values()):
+        raise ValueError("grant must be a map of job_id, from, to (short strings)")
+
+
 message_type("blob.offer", _check_offer)
+# A consumer's permission for one provider (`from`) to upload a checkpoint of its
+# job straight to another (`to`), which otherwise only accepts uploads from
+# peers it holds an agreement with. Carried inside the offer as `grant`.
+message_type("blob.grant", _check_grant)
 
 
 def sha256_of(path: Path) -> str:

@@ -53,6 +53,9 @@ def test_pause_moves_a_running_task_with_its_state(tmp_path, reference):
         assert first_leg["decision"] == "full"
         assert second_leg["provider"] == peer(others[0]) and second_leg["from"] == peer(first)
         assert second_leg["mode"] == "full" and second_leg["checkpoint_bytes"] > 0
+        # The old provider sent the checkpoint straight to the new one (one hop).
+        assert second_leg["checkpoint_route"] == "direct"
+        assert "checkpoint pushed to the next provider" in first.log()
 
 
 def test_sigkill_of_the_provider_restarts_from_the_last_checkpoint(tmp_path, reference):

@@ -87,6 +87,7 @@ class ConsumerJob:
     cancel_requested: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
     session: "Session | None" = None
+    next_terms: Terms | None = None  # agreed with the next provider before a direct hand-over
     pending_output: list[tuple[str, bytes]] = field(default_factory=list)
 
     def notify(self) -> None:
@@ -278,6 +279,8 @@ class ConsumerJobs:
                 if job.cancel_requested:
                     self._set_state(job, "cancelled")
                     return
+                if session is None and job.next_terms is not None:
+                    session = await self._launch_prearranged(job)
                 if session is None:
                     session = await self._place(job, exclude, preferred)
                 outcome, detail = await self._watch(job, session)
@@ -287,7 +290,8 @@ class ConsumerJobs:
                 session = None
                 if outcome == "lost":
                     await self._lost(job, detail)
-                preferred = await self._join_replacement(job, exclude)
+                if job.next_terms is None:
+                    preferred = await self._join_replacement(job, exclude)
         except NoPlacement as exc:
             self._set_state(job, "failed", error=str(exc))
             log.warning("job failed: no placement", extra={"job": job.id, "reason": str(exc)})
@@ -373,12 +377,17 @@ class ConsumerJobs:
         restore = None
         mode = job.spec.get("restore_mode") if job.state == "migrating" else None
         ck = job.checkpoint
+        route = None
         if mode in ("full", "partial", "restart-from-checkpoint") and ck:
-            if not await self._checkpoint_intact(job, ck):
+            if ck.get("at_provider") == peer:
+                route = "direct"  # the old provider uploaded it here
+                restore = {"sha256": ck["sha256"], "offsets": ck["offsets"]}
+            elif not ck.get("path") or not await self._checkpoint_intact(job, ck):
                 ck, mode = None, "restart"
             else:
                 await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
                 restore = {"sha256": ck["sha256"], "offsets": ck["offsets"]}
+                route = "via-consumer"
         body = {"job_id": job.id, "agreement_id": terms.aid.hex(), "kind": job.runtime,
                 "artifact_sha256": job.spec["sha256"], "args": job.spec["args"],
                 "env": job.spec["env"], "limits": job.spec["limits"],
@@ -396,6 +405,8 @@ class ConsumerJobs:
         entry = {"provider": peer, "start": time.time(), "end": None,
                  "mode": mode or "initial", "checkpoint_bytes": ck["bytes"] if restore else 0,
                  "agreement": terms.aid.hex(), "price": terms.price}
+        if route:
+            entry["checkpoint_route"] = route
         if job.state == "migrating":
             entry["from"] = job.provider
             if job.spec.get("assignment"):
@@ -410,6 +421,33 @@ class ConsumerJobs:
         log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
         job.session = Session(peer, terms, stream)
         return job.session
+
+    async def _launch_prearranged(self, job: ConsumerJob) -> "Session | None":
+        """Start on the provider agreed before the hand-over (it may already hold the checkpoint)."""
+        terms, job.next_terms = job.next_terms, None
+        try:
+            return await self._launch(job, terms)
+        except Exception as exc:
+            log.warning("launch on the prearranged provider failed", extra={
+                "job": job.id, "provider": terms.provider[:16], "error": f"{type(exc).__name__}: {exc}"})
+            await self.market.abandon(terms, f"launch failed: {exc}")
+            return None
+
+    async def _preplace(self, job: ConsumerJob, exclude: tuple[str, ...], within_s: float) -> Terms | None:
+        """Agree with the next provider while the task still runs, so the old one can
+        send the checkpoint straight there."""
+        needs = self._needs(job)
+        with trio.move_on_after(within_s):
+            preferred = await self._join_replacement(job, exclude)
+            cands = self.market.candidates(needs, exclude)
+            if preferred is not None:
+                cands = [preferred] + [c for c in cands if c.ask.peer != preferred.ask.peer]
+            for cand in cands:
+                try:
+                    return await self.market.negotiate(cand, needs)
+                except PlacementRejected:
+                    continue
+        return None
 
     async def _checkpoint_intact(self, job: ConsumerJob, ck: dict) -> bool:
         """A checkpoint that no longer matches its digest is dropped: the task restarts."""
@@ -601,6 +639,18 @@ class ConsumerJobs:
 
     async def _receive_checkpoint(self, job: ConsumerJob, session: Session, info: dict) -> None:
         sha, size = info.get("sha256"), info.get("bytes")
+        if info.get("pushed_to"):
+            # Sent straight to the next provider; we keep what it is, not its bytes.
+            old = job.checkpoint
+            job.spec["checkpoint"] = {"sha256": sha, "bytes": size, "offsets": info.get("offsets") or {},
+                                      "path": None, "at_provider": info["pushed_to"], "at": time.time()}
+            self._flush_all()
+            self._save(job)
+            if old and old.get("path"):
+                Path(old["path"]).unlink(missing_ok=True)
+            log.info("checkpoint went straight to the next provider",
+                     extra={"job": job.id, "bytes": size, "to": info["pushed_to"][:16]})
+            return
         head = await session.stream.receive()
         if not isinstance(head, dict) or head.get("blob") != size:
             raise RuntimeError("checkpoint header without its blob")
@@ -627,7 +677,7 @@ class ConsumerJobs:
         job.spec["checkpoint"] = {"sha256": sha, "bytes": size, "offsets": info.get("offsets") or {},
                                   "path": str(dest), "at": time.time()}
         self._save(job)
-        if old and old.get("path") != str(dest):
+        if old and old.get("path") and old["path"] != str(dest):
             Path(old["path"]).unlink(missing_ok=True)
         log.info("checkpoint stored", extra={"job": job.id, "bytes": size, "final": bool(info.get("final"))})
 
@@ -644,7 +694,17 @@ class ConsumerJobs:
                              ratio=round(ratio, 3), grace_s=round(grace, 3))
         log.info("preemption notice", extra={"job": job.id, "mode": mode, "ratio": round(ratio, 3)})
         if mode == "full":
-            await session.send({"checkpoint": {"stop": True}})
+            request: dict[str, Any] = {"stop": True}
+            if job.next_terms is None:
+                job.next_terms = await self._preplace(job, (session.provider,), min(5.0, grace / 2))
+            nxt = job.next_terms
+            if nxt is not None:
+                grant = seal(self.identity, "blob.grant", {"job_id": job.id, "from": session.provider,
+                                                           "to": nxt.provider}, ttl_ms=120_000)
+                request["push_to"] = {"peer": nxt.provider, "grant": grant.encode(),
+                                      "addrs": [a if "/p2p/" in a else f"{a}/p2p/{nxt.provider}"
+                                                for a in self.mesh.peer_addrs(nxt.provider)]}
+            await session.send({"checkpoint": request})
         else:
             await session.send({"cancel": True})
 
@@ -675,7 +735,7 @@ class ConsumerJobs:
 
     def _cleanup(self, job: ConsumerJob) -> None:
         ck = job.checkpoint
-        if ck:
+        if ck and ck.get("path"):
             Path(ck["path"]).unlink(missing_ok=True)
 
     # ---- API -------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from typing import Any, Callable
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, Rejected
+from protocols.envelope import EnvelopeValidator, Rejected, seal
 from protocols.framing import CHUNK, FramedStream
 from protocols.mesh import MeshError
 from protocols.identity import Identity
 from protocols.negotiation import Terms
 from protocols.tasks import TASK_PROTOCOL
-from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
+from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file, send_file
 from runtimes.base import Limits, Runtime, TaskSpec
 
 from ..store import Store
@@ -76,6 +76,7 @@ class ProviderJobs:
         # Agreements signed but whose task has not started yet (aid -> terms).
         self.pending_terms: dict[bytes, Terms] = {}
         self._nursery: trio.Nursery | None = None
+        self._mesh = None  # set by register(); used to push checkpoints onward
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -93,6 +94,7 @@ class ProviderJobs:
             await trio.sleep_forever()
 
     def register(self, mesh) -> None:
+        self._mesh = mesh
         mesh.set_handler(TASK_PROTOCOL, self.handle_task)
         mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
         from protocols.shell import SHELL_PROTOCOL
@@ -119,10 +121,14 @@ class ProviderJobs:
 
     async def handle_transfer(self, stream: FramedStream) -> None:
         async def authorize(peer: str, offer: dict) -> str | None:
-            # Only peers holding an agreement with us may fill our disk.
-            if not any(t.consumer == peer for t in self._agreements_of(peer)):
-                return "no active agreement with this peer"
-            return None
+            # Only peers holding an agreement with us may fill our disk, or a
+            # provider the consumer of such an agreement granted (direct migration).
+            if self._agreements_of(peer):
+                return None
+            if "grant" in offer:
+                return self._check_grant(peer, offer)
+            return "no active agreement with this peer"
+
 
         try:
             offer, path = await receive_file(
@@ -138,6 +144,18 @@ class ProviderJobs:
         finally:
             with trio.move_on_after(1):
                 await stream.close()
+
+    def _check_grant(self, peer: str, offer: dict) -> str | None:
+        grant = self.validator.check(offer["grant"])
+        if isinstance(grant, Rejected) or grant.type != "blob.grant":
+            return "invalid transfer grant"
+        g = grant.body
+        if (g["to"], g["from"], g["job_id"]) != (self.identity.peer_id, peer, offer.get("job_id")) \
+                or offer.get("kind") != "checkpoint":
+            return "the grant is for another transfer"
+        if not self._agreements_of(grant.sender_id):
+            return "the granting consumer holds no agreement with us"
+        return None
 
     def _agreements_of(self, peer: str) -> list[Terms]:
         return [t for t in self.pending_terms.values() if t.consumer == peer] + \
@@ -336,17 +354,21 @@ class ProviderJobs:
                 await task.execution.cancel()
             elif isinstance(msg.get("checkpoint"), dict):
                 stop = bool(msg["checkpoint"].get("stop"))
+                push = msg["checkpoint"].get("push_to")
                 try:
-                    await self._send_checkpoint(stream, task, send_lock, stop=stop)
+                    await self._send_checkpoint(stream, task, send_lock, stop=stop,
+                                                push=push if isinstance(push, dict) else None)
                 except Exception as exc:
                     async with send_lock:
                         await stream.send({"ckpt_error": str(exc)})
 
-    async def _send_checkpoint(self, stream, task: ProviderTask, send_lock, stop: bool) -> None:
+    async def _send_checkpoint(self, stream, task: ProviderTask, send_lock, stop: bool,
+                               push: dict | None = None) -> None:
         async with task.ckpt_lock:
-            await self._checkpoint_and_send(stream, task, send_lock, stop)
+            await self._checkpoint_and_send(stream, task, send_lock, stop, push)
 
-    async def _checkpoint_and_send(self, stream, task: ProviderTask, send_lock, stop: bool) -> None:
+    async def _checkpoint_and_send(self, stream, task: ProviderTask, send_lock, stop: bool,
+                                   push: dict | None = None) -> None:
         ex = task.execution
         if not ex.supports_checkpoint:
             raise RuntimeError("this task cannot be checkpointed")
@@ -359,14 +381,50 @@ class ProviderJobs:
         shutil.rmtree(ckdir, ignore_errors=True)
         if stop:
             task.handed_back = True
+        info_frame = {"sha256": sha, "bytes": size, "offsets": offsets, "final": stop}
+        if push is not None and await self._push_direct(task, push, tar, sha, size):
+            # The new provider has it: the consumer gets the checkpoint's metadata only.
+            async with send_lock:
+                await stream.send({"ckpt": {**info_frame, "pushed_to": push["peer"]}})
+            tar.unlink(missing_ok=True)
+            return
         async with send_lock:
-            await stream.send({"ckpt": {"sha256": sha, "bytes": size, "offsets": offsets, "final": stop}})
+            await stream.send({"ckpt": info_frame})
             await stream.send({"blob": size})
             with open(tar, "rb") as f:
                 while block := f.read(CHUNK):
                     await stream.raw.write(block)
         tar.unlink(missing_ok=True)
         log.info("checkpoint sent", extra={"job": task.job_id, "bytes": size, "final": stop})
+
+    async def _push_direct(self, task: ProviderTask, push: dict, tar: Path, sha: str, size: int) -> bool:
+        """Upload a checkpoint straight to the task's next provider (one hop instead of two)."""
+        peer, grant = push.get("peer"), push.get("grant")
+        if not isinstance(peer, str) or not isinstance(grant, bytes) or self._mesh is None:
+            return False
+        try:
+            with trio.fail_after(max(5.0, self.preemption_grace_s)):
+                if peer not in self._mesh.connected_peers():
+                    for addr in push.get("addrs") or []:
+                        with trio.move_on_after(3):
+                            await self._mesh.dial(str(addr))
+                            break
+                out = await self._mesh.open_stream(peer, TRANSFER_PROTOCOL)
+                try:
+                    offer = seal(self.identity, "blob.offer", {"sha256": sha, "size": size,
+                                                               "kind": "checkpoint",
+                                                               "job_id": task.job_id, "grant": grant})
+                    await send_file(out, offer.encode(), tar)
+                finally:
+                    with trio.move_on_after(1):
+                        await out.close()
+        except Exception as exc:
+            log.info("direct checkpoint transfer failed; sending it through the consumer",
+                     extra={"job": task.job_id, "to": str(peer)[:16], "error": f"{type(exc).__name__}: {exc}"})
+            return False
+        log.info("checkpoint pushed to the next provider", extra={"job": task.job_id, "to": peer[:16],
+                                                                  "bytes": size})
+        return True
 
     async def _finish(self, stream, task: ProviderTask, send) -> None:
         ex = task.execution
