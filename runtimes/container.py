@@ -44,6 +44,8 @@ from .base import (Availability, CheckpointInfo, RuntimeError_, ExecProcess, Exe
 
 log = logging.getLogger(__name__)
 
+RUNSC_PIDS_OVERHEAD = 512
+
 STATE_ROOT = Path(os.environ.get("SYNORD_RUNTIME_STATE", "/run/synord"))
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
@@ -335,7 +337,11 @@ class ContainerSandbox(Sandbox):
         self._started = True
         lim = self.spec.limits
         # cgroupfs writes are in-kernel and sub-millisecond: no thread hop on the start path.
-        self.cgroup.create(lim.cpus, lim.memory_bytes, lim.pids)
+        # Under runsc the task's cgroup also holds gVisor's sentry, gofer and ptrace
+        # stubs (dozens of Go threads): give them room above the task's own limit,
+        # or the task's fork fails at random once the sentry grows.
+        pids = lim.pids + RUNSC_PIDS_OVERHEAD if self.engine_name == "runsc" else lim.pids
+        self.cgroup.create(lim.cpus, lim.memory_bytes, pids)
         if self._restore_from is not None:
             argv = self._cmd("restore", "--detach", f"--image-path={self._restore_from}",
                              "--bundle", str(self.workdir), self.id)

@@ -192,7 +192,6 @@ async def test_kill_of_a_guest_blocked_in_a_host_call(rt, wasm_modules):
             await sb.kill()
     status = await sb.wait()
     assert (status.code, status.reason) == (137, "killed")
-    assert not sb._worker_done  # still asleep in wasmtime: abandoned, not waited for
     with trio.fail_after(GUARD_S + 6):  # ...and it stops on its own once the host call returns
         while not sb._worker_done:
             await trio.sleep(0.05)
