@@ -118,6 +118,12 @@ def build_app(node: "Node", token: str):
     async def ledger(request: Request):
         return await call(node.ledger_json)
 
+    async def limits(request: Request):
+        return await call(node.limits_json)
+
+    async def set_limits(request: Request):
+        return await call(node.set_limits, request=request)
+
     async def pause(request: Request):
         return await call(node.pause)
 
@@ -178,6 +184,8 @@ def build_app(node: "Node", token: str):
         Route("/v1/probe", probe),
         Route("/v1/book", book),
         Route("/v1/ledger", ledger),
+        Route("/v1/limits", limits),
+        Route("/v1/limits", set_limits, methods=["POST"]),
         Route("/v1/pause", pause, methods=["POST"]),
         Route("/v1/resume", resume, methods=["POST"]),
         Route("/v1/preempt", preempt, methods=["POST"]),

@@ -192,6 +192,34 @@ def cmd_ledger(args) -> int:
     return 0
 
 
+def _limit_value(text: str):
+    """KEY=VALUE values: true/false, numbers, empty = clear, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("", "none"):
+        return None
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        return text
+
+
+def cmd_limits(args) -> int:
+    client = _client(args)
+    if args.set:
+        body = {k: _limit_value(v) for k, v in args.set}
+        data = client.post("/v1/limits", body)
+    else:
+        data = client.get("/v1/limits")
+    _emit(args, data, lambda d: "\n".join(
+        [f"{k:20} {v}" for k, v in sorted(d["limits"].items())]
+        + [f"contributing now     {'yes' if d['allowed'] else 'no: ' + str(d['why_not'])}"]))
+    return 0
+
+
 def cmd_pause(args) -> int:
     data = _client(args).post("/v1/pause")
     _emit(args, data, lambda d: "paused: no new work; running tasks are handed elsewhere")
@@ -373,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = add("book", cmd_book, "this node's share of the order book")
     b.add_argument("--class", dest="cls", metavar="NAME")
     add("ledger", cmd_ledger, "usage receipts and balance")
+    li = add("limits", cmd_limits, "contributor limits (show, or change live with --set)")
+    li.add_argument("--set", action="append", type=_env_pair, default=[], metavar="KEY=VALUE",
+                    help="e.g. --set cpu_share=0.5 --set allowed_hours=22-07 (empty value: back to config)")
     add("pause", cmd_pause, "contributor: stop taking work, hand running tasks elsewhere")
     add("resume", cmd_resume, "contributor: take work again")
     add("dashboard", cmd_dashboard, "print the loopback dashboard URL (with its token)")

@@ -73,6 +73,7 @@ class Node:
         from .metrics import registry_for
         self.metrics_registry = registry_for(self)
         self._stopping = trio.Event()
+        self._limits_changed = trio.Event()  # wakes the policy watcher
         # Awaited in order on graceful stop (jobs hand their tasks back first).
         self._stop_hooks: list = []
 
@@ -200,7 +201,9 @@ class Node:
         was_allowed = True
         notice_file = self.home.path / "preempt-notice"
         while True:
-            await trio.sleep(1.0)
+            with trio.move_on_after(1.0):
+                await self._limits_changed.wait()
+            self._limits_changed = trio.Event()
             off = self.profile.offerable if self.profile is not None else {}
             allowed = off.get("allowed", True)
             if was_allowed and not allowed:
@@ -273,15 +276,45 @@ class Node:
             await trio.sleep(5)
             self.profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, self.profile)
 
+    LIMIT_KEYS = ("cpu_share", "memory_share", "gpu_share", "idle_only", "idle_after_s", "ac_only",
+                  "min_battery_percent", "allowed_hours")
+
     def contributor_limits(self):
+        """config.toml's [contributor] limits, with the owner's live changes on top."""
         from hwprobe import ContributorLimits
-        c = self.config
-        return ContributorLimits(
-            cpu_share=c["contributor.cpu_share"], memory_share=c["contributor.memory_share"],
-            gpu_share=c["contributor.gpu_share"], idle_only=c["contributor.idle_only"],
-            ac_only=c["contributor.ac_only"],
-            min_battery_percent=c["contributor.min_battery_percent"],
-            allowed_hours=c["contributor.allowed_hours"] or None)
+        values = {k: self.config[f"contributor.{k}"] for k in self.LIMIT_KEYS}
+        values.update(self.store.kv_get("contributor_limits", {}))
+        values["allowed_hours"] = values["allowed_hours"] or None
+        return ContributorLimits(**values)
+
+    def limits_json(self) -> dict:
+        lim = self.contributor_limits()
+        off = self.profile.offerable if self.profile is not None else {}
+        return {"limits": lim.to_json(), "allowed": off.get("allowed", True),
+                "why_not": off.get("why_not"), "overrides": self.store.kv_get("contributor_limits", {})}
+
+    async def set_limits(self, body: dict) -> dict:
+        """Change contributor limits live (dashboard, tray, `synord limits set`); persisted.
+        Work the new limits forbid is handed back at once."""
+        import hwprobe
+        unknown = set(body) - set(self.LIMIT_KEYS)
+        if unknown:
+            raise ApiError(400, f"unknown limit(s): {', '.join(sorted(unknown))} "
+                                f"(known: {', '.join(self.LIMIT_KEYS)})")
+        overrides = {**self.store.kv_get("contributor_limits", {}), **body}
+        overrides = {k: v for k, v in overrides.items() if v is not None}  # None: back to config
+        try:
+            values = {k: self.config[f"contributor.{k}"] for k in self.LIMIT_KEYS}
+            values.update(overrides)
+            values["allowed_hours"] = values["allowed_hours"] or None
+            limits = hwprobe.ContributorLimits(**values)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, f"bad limits: {exc}") from None
+        self.store.kv_set("contributor_limits", overrides)  # committed before we answer
+        self.profile.limits = limits.to_json()
+        self.profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, self.profile)
+        self._limits_changed.set()
+        return self.limits_json()
 
     # ---- API surface ---------------------------------------------------------------
 

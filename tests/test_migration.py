@@ -173,3 +173,29 @@ def test_other_preemption_sources_hand_the_task_back(tmp_path, reference, source
             assert first.proc.wait(30) == 0  # a graceful stop, after handing the task back
         else:
             assert first_leg["preempt_reason"] == "spot"
+
+
+def test_contributor_limits_turning_false_hand_the_task_back(tmp_path, reference):
+    """The owner narrows the allowed hours live (dashboard, tray, `synord limits --set`):
+    work outside them is handed back, and the change survives a restart."""
+    import json
+    import time as _time
+    hour = _time.localtime().tm_hour
+    not_now = f"{(hour + 1) % 24:02d}-{(hour + 2) % 24:02d}"
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 2)
+        job_id, first, others = place_on_first(consumer, provs, *ENV, str(COUNTER_WASM))
+        wait_for(lambda: "step 10 " in output(consumer, job_id), 60, what="some progress")
+        bad = first.cli("limits", "--set", "cpu_shar=0.5", check=False)
+        assert bad.returncode == 1 and "unknown limit" in bad.stderr
+        res = json.loads(first.cli("limits", "--json", "--set", f"allowed_hours={not_now}").stdout)
+        assert res["allowed"] is False and "outside allowed hours" in res["why_not"]
+        j = wait_job(consumer, job_id, timeout=120)
+        assert output(consumer, job_id) == reference.stdout
+        first_leg, second_leg = j["history"]
+        assert "outside allowed hours" in first_leg["preempt_reason"]
+        assert second_leg["provider"] == peer(others[0]) and second_leg["mode"] == "full"
+        assert peer(first) not in providers_in_book(consumer)  # no asks while not allowed
+        first.stop()
+        first = cluster.start("p0")
+        assert json.loads(first.cli("limits", "--json").stdout)["limits"]["allowed_hours"] == not_now
