@@ -99,7 +99,8 @@ class BlobStore:
         sha = sha256_of(src)
         dest = self.path(sha)
         if not dest.exists():
-            tmp = self.dir / f".{sha}.{os.getpid()}.tmp"
+            # Unique per call: several submissions of one file may import it at once.
+            tmp = self.dir / f".{sha}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
             try:
                 os.link(src, tmp)
             except OSError:

@@ -90,6 +90,10 @@ def build_app(node: "Node", token: str):
             return JSONResponse(result)
         except ApiError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
+        except Exception as exc:  # a bug: say so in JSON (the CLI prints it), log the trace
+            log.exception("API handler failed", extra={"handler": getattr(fn, "__name__", "?")})
+            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"},
+                                status_code=500)
 
     async def body_of(request: Request) -> dict[str, Any]:
         raw = await request.body()
