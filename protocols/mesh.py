@@ -125,6 +125,24 @@ class Mesh(abc.ABC):
     @abc.abstractmethod
     async def open_stream(self, peer_id: str, protocol: str) -> FramedStream: ...
 
+    def dialable_addrs(self, peer_id: str) -> list[str]:
+        """``peer_id``'s known addresses as full multiaddrs (ending in /p2p/<id>),
+        for handing to another node or keeping across a restart."""
+        return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in self.peer_addrs(peer_id)]
+
+    async def reach(self, peer_id: str, addrs: Iterable[str], per_addr_s: float = 5.0) -> bool:
+        """Make sure we are connected to ``peer_id``, dialling ``addrs`` in turn if not."""
+        if peer_id in self.connected_peers():
+            return True
+        for addr in addrs:
+            with trio.move_on_after(per_addr_s):
+                try:
+                    await self.dial(str(addr))
+                    return True
+                except MeshError:
+                    continue  # the next address may work
+        return peer_id in self.connected_peers()
+
     def set_request_handler(self, protocol: str, handler: RequestHandler,
                             max_request: int = 64 * 1024 * 1024) -> None:
         """Serve request/response: ``handler(peer_id, payload) -> reply``."""

@@ -271,10 +271,6 @@ def order_from_envelope(env) -> Ask | Bid | Cancel:
     raise OrderError(f"not an order message: {env.type}")
 
 
-def topic(resource_class: str) -> str:
-    return f"synord/orders/{resource_class}/1"
-
-
 message_type("ask", lambda body: Ask.from_body(body))
 message_type("bid", lambda body: Bid.from_body(body))
 message_type("cancel", lambda body: Cancel.from_body(body))

@@ -121,6 +121,12 @@ class LogChunk:
     data: bytes
 
 
+# A runtime that knows exactly how much output preceded a checkpoint writes it
+# here, in the checkpoint directory: {"stdout": bytes, "stderr": bytes} since
+# the sandbox started. Restores elsewhere continue the output from there.
+OUTPUT_OFFSETS_FILE = "synord-output.json"
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: Path  # a directory holding the checkpoint files

@@ -42,13 +42,12 @@ import trio
 
 from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogChunk,
                    Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
-                   checkpoint_digest, verify_artifact)
+                   OUTPUT_OFFSETS_FILE, checkpoint_digest, verify_artifact)
 from . import wasm_abi as abi
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.01
-OUTPUT_OFFSETS_FILE = "synord-output.json"  # see the executor in synord.jobs
 CODE_TRAP, CODE_TIMEOUT, CODE_KILLED = 134, 124, 137
 _WASM_MAGIC = b"\0asm\x01\0\0\0"
 _MEMORY_CACHE_MAX = 64

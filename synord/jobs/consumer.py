@@ -413,8 +413,7 @@ class ConsumerJobs:
                 entry["assignment"] = job.spec.pop("assignment")
         job.spec.pop("restore_mode", None)
         # Where to find the provider again if we restart mid-job.
-        job.spec["provider_addrs"] = [a if "/p2p/" in a else f"{a}/p2p/{peer}"
-                                      for a in self.mesh.peer_addrs(peer)]
+        job.spec["provider_addrs"] = self.mesh.dialable_addrs(peer)
         self.store.kv_set(f"terms:{terms.aid.hex()}", _hex(terms.to_body()))  # for re-attach
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
@@ -466,14 +465,7 @@ class ConsumerJobs:
         to reconnect to us, so keep trying for ``within_s``."""
         deadline = trio.current_time() + within_s
         while True:
-            if job.provider not in self.mesh.connected_peers():
-                for addr in job.spec.get("provider_addrs", []):
-                    with trio.move_on_after(5):
-                        try:
-                            await self.mesh.dial(addr)
-                            break
-                        except Exception:
-                            pass
+            await self.mesh.reach(job.provider, job.spec.get("provider_addrs", []))
             try:
                 with trio.fail_after(10):
                     stream = await self.mesh.open_stream(job.provider, TASK_PROTOCOL)
@@ -702,8 +694,7 @@ class ConsumerJobs:
                 grant = seal(self.identity, "blob.grant", {"job_id": job.id, "from": session.provider,
                                                            "to": nxt.provider}, ttl_ms=120_000)
                 request["push_to"] = {"peer": nxt.provider, "grant": grant.encode(),
-                                      "addrs": [a if "/p2p/" in a else f"{a}/p2p/{nxt.provider}"
-                                                for a in self.mesh.peer_addrs(nxt.provider)]}
+                                      "addrs": self.mesh.dialable_addrs(nxt.provider)}
             await session.send({"checkpoint": request})
         else:
             await session.send({"cancel": True})

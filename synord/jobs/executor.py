@@ -16,11 +16,11 @@ from pathlib import Path
 
 import trio
 
-from runtimes.base import (CheckpointInfo, ExitStatus, Runtime, Sandbox, TaskSpec, Usage)
+from runtimes.base import (OUTPUT_OFFSETS_FILE, CheckpointInfo, ExitStatus, Runtime, Sandbox,
+                           TaskSpec, Usage)
 
 log = logging.getLogger("synord.jobs.executor")
 
-OFFSETS_FILE = "synord-output.json"  # written beside the runtime's own checkpoint files
 
 
 @dataclass
@@ -73,7 +73,6 @@ class TaskExecution:
         self.started_at = time.time()
         self._cancelled = False
         self._checkpoint_lock = trio.Lock()
-        self.checkpoint_bytes_estimate = 0
 
     @property
     def supports_checkpoint(self) -> bool:
@@ -126,7 +125,7 @@ class TaskExecution:
             # A runtime that knows how much output precedes the checkpoint writes
             # it (wasm does, at a step boundary, counted from this sandbox's start);
             # otherwise what we have read so far is the best estimate.
-            offsets_path = Path(info.path) / OFFSETS_FILE
+            offsets_path = Path(info.path) / OUTPUT_OFFSETS_FILE
             if offsets_path.exists():
                 rel = json.loads(offsets_path.read_text())
                 offsets = {s: self.base_offsets[s] + int(rel.get(s, 0)) for s in ("stdout", "stderr")}
@@ -137,5 +136,4 @@ class TaskExecution:
                     with trio.move_on_after(10):
                         await self.done.wait()
                 offsets = dict(self.output.offsets)
-            self.checkpoint_bytes_estimate = info.bytes
             return info, offsets

@@ -18,7 +18,6 @@ baseline the benchmark compares against.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -117,12 +116,3 @@ def assign_greedy(tasks: Sequence[Displaced], slots: Sequence[Slot],
                 result[t.job_id] = j
                 break
     return result
-
-
-def total_cost(tasks: Sequence[Displaced], slots: Sequence[Slot], assignment: dict[str, int | None],
-               price_weight: float = 1.0) -> float:
-    total = 0.0
-    for t in tasks:
-        j = assignment.get(t.job_id)
-        total += math.inf if j is None else cost(t, slots[j], price_weight)
-    return total

@@ -404,11 +404,7 @@ class ProviderJobs:
             return False
         try:
             with trio.fail_after(max(5.0, self.preemption_grace_s)):
-                if peer not in self._mesh.connected_peers():
-                    for addr in push.get("addrs") or []:
-                        with trio.move_on_after(3):
-                            await self._mesh.dial(str(addr))
-                            break
+                await self._mesh.reach(peer, push.get("addrs") or [], per_addr_s=3.0)
                 out = await self._mesh.open_stream(peer, TRANSFER_PROTOCOL)
                 try:
                     offer = seal(self.identity, "blob.offer", {"sha256": sha, "size": size,
