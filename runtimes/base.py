@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import asynccontextmanager
-from typing import AsyncContextManager, AsyncIterator, ClassVar, Literal
+from typing import Any, AsyncContextManager, AsyncIterator, ClassVar, Literal
 
 import trio
 
@@ -205,7 +205,28 @@ class Sandbox(ABC):
 
 
 class ExecProcess:
-    """A command running inside a sandbox beside its task, on pipes."""
+    """A command running inside a sandbox beside its task.
+
+    ``output``: async-iterable of LogChunks, ends when both streams close."""
+
+    output: Any
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    async def send_stdin(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def close_stdin(self) -> None:
+        raise NotImplementedError
+
+    async def wait(self) -> int:
+        raise NotImplementedError
+
+
+class PipeExecProcess(ExecProcess):
+    """A command on host pipes (``<runtime> exec``)."""
 
     def __init__(self, proc: trio.Process, output: "trio.MemoryReceiveChannel[LogChunk]"):
         self.proc = proc

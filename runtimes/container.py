@@ -38,7 +38,7 @@ import trio
 
 from . import cgroups, oci, seccomp
 
-from .base import (Availability, CheckpointInfo, RuntimeError_, ExecProcess, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
+from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk, PipeExecProcess, RuntimeError_,
                    Runtime, Sandbox, SpecError, TaskSpec, Unavailable, Usage, checkpoint_digest, child_env,
                    pump_exec_output, verify_artifact)
 
@@ -551,7 +551,7 @@ class ContainerSandbox(Sandbox):
             async with trio.open_nursery() as n:
                 n.start_soon(pump_exec_output, proc, send)
                 try:
-                    yield ExecProcess(proc, recv)
+                    yield PipeExecProcess(proc, recv)
                 finally:
                     recv.close()  # a caller that stopped reading must not block the pumps
                     with trio.CancelScope(shield=True):

@@ -31,24 +31,25 @@ import os
 import shlex
 import shutil
 import tempfile
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
 import psutil
 import trio
 
-from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogBuffer, LogChunk,
+from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
                    Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
                    checkpoint_digest, child_env, sha256_file, verify_artifact)
 from .anchored import AnchoredProcess, spawn
 from .cpio import CpioWriter
+from .guest_exec import ExecChannel, FrameSplitter, encode_frame
 from .qmp import QMP, QMPError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GUEST_DIR = Path(__file__).resolve().parent.parent / "packaging" / "guest" / "out"
 MIN_MEMORY_MIB = 128
-FRAME_MAGIC = b"\x01SY"
 KILLED_CODE = 137  # what a shell reports for a SIGKILLed task
 NO_EXIT_CODE = -1  # the guest never reported an exit code
 CHECKPOINT_VERSION = 1
@@ -65,31 +66,23 @@ class ConsoleParser:
     """Splits the serial console into task stdout/stderr, the exit code and noise."""
 
     def __init__(self, pending: bytes = b"") -> None:
-        self.pending = pending  # unparsed bytes: a partial frame or noise
+        self._frames = FrameSplitter(pending)
         self.exit_code: int | None = None
         self.reason: str | None = None  # the guest's own diagnosis, e.g. "oom"
         self.noise = bytearray()  # kernel messages outside frames (kept for diagnostics)
 
+    @property
+    def pending(self) -> bytes:
+        """Unparsed bytes: a partial frame (saved with a checkpoint)."""
+        return self._frames.pending
+
     def feed(self, data: bytes) -> list[LogChunk]:
-        buf = self.pending + data
         out: list[LogChunk] = []
-        while buf:
-            i = buf.find(FRAME_MAGIC)
-            if i < 0:
-                # keep a tail that may be the start of a magic split across reads
-                keep = next((k for k in (2, 1) if buf.endswith(FRAME_MAGIC[:k])), 0)
-                self._noise(buf[:len(buf) - keep])
-                buf = buf[len(buf) - keep:]
-                break
-            if i:
-                self._noise(buf[:i])
-                buf = buf[i:]
-            if len(buf) < 6:
-                break
-            kind, length = buf[3:4], int.from_bytes(buf[4:6], "big")
-            if len(buf) < 6 + length:
-                break
-            payload, buf = buf[6:6 + length], buf[6 + length:]
+        for item in self._frames.feed(data):
+            if isinstance(item, bytes):
+                self._noise(item)
+                continue
+            kind, payload = item
             if kind == b"o":
                 out.append(LogChunk("stdout", payload))
             elif kind == b"e":
@@ -102,8 +95,7 @@ class ConsoleParser:
             elif kind == b"r":
                 self.reason = payload.decode("ascii", "replace")
             else:
-                self._noise(buf[:6] + payload)
-        self.pending = buf
+                self._noise(encode_frame(kind, payload))
         return out
 
     def _noise(self, data: bytes) -> None:
@@ -176,13 +168,18 @@ def guest_kernel_identity(kernel: Path) -> tuple[str, str]:
 
 
 class Machine:
+    """``exec_channel``: a second UART (ttyS1) on a Unix socket for `synord exec`;
+    part of the machine, so a restore repeats whatever the checkpoint had."""
+
     def __init__(self, *, vmm: str, binary: str, accel: str, kernel: Path, initramfs: Path,
-                 mem_mib: int, smp: int, cmdline: str) -> None:
+                 mem_mib: int, smp: int, cmdline: str, exec_channel: bool = False) -> None:
         self.vmm, self.binary, self.accel = vmm, binary, accel
         self.kernel, self.initramfs = Path(kernel), Path(initramfs)
         self.mem_mib, self.smp, self.cmdline = mem_mib, smp, cmdline
+        self.exec_channel = exec_channel and vmm == "qemu"
 
-    def qemu_argv(self, qmp_socket: Path | None, incoming: str | None = None) -> list[str]:
+    def qemu_argv(self, qmp_socket: Path | None, incoming: str | None = None,
+                  exec_socket: Path | None = None) -> list[str]:
         """``incoming``: a shell command that writes the saved state to stdout."""
         accel = "kvm" if self.accel == "kvm" else "tcg,tb-size=64"
         argv = [self.binary, "-M", "microvm", "-accel", accel]
@@ -195,6 +192,11 @@ class Machine:
                  "-append", self.cmdline]
         if qmp_socket is not None:
             argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+        if self.exec_channel:
+            if exec_socket is None:
+                raise ValueError("this machine has an exec channel: give its socket")
+            argv += ["-chardev", f"socket,id=exec,path={exec_socket},server=on,wait=off",
+                     "-device", "isa-serial,chardev=exec,iobase=0x2f8,irq=3"]
         if incoming is not None:
             argv += ["-S", "-incoming", f"exec:{incoming}"]
         return argv
@@ -209,7 +211,7 @@ class Machine:
 
     def to_json(self) -> dict:
         return {"vmm": self.vmm, "accel": self.accel, "mem_mib": self.mem_mib, "smp": self.smp,
-                "cmdline": self.cmdline}
+                "cmdline": self.cmdline, "exec_channel": self.exec_channel}
 
 
 def kernel_cmdline(vmm: str, accel: str = "tcg") -> str:
@@ -292,7 +294,8 @@ class MicroVMRuntime(Runtime):
             raise
         machine = Machine(vmm=vmm, binary=binary, accel=accel, kernel=self.kernel,
                           initramfs=initramfs, mem_mib=mem_mib,
-                          smp=max(1, math.ceil(spec.limits.cpus)), cmdline=kernel_cmdline(vmm, accel))
+                          smp=max(1, math.ceil(spec.limits.cpus)), cmdline=kernel_cmdline(vmm, accel),
+                          exec_channel=True)
         return MicroVMSandbox(spec, machine, workdir, owned)
 
     def _build_initramfs(self, spec: TaskSpec, workdir: Path, dest: Path) -> None:
@@ -375,7 +378,8 @@ class MicroVMRuntime(Runtime):
             log.warning("checkpoint made with %s, restoring with %s", m.get("accel"), accel)
         workdir, owned = _workdir(spec)
         machine = Machine(vmm="qemu", binary=binary, accel=accel, kernel=self.kernel,
-                          initramfs=initramfs, mem_mib=mem_mib, smp=smp, cmdline=cmdline)
+                          initramfs=initramfs, mem_mib=mem_mib, smp=smp, cmdline=cmdline,
+                          exec_channel=m.get("exec_channel") is True)
         try:
             pending = base64.b64decode(meta.get("console_pending", ""), validate=True)
         except (ValueError, TypeError):
@@ -410,11 +414,13 @@ class MicroVMSandbox(Sandbox):
         self._owns_workdir = owns_workdir
         self._incoming = incoming
         self._parser = ConsoleParser(console_pending)
-        self._qmp_path = self.workdir / "qmp.sock"
-        self._qmp_dir: Path | None = None
-        if len(str(self._qmp_path)) > 100:  # sun_path holds 108 bytes
-            self._qmp_dir = Path(tempfile.mkdtemp(prefix="synord-qmp-"))
-            self._qmp_path = self._qmp_dir / "qmp.sock"
+        self._sock_dir: Path | None = None  # our own, when the workdir path is too long
+        sock_dir = self.workdir
+        if len(str(self.workdir / "qmp.sock")) > 100:  # sun_path holds 108 bytes
+            self._sock_dir = sock_dir = Path(tempfile.mkdtemp(prefix="synord-vm-"))
+        self._qmp_path = sock_dir / "qmp.sock"
+        self._exec_path = sock_dir / "exec.sock"
+        self._exec = ExecChannel(self._exec_path) if machine.exec_channel else None
         self._proc: AnchoredProcess | None = None
         self._qmp: QMP | None = None
         self._qmp_lock = trio.Lock()
@@ -441,7 +447,8 @@ class MicroVMSandbox(Sandbox):
             argv = [m.binary, "--no-api", "--config-file", str(cfg)]
         else:
             self._qmp_path.unlink(missing_ok=True)
-            argv = m.qemu_argv(self._qmp_path, self._incoming)
+            self._exec_path.unlink(missing_ok=True)
+            argv = m.qemu_argv(self._qmp_path, self._incoming, self._exec_path)
         self._started_at = trio.current_time()
         # dies with the daemon; its anchor thread lives in the caller's nursery
         try:
@@ -522,6 +529,8 @@ class MicroVMSandbox(Sandbox):
                 n.start_soon(self._read_console, proc.stdout)
                 n.start_soon(self._read_stderr, proc.stderr)
                 n.start_soon(self._sample_usage)
+                if self._exec is not None:
+                    n.start_soon(self._exec.run)
                 deadline = (self._started_at + timeout) if timeout else float("inf")
                 with trio.move_on_at(deadline) as cs:
                     await proc.wait_exited()
@@ -565,8 +574,8 @@ class MicroVMSandbox(Sandbox):
         self._status = ExitStatus(code=code, usage=usage, reason=reason)
         self._done.set()
         self._output.close()
-        if self._qmp_dir is not None:
-            shutil.rmtree(self._qmp_dir, ignore_errors=True)
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
         if self._owns_workdir and reason != "checkpointed":
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -637,6 +646,28 @@ class MicroVMSandbox(Sandbox):
             self._signal_kill()
             with trio.CancelScope(shield=True):
                 await self._done.wait()
+
+    supports_exec = True
+
+    @asynccontextmanager
+    async def exec(self, argv: list[str], env: dict[str, str] | None = None):
+        """A command in the guest beside the task, over the exec channel: the
+        task's root, working directory and environment (``env`` over it)."""
+        if self._exec is None:
+            raise ExecUnsupported("exec into a microVM needs QEMU's exec channel "
+                                  "(Firecracker guests and checkpoints made without one have none)")
+        if self._proc is None or self._done.is_set():
+            raise ExecUnsupported("the microVM is not running")
+        proc = await self._exec.open(list(argv), dict(env or {}))
+        try:
+            yield proc
+        finally:
+            with trio.CancelScope(shield=True):
+                await proc.close_stdin()
+                if not proc.ended.is_set():
+                    await proc.kill()
+                    with trio.move_on_after(5):  # the guest reports the kill as its exit
+                        await proc.ended.wait()
 
     async def checkpoint(self, dest: Path, leave_running: bool = False) -> CheckpointInfo:
         if self._proc is None or self._done.is_set():

@@ -2,10 +2,11 @@
 over /synord/shell/1.0.0, for the task's owner only.
 
 Sandbox level: ContainerRuntime's exec (stdin, output, exit code, env, abort
-kills the command, refused once the task ended). Mesh level, with real
-daemons: exec and shell into a container task placed through the book, the
-exit code comes back, another peer is refused, a finished job gives a clear
-error."""
+kills the command, refused once the task ended) and the same in a real QEMU
+microVM over its exec channel (with both flow-control windows overrun on
+purpose). Mesh level, with real daemons: exec and shell into a container task
+placed through the book, the exit code comes back, another peer is refused, a
+finished job gives a clear error; exec into a microVM task."""
 
 from __future__ import annotations
 
@@ -52,14 +53,30 @@ async def test_exec_is_unsupported_by_default():
             pass
 
 
-async def test_microvm_and_wasm_say_exec_is_unsupported():
-    from runtimes.microvm import MicroVMSandbox
+async def test_wasm_says_exec_is_unsupported():
     from runtimes.wasm import WasmSandbox
-    for cls in (MicroVMSandbox, WasmSandbox):
-        assert not cls.supports_exec
-        with pytest.raises(ExecUnsupported, match="not supported"):
-            async with Sandbox.exec(object.__new__(cls), ["true"]):
-                pass
+    assert not WasmSandbox.supports_exec
+    with pytest.raises(ExecUnsupported, match="not supported"):
+        async with Sandbox.exec(object.__new__(WasmSandbox), ["true"]):
+            pass
+
+
+def test_exec_channel_frames_and_start_requests():
+    from runtimes.base import SpecError
+    from runtimes.guest_exec import FrameSplitter, encode_frame, start_payload
+    wire = b"boot noise" + encode_frame(b"o", b"\x01abc") + encode_frame(b"H") + encode_frame(b"x", b"\x010")
+    for cut in range(len(wire) + 1):  # any split across reads gives the same items
+        sp = FrameSplitter()
+        items = sp.feed(wire[:cut]) + sp.feed(wire[cut:])
+        frames = [i for i in items if isinstance(i, tuple)]
+        assert frames == [(b"o", b"\x01abc"), (b"H", b""), (b"x", b"\x010")]
+        assert b"".join(i for i in items if isinstance(i, bytes)) == b"boot noise"
+    assert start_payload(7, ["sh", "-c", "echo"], {"A": "1"}) == b"\x07sh\0-c\0echo\0\0A=1\0"
+    for argv, env, match in [([], {}, "needs a command"), (["a\0b"], {}, "NUL"),
+                             (["x"], {"A=B": "1"}, "invalid environment"),
+                             (["x" * 5000], {}, "too long")]:
+        with pytest.raises(SpecError, match=match):
+            start_payload(1, argv, env)
 
 
 # ---- ContainerRuntime directly ---------------------------------------------------------------
@@ -132,6 +149,103 @@ async def test_runsc_container_exec(tmp_path):
             await sb.kill()
 
 
+@pytest.fixture(scope="module")
+def vm_image(tmp_path_factory):
+    from runtimes.microvm import MicroVMRuntime
+    from runtimes.oci import build_busybox_image
+    avail = MicroVMRuntime().available()
+    if not avail.available:
+        pytest.skip(f"microVMs unavailable: {avail.reason}")
+    dest = tmp_path_factory.mktemp("vmimg") / "busybox"
+    build_busybox_image(dest, entrypoint=["/bin/sh", "-c"], cmd=["sleep 120"],
+                        env=["PATH=/bin", "TASK_VAR=t"])
+    return dest
+
+
+@pytest.mark.slow
+async def test_microvm_exec_over_the_guest_exec_channel(vm_image):
+    from runtimes.microvm import MicroVMRuntime
+    sb = await MicroVMRuntime().prepare(TaskSpec(kind="microvm", artifact=vm_image))
+    async with trio.open_nursery() as n:
+        await sb.start(n)
+        try:
+            with trio.fail_after(120):
+                async with sb.exec(["sh", "-c", 'cat /proc/1/cmdline | tr "\\0" " "; echo; '
+                                    'echo $((6*7)) $TASK_VAR $X; echo err >&2; read line; echo "got $line"; '
+                                    'exit 5'], env={"X": "x"}) as proc:
+                    await proc.send_stdin(b"hello\n")
+                    out, err = await _collect(proc)
+                    assert await proc.wait() == 5
+            # PID 1 is our init; the task and the command share its root and environment.
+            assert out == b"/init \n42 t x\ngot hello\n" and err == b"err\n"
+            with trio.fail_after(120):
+                # More stdin than the host may have in flight, more output than one
+                # grant of credit: both windows have to turn over, nothing is lost.
+                async with sb.exec(["sh", "-c", "wc -c; head -c 300000 /dev/zero | tr '\\0' a"]) as proc:
+                    async def feed():
+                        for _ in range(20):
+                            await proc.send_stdin(b"x" * 10_000)
+                        await proc.close_stdin()
+                    n.start_soon(feed)
+                    out, _ = await _collect(proc)
+                    assert await proc.wait() == 0
+            assert out == b"200000\n" + b"a" * 300_000
+            with trio.fail_after(60):
+                async with sb.exec(["no-such-command"]) as proc:
+                    out, err = await _collect(proc)
+                    assert await proc.wait() == 127
+            assert b"cannot execute no-such-command" in err
+            with trio.fail_after(60):
+                # Leaving the block early kills the command in the guest.
+                async with sb.exec(["sleep", "1000"]) as proc:
+                    await trio.sleep(0.3)
+                assert proc.ended.is_set()
+                # Sessions run side by side.
+                results = []
+
+                async def one(i):
+                    async with sb.exec(["sh", "-c", f"sleep 0.3; echo {i}"]) as p:
+                        results.append((await _collect(p))[0])
+                async with trio.open_nursery() as m:
+                    for i in range(3):
+                        m.start_soon(one, i)
+                assert sorted(results) == [b"0\n", b"1\n", b"2\n"]
+                async with sb.exec(["sh", "-c", "ps -o comm | grep -c '^sleep$'"]) as proc:
+                    out, _ = await _collect(proc)
+            assert out == b"1\n"  # only the task's own sleep is left
+        finally:
+            await sb.kill()
+    with pytest.raises(ExecUnsupported, match="not running"):
+        async with sb.exec(["true"]):
+            pass
+
+
+@pytest.mark.slow
+async def test_microvm_exec_after_a_restore(vm_image, tmp_path):
+    from runtimes.microvm import MicroVMRuntime
+    rt = MicroVMRuntime()
+    spec = TaskSpec(kind="microvm", artifact=vm_image)
+    sb = await rt.prepare(spec)
+    async with trio.open_nursery() as n:
+        await sb.start(n)
+        with trio.fail_after(120):
+            async with sb.exec(["sh", "-c", "echo before > /tmp/mark"]) as proc:
+                assert await proc.wait() == 0
+            await sb.checkpoint(tmp_path / "ck")
+    sb2 = await rt.restore(spec, tmp_path / "ck")
+    async with trio.open_nursery() as n:
+        await sb2.start(n)
+        try:
+            # The restored guest's init still serves its channel; the host handshakes anew.
+            with trio.fail_after(120):
+                async with sb2.exec(["cat", "/tmp/mark"]) as proc:
+                    out, _ = await _collect(proc)
+                    assert await proc.wait() == 0
+            assert out == b"before\n"
+        finally:
+            await sb2.kill()
+
+
 # ---- over the mesh ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -174,6 +288,23 @@ def test_exec_and_shell_in_a_running_container_task(mesh):
                                           body={"argv": ["cat"], "stdin": "via api\n"}))
     assert lines == [{"stream": "stdout", "data": "via api\n"}, {"exit_code": 0}]
     # The task itself is untouched.
+    assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"
+    consumer.cli("cancel", job_id)
+
+
+@pytest.mark.slow
+def test_exec_and_shell_in_a_microvm_task(mesh):
+    from jobs_helpers import BUSYBOX_TAR, submit, wait_job
+    consumer, _ = mesh
+    job_id = submit(consumer, "--runtime", "microvm", str(BUSYBOX_TAR), "--", "sh", "-c", "sleep 120")
+    wait_job(consumer, job_id, states=("running",), timeout=120)
+    res = consumer.cli("exec", job_id, "--", "sh", "-c", "uname -s; echo oops >&2; exit 3",
+                       check=False, timeout=180)
+    assert (res.returncode, res.stdout) == (3, "Linux\n"), res.stderr
+    assert "oops\n" in res.stderr
+    res = subprocess.run([*_synord(consumer), "shell", job_id], input="echo in the guest $((1+1))\nexit 4\n",
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert (res.returncode, res.stdout) == (4, "in the guest 2\n"), res.stderr
     assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"
     consumer.cli("cancel", job_id)
 

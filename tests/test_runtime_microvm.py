@@ -22,7 +22,8 @@ import trio
 
 from runtimes.base import Limits, SpecError, TaskSpec, get_runtime
 from runtimes.cpio import CpioWriter
-from runtimes.microvm import FRAME_MAGIC, ConsoleParser, MicroVMRuntime, kernel_cmdline
+from runtimes.guest_exec import FRAME_MAGIC
+from runtimes.microvm import ConsoleParser, MicroVMRuntime, kernel_cmdline
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "packaging" / "guest" / "build.sh"

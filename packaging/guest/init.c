@@ -22,6 +22,21 @@
  *
  * After the task exits and the console is drained: exit frame, then
  * poweroff (or reboot with synord.exit=reboot on the kernel command line).
+ *
+ * Exec channel (QEMU only: a second UART, /dev/ttyS1, when the host gave one):
+ * commands beside the task for `synord exec`/`synord shell`.  Same framing;
+ * the first payload byte of every session frame is the session id (1..255).
+ *   host -> guest   'R' reset: kill every session, answer 'H' (sent on connect)
+ *                   'S' sid argv\0...\0 \0 env KEY=VALUE\0...   start a command
+ *                   'I' sid bytes   stdin        'C' sid   close stdin
+ *                   'K' sid         SIGKILL its process group
+ *                   'W' sid u32be   the host takes that many more output bytes
+ *   guest -> host   'H' ready       'o'/'e' sid bytes   output
+ *                   'a' sid u32be   that many stdin bytes were written to the command
+ *                   'x' sid code    the command ended (after its output)
+ * Both directions are windowed (EXEC_WINDOW bytes of stdin in flight, output
+ * only against the host's credit), so one busy session never stalls the task
+ * or another session, and the guest's tty buffer can never overflow.
  * Build: gcc -static -Os -o init init.c
  */
 #define _GNU_SOURCE
@@ -41,8 +56,11 @@
 
 #define ROOT "/rootfs"
 #define MAXFRAME 4096
+#define MAXSESS 8
+#define EXEC_WINDOW 65536
 
 static int con = -1;
+static int xcon = -1;  /* exec channel, /dev/ttyS1; -1 without one */
 /* QEMU exits on poweroff; Firecracker only on a guest reboot (synord.exit=reboot). */
 static int halt_cmd = RB_POWER_OFF;
 
@@ -65,18 +83,20 @@ static void write_all(int fd, const void *buf, size_t n) {
     }
 }
 
-static void frame(char kind, const char *data, size_t n) {
+static void frame_to(int fd, char kind, const char *data, size_t n) {
     while (1) {
         size_t chunk = n > MAXFRAME ? MAXFRAME : n;
         unsigned char hdr[6] = {0x01, 'S', 'Y', (unsigned char)kind,
                                 (unsigned char)(chunk >> 8), (unsigned char)(chunk & 0xff)};
-        write_all(con, hdr, sizeof hdr);
-        write_all(con, data, chunk);
+        write_all(fd, hdr, sizeof hdr);
+        write_all(fd, data, chunk);
         data += chunk;
         n -= chunk;
         if (n == 0) break;
     }
 }
+
+static void frame(char kind, const char *data, size_t n) { frame_to(con, kind, data, n); }
 
 static void die(const char *what) {
     char msg[512];
@@ -150,6 +170,236 @@ static long oom_kills(void) {
     return n;
 }
 
+
+/* ---- exec channel ------------------------------------------------------ */
+
+struct session {
+    int sid;               /* 0: slot free */
+    pid_t pid;
+    int in, out, err;      /* our ends of its pipes; -1 once closed */
+    int exited, status;
+    int close_in;          /* the host closed stdin: close once pend is written */
+    char *pend;            /* stdin bytes not yet written (at most EXEC_WINDOW) */
+    size_t plen;
+    unsigned long credit;  /* output bytes the host will still take */
+};
+
+static struct session sess[MAXSESS];
+static char **task_envp;
+static char *task_workdir;
+static unsigned char xbuf[6 + MAXFRAME];
+static size_t xlen;
+
+static void put_u32(unsigned char *p, unsigned long v) {
+    p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
+}
+
+static void sframe(struct session *s, char kind, const void *data, size_t n) {
+    char buf[MAXFRAME];
+    if (n > MAXFRAME - 1) n = MAXFRAME - 1;
+    buf[0] = (char)s->sid;
+    memcpy(buf + 1, data, n);
+    frame_to(xcon, kind, buf, n + 1);
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+static void end_session(struct session *s) {
+    int st = s->status;
+    int code = WIFEXITED(st) ? WEXITSTATUS(st) : WIFSIGNALED(st) ? 128 + WTERMSIG(st) : 255;
+    char num[16];
+    int n = snprintf(num, sizeof num, "%d", code);
+    sframe(s, 'x', num, (size_t)n);
+    close_fd(&s->in); close_fd(&s->out); close_fd(&s->err);
+    free(s->pend);
+    memset(s, 0, sizeof *s);
+}
+
+static void drop_session(struct session *s) {  /* reset: no report, the host forgot it */
+    if (!s->exited) { kill(-s->pid, SIGKILL); kill(s->pid, SIGKILL); }  /* reaped as an orphan */
+    close_fd(&s->in); close_fd(&s->out); close_fd(&s->err);
+    free(s->pend);
+    memset(s, 0, sizeof *s);
+}
+
+static struct session *find_session(int sid) {
+    for (int i = 0; i < MAXSESS; i++) if (sess[i].sid == sid) return &sess[i];
+    return NULL;
+}
+
+/* The task's environment with the session's KEY=VALUE entries put over it. */
+static char **merged_env(char **extra) {
+    size_t n = 0, k = 0;
+    for (char **e = task_envp; *e; e++) n++;
+    for (char **e = extra; *e; e++) n++;
+    char **env = calloc(n + 1, sizeof *env);
+    for (char **e = task_envp; *e; e++) {
+        size_t key = strcspn(*e, "=");
+        int shadowed = 0;
+        for (char **x = extra; *x && !shadowed; x++)
+            shadowed = strncmp(*x, *e, key) == 0 && (*x)[key] == '=';
+        if (!shadowed) env[k++] = *e;
+    }
+    for (char **e = extra; *e; e++) env[k++] = *e;
+    return env;
+}
+
+static void start_session(int sid, char *p, size_t len) {
+    struct session fail = {.sid = sid, .in = -1, .out = -1, .err = -1, .status = 125 << 8};
+    if (find_session(sid)) { sframe(&fail, 'e', "session id in use\n", 18); sframe(&fail, 'x', "125", 3); return; }
+    struct session *s = find_session(0);
+    if (!s) { sframe(&fail, 'e', "too many exec sessions\n", 23); sframe(&fail, 'x', "125", 3); return; }
+    /* argv items, an empty item, env items: all NUL-terminated */
+    char *argv[256], *envx[256];
+    size_t na = 0, ne = 0, i = 0;
+    while (i < len && p[i] && na < 255) { argv[na++] = p + i; i += strlen(p + i) + 1; }
+    i++;
+    while (i < len && ne < 255) { envx[ne++] = p + i; i += strlen(p + i) + 1; }
+    argv[na] = NULL; envx[ne] = NULL;
+    if (na == 0 || (len > 0 && p[len - 1] != 0)) { sframe(&fail, 'e', "malformed exec request\n", 23); sframe(&fail, 'x', "125", 3); return; }
+    int in[2], out[2], err[2];
+    if (pipe2(in, O_CLOEXEC) < 0) goto nopipe;
+    if (pipe2(out, O_CLOEXEC) < 0) { close(in[0]); close(in[1]); goto nopipe; }
+    if (pipe2(err, O_CLOEXEC) < 0) { close(in[0]); close(in[1]); close(out[0]); close(out[1]); goto nopipe; }
+    char **env = merged_env(envx);
+    pid_t pid = fork();
+    if (pid == 0) {
+        signal(SIGPIPE, SIG_DFL);  /* ignored dispositions survive exec */
+        if (chroot(ROOT) < 0 || chdir(task_workdir) < 0) {
+            dprintf(err[1], "synord-init: cannot enter %s: %s\n", task_workdir, strerror(errno));
+            _exit(126);
+        }
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        dup2(err[1], 2);
+        setsid();
+        environ = env;
+        if (!getenv("PATH")) setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+        execvp(argv[0], argv);
+        dprintf(2, "synord-init: cannot execute %s: %s\n", argv[0], strerror(errno));
+        _exit(errno == ENOENT ? 127 : 126);
+    }
+    free(env);
+    close(in[0]); close(out[1]); close(err[1]);
+    if (pid < 0) {
+        close(in[1]); close(out[0]); close(err[0]);
+        sframe(&fail, 'e', "fork failed\n", 12); sframe(&fail, 'x', "125", 3);
+        return;
+    }
+    fcntl(in[1], F_SETFL, O_NONBLOCK);
+    memset(s, 0, sizeof *s);
+    s->sid = sid; s->pid = pid; s->in = in[1]; s->out = out[0]; s->err = err[0];
+    s->pend = malloc(EXEC_WINDOW);
+    return;
+nopipe:
+    sframe(&fail, 'e', "pipe failed\n", 12); sframe(&fail, 'x', "125", 3);
+}
+
+static void write_stdin(struct session *s) {
+    size_t done = 0;
+    while (done < s->plen && s->in >= 0) {
+        ssize_t w = write(s->in, s->pend + done, s->plen - done);
+        if (w > 0) { done += (size_t)w; continue; }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && errno == EAGAIN) break;
+        close_fd(&s->in);  /* EPIPE: the command closed stdin; the rest is dropped */
+        done = s->plen;
+    }
+    if (s->in < 0) done = s->plen;
+    if (done) {
+        unsigned char ack[4];
+        put_u32(ack, done);
+        memmove(s->pend, s->pend + done, s->plen - done);
+        s->plen -= done;
+        sframe(s, 'a', ack, 4);
+    }
+    if (s->close_in && s->plen == 0) close_fd(&s->in);
+}
+
+static void host_frame(char kind, unsigned char *p, size_t len) {
+    if (kind == 'R') {
+        for (int i = 0; i < MAXSESS; i++) if (sess[i].sid) drop_session(&sess[i]);
+        frame_to(xcon, 'H', "", 0);
+        return;
+    }
+    if (len < 1 || p[0] == 0) return;
+    int sid = p[0];
+    p++; len--;
+    if (kind == 'S') { start_session(sid, (char *)p, len); return; }
+    struct session *s = find_session(sid);
+    if (!s) return;  /* ended already: late input is dropped */
+    if (kind == 'I') {
+        if (s->in < 0 || s->close_in) {  /* nobody reads it: acknowledge and drop */
+            unsigned char ack[4];
+            put_u32(ack, len);
+            sframe(s, 'a', ack, 4);
+            return;
+        }
+        if (len > EXEC_WINDOW - s->plen) len = EXEC_WINDOW - s->plen;  /* the host overran its window */
+        memcpy(s->pend + s->plen, p, len);
+        s->plen += len;
+        write_stdin(s);
+    } else if (kind == 'C') {
+        s->close_in = 1;
+        if (s->plen == 0) close_fd(&s->in);
+    } else if (kind == 'K') {
+        if (!s->exited) { kill(-s->pid, SIGKILL); kill(s->pid, SIGKILL); }  /* before its setsid too */
+    } else if (kind == 'W' && len >= 4) {
+        s->credit += ((unsigned long)p[0] << 24) | ((unsigned long)p[1] << 16) | ((unsigned long)p[2] << 8) | p[3];
+    }
+}
+
+/* Read what the host sent and act on each whole frame. */
+static void read_exec_channel(void) {
+    ssize_t r = read(xcon, xbuf + xlen, sizeof xbuf - xlen);
+    if (r <= 0) return;
+    xlen += (size_t)r;
+    size_t off = 0;
+    while (xlen - off >= 6) {
+        unsigned char *f = xbuf + off;
+        if (f[0] != 0x01 || f[1] != 'S' || f[2] != 'Y') { off++; continue; }  /* resync */
+        size_t n = ((size_t)f[4] << 8) | f[5];
+        if (n > MAXFRAME) { off++; continue; }
+        if (xlen - off < 6 + n) break;
+        host_frame((char)f[3], f + 6, n);
+        off += 6 + n;
+    }
+    memmove(xbuf, xbuf + off, xlen - off);
+    xlen -= off;
+}
+
+/* Output of one session's pipe, within the host's credit; 1 if data came. */
+static int relay_session_output(struct session *s, int *fd, char kind) {
+    char buf[MAXFRAME - 1];
+    size_t want = s->credit < sizeof buf ? s->credit : sizeof buf;
+    if (*fd < 0 || want == 0) return 0;
+    ssize_t n = read(*fd, buf, want);
+    if (n > 0) {
+        s->credit -= (unsigned long)n;
+        sframe(s, kind, buf, (size_t)n);
+        return 1;
+    }
+    if (n == 0 || errno != EINTR) close_fd(fd);
+    return 0;
+}
+
+static void open_exec_channel(void) {
+    int fd = open("/dev/ttyS1", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return;
+    struct termios t;
+    /* a UART the VMM did not give us has no line status: leave it alone */
+    if (tcgetattr(fd, &t) != 0) { close(fd); return; }
+    cfmakeraw(&t);
+    tcsetattr(fd, TCSANOW, &t);
+    fcntl(fd, F_SETFL, 0);  /* blocking writes: frames go out whole */
+    xcon = fd;
+    frame_to(xcon, 'H', "", 0);
+}
+
 int main(void) {
     mkdir("/dev", 0755);
     mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, NULL);
@@ -174,6 +424,10 @@ int main(void) {
     size_t clen = 0;
     char *cmdline = slurp(ROOT "/proc/cmdline", &clen);
     if (cmdline && strstr(cmdline, "synord.exit=reboot")) halt_cmd = RB_AUTOBOOT;
+
+    task_envp = envp;
+    task_workdir = workdir;
+    open_exec_channel();
 
     int out[2], err[2];
     if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) die("pipe");
@@ -200,42 +454,71 @@ int main(void) {
     }
     close(out[1]);
     close(err[1]);
+    signal(SIGPIPE, SIG_IGN);  /* a session that closed its stdin must not kill init */
 
-    struct pollfd fds[2] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+    int tfd[2] = {out[0], err[0]};
     char buf[MAXFRAME];
-    int open_fds = 2, status = 0, exited = 0;
-    /* Relay until both pipes close, or the task exits and nothing is left
-     * (a background process may keep the pipes open forever). */
-    while (open_fds > 0) {
-        int r = poll(fds, 2, exited ? 0 : 200);
+    int status = 0, exited = 0;
+    /* Relay until both task pipes close, or the task exits and nothing is left
+     * (a background process may keep the pipes open forever); meanwhile serve
+     * the exec channel. */
+    while (1) {
+        struct pollfd fds[3 + 3 * MAXSESS];
+        /* "nothing more came" only counts for a round that began after the exit */
+        int nf = 0, timeout = exited ? 0 : 200, was_exited = exited, drained[MAXSESS] = {0};
+        for (int i = 0; i < 2; i++)
+            if (tfd[i] >= 0) fds[nf++] = (struct pollfd){tfd[i], POLLIN, 0};
+        int xi = -1;
+        if (xcon >= 0) { xi = nf; fds[nf++] = (struct pollfd){xcon, POLLIN, 0}; }
+        for (int k = 0; k < MAXSESS; k++) {
+            struct session *x = &sess[k];
+            if (!x->sid) continue;
+            if (x->plen && x->in >= 0) fds[nf++] = (struct pollfd){x->in, POLLOUT, 0};
+            if (x->credit && x->out >= 0) fds[nf++] = (struct pollfd){x->out, POLLIN, 0};
+            if (x->credit && x->err >= 0) fds[nf++] = (struct pollfd){x->err, POLLIN, 0};
+            if (x->exited && x->credit) timeout = 0, drained[k] = 1;
+        }
+        int r = poll(fds, (nfds_t)nf, timeout);
         if (r < 0 && errno != EINTR) break;
-        int got = 0;
-        for (int i = 0; i < 2; i++) {
-            if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-            ssize_t n = read(fds[i].fd, buf, sizeof buf);
-            if (n > 0) {
-                frame(i == 0 ? 'o' : 'e', buf, (size_t)n);
-                got = 1;
-            } else if (n == 0 || errno != EINTR) {
-                close(fds[i].fd);
-                fds[i].fd = -1;
-                open_fds--;
+        int got = 0, sgot[MAXSESS] = {0};
+        for (int j = 0; j < nf; j++) {
+            if (!(fds[j].revents & (POLLIN | POLLOUT | POLLHUP | POLLERR))) continue;
+            int fd = fds[j].fd;
+            if (j == xi) { read_exec_channel(); continue; }
+            if (fd == tfd[0] || fd == tfd[1]) {
+                int i = fd == tfd[0] ? 0 : 1;
+                ssize_t n = read(fd, buf, sizeof buf);
+                if (n > 0) {
+                    frame(i == 0 ? 'o' : 'e', buf, (size_t)n);
+                    got = 1;
+                } else if (n == 0 || errno != EINTR) {
+                    close(fd);
+                    tfd[i] = -1;
+                }
+                continue;
+            }
+            for (int k = 0; k < MAXSESS; k++) {
+                struct session *x = &sess[k];
+                if (!x->sid) continue;
+                if (fd == x->in && (fds[j].events & POLLOUT)) write_stdin(x);
+                else if (fd == x->out) sgot[k] |= relay_session_output(x, &x->out, 'o');
+                else if (fd == x->err) sgot[k] |= relay_session_output(x, &x->err, 'e');
             }
         }
-        if (!exited) {
-            pid_t w;
-            int st;
-            while ((w = waitpid(-1, &st, WNOHANG)) > 0)  /* PID 1 reaps orphans too */
-                if (w == child) { status = st; exited = 1; break; }
-        } else if (!got) {
-            break;
-        }
-    }
-    if (!exited) {
         pid_t w;
         int st;
-        while ((w = waitpid(-1, &st, 0)) > 0)
-            if (w == child) { status = st; break; }
+        while ((w = waitpid(-1, &st, WNOHANG)) > 0) {  /* PID 1 reaps orphans too */
+            if (w == child) { status = st; exited = 1; continue; }
+            for (int k = 0; k < MAXSESS; k++)
+                if (sess[k].sid && sess[k].pid == w) { sess[k].status = st; sess[k].exited = 1; }
+        }
+        for (int k = 0; k < MAXSESS; k++) {
+            struct session *x = &sess[k];
+            /* ended: output closed, or nothing more came with room to send it */
+            if (x->sid && x->exited && ((x->out < 0 && x->err < 0) || (drained[k] && !sgot[k])))
+                end_session(x);
+        }
+        if (exited && ((was_exited && !got) || (tfd[0] < 0 && tfd[1] < 0))) break;
     }
     int code = WIFEXITED(status) ? WEXITSTATUS(status)
              : WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 255;
