@@ -21,6 +21,7 @@ started, and `Unavailable` if the sandbox kind does not work on this host.
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +191,11 @@ class Sandbox(ABC):
 
     supports_exec: ClassVar[bool] = False
 
-    def exec(self, argv: list[str], env: dict[str, str] | None = None) -> "AsyncContextManager[ExecProcess]":
-        """Run ``argv`` inside the running sandbox, beside its task (``synord exec``).
+    def exec(self, argv: list[str], env: dict[str, str] | None = None,
+             tty: TerminalSize | None = None) -> "AsyncContextManager[ExecProcess]":
+        """Run ``argv`` inside the running sandbox, beside its task (``synord exec``),
+        on pipes, or with ``tty`` on a new pseudo-terminal that becomes its
+        controlling terminal (all output then comes as "stdout").
 
         Use as ``async with sb.exec(argv) as proc:`` — ``proc.send_stdin(b)``,
         ``proc.close_stdin()``, ``async for chunk in proc.output`` (LogChunks,
@@ -202,6 +206,19 @@ class Sandbox(ABC):
         """
         kind = getattr(getattr(self, "spec", None), "kind", None) or type(self).__name__
         return _unsupported_exec(f"exec is not supported for {kind} tasks yet")
+
+
+@dataclass(frozen=True)
+class TerminalSize:
+    """A pseudo-terminal for an exec session (``synord shell`` on a terminal)."""
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1000:
+                raise SpecError(f"terminal {name} must be an integer from 1 to 1000")
 
 
 class ExecProcess:
@@ -224,18 +241,24 @@ class ExecProcess:
     async def wait(self) -> int:
         raise NotImplementedError
 
+    async def resize(self, size: TerminalSize) -> None:
+        """A terminal session's new window size (nothing to do on pipes)."""
+
 
 class PipeExecProcess(ExecProcess):
-    """A command on host pipes (``<runtime> exec``)."""
+    """A command on host pipes (``<runtime> exec``); ``run_output`` pumps them."""
 
-    def __init__(self, proc: trio.Process, output: "trio.MemoryReceiveChannel[LogChunk]"):
+    def __init__(self, proc: trio.Process):
         self.proc = proc
-        self.output = output
+        self._send, self.output = trio.open_memory_channel[LogChunk](64)
         self._stdin_closed = proc.stdin is None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    async def run_output(self) -> None:
+        await pump_exec_output(self.proc, self._send)
 
     async def send_stdin(self, data: bytes) -> None:
         if self._stdin_closed:
@@ -250,6 +273,99 @@ class PipeExecProcess(ExecProcess):
 
     async def wait(self) -> int:
         return await self.proc.wait()
+
+    async def aclose(self) -> None:
+        self.output.close()
+
+
+def set_terminal_size(fd: int, size: TerminalSize) -> None:
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
+
+
+class PtyExecProcess(ExecProcess):
+    """A command on a host pseudo-terminal (``<runtime> exec`` with a console
+    socket): ``run_output`` pumps the master into ``output`` until the last
+    user of the terminal is gone."""
+
+    def __init__(self, proc: trio.Process, master_fd: int):
+        self.proc = proc
+        self._master = trio.lowlevel.FdStream(master_fd)
+        self._send, self.output = trio.open_memory_channel[LogChunk](64)
+        self._eof_sent = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def run_output(self) -> None:
+        async with self._send:
+            try:
+                while data := await self._master.receive_some(65536):
+                    await self._send.send(LogChunk("stdout", data))
+            except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # EIO: nobody holds the terminal any more
+
+    async def send_stdin(self, data: bytes) -> None:
+        await self._master.send_all(data)
+
+    async def close_stdin(self) -> None:
+        if not self._eof_sent:  # a terminal has no stdin to close: end of input is ^D
+            self._eof_sent = True
+            await self._master.send_all(b"\x04")
+
+    async def resize(self, size: TerminalSize) -> None:
+        set_terminal_size(self._master.fileno(), size)
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    async def aclose(self) -> None:
+        self.output.close()
+        await self._master.aclose()
+
+
+async def receive_console_master(listener, proc: trio.Process, what: str) -> int:
+    """The pty master a runtime sends to its ``--console-socket`` (SCM_RIGHTS);
+    ExecUnsupported with the runtime's own words if it exits first."""
+    import array
+    import socket
+    master = -1
+
+    async def receive(cancel: trio.CancelScope) -> None:
+        nonlocal master
+        conn, _ = await listener.accept()
+        with conn:
+            _, ancdata, _, _ = await conn.recvmsg(4096, socket.CMSG_SPACE(4 * array.array("i").itemsize))
+        fds = array.array("i")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        if fds:
+            master = fds[0]
+            for extra in fds[1:]:
+                os.close(extra)
+        cancel.cancel()
+
+    async def runtime_exits(cancel: trio.CancelScope) -> None:
+        await proc.wait()
+        await trio.sleep(0.2)  # it may have sent the terminal just before exiting
+        cancel.cancel()
+
+    with trio.move_on_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(receive, n.cancel_scope)
+            n.start_soon(runtime_exits, n.cancel_scope)
+    if master < 0:
+        err = b""
+        if proc.stderr is not None:
+            with trio.move_on_after(1):
+                err = await proc.stderr.receive_some(4096)
+        detail = err.decode(errors="replace").strip().splitlines()
+        raise ExecUnsupported(f"{what} gave no terminal" + (f": {detail[-1]}" if detail else ""))
+    return master
 
 
 @asynccontextmanager

@@ -38,9 +38,11 @@ import trio
 
 from . import cgroups, oci, seccomp
 
-from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk, PipeExecProcess, RuntimeError_,
+from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
+                   PipeExecProcess, PtyExecProcess, RuntimeError_, TerminalSize, receive_console_master,
+                   set_terminal_size,
                    Runtime, Sandbox, SpecError, TaskSpec, Unavailable, Usage, checkpoint_digest, child_env,
-                   pump_exec_output, verify_artifact)
+                   verify_artifact)
 
 log = logging.getLogger(__name__)
 
@@ -519,10 +521,13 @@ class ContainerSandbox(Sandbox):
     supports_exec = True
 
     @asynccontextmanager
-    async def exec(self, argv: list[str], env: dict[str, str] | None = None):
+    async def exec(self, argv: list[str], env: dict[str, str] | None = None,
+                   tty: TerminalSize | None = None):
         """``<rt> exec --process p.json ID``: same user, cwd, no capabilities,
         noNewPrivileges, rlimits (and, from the container, seccomp, namespaces
-        and cgroup — so the task's limits cover it) as the task's own process."""
+        and cgroup — so the task's limits cover it) as the task's own process.
+        With ``tty`` the runtime makes a pseudo-terminal (the command's
+        controlling terminal) and hands us its master over a console socket."""
         if not argv or not all(isinstance(a, str) and a for a in argv[:1]):
             raise SpecError("exec needs a command")
         if not self._started or self._done.is_set() or self._proc is None \
@@ -532,32 +537,76 @@ class ContainerSandbox(Sandbox):
         process = json.loads(json.dumps(self.config["process"]))  # deep copy
         merged = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
         merged.update(env or {})
-        process.update(args=list(argv), env=[f"{k}={v}" for k, v in merged.items()], terminal=False)
+        process.update(args=list(argv), env=[f"{k}={v}" for k, v in merged.items()], terminal=tty is not None)
+        if tty is not None:
+            process["consoleSize"] = {"height": tty.rows, "width": tty.cols}
         tag = uuid.uuid4().hex[:12]
         pfile = self.workdir / f"exec-{tag}.json"
         pidfile = self.workdir / f"exec-{tag}.pid"
         pfile.write_text(json.dumps(process))
         pid_flag = "--internal-pid-file" if self.engine_name == "runsc" else "--pid-file"
-        cmd = self._cmd("exec", "--process", str(pfile), f"{pid_flag}={pidfile}", self.id)
+        # crun makes the terminal and sends us its master over a console socket;
+        # runc (which takes one only when detaching) and runsc use the terminal
+        # they are given as stdio instead.
+        console_dir = Path(tempfile.mkdtemp(prefix="synord-con-")) \
+            if tty is not None and self.engine_name == "crun" else None
+        console = ["--console-socket", str(console_dir / "sock")] if console_dir else []
+        cmd = self._cmd("exec", *console, "--process", str(pfile), f"{pid_flag}={pidfile}", self.id)
+        listener = None
+        master = slave = -1
         try:
-            proc = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=child_env(), start_new_session=True)
-        except OSError as e:
-            pfile.unlink(missing_ok=True)
-            raise ExecUnsupported(f"cannot start {self.engine_name} exec: {e}") from None
-        send, recv = trio.open_memory_channel(64)
-        try:
+            if console_dir is not None:
+                listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+                await listener.bind(str(console_dir / "sock"))
+                listener.listen(1)
+            elif tty is not None:
+                master, slave = os.openpty()
+                set_terminal_size(master, tty)
+            if tty is None:
+                stdio = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+            elif slave >= 0:
+                stdio = {"stdin": slave, "stdout": slave, "stderr": slave}
+            else:
+                stdio = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+            if slave >= 0:
+                # runc/runsc forward the signals they get (SIGINT, SIGWINCH) to the
+                # command: make the terminal their controlling one, so they get them.
+                cmd = ["setsid", "--ctty", *cmd]
+            try:
+                proc = await trio.lowlevel.open_process(cmd, env=child_env(), start_new_session=slave < 0,
+                                                        **stdio)
+            except OSError as e:
+                raise ExecUnsupported(f"cannot start {self.engine_name} exec: {e}") from None
+            finally:
+                if slave >= 0:
+                    os.close(slave)
+            handle: PipeExecProcess | PtyExecProcess
+            try:
+                if listener is not None:
+                    master = await receive_console_master(listener, proc, f"{self.engine_name} exec")
+                handle = PtyExecProcess(proc, master) if master >= 0 else PipeExecProcess(proc)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._end_exec(proc, pidfile)
+                raise
+            master = -1  # the handle owns it now
             async with trio.open_nursery() as n:
-                n.start_soon(pump_exec_output, proc, send)
                 try:
-                    yield PipeExecProcess(proc, recv)
+                    n.start_soon(handle.run_output)
+                    yield handle
                 finally:
-                    recv.close()  # a caller that stopped reading must not block the pumps
                     with trio.CancelScope(shield=True):
+                        handle.output.close()  # a caller that stopped reading must not block the pumps
                         await self._end_exec(proc, pidfile)
+                        await handle.aclose()
                         n.cancel_scope.deadline = trio.current_time() + 2  # pipes close with the process
         finally:
+            if master >= 0:
+                os.close(master)
+            if listener is not None:
+                listener.close()
+            if console_dir is not None:
+                shutil.rmtree(console_dir, ignore_errors=True)
             pfile.unlink(missing_ok=True)
             pidfile.unlink(missing_ok=True)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from .base import ExecProcess, ExecUnsupported, LogChunk, SpecError
+from .base import ExecProcess, ExecUnsupported, LogChunk, SpecError, TerminalSize
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class FrameSplitter:
         return out
 
 
-def start_payload(sid: int, argv: list[str], env: dict[str, str]) -> bytes:
-    """The 'S' frame's payload; SpecError where the guest could not take it."""
+def start_payload(sid: int, argv: list[str], env: dict[str, str], tty: TerminalSize | None = None) -> bytes:
+    """The payload of an 'S' frame (a ``tty`` one: 'T'); SpecError where the guest could not take it."""
     if not argv or not argv[0]:
         raise SpecError("exec needs a command")
     for k, v in env.items():
@@ -81,7 +81,8 @@ def start_payload(sid: int, argv: list[str], env: dict[str, str]) -> bytes:
             raise SpecError(f"invalid environment variable {k!r}")
     if any("\0" in a for a in argv):
         raise SpecError("arguments cannot contain NUL bytes")
-    body = (bytes([sid]) + b"".join(a.encode() + b"\0" for a in argv) + b"\0"
+    size = b"" if tty is None else tty.rows.to_bytes(2, "big") + tty.cols.to_bytes(2, "big")
+    body = (bytes([sid]) + size + b"".join(a.encode() + b"\0" for a in argv) + b"\0"
             + b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
     if len(body) > MAX_PAYLOAD:
         raise SpecError(f"command and environment too long for a microVM exec "
@@ -94,8 +95,8 @@ def start_payload(sid: int, argv: list[str], env: dict[str, str]) -> bytes:
 class VMExecProcess(ExecProcess):
     """One command in the guest, driven through its ExecChannel."""
 
-    def __init__(self, channel: "ExecChannel", sid: int) -> None:
-        self._channel, self.sid = channel, sid
+    def __init__(self, channel: "ExecChannel", sid: int, tty: bool = False) -> None:
+        self._channel, self.sid, self.tty = channel, sid, tty
         self._send, self._recv = trio.open_memory_channel[LogChunk](math.inf)  # bounded by credit
         self.output = self._Output(self)
         self._unacked = 0
@@ -143,10 +144,21 @@ class VMExecProcess(ExecProcess):
             view = view[n:]
 
     async def close_stdin(self) -> None:
+        if self.tty:  # a terminal has no stdin to close: end of input is ^D
+            if not self._stdin_closed and not self.ended.is_set():
+                await self.send_stdin(b"\x04")
+            self._stdin_closed = True
+            return
         if not self._stdin_closed:
             self._stdin_closed = True
             if not self.ended.is_set():
                 await self._channel.send_frame(b"C", bytes([self.sid]), quiet=True)
+
+    async def resize(self, size: TerminalSize) -> None:
+        if self.tty and not self.ended.is_set():
+            await self._channel.send_frame(
+                b"Z", bytes([self.sid]) + size.rows.to_bytes(2, "big") + size.cols.to_bytes(2, "big"),
+                quiet=True)
 
     async def wait(self) -> int:
         await self.ended.wait()
@@ -263,8 +275,10 @@ class ExecChannel:
             if not quiet:
                 raise trio.BrokenResourceError("the microVM's exec channel is closed") from None
 
-    async def open(self, argv: list[str], env: dict[str, str], timeout: float = 120.0) -> VMExecProcess:
-        """Start ``argv`` in the guest (waiting for it to finish booting)."""
+    async def open(self, argv: list[str], env: dict[str, str], tty: TerminalSize | None = None,
+                   timeout: float = 120.0) -> VMExecProcess:
+        """Start ``argv`` in the guest (waiting for it to finish booting), on a
+        new pseudo-terminal of the guest's when ``tty`` is given."""
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as n:
                 async def until_closed() -> None:
@@ -279,11 +293,11 @@ class ExecChannel:
         if len(self._sessions) >= MAX_SESSIONS:
             raise ExecUnsupported(f"a microVM runs at most {MAX_SESSIONS} exec sessions at once")
         sid = self._take_sid()
-        payload = start_payload(sid, argv, env)
-        proc = VMExecProcess(self, sid)
+        payload = start_payload(sid, argv, env, tty)
+        proc = VMExecProcess(self, sid, tty=tty is not None)
         self._sessions[sid] = proc
         try:
-            await self.send_frame(b"S", payload)
+            await self.send_frame(b"S" if tty is None else b"T", payload)
             await self.send_frame(b"W", bytes([sid]) + OUTPUT_CREDIT.to_bytes(4, "big"))
         except trio.BrokenResourceError:
             self._sessions.pop(sid, None)

@@ -39,7 +39,7 @@ import psutil
 import trio
 
 from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
-                   Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
+                   Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, TerminalSize, Unavailable, Usage,
                    checkpoint_digest, child_env, sha256_file, verify_artifact)
 from .anchored import AnchoredProcess, spawn
 from .cpio import CpioWriter
@@ -650,15 +650,17 @@ class MicroVMSandbox(Sandbox):
     supports_exec = True
 
     @asynccontextmanager
-    async def exec(self, argv: list[str], env: dict[str, str] | None = None):
+    async def exec(self, argv: list[str], env: dict[str, str] | None = None,
+                   tty: TerminalSize | None = None):
         """A command in the guest beside the task, over the exec channel: the
-        task's root, working directory and environment (``env`` over it)."""
+        task's root, working directory and environment (``env`` over it); with
+        ``tty``, on a pseudo-terminal of the guest's."""
         if self._exec is None:
             raise ExecUnsupported("exec into a microVM needs QEMU's exec channel "
                                   "(Firecracker guests and checkpoints made without one have none)")
         if self._proc is None or self._done.is_set():
             raise ExecUnsupported("the microVM is not running")
-        proc = await self._exec.open(list(argv), dict(env or {}))
+        proc = await self._exec.open(list(argv), dict(env or {}), tty)
         try:
             yield proc
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -304,39 +305,102 @@ def cmd_run(args) -> int:
     return 1 if code is None else int(code)
 
 
-def _feed_stdin(client, session: str) -> None:
-    """Forward our stdin, line by line as it comes, to an interactive exec session (a thread)."""
+def _feed_stdin(client, session: str, raw: bool = False) -> None:
+    """Forward our stdin to an interactive exec session (a thread): line by line
+    as it comes, or on a terminal in raw mode, keystroke by keystroke."""
     from .client import ClientError
     path = f"/v1/exec/{session}/stdin"
+    fd = sys.stdin.fileno()
     try:
-        for line in iter(sys.stdin.buffer.readline, b""):
-            client.post(path, {"data": line.decode("utf-8", "surrogateescape")})
+        if raw:
+            while data := os.read(fd, 4096):
+                client.post(path, {"data": data.decode("utf-8", "surrogateescape")})
+        else:
+            for line in iter(sys.stdin.buffer.readline, b""):
+                client.post(path, {"data": line.decode("utf-8", "surrogateescape")})
         client.post(path, {"eof": True})
     except (ClientError, OSError, ValueError):
         pass  # the session ended (the command exited): nothing more to send
 
 
-def _exec(args, argv: list[str], interactive: bool) -> int:
+def _terminal_size() -> dict | None:
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except OSError:
+        return None
+    return {"rows": max(1, min(size.lines, 1000)), "cols": max(1, min(size.columns, 1000))}
+
+
+class _RawTerminal:
+    """Our terminal in raw mode for a remote one (keys go through, ^C included);
+    restored on exit. SIGWINCH sends the new size to the session."""
+
+    def __init__(self, client) -> None:
+        self.client, self.session, self.saved = client, None, None
+
+    def __enter__(self):
+        import signal
+        import termios
+        import tty
+        if sys.stdin.isatty():
+            self.saved = termios.tcgetattr(sys.stdin.fileno())
+            tty.setraw(sys.stdin.fileno())
+        self._old_winch = signal.signal(signal.SIGWINCH, self._resized)
+        return self
+
+    def _resized(self, *_):
+        import threading
+        size = _terminal_size()
+        if self.session and size:
+            threading.Thread(target=self._post_size, args=(size,), daemon=True).start()
+
+    def _post_size(self, size: dict) -> None:
+        from .client import ClientError
+        try:
+            self.client.post(f"/v1/exec/{self.session}/stdin", {"resize": size})
+        except (ClientError, OSError):
+            pass
+
+    def __exit__(self, *exc):
+        import signal
+        import termios
+        signal.signal(signal.SIGWINCH, self._old_winch)
+        if self.saved is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved)
+
+
+def _exec(args, argv: list[str], interactive: bool, tty: bool = False) -> int:
+    import contextlib
     import threading
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
         raise CliError("missing command (synord exec JOB -- CMD [ARGS...])", EXIT_USAGE)
     client = _client(args)
-    body = {"argv": argv, "env": dict(args.env), "interactive": interactive}
+    env = dict(args.env)
+    body: dict = {"argv": argv, "env": env, "interactive": interactive}
+    terminal = contextlib.nullcontext()
+    if tty:
+        body["tty"] = _terminal_size() or {"rows": 24, "cols": 80}
+        env.setdefault("TERM", os.environ.get("TERM") or "xterm")
+        terminal = _RawTerminal(client)
     code, error = None, None
-    for item in client.stream(f"/v1/jobs/{args.id}/exec", method="POST", body=body):
-        if "session" in item:
-            threading.Thread(target=_feed_stdin, args=(client, item["session"]), daemon=True).start()
-        elif "data" in item:
-            out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
-            out.flush()
-            out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
-            out.buffer.flush()
-        elif "exit_code" in item:
-            code = item["exit_code"]
-        elif "error" in item:
-            error = item["error"]
+    with terminal:
+        for item in client.stream(f"/v1/jobs/{args.id}/exec", method="POST", body=body):
+            if "session" in item:
+                if tty:
+                    terminal.session = item["session"]
+                threading.Thread(target=_feed_stdin, args=(client, item["session"], tty and sys.stdin.isatty()),
+                                 daemon=True).start()
+            elif "data" in item:
+                out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
+                out.flush()
+                out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
+                out.buffer.flush()
+            elif "exit_code" in item:
+                code = item["exit_code"]
+            elif "error" in item:
+                error = item["error"]
     if code is None:
         raise CliError(f"job {args.id}: {error or 'the exec session ended without an exit code'}")
     code = int(code)
@@ -344,13 +408,14 @@ def _exec(args, argv: list[str], interactive: bool) -> int:
 
 
 def cmd_exec(args) -> int:
-    return _exec(args, list(args.argv), args.interactive)
+    return _exec(args, list(args.argv), args.interactive or args.tty, tty=args.tty)
 
 
 def cmd_shell(args) -> int:
-    if sys.stdin.isatty():
+    tty = sys.stdin.isatty() and sys.stdout.isatty() and not args.no_tty
+    if sys.stdin.isatty() and not tty:
         sys.stderr.write(f"synord: shell in job {args.id} (no TTY: type commands, Ctrl-D to end)\n")
-    return _exec(args, [args.shell], interactive=True)
+    return _exec(args, [args.shell], interactive=True, tty=tty)
 
 
 def cmd_dashboard(args) -> int:
@@ -419,12 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex = add("exec", cmd_exec, "run a command inside a running job's sandbox (exit code = the command's)",
              json_flag=False)
     ex.add_argument("--interactive", "-i", action="store_true", help="forward stdin to the command")
+    ex.add_argument("--tty", "-t", action="store_true",
+                    help="run it on a pseudo-terminal (implies -i; keys, ^C and window size go through)")
     ex.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", type=_env_pair)
     ex.add_argument("id", metavar="JOB")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
-    sh = add("shell", cmd_shell, "a shell (no TTY) inside a running job's sandbox; reads commands from stdin",
-             json_flag=False)
+    sh = add("shell", cmd_shell, "an interactive shell inside a running job's sandbox (on a pseudo-terminal "
+             "when ours is one; else commands are read from stdin)", json_flag=False)
     sh.add_argument("--shell", default="/bin/sh", metavar="PATH")
+    sh.add_argument("--no-tty", action="store_true", help="no pseudo-terminal even on a terminal")
     sh.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", type=_env_pair)
     sh.add_argument("id", metavar="JOB")
 

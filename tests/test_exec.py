@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import trio
@@ -145,6 +146,53 @@ async def test_runsc_container_exec(tmp_path):
                 async with sb.exec(["ps", "-o", "comm"]) as proc:
                     out, _ = await _collect(proc)
             assert out.split().count(b"sleep") == 1  # the aborted command is gone
+        finally:
+            await sb.kill()
+
+
+@needs_containers
+@pytest.mark.parametrize("engine", ["crun", "runc", "runsc"])
+async def test_container_exec_on_a_terminal(tmp_path, engine):
+    import shutil
+    from runtimes.base import TerminalSize
+    if not shutil.which(engine):
+        pytest.skip(f"{engine} not installed")
+    rt = ContainerRuntime(engine=engine) if engine != "runsc" else RT
+    sb = await rt.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sh", "-c", "sleep 30"],
+                                   checkpointable=engine == "runsc", workdir=tmp_path / "wd"))
+    assert sb.engine_name == engine
+    seen = bytearray()
+
+    async def until(token: bytes) -> None:
+        with trio.fail_after(30):
+            while token not in seen:
+                await trio.sleep(0.05)
+    async with trio.open_nursery() as n:
+        await sb.start(n)
+        try:
+            async with sb.exec(["sh"], {"TERM": "xterm"}, tty=TerminalSize(24, 80)) as proc:
+                async def read() -> None:
+                    try:
+                        async for chunk in proc.output:
+                            assert chunk.stream == "stdout"  # a terminal has one stream
+                            seen.extend(chunk.data)
+                    except trio.ClosedResourceError:
+                        pass  # the session was left (it ends its output then)
+                n.start_soon(read)
+                await proc.send_stdin(b"stty size; echo $((6*7))x\r")
+                await until(b"24 80")
+                await until(b"42x")
+                await proc.resize(TerminalSize(40, 100))
+                await proc.send_stdin(b"stty size\r")
+                await until(b"40 100")
+                await proc.send_stdin(b"sleep 1000\r")
+                await trio.sleep(0.5)
+                await proc.send_stdin(b"\x03")  # ^C reaches the foreground command
+                await proc.send_stdin(b"echo after$((2*2))\r")
+                await until(b"after4")
+                await proc.send_stdin(b"exit 3\r")
+                with trio.fail_after(30):
+                    assert await proc.wait() == 3
         finally:
             await sb.kill()
 
@@ -305,6 +353,94 @@ def test_exec_and_shell_in_a_microvm_task(mesh):
     res = subprocess.run([*_synord(consumer), "shell", job_id], input="echo in the guest $((1+1))\nexit 4\n",
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert (res.returncode, res.stdout) == (4, "in the guest 2\n"), res.stderr
+    _drive_a_terminal_shell(consumer, job_id)
+    assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"
+    consumer.cli("cancel", job_id)
+
+
+class _Terminal:
+    """`synord shell` on a real pseudo-terminal of ours, as a person would run it."""
+
+    def __init__(self, argv: list[str], rows: int, cols: int):
+        import fcntl
+        import os
+        import struct
+        import termios
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                                     start_new_session=True)
+        os.close(slave)
+        self.seen = b""
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import signal
+        import struct
+        import termios
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc.send_signal(signal.SIGWINCH)
+
+    def type(self, keys: bytes) -> None:
+        import os
+        os.write(self.master, keys)
+
+    def expect(self, token: bytes, timeout: float = 60) -> None:
+        import os
+        import select
+        import time
+        deadline = time.monotonic() + timeout
+        while token not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"never saw {token!r} on the terminal; it shows:\n{self.seen.decode(errors='replace')}"
+            if select.select([self.master], [], [], min(left, 0.5))[0]:
+                try:
+                    self.seen += os.read(self.master, 65536)
+                except OSError:  # EIO: the CLI has exited
+                    assert token in self.seen, self.seen.decode(errors="replace")
+
+    def close(self) -> int:
+        import os
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            os.close(self.master)
+
+
+def _drive_a_terminal_shell(consumer, job_id: str) -> None:
+    """Prompt, window size (and its change), ^C to the remote foreground job, exit code."""
+    term = _Terminal([*_synord(consumer), "shell", job_id], rows=30, cols=100)
+    try:
+        term.expect(b"# ", timeout=120)
+        term.type(b"stty size; echo $((40+2))x\r")
+        term.expect(b"30 100")
+        term.expect(b"42x")
+        term.resize(50, 120)
+        for _ in range(20):  # the new size travels on its own: ask until it is there
+            term.type(b"stty size\r")
+            try:
+                term.expect(b"50 120", timeout=1)
+                break
+            except AssertionError:
+                continue
+        term.expect(b"50 120", timeout=5)
+        term.type(b"sleep 1000\r")
+        time.sleep(0.5)
+        term.type(b"\x03")  # ^C: the remote terminal's SIGINT to the remote sleep
+        term.type(b"echo after$((2*2))\r")
+        term.expect(b"after4", timeout=30)
+        term.type(b"exit 3\r")
+        assert term.close() == 3
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+            term.proc.wait()
+
+
+def test_shell_on_a_terminal_in_a_container_task(mesh):
+    consumer, _ = mesh
+    job_id = _running_task(consumer, "sh", "-c", "sleep 60")
+    _drive_a_terminal_shell(consumer, job_id)
     assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"
     consumer.cli("cancel", job_id)
 

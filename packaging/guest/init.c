@@ -27,7 +27,10 @@
  * commands beside the task for `synord exec`/`synord shell`.  Same framing;
  * the first payload byte of every session frame is the session id (1..255).
  *   host -> guest   'R' reset: kill every session, answer 'H' (sent on connect)
- *                   'S' sid argv\0...\0 \0 env KEY=VALUE\0...   start a command
+ *                   'S' sid argv\0...\0 \0 env KEY=VALUE\0...   start a command on pipes
+ *                   'T' sid rows:u16be cols:u16be argv... \0 env...   the same on a new
+ *                       pseudo-terminal (its controlling tty; output all comes as 'o')
+ *                   'Z' sid rows:u16be cols:u16be   the terminal's new size
  *                   'I' sid bytes   stdin        'C' sid   close stdin
  *                   'K' sid         SIGKILL its process group
  *                   'W' sid u32be   the host takes that many more output bytes
@@ -47,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
@@ -158,6 +162,12 @@ static void mount_task_fs(void) {
     if (mount("sysfs", ROOT "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) die("mount sysfs");
     if (mount("devtmpfs", ROOT "/dev", "devtmpfs", MS_NOSUID, NULL) < 0) die("mount devtmpfs");
     mount("tmpfs", ROOT "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    /* pseudo-terminals for exec sessions; the task sees the same instance */
+    mkdir("/dev/pts", 0755);
+    if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666") == 0) {
+        mkdir(ROOT "/dev/pts", 0755);
+        mount("/dev/pts", ROOT "/dev/pts", NULL, MS_BIND, NULL);
+    }
 }
 
 /* oom_kill counter of /proc/vmstat: the guest's OOM killer ran. */
@@ -248,7 +258,33 @@ static char **merged_env(char **extra) {
     return env;
 }
 
-static void start_session(int sid, char *p, size_t len) {
+/* Our ends of a pipe session: in (write), out, err; or of a terminal session:
+ * the pty master twice (in, out), no err.  The child's ends go to *child. */
+static int session_stdio(int tty, int rows, int cols, int mine[3], int child[3], char **pts) {
+    if (tty) {
+        int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (m < 0 || grantpt(m) < 0 || unlockpt(m) < 0 || !(*pts = ptsname(m))) {
+            if (m >= 0) close(m);
+            return -1;
+        }
+        struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+        ioctl(m, TIOCSWINSZ, &ws);
+        mine[0] = fcntl(m, F_DUPFD_CLOEXEC, 0);
+        mine[1] = m;
+        mine[2] = -1;
+        return mine[0] < 0 ? (close(m), -1) : 0;
+    }
+    int in[2], out[2], err[2];
+    if (pipe2(in, O_CLOEXEC) < 0) return -1;
+    if (pipe2(out, O_CLOEXEC) < 0) { close(in[0]); close(in[1]); return -1; }
+    if (pipe2(err, O_CLOEXEC) < 0) { close(in[0]); close(in[1]); close(out[0]); close(out[1]); return -1; }
+    mine[0] = in[1]; mine[1] = out[0]; mine[2] = err[0];
+    child[0] = in[0]; child[1] = out[1]; child[2] = err[1];
+    return 0;
+}
+
+/* 'S' (pipes) or 'T' (a terminal of rows x cols): p holds argv, "", env. */
+static void start_session(int sid, char *p, size_t len, int tty, int rows, int cols) {
     struct session fail = {.sid = sid, .in = -1, .out = -1, .err = -1, .status = 125 << 8};
     if (find_session(sid)) { sframe(&fail, 'e', "session id in use\n", 18); sframe(&fail, 'x', "125", 3); return; }
     struct session *s = find_session(0);
@@ -261,22 +297,30 @@ static void start_session(int sid, char *p, size_t len) {
     while (i < len && ne < 255) { envx[ne++] = p + i; i += strlen(p + i) + 1; }
     argv[na] = NULL; envx[ne] = NULL;
     if (na == 0 || (len > 0 && p[len - 1] != 0)) { sframe(&fail, 'e', "malformed exec request\n", 23); sframe(&fail, 'x', "125", 3); return; }
-    int in[2], out[2], err[2];
-    if (pipe2(in, O_CLOEXEC) < 0) goto nopipe;
-    if (pipe2(out, O_CLOEXEC) < 0) { close(in[0]); close(in[1]); goto nopipe; }
-    if (pipe2(err, O_CLOEXEC) < 0) { close(in[0]); close(in[1]); close(out[0]); close(out[1]); goto nopipe; }
+    int mine[3], child[3] = {-1, -1, -1};
+    char *pts = NULL;
+    if (session_stdio(tty, rows, cols, mine, child, &pts) < 0) {
+        sframe(&fail, 'e', tty ? "no pseudo-terminal\n" : "pipe failed\n", tty ? 19 : 12);
+        sframe(&fail, 'x', "125", 3);
+        return;
+    }
     char **env = merged_env(envx);
     pid_t pid = fork();
     if (pid == 0) {
         signal(SIGPIPE, SIG_DFL);  /* ignored dispositions survive exec */
+        setsid();
+        if (tty) {  /* the terminal becomes the session's controlling tty: ^C, job control */
+            int sl = open(pts, O_RDWR);
+            if (sl < 0 || ioctl(sl, TIOCSCTTY, 0) < 0) _exit(125);
+            child[0] = child[1] = child[2] = sl;
+        }
         if (chroot(ROOT) < 0 || chdir(task_workdir) < 0) {
-            dprintf(err[1], "synord-init: cannot enter %s: %s\n", task_workdir, strerror(errno));
+            dprintf(child[2], "synord-init: cannot enter %s: %s\n", task_workdir, strerror(errno));
             _exit(126);
         }
-        dup2(in[0], 0);
-        dup2(out[1], 1);
-        dup2(err[1], 2);
-        setsid();
+        dup2(child[0], 0);
+        dup2(child[1], 1);
+        dup2(child[2], 2);
         environ = env;
         if (!getenv("PATH")) setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
         execvp(argv[0], argv);
@@ -284,19 +328,16 @@ static void start_session(int sid, char *p, size_t len) {
         _exit(errno == ENOENT ? 127 : 126);
     }
     free(env);
-    close(in[0]); close(out[1]); close(err[1]);
+    for (int k = 0; k < 3; k++) if (child[k] >= 0) close(child[k]);
     if (pid < 0) {
-        close(in[1]); close(out[0]); close(err[0]);
+        for (int k = 0; k < 3; k++) if (mine[k] >= 0) close(mine[k]);
         sframe(&fail, 'e', "fork failed\n", 12); sframe(&fail, 'x', "125", 3);
         return;
     }
-    fcntl(in[1], F_SETFL, O_NONBLOCK);
+    fcntl(mine[0], F_SETFL, O_NONBLOCK);  /* (a pty's two fds share this flag) */
     memset(s, 0, sizeof *s);
-    s->sid = sid; s->pid = pid; s->in = in[1]; s->out = out[0]; s->err = err[0];
+    s->sid = sid; s->pid = pid; s->in = mine[0]; s->out = mine[1]; s->err = mine[2];
     s->pend = malloc(EXEC_WINDOW);
-    return;
-nopipe:
-    sframe(&fail, 'e', "pipe failed\n", 12); sframe(&fail, 'x', "125", 3);
 }
 
 static void write_stdin(struct session *s) {
@@ -329,7 +370,12 @@ static void host_frame(char kind, unsigned char *p, size_t len) {
     if (len < 1 || p[0] == 0) return;
     int sid = p[0];
     p++; len--;
-    if (kind == 'S') { start_session(sid, (char *)p, len); return; }
+    if (kind == 'S') { start_session(sid, (char *)p, len, 0, 0, 0); return; }
+    if (kind == 'T') {
+        if (len < 4) return;
+        start_session(sid, (char *)p + 4, len - 4, 1, (p[0] << 8) | p[1], (p[2] << 8) | p[3]);
+        return;
+    }
     struct session *s = find_session(sid);
     if (!s) return;  /* ended already: late input is dropped */
     if (kind == 'I') {
@@ -348,6 +394,10 @@ static void host_frame(char kind, unsigned char *p, size_t len) {
         if (s->plen == 0) close_fd(&s->in);
     } else if (kind == 'K') {
         if (!s->exited) { kill(-s->pid, SIGKILL); kill(s->pid, SIGKILL); }  /* before its setsid too */
+    } else if (kind == 'Z' && len >= 4 && s->out >= 0) {
+        struct winsize ws = {.ws_row = (unsigned short)((p[0] << 8) | p[1]),
+                             .ws_col = (unsigned short)((p[2] << 8) | p[3])};
+        ioctl(s->out, TIOCSWINSZ, &ws);
     } else if (kind == 'W' && len >= 4) {
         s->credit += ((unsigned long)p[0] << 24) | ((unsigned long)p[1] << 16) | ((unsigned long)p[2] << 8) | p[3];
     }
@@ -383,7 +433,7 @@ static int relay_session_output(struct session *s, int *fd, char kind) {
         sframe(s, kind, buf, (size_t)n);
         return 1;
     }
-    if (n == 0 || errno != EINTR) close_fd(fd);
+    if (n == 0 || (errno != EINTR && errno != EAGAIN)) close_fd(fd);  /* EIO: the pty's last user left */
     return 0;
 }
 

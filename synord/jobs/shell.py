@@ -22,8 +22,9 @@ import trio
 from protocols.envelope import EnvelopeValidator, Rejected, seal
 from protocols.framing import FramedStream
 from protocols.identity import Identity
-from protocols.shell import EXEC_TYPE, MAX_STDIN_FRAME, SHELL_PROTOCOL, exec_body
-from runtimes.base import ExecUnsupported, SpecError
+from protocols.shell import EXEC_TYPE, MAX_STDIN_FRAME, SHELL_PROTOCOL, exec_body, terminal_size
+from protocols.tasks import TaskSpecError
+from runtimes.base import ExecUnsupported, SpecError, TerminalSize
 
 from ..api import ApiError
 
@@ -125,8 +126,9 @@ class ShellService:
     async def _run(self, stream: FramedStream, task, body: dict) -> None:
         sandbox = task.execution.sandbox
         argv = list(body["argv"])
+        tty = TerminalSize(body["tty"]["rows"], body["tty"]["cols"]) if "tty" in body else None
         try:
-            cm = sandbox.exec(argv, dict(body.get("env") or {}))
+            cm = sandbox.exec(argv, dict(body.get("env") or {}), tty=tty)
             proc = await cm.__aenter__()
         except (ExecUnsupported, SpecError) as exc:
             raise ShellRefused("unsupported" if isinstance(exc, ExecUnsupported) else "bad_request",
@@ -176,8 +178,12 @@ class ShellService:
                     await proc.send_stdin(msg["i"])
                 elif msg.get("eof"):
                     await proc.close_stdin()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                elif "resize" in msg:
+                    await proc.resize(TerminalSize(*terminal_size(msg["resize"])))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the command closed its stdin or exited: drop further input
+            except TaskSpecError:
+                pass  # a malformed size: keep the old one
 
 
 # ---- consumer side --------------------------------------------------------------------
@@ -212,6 +218,10 @@ class ExecClient:
         async with self.send_lock:
             await self.stream.send({"eof": True})
 
+    async def resize(self, rows: int, cols: int) -> None:
+        async with self.send_lock:
+            await self.stream.send({"resize": [rows, cols]})
+
     async def events(self) -> AsyncIterator[tuple[str, Any]]:
         """("stdout"|"stderr", bytes) ... then ("exit", code); raises ExecError if the stream breaks."""
         while True:
@@ -241,10 +251,12 @@ class ExecClient:
 
 
 async def open_exec(mesh, identity: Identity, provider: str, job_id: str, argv: list[str],
-                    env: dict[str, str] | None = None, timeout: float = OPEN_TIMEOUT_S) -> ExecClient:
-    """Dial ``provider`` and start ``argv`` in ``job_id``'s sandbox; raises ExecError if refused."""
+                    env: dict[str, str] | None = None, timeout: float = OPEN_TIMEOUT_S,
+                    tty: tuple[int, int] | None = None) -> ExecClient:
+    """Dial ``provider`` and start ``argv`` in ``job_id``'s sandbox (on a
+    pseudo-terminal of ``tty`` = (rows, cols)); raises ExecError if refused."""
     try:
-        body = exec_body(job_id, argv, env)
+        body = exec_body(job_id, argv, env, tty)
     except ValueError as exc:
         raise ExecError(str(exc), "bad_request") from None
     try:
@@ -283,7 +295,9 @@ class ConsumerExec:
 
     A one-shot exec sends its ``stdin`` text (if any) and closes stdin; an
     ``interactive`` one stays open and its first NDJSON line names the session
-    to which further stdin is posted."""
+    to which further stdin is posted. ``tty: {rows, cols}`` (interactive by
+    nature) runs the command on a pseudo-terminal; ``{"resize": {rows, cols}}``
+    posted to the session changes its size."""
 
     def __init__(self, consumer_jobs, mesh, identity: Identity):
         self.consumer_jobs = consumer_jobs
@@ -292,7 +306,7 @@ class ConsumerExec:
         self.sessions: dict[str, ExecClient] = {}
 
     @staticmethod
-    def _check(body: dict) -> tuple[list[str], dict[str, str], str | None, bool]:
+    def _check(body: dict) -> tuple[list[str], dict[str, str], str | None, bool, tuple[int, int] | None]:
         argv = body.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
             raise ApiError(400, "argv must be a non-empty list of strings (the command and its arguments)")
@@ -305,18 +319,19 @@ class ConsumerExec:
         interactive = body.get("interactive", False)
         if not isinstance(interactive, bool):
             raise ApiError(400, "interactive must be a bool")
-        return argv, env, stdin, interactive
+        tty = None if body.get("tty") is None else _api_terminal_size(body["tty"], "tty")
+        return argv, env, stdin, interactive or tty is not None, tty
 
     async def start(self, job_id: str, body: dict) -> AsyncIterator[bytes]:
         """Open the session (errors become ApiError before anything streams); NDJSON lines after."""
         import json
         import uuid
-        argv, env, stdin, interactive = self._check(body)
+        argv, env, stdin, interactive, tty = self._check(body)
         job = self.consumer_jobs._get(job_id)  # 404 for a job this node did not submit
         if job.state != "running" or not job.provider:
             raise ApiError(409, f"job {job_id} is not running ({job.state})")
         try:
-            client = await open_exec(self.mesh, self.identity, job.provider, job_id, argv, env)
+            client = await open_exec(self.mesh, self.identity, job.provider, job_id, argv, env, tty=tty)
         except ExecError as exc:
             raise ApiError(_HTTP_STATUS.get(exc.code, 502), str(exc)) from None
         sid = None
@@ -362,7 +377,10 @@ class ConsumerExec:
         data = body.get("data")
         if data is not None and not isinstance(data, str):
             raise ApiError(400, "data must be a string")
+        size = None if body.get("resize") is None else _api_terminal_size(body["resize"], "resize")
         try:
+            if size:
+                await client.resize(*size)
             if data:
                 await client.send_stdin(data.encode("utf-8", "surrogateescape"))
             if body.get("eof"):
@@ -374,3 +392,12 @@ class ConsumerExec:
         except Exception as exc:  # the mesh stream broke in its own way
             raise ApiError(410, f"exec session {sid} has ended ({type(exc).__name__}: {exc})") from None
         return {"ok": True}
+
+
+def _api_terminal_size(value: Any, name: str) -> tuple[int, int]:
+    try:
+        if not isinstance(value, dict) or set(value) != {"rows", "cols"}:
+            raise TaskSpecError("expected {rows, cols}")
+        return terminal_size([value["rows"], value["cols"]])
+    except TaskSpecError as exc:
+        raise ApiError(400, f"{name}: {exc}") from None
