@@ -216,13 +216,17 @@ class ExecChannel:
             splitter = FrameSplitter()
             async with trio.open_nursery() as n:
                 n.start_soon(self._handshake, handshake_timeout)
-                while data := await self._stream.receive_some(65536):
-                    for item in splitter.feed(data):
-                        if isinstance(item, tuple):
-                            await self._dispatch(*item)
+                try:
+                    while data := await self._stream.receive_some(65536):
+                        for item in splitter.feed(data):
+                            if isinstance(item, tuple):
+                                await self._dispatch(*item)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # QEMU went away (a reset when it dies with our data unread)
                 n.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        except Exception:  # exec is a side door: its failure must not end the task
+            log.exception("microVM exec channel failed; exec into this VM is off")
+            self.unavailable_reason = "the microVM's exec channel failed (see the provider's log)"
         finally:
             self.closed.set()
             for proc in list(self._sessions.values()):
