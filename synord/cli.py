@@ -248,15 +248,20 @@ def cmd_job(args) -> int:
     return 0
 
 
+def _write_output(item: dict) -> None:
+    """One NDJSON output line to our stdout or stderr, byte for byte."""
+    out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
+    out.flush()
+    # the daemon decodes with surrogateescape, so any bytes round-trip
+    out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
+    out.buffer.flush()
+
+
 def _print_output(client, job_id: str, follow: bool) -> int | None:
     exit_code = None
     for item in client.stream(f"/v1/jobs/{job_id}/logs" + ("?follow=1" if follow else "")):
         if "data" in item:
-            out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
-            out.flush()
-            # the daemon decodes with surrogateescape, so any bytes round-trip
-            out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
-            out.buffer.flush()
+            _write_output(item)
         elif "progress" in item:
             sys.stderr.write(f"synord: {item['progress']}\n")
         if "exit_code" in item:
@@ -393,10 +398,7 @@ def _exec(args, argv: list[str], interactive: bool, tty: bool = False) -> int:
                 threading.Thread(target=_feed_stdin, args=(client, item["session"], tty and sys.stdin.isatty()),
                                  daemon=True).start()
             elif "data" in item:
-                out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
-                out.flush()
-                out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
-                out.buffer.flush()
+                _write_output(item)
             elif "exit_code" in item:
                 code = item["exit_code"]
             elif "error" in item:
