@@ -526,8 +526,8 @@ class ContainerSandbox(Sandbox):
         """``<rt> exec --process p.json ID``: same user, cwd, no capabilities,
         noNewPrivileges, rlimits (and, from the container, seccomp, namespaces
         and cgroup — so the task's limits cover it) as the task's own process.
-        With ``tty`` the runtime makes a pseudo-terminal (the command's
-        controlling terminal) and hands us its master over a console socket."""
+        With ``tty`` the command runs on a pseudo-terminal that is its
+        controlling terminal; we hold the master (see below for who makes it)."""
         if not argv or not all(isinstance(a, str) and a for a in argv[:1]):
             raise SpecError("exec needs a command")
         if not self._started or self._done.is_set() or self._proc is None \

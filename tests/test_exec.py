@@ -62,6 +62,20 @@ async def test_wasm_says_exec_is_unsupported():
             pass
 
 
+def test_shell_exec_requests_with_a_terminal_are_checked():
+    from protocols.shell import check_exec, exec_body, terminal_size
+    from protocols.tasks import TaskSpecError
+    assert exec_body("j1", ["sh"], tty=(24, 80))["tty"] == {"rows": 24, "cols": 80}
+    assert terminal_size([50, 120]) == (50, 120)
+    for tty in [{"rows": 0, "cols": 80}, {"rows": 24, "cols": 1001}, {"rows": True, "cols": 80},
+                {"rows": 24}, {"rows": 24, "cols": 80, "x": 1}, [24, 80], {"rows": "24", "cols": 80}]:
+        with pytest.raises(TaskSpecError):
+            check_exec({"job_id": "j1", "argv": ["sh"], "tty": tty})
+    for size in [[0, 1], [1], "24x80", [24.0, 80], None]:
+        with pytest.raises(TaskSpecError):
+            terminal_size(size)
+
+
 def test_exec_channel_frames_and_start_requests():
     from runtimes.base import SpecError
     from runtimes.guest_exec import FrameSplitter, encode_frame, start_payload
