@@ -82,13 +82,13 @@ def start_payload(sid: int, argv: list[str], env: dict[str, str], tty: TerminalS
     if any("\0" in a for a in argv):
         raise SpecError("arguments cannot contain NUL bytes")
     size = b"" if tty is None else tty.rows.to_bytes(2, "big") + tty.cols.to_bytes(2, "big")
-    body = (bytes([sid]) + size + b"".join(a.encode() + b"\0" for a in argv) + b"\0"
+    if len(argv) > 255 or len(env) > 255:
+        raise SpecError("a microVM exec takes at most 255 arguments and 255 variables")
+    body = (bytes([sid]) + size + bytes([len(argv)]) + b"".join(a.encode() + b"\0" for a in argv)
             + b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
     if len(body) > MAX_PAYLOAD:
         raise SpecError(f"command and environment too long for a microVM exec "
-                        f"({len(body)} bytes, at most {MAX_PAYLOAD - 1})")
-    if len(argv) > 255 or len(env) > 255:
-        raise SpecError("a microVM exec takes at most 255 arguments and 255 variables")
+                        f"({len(body)} bytes with framing, at most {MAX_PAYLOAD})")
     return body
 
 

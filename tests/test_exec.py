@@ -86,7 +86,7 @@ def test_exec_channel_frames_and_start_requests():
         frames = [i for i in items if isinstance(i, tuple)]
         assert frames == [(b"o", b"\x01abc"), (b"H", b""), (b"x", b"\x010")]
         assert b"".join(i for i in items if isinstance(i, bytes)) == b"boot noise"
-    assert start_payload(7, ["sh", "-c", "echo"], {"A": "1"}) == b"\x07sh\0-c\0echo\0\0A=1\0"
+    assert start_payload(7, ["sh", "-c", ""], {"A": "1"}) == b"\x07\x03sh\0-c\0\0A=1\0"
     for argv, env, match in [([], {}, "needs a command"), (["a\0b"], {}, "NUL"),
                              (["x"], {"A=B": "1"}, "invalid environment"),
                              (["x" * 5000], {}, "too long")]:
@@ -261,6 +261,10 @@ async def test_microvm_exec_over_the_guest_exec_channel(vm_image):
                     out, _ = await _collect(proc)
                     assert await proc.wait() == 0
             assert out == b"200000\n" + b"a" * 300_000
+            with trio.fail_after(60):  # an empty argument is an argument
+                async with sb.exec(["sh", "-c", 'echo "[$1]" "$#"', "zero", "", "two"]) as proc:
+                    out, _ = await _collect(proc)
+            assert out == b"[] 2\n"
             with trio.fail_after(60):
                 async with sb.exec(["no-such-command"]) as proc:
                     out, err = await _collect(proc)

@@ -27,8 +27,8 @@
  * commands beside the task for `synord exec`/`synord shell`.  Same framing;
  * the first payload byte of every session frame is the session id (1..255).
  *   host -> guest   'R' reset: kill every session, answer 'H' (sent on connect)
- *                   'S' sid argv\0...\0 \0 env KEY=VALUE\0...   start a command on pipes
- *                   'T' sid rows:u16be cols:u16be argv... \0 env...   the same on a new
+ *                   'S' sid argc:u8 argv\0... env KEY=VALUE\0...   start a command on pipes
+ *                   'T' sid rows:u16be cols:u16be argc argv... env...   the same on a new
  *                       pseudo-terminal (its controlling tty; output all comes as 'o')
  *                   'Z' sid rows:u16be cols:u16be   the terminal's new size
  *                   'I' sid bytes   stdin        'C' sid   close stdin
@@ -283,20 +283,19 @@ static int session_stdio(int tty, int rows, int cols, int mine[3], int child[3],
     return 0;
 }
 
-/* 'S' (pipes) or 'T' (a terminal of rows x cols): p holds argv, "", env. */
+/* 'S' (pipes) or 'T' (a terminal of rows x cols): p holds argc, argv, env. */
 static void start_session(int sid, char *p, size_t len, int tty, int rows, int cols) {
     struct session fail = {.sid = sid, .in = -1, .out = -1, .err = -1, .status = 125 << 8};
     if (find_session(sid)) { sframe(&fail, 'e', "session id in use\n", 18); sframe(&fail, 'x', "125", 3); return; }
     struct session *s = find_session(0);
     if (!s) { sframe(&fail, 'e', "too many exec sessions\n", 23); sframe(&fail, 'x', "125", 3); return; }
-    /* argv items, an empty item, env items: all NUL-terminated */
+    /* argc, then argv and env items, all NUL-terminated (an argument may be empty) */
     char *argv[256], *envx[256];
-    size_t na = 0, ne = 0, i = 0;
-    while (i < len && p[i] && na < 255) { argv[na++] = p + i; i += strlen(p + i) + 1; }
-    i++;
+    size_t argc = len ? (unsigned char)p[0] : 0, na = 0, ne = 0, i = 1;
+    while (i < len && na < argc) { argv[na++] = p + i; i += strlen(p + i) + 1; }
     while (i < len && ne < 255) { envx[ne++] = p + i; i += strlen(p + i) + 1; }
     argv[na] = NULL; envx[ne] = NULL;
-    if (na == 0 || (len > 0 && p[len - 1] != 0)) { sframe(&fail, 'e', "malformed exec request\n", 23); sframe(&fail, 'x', "125", 3); return; }
+    if (na == 0 || na != argc || p[len - 1] != 0) { sframe(&fail, 'e', "malformed exec request\n", 23); sframe(&fail, 'x', "125", 3); return; }
     int mine[3], child[3] = {-1, -1, -1};
     char *pts = NULL;
     if (session_stdio(tty, rows, cols, mine, child, &pts) < 0) {
