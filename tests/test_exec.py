@@ -209,9 +209,14 @@ async def test_container_exec_on_a_terminal(tmp_path, engine):
                 await proc.send_stdin(b"stty size\r")
                 await until(b"40 100")
                 await proc.send_stdin(b"sleep 1000\r")
-                await trio.sleep(0.5)
-                await proc.send_stdin(b"\x03")  # ^C reaches the foreground command
-                await proc.send_stdin(b"echo after$((2*2))\r")
+                for _ in range(20):  # ^C reaches the foreground command (once it runs)
+                    await trio.sleep(0.5)
+                    await proc.send_stdin(b"\x03")
+                    await trio.sleep(0.2)
+                    await proc.send_stdin(b"echo after$((2*2))\r")
+                    with trio.move_on_after(2):
+                        await until(b"after4")
+                        break
                 await until(b"after4")
                 await proc.send_stdin(b"exit 3\r")
                 with trio.fail_after(30):
@@ -448,10 +453,17 @@ def _drive_a_terminal_shell(consumer, job_id: str) -> None:
                 continue
         term.expect(b"50 120", timeout=5)
         term.type(b"sleep 1000\r")
-        time.sleep(0.5)
-        term.type(b"\x03")  # ^C: the remote terminal's SIGINT to the remote sleep
-        term.type(b"echo after$((2*2))\r")
-        term.expect(b"after4", timeout=30)
+        for _ in range(20):  # ^C: the remote terminal's SIGINT to the remote sleep (once it runs)
+            time.sleep(0.5)
+            term.type(b"\x03")
+            time.sleep(0.2)
+            term.type(b"echo after$((2*2))\r")
+            try:
+                term.expect(b"after4", timeout=2)
+                break
+            except AssertionError:
+                continue
+        term.expect(b"after4", timeout=5)
         term.type(b"exit 3\r")
         assert term.close() == 3
     finally:
