@@ -407,8 +407,52 @@ def test_settle_exchanges_receipt_and_both_ledgers_record_it():
     assert len(pl_led.receipts()) == len(cl_led.receipts()) == 1
     assert pl_led.balance() == pytest.approx(-cl_led.balance()) and pl_led.balance() >= 0
     assert pl_led.receipts()[0]["cpu_s"] == 12.5 and prov.pool.free()["cpus"] == 4.0
-    # a second copy of the receipt is not countersigned twice
-    assert cons.handle(log[1].envelope) == [] and cons.dropped["unknown_receipt"] == 1
+    # a second copy of the receipt is not countersigned twice: the same ack goes back
+    (again,) = cons.handle(log[1].envelope)
+    assert again.envelope.type == "receipt_ack" and again.envelope.body == log[2].envelope.body
+    assert cons.dropped["duplicate_receipt"] == 1 and len(cl_led.receipts()) == 1
+    # settled and acknowledged: nothing is resent
+    assert prov.tick(now_ms() + 10 * 60_000) == []
+
+
+def test_unacknowledged_receipt_is_resent_until_the_consumer_acks():
+    import sqlite3
+
+    from synord.market.ledger import Ledger
+    from synord.market.negotiator import RECEIPT_RESEND_FOR_MS
+
+    now = [now_ms()]
+    pl_led, cl_led = Ledger(sqlite3.connect(":memory:"), P_ID.peer_id), Ledger(sqlite3.connect(":memory:"), C_ID.peer_id)
+    prov = make_provider(on_receipt=pl_led.record, clock=lambda: now[0])
+    cons = Consumer(C_ID, timeouts=TO, on_receipt=cl_led.record, clock=lambda: now[0])
+    parties = {P_ID.peer_id: prov, C_ID.peer_id: cons}
+    deliver(cons.place(mk_bid(cores=2.0), [prov.asks["a1"]]), parties)
+    (m,) = prov.negotiations.values()
+    sends = prov.settle(C_ID.peer_id, m.nid, cpu_s=3.0, peak_memory=1 << 20)
+    assert [s.envelope.type for s in sends] == ["end", "receipt"]
+    deliver(sends[:1], parties)  # the consumer is down: the receipt is lost
+    assert prov.tick(now[0] + 1_000) == []  # not yet
+    resent_at = []
+    for _ in range(3):  # lost again and again: the gap doubles
+        now[0] = prov.next_deadline()
+        resent_at.append(now[0])
+        (again,) = [s for s in prov.tick(now[0]) if s.envelope.type == "receipt"]
+    assert resent_at[2] - resent_at[1] == 2 * (resent_at[1] - resent_at[0])
+    now[0] = prov.next_deadline()
+    log = deliver([s for s in prov.tick(now[0]) if s.envelope.type == "receipt"], parties)
+    assert [s.envelope.type for s in log] == ["receipt", "receipt_ack"]
+    assert len(pl_led.receipts()) == len(cl_led.receipts()) == 1
+    assert prov.tick(now[0] + RECEIPT_RESEND_FOR_MS) == []  # acknowledged: done
+
+    # A consumer that never answers: the provider gives up after an hour.
+    deliver(cons.place(mk_bid(id="b2", cores=2.0), [prov.asks["a1"]]), parties)
+    (m2,) = prov.negotiations.values()
+    prov.settle(C_ID.peer_id, m2.nid, cpu_s=1.0, peak_memory=1 << 20)
+    start = now[0]
+    while (deadline := prov.next_deadline()) is not None and deadline - start <= RECEIPT_RESEND_FOR_MS + 120_000:
+        now[0] = deadline
+        prov.tick(now[0])
+    assert prov._unacked == {} and len(pl_led.receipts()) == 1
 
 
 def test_countersign_after_the_deadline_is_late_not_a_crash():

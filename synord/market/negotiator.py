@@ -15,9 +15,9 @@ reason code (`REASONS`) and a human detail.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections import Counter
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -37,11 +37,18 @@ from protocols.receipts import (
 from .matching import MatchResult
 from .reservations import CapacityPool, InsufficientCapacity
 
+log = logging.getLogger(__name__)
+
 NEGOTIATE_PROTOCOL = "/synord/negotiate/1.0.0"
 REASONS = ("not_our_ask", "unknown_ask", "stale_ask", "ask_expired", "runtime", "price",
            "exceeds_ask", "duration", "admission", "capacity", "bad_agreement", "timeout")
 MESSAGE_TTL_MS = 30_000
 MAX_SETTLING = 10_000  # agreements kept for receipts after their lease ended
+# A receipt the consumer has not acknowledged (it was down, or the message was
+# lost) goes out again: after 2 s, doubling to every 60 s, for an hour.
+RECEIPT_RESEND_FIRST_MS = 2_000
+RECEIPT_RESEND_MAX_MS = 60_000
+RECEIPT_RESEND_FOR_MS = 3_600_000
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,7 @@ class Provider(_Party):
         self.pool = pool
         self.on_receipt = on_receipt  # e.g. Ledger.record, with both signatures
         self._unacked: OrderedDict[bytes, SignedReceipt] = OrderedDict()
+        self._resend: dict[bytes, tuple[int, int, int]] = {}  # aid -> (next at, gap, first sent)
         self.admission = admission
         self.on_agreement = on_agreement
         self.on_end = on_end
@@ -243,10 +251,11 @@ class Provider(_Party):
 
     def next_deadline(self) -> int | None:
         times = [t for m in self.negotiations.values() for t in (m.deadline, m.next_heartbeat) if t is not None]
+        times += [at for at, _, _ in self._resend.values()]
         return min(times, default=None)
 
     def tick(self, now: int | None = None) -> list[Send]:
-        """Timeouts (releasing reservations) and our due heartbeats."""
+        """Timeouts (releasing reservations), our due heartbeats, receipts to resend."""
         now = self.clock() if now is None else now
         out: list[Send] = []
         for m in list(self.negotiations.values()):
@@ -254,6 +263,21 @@ class Provider(_Party):
                 self._reap(m)
             elif m.heartbeat_due(now):
                 out.append(self._seal(m.consumer, m.heartbeat(now)))
+        for aid, (at, gap, first) in list(self._resend.items()):
+            if at > now:
+                continue
+            sr = self._unacked.get(aid)
+            if sr is None or now - first > RECEIPT_RESEND_FOR_MS:
+                del self._resend[aid]
+                if sr is not None:
+                    del self._unacked[aid]
+                    log.warning("receipt never acknowledged; giving up", extra={
+                        "consumer": sr.receipt.consumer[:16], "aid": aid.hex()})
+                continue
+            gap = min(gap * 2, RECEIPT_RESEND_MAX_MS)
+            self._resend[aid] = (now + gap, gap, first)
+            out.append(Send(sr.receipt.consumer,
+                            seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now)))
         return out
 
     def end(self, consumer: str, nid: bytes, outcome: str, reason: str = "") -> list[Send]:
@@ -276,8 +300,9 @@ class Provider(_Party):
         sr = issue(self.identity, m.terms, cpu_s=cpu_s, peak_memory=peak_memory,
                    started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome)
         self._unacked[sr.receipt.aid] = sr
+        self._resend[sr.receipt.aid] = (now + RECEIPT_RESEND_FIRST_MS, RECEIPT_RESEND_FIRST_MS, now)
         while len(self._unacked) > MAX_SETTLING:
-            self._unacked.popitem(last=False)
+            self._resend.pop(self._unacked.popitem(last=False)[0], None)
         return out + [Send(consumer, seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now))]
 
     def _receipt_ack(self, env: Envelope) -> list[Send]:
@@ -291,6 +316,7 @@ class Provider(_Party):
             self.dropped["bad_receipt_signature"] += 1
             return []
         del self._unacked[ack.aid]
+        self._resend.pop(ack.aid, None)
         if self.on_receipt:
             self.on_receipt(full)
         return []
@@ -348,6 +374,7 @@ class Consumer(_Party):
         self.on_agreement, self.on_failed, self.on_lost = on_agreement, on_failed, on_lost
         self.on_receipt = on_receipt  # e.g. Ledger.record
         self._agreed: OrderedDict[bytes, Terms] = OrderedDict()  # aid -> terms, awaiting receipt
+        self._acked: OrderedDict[bytes, tuple[str, ReceiptAck]] = OrderedDict()  # aid -> (provider, our ack)
         self.placements: dict[str, Placement] = {}       # bid id -> placement
         self._by_nid: dict[bytes, Placement] = {}
 
@@ -426,6 +453,12 @@ class Consumer(_Party):
     def _receipt(self, env: Envelope) -> list[Send]:
         sr = SignedReceipt.from_body(env.body)
         terms = self._agreed.get(sr.receipt.aid)
+        done = self._acked.get(sr.receipt.aid)
+        if terms is None and done is not None and env.sender_id == done[0]:
+            # Resent because our ack was lost: acknowledge again, record nothing new.
+            self.dropped["duplicate_receipt"] += 1
+            return [Send(done[0], seal(self.identity, "receipt_ack", done[1].to_body(), MESSAGE_TTL_MS,
+                                       now=self.clock()))]
         if terms is None or env.sender_id != terms.provider:
             self.dropped["unknown_receipt"] += 1
             return []
@@ -438,6 +471,9 @@ class Consumer(_Party):
         if self.on_receipt:
             self.on_receipt(full)
         ack = ReceiptAck(sr.receipt.aid, full.csig)
+        self._acked[sr.receipt.aid] = (terms.provider, ack)
+        while len(self._acked) > MAX_SETTLING:
+            self._acked.popitem(last=False)
         return [Send(terms.provider, seal(self.identity, "receipt_ack", ack.to_body(), MESSAGE_TTL_MS,
                                           now=self.clock()))]
 
