@@ -135,6 +135,12 @@ def test_consumer_restart_mid_job_picks_it_up(tmp_path):
         assert j["exit_code"] == ref.returncode, (j, consumer.log()[-3000:])
         assert output(consumer, job_id) == ref.stdout  # every line exactly once
         assert len(j["history"]) == 1  # re-attached, not re-placed
+        # The agreement was made before the restart; its receipt is still countersigned.
+        aid = j["history"][0]["agreement"]
+
+        def settled(node) -> bool:
+            return any(r["agreement_id"] == aid for r in node.get("/v1/ledger")["receipts"])
+        wait_for(lambda: settled(consumer) and settled(provs[0]), 60, what="the receipt in both ledgers")
 
 
 def test_twenty_jobs_at_once_across_two_providers(mesh):

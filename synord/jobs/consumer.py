@@ -160,6 +160,7 @@ class ConsumerJobs:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._flusher)
+            self._expect_receipts()
             for job in self.jobs.values():
                 if job.state not in TERMINAL:
                     log.info("resuming job after restart", extra={"job": job.id, "state": job.state})
@@ -485,6 +486,15 @@ class ConsumerJobs:
         job.session = Session(job.provider, terms, stream)
         self._set_state(job, "running")
         return job.session
+
+    def _expect_receipts(self, recent: int = 1000) -> None:
+        """Receipts still to come for agreements made before a restart (the
+        provider resends them for an hour): let the market countersign them."""
+        for job in list(self.jobs.values())[-recent:]:
+            for leg in job.history:
+                row = self.store.kv_get(f"terms:{leg['agreement']}") if leg.get("agreement") else None
+                if row:
+                    self.market.expect_receipt(Terms.from_body(_unhex(row)))
 
     def _terms_of(self, job: ConsumerJob) -> Terms | None:
         aid = job.history[-1].get("agreement") if job.history else None

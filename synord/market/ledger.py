@@ -80,6 +80,9 @@ class Ledger:
                                   (r.aid, r.provider, r.outcome, "receipt", r.ended))
         return bool(cur.rowcount)
 
+    def has_receipt(self, aid: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM market_receipts WHERE aid = ?", (aid,)).fetchone() is not None
+
     def record_outcome(self, aid: bytes, provider: str, outcome: str, ts: int) -> None:
         """A locally observed outcome (e.g. ``abandoned`` on missed heartbeats).
         Never overrides a signed receipt."""

@@ -378,6 +378,13 @@ class Consumer(_Party):
         self.placements: dict[str, Placement] = {}       # bid id -> placement
         self._by_nid: dict[bytes, Placement] = {}
 
+    def expect_receipt(self, terms: Terms) -> None:
+        """An agreement made before our restart (terms from the job store): its
+        receipt, when it comes or is resent, gets countersigned."""
+        self._agreed[terms.aid] = terms
+        while len(self._agreed) > MAX_SETTLING:
+            self._agreed.popitem(last=False)
+
     def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask]) -> list[Send]:
         """Start placing ``bid``: propose to the first candidate."""
         asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)

@@ -224,6 +224,11 @@ class MarketService:
             return
         self._nursery.start_soon(self._send_all, sends, "consumer")
 
+    def expect_receipt(self, terms: Terms) -> None:
+        """After our restart: agreements whose receipt we have not countersigned yet."""
+        if not self.ledger.has_receipt(terms.aid):
+            self.consumer.expect_receipt(terms)
+
     def _record(self, receipt) -> None:
         try:
             self.ledger.record(receipt)
