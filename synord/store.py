@@ -115,6 +115,15 @@ class Store:
         row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
+    def kv_delete(self, key: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def kv_items(self, prefix: str) -> list[tuple[str, Any]]:
+        rows = self.conn.execute("SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                                 (prefix, prefix + "\uffff")).fetchall()
+        return [(k, json.loads(v)) for k, v in rows]
+
     def kv_set(self, key: str, value: Any) -> None:
         with self.tx() as conn:
             conn.execute(
@@ -131,3 +140,25 @@ def _exec_script(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe form of a msgpack body (bytes → {"$b": hex})."""
+    if isinstance(obj, bytes):
+        return {"$b": obj.hex()}
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def from_json_safe(obj: Any) -> Any:
+    """The inverse of `json_safe`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"$b"}:
+            return bytes.fromhex(obj["$b"])
+        return {k: from_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json_safe(v) for v in obj]
+    return obj

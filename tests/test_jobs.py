@@ -11,7 +11,7 @@ import pytest
 
 from daemons import wait_for
 from jobs_helpers import (BUSYBOX_DIR, BUSYBOX_TAR, COUNTER_WASM, PROBE_WASM, ensure_assets,
-                          output, reference_run, start_mesh, submit, wait_job)
+                          job, output, reference_run, start_mesh, submit, wait_job)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,33 @@ def test_consumer_restart_mid_job_picks_it_up(tmp_path):
         def settled(node) -> bool:
             return any(r["agreement_id"] == aid for r in node.get("/v1/ledger")["receipts"])
         wait_for(lambda: settled(consumer) and settled(provs[0]), 60, what="the receipt in both ledgers")
+
+
+@pytest.mark.slow
+def test_a_receipt_outlives_both_daemons_restarting(tmp_path):
+    """The consumer is down when the task ends, then the provider restarts too:
+    the provider kept the unacknowledged receipt in its store and resends it;
+    the restarted consumer countersigns it from the terms in its own store."""
+    from daemons import DaemonCluster
+    ensure_assets()
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, (prov,) = start_mesh(cluster, 1)
+        job_id = submit(consumer, "-e", "COUNT=60", "-e", "WORK=6000000", str(COUNTER_WASM))
+        wait_for(lambda: "step 2 " in output(consumer, job_id), 60, what="some output")
+        aid = job(consumer, job_id)["history"][0]["agreement"]
+        consumer.kill()
+
+        def ended() -> bool:
+            return any(j["id"] == job_id and j["state"] == "ended" for j in prov.get("/v1/jobs"))
+        wait_for(ended, 90, what="the task to end on the provider")
+
+        def settled(node) -> bool:
+            return any(r["agreement_id"] == aid for r in node.get("/v1/ledger")["receipts"])
+        assert not settled(prov)  # nobody to countersign it
+        assert prov.stop() == 0
+        consumer = cluster.start("consumer")
+        prov = cluster.start("p0", bootstrap=consumer.p2p_addrs())
+        wait_for(lambda: settled(consumer) and settled(prov), 90, what="the receipt in both ledgers")
 
 
 def test_twenty_jobs_at_once_across_two_providers(mesh):

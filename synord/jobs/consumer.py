@@ -30,7 +30,7 @@ from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file, sha256_o
 from runtimes.base import KINDS, SpecError, infer_kind
 
 from ..api import ApiError
-from ..store import Store
+from ..store import Store, from_json_safe, json_safe
 from .migration import Displaced, Slot, Thresholds, assign_optimal, decide_mode
 
 log = logging.getLogger("synord.jobs.consumer")
@@ -415,7 +415,7 @@ class ConsumerJobs:
         job.spec.pop("restore_mode", None)
         # Where to find the provider again if we restart mid-job.
         job.spec["provider_addrs"] = self.mesh.dialable_addrs(peer)
-        self.store.kv_set(f"terms:{terms.aid.hex()}", _hex(terms.to_body()))  # for re-attach
+        self.store.kv_set(f"terms:{terms.aid.hex()}", json_safe(terms.to_body()))  # for re-attach
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
         log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
@@ -494,14 +494,14 @@ class ConsumerJobs:
             for leg in job.history:
                 row = self.store.kv_get(f"terms:{leg['agreement']}") if leg.get("agreement") else None
                 if row:
-                    self.market.expect_receipt(Terms.from_body(_unhex(row)))
+                    self.market.expect_receipt(Terms.from_body(from_json_safe(row)))
 
     def _terms_of(self, job: ConsumerJob) -> Terms | None:
         aid = job.history[-1].get("agreement") if job.history else None
         if not aid:
             return None
         row = self.store.kv_get(f"terms:{aid}")
-        return Terms.from_body(_unhex(row)) if row else None
+        return Terms.from_body(from_json_safe(row)) if row else None
 
     # ---- re-placement of displaced jobs, all at once --------------------------------------
 
@@ -794,23 +794,3 @@ class ConsumerJobs:
             with trio.move_on_after(1.0):
                 await changed.wait()
 
-
-def _hex(obj: Any) -> Any:
-    """JSON-safe form of a msgpack body (bytes → {"$b": hex})."""
-    if isinstance(obj, bytes):
-        return {"$b": obj.hex()}
-    if isinstance(obj, dict):
-        return {k: _hex(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_hex(v) for v in obj]
-    return obj
-
-
-def _unhex(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"$b"}:
-            return bytes.fromhex(obj["$b"])
-        return {k: _unhex(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_unhex(v) for v in obj]
-    return obj

@@ -101,10 +101,14 @@ class Provider(_Party):
                  admission: Callable[[str, Propose], str | None] | None = None,
                  on_agreement: Callable[[Negotiation], None] | None = None,
                  on_end: Callable[[Negotiation], None] | None = None,
-                 on_receipt: Callable[[SignedReceipt], None] | None = None):
+                 on_receipt: Callable[[SignedReceipt], None] | None = None,
+                 on_receipt_issued: Callable[[SignedReceipt, int], None] | None = None,
+                 on_receipt_closed: Callable[[bytes], None] | None = None):
         super().__init__(identity, clock, timeouts, validator)
         self.pool = pool
         self.on_receipt = on_receipt  # e.g. Ledger.record, with both signatures
+        self.on_receipt_issued = on_receipt_issued  # e.g. keep it until acknowledged
+        self.on_receipt_closed = on_receipt_closed  # acknowledged or given up: aid
         self._unacked: OrderedDict[bytes, SignedReceipt] = OrderedDict()
         self._resend: dict[bytes, tuple[int, int, int]] = {}  # aid -> (next at, gap, first sent)
         self.admission = admission
@@ -268,11 +272,10 @@ class Provider(_Party):
                 continue
             sr = self._unacked.get(aid)
             if sr is None or now - first > RECEIPT_RESEND_FOR_MS:
-                del self._resend[aid]
                 if sr is not None:
-                    del self._unacked[aid]
                     log.warning("receipt never acknowledged; giving up", extra={
                         "consumer": sr.receipt.consumer[:16], "aid": aid.hex()})
+                self._close_receipt(aid)
                 continue
             gap = min(gap * 2, RECEIPT_RESEND_MAX_MS)
             self._resend[aid] = (now + gap, gap, first)
@@ -301,9 +304,17 @@ class Provider(_Party):
                    started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome)
         self._unacked[sr.receipt.aid] = sr
         self._resend[sr.receipt.aid] = (now + RECEIPT_RESEND_FIRST_MS, RECEIPT_RESEND_FIRST_MS, now)
+        if self.on_receipt_issued:
+            self.on_receipt_issued(sr, now)
         while len(self._unacked) > MAX_SETTLING:
-            self._resend.pop(self._unacked.popitem(last=False)[0], None)
+            self._close_receipt(self._unacked.popitem(last=False)[0])
         return out + [Send(consumer, seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now))]
+
+    def resume_receipt(self, sr: SignedReceipt, first_sent: int) -> None:
+        """A receipt issued before our restart and not yet acknowledged: resend it
+        (now, then on the usual schedule, until an hour after ``first_sent``)."""
+        self._unacked[sr.receipt.aid] = sr
+        self._resend[sr.receipt.aid] = (self.clock(), RECEIPT_RESEND_FIRST_MS, first_sent)
 
     def _receipt_ack(self, env: Envelope) -> list[Send]:
         ack = ReceiptAck.from_body(env.body)
@@ -315,11 +326,16 @@ class Provider(_Party):
         if not verify_receipt(full):
             self.dropped["bad_receipt_signature"] += 1
             return []
-        del self._unacked[ack.aid]
-        self._resend.pop(ack.aid, None)
+        self._close_receipt(ack.aid)
         if self.on_receipt:
             self.on_receipt(full)
         return []
+
+    def _close_receipt(self, aid: bytes) -> None:
+        self._unacked.pop(aid, None)
+        self._resend.pop(aid, None)
+        if self.on_receipt_closed:
+            self.on_receipt_closed(aid)
 
     def _key(self, m: Negotiation) -> str:
         return f"{m.consumer}/{m.nid.hex()}"

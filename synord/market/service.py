@@ -30,9 +30,11 @@ from protocols.identity import b58decode
 from protocols.mesh import envelope_validator
 from protocols.negotiation import NegotiationError, Terms, Timeouts
 from protocols.orders import Ask, Bid, Cancel
+from protocols.receipts import SignedReceipt
 from protocols.topics import orders as orders_topic
 
 from ..jobs.consumer import Needs, PlacementRejected
+from ..store import from_json_safe, json_safe
 from .book import OrderBook
 from .ledger import Ledger
 from .matching import Candidate, match
@@ -56,6 +58,7 @@ class MarketService:
                  on_agreement: Callable[[Terms], None] | None = None):
         self.identity = identity
         self.peer_id = identity.peer_id
+        self.store = store
         self.mesh = mesh  # protocols.mesh.Mesh
         self.offer = offer
         self.contributing = contributing
@@ -72,7 +75,9 @@ class MarketService:
         self.timeouts = timeouts or Timeouts()
         self.provider = Provider(identity, self.pool, timeouts=self.timeouts, validator=self.validator,
                                  admission=self._admission, on_agreement=self._on_agreement,
-                                 on_receipt=self._record)
+                                 on_receipt=self._record, on_receipt_issued=self._keep_receipt,
+                                 on_receipt_closed=self._drop_receipt)
+        self._resume_receipts()
         self.consumer = Consumer(identity, timeouts=self.timeouts, validator=self.validator,
                                  on_agreement=self._placement_done, on_failed=self._placement_done,
                                  on_lost=self._on_lost, on_receipt=self._record)
@@ -228,6 +233,24 @@ class MarketService:
         """After our restart: agreements whose receipt we have not countersigned yet."""
         if not self.ledger.has_receipt(terms.aid):
             self.consumer.expect_receipt(terms)
+
+    # Receipts we issued are kept in the store until acknowledged, so a restart
+    # of ours does not lose them: the provider resends them after it.
+    def _keep_receipt(self, sr: SignedReceipt, first_sent: int) -> None:
+        self.store.kv_set(f"receipt_out:{sr.receipt.aid.hex()}",
+                          {"receipt": json_safe(sr.to_body()), "first_sent": first_sent})
+
+    def _drop_receipt(self, aid: bytes) -> None:
+        self.store.kv_delete(f"receipt_out:{aid.hex()}")
+
+    def _resume_receipts(self) -> None:
+        for key, row in self.store.kv_items("receipt_out:"):
+            try:
+                sr = SignedReceipt.from_body(from_json_safe(row["receipt"]))
+                self.provider.resume_receipt(sr, int(row["first_sent"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("unreadable stored receipt dropped", extra={"key": key, "error": str(exc)})
+                self.store.kv_delete(key)
 
     def _record(self, receipt) -> None:
         try:
