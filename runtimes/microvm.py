@@ -40,7 +40,7 @@ import trio
 
 from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
                    Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, TerminalSize, Unavailable, Usage,
-                   checkpoint_digest, child_env, sha256_file, verify_artifact)
+                   OUTPUT_OFFSETS_FILE, checkpoint_digest, child_env, sha256_file, verify_artifact)
 from .anchored import AnchoredProcess, spawn
 from .cpio import CpioWriter
 from .guest_exec import ExecChannel, FrameSplitter, encode_frame
@@ -425,6 +425,7 @@ class MicroVMSandbox(Sandbox):
         self._qmp: QMP | None = None
         self._qmp_lock = trio.Lock()
         self._output = LogBuffer()
+        self._emitted = {"stdout": 0, "stderr": 0}  # task output bytes parsed so far
         self._done = trio.Event()
         self._console_eof = trio.Event()
         self._status: ExitStatus | None = None
@@ -584,6 +585,8 @@ class MicroVMSandbox(Sandbox):
             while data := await stream.receive_some(65536):
                 chunks = self._parser.feed(data)
                 if chunks:
+                    for c in chunks:
+                        self._emitted[c.stream] += len(c.data)
                     self._output.extend(chunks)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -706,7 +709,7 @@ class MicroVMSandbox(Sandbox):
                 # Output QEMU emitted before `stop` must be parsed before we save the
                 # parser's half frame; the reader drains the pipe within milliseconds.
                 await trio.sleep(0.05)
-                pending = self._parser.pending
+                pending, emitted = self._parser.pending, dict(self._emitted)
                 await qmp.execute("cont")
             else:
                 self._stop_reason = "checkpointed"
@@ -719,7 +722,7 @@ class MicroVMSandbox(Sandbox):
                 if not self._done.is_set():
                     self._signal_kill()
                     await self._done.wait()
-                pending = self._parser.pending
+                pending, emitted = self._parser.pending, dict(self._emitted)
         target = dest / "initramfs.cpio"
         if not (target.exists() and target.samefile(self.machine.initramfs)):
             await trio.to_thread.run_sync(shutil.copyfile, self.machine.initramfs, target)
@@ -731,6 +734,10 @@ class MicroVMSandbox(Sandbox):
                 "state_file": state.name, "state_compression": compression,
                 "console_pending": base64.b64encode(pending).decode()}
         (dest / "meta.json").write_text(json.dumps(meta, indent=1))
+        # The guest was stopped and its console drained: exactly this much output
+        # precedes the snapshot (a half frame is in console_pending; bytes still in
+        # the UART are device state and come out again after a restore).
+        (dest / OUTPUT_OFFSETS_FILE).write_text(json.dumps(emitted))
         if not leave_running and self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         total, digest = await trio.to_thread.run_sync(checkpoint_digest, dest)

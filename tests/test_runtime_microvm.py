@@ -20,7 +20,7 @@ import psutil
 import pytest
 import trio
 
-from runtimes.base import Limits, SpecError, TaskSpec, get_runtime
+from runtimes.base import OUTPUT_OFFSETS_FILE, Limits, SpecError, TaskSpec, get_runtime
 from runtimes.cpio import CpioWriter
 from runtimes.guest_exec import FRAME_MAGIC
 from runtimes.microvm import ConsoleParser, MicroVMRuntime, kernel_cmdline
@@ -338,6 +338,9 @@ async def test_checkpoint_restore_continues_counting(image, tmp_path):
     numbers = [int(x) for x in tail.split()]
     assert numbers and 3 <= numbers[0] <= 9
     assert numbers == list(range(numbers[0], 25))
+    # and it says exactly how much output came before it (the restored tail follows on)
+    offsets = json.loads((early.path / OUTPUT_OFFSETS_FILE).read_text())
+    assert offsets == {"stdout": len(b"".join(b"%d\n" % i for i in range(numbers[0]))), "stderr": 0}
 
     # a damaged state is refused with a clear error, not a hang
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
