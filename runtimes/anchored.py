@@ -34,9 +34,9 @@ def _limiter() -> trio.CapacityLimiter:
         return lim
 
 
-def _pdeathsig() -> None:
+def _pdeathsig(sig: int = signal.SIGKILL) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_PDEATHSIG, sig)
 
 
 class AnchoredProcess:
@@ -79,8 +79,9 @@ class AnchoredProcess:
 
 
 async def spawn(nursery: trio.Nursery, argv: list[str], *, env: dict[str, str],
-                cwd: str | None = None) -> AnchoredProcess:
-    """Start ``argv`` in a new session, stdin /dev/null, stdout/stderr piped to trio streams.
+                cwd: str | None = None, death_signal: int = signal.SIGKILL) -> AnchoredProcess:
+    """Start ``argv`` in a new session, stdin /dev/null, stdout/stderr piped to trio streams;
+    it gets ``death_signal`` when the daemon dies.
 
     The anchor thread lives in ``nursery`` until the child exits: the caller must
     make sure the child is killed when it stops caring (cancellation included)."""
@@ -94,7 +95,7 @@ async def spawn(nursery: trio.Nursery, argv: list[str], *, env: dict[str, str],
         try:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
                                  env=env, cwd=cwd, start_new_session=True,
-                                 preexec_fn=_pdeathsig)
+                                 preexec_fn=lambda: _pdeathsig(death_signal))
         except BaseException as e:  # reported to the trio side, which raises it
             result["error"] = e
             trio.from_thread.run_sync(started.set, trio_token=token)

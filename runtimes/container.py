@@ -36,7 +36,7 @@ from typing import AsyncIterator
 
 import trio
 
-from . import cgroups, oci, seccomp
+from . import cgroups, oci, reaper, seccomp
 
 from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
                    PipeExecProcess, PtyExecProcess, RuntimeError_, TerminalSize, receive_console_master,
@@ -80,6 +80,9 @@ class ContainerRuntime(Runtime):
         self.state_root = Path(state_root) if state_root else STATE_ROOT
         self._engine: tuple[str, str] | None = None  # (name, path)
         self._reason = ""
+        # where running containers are registered for the reaper (runtimes.reaper);
+        # the daemon sets it, plain library use leaves it off
+        self.registry: Path | None = None
 
     # -- availability -------------------------------------------------------
     def engine(self) -> tuple[str, str]:
@@ -344,6 +347,9 @@ class ContainerSandbox(Sandbox):
         # or the task's fork fails at random once the sentry grows.
         pids = lim.pids + RUNSC_PIDS_OVERHEAD if self.engine_name == "runsc" else lim.pids
         self.cgroup.create(lim.cpus, lim.memory_bytes, pids)
+        if self.rt.registry is not None:  # before it exists: a crash right after must not leak it
+            await trio.to_thread.run_sync(reaper.register, self.rt.registry, self.id, self._cmd(),
+                                          self.engine_name)
         if self._restore_from is not None:
             argv = self._cmd("restore", "--detach", f"--image-path={self._restore_from}",
                              "--bundle", str(self.workdir), self.id)
@@ -357,8 +363,13 @@ class ContainerSandbox(Sandbox):
                 start_new_session=True)
         except OSError as e:
             await trio.to_thread.run_sync(self.cgroup.destroy)
+            self._unregister()
             raise Unavailable(f"cannot start {self.engine_name}: {e}") from None
         nursery.start_soon(self._supervise)
+
+    def _unregister(self) -> None:
+        if self.rt.registry is not None:
+            reaper.unregister(self.rt.registry, self.id)
 
     async def _pump(self, stream, name: str) -> None:
         try:
@@ -470,6 +481,7 @@ class ContainerSandbox(Sandbox):
         self._pids_hit = self.cgroup.pids_limited()
         if not self.cgroup.try_destroy():  # stragglers: kill and retry off the event loop
             await trio.to_thread.run_sync(self.cgroup.destroy)
+        self._unregister()
         if self._own_workdir:
             await trio.to_thread.run_sync(shutil.rmtree, self.workdir, True)
 

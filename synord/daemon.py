@@ -74,6 +74,8 @@ class Node:
         self.metrics_registry = registry_for(self)
         self._stopping = trio.Event()
         self._limits_changed = trio.Event()  # wakes the policy watcher
+        self._outer: trio.Nursery | None = None  # outlives the components: the container reaper
+        self._reaper = None  # runtimes.anchored.AnchoredProcess
         # Awaited in order on graceful stop (jobs hand their tasks back first).
         self._stop_hooks: list = []
 
@@ -82,24 +84,13 @@ class Node:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         token = self.home.ensure_token()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_signals, nursery.cancel_scope)
-                await self._probe()
-                nursery.start_soon(self._refresh_profile)
-                await self._start_components(nursery)
-                self.api_url = await nursery.start(serve_api, self, self.config["api.listen"], token)
-                self.home.write_api_json(self.api_url)
-                log.info("ready", extra={"peer_id": self.identity.peer_id, "api": self.api_url,
-                                         "version": __version__})
-                self.notifier.ready(f"peer {self.identity.peer_id}")
-                if self.notifier.watchdog_interval_s:
-                    nursery.start_soon(self._watchdog)
-                task_status.started(self)
-                await self._stopping.wait()
-                self.notifier.stopping()
-                log.info("stopping")
-                await self._graceful_stop()
-                nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as outer:
+                self._outer = outer
+                try:
+                    await self._run_components(token, task_status)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._stop_reaper()
         finally:
             try:
                 self.home.api_json.unlink()
@@ -107,6 +98,54 @@ class Node:
                 pass
             self.store.close()
             log.info("stopped")
+
+    async def _run_components(self, token: str, task_status) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            await self._probe()
+            nursery.start_soon(self._refresh_profile)
+            await self._start_components(nursery)
+            self.api_url = await nursery.start(serve_api, self, self.config["api.listen"], token)
+            self.home.write_api_json(self.api_url)
+            log.info("ready", extra={"peer_id": self.identity.peer_id, "api": self.api_url,
+                                     "version": __version__})
+            self.notifier.ready(f"peer {self.identity.peer_id}")
+            if self.notifier.watchdog_interval_s:
+                nursery.start_soon(self._watchdog)
+            task_status.started(self)
+            await self._stopping.wait()
+            self.notifier.stopping()
+            log.info("stopping")
+            await self._graceful_stop()
+            nursery.cancel_scope.cancel()
+
+    async def _start_reaper(self) -> None:
+        """Containers must not outlive us (runtimes.reaper): sweep what a previous
+        life left, then keep a reaper that sweeps again if we die."""
+        import sys
+
+        from runtimes import reaper
+        from runtimes.anchored import spawn
+        from runtimes.base import child_env
+        registry = self.home.path / "containers"
+        swept = await trio.to_thread.run_sync(reaper.sweep, registry)
+        if swept:
+            log.warning("removed containers a previous run left behind", extra={"count": len(swept)})
+        assert self._outer is not None
+        self._reaper = await spawn(self._outer, [sys.executable, "-m", "runtimes.reaper", str(registry)],
+                                   env=child_env(), death_signal=signal.SIGTERM)
+        self.runtimes["container"].registry = registry
+
+    async def _stop_reaper(self) -> None:
+        if self._reaper is None:
+            return
+        self._reaper.popen.send_signal(signal.SIGTERM)  # it sweeps (nothing, normally) and exits
+        with trio.move_on_after(30):
+            await self._reaper.wait()
+        if self._reaper.returncode is None:
+            self._reaper.kill_group()
+            await self._reaper.wait()
+        await self._reaper.aclose()
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -152,6 +191,8 @@ class Node:
 
         self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()
                          if av.get("available") and kind in c["runtimes.enabled"]}
+        if "container" in self.runtimes:
+            await self._start_reaper()
         policy = PricingPolicy(
             electricity_per_kwh=c["pricing.electricity_per_kwh"], watts_per_core=c["pricing.watts_per_core"],
             watts_per_gpu=c["pricing.watts_per_gpu"],

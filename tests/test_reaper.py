@@ -1,0 +1,117 @@
+"""Containers never outlive the daemon that started them (runtimes.reaper).
+
+Library level: a registered container is killed, deleted and un-cgrouped by a
+sweep. Daemon level: a provider SIGKILLed with crun and runsc tasks running
+leaves no container behind (its reaper sweeps); and when the reaper could not
+act either, the next start of that daemon sweeps the leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+import trio
+
+from runtimes import reaper
+from runtimes.base import TaskSpec
+from runtimes.container import STATE_ROOT, ContainerRuntime
+
+from daemons import DaemonCluster, wait_for
+
+_avail = ContainerRuntime().available()
+pytestmark = pytest.mark.skipif(not _avail.available, reason=f"containers unavailable: {_avail.reason}")
+
+
+def busybox_dir():
+    from jobs_helpers import BUSYBOX_DIR, ensure_assets
+    ensure_assets()
+    return BUSYBOX_DIR
+
+
+def listed(engine: str) -> set[str]:
+    """Container ids the OCI runtime still knows."""
+    res = subprocess.run([engine, "--root", str(STATE_ROOT / engine), "list", "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return set(res.stdout.split())
+
+
+def registered(registry) -> dict[str, str]:
+    """id -> engine of the containers a registry holds."""
+    out = {}
+    for p in registry.glob("*.json") if registry.exists() else []:
+        entry = json.loads(p.read_text())
+        out[entry["id"]] = entry["engine"]
+    return out
+
+
+async def test_sweep_kills_deletes_and_forgets_registered_containers(tmp_path):
+    rt = ContainerRuntime()
+    rt.registry = tmp_path / "registry"
+    sb = await rt.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sleep", "600"],
+                                   workdir=tmp_path / "wd"))
+    async with trio.open_nursery() as n:
+        await sb.start(n)
+        await sb._wait_created()
+        assert registered(rt.registry) == {sb.id: sb.engine_name}
+        assert await trio.to_thread.run_sync(reaper.sweep, rt.registry) == [sb.id]
+        with trio.fail_after(30):
+            status = await sb.wait()
+    assert status.code != 0
+    assert sb.id not in listed(sb.engine_name)
+    assert registered(rt.registry) == {}
+    assert not sb.cgroup.exists()
+
+
+def test_a_reaper_without_arguments_says_how_to_use_it():
+    res = subprocess.run([shutil.which("python3") or "python3", "-m", "runtimes.reaper"], capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 2 and "usage" in res.stderr
+
+
+def _start_container_tasks(cluster):
+    from jobs_helpers import start_mesh, submit, wait_job
+    consumer, (prov,) = start_mesh(cluster, 1)
+    for flag in ([], ["--checkpointable"]):  # crun (or runc) and runsc
+        job_id = submit(consumer, "--runtime", "container", *flag, str(busybox_dir()), "--", "sleep", "600")
+        wait_job(consumer, job_id, states=("running",), timeout=90)
+    registry = prov.home / "containers"
+    ids = registered(registry)
+    assert sorted(ids.values()) == sorted([ContainerRuntime().engine()[0], "runsc"])
+    return consumer, prov, registry, ids
+
+
+def _gone(ids: dict[str, str]) -> bool:
+    return not any(cid in listed(engine) for cid, engine in ids.items())
+
+
+@pytest.mark.slow
+def test_containers_die_with_a_sigkilled_daemon(tmp_path):
+    with DaemonCluster(tmp_path) as cluster:
+        _, prov, registry, ids = _start_container_tasks(cluster)
+        prov.kill()  # SIGKILL: the reaper gets SIGTERM from the kernel and sweeps
+        wait_for(lambda: _gone(ids), 60, what="the containers of the killed daemon to be removed")
+        wait_for(lambda: registered(registry) == {}, 10, what="the registry to be emptied")
+
+
+def _reaper_pids(registry) -> list[int]:
+    res = subprocess.run(["pgrep", "-f", f"runtimes.reaper {registry}"], capture_output=True, text=True)
+    return [int(p) for p in res.stdout.split()]
+
+
+@pytest.mark.slow
+def test_the_next_start_sweeps_what_nobody_could(tmp_path):
+    with DaemonCluster(tmp_path) as cluster:
+        _, prov, registry, ids = _start_container_tasks(cluster)
+        (reaper_pid,) = _reaper_pids(registry)
+        os.kill(reaper_pid, signal.SIGSTOP)  # the reaper cannot act ...
+        prov.kill()
+        os.kill(reaper_pid, signal.SIGKILL)  # ... and dies too: the containers are orphaned
+        assert not _gone(ids) and registered(registry) == ids
+        cluster.start("p0")  # same home
+        wait_for(lambda: _gone(ids) and registered(registry) == {}, 60,
+                 what="the restarted daemon to sweep the leftovers")
