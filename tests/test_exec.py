@@ -427,6 +427,20 @@ class _Terminal:
                 except OSError:  # EIO: the CLI has exited
                     assert token in self.seen, self.seen.decode(errors="replace")
 
+    def type_until(self, token: bytes, *keys: bytes, pause: float = 0.0, tries: int = 20) -> None:
+        """Type ``keys`` (pausing before each) until ``token`` shows: for effects
+        that land on their own time (a resize, ^C to a command just started)."""
+        for _ in range(tries):
+            for k in keys:
+                time.sleep(pause)
+                self.type(k)
+            try:
+                self.expect(token, timeout=2)
+                return
+            except AssertionError:
+                continue
+        self.expect(token, timeout=5)
+
     def close(self) -> int:
         import os
         try:
@@ -444,26 +458,10 @@ def _drive_a_terminal_shell(consumer, job_id: str) -> None:
         term.expect(b"30 100")
         term.expect(b"42x")
         term.resize(50, 120)
-        for _ in range(20):  # the new size travels on its own: ask until it is there
-            term.type(b"stty size\r")
-            try:
-                term.expect(b"50 120", timeout=1)
-                break
-            except AssertionError:
-                continue
-        term.expect(b"50 120", timeout=5)
+        term.type_until(b"50 120", b"stty size\r")  # the new size travels on its own
         term.type(b"sleep 1000\r")
-        for _ in range(20):  # ^C: the remote terminal's SIGINT to the remote sleep (once it runs)
-            time.sleep(0.5)
-            term.type(b"\x03")
-            time.sleep(0.2)
-            term.type(b"echo after$((2*2))\r")
-            try:
-                term.expect(b"after4", timeout=2)
-                break
-            except AssertionError:
-                continue
-        term.expect(b"after4", timeout=5)
+        # ^C: the remote terminal's SIGINT to the remote sleep (once it runs)
+        term.type_until(b"after4", b"\x03", b"echo after$((2*2))\r", pause=0.35)
         term.type(b"exit 3\r")
         assert term.close() == 3
     finally:
