@@ -208,6 +208,29 @@ class Sandbox(ABC):
         return _unsupported_exec(f"exec is not supported for {kind} tasks yet")
 
 
+class SupervisedSandbox(Sandbox):
+    """A sandbox whose supervisor appends to ``_output``, then sets ``_status``
+    and ``_done``: ``wait`` and ``logs`` follow from those."""
+
+    _output: LogBuffer
+    _done: trio.Event
+    _status: ExitStatus | None
+
+    def _has_started(self) -> bool:
+        raise NotImplementedError
+
+    async def wait(self) -> ExitStatus:
+        if not self._has_started():
+            raise RuntimeError_("sandbox not started")
+        await self._done.wait()
+        assert self._status is not None
+        return self._status
+
+    async def logs(self) -> AsyncIterator[LogChunk]:
+        async for chunk in self._output.follow():
+            yield chunk
+
+
 @dataclass(frozen=True)
 class TerminalSize:
     """A pseudo-terminal for an exec session (``synord shell`` on a terminal)."""

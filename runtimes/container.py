@@ -32,7 +32,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import trio
 
@@ -41,7 +40,8 @@ from . import cgroups, oci, reaper, seccomp
 from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
                    PipeExecProcess, PtyExecProcess, RuntimeError_, TerminalSize, receive_console_master,
                    set_terminal_size,
-                   Runtime, Sandbox, SpecError, TaskSpec, Unavailable, Usage, checkpoint_digest, child_env,
+                   Runtime, SpecError, SupervisedSandbox, TaskSpec, Unavailable, Usage, checkpoint_digest,
+                   child_env,
                    verify_artifact)
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def _user(user: str, rootfs: Path) -> tuple[int, int]:
     return uid, uid
 
 
-class ContainerSandbox(Sandbox):
+class ContainerSandbox(SupervisedSandbox):
     def __init__(self, rt: ContainerRuntime, spec: TaskSpec, engine: tuple[str, str], workdir: Path,
                  rootfs: Path, own_workdir: bool):
         self.rt, self.spec = rt, spec
@@ -485,16 +485,8 @@ class ContainerSandbox(Sandbox):
         if self._own_workdir:
             await trio.to_thread.run_sync(shutil.rmtree, self.workdir, True)
 
-    async def wait(self) -> ExitStatus:
-        if not self._started:
-            raise RuntimeError("sandbox not started")
-        await self._done.wait()
-        assert self._status is not None
-        return self._status
-
-    async def logs(self) -> AsyncIterator[LogChunk]:
-        async for chunk in self._output.follow():
-            yield chunk
+    def _has_started(self) -> bool:
+        return self._started
 
     async def kill(self) -> None:
         if not self._started or self._done.is_set():

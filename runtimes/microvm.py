@@ -33,13 +33,12 @@ import shutil
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import psutil
 import trio
 
 from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
-                   Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, TerminalSize, Unavailable, Usage,
+                   Runtime, RuntimeError_, SpecError, SupervisedSandbox, TaskSpec, TerminalSize, Unavailable, Usage,
                    OUTPUT_OFFSETS_FILE, checkpoint_digest, child_env, sha256_file, verify_artifact)
 from .anchored import AnchoredProcess, spawn
 from .cpio import CpioWriter
@@ -405,7 +404,7 @@ def _unpack_image(artifact: Path, rootfs: Path):
 # Sandbox
 
 
-class MicroVMSandbox(Sandbox):
+class MicroVMSandbox(SupervisedSandbox):
     supports_checkpoint = True
 
     def __init__(self, spec: TaskSpec, machine: Machine, workdir: Path, owns_workdir: bool,
@@ -627,16 +626,8 @@ class MicroVMSandbox(Sandbox):
 
     # -- the Sandbox interface ---------------------------------------------
 
-    async def wait(self) -> ExitStatus:
-        if self._proc is None:
-            raise RuntimeError_("sandbox not started")
-        await self._done.wait()
-        assert self._status is not None
-        return self._status
-
-    async def logs(self) -> AsyncIterator[LogChunk]:
-        async for chunk in self._output.follow():
-            yield chunk
+    def _has_started(self) -> bool:
+        return self._proc is not None
 
     async def kill(self) -> None:
         if self._proc is None:
