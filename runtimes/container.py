@@ -300,6 +300,7 @@ class ContainerSandbox(SupervisedSandbox):
         self.cgroup = cgroups.TaskCgroup(self.id)
         self.state_dir = rt.state_root / self.engine_name
         self._restore_from: Path | None = None
+        self._seen_running = False  # `<rt> state` said running once (exec need not ask again)
         self._proc: trio.Process | None = None
         self._output = LogBuffer()
         self._done = trio.Event()
@@ -615,7 +616,10 @@ class ContainerSandbox(SupervisedSandbox):
             pidfile.unlink(missing_ok=True)
 
     async def _wait_created(self, timeout: float = 10.0) -> None:
-        """Just after start, ``<rt> run`` may not have created the container yet."""
+        """Just after start, ``<rt> run`` may not have created the container yet
+        (once seen running, the supervisor's own state says whether it still is)."""
+        if self._seen_running:
+            return
         with trio.move_on_after(timeout):
             while not self._done.is_set():
                 res = await self._run_quiet("state", self.id, timeout=5)
@@ -624,6 +628,7 @@ class ContainerSandbox(SupervisedSandbox):
                 except (ValueError, AttributeError):
                     status = None
                 if status == "running":
+                    self._seen_running = True
                     return
                 if status == "stopped":
                     break

@@ -100,6 +100,7 @@ class VMExecProcess(ExecProcess):
         self._send, self._recv = trio.open_memory_channel[LogChunk](math.inf)  # bounded by credit
         self.output = self._Output(self)
         self._unacked = 0
+        self._consumed = 0  # output taken but not yet granted back to the guest
         self._window = trio.Condition()
         self._stdin_closed = False
         self.exit_code: int | None = None
@@ -119,13 +120,17 @@ class VMExecProcess(ExecProcess):
             return self
 
         async def __anext__(self) -> LogChunk:
+            proc = self._proc
             try:
-                chunk = await self._proc._recv.receive()
+                chunk = await proc._recv.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 raise StopAsyncIteration from None
-            if not self._proc.ended.is_set():
-                await self._proc._channel.send_frame(
-                    b"W", bytes([self._proc.sid]) + len(chunk.data).to_bytes(4, "big"), quiet=True)
+            # Credit goes back in quarters of the window: fewer frames into the
+            # guest (each costs it interrupts), and it never runs dry.
+            proc._consumed += len(chunk.data)
+            if proc._consumed >= OUTPUT_CREDIT // 4 and not proc.ended.is_set():
+                grant, proc._consumed = proc._consumed, 0
+                await proc._channel.send_frame(b"W", bytes([proc.sid]) + grant.to_bytes(4, "big"), quiet=True)
             return chunk
 
     async def send_stdin(self, data: bytes) -> None:

@@ -52,6 +52,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/signalfd.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -306,7 +307,10 @@ static void start_session(int sid, char *p, size_t len, int tty, int rows, int c
     char **env = merged_env(envx);
     pid_t pid = fork();
     if (pid == 0) {
-        signal(SIGPIPE, SIG_DFL);  /* ignored dispositions survive exec */
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);  /* like ignored dispositions, masks survive exec */
+        signal(SIGPIPE, SIG_DFL);
         setsid();
         if (tty) {  /* the terminal becomes the session's controlling tty: ^C, job control */
             int sl = open(pts, O_RDWR);
@@ -504,6 +508,13 @@ int main(void) {
     close(out[1]);
     close(err[1]);
     signal(SIGPIPE, SIG_IGN);  /* a session that closed its stdin must not kill init */
+    /* A child's exit wakes the loop at once (an exec session ends without waiting
+     * out a poll timeout); children get an empty mask back before exec. */
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    int sfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
 
     int tfd[2] = {out[0], err[0]};
     char buf[MAXFRAME];
@@ -512,13 +523,14 @@ int main(void) {
      * (a background process may keep the pipes open forever); meanwhile serve
      * the exec channel. */
     while (1) {
-        struct pollfd fds[3 + 3 * MAXSESS];
+        struct pollfd fds[4 + 3 * MAXSESS];  /* task out+err, exec channel, signalfd, sessions */
         /* "nothing more came" only counts for a round that began after the exit */
         int nf = 0, timeout = exited ? 0 : 200, was_exited = exited, drained[MAXSESS] = {0};
         for (int i = 0; i < 2; i++)
             if (tfd[i] >= 0) fds[nf++] = (struct pollfd){tfd[i], POLLIN, 0};
-        int xi = -1;
+        int xi = -1, si = -1;
         if (xcon >= 0) { xi = nf; fds[nf++] = (struct pollfd){xcon, POLLIN, 0}; }
+        if (sfd >= 0) { si = nf; fds[nf++] = (struct pollfd){sfd, POLLIN, 0}; }
         for (int k = 0; k < MAXSESS; k++) {
             struct session *x = &sess[k];
             if (!x->sid) continue;
@@ -534,6 +546,11 @@ int main(void) {
             if (!(fds[j].revents & (POLLIN | POLLOUT | POLLHUP | POLLERR))) continue;
             int fd = fds[j].fd;
             if (j == xi) { read_exec_channel(); continue; }
+            if (j == si) {  /* drain; the reaping below does the work */
+                struct signalfd_siginfo info;
+                while (read(sfd, &info, sizeof info) == sizeof info) {}
+                continue;
+            }
             if (fd == tfd[0] || fd == tfd[1]) {
                 int i = fd == tfd[0] ? 0 : 1;
                 ssize_t n = read(fd, buf, sizeof buf);
