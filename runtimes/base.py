@@ -141,11 +141,14 @@ class LogBuffer:
 
     def __init__(self) -> None:
         self.chunks: list[LogChunk] = []
+        self.bytes = {"stdout": 0, "stderr": 0}  # per stream, so far
         self.closed = False
         self._changed = trio.Event()
 
     def extend(self, chunks: list[LogChunk]) -> None:
         self.chunks.extend(chunks)
+        for c in chunks:
+            self.bytes[c.stream] += len(c.data)
         self._wake()
 
     def append(self, chunk: LogChunk) -> None:
@@ -251,10 +254,6 @@ class ExecProcess:
 
     output: Any
 
-    @property
-    def pid(self) -> int:
-        raise NotImplementedError
-
     async def send_stdin(self, data: bytes) -> None:
         raise NotImplementedError
 
@@ -275,10 +274,6 @@ class PipeExecProcess(ExecProcess):
         self.proc = proc
         self._send, self.output = trio.open_memory_channel[LogChunk](64)
         self._stdin_closed = proc.stdin is None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     async def run_output(self) -> None:
         await pump_exec_output(self.proc, self._send)
@@ -318,10 +313,6 @@ class PtyExecProcess(ExecProcess):
         self._master = trio.lowlevel.FdStream(master_fd)
         self._send, self.output = trio.open_memory_channel[LogChunk](64)
         self._eof_sent = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     async def run_output(self) -> None:
         async with self._send:
@@ -477,7 +468,6 @@ def get_runtime(kind: str) -> Runtime:
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for helper processes: never leak systemd's notify/watchdog/socket vars."""
-    import os
     env = {k: v for k, v in os.environ.items()
            if not (k == "NOTIFY_SOCKET" or k.startswith("WATCHDOG_") or k.startswith("LISTEN_"))}
     if extra:

@@ -106,10 +106,6 @@ class VMExecProcess(ExecProcess):
         self.exit_code: int | None = None
         self.ended = trio.Event()
 
-    @property
-    def pid(self) -> int:
-        return self.sid
-
     class _Output:
         """Iterating takes output and grants the guest as much new credit."""
 

@@ -424,7 +424,6 @@ class MicroVMSandbox(SupervisedSandbox):
         self._qmp: QMP | None = None
         self._qmp_lock = trio.Lock()
         self._output = LogBuffer()
-        self._emitted = {"stdout": 0, "stderr": 0}  # task output bytes parsed so far
         self._done = trio.Event()
         self._console_eof = trio.Event()
         self._status: ExitStatus | None = None
@@ -584,8 +583,6 @@ class MicroVMSandbox(SupervisedSandbox):
             while data := await stream.receive_some(65536):
                 chunks = self._parser.feed(data)
                 if chunks:
-                    for c in chunks:
-                        self._emitted[c.stream] += len(c.data)
                     self._output.extend(chunks)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -700,7 +697,7 @@ class MicroVMSandbox(SupervisedSandbox):
                 # Output QEMU emitted before `stop` must be parsed before we save the
                 # parser's half frame; the reader drains the pipe within milliseconds.
                 await trio.sleep(0.05)
-                pending, emitted = self._parser.pending, dict(self._emitted)
+                pending, emitted = self._parser.pending, dict(self._output.bytes)
                 await qmp.execute("cont")
             else:
                 self._stop_reason = "checkpointed"
@@ -713,7 +710,7 @@ class MicroVMSandbox(SupervisedSandbox):
                 if not self._done.is_set():
                     self._signal_kill()
                     await self._done.wait()
-                pending, emitted = self._parser.pending, dict(self._emitted)
+                pending, emitted = self._parser.pending, dict(self._output.bytes)
         target = dest / "initramfs.cpio"
         if not (target.exists() and target.samefile(self.machine.initramfs)):
             await trio.to_thread.run_sync(shutil.copyfile, self.machine.initramfs, target)
