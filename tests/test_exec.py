@@ -10,9 +10,16 @@ finished job gives a clear error; exec into a microVM task."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import select
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 
@@ -23,6 +30,7 @@ from runtimes.base import ExecUnsupported, LogChunk, Sandbox, TaskSpec
 from runtimes.container import ContainerRuntime
 
 from daemons import ROOT, wait_for
+from sandbox_helpers import split_output
 
 RT = ContainerRuntime()
 _avail = RT.available()
@@ -96,18 +104,11 @@ def test_exec_channel_frames_and_start_requests():
 
 # ---- ContainerRuntime directly ---------------------------------------------------------------
 
-async def _collect(proc) -> tuple[bytes, bytes]:
-    out, err = bytearray(), bytearray()
-    async for c in proc.output:
-        (out if c.stream == "stdout" else err).extend(c.data)
-    return bytes(out), bytes(err)
-
-
 async def _only_the_tasks_sleep_is_left(sb) -> None:
     """The commands killed on leaving their blocks are gone; the task's sleep stays."""
     with trio.fail_after(60):
         async with sb.exec(["sh", "-c", "ps -o comm | grep -c '^sleep$'"]) as proc:
-            out, _ = await _collect(proc)
+            out, _ = await split_output(proc.output)
     assert out == b"1\n"
 
 
@@ -130,14 +131,14 @@ async def test_container_exec_stdin_output_exit_code_env(tmp_path):
                                    env={"X": "x"}) as proc:
                     await proc.send_stdin(b"hello\n")
                     await proc.close_stdin()
-                    out, err = await _collect(proc)
+                    out, err = await split_output(proc.output)
                     code = await proc.wait()
             assert code == 5
             assert out == b"sleep\x0030\x00\n42 t x\ngot hello\n"
             assert err == b"err\n"
             # The command runs with the task's restrictions: no capabilities, no new privileges.
             async with sb.exec(["sh", "-c", "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status"]) as proc:
-                out, _ = await _collect(proc)
+                out, _ = await split_output(proc.output)
                 assert await proc.wait() == 0
             assert b"CapEff:\t0000000000000000" in out and b"NoNewPrivs:\t1" in out
             # Leaving the block early kills the command inside the container.
@@ -152,9 +153,8 @@ async def test_container_exec_stdin_output_exit_code_env(tmp_path):
 
 @needs_containers
 async def test_runsc_container_exec(tmp_path):
-    import shutil
     if not shutil.which("runsc"):
-        pytest.skip("runsc not installed")
+        pytest.skip("this machine has no runsc (gVisor) on PATH")
     sb = await RT.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sh", "-c", "sleep 30"],
                                    checkpointable=True, workdir=tmp_path / "wd"))
     async with trio.open_nursery() as n:
@@ -162,12 +162,12 @@ async def test_runsc_container_exec(tmp_path):
         try:
             with trio.fail_after(60):
                 async with sb.exec(["sh", "-c", "echo $((6*7)); exit 3"]) as proc:
-                    out, _ = await _collect(proc)
+                    out, _ = await split_output(proc.output)
                     assert (await proc.wait(), out) == (3, b"42\n")
                 async with sb.exec(["sleep", "1000"]) as proc:
                     await trio.sleep(0.5)
                 async with sb.exec(["ps", "-o", "comm"]) as proc:
-                    out, _ = await _collect(proc)
+                    out, _ = await split_output(proc.output)
             assert out.split().count(b"sleep") == 1  # the aborted command is gone
         finally:
             await sb.kill()
@@ -176,10 +176,9 @@ async def test_runsc_container_exec(tmp_path):
 @needs_containers
 @pytest.mark.parametrize("engine", ["crun", "runc", "runsc"])
 async def test_container_exec_on_a_terminal(tmp_path, engine):
-    import shutil
     from runtimes.base import TerminalSize
     if not shutil.which(engine):
-        pytest.skip(f"{engine} not installed")
+        pytest.skip(f"this machine has no {engine} on PATH")
     rt = ContainerRuntime(engine=engine) if engine != "runsc" else RT
     sb = await rt.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sh", "-c", "sleep 30"],
                                    checkpointable=engine == "runsc", workdir=tmp_path / "wd"))
@@ -250,7 +249,7 @@ async def test_microvm_exec_over_the_guest_exec_channel(vm_image):
                                     'echo $((6*7)) $TASK_VAR $X; echo err >&2; read line; echo "got $line"; '
                                     'exit 5'], env={"X": "x"}) as proc:
                     await proc.send_stdin(b"hello\n")
-                    out, err = await _collect(proc)
+                    out, err = await split_output(proc.output)
                     assert await proc.wait() == 5
             # PID 1 is our init; the task and the command share its root and environment.
             assert out == b"/init \n42 t x\ngot hello\n" and err == b"err\n"
@@ -263,16 +262,16 @@ async def test_microvm_exec_over_the_guest_exec_channel(vm_image):
                             await proc.send_stdin(b"x" * 10_000)
                         await proc.close_stdin()
                     n.start_soon(feed)
-                    out, _ = await _collect(proc)
+                    out, _ = await split_output(proc.output)
                     assert await proc.wait() == 0
             assert out == b"200000\n" + b"a" * 300_000
             with trio.fail_after(60):  # an empty argument is an argument
                 async with sb.exec(["sh", "-c", 'echo "[$1]" "$#"', "zero", "", "two"]) as proc:
-                    out, _ = await _collect(proc)
+                    out, _ = await split_output(proc.output)
             assert out == b"[] 2\n"
             with trio.fail_after(60):
                 async with sb.exec(["no-such-command"]) as proc:
-                    out, err = await _collect(proc)
+                    out, err = await split_output(proc.output)
                     assert await proc.wait() == 127
             assert b"cannot execute no-such-command" in err
             with trio.fail_after(60):
@@ -285,7 +284,7 @@ async def test_microvm_exec_over_the_guest_exec_channel(vm_image):
 
                 async def one(i):
                     async with sb.exec(["sh", "-c", f"sleep 0.3; echo {i}"]) as p:
-                        results.append((await _collect(p))[0])
+                        results.append((await split_output(p.output))[0])
                 async with trio.open_nursery() as m:
                     for i in range(3):
                         m.start_soon(one, i)
@@ -315,7 +314,7 @@ async def test_microvm_exec_after_a_restore(vm_image, tmp_path):
             # The restored guest's init still serves its channel; the host handshakes anew.
             with trio.fail_after(120):
                 async with sb2.exec(["cat", "/tmp/mark"]) as proc:
-                    out, _ = await _collect(proc)
+                    out, _ = await split_output(proc.output)
                     assert await proc.wait() == 0
             assert out == b"before\n"
         finally:
@@ -390,10 +389,6 @@ class _Terminal:
     """`synord shell` on a real pseudo-terminal of ours, as a person would run it."""
 
     def __init__(self, argv: list[str], rows: int, cols: int):
-        import fcntl
-        import os
-        import struct
-        import termios
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
@@ -402,21 +397,13 @@ class _Terminal:
         self.seen = b""
 
     def resize(self, rows: int, cols: int) -> None:
-        import fcntl
-        import signal
-        import struct
-        import termios
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.proc.send_signal(signal.SIGWINCH)
 
     def type(self, keys: bytes) -> None:
-        import os
         os.write(self.master, keys)
 
     def expect(self, token: bytes, timeout: float = 60) -> None:
-        import os
-        import select
-        import time
         deadline = time.monotonic() + timeout
         while token not in self.seen:
             left = deadline - time.monotonic()
@@ -442,7 +429,6 @@ class _Terminal:
         self.expect(token, timeout=5)
 
     def close(self) -> int:
-        import os
         try:
             return self.proc.wait(timeout=60)
         finally:

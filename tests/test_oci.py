@@ -153,7 +153,7 @@ def test_busybox_image_and_archive_are_reproducible(tmp_path):
     try:
         oci.busybox_binary()
     except SpecError as e:
-        pytest.skip(str(e))
+        pytest.skip(f"this machine has no static busybox: {e}")
     files = {"/work/run.sh": "#!/bin/sh\necho hi\n"}
     d1 = oci.build_busybox_image(tmp_path / "a", files=files)
     d2 = oci.build_busybox_image(tmp_path / "b", files=files)
@@ -172,11 +172,11 @@ def test_busybox_image_and_archive_are_reproducible(tmp_path):
 
 def test_interop_with_umoci_and_skopeo(tmp_path):
     if not (shutil.which("umoci") and shutil.which("skopeo")):
-        pytest.skip("umoci/skopeo not installed")
+        pytest.skip("this machine has no umoci or no skopeo on PATH")
     try:
         oci.busybox_binary()
     except SpecError as e:
-        pytest.skip(str(e))
+        pytest.skip(f"this machine has no static busybox: {e}")
     ours = tmp_path / "ours"
     oci.build_busybox_image(ours, files={"/work/x": "x"})
     # umoci reads our layout, adds a layer with a whiteout; we read umoci's result.

@@ -16,6 +16,8 @@ from runtimes import oci
 from runtimes.base import (CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec)
 from runtimes.container import ContainerRuntime
 
+from sandbox_helpers import run_to_end
+
 RT = ContainerRuntime()
 _avail = RT.available()
 if not _avail.available:
@@ -37,16 +39,6 @@ def spec(image: Path, args: list[str], tmp_path: Path, **kw) -> TaskSpec:
     return TaskSpec(kind="container", artifact=image, args=args, workdir=tmp_path / "wd", **kw)
 
 
-async def run(sb) -> tuple:
-    out, err = bytearray(), bytearray()
-    async with trio.open_nursery() as n:
-        await sb.start(n)
-        async for c in sb.logs():
-            (out if c.stream == "stdout" else err).extend(c.data)
-        status = await sb.wait()
-    return status, bytes(out), bytes(err)
-
-
 def leftovers(sb) -> tuple[set[int], bool]:
     return sb.cgroup.pids(), sb.cgroup.exists()
 
@@ -54,7 +46,7 @@ def leftovers(sb) -> tuple[set[int], bool]:
 async def test_output_exit_code_args_env(image, tmp_path):
     sb = await RT.prepare(spec(image, ["/bin/sh", "-c", 'echo "out $FOO"; echo err >&2; exit 7'],
                                tmp_path, env={"FOO": "bar"}))
-    status, out, err = await run(sb)
+    status, out, err = await run_to_end(sb)
     assert status.code == 7 and status.reason is None
     assert out == b"out bar\n" and err == b"err\n"
     assert status.usage.wall_s > 0 and status.usage.peak_memory_bytes > 0
@@ -64,22 +56,22 @@ async def test_output_exit_code_args_env(image, tmp_path):
 async def test_image_cmd_used_and_args_replace_it(tmp_path):
     img = tmp_path / "img"
     oci.build_busybox_image(img, entrypoint=["/bin/echo", "ep"], cmd=["default"])
-    _, out, _ = await run(await RT.prepare(TaskSpec(kind="container", artifact=img, workdir=tmp_path / "a")))
+    _, out, _ = await run_to_end(await RT.prepare(TaskSpec(kind="container", artifact=img, workdir=tmp_path / "a")))
     assert out == b"ep default\n"
-    _, out, _ = await run(await RT.prepare(TaskSpec(kind="container", artifact=img, args=["x", "y"],
+    _, out, _ = await run_to_end(await RT.prepare(TaskSpec(kind="container", artifact=img, args=["x", "y"],
                                                     workdir=tmp_path / "b")))
     assert out == b"ep x y\n"
 
 
 async def test_stdin(image, tmp_path):
-    status, out, _ = await run(await RT.prepare(spec(image, ["/bin/cat"], tmp_path, stdin=b"piped")))
+    status, out, _ = await run_to_end(await RT.prepare(spec(image, ["/bin/cat"], tmp_path, stdin=b"piped")))
     assert (status.code, out) == (0, b"piped")
 
 
 async def test_memory_bomb_is_oom(image, tmp_path):
     sb = await RT.prepare(spec(image, ["/bin/sh", "-c", "x=a; while true; do x=$x$x; done"], tmp_path,
                                limits=Limits(memory_bytes=64 << 20, timeout_s=60)))
-    status, _, _ = await run(sb)
+    status, _, _ = await run_to_end(sb)
     assert status.reason == "oom" and status.code == 137
     assert status.usage.peak_memory_bytes <= 64 << 20
     assert leftovers(sb) == (set(), False)
@@ -89,7 +81,7 @@ async def test_fork_bomb_contained(image, tmp_path):
     script = "bomb() { bomb | bomb & }; bomb; sleep 1; echo survived"
     sb = await RT.prepare(spec(image, ["/bin/sh", "-c", script], tmp_path,
                                limits=Limits(pids=32, timeout_s=60)))
-    status, out, err = await run(sb)
+    status, out, err = await run_to_end(sb)
     assert b"can't fork" in err  # the bomb hit the pids wall
     # Either the main shell kept going, or its own fork failed first and it exited: reason "pids".
     assert b"survived" in out or status.reason == "pids", (status, out)
@@ -99,7 +91,7 @@ async def test_fork_bomb_contained(image, tmp_path):
 async def test_timeout_kills(image, tmp_path):
     sb = await RT.prepare(spec(image, ["/bin/sh", "-c", "while true; do :; done"], tmp_path,
                                limits=Limits(timeout_s=1.0, cpus=0.5)))
-    status, _, _ = await run(sb)
+    status, _, _ = await run_to_end(sb)
     assert status.reason == "timeout" and status.code != 0
     assert 0 < status.usage.cpu_s < status.usage.wall_s  # cpu quota of half a core held
     assert leftovers(sb) == (set(), False)
@@ -114,7 +106,7 @@ async def test_no_network_only_lo(image, tmp_path):
         sb = await RT.prepare(spec(image, ["/bin/sh", "-c",
                                            f"cat /proc/net/dev; nc -w 1 127.0.0.1 {port} </dev/null && echo CONNECTED"],
                                    tmp_path))
-        status, out, _ = await run(sb)
+        status, out, _ = await run_to_end(sb)
     finally:
         srv.close()
     ifaces = [line.split(":")[0].strip() for line in out.decode().splitlines()[2:] if ":" in line]
@@ -134,7 +126,7 @@ async def test_readonly_root_and_mounts(image, tmp_path):
               "unshare -m true 2>/dev/null && echo UNSHARE_OK; exit 0")
     sb = await RT.prepare(spec(image, ["/bin/sh", "-c", script], tmp_path,
                                mounts=[Mount(ro, "/data/in"), Mount(rw, "/data/out", writable=True)]))
-    status, out, _ = await run(sb)
+    status, out, _ = await run_to_end(sb)
     assert status.code == 0
     assert b"ROOT_WRITABLE" not in out and b"RO_WRITABLE" not in out and b"UNSHARE_OK" not in out
     assert b"OUT_OK" in out and b"TMP_OK" in out
@@ -191,7 +183,7 @@ async def test_broken_image_refused_before_run(tmp_path, damage):
 async def test_oci_archive_with_digest(image, tmp_path):
     tar = tmp_path / "img.tar"
     digest = oci.pack_oci_archive(image, tar)
-    status, out, _ = await run(await RT.prepare(TaskSpec(kind="container", artifact=tar, sha256=digest,
+    status, out, _ = await run_to_end(await RT.prepare(TaskSpec(kind="container", artifact=tar, sha256=digest,
                                                          args=["/bin/echo", "ok"], workdir=tmp_path / "wd")))
     assert out == b"ok\n"
     with pytest.raises(SpecError):
@@ -201,7 +193,7 @@ async def test_oci_archive_with_digest(image, tmp_path):
 async def test_rootfs_cache_by_digest(image, tmp_path):
     rt = ContainerRuntime(cache_dir=tmp_path / "cache")
     for i in range(2):
-        _, out, _ = await run(await rt.prepare(TaskSpec(kind="container", artifact=image, args=["/bin/echo", str(i)],
+        _, out, _ = await run_to_end(await rt.prepare(TaskSpec(kind="container", artifact=image, args=["/bin/echo", str(i)],
                                                         workdir=tmp_path / f"wd{i}")))
         assert out == f"{i}\n".encode()
     assert len(list((tmp_path / "cache").iterdir())) == 1
@@ -261,7 +253,7 @@ async def test_mount_target_through_image_symlink_stays_in_root(tmp_path):
                                    args=["/bin/ls", "/synord-test-should-not-exist"],
                                    mounts=[Mount(src, "/data" + str(host_probe))]))
     assert not host_probe.exists()  # the mount point was made inside the rootfs, not on the host
-    status, _, _ = await run(sb)
+    status, _, _ = await run_to_end(sb)
     assert status.code == 0
 
 
@@ -282,7 +274,7 @@ async def test_runc_engine_limits_and_cleanup(image, tmp_path):
     sb = await rt.prepare(spec(image, ["/bin/sh", "-c", "echo hi; x=a; while true; do x=$x$x; done"], tmp_path,
                                limits=Limits(memory_bytes=64 << 20, timeout_s=60)))
     assert sb.engine_name == "runc"
-    status, out, _ = await run(sb)
+    status, out, _ = await run_to_end(sb)
     assert out == b"hi\n" and status.reason == "oom"
     assert leftovers(sb) == (set(), False)
 
@@ -304,5 +296,5 @@ async def test_network_granted_shares_host_interfaces(image, tmp_path):
     host_ifaces = {line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]}
     if host_ifaces == {"lo"}:
         pytest.skip("host has only lo: cannot tell a granted network from none")
-    _, out, _ = await run(await RT.prepare(spec(image, ["/bin/cat", "/proc/net/dev"], tmp_path, network=True)))
+    _, out, _ = await run_to_end(await RT.prepare(spec(image, ["/bin/cat", "/proc/net/dev"], tmp_path, network=True)))
     assert {line.split(":")[0].strip() for line in out.decode().splitlines()[2:]} == host_ifaces

@@ -25,6 +25,8 @@ from runtimes.cpio import CpioWriter
 from runtimes.guest_exec import FRAME_MAGIC
 from runtimes.microvm import ConsoleParser, MicroVMRuntime, kernel_cmdline
 
+from sandbox_helpers import run_to_end
+
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "packaging" / "guest" / "build.sh"
 
@@ -137,14 +139,8 @@ def image(guest_dir, tmp_path_factory) -> Path:
 
 async def run_task(spec: TaskSpec):
     rt = get_runtime("microvm")
-    sb = await rt.prepare(spec)
-    out: dict[str, bytes] = {"stdout": b"", "stderr": b""}
-    async with trio.open_nursery() as n:
-        await sb.start(n)
-        async for chunk in sb.logs():
-            out[chunk.stream] += chunk.data
-        status = await sb.wait()
-    return status, out
+    status, out, err = await run_to_end(await rt.prepare(spec))
+    return status, {"stdout": out, "stderr": err}
 
 
 def qemu_children() -> list[psutil.Process]:

@@ -18,6 +18,7 @@ from runtimes.base import (CheckpointUnsupported, Limits, Mount, SpecError, Task
 
 wasmtime = pytest.importorskip("wasmtime")
 from runtimes.wasm import WasmRuntime  # noqa: E402
+from sandbox_helpers import run_to_end  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 BUILD = ASSETS / "build" / "wasm"
@@ -54,14 +55,8 @@ def counter(mods: Path, count: int, work: int, **kw) -> TaskSpec:
 async def run(rt: WasmRuntime, spec: TaskSpec):
     """(status, stdout, stderr) of a task run to its end."""
     sb = await rt.prepare(spec)
-    out, err = bytearray(), bytearray()
     with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as n:
-            await sb.start(n)
-            async for c in sb.logs():
-                (out if c.stream == "stdout" else err).extend(c.data)
-            status = await sb.wait()
-    return status, bytes(out), bytes(err)
+        return await run_to_end(sb)
 
 
 async def wait_for_output(sb, needle: bytes) -> bytes:
