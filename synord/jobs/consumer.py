@@ -487,12 +487,17 @@ class ConsumerJobs:
         self._set_state(job, "running")
         return job.session
 
-    def _expect_receipts(self, recent: int = 1000) -> None:
-        """Receipts still to come for agreements made before a restart (the
-        provider resends them for an hour): let the market countersign them."""
-        for job in list(self.jobs.values())[-recent:]:
+    def _expect_receipts(self) -> None:
+        """Receipts still to come for agreements made before a restart: those of
+        legs still open, or ended within the hour the provider resends receipts
+        for. Let the market countersign them."""
+        from ..market.negotiator import RECEIPT_RESEND_FOR_MS
+        since = time.time() - RECEIPT_RESEND_FOR_MS / 1000
+        for job in self.jobs.values():
             for leg in job.history:
-                row = self.store.kv_get(f"terms:{leg['agreement']}") if leg.get("agreement") else None
+                if not leg.get("agreement") or (leg.get("end") is not None and leg["end"] < since):
+                    continue
+                row = self.store.kv_get(f"terms:{leg['agreement']}")
                 if row:
                     self.market.expect_receipt(Terms.from_body(from_json_safe(row)))
 
