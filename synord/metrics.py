@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Iterator
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from protocols.refusals import REFUSALS
+
 if TYPE_CHECKING:
     from .daemon import Node
 
@@ -31,6 +33,12 @@ class NodeCollector:
             for reason, count in sorted(counts.items()):
                 rejected.add_metric([where, reason], count)
         yield rejected
+
+        refusals = CounterMetricFamily("synord_refusals", "requests refused (peer or local), by where and why",
+                                       labels=["where", "reason"])
+        for (where, reason), count in sorted(REFUSALS.snapshot().items()):
+            refusals.add_metric([where, reason], count)
+        yield refusals
 
         jobs = GaugeMetricFamily("synord_jobs", "jobs this node submitted, by state", labels=["state"])
         states = Counter(j.state for j in n.consumer_jobs.jobs.values()) if n.consumer_jobs else Counter()
