@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from protocols.identity import Identity
 from protocols.negotiation import Terms
 from protocols.refusals import REFUSALS
 from protocols.tasks import TASK_PROTOCOL, TaskSpecError, check_args_env, check_limits
-from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file, sha256_of
+from protocols.transfer import MAX_BLOB_BYTES, TRANSFER_PROTOCOL, BlobStore, send_file, sha256_of
 from runtimes.base import KINDS, SpecError, infer_kind
 
 from ..api import ApiError
@@ -586,6 +587,10 @@ class ConsumerJobs:
                 if "o" in msg:
                     self._output(job, msg)
                 elif "ckpt" in msg:
+                    if not _checkpoint_frame_ok(msg["ckpt"]):
+                        # its digest names a file here and its size drives a read loop
+                        REFUSALS.count("task_output", "bad_checkpoint_frame")
+                        return "lost", "the provider sent a malformed checkpoint frame"
                     await self._receive_checkpoint(job, session, msg["ckpt"])
                 elif "ckpt_error" in msg:
                     log.warning("provider could not checkpoint", extra={"job": job.id,
@@ -822,6 +827,14 @@ class ConsumerJobs:
                 return
             with trio.move_on_after(1.0):
                 await changed.wait()
+
+
+def _checkpoint_frame_ok(info: Any) -> bool:
+    if not isinstance(info, dict):
+        return False
+    sha, size = info.get("sha256"), info.get("bytes")
+    return (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None
+            and isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_BLOB_BYTES)
 
 
 def _output_gap(have: dict[str, int], ex: dict) -> str | None:

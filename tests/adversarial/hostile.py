@@ -52,11 +52,30 @@ API (all methods are coroutines unless marked *sync*):
     the same for task.attach); the caller reads on or closes the stream.
 ``read_task(stream, timeout=30) -> TaskResult`` the rest of a task stream:
     output bytes per stream, frames seen, the exit frame (None if none came).
+
+Checking the victim (plain functions, blocking: call them through ``trio.to_thread``):
+
+``refusals(daemon) -> {(where, reason): count}`` synord_refusals_total from its /metrics;
+``counted(before, after)`` what was counted in between.
+
+As a provider (a lying one, to attack consumers):
+
+``offer(runtimes=("wasm",), cores=1.0, memory=1 GiB, price=0.001) -> Ask``
+    publish an ask on gossip (again every second while the peer runs) and
+    answer proposals with `synord.market.negotiator.Provider` (real
+    admission, signed agreements); uploads on /synord/transfer are accepted
+    into a scratch blob store (``.blobs``).
+``serve_tasks(handler)``
+    ``await handler(stream, envelope)`` for each /synord/task/1.0.0 stream
+    whose first frame is a valid task.start / task.attach envelope (checked
+    by our own validator); the handler answers what it likes.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -73,8 +92,9 @@ from protocols.negotiation import Terms
 from protocols.orders import Ask, Bid
 from protocols.tasks import TASK_PROTOCOL
 from protocols.topics import orders as orders_topic
-from protocols.transfer import TRANSFER_PROTOCOL, TransferError, send_file
-from synord.market.negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Send, run_timers
+from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file, send_file
+from synord.market.negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
+from synord.market.reservations import CapacityPool
 
 
 class AgreementRefused(Exception):
@@ -99,7 +119,9 @@ class HostilePeer:
         self._ask_heard = trio.Event()
         self._placed: dict[str, trio.Event] = {}
         self.consumer = Consumer(self.identity, on_agreement=self._done, on_failed=self._done)
-        self._out: dict[str, FramedStream] = {}
+        self.provider: Provider | None = None  # set by offer()
+        self.blobs: BlobStore | None = None
+        self._out: dict[tuple[str, str], FramedStream] = {}  # (peer, role it is for) -> stream
         self._nursery: trio.Nursery | None = None
 
     @classmethod
@@ -116,10 +138,12 @@ class HostilePeer:
                     EnvelopeValidator(), ("ask", "bid", "cancel")))
                 nursery.start_soon(peer._hear_orders, channel)
             nursery.start_soon(run_timers, peer.consumer, peer._to_provider, now_ms)
-            try:
-                yield peer
-            finally:
-                nursery.cancel_scope.cancel()
+            with tempfile.TemporaryDirectory(prefix="hostile-") as scratch:
+                peer._scratch = Path(scratch)
+                try:
+                    yield peer
+                finally:
+                    nursery.cancel_scope.cancel()
 
     # ---- raw access -------------------------------------------------------------------
 
@@ -184,27 +208,37 @@ class HostilePeer:
         if ev is not None:
             ev.set()
 
-    async def _to_provider(self, s: Send) -> None:
-        frame = {"to": "provider", "env": s.envelope.encode()}
+    async def _send(self, s: Send, role: str) -> None:
+        frame = {"to": role, "env": s.envelope.encode()}
         for _ in (1, 2):
-            stream = self._out.get(s.to)
+            stream = self._out.get((s.to, role))
             try:
                 if stream is None:
-                    stream = self._out[s.to] = await self.open(s.to, NEGOTIATE_PROTOCOL)
+                    stream = self._out[(s.to, role)] = await self.open(s.to, NEGOTIATE_PROTOCOL)
                 await stream.send(frame)
                 return
             except Exception:
-                self._out.pop(s.to, None)
+                self._out.pop((s.to, role), None)
+
+    async def _to_provider(self, s: Send) -> None:
+        await self._send(s, "provider")
+
+    async def _to_consumer(self, s: Send) -> None:
+        await self._send(s, "consumer")
 
     async def _negotiation_in(self, stream: FramedStream) -> None:
         peer = b58decode(stream.remote_peer)
         try:
             while True:
                 frame = await stream.receive()
-                if isinstance(frame, dict) and isinstance(frame.get("env"), bytes) \
-                        and frame.get("to") == "consumer":
+                if not (isinstance(frame, dict) and isinstance(frame.get("env"), bytes)):
+                    continue
+                if frame.get("to") == "consumer":
                     for s in self.consumer.receive(frame["env"], peer):
                         await self._to_provider(s)
+                elif frame.get("to") == "provider" and self.provider is not None:
+                    for s in self.provider.receive(frame["env"], peer):
+                        await self._to_consumer(s)
         except Exception:
             pass
 
@@ -236,7 +270,6 @@ class HostilePeer:
         path = Path(data) if isinstance(data, (str, Path)) else None
         tmp = None
         if path is None:
-            import tempfile
             fd, name = tempfile.mkstemp(prefix="hostile-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -308,3 +341,83 @@ class HostilePeer:
                 elif isinstance(msg, dict) and isinstance(msg.get("exit"), dict):
                     res.exit = msg["exit"]
         return res
+
+    # ---- as a provider -------------------------------------------------------------------------
+
+    async def offer(self, runtimes: tuple[str, ...] = ("wasm",), cores: float = 1.0, memory: int = 1 << 30,
+                    price: float = 0.001) -> Ask:
+        now = now_ms()
+        ask = Ask(id="evil", seq=now, resource_class="cpu", cores=cores, memory=memory, price=price,
+                  expires=now + 600_000, runtimes=runtimes)
+        if self.provider is None:
+            self.provider = Provider(self.identity, CapacityPool(
+                {"cpus": cores, "memory_bytes": memory, "gpus": 0}))
+            self.blobs = BlobStore(self._scratch / "blobs")
+            self.mesh.set_handler(TRANSFER_PROTOCOL, self._accept_blob)
+            self._nursery.start_soon(run_timers, self.provider, self._to_consumer, now_ms)
+            self._nursery.start_soon(self._announce)
+        self.provider.offer(ask)
+        return ask
+
+    async def _announce(self) -> None:
+        while True:
+            for ask in list(self.provider.asks.values()):
+                env = seal_envelope(self.identity, "ask", ask.to_body(), 600_000)
+                try:
+                    await self.mesh.publish(orders_topic(ask.resource_class), env.encode())
+                except Exception:  # no peer yet
+                    pass
+            await trio.sleep(1.0)
+
+    async def _accept_blob(self, stream: FramedStream) -> None:
+        async def anyone(peer: str, offer: dict) -> None:
+            return None
+        validator = EnvelopeValidator()
+        try:
+            await receive_file(stream, self.blobs, lambda d: validator.check(d), anyone)
+        except Exception:
+            pass
+        finally:
+            with trio.move_on_after(1):
+                await stream.close()
+
+    def serve_tasks(self, handler) -> None:
+        validator = EnvelopeValidator()
+
+        async def serve(stream: FramedStream) -> None:
+            try:
+                with trio.fail_after(10):
+                    first = await stream.receive()
+                env = validator.check(first.get("env") if isinstance(first, dict) else b"")
+                if hasattr(env, "type") and env.type in ("task.start", "task.attach"):
+                    await handler(stream, env)
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+
+        self.mesh.set_handler(TASK_PROTOCOL, serve)
+
+
+# ---- what the victim counted ---------------------------------------------------------------------
+
+def metrics(d) -> str:
+    import http.client
+    host, port = d.client.url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {d.client.token}"})
+    return conn.getresponse().read().decode()
+
+
+def refusals(d) -> dict[tuple[str, str], float]:
+    """synord_refusals_total from /metrics, by (where, reason)."""
+    out = {}
+    for line in metrics(d).splitlines():
+        if line.startswith("synord_refusals_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            out[(labels["where"], labels["reason"])] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def counted(before: dict, after: dict) -> dict[tuple[str, str], float]:
+    """The refusals counted between two readings."""
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}

@@ -10,7 +10,7 @@ store, and that the refusal is counted in /metrics.
 from __future__ import annotations
 
 import hashlib
-import re
+import json
 import sqlite3
 import uuid
 from pathlib import Path
@@ -18,34 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from adversarial.hostile import HostilePeer
-from jobs_helpers import CONSUMER_ONLY, PROBE_WASM, ensure_assets
+from adversarial.hostile import HostilePeer, counted, refusals
+from jobs_helpers import PROBE_WASM, ensure_assets
 
 async def in_thread(fn, *args, **kw):
     return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
-
-
-def metrics(d) -> str:
-    import http.client
-    host, port = d.client.url.split("//", 1)[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {d.client.token}"})
-    return conn.getresponse().read().decode()
-
-
-def refusals(d) -> dict[tuple[str, str], float]:
-    """synord_refusals_total from /metrics, by (where, reason)."""
-    out = {}
-    for line in metrics(d).splitlines():
-        if line.startswith("synord_refusals_total{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-            out[(labels["where"], labels["reason"])] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def counted(before: dict, after: dict) -> dict[tuple[str, str], float]:
-    """The refusals counted between two readings."""
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
 
 
 def home_snapshot(home: Path) -> dict[str, str]:
@@ -132,7 +109,7 @@ async def test_a_foreign_job_id_touches_nothing_of_its_owner(cluster):
                         config="[contributor]\ncpu_share = 0.5\n[jobs]\nplacement_timeout_s = 2.0\n")
     # The daemon's own consumer job (nobody else to place it on: it fails, and stays).
     own = (await in_thread(d.cli, "run", "--detach", "--json", str(PROBE_WASM))).stdout
-    own_id = __import__("json").loads(own)["id"]
+    own_id = json.loads(own)["id"]
     with trio.fail_after(30):
         while (await in_thread(d.get, f"/v1/jobs/{own_id}"))["state"] != "failed":
             await trio.sleep(0.2)
