@@ -168,11 +168,7 @@ class ProviderJobs:
             log.info("blob received", extra={"sha256": offer["sha256"][:16], "kind": offer["kind"],
                                              "bytes": offer["size"]})
         except TransferError as exc:
-            REFUSALS.count("transfer", exc.slug)
-            log.info("transfer refused", extra={"peer": stream.remote_peer[:16], "reason": exc.slug,
-                                                "error": str(exc)})
-            with trio.move_on_after(1):
-                await stream.send({"error": str(exc)})
+            await _refuse(stream, "transfer", exc.slug, str(exc))
         except EOFError as exc:
             log.info("transfer ended", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
         except Exception as exc:  # a broken peer must never take the daemon down
@@ -239,11 +235,7 @@ class ProviderJobs:
             await stream.send({"started": True})
             await self._serve(stream, task, offsets)
         except TaskRefused as exc:
-            REFUSALS.count("task", exc.slug)
-            log.info("task refused", extra={"peer": stream.remote_peer[:16], "reason": exc.slug,
-                                            "detail": str(exc)})
-            with trio.move_on_after(2):
-                await stream.send({"error": str(exc)})
+            await _refuse(stream, "task", exc.slug, str(exc))
         except EOFError as exc:
             log.info("task stream ended", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
         except trio.Cancelled:
@@ -560,6 +552,18 @@ class TaskRefused(Exception):
     def __init__(self, slug: str, message: str):
         super().__init__(message)
         self.slug = slug
+
+
+async def _refuse(stream: FramedStream, where: str, slug: str, message: str) -> None:
+    """Count a refusal (``slug`` is ours, never the peer's text), log it, tell the peer."""
+    REFUSALS.count(where, slug)
+    log.info("refused", extra={"where": where, "peer": stream.remote_peer[:16], "reason": slug,
+                               "detail": message})
+    with trio.move_on_after(2):
+        try:
+            await stream.send({"error": message})
+        except Exception:  # the peer may be gone already
+            pass
 
 
 # What a consumer that disconnected looks like from here (MeshError: the stream broke).
