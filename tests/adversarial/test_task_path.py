@@ -178,3 +178,29 @@ async def test_a_task_starts_only_under_its_consumers_agreement_on_its_terms(pro
         assert (await evil.read_task(stream)).exit["code"] == 0
         # ...once: a second start under the same agreement is refused.
         assert "no active agreement" in await _refused(evil, pid, evil.task_body(terms, sha))
+
+
+def test_store_migration_rekeys_provider_rows(tmp_path):
+    """A store of the previous schema: provider rows move to the agreement id they
+    ran under (the consumer's job id kept as peer_job); consumer rows stay."""
+    from synord import store as st
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for i, step in enumerate(st.MIGRATIONS[:3]):  # the schema before provider rows moved
+        conn.execute("BEGIN")
+        if callable(step):
+            step(conn)
+        else:
+            st._exec_script(conn, step)
+        conn.execute(f"PRAGMA user_version = {i + 1}")
+        conn.execute("COMMIT")
+    aid = uuid.uuid4().hex
+    rows = [("mine", "consumer", json.dumps({"kind": "wasm"}), "me"),
+            ("theirs", "provider", json.dumps({"job_id": "theirs", "agreement_id": aid}), "peer")]
+    for id_, role, spec, consumer in rows:
+        conn.execute("INSERT INTO jobs(id, role, state, runtime, spec, consumer, created, updated) "
+                     "VALUES (?, ?, 'succeeded', 'wasm', ?, ?, 0, 0)", (id_, role, spec, consumer))
+    conn.close()
+    st.Store(path).close()
+    assert job_rows(tmp_path) == [(aid, "provider", "succeeded", "peer", "theirs"),
+                                  ("mine", "consumer", "succeeded", "me", None)]
