@@ -21,26 +21,63 @@ from runtimes.base import (OUTPUT_OFFSETS_FILE, CheckpointInfo, ExitStatus, Runt
 
 log = logging.getLogger("synord.jobs.executor")
 
+OUTPUT_STALL_S = 60.0  # how long a full log waits for its reader before dropping unsent output
 
 
 @dataclass
 class OutputLog:
-    """Ordered output with per-stream byte offsets; bounded in memory."""
+    """Ordered output with per-stream byte offsets; bounded in memory.
+
+    Over the limit, only output already sent to the consumer is dropped; the
+    task's output pump then waits (`wait_room`) for the reader to catch up, and
+    drops unsent output only after ``OUTPUT_STALL_S`` with no reader progress
+    (the consumer then sees a gap and fails the job saying what is missing),
+    and from then on without waiting, until the reader moves again.
+    """
 
     limit_bytes: int = 64 << 20
     chunks: list[tuple[str, int, bytes]] = field(default_factory=list)  # (stream, offset, data)
     offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    sent: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
     _size: int = 0
     changed: trio.Event = field(default_factory=trio.Event)
+    _progress: trio.Event = field(default_factory=trio.Event)
+    _stalled: bool = False  # the reader made no progress for stall_s: drop, don't wait
 
     def append(self, stream: str, data: bytes) -> None:
         self.chunks.append((stream, self.offsets[stream], data))
         self.offsets[stream] += len(data)
         self._size += len(data)
-        while self._size > self.limit_bytes and len(self.chunks) > 1:
-            self._size -= len(self.chunks.pop(0)[2])
+        self._evict(force=False)
         self.changed.set()
         self.changed = trio.Event()
+
+    def _evict(self, force: bool) -> None:
+        while self._size > self.limit_bytes and len(self.chunks) > 1:
+            stream, off, data = self.chunks[0]
+            if not force and off + len(data) > self.sent[stream]:
+                return  # its reader has not had it yet
+            self._size -= len(data)
+            self.chunks.pop(0)
+
+    def mark_sent(self, offsets: dict[str, int]) -> None:
+        """A reader sent everything below ``offsets``: that much may be dropped."""
+        for stream, off in offsets.items():
+            self.sent[stream] = max(self.sent.get(stream, 0), off)
+        self._stalled = False
+        self._evict(force=False)
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def wait_room(self, stall_s: float = OUTPUT_STALL_S) -> None:
+        """Until the log is within its limit; drops the oldest unsent output if its
+        reader makes no progress for ``stall_s``."""
+        while self._size > self.limit_bytes and not self._stalled:
+            with trio.move_on_after(stall_s) as waited:
+                await self._progress.wait()
+            self._stalled = waited.cancelled_caught
+        if self._stalled:
+            self._evict(force=True)
 
     def since(self, offsets: dict[str, int]) -> list[tuple[str, int, bytes]]:
         """Chunks (or their tails) the reader has not seen, given its per-stream offsets."""
@@ -92,6 +129,7 @@ class TaskExecution:
                 started = True
                 async for chunk in self.sandbox.logs():
                     self.output.append(chunk.stream, chunk.data)
+                    await self.output.wait_room()  # a reader behind by the whole limit: wait for it
                 self.status = await self.sandbox.wait()
         except Exception as exc:
             log.warning("task failed", extra={"job": self.job_id, "error": str(exc)})

@@ -131,10 +131,9 @@ class ProviderJobs:
 
     def workdir(self, aid: bytes) -> Path:
         """Where the task under agreement ``aid`` works: named by what we signed."""
-        name = aid.hex()
         if len(aid) != 16:
             raise ValueError("an agreement id is 16 bytes")
-        return self.home.work / name
+        return self.home.work / aid.hex()
 
     # ---- artefacts and checkpoints in ------------------------------------------
 
@@ -301,7 +300,7 @@ class ProviderJobs:
                                       timeout_s=limits.get("timeout_s"),
                                       pids=int(limits.get("pids", 64))),
                         workdir=workdir / "sandbox", checkpointable=bool(body.get("checkpointable")),
-                        task_id=terms.aid.hex())
+                        task_id=workdir.name)
         spec.workdir.mkdir()
         restore_dir = None
         start_offsets = None
@@ -388,6 +387,7 @@ class ProviderJobs:
                 for i in range(0, len(data), CHUNK):
                     await send({"o": s, "off": off + i, "d": data[i:i + CHUNK]})
                 offsets[s] = off + len(data)
+                ex.output.mark_sent(offsets)
             if ended:
                 break
             now = trio.current_time()
