@@ -123,6 +123,7 @@ class HostilePeer:
         self.blobs: BlobStore | None = None
         self._out: dict[tuple[str, str], FramedStream] = {}  # (peer, role it is for) -> stream
         self._nursery: trio.Nursery | None = None
+        self._scratch: Path | None = None  # a temporary directory while running
 
     @classmethod
     @asynccontextmanager
