@@ -24,7 +24,7 @@ from typing import Any, Callable
 import trio
 
 from protocols.envelope import EnvelopeValidator, Rejected, seal
-from protocols.framing import CHUNK, FramedStream
+from protocols.framing import CHUNK, FrameError, FramedStream
 from protocols.mesh import MeshError
 from protocols.identity import Identity
 from protocols.negotiation import Terms
@@ -215,7 +215,10 @@ class ProviderJobs:
 
     async def handle_task(self, stream: FramedStream) -> None:
         try:
-            first = await stream.receive()
+            try:
+                first = await stream.receive()
+            except FrameError as exc:  # our own words about sizes, no peer text
+                raise TaskRefused("malformed_frame", f"malformed first frame: {exc}") from None
             env = self._task_envelope(first, stream)
             if env.type == "task.start":
                 task = await self._start(stream.remote_peer, env.body)

@@ -180,6 +180,25 @@ async def test_a_task_starts_only_under_its_consumers_agreement_on_its_terms(pro
         assert "no active agreement" in await _refused(evil, pid, evil.task_body(terms, sha))
 
 
+async def test_garbage_on_the_task_stream_is_refused_and_counted(provider):
+    from protocols.tasks import TASK_PROTOCOL
+    async with HostilePeer.running() as evil:
+        pid = await evil.connect((await in_thread(provider.p2p_addrs))[0])
+        before = await in_thread(refusals, provider)
+        garbage = [
+            [b"\x00\x00\x00\x02\xc1\xc1"],        # a frame that is not msgpack
+            [b"\xff\xff\xff\xff"],                # a length over the frame limit
+            [{"env": 5}], [[1, 2, 3]],               # frames without an envelope
+            [{"env": b"\x93not an envelope"}],
+        ]
+        for frames in garbage:
+            replies = await evil.exchange(pid, TASK_PROTOCOL, frames)
+            assert replies and "error" in replies[0], (frames, replies)
+        assert counted(before, await in_thread(refusals, provider)) == {
+            ("task", "malformed_frame"): 2, ("task", "bad_request"): 2, ("task", "envelope_malformed"): 1}
+        assert (await in_thread(provider.status))["peer_id"] == pid  # and it is still up
+
+
 def test_store_migration_rekeys_provider_rows(tmp_path):
     """A store of the previous schema: provider rows move to the agreement id they
     ran under (the consumer's job id kept as peer_job); consumer rows stay."""
