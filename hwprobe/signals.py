@@ -1,5 +1,5 @@
 """Contributor-policy signals: AC power, battery, user idle time, CPU
-pressure from other processes, hour of day. Cheap enough to read every few
+pressure from other processes, hour of day and weekday. Cheap enough to read every few
 seconds; everything comes from files under a configurable root, except the
 logind idle hint (busctl, real root only)."""
 
@@ -25,6 +25,7 @@ class ContributorSignals:
     cpu_pressure: float            # 0..1, CPU used by processes other than ours
     cpu_psi_some_avg10: float | None  # 0..1 from /proc/pressure/cpu
     hour_of_day: int
+    weekday: int | None = None     # 0 = Monday, local time (per-weekday hours)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,4 +185,5 @@ def read_signals(sysfs_root: str | Path = "/", now: float | None = None) -> Cont
     return ContributorSignals(on_ac_power=on_ac, battery_percent=battery, user_idle_s=idle,
                               idle_source=source, cpu_pressure=_cpu_pressure(root),
                               cpu_psi_some_avg10=_psi(root),
-                              hour_of_day=time.localtime(now).tm_hour)
+                              hour_of_day=time.localtime(now).tm_hour,
+                              weekday=time.localtime(now).tm_wday)
