@@ -187,3 +187,21 @@ def read_signals(sysfs_root: str | Path = "/", now: float | None = None) -> Cont
                               cpu_psi_some_avg10=_psi(root),
                               hour_of_day=time.localtime(now).tm_hour,
                               weekday=time.localtime(now).tm_wday)
+
+
+def disk_usage(dirs, since: float) -> tuple[int, int]:
+    """(bytes under ``dirs``, bytes of the files among them written since ``since``):
+    the task cache's size and, for the blob stores, what was transferred today
+    (every artefact and checkpoint in or out lands there)."""
+    total = recent = 0
+    for d in dirs:
+        for dirpath, _, files in os.walk(d):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:
+                    continue  # removed meanwhile
+                total += st.st_size
+                if st.st_mtime >= since:
+                    recent += st.st_size
+    return total, recent
