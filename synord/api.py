@@ -143,6 +143,9 @@ def build_app(node: "Node", token: str):
     async def submit(request: Request):
         return await call(node.submit_job, request=request)
 
+    async def placement(request: Request):
+        return await call(node.placement_json, request.path_params["job_id"])
+
     async def cancel(request: Request):
         return await call(node.cancel_job, request.path_params["job_id"])
 
@@ -196,6 +199,7 @@ def build_app(node: "Node", token: str):
         Route("/v1/jobs", jobs),
         Route("/v1/jobs", submit, methods=["POST"]),
         Route("/v1/jobs/{job_id}", job),
+        Route("/v1/jobs/{job_id}/placement", placement),
         Route("/v1/jobs/{job_id}/cancel", cancel, methods=["POST"]),
         Route("/v1/jobs/{job_id}/logs", logs),
         Route("/v1/jobs/{job_id}/exec", exec_, methods=["POST"]),

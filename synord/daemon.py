@@ -502,17 +502,31 @@ class Node:
         return self.consumer_jobs.jobs_json() + provided
 
     def job_json(self, job_id: str) -> dict:
-        return self.consumer_jobs.job_json(job_id)
+        """A job this node submitted, else a task it runs for someone (the owner may see
+        what their machine does; a consumer still sees only its own jobs)."""
+        if job_id in self.consumer_jobs.jobs:
+            return self.consumer_jobs.job_json(job_id)
+        task = self.provider_jobs.task_json(job_id)
+        if task is None:
+            return self.consumer_jobs.job_json(job_id)  # its 404
+        return task
 
     async def submit_job(self, spec: dict) -> dict:
         return await self.consumer_jobs.submit(spec)
 
     async def cancel_job(self, job_id: str) -> dict:
+        if job_id not in self.consumer_jobs.jobs and self.provider_jobs.task_json(job_id) is not None:
+            return await self.provider_jobs.cancel_task(job_id)
         return await self.consumer_jobs.cancel(job_id)
 
     def job_output(self, job_id: str, follow: bool):
+        if job_id not in self.consumer_jobs.jobs and self.provider_jobs.task_json(job_id) is not None:
+            return self.provider_jobs.task_output(job_id, follow)
         self.consumer_jobs.job_json(job_id)  # 404 before the stream starts
         return self.consumer_jobs.output(job_id, follow)
+
+    def placement_json(self, job_id: str) -> dict:
+        return self.consumer_jobs.placement_json(job_id)
 
     async def exec_job(self, job_id: str, body: dict):
         """`synord exec`/`shell`: NDJSON lines of a command run in the job's sandbox (synord.jobs.shell)."""

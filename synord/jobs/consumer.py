@@ -752,6 +752,14 @@ class ConsumerJobs:
     def job_json(self, job_id: str) -> dict:
         return self._get(job_id).to_json()
 
+    def placement_json(self, job_id: str) -> dict:
+        """Whether the job still waits for a provider, and why (`run` says so at once)."""
+        job = self._get(job_id)
+        waiting = job.state in ("queued", "negotiating")
+        return {"id": job.id, "state": job.state, "waiting": waiting,
+                "why": self.market.explain(self._needs(job)) if waiting else None,
+                "placement_timeout_s": self.placement_timeout_s}
+
     def _get(self, job_id: str) -> ConsumerJob:
         job = self.jobs.get(job_id)
         if job is None:
