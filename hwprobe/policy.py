@@ -278,7 +278,7 @@ def decide(limits: ContributorLimits, signals, usage: Usage | None = None, *,
         hand_back = hand_back or owner
 
     if not enabled:
-        no("contributing is disabled in config.toml (contributor.enabled = false)", True)
+        no("disabled in config.toml (contributor.enabled = false)", True)
     if paused:
         no("paused by the owner", True)
     if limits.ac_only and not signals.on_ac_power:

@@ -82,9 +82,14 @@ def amount(x: float | None) -> str:
     return "-" if x is None else f"{number(x)} {CURRENCY}"
 
 
+NO_MAX_PRICE = 1e9  # protocols.orders.MAX_PRICE: what a bid without --max-price carries
+
+
 def price(p: float | None) -> str:
-    """Per unit-hour: 0.00123 -> "0.00123 CRD/h"."""
-    return "-" if p is None else f"{number(p)} {CURRENCY}/h"
+    """Per unit-hour: 0.00123 -> "0.00123 CRD/h"; a bid's "no maximum" -> "any"."""
+    if p is None:
+        return "-"
+    return "any" if p >= NO_MAX_PRICE else f"{number(p)} {CURRENCY}/h"
 
 
 def short_ids(ids) -> dict[str, str]:

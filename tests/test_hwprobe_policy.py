@@ -137,7 +137,7 @@ def test_pause_disable_and_every_reason_are_listed():
     d = decide(lim, signals(on_ac_power=False, battery_percent=50), enabled=True, paused=True)
     assert d.reasons[0] == "paused by the owner" and len(d.reasons) == 3
     assert "outside allowed hours 01-02 (now 12h)" in d.why_not
-    assert decide(ContributorLimits(), signals(), enabled=False).reasons[0].startswith("contributing is disabled")
+    assert decide(ContributorLimits(), signals(), enabled=False).reasons[0].startswith("disabled in config.toml")
     assert decide(ContributorLimits(), signals()).contributing
 
 
