@@ -455,14 +455,15 @@ class Node:
         return self.mesh.listen_addrs() if self.mesh else []
 
     def status_json(self) -> dict[str, Any]:
+        decision = self.contribution()
         return {
             "peer_id": self.identity.peer_id,
             "addrs": self.listen_addrs(),
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
             "peers": len(self.mesh.peers_json()) if self.mesh else 0,
-            "contributing": self.contributing,
-            "why_not": self.contribution().why_not,
+            "contributing": decision.contributing,
+            "why_not": decision.why_not,
             "paused": self.paused,
             "api": self.api_url,
             "home": str(self.home.path),
