@@ -431,18 +431,18 @@ def cmd_run(args) -> int:
 
 
 def _say_if_waiting(client, job_id: str, within_s: float = 0.8) -> str | None:
-    """Placement is usually quick; if the job still waits for a provider after
-    ``within_s``, say so once, with the book's reason, instead of staying silent.
-    Returns the reason it printed."""
+    """If no provider matches the job, say so at once, with the book's reason;
+    if providers match but placement takes longer than ``within_s``, say that.
+    Returns the reason it printed (not to be repeated when the job fails)."""
     import time
     deadline = time.monotonic() + within_s
     while True:
         p = client.get(f"/v1/jobs/{job_id}/placement")
         if not p.get("waiting"):
             return None
-        if time.monotonic() >= deadline:
-            sys.stderr.write(f"synord: waiting for a provider (up to {hz.duration(p['placement_timeout_s'])}): "
-                             f"{p.get('why')}\n")
+        if not p.get("candidates") or time.monotonic() >= deadline:
+            what = "waiting for a provider" if not p.get("candidates") else "still negotiating"
+            sys.stderr.write(f"synord: {what} (up to {hz.duration(p['placement_timeout_s'])}): {p.get('why')}\n")
             sys.stderr.flush()
             return p.get("why")
         time.sleep(0.1)

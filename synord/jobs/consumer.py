@@ -756,8 +756,10 @@ class ConsumerJobs:
         """Whether the job still waits for a provider, and why (`run` says so at once)."""
         job = self._get(job_id)
         waiting = job.state in ("queued", "negotiating")
+        needs = self._needs(job)
         return {"id": job.id, "state": job.state, "waiting": waiting,
-                "why": self.market.explain(self._needs(job)) if waiting else None,
+                "candidates": len(self.market.candidates(needs)) if waiting else None,
+                "why": self.market.explain(needs) if waiting else None,
                 "placement_timeout_s": self.placement_timeout_s}
 
     def _get(self, job_id: str) -> ConsumerJob:
