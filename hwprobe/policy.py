@@ -21,6 +21,8 @@ import re
 
 _HOURS = re.compile(r"^(\d{1,2})-(\d{1,2})$")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_UNMEASURED = {"daily_transfer_bytes": "today's transfers not measured yet",
+               "disk_limit_bytes": "task cache size not measured yet"}
 NO_IDLE = "cannot evaluate: no idle signal (no logind IdleHint, no terminal sessions)"
 
 
@@ -255,9 +257,9 @@ def evaluability(limits: ContributorLimits, signals, *, gpus: int | None = None,
                                   "microVM tasks are not throttled)"
     if usage is not None:
         if usage.cache_bytes is None:
-            out["disk_limit_bytes"] = "cannot evaluate: task cache size not measured yet"
+            out["disk_limit_bytes"] = "cannot evaluate: " + _UNMEASURED["disk_limit_bytes"]
         if usage.transferred_today_bytes is None:
-            out["daily_transfer_bytes"] = "cannot evaluate: today's transfers not measured yet"
+            out["daily_transfer_bytes"] = "cannot evaluate: " + _UNMEASURED["daily_transfer_bytes"]
     return out
 
 
@@ -312,18 +314,17 @@ def decide(limits: ContributorLimits, signals, usage: Usage | None = None, *,
     if limits.suspend_cpu_percent and other > limits.suspend_cpu_percent:
         no(f"suspended: other processes use {other:.0f}% CPU (> {limits.suspend_cpu_percent:.0f}%)", False)
         throttle = 0.01  # tasks keep their place but get 1 % of their cores
-    if usage is not None and limits.daily_transfer_bytes:
-        done = usage.transferred_today_bytes
-        if done is None:
-            no("daily_transfer_bytes: cannot evaluate: today's transfers not measured yet", False)
-        elif done >= limits.daily_transfer_bytes:
-            no(f"daily transfer limit reached ({_size(done)} of {_size(limits.daily_transfer_bytes)} today)", False)
-    if usage is not None and limits.disk_limit_bytes:
-        cache = usage.cache_bytes
-        if cache is None:
-            no("disk_limit_bytes: cannot evaluate: task cache size not measured yet", False)
-        elif cache >= limits.disk_limit_bytes:
-            no(f"task cache {_size(cache)} over its disk limit {_size(limits.disk_limit_bytes)}", False)
+    for key, used, over in (
+            ("daily_transfer_bytes", usage and usage.transferred_today_bytes,
+             "daily transfer limit reached ({used} of {limit} today)"),
+            ("disk_limit_bytes", usage and usage.cache_bytes, "task cache {used} over its disk limit {limit}")):
+        limit = getattr(limits, key)
+        if usage is None or not limit:
+            continue
+        if used is None:
+            no(f"{key}: cannot evaluate: {_UNMEASURED[key]}", False)
+        elif used >= limit:
+            no(over.format(used=_size(used), limit=_size(limit)), False)
     memory_share = limits.memory_share
     if idle and limits.memory_share_idle is not None:
         memory_share = limits.memory_share_idle
