@@ -310,7 +310,7 @@ class Node:
                 await self._limits_changed.wait()
             self._limits_changed = trio.Event()
             decision = self.contribution()
-            if decision.hand_back and not was_handing_back:
+            if decision.hand_back and not was_handing_back and self.provider_jobs.running():
                 await self.preempt(decision.why_not or "contributor limits", None)
             if decision.contributing != was_contributing:
                 log.info("contributing" if decision.contributing else "not contributing",
