@@ -187,7 +187,10 @@ class ContributorLimits:
             if getattr(self, name):
                 _parse_hours(getattr(self, name), name)
         if self.weekday_hours:
-            parse_weekly(self.weekday_hours)
+            try:
+                parse_weekly(self.weekday_hours)
+            except ValueError as exc:
+                raise ValueError(f"weekday_hours is not valid: {exc}") from None
 
     def hours(self) -> tuple[int, int] | None:
         return _parse_hours(self.allowed_hours, "allowed_hours") if self.allowed_hours else None
