@@ -132,6 +132,28 @@ def test_every_preference_is_listed_typed_and_evaluability_is_reported(mesh):
     assert provider.status()["contributing"] is True
 
 
+def test_bandwidth_cap_holds_the_provider_s_transfers_back(mesh, tmp_path):
+    import os
+    import re
+    consumer, provider = mesh
+    # A module no provider has cached: the probe plus a custom section with fresh bytes.
+    fresh = tmp_path / "fresh.wasm"
+    fresh.write_bytes(PROBE_WASM.read_bytes() + bytes([0, 13, 4]) + b"nonc" + os.urandom(8))
+
+    def paced() -> float:
+        return float(re.search(r"^synord_transfer_paced_seconds_total (\S+)$", metrics(provider), re.M)[1])
+    before = paced()
+    provider.cli("limits", "--set", "bandwidth_bytes_per_s=32K")
+    try:
+        res = consumer.cli("run", str(fresh), "--", "hello")
+        assert res.stdout == "hello, wasm\n"
+    finally:
+        provider.cli("limits", "--set", "bandwidth_bytes_per_s=")
+    # Without a cap the pacer never waits (exactly 0); with one, ~117 KiB at 32 KiB/s is held
+    # back for whatever the transfer did not already take (how long depends on the machine).
+    assert paced() > before
+
+
 def test_run_without_a_provider_says_it_waits_and_why_once(tmp_path):
     ensure_assets()
     with DaemonCluster(tmp_path) as cluster:
