@@ -24,6 +24,7 @@ SMOKE_ARGS: dict[str, list[str]] = {
     "bench_migration.py": ["--rounds", "1"],
     "bench_placement.py": ["-n", "3", "--warmup", "1"],
     "bench_probe.py": [],
+    "bench_run_waiting.py": ["-n", "1"],
     "bench_wasm.py": ["-n", "5"],
 }
 
