@@ -227,14 +227,10 @@ class Decision:
     throttle: float             # share of each task's cores its cgroup may use now (cpu.max)
     memory_share: float         # the memory share that applies now (idle or in use)
     gpus_allowed: bool
-    unevaluable: dict[str, str]  # preference -> why this machine cannot evaluate it
 
     @property
     def why_not(self) -> str | None:
         return "; ".join(self.reasons) or None
-
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "why_not": self.why_not}
 
 
 def _is_idle(limits: ContributorLimits, signals) -> bool | None:
@@ -333,13 +329,7 @@ def decide(limits: ContributorLimits, signals, usage: Usage | None = None, *,
         memory_share = limits.memory_share_idle
     gpus_allowed = limits.gpu_share > 0 and (not limits.gpu_idle_only or bool(idle))
     return Decision(contributing=not reasons, reasons=reasons, hand_back=hand_back, throttle=throttle,
-                    memory_share=memory_share, gpus_allowed=gpus_allowed,
-                    unevaluable=evaluability(limits, signals))
-
-
-def why_not(limits: ContributorLimits, signals) -> str | None:
-    """The policy rules that forbid contributing now, or None."""
-    return decide(limits, signals).why_not
+                    memory_share=memory_share, gpus_allowed=gpus_allowed)
 
 
 def _size(n: int) -> str:
