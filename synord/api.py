@@ -128,6 +128,9 @@ def build_app(node: "Node", token: str):
     async def set_limits(request: Request):
         return await call(node.set_limits, request=request)
 
+    async def idle(request: Request):
+        return await call(node.report_idle, request=request)
+
     async def pause(request: Request):
         return await call(node.pause)
 
@@ -193,6 +196,7 @@ def build_app(node: "Node", token: str):
         Route("/v1/ledger", ledger),
         Route("/v1/limits", limits),
         Route("/v1/limits", set_limits, methods=["POST"]),
+        Route("/v1/idle", idle, methods=["POST"]),
         Route("/v1/pause", pause, methods=["POST"]),
         Route("/v1/resume", resume, methods=["POST"]),
         Route("/v1/preempt", preempt, methods=["POST"]),

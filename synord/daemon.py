@@ -34,6 +34,8 @@ from .store import Store
 
 log = logging.getLogger("synord.daemon")
 
+SESSION_IDLE_TTL_S = 120.0  # a session idle report counts this long (the tray re-reports every few s)
+
 
 @dataclass
 class DaemonOptions:
@@ -76,6 +78,7 @@ class Node:
         self._limits_changed = trio.Event()  # wakes the policy watcher
         self.usage = None  # hwprobe.policy.Usage: task cache size and today's transfers
         self._throttled: dict[str, float] = {}  # job id -> cores its cgroup was last given
+        self._session_idle: tuple[float, float] | None = None  # (idle_s, monotonic when reported)
         self._outer: trio.Nursery | None = None  # outlives the components: the container reaper
         self._reaper = None  # runtimes.anchored.AnchoredProcess
         # Awaited in order on graceful stop (jobs hand their tasks back first).
@@ -247,19 +250,36 @@ class Node:
         import hwprobe
         if self.profile is None:
             return {}
-        sig = hwprobe.ContributorSignals.from_json(self.profile.signals or {})
-        return hwprobe.offerable(self.profile, self.contributor_limits(), sig, self.usage,
+        return hwprobe.offerable(self.profile, self.contributor_limits(), self.signals(), self.usage,
                                  decision=self.contribution())
+
+    def signals(self):
+        """The last probed contributor signals, with the desktop session's idle time
+        (reported by the tray, POST /v1/idle) where the daemon sees none itself."""
+        import hwprobe
+        sig = hwprobe.ContributorSignals.from_json((self.profile.signals if self.profile else None) or {})
+        if sig.hour_of_day is None:  # not probed yet
+            sig = hwprobe.read_signals()
+        if sig.user_idle_s is None and self._session_idle is not None:
+            idle_s, at = self._session_idle
+            if time.monotonic() - at < SESSION_IDLE_TTL_S:
+                sig.user_idle_s, sig.idle_source = idle_s + (time.monotonic() - at), "session"
+        return sig
+
+    def report_idle(self, body: dict) -> dict:
+        """The user's session (the tray sees X11/Wayland input) says how long it has been idle."""
+        idle = body.get("idle_s")
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle < 10**8:
+            raise ApiError(400, "idle_s must be a number of seconds >= 0")
+        self._session_idle = (float(idle), time.monotonic())
+        self._limits_changed.set()
+        return {"idle_s": float(idle), "source": self.signals().idle_source}
 
     def contribution(self):
         """THE answer to "is this node contributing, and if not why": status, limits,
         the dashboard, the metrics and the asks all read it (hwprobe.policy.decide)."""
-        import hwprobe
         from hwprobe.policy import decide
-        sig = hwprobe.ContributorSignals.from_json((self.profile.signals if self.profile else None) or {})
-        if sig.hour_of_day is None:  # not probed yet
-            sig = hwprobe.read_signals()
-        return decide(self.contributor_limits(), sig, self.usage,
+        return decide(self.contributor_limits(), self.signals(), self.usage,
                       enabled=self.config["contributor.enabled"], paused=self.paused)
 
     async def _measure_usage(self) -> None:
@@ -393,12 +413,11 @@ class Node:
     def limits_json(self) -> dict:
         """Every preference with its value, type, help and whether this machine can
         evaluate it (the dashboard renders its editor from this), and the decision."""
-        import hwprobe
         from hwprobe.policy import PREFERENCES, evaluability
         lim = self.contributor_limits()
         decision = self.contribution()
         overrides = self.store.kv_get("contributor_limits", {})
-        sig = hwprobe.ContributorSignals.from_json((self.profile.signals if self.profile else None) or {})
+        sig = self.signals()
         gpus = len([d for d in self.profile.devices if d.get("kind") == "gpu"]) if self.profile else None
         notes = evaluability(lim, sig, gpus=gpus, can_throttle="container" in self.runtimes,
                              usage=self.usage)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import time
 
 import pytest
@@ -119,6 +120,17 @@ def test_every_preference_is_listed_typed_and_evaluability_is_reported(mesh):
         assert "idle_only: cannot evaluate" in provider.status()["why_not"]
         text = provider.cli("limits").stdout
         assert "idle_only" in text and "cannot evaluate: no idle signal" in text
+        # The desktop session (the tray) reports idleness: now it can be evaluated.
+        assert provider.post("/v1/idle", {"idle_s": 600})["source"] == "session"
+        doc = provider.get("/v1/limits")
+        assert doc["contributing"] is True
+        assert next(k for k in doc["keys"] if k["key"] == "idle_only")["evaluable"] is True
+        provider.post("/v1/idle", {"idle_s": 5})
+        assert re.search(r"user active \d+s ago \(idle_only", provider.status()["why_not"])
+        from synord.client import ClientError
+        with pytest.raises(ClientError, match="idle_s must be a number"):
+            provider.post("/v1/idle", {"idle_s": "soon"})
+        provider.post("/v1/idle", {"idle_s": 600})
         provider.cli("limits", "--set", "idle_only=")
     bad = provider.cli("limits", "--set", "daily_transfer_bytes=lots", check=False)
     assert bad.returncode == 1 and "not a size" in bad.stderr and "Traceback" not in bad.stderr
@@ -134,7 +146,6 @@ def test_every_preference_is_listed_typed_and_evaluability_is_reported(mesh):
 
 def test_bandwidth_cap_holds_the_provider_s_transfers_back(mesh, tmp_path):
     import os
-    import re
     consumer, provider = mesh
     # A module no provider has cached: the probe plus a custom section with fresh bytes.
     fresh = tmp_path / "fresh.wasm"
