@@ -61,6 +61,7 @@ class Policy:
         self.s = scenario
         self.router = router or Router()
         self.max_price = scenario.max_price
+        self._asks: dict = {}
 
     def allowed_kinds(self, task, now: float) -> tuple[str, ...]:
         p = self.v.policy
@@ -83,14 +84,22 @@ class Policy:
         margin = task.interval or self.s.checkpoint_interval_h  # work a preemption may cost
         return task.progress >= expected and (task.deadline - now) - remaining >= margin
 
+    def ask(self, g) -> Ask:
+        """A group's ask, rebuilt only when its price or load changed."""
+        key = (g.key, g.price, g.load)
+        a = self._asks.get(g.key)
+        if a is None or a[0] != key:
+            a = (key, Ask(id="g", seq=0, resource_class="gpu", cores=1.0, memory=int(g.memory_mb * 1e6),
+                          price=g.price, expires=FAR, runtimes=("wasm",), gpus=1, gpu_class=g.gpu_class,
+                          preemptible=g.kind == "spot", region=None, load=g.load, perf=g.speed, peer=g.key))
+            self._asks[g.key] = a
+        return a[1]
+
     def market_choice(self, task, now: float, groups) -> set:
         """Keys of the groups the daemon's matcher ranks best for this task
         (ties within 0.02 of the top score): ``groups`` are objects with key,
         kind, price, memory_mb, speed, region, load, gpu_class, preempt_rate."""
-        asks = [Ask(id="g", seq=0, resource_class="gpu", cores=1.0, memory=int(g.memory_mb * 1e6),
-                    price=g.price, expires=FAR, runtimes=("wasm",), gpus=1, gpu_class=g.gpu_class,
-                    preemptible=g.kind == "spot", region=None, load=g.load, perf=g.speed, peer=g.key)
-                for g in groups]
+        asks = [self.ask(g) for g in groups]
         remaining_h = max(0.0, task.work - task.progress)
         mp = self.max_price if self.max_price is not None else 2.0 * max((g.price for g in groups), default=1.0)
         bid = Bid(id="t", seq=0, resource_class="gpu", cores=1.0, memory=int(task.memory_mb * 1e6),

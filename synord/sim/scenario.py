@@ -62,6 +62,9 @@ class ProviderClass:
     watts: float
     depreciation_h: float
     regions: tuple[str, ...]
+    memory_mb: float = 0.0   # model = "cpu": no table entry, so memory per slot and
+    speed: float = 1.0       # speed are given (a slot = `cores` CPU cores)
+    cores: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,10 @@ def parse(raw: dict, default_name: str = "scenario") -> Scenario:
                                      bandwidth_gbps=_num(c, "bandwidth_gbps", 10, 1e-3, where=w),
                                      watts=_num(c, "watts", 300, where=w),
                                      depreciation_h=_num(c, "depreciation_h", 0.5, where=w),
-                                     regions=tuple(regions)))
+                                     regions=tuple(regions),
+                                     memory_mb=_num(c, "memory_mb", 0, where=w),
+                                     speed=_num(c, "speed", 1.0, 1e-9, where=w),
+                                     cores=_num(c, "cores", 1.0, 1e-3, where=w)))
     if world == "pool" and not classes:
         raise ScenarioError("world = 'pool' needs [[classes]] of providers")
     pre = raw.get("preemption", {})

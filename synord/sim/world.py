@@ -183,13 +183,20 @@ class Simulation:
         self.providers: list[list[Instance]] = []
         self.provider_region: list[str] = []
         self.provider_up: list[bool] = []
+        self.unit_class: dict[str, str] = {}
         for ci, c in enumerate(s.classes):
-            entry = known.match(c.model)
-            if entry is None or not entry.get("memory_bytes"):
-                raise ScenarioError(f"classes[{ci}].model {c.model!r} is not in hwprobe's known-device table")
-            speed = entry["fp16_gflops"] / ref["fp16_gflops"] if ref else 1.0
-            pol = pricing.PricingPolicy(watts_per_gpu=c.watts, depreciation_per_gpu_hour=c.depreciation_h,
-                                        preemptible_discount=s.spot_discount)
+            if c.model == "cpu":  # CPU slots (the sim-to-real mesh): priced like the daemon's cpu asks
+                entry = {"slug": "cpu", "memory_bytes": c.memory_mb * MB}
+                speed, rc = c.speed, "cpu"
+                pol = pricing.PricingPolicy(preemptible_discount=s.spot_discount)
+            else:
+                entry = known.match(c.model)
+                if entry is None or not entry.get("memory_bytes"):
+                    raise ScenarioError(f"classes[{ci}].model {c.model!r} is not in hwprobe's known-device table")
+                speed = entry["fp16_gflops"] / ref["fp16_gflops"] if ref else 1.0
+                rc = "gpu"
+                pol = pricing.PricingPolicy(watts_per_gpu=c.watts, depreciation_per_gpu_hour=c.depreciation_h,
+                                            preemptible_discount=s.spot_discount)
             for kind in ("spot", "ondemand"):
                 for r in c.regions:
                     key = f"{entry['slug']}/{kind}/{r}"
@@ -197,6 +204,7 @@ class Simulation:
                                              speed, entry["slug"], pol,
                                              s.preemption_rate_h if kind == "spot" else 0.0)
                     self.free[key] = {}
+                    self.unit_class[key] = (rc, c.cores)
             kinds = rng.random(c.count) < c.spot_fraction
             regions = rng.integers(0, len(c.regions), c.count)
             for p in range(c.count):
@@ -219,8 +227,7 @@ class Simulation:
         for e in s.region_events:
             self.q.push(e.at_h, "region", e)
         for g in self.groups.values():
-            g.price = pricing.unit_price(g.policy, "gpu", g.memory_mb * MB / pricing.GIB, 1.0,
-                                         g.kind == "spot")
+            g.price = self._unit_price(g, 1.0)
 
     def spot_price(self, t: float) -> float:
         """The first trace sample at or after t (Synkti's launch price)."""
@@ -485,11 +492,13 @@ class Simulation:
         slots = [Slot(i.id, 1.0, int((i.memory_mb - i.used_mb) * MB), i.price, i.bandwidth_gbps * 125 * MB,
                       ("gpu",)) for i in slots_inst]
         m = cost_matrix(disp, slots, self.s.price_weight)
-        keys = np.array(slot_keys, object)
+        names = sorted(set(slot_keys))
+        col = np.array([names.index(k) for k in slot_keys]) if len(names) > 1 else np.zeros(len(slot_keys), int)
         for r, t in enumerate(tasks):
             allowed = self._allowed(t)
             if allowed is not None:
-                m[r, ~np.isin(keys, list(allowed))] = INFEASIBLE
+                ok = np.array([k in allowed for k in names])
+                m[r, ~ok[col]] = INFEASIBLE
         if not (m < INFEASIBLE).any():
             return 0
         result = self.planner(disp, slots, self.s.price_weight, matrix=m)
@@ -542,8 +551,14 @@ class Simulation:
             free = len(self.free[g.key])
             g.load = 0.0
             if g.kind == "spot":
-                d = pricing.demand_multiplier(g.policy, free, waiting)
-                g.price = pricing.unit_price(g.policy, "gpu", g.memory_mb * MB / pricing.GIB, d, True)
+                g.price = self._unit_price(g, pricing.demand_multiplier(g.policy, free, waiting))
+
+    def _unit_price(self, g: Group, demand: float) -> float:
+        """Price of one slot-hour: a device, or `cores` CPU cores (prices are per unit)."""
+        rc, cores = self.unit_class[g.key]
+        units = cores if rc == "cpu" else 1.0
+        return units * pricing.unit_price(g.policy, rc, g.memory_mb * MB / pricing.GIB / units, demand,
+                                          g.kind == "spot")
 
     # published: Synkti's assign_pending and migration, defects included
     def _assign_pending(self, tasks: list[Task]) -> None:
