@@ -329,7 +329,9 @@ class Simulation:
 
     def _region(self, ev) -> None:
         """A region-wide reclaim: a share of the region's spot providers at once."""
-        pids = [p for p, r in enumerate(self.provider_region) if r == ev.region and self.provider_up[p]
+        inside = (ev.region, ev.region + "-")  # "us" covers "us-east" and "us-west"
+        pids = [p for p, r in enumerate(self.provider_region) if (r == ev.region or r.startswith(inside[1]))
+                and self.provider_up[p]
                 and self.providers[p][0].kind == "spot"]
         k = int(round(ev.fraction * len(pids)))
         chosen = pids[:k]
