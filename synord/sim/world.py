@@ -305,8 +305,12 @@ class Simulation:
         self._replace(displaced, inst)
 
     def _down(self, pid: int) -> None:
-        if not self.provider_up[pid]:
-            return
+        if self.provider_up[pid]:
+            self._replace(self._take_down(pid), None)
+
+    def _take_down(self, pid: int) -> list[Task]:
+        """A provider's notice: its devices leave the market until it is back;
+        returns the tasks it displaced (not yet placed again)."""
         self.provider_up[pid] = False
         self.q.push(self.now + self.s.downtime_h, "up", pid)
         displaced = []
@@ -316,8 +320,7 @@ class Simulation:
                 self.stats["preemptions"] += 1
                 displaced += self._displace(u)
                 self._release(u, self.now + self.s.grace_s / 3600)
-        if displaced:
-            self._replace(displaced, None)
+        return displaced
 
     def _up(self, pid: int) -> None:
         self.provider_up[pid] = True
@@ -329,23 +332,12 @@ class Simulation:
 
     def _region(self, ev) -> None:
         """A region-wide reclaim: a share of the region's spot providers at once."""
-        inside = (ev.region, ev.region + "-")  # "us" covers "us-east" and "us-west"
-        pids = [p for p, r in enumerate(self.provider_region) if (r == ev.region or r.startswith(inside[1]))
-                and self.provider_up[p]
-                and self.providers[p][0].kind == "spot"]
-        k = int(round(ev.fraction * len(pids)))
-        chosen = pids[:k]
+        pids = [p for p, r in enumerate(self.provider_region)
+                if (r == ev.region or r.startswith(ev.region + "-"))  # "us" covers "us-east" and "us-west"
+                and self.provider_up[p] and self.providers[p][0].kind == "spot"]
+        chosen = pids[:int(round(ev.fraction * len(pids)))]
         before = self.stats["displaced"]
-        displaced = []
-        for pid in chosen:
-            self.provider_up[pid] = False
-            self.q.push(self.now + self.s.downtime_h, "up", pid)
-            for u in self.providers[pid]:
-                self.free[u.group].pop(u.id, None)
-                if u.held:
-                    self.stats["preemptions"] += 1
-                    displaced += self._displace(u)
-                    self._release(u, self.now + self.s.grace_s / 3600)
+        displaced = [t for pid in chosen for t in self._take_down(pid)]
         self.stats["region_displaced"] += self.stats["displaced"] - before
         t0 = time.perf_counter()
         self._replace(displaced, None)
