@@ -6,9 +6,11 @@ one half-core slot each, 12 checkpointable WASM counter tasks submitted at
 once, providers p0 and p1 paused (`POST /v1/pause`: the preemption notice,
 full checkpoint, hand-back) on the scenario's schedule and resumed after its
 downtime.  Time is compressed: a simulated hour is a real second.  The task's
-work is measured first (one reference run in a local sandbox, wall time).
+work is measured first (one reference run in a local sandbox, wall time); the
+simulator runs at that pace and again at the pace tasks actually had on the
+mesh (this host is shared), so that what remains is scheduling and hand-over.
 
-    .venv/bin/python bench/sim_to_real.py [--count 30] [--work 30000000]
+    .venv/bin/python bench/sim_to_real.py [--count 30] [--work 30000000] [--speed 1.0]
 """
 
 from __future__ import annotations

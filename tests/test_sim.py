@@ -183,8 +183,10 @@ def sim_cli(*args):
 
 
 def test_cli_json_and_errors(tmp_path):
-    res = sim_cli("--scenario", "synkti-honest", "--variant", "Greedy-KM", "--seeds", "2", "--json")
+    png = tmp_path / "sim.png"
+    res = sim_cli("--scenario", "synkti-honest", "--variant", "Greedy-KM", "--seeds", "2", "--json", "--png", str(png))
     assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(res.stdout)
     (r,) = doc["results"]
     assert set(r["variants"]) == {"Greedy-KM", "OnDemandOnly"} and r["seeds"] == 2

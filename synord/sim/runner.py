@@ -102,8 +102,8 @@ def main(args) -> int:
 
     from . import report
     from .scenario import ScenarioError, load
-    if args.seeds < 1:
-        raise ScenarioError("--seeds must be >= 1")
+    if args.seeds < 1 or args.seed < 0:
+        raise ScenarioError("--seeds must be >= 1 and --seed >= 0")
     results = []
     for src in args.scenario:
         s = load(src)
@@ -121,7 +121,10 @@ def main(args) -> int:
             r["published_draw"] = report.published_draw(r, ref)
         results.append(r)
     if args.png:
-        report.figure(results, args.png)
+        try:
+            report.figure(results, args.png)
+        except OSError as exc:
+            raise ScenarioError(f"cannot write {args.png}: {exc.strerror or exc}") from None
     if args.json:
         print(json.dumps({"results": results, "png": args.png}, default=float))
         return 0

@@ -45,7 +45,7 @@ NAIVE_CAPACITY_MB = 24 * 1024
 class Task:
     __slots__ = ("id", "kind", "arrival", "work", "state_mb", "memory_mb", "interval", "deadline",
                  "progress", "saved", "inst", "start", "placed_at", "version", "done", "done_at",
-                 "preemptions", "migrations", "displaced", "dropped", "legs", "modes")
+                 "preemptions", "migrations", "displaced", "dropped", "legs")
 
     def __init__(self, id, kind, arrival, work, state_mb, memory_mb, interval, deadline):
         self.id, self.kind, self.arrival, self.work = id, kind, arrival, work
@@ -136,7 +136,7 @@ class Simulation:
         self.now = 0.0
         self.n_inst = 0
         self.stats = dict(preemptions=0, displaced=0, migrations=0, dropped=0, free_completions=0,
-                          modes={}, batches=0, largest_batch=0, region_displaced=0)
+                          modes={}, batches=0, largest_batch=0)
         self.held_log: list[tuple[str, float, float]] = []   # (instance, held from, released at)
         self._open: dict[str, int] = {}                       # published: held_log index of live instances
         self.timings: list[tuple[str, int, float]] = []        # wall clock, kept out of the result
@@ -336,9 +336,7 @@ class Simulation:
                 if (r == ev.region or r.startswith(ev.region + "-"))  # "us" covers "us-east" and "us-west"
                 and self.provider_up[p] and self.providers[p][0].kind == "spot"]
         chosen = pids[:int(round(ev.fraction * len(pids)))]
-        before = self.stats["displaced"]
         displaced = [t for pid in chosen for t in self._take_down(pid)]
-        self.stats["region_displaced"] += self.stats["displaced"] - before
         t0 = time.perf_counter()
         self._replace(displaced, None)
         self.stats.setdefault("region_events", []).append(
