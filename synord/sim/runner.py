@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -113,7 +114,7 @@ def main(args) -> int:
             if unknown:
                 raise ScenarioError(f"scenario {s.name}: no variant {sorted(unknown)[0]!r}")
             keep = [v for v in s.variants if v.name in wanted or v is s.baseline]
-            s = type(s)(**{**s.__dict__, "variants": tuple(keep)})
+            s = dataclasses.replace(s, variants=tuple(keep))
         print(f"running {s.name}: {len(s.variants)} variant(s) x {args.seeds} seed(s)", file=sys.stderr)
         r = run_scenario(s, args.seed, args.seeds)
         ref = report.reference_table(src)
