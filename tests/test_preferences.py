@@ -28,12 +28,12 @@ def mesh(tmp_path_factory):
         yield consumer, provider
 
 
-def quota_on_disk(job_id: str) -> str:
+def quota_on_disk(task_id: str) -> str:
     """cpu.max of the task's cgroup as the kernel has it (v1: cfs quota and period)."""
     if cgroup_mode() == "v2":
-        (path,) = glob.glob(str(ROOT / TOP / f"synord-{job_id}-*" / "cpu.max"))
+        (path,) = glob.glob(str(ROOT / TOP / f"synord-{task_id}-*" / "cpu.max"))
         return open(path).read().strip()
-    (d,) = glob.glob(str(ROOT / "cpu" / TOP / f"synord-{job_id}-*"))
+    (d,) = glob.glob(str(ROOT / "cpu" / TOP / f"synord-{task_id}-*"))
     return f"{open(d + '/cpu.cfs_quota_us').read().strip()} {open(d + '/cpu.cfs_period_us').read().strip()}"
 
 
@@ -49,10 +49,11 @@ def test_cpu_throttle_reaches_the_running_task_and_the_owner_sees_and_cancels_it
     task = wait_for(lambda: (t := provider.get(f"/v1/jobs/{job_id}")).get("cpu_max") and t,
                     60, what="the task running on the provider")
     assert task["role"] == "provider" and task["consumer"] == consumer.status()["peer_id"]
-    assert task["cpu_max"] == "100000 100000" == quota_on_disk(job_id)
+    aid = task["agreement"]  # the provider names the task's cgroup by it, not by the peer's job id
+    assert task["cpu_max"] == "100000 100000" == quota_on_disk(aid)
 
     provider.cli("limits", "--set", "cpu_time_percent=25")
-    wait_for(lambda: quota_on_disk(job_id) == "25000 100000", 10, what="cpu.max lowered to 25 %")
+    wait_for(lambda: quota_on_disk(aid) == "25000 100000", 10, what="cpu.max lowered to 25 %")
     assert provider.get(f"/v1/jobs/{job_id}")["cpu_max"] == "25000 100000"
     shown = provider.cli("limits").stdout
     assert "container tasks get 25 % of their cores" in shown

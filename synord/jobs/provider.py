@@ -550,12 +550,19 @@ class ProviderJobs:
 
     # ---- the owner's view: tasks this machine runs for others (job / logs / cancel) ----------
 
+    def _owned_task(self, name: str) -> ProviderTask | None:
+        """For the owner (local API): a task by its agreement id, else by a consumer's job
+        id (the newest of that name: job ids are only unique per consumer)."""
+        named = [t for t in self.tasks.values() if name in (t.key, t.job_id)]
+        return max(named, key=lambda t: (t.key == name, t.started_ms), default=None)
+
     def task_json(self, job_id: str) -> dict | None:
         """A task this node runs (or ran) for a consumer; None if there is none."""
-        task = self.tasks.get(job_id)
+        task = self._owned_task(job_id)
         row = self.store.conn.execute(
             "SELECT state, runtime, consumer, exit_code, error, created, updated FROM jobs "
-            "WHERE id = ? AND role = 'provider'", (job_id,)).fetchone()
+            "WHERE role = 'provider' AND (id = ? OR peer_job = ?) ORDER BY id = ? DESC, created DESC "
+            "LIMIT 1", (task.key if task else job_id, job_id, task.key if task else job_id)).fetchone()
         if task is None and row is None:
             return None
         out = {"id": job_id, "role": "provider", "provider": self.identity.peer_id}
@@ -579,7 +586,7 @@ class ProviderJobs:
 
     async def task_output(self, job_id: str, follow: bool):
         """NDJSON like the consumer's logs: output the task still holds, then its end."""
-        task = self.tasks.get(job_id)
+        task = self._owned_task(job_id)
         seen: dict[str, int] = {}
         while task is not None:
             out = task.execution.output
@@ -600,7 +607,7 @@ class ProviderJobs:
 
     async def cancel_task(self, job_id: str) -> dict | None:
         """The owner stops a task on their machine: killed, the consumer hears it was cancelled."""
-        task = self.tasks.get(job_id)
+        task = self._owned_task(job_id)
         if task is not None and not task.execution.done.is_set():
             log.info("task cancelled by the provider's owner", extra={"job": job_id})
             await task.execution.cancel()
