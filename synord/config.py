@@ -65,6 +65,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "preemption_grace_s": (10.0, "float", "grace period sent with a preemption notice"),
         "placement_timeout_s": (30.0, "float", "keep trying to place a task this long before failing it"),
     },
+    "history": {
+        "interval_s": (60.0, "float", "sample utilisation and earnings this often (dashboard charts)"),
+        "keep_days": (30.0, "float", "drop samples older than this"),
+    },
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
     },
@@ -157,6 +161,8 @@ def validate(cfg: Config) -> None:
         fail("contributor.allowed_hours", f"expected \"HH-HH\" (e.g. \"22-07\"), got {hours!r}")
     if not 0 <= cfg["contributor.min_battery_percent"] <= 100:
         fail("contributor.min_battery_percent", "must be between 0 and 100")
+    if cfg["history.interval_s"] < 1.0:
+        fail("history.interval_s", "must be at least 1 second")
     if cfg["log.level"] not in _LEVELS:
         fail("log.level", f"must be one of {', '.join(sorted(_LEVELS))}")
     for rt in cfg["runtimes.enabled"]:

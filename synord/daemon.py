@@ -221,6 +221,8 @@ class Node:
             placement_timeout_s=c["jobs.placement_timeout_s"])
         await nursery.start(self.consumer_jobs.run)
         nursery.start_soon(self._watch_policy)
+        from .history import run_sampler
+        nursery.start_soon(run_sampler, self)
         self._stop_hooks.append(self._hand_back_on_stop)
 
     def market_offer(self) -> dict:
@@ -331,7 +333,9 @@ class Node:
     def limits_json(self) -> dict:
         lim = self.contributor_limits()
         off = self.profile.offerable if self.profile is not None else {}
-        return {"limits": lim.to_json(), "allowed": off.get("allowed", True),
+        from .config import SCHEMA
+        types = {k: SCHEMA["contributor"][k][1] for k in lim.to_json() if k in SCHEMA["contributor"]}
+        return {"limits": lim.to_json(), "types": types, "allowed": off.get("allowed", True),
                 "why_not": off.get("why_not"), "overrides": self.store.kv_get("contributor_limits", {})}
 
     async def set_limits(self, body: dict) -> dict:
@@ -367,6 +371,17 @@ class Node:
     def contributing(self) -> bool:
         return self.config["contributor.enabled"] and not self.paused
 
+    def contributing_why_not(self) -> str | None:
+        """None while taking work; else why not, in words (status, dashboard, tray)."""
+        if not self.config["contributor.enabled"]:
+            return "contributor.enabled is false in the config"
+        if self.paused:
+            return "paused by the owner"
+        off = self.profile.offerable if self.profile is not None else {}
+        if not off.get("allowed", True):
+            return off.get("why_not") or "contributor limits"
+        return None
+
     def listen_addrs(self) -> list[str]:
         return self.mesh.listen_addrs() if self.mesh else []
 
@@ -377,8 +392,10 @@ class Node:
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
             "peers": len(self.mesh.peers_json()) if self.mesh else 0,
-            "contributing": self.contributing,
+            "contributing": self.contributing_why_not() is None,
+            "why_not": self.contributing_why_not(),
             "paused": self.paused,
+            "running_tasks": len(self.provider_jobs.running()) if self.provider_jobs else 0,
             "api": self.api_url,
             "home": str(self.home.path),
         }
@@ -403,6 +420,10 @@ class Node:
         log.info("resumed by the contributor")
         self.market.offer_changed()
         return {"paused": False, "contributing": self.contributing}
+
+    def history_json(self, since: float = 0.0) -> dict:
+        from .history import read
+        return {"interval_s": self.config["history.interval_s"], "samples": read(self.store, since)}
 
     def book_json(self, cls: str | None = None) -> dict:
         return self.market.book_json(cls)

@@ -1,0 +1,155 @@
+"""The dashboard in a real browser: Debian's chromium, headless, driven by
+selenium through Debian's chromium-driver, against a real daemon.
+
+Screenshots go to the test's tmp dir (dashboard-*.png).
+"""
+
+import http.client
+import json
+import shutil
+import time
+
+import pytest
+
+from daemons import wait_for
+from synord.history import read, record
+from synord.store import Store
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _get(url: str, path: str, headers: dict | None = None):
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp, body
+
+
+def test_history_rows_are_kept_read_in_order_and_expire(tmp_path):
+    store = Store(tmp_path / "state.db")
+    base = 1_000_000.0
+    for i in range(5):
+        record(store, {"ts": base + 60 * i, "cpu_percent": 10.0 * i, "offered_cpus": 2.0, "tasks": i,
+                       "contributing": 1, "earned": 0.5 * i, "spent": 0.0}, keep_s=150)
+    rows = read(store)
+    # 150 s kept behind the newest (base+240): base+120, base+180, base+240
+    assert [r["ts"] - base for r in rows] == [120, 180, 240]
+    assert [r["cpu_percent"] for r in rows] == [20.0, 30.0, 40.0]
+    assert [r["ts"] - base for r in read(store, since=base + 180)] == [240]
+    store.close()
+    assert [r["tasks"] for r in read(Store(tmp_path / "state.db"))] == [2, 3, 4]  # on disk
+
+
+def test_dashboard_files_are_static_public_and_locked_down(cluster):
+    d = cluster.start("a")
+    url = d.status()["api"]
+    resp, page = _get(url, "/")
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/html")
+    csp = resp.getheader("content-security-policy")
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "style-src 'self'" in csp
+    assert "unsafe-inline" not in csp
+    assert b'src="/app.js"' in page and b'href="/app.css"' in page and b"<script>" not in page
+    for path, kind in (("/app.js", "text/javascript"), ("/app.css", "text/css"), ("/icon.svg", "image/svg+xml")):
+        resp, body = _get(url, path)
+        assert resp.status == 200 and resp.getheader("content-type").startswith(kind) and body
+    assert _get(url, "/dashboard.js")[0].status == 401  # no such file: not public, not served
+    assert _get(url, "/v1/history")[0].status == 401  # the data needs the token
+    assert _get(url, "/", {"Host": "evil.example"})[0].status == 421
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's chromium and chromium-driver (quickstart.sh installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,2000", f"--user-data-dir={tmp_path / 'chromium'}",
+                "--no-first-run", "--disable-background-networking", "--disable-sync"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _text(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def test_dashboard_in_chromium_shows_state_pauses_and_edits_limits(cluster, browser, tmp_path):
+    cluster.init_home("a", config="[history]\ninterval_s = 1.0\n")
+    d = cluster.start("a")
+    peer_id = d.status()["peer_id"]
+    wait_for(lambda: len(d.get("/v1/history")["samples"]) >= 2, what="two history samples")
+    url = json.loads(d.cli("dashboard", "--json").stdout)["url"]
+    assert url.startswith(d.status()["api"]) and "#token=" in url
+
+    browser.get(url)
+    wait_for(lambda: browser.execute_script("return document.body.dataset.loaded") == "1",
+             what="the page to load its data")
+    wait_for(lambda: _text(browser, "peer") == peer_id, what="peer id rendered")
+    assert _text(browser, "state") == "Contributing"
+    assert "#token" not in browser.current_url  # the token left the address bar
+    # the stylesheet applied (a CSP that blocked it left the page unstyled)
+    assert browser.execute_script(
+        "return getComputedStyle(document.querySelector('header')).backgroundColor") == "rgb(255, 255, 255)"
+    probe = d.get("/v1/probe")
+    hardware = _text(browser, "hardware")
+    assert probe["host"]["cpu_model"] in hardware and "CPUs" in hardware
+    assert "cpu" in _text(browser, "book")  # our own ask's class
+    assert "no receipts yet" in _text(browser, "receipts")
+    # charts drawn from the daemon's history: one path per series
+    paths = browser.find_elements("css selector", "#chart-util svg path")
+    assert [p.get_attribute("data-series") for p in paths] == ["host CPU %", "tasks ×10"]
+    assert paths[0].get_attribute("d").count("L") >= 1
+    browser.save_screenshot(str(tmp_path / "dashboard-contributing.png"))
+
+    browser.find_element("id", "pause").click()
+    wait_for(lambda: _text(browser, "state") == "Paused", what="state Paused in the page")
+    assert "paused by the owner" in _text(browser, "why")
+    st = d.status()
+    assert st["paused"] is True and st["contributing"] is False
+    assert browser.find_element("id", "resume").is_displayed()
+    assert not browser.find_element("id", "pause").is_displayed()
+    browser.save_screenshot(str(tmp_path / "dashboard-paused.png"))
+    browser.find_element("id", "resume").click()
+    wait_for(lambda: _text(browser, "state") == "Contributing", what="state Contributing again")
+    assert d.status()["paused"] is False
+
+    # the limits editor: one field per key the API returns, typed
+    keys = set(d.get("/v1/limits")["limits"])
+    shown = {e.get_attribute("name") for e in browser.find_elements("css selector", "#limits input")}
+    assert shown == keys
+    assert browser.find_element("id", "limit-idle_only").get_attribute("type") == "checkbox"
+    share = browser.find_element("id", "limit-cpu_share")
+    assert share.get_attribute("type") == "number"
+    share.clear()
+    share.send_keys("0.5")
+    # hours that exclude now: the page must say we are not contributing, and why
+    hour = time.localtime().tm_hour
+    hours = browser.find_element("id", "limit-allowed_hours")
+    hours.clear()
+    hours.send_keys(f"{(hour + 2) % 24:02d}-{(hour + 3) % 24:02d}")
+    browser.find_element("id", "limits-apply").click()
+    wait_for(lambda: "applied" in _text(browser, "limits-msg"), what="limits applied")
+    lim = d.get("/v1/limits")
+    assert lim["limits"]["cpu_share"] == 0.5 and lim["overrides"]["cpu_share"] == 0.5
+    assert lim["allowed"] is False
+    wait_for(lambda: _text(browser, "state") == "Not contributing", what="state Not contributing")
+    assert "hour" in _text(browser, "why")
+    st = d.status()
+    assert st["contributing"] is False and "hour" in st["why_not"]
+    browser.save_screenshot(str(tmp_path / "dashboard-limits.png"))
+
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe  # no CSP violation, no failed request, no script error
