@@ -421,10 +421,7 @@ def cmd_shell(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    client = _client(args)
-    if client.url.startswith("unix:"):
-        raise CliError("the dashboard needs a TCP API listener (api.listen = \"127.0.0.1:PORT\")")
-    url = f"{client.url}/#token={client.token}"
+    url = _client(args).dashboard_url()
     if args.open:
         import webbrowser
         if not webbrowser.open(url):

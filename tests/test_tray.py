@@ -1,0 +1,190 @@
+"""`synord tray` on a real X server: Xvfb, trayer as the XEmbed system tray,
+xdotool as the user's mouse and keyboard, against a real daemon.
+
+Screenshots (the tray's icon in each state, and its menu) go to the test's tmp dir.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from daemons import ROOT, SYNORD, wait_for
+from synord.tray import SYSTEM_PYTHON, describe
+
+TOOLS = {name: shutil.which(name) for name in ("Xvfb", "trayer", "xdotool", "xwininfo", "import")}
+
+# the icons' background colours (synord/icons/synord-*.svg)
+COLOURS = {"contributing": (0x2f, 0x7d, 0x5b), "paused": (0xbf, 0x87, 0x00), "offline": (0x6e, 0x77, 0x81)}
+
+
+def test_describe_maps_status_to_icon_and_words():
+    assert describe(None, "the daemon is not running for home /x").icon == "synord-offline"
+    assert describe(None, "did not answer in time").label == "Offline: the daemon does not answer"
+    paused = describe({"paused": True, "contributing": False, "why_not": "paused by the owner"})
+    assert (paused.icon, paused.can_pause, paused.can_resume) == ("synord-paused", False, True)
+    limited = describe({"paused": False, "contributing": False, "why_not": "outside allowed hours 01-02"})
+    assert limited.label == "Not contributing: outside allowed hours 01-02" and limited.can_pause
+    assert describe({"contributing": True, "running_tasks": 2}).label == "Working: 2 tasks"
+    assert describe({"contributing": True, "running_tasks": 0}).icon == "synord-contributing"
+
+
+def _gtk_missing() -> str | None:
+    missing = [name for name, path in TOOLS.items() if not path]
+    if missing:
+        return f"needs {', '.join(missing)} (quickstart.sh installs xvfb, trayer, xdotool, x11-utils, imagemagick)"
+    probe = ("import gi; gi.require_version('Gtk', '3.0'); gi.require_version('AyatanaAppIndicator3', '0.1'); "
+             "from gi.repository import Gtk, AyatanaAppIndicator3")
+    if subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True).returncode != 0:
+        return "needs python3-gi, gir1.2-gtk-3.0 and gir1.2-ayatanaappindicator3-0.1"
+    return None
+
+
+class Desktop:
+    """An X server with a system tray, and helpers to look at it and click on it."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.procs: list[subprocess.Popen] = []
+        read, write = os.pipe()
+        self.xvfb = self._spawn(["Xvfb", "-displayfd", str(write), "-screen", "0", "800x600x24",
+                                 "-nolisten", "tcp"], pass_fds=(write,))
+        os.close(write)
+        with os.fdopen(read) as f:
+            self.env = {**os.environ, "DISPLAY": ":" + f.readline().strip(),
+                        "DBUS_SESSION_BUS_ADDRESS": "disabled:"}  # no StatusNotifier host: XEmbed
+        self._spawn(["trayer", "--edge", "top", "--align", "right", "--widthtype", "request",
+                     "--height", "32", "--SetDockType", "false", "--transparent", "false"])
+
+    def _spawn(self, argv, **kw) -> subprocess.Popen:
+        log = open(self.tmp / f"{os.path.basename(argv[0])}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=getattr(self, "env", None), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def windows(self) -> list[tuple[str, int, int, int, int]]:
+        """(name, width, height, x, y) of the root's mapped-or-not children."""
+        out = subprocess.run(["xwininfo", "-root", "-children"], capture_output=True, text=True,
+                             env=self.env, check=True).stdout
+        return [(m[1], int(m[2]), int(m[3]), int(m[4]), int(m[5]))
+                for m in re.finditer(r'0x[0-9a-f]+ "([^"]*)".*?\s(\d+)x(\d+)\+(-?\d+)\+(-?\d+)', out)]
+
+    def panel(self) -> tuple[int, int, int, int]:
+        """The tray's rectangle (x, y, w, h) once it holds an icon."""
+        def found():
+            for name, w, h, x, y in self.windows():
+                if name == "panel" and w > 20:  # trayer grows from its empty width to fit the icon
+                    return x, y, w, h
+        return wait_for(found, what="an icon in the tray")
+
+    def screenshot(self, name: str, box: tuple[int, int, int, int] | None = None):
+        from PIL import Image
+        path = self.tmp / f"{name}.png"
+        subprocess.run(["import", "-window", "root", str(path)], env=self.env, check=True)
+        img = Image.open(path).convert("RGB")
+        if box:  # clipped to the screen (a menu may reach past its edge)
+            x, y, w, h = box
+            img = img.crop((max(0, x), max(0, y), min(img.width, x + w), min(img.height, y + h)))
+            img.save(path)
+        return img
+
+    def share(self, img, colour) -> float:
+        """Share of the pixels within a few steps of ``colour``."""
+        px = img.load()
+        near = sum(1 for x in range(img.width) for y in range(img.height)
+                   if all(abs(a - b) <= 24 for a, b in zip(px[x, y], colour)))
+        return near / (img.width * img.height)
+
+    def menu_items(self, img) -> list[int]:
+        """The y centres of a menu's sensitive items: rows with dark (not greyed-out) text."""
+        px = img.load()
+        dark = [any(sum(px[x, y]) < 3 * 90 for x in range(img.width)) for y in range(img.height)]
+        rows, start = [], None
+        for y, d in enumerate(dark + [False]):
+            if d and start is None:
+                start = y
+            elif not d and start is not None:
+                rows.append((start + y) // 2)
+                start = None
+        return rows
+
+    def xdotool(self, *args: str) -> None:
+        subprocess.run(["xdotool", *args], env=self.env, check=True, timeout=10)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def desktop(tmp_path):
+    why = _gtk_missing()
+    if why:
+        pytest.skip(why)
+    d = Desktop(tmp_path)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
+    d = cluster.start("a")
+    log_path = tmp_path / "tray.out"
+    with open(log_path, "wb") as log:
+        tray = subprocess.Popen([*SYNORD, "--home", str(d.home), "tray"], stdout=log, stderr=log,
+                                cwd=ROOT, env=desktop.env)
+    desktop.procs.append(tray)
+
+    seen = 0  # how much of the tray's log earlier steps consumed
+
+    def shows(text: str):
+        """Wait for the tray to log that it shows ``text`` (after what earlier steps saw)."""
+        nonlocal seen
+        def found():
+            at = log_path.read_text().find(text, seen)
+            return at + 1 if at >= 0 else 0
+        seen = wait_for(found, what=f"the tray to show {text!r}; its log: {log_path.read_text()[-2000:]}")
+
+    def click_menu_item(index: int, picture: str) -> None:
+        """Click the icon, then the index-th sensitive item of the menu that opens."""
+        x, y, w, h = panel
+        desktop.xdotool("mousemove", str(x + w // 2), str(y + h // 2), "click", "1")
+        # the menu: a new top-level window of the tray process, wider than the icon
+        (_, mw, mh, mx, my), = wait_for(
+            lambda: [w for w in desktop.windows() if w[0] == "tray.py" and w[1] > 60 and w[4] >= 0],
+            what="the tray's menu")
+        items = wait_for(lambda: desktop.menu_items(desktop.screenshot(picture, (mx, my, mw, mh))),
+                         what="the menu drawn")
+        desktop.screenshot(picture, (min(mx, x), 0, max(mx + mw, x + w) - min(mx, x), my + mh))  # with the icon
+        desktop.xdotool("mousemove", str(mx + mw // 3), str(my + items[index]), "sleep", "0.2", "click", "1")
+
+    shows("synord-contributing Contributing: waiting for work")
+    panel = desktop.panel()
+    icon = desktop.screenshot("tray-contributing", panel)
+    assert desktop.share(icon, COLOURS["contributing"]) > 0.2
+
+    click_menu_item(0, "tray-menu")  # "Pause contributing" (the state line above it is greyed out)
+    shows("synord-paused Paused")
+    st = d.status()
+    assert st["paused"] is True and st["contributing"] is False
+    assert desktop.share(desktop.screenshot("tray-paused", panel), COLOURS["paused"]) > 0.2
+
+    click_menu_item(0, "tray-menu-paused")  # now "Resume contributing"
+    wait_for(lambda: d.status()["paused"] is False, what="the daemon to resume")
+    shows("synord-contributing Contributing")
+
+    d.stop()
+    shows("synord-offline Offline: the daemon is not running")
+    assert desktop.share(desktop.screenshot("tray-offline", panel), COLOURS["offline"]) > 0.2
+
+    click_menu_item(-1, "tray-menu-offline")  # "Quit tray"
+    assert tray.wait(10) == 0
