@@ -58,8 +58,8 @@ def describe(status: dict | None, error: str | None = None) -> TrayState:
     if status.get("paused"):
         return TrayState("synord-paused", "Paused", False, True)
     if not status.get("contributing"):
-        return TrayState("synord-paused", f"Not contributing: {status.get('why_not') or 'unknown'}",
-                         True, False)
+        why = status.get("why_not") or "; ".join(status.get("reasons") or []) or "unknown"
+        return TrayState("synord-paused", f"Not contributing: {why}", True, False)
     n = status.get("running_tasks") or 0
     if n:
         return TrayState("synord-working", f"Working: {n} task{'s' if n != 1 else ''}", True, False)

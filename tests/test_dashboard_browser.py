@@ -6,6 +6,7 @@ Screenshots go to the test's tmp dir (dashboard-*.png).
 
 import http.client
 import json
+import os
 import shutil
 import time
 
@@ -153,3 +154,51 @@ def test_dashboard_in_chromium_shows_state_pauses_and_edits_limits(cluster, brow
 
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe  # no CSP violation, no failed request, no script error
+
+
+def test_dashboard_open_hands_the_url_to_the_browser(cluster, tmp_path):
+    import subprocess
+    from daemons import ROOT, SYNORD
+    d = cluster.start("a")
+    seen = tmp_path / "opened"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\nprintf %s "$1" > {seen}\n')
+    browser.chmod(0o755)
+    res = subprocess.run([*SYNORD, "--home", str(d.home), "dashboard", "--open"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=30, env={**os.environ, "BROWSER": f"{browser} %s"})
+    assert res.returncode == 0, res.stderr
+    token = (d.home / "api.token").read_text().strip()
+    url = wait_for(lambda: seen.exists() and seen.read_text(), what="the browser to be started")
+    assert url == f"{d.status()['api']}/#token={token}" == res.stdout.strip()
+
+
+def test_dashboard_follows_a_running_task_and_shows_its_receipt(cluster, browser, tmp_path):
+    from jobs_helpers import BUSYBOX_DIR, CONSUMER_ONLY, ensure_assets, start_mesh, submit, wait_job
+    ensure_assets()
+    consumer, (provider,) = start_mesh(cluster, 1, consumer_config=CONSUMER_ONLY + "[history]\ninterval_s = 1.0\n")
+    browser.get(json.loads(consumer.cli("dashboard", "--json").stdout)["url"])
+    wait_for(lambda: _text(browser, "state") == "Not contributing", what="the consumer's state")
+    assert "contributor.enabled is false" in _text(browser, "why")
+    # a task that keeps printing for a few seconds: its output must arrive while it runs
+    job_id = submit(consumer, "--runtime", "container", str(BUSYBOX_DIR), "--", "sh", "-c",
+                    "i=0; while [ $i -lt 8 ]; do echo tick $i; i=$((i+1)); sleep 0.5; done")
+    button = wait_for(lambda: browser.find_element("css selector", f'button.logs[data-job="{job_id}"]'),
+                      what="the task's row")
+    row = _text(browser, "jobs")
+    assert job_id in row and "container" in row
+    provider_short = provider.status()["peer_id"][-6:]
+    assert provider_short in row  # the provider by its short unique id
+    button.click()
+    wait_for(lambda: "tick 1" in _text(browser, "log"), what="live output")
+    assert consumer.get(f"/v1/jobs/{job_id}")["state"] not in ("succeeded", "failed")  # still running
+    browser.save_screenshot(str(tmp_path / "dashboard-task.png"))
+    wait_for(lambda: "[exit 0]" in _text(browser, "log"), what="the task's end in the log")
+    assert [ln for ln in _text(browser, "log").splitlines() if ln.startswith("tick")] == \
+        [f"tick {i}" for i in range(8)]
+    wait_job(consumer, job_id)
+    receipt = wait_for(lambda: consumer.get("/v1/ledger")["receipts"], what="the receipt")[0]
+    wait_for(lambda: "consumer" in _text(browser, "receipts"), timeout=30, what="the receipt in the page")
+    receipts = _text(browser, "receipts")
+    assert "completed" in receipts and provider_short in receipts and "−" in receipts
+    assert receipt["amount"] > 0
+    browser.save_screenshot(str(tmp_path / "dashboard-receipt.png"))

@@ -9,7 +9,7 @@ if (token) {
 }
 const $ = (id) => document.getElementById(id);
 const SVG = 'http://www.w3.org/2000/svg';
-const UNIT = 'cr';  // ledger amounts: the currency of your pricing.* settings
+let UNIT = 'CRD';  // the ledger's currency unit (its "unit" field, where it gives one)
 
 async function api(path, method = 'GET', body) {
   const opts = {method, headers: {'Authorization': 'Bearer ' + token}};
@@ -43,8 +43,15 @@ function duration(s) {
 function money(x) {
   if (x == null) return '-';
   const a = Math.abs(x);
+  if (a >= 1e6) return x.toExponential(1) + ' ' + UNIT;  // e.g. a bid's "any price" ceiling
   const digits = a === 0 ? 2 : a >= 1 ? 2 : Math.min(10, 2 - Math.floor(Math.log10(a)) + 1);
   return x.toFixed(digits) + ' ' + UNIT;
+}
+function axisMoney(v) {  // short enough for a chart's axis
+  return (v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(1) : String(+v.toPrecision(3))) + ' ' + UNIT;
+}
+function whyNot(d) {  // one reason ("why_not") or several ("reasons"), whichever the API gives
+  return d.why_not || (Array.isArray(d.reasons) ? d.reasons.join('; ') : null);
 }
 function when(ts) {
   if (!ts) return '-';
@@ -154,7 +161,7 @@ function renderStatus(st) {
   state.className = 'state ' + (st.contributing ? 'on' : st.paused ? 'paused' : 'off');
   state.textContent = st.contributing ? (working ? 'Contributing · working' : 'Contributing')
     : st.paused ? 'Paused' : 'Not contributing';
-  $('why').textContent = st.contributing ? '' : 'Why not: ' + (st.why_not || 'unknown');
+  $('why').textContent = st.contributing ? '' : 'Why not: ' + (whyNot(st) || 'unknown');
   $('pause').hidden = !!st.paused;
   $('resume').hidden = !st.paused;
   kv($('node'), [
@@ -182,14 +189,20 @@ function renderHardware(p) {
       (d.throughput && d.throughput.fp32_gflops) ? d.throughput.fp32_gflops + ' GFLOPS' : '-']));
 }
 
-// The preferences form is generated from whatever keys /v1/limits returns; the input
-// follows each value's type (or the API's own "types" map, where it gives one).
+// The preferences form is generated from whatever keys /v1/limits returns. Each key is a
+// plain value typed by the "types" map, or an object {value, type, help, evaluable, reason};
+// without a type, the value's own JSON type decides.
 let limitsShown = '';
-function typeOf(key, value, types) {
-  if (types && types[key]) return types[key];
-  if (typeof value === 'boolean') return 'bool';
-  if (typeof value === 'number') return Number.isInteger(value) ? 'int' : 'float';
-  return 'str';
+function limitEntry(key, raw, types) {
+  const e = (raw && typeof raw === 'object' && !Array.isArray(raw) && 'value' in raw) ? raw : {value: raw};
+  let type = e.type || (types && types[key]);
+  if (!type) {
+    type = typeof e.value === 'boolean' ? 'bool'
+      : typeof e.value === 'number' ? (Number.isInteger(e.value) ? 'int' : 'float') : 'str';
+  }
+  const note = e.evaluable === false || e.can_evaluate === false
+    ? 'cannot evaluate here' + (e.reason ? ': ' + e.reason : '') : '';
+  return {value: e.value, type, help: e.help || '', note};
 }
 function renderLimits(d) {
   const sig = JSON.stringify([d.limits, d.overrides]);
@@ -198,8 +211,8 @@ function renderLimits(d) {
   limitsShown = sig;
   form.replaceChildren();
   const overrides = d.overrides || {};
-  for (const [key, value] of Object.entries(d.limits).sort()) {
-    const type = typeOf(key, value, d.types);
+  for (const [key, raw] of Object.entries(d.limits).sort()) {
+    const {value, type, help, note} = limitEntry(key, raw, d.types);
     const input = el('input', {id: 'limit-' + key, name: key, 'data-type': type});
     if (type === 'bool') {
       input.type = 'checkbox';
@@ -211,8 +224,11 @@ function renderLimits(d) {
       if (value == null) input.placeholder = 'not set';
     }
     input.dataset.orig = type === 'bool' ? String(!!value) : (value == null ? '' : String(value));
+    const label = el('label', {for: input.id, text: key});
+    if (help) label.title = help;
     form.append(el('div', {class: 'row' + (key in overrides ? ' override' : '')},
-      el('label', {for: input.id, text: key}), input, el('span', {class: 'type', text: type})));
+      label, input, el('span', {class: 'type', text: type})));
+    if (note) form.append(el('div', {class: 'note', text: key + ': ' + note}));
   }
   form.append(el('div', {class: 'actions'}, el('button', {id: 'limits-apply', type: 'submit', text: 'Apply'})));
 }
@@ -240,7 +256,7 @@ async function applyLimits(ev) {
     limitsShown = '';
     renderLimits(d);
     msg.className = 'msg';
-    msg.textContent = 'applied: ' + Object.keys(body).join(', ') + (d.allowed ? '' : ' — not contributing: ' + d.why_not);
+    msg.textContent = 'applied: ' + Object.keys(body).join(', ') + (d.allowed === false ? ' — not contributing: ' + whyNot(d) : '');
     refresh();
   } catch (e) {
     msg.className = 'msg bad';
@@ -323,6 +339,7 @@ function renderBook(b) {
 }
 
 function renderLedger(l) {
+  UNIT = l.unit || l.currency || UNIT;
   let earned = 0, spent = 0;
   for (const r of l.receipts || []) { if (r.role === 'provider') earned += r.amount; else spent += r.amount; }
   kv($('money'), [
@@ -348,7 +365,7 @@ function renderHistory(h) {
   chart($('chart-money'), s, [
     {name: 'earned (total)', value: (p) => p.earned},
     {name: 'spent (total)', value: (p) => p.spent},
-  ], (v) => +v.toPrecision(3) + ' ' + UNIT);
+  ], axisMoney);
 }
 
 // ---- refresh loop ---------------------------------------------------------------
@@ -367,8 +384,8 @@ async function refresh() {
       const [probe, book, ledger, hist] = await Promise.all([
         api('/v1/probe'), api('/v1/book'), api('/v1/ledger'), api('/v1/history')]);
       renderHardware(probe);
+      renderLedger(ledger);  // first: it sets the currency unit
       renderBook(book);
-      renderLedger(ledger);
       renderHistory(hist);
     }
     $('err').textContent = '';
