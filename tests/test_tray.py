@@ -188,3 +188,34 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
 
     click_menu_item(-1, "tray-menu-offline")  # "Quit tray"
     assert tray.wait(10) == 0
+
+
+def test_install_desktop_puts_the_tray_in_autostart(tmp_path):
+    script = ROOT / "packaging" / "desktop" / "install-desktop.sh"
+    fake = tmp_path / "bin" / "synord"  # any executable stands for synord here
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    res = subprocess.run(["bash", str(script), "--synord", str(fake)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    tray = (tmp_path / "config" / "autostart" / "synord-tray.desktop").read_text()
+    assert f"\nExec={fake} tray\n" in tray and "\nType=Application\n" in tray
+    launcher = (tmp_path / "data" / "applications" / "synord-dashboard.desktop").read_text()
+    assert f"\nExec={fake} dashboard --open\n" in launcher
+    icons = tmp_path / "data" / "icons" / "hicolor" / "scalable" / "apps"
+    assert {p.name for p in icons.iterdir()} == {f"synord-{s}.svg" for s in COLOURS} | {"synord-working.svg"}
+    if shutil.which("desktop-file-validate"):
+        for path in (tmp_path / "config" / "autostart" / "synord-tray.desktop",
+                     tmp_path / "data" / "applications" / "synord-dashboard.desktop"):
+            check = subprocess.run(["desktop-file-validate", str(path)], capture_output=True, text=True)
+            assert check.returncode == 0 and not check.stdout.strip(), check.stdout
+    # a path that cannot go in Exec= unquoted is refused, in one line
+    spaced = tmp_path / "my bin" / "synord"
+    spaced.parent.mkdir()
+    shutil.copy(fake, spaced)
+    res = subprocess.run(["bash", str(script), "--synord", str(spaced)], capture_output=True, text=True, env=env)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    res = subprocess.run(["bash", str(script), "--uninstall"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and not (tmp_path / "config" / "autostart" / "synord-tray.desktop").exists()
+    assert not list(icons.iterdir())
