@@ -17,7 +17,8 @@ from synord.tray import SYSTEM_PYTHON, describe
 TOOLS = {name: shutil.which(name) for name in ("Xvfb", "trayer", "xdotool", "xwininfo", "import")}
 
 # the icons' background colours (synord/icons/synord-*.svg)
-COLOURS = {"contributing": (0x2f, 0x7d, 0x5b), "paused": (0xbf, 0x87, 0x00), "offline": (0x6e, 0x77, 0x81)}
+COLOURS = {"contributing": (0x2f, 0x7d, 0x5b), "working": (0x09, 0x69, 0xda), "paused": (0xbf, 0x87, 0x00),
+           "offline": (0x6e, 0x77, 0x81)}
 
 
 def test_describe_maps_status_to_icon_and_words():
@@ -137,7 +138,9 @@ def desktop(tmp_path):
 
 
 def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
-    d = cluster.start("a")
+    from jobs_helpers import BUSYBOX_DIR, ensure_assets, start_mesh, submit, wait_job
+    ensure_assets()
+    consumer, (d,) = start_mesh(cluster, 1)  # the tray watches the provider
     log_path = tmp_path / "tray.out"
     with open(log_path, "wb") as log:
         tray = subprocess.Popen([*SYNORD, "--home", str(d.home), "tray"], stdout=log, stderr=log,
@@ -169,14 +172,25 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
 
     shows("synord-contributing Contributing: waiting for work")
     panel = desktop.panel()
-    icon = desktop.screenshot("tray-contributing", panel)
-    assert desktop.share(icon, COLOURS["contributing"]) > 0.2
+
+    def icon_is(state: str) -> None:
+        """The icon in the tray is drawn in that state's colour (a fifth of it at least)."""
+        wait_for(lambda: desktop.share(desktop.screenshot(f"tray-{state}", panel), COLOURS[state]) > 0.2,
+                 what=f"the {state} icon in the tray")
+    icon_is("contributing")
+
+    # a task placed here: "working", until it ends
+    job_id = submit(consumer, "--runtime", "container", str(BUSYBOX_DIR), "--", "sleep", "4")
+    shows("synord-working Working: 1 task")
+    icon_is("working")
+    assert wait_job(consumer, job_id)["state"] == "succeeded"
+    shows("synord-contributing Contributing: waiting for work")
 
     click_menu_item(0, "tray-menu")  # "Pause contributing" (the state line above it is greyed out)
     shows("synord-paused Paused")
     st = d.status()
     assert st["paused"] is True and st["contributing"] is False
-    assert desktop.share(desktop.screenshot("tray-paused", panel), COLOURS["paused"]) > 0.2
+    icon_is("paused")
 
     click_menu_item(0, "tray-menu-paused")  # now "Resume contributing"
     wait_for(lambda: d.status()["paused"] is False, what="the daemon to resume")
@@ -184,7 +198,7 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
 
     d.stop()
     shows("synord-offline Offline: the daemon is not running")
-    assert desktop.share(desktop.screenshot("tray-offline", panel), COLOURS["offline"]) > 0.2
+    icon_is("offline")
 
     click_menu_item(-1, "tray-menu-offline")  # "Quit tray"
     assert tray.wait(10) == 0
@@ -204,7 +218,7 @@ def test_install_desktop_puts_the_tray_in_autostart(tmp_path):
     launcher = (tmp_path / "data" / "applications" / "synord-dashboard.desktop").read_text()
     assert f"\nExec={fake} dashboard --open\n" in launcher
     icons = tmp_path / "data" / "icons" / "hicolor" / "scalable" / "apps"
-    assert {p.name for p in icons.iterdir()} == {f"synord-{s}.svg" for s in COLOURS} | {"synord-working.svg"}
+    assert {p.name for p in icons.iterdir()} == {f"synord-{s}.svg" for s in COLOURS}
     if shutil.which("desktop-file-validate"):
         for path in (tmp_path / "config" / "autostart" / "synord-tray.desktop",
                      tmp_path / "data" / "applications" / "synord-dashboard.desktop"):
