@@ -87,23 +87,6 @@ class Tray:
         self.indicator.set_title("synord")
         self.indicator.set_status(AppIndicator.IndicatorStatus.ACTIVE)
 
-        menu = Gtk.Menu()
-        self.label_item = Gtk.MenuItem(label="Connecting…")
-        self.label_item.set_sensitive(False)
-        self.pause_item = Gtk.MenuItem(label="Pause contributing")
-        self.resume_item = Gtk.MenuItem(label="Resume contributing")
-        dashboard_item = Gtk.MenuItem(label="Open dashboard")
-        quit_item = Gtk.MenuItem(label="Quit tray")
-        self.pause_item.connect("activate", lambda _: self._in_thread(self._post, "/v1/pause"))
-        self.resume_item.connect("activate", lambda _: self._in_thread(self._post, "/v1/resume"))
-        dashboard_item.connect("activate", lambda _: self._in_thread(self._open_dashboard))
-        quit_item.connect("activate", lambda _: self.quit())
-        for item in (self.label_item, Gtk.SeparatorMenuItem(), self.pause_item, self.resume_item,
-                     dashboard_item, Gtk.SeparatorMenuItem(), quit_item):
-            menu.append(item)
-        menu.show_all()
-        self.menu = menu
-        self.indicator.set_menu(menu)
         self._show(TrayState("synord-offline", "Connecting to the daemon…", False, False))
 
     # ---- the GTK side (main loop only) ----------------------------------------------
@@ -113,11 +96,34 @@ class Tray:
             self.state = state
             self.indicator.set_icon_full(state.icon, state.label)
             self.indicator.set_title(f"synord: {state.label}")
-            self.label_item.set_label(state.label)
-            self.pause_item.set_visible(state.can_pause)
-            self.resume_item.set_visible(state.can_resume)
+            # A new menu per state: a reused one pops up at its old width (off the screen's edge).
+            self.indicator.set_menu(self._menu(state))
             print(f"tray: {state.icon} {state.label}", flush=True)  # a log line per change
         return False  # one-shot idle callback
+
+    def _menu(self, state: TrayState):
+        Gtk = self.Gtk
+        menu = Gtk.Menu()
+        line = Gtk.MenuItem(label=state.label)
+        line.set_sensitive(False)  # the state, in words: not an action
+        menu.append(line)
+        menu.append(Gtk.SeparatorMenuItem())
+        actions = []
+        if state.can_pause:
+            actions.append(("Pause contributing", lambda _: self._in_thread(self._post, "/v1/pause")))
+        if state.can_resume:
+            actions.append(("Resume contributing", lambda _: self._in_thread(self._post, "/v1/resume")))
+        actions.append(("Open dashboard", lambda _: self._in_thread(self._open_dashboard)))
+        for label, action in actions:
+            item = Gtk.MenuItem(label=label)
+            item.connect("activate", action)
+            menu.append(item)
+        menu.append(Gtk.SeparatorMenuItem())
+        quit_item = Gtk.MenuItem(label="Quit tray")
+        quit_item.connect("activate", lambda _: self.quit())
+        menu.append(quit_item)
+        menu.show_all()
+        return menu
 
     def run(self) -> None:
         threading.Thread(target=self._poll, name="synord-tray-poll", daemon=True).start()

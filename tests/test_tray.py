@@ -125,6 +125,14 @@ class Desktop:
                     proc.wait()
 
 
+def test_tray_without_a_desktop_says_so_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    res = subprocess.run([*SYNORD, "--home", str(tmp_path), "tray"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=30)
+    assert res.returncode == 1
+    assert res.stderr.startswith("synord: the tray needs") and len(res.stderr.strip().splitlines()) == 1
+
+
 @pytest.fixture
 def desktop(tmp_path):
     why = _gtk_missing()
@@ -142,9 +150,13 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
     ensure_assets()
     consumer, (d,) = start_mesh(cluster, 1)  # the tray watches the provider
     log_path = tmp_path / "tray.out"
+    opened = tmp_path / "opened"  # what "Open dashboard" hands the browser
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\nprintf %s "$1" > {opened}\n')
+    browser.chmod(0o755)
     with open(log_path, "wb") as log:
         tray = subprocess.Popen([*SYNORD, "--home", str(d.home), "tray"], stdout=log, stderr=log,
-                                cwd=ROOT, env=desktop.env)
+                                cwd=ROOT, env={**desktop.env, "BROWSER": f"{browser} %s"})
     desktop.procs.append(tray)
 
     seen = 0  # how much of the tray's log earlier steps consumed
@@ -195,6 +207,11 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
     click_menu_item(0, "tray-menu-paused")  # now "Resume contributing"
     wait_for(lambda: d.status()["paused"] is False, what="the daemon to resume")
     shows("synord-contributing Contributing")
+
+    click_menu_item(1, "tray-menu-dashboard")  # "Open dashboard"
+    token = (d.home / "api.token").read_text().strip()
+    assert wait_for(lambda: opened.exists() and opened.read_text(), what="the browser opened") == \
+        f"{d.status()['api']}/#token={token}"
 
     d.stop()
     shows("synord-offline Offline: the daemon is not running")
