@@ -9,6 +9,8 @@ small (a month of minutes is ~43k rows).
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,8 @@ CREATE TABLE history (
     spent REAL NOT NULL
 );
 """
+
+log = logging.getLogger("synord.history")
 
 COLUMNS = ("ts", "cpu_percent", "offered_cpus", "tasks", "contributing", "earned", "spent")
 MAX_ROWS = 5000  # one answer: enough for three days of minutes, small enough to chart
@@ -71,4 +75,7 @@ async def run_sampler(node: "Node") -> None:
     keep_s = node.config["history.keep_days"] * 86400.0
     while True:
         await trio.sleep(interval)
-        record(node.store, sample(node), keep_s)
+        try:
+            record(node.store, sample(node), keep_s)
+        except sqlite3.Error as exc:  # a missed sample is a gap in a chart, not a reason to stop the node
+            log.warning("history sample not stored", extra={"error": str(exc)})
