@@ -45,8 +45,17 @@ def test_history_rows_are_kept_read_in_order_and_expire(tmp_path):
     assert [r["tasks"] for r in read(Store(tmp_path / "state.db"))] == [2, 3, 4]  # on disk
 
 
-def test_dashboard_files_are_static_public_and_locked_down(cluster):
-    d = cluster.start("a")
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """One daemon for this module's single-node tests (the browser test, last, changes its state)."""
+    from daemons import DaemonCluster
+    with DaemonCluster(tmp_path_factory.mktemp("dashboard")) as cluster:
+        cluster.init_home("a", config="[history]\ninterval_s = 1.0\n")
+        yield cluster.start("a")
+
+
+def test_dashboard_files_are_static_public_and_locked_down(node):
+    d = node
     url = d.status()["api"]
     resp, page = _get(url, "/")
     assert resp.status == 200 and resp.getheader("content-type").startswith("text/html")
@@ -60,6 +69,22 @@ def test_dashboard_files_are_static_public_and_locked_down(cluster):
     assert _get(url, "/dashboard.js")[0].status == 401  # no such file: not public, not served
     assert _get(url, "/v1/history")[0].status == 401  # the data needs the token
     assert _get(url, "/", {"Host": "evil.example"})[0].status == 421
+
+
+def test_dashboard_open_hands_the_url_to_the_browser(node, tmp_path):
+    import subprocess
+    from daemons import ROOT, SYNORD
+    d = node
+    seen = tmp_path / "opened"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\nprintf %s "$1" > {seen}\n')
+    browser.chmod(0o755)
+    res = subprocess.run([*SYNORD, "--home", str(d.home), "dashboard", "--open"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=30, env={**os.environ, "BROWSER": f"{browser} %s"})
+    assert res.returncode == 0, res.stderr
+    token = (d.home / "api.token").read_text().strip()
+    url = wait_for(lambda: seen.exists() and seen.read_text(), what="the browser to be started")
+    assert url == f"{d.status()['api']}/#token={token}" == res.stdout.strip()
 
 
 @pytest.fixture
@@ -87,9 +112,8 @@ def _text(driver, element_id: str) -> str:
     return driver.find_element("id", element_id).text
 
 
-def test_dashboard_in_chromium_shows_state_pauses_and_edits_limits(cluster, browser, tmp_path):
-    cluster.init_home("a", config="[history]\ninterval_s = 1.0\n")
-    d = cluster.start("a")
+def test_dashboard_in_chromium_shows_state_pauses_and_edits_limits(node, browser, tmp_path):
+    d = node
     peer_id = d.status()["peer_id"]
     wait_for(lambda: len(d.get("/v1/history")["samples"]) >= 2, what="two history samples")
     url = json.loads(d.cli("dashboard", "--json").stdout)["url"]
@@ -156,22 +180,6 @@ def test_dashboard_in_chromium_shows_state_pauses_and_edits_limits(cluster, brow
     assert not severe, severe  # no CSP violation, no failed request, no script error
 
 
-def test_dashboard_open_hands_the_url_to_the_browser(cluster, tmp_path):
-    import subprocess
-    from daemons import ROOT, SYNORD
-    d = cluster.start("a")
-    seen = tmp_path / "opened"
-    browser = tmp_path / "browser.sh"
-    browser.write_text(f'#!/bin/sh\nprintf %s "$1" > {seen}\n')
-    browser.chmod(0o755)
-    res = subprocess.run([*SYNORD, "--home", str(d.home), "dashboard", "--open"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=30, env={**os.environ, "BROWSER": f"{browser} %s"})
-    assert res.returncode == 0, res.stderr
-    token = (d.home / "api.token").read_text().strip()
-    url = wait_for(lambda: seen.exists() and seen.read_text(), what="the browser to be started")
-    assert url == f"{d.status()['api']}/#token={token}" == res.stdout.strip()
-
-
 def test_dashboard_follows_a_running_task_and_shows_its_receipt(cluster, browser, tmp_path):
     from jobs_helpers import BUSYBOX_DIR, CONSUMER_ONLY, ensure_assets, start_mesh, submit, wait_job
     ensure_assets()
@@ -179,9 +187,11 @@ def test_dashboard_follows_a_running_task_and_shows_its_receipt(cluster, browser
     browser.get(json.loads(consumer.cli("dashboard", "--json").stdout)["url"])
     wait_for(lambda: _text(browser, "state") == "Not contributing", what="the consumer's state")
     assert "contributor.enabled is false" in _text(browser, "why")
-    # a task that keeps printing for a few seconds: its output must arrive while it runs
+    # a task that prints, then waits for a file we create through `synord exec`: its output
+    # must reach the page while it runs
     job_id = submit(consumer, "--runtime", "container", str(BUSYBOX_DIR), "--", "sh", "-c",
-                    "i=0; while [ $i -lt 8 ]; do echo tick $i; i=$((i+1)); sleep 0.5; done")
+                    "i=0; while [ $i -lt 6 ]; do echo tick $i; i=$((i+1)); done; "
+                    "while [ ! -e /tmp/go ]; do sleep 0.1; done; echo done")
     button = wait_for(lambda: browser.find_element("css selector", f'button.logs[data-job="{job_id}"]'),
                       what="the task's row")
     row = _text(browser, "jobs")
@@ -189,12 +199,13 @@ def test_dashboard_follows_a_running_task_and_shows_its_receipt(cluster, browser
     provider_short = provider.status()["peer_id"][-6:]
     assert provider_short in row  # the provider by its short unique id
     button.click()
-    wait_for(lambda: "tick 1" in _text(browser, "log"), what="live output")
-    assert consumer.get(f"/v1/jobs/{job_id}")["state"] not in ("succeeded", "failed")  # still running
+    wait_for(lambda: "tick 5" in _text(browser, "log"), what="live output")
+    assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"  # it waits for /tmp/go
     browser.save_screenshot(str(tmp_path / "dashboard-task.png"))
+    consumer.cli("exec", job_id, "--", "touch", "/tmp/go")
     wait_for(lambda: "[exit 0]" in _text(browser, "log"), what="the task's end in the log")
-    assert [ln for ln in _text(browser, "log").splitlines() if ln.startswith("tick")] == \
-        [f"tick {i}" for i in range(8)]
+    assert [ln for ln in _text(browser, "log").splitlines() if ln.startswith(("tick", "done"))] == \
+        [f"tick {i}" for i in range(6)] + ["done"]
     wait_job(consumer, job_id)
     receipt = wait_for(lambda: consumer.get("/v1/ledger")["receipts"], what="the receipt")[0]
     wait_for(lambda: "consumer" in _text(browser, "receipts"), timeout=30, what="the receipt in the page")

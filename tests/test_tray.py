@@ -191,10 +191,12 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
                  what=f"the {state} icon in the tray")
     icon_is("contributing")
 
-    # a task placed here: "working", until it ends
-    job_id = submit(consumer, "--runtime", "container", str(BUSYBOX_DIR), "--", "sleep", "4")
+    # a task placed here: "working", until it ends (when we create the file it waits for)
+    job_id = submit(consumer, "--runtime", "container", str(BUSYBOX_DIR), "--", "sh", "-c",
+                    "while [ ! -e /tmp/go ]; do sleep 0.1; done")
     shows("synord-working Working: 1 task")
     icon_is("working")
+    consumer.cli("exec", job_id, "--", "touch", "/tmp/go")
     assert wait_job(consumer, job_id)["state"] == "succeeded"
     shows("synord-contributing Contributing: waiting for work")
 
