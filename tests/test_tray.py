@@ -1,5 +1,6 @@
 """`synord tray` on a real X server: Xvfb, trayer as the XEmbed system tray,
-xdotool as the user's mouse and keyboard, against a real daemon.
+xdotool as the user's mouse, against real daemons; and over D-Bus, the
+StatusNotifierItem path a desktop panel takes (tests/sni_host.py plays the panel).
 
 Screenshots (the tray's icon in each state, and its menu) go to the test's tmp dir.
 """
@@ -252,3 +253,48 @@ def test_install_desktop_puts_the_tray_in_autostart(tmp_path):
     res = subprocess.run(["bash", str(script), "--uninstall"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and not (tmp_path / "config" / "autostart" / "synord-tray.desktop").exists()
     assert not list(icons.iterdir())
+
+
+def test_tray_speaks_status_notifier_item_to_a_panel(cluster, desktop, tmp_path):
+    """The desktop standard's path: with a StatusNotifierWatcher on the session bus (a panel's
+    host, tests/sni_host.py), the icon and menu travel over D-Bus, and a click there pauses."""
+    import json
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("needs dbus-daemon (package dbus)")
+    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address=unix:path={tmp_path}/bus",
+                            "--print-address"], stdout=subprocess.PIPE, text=True)
+    desktop.procs.append(bus)
+    env = {**desktop.env, "DBUS_SESSION_BUS_ADDRESS": bus.stdout.readline().strip()}
+    host = subprocess.Popen([SYSTEM_PYTHON, str(ROOT / "tests" / "sni_host.py")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    desktop.procs.append(host)
+    assert json.loads(host.stdout.readline()) == {"ok": "ready"}
+
+    def ask(command: str):
+        host.stdin.write(command + "\n")
+        host.stdin.flush()
+        answer = json.loads(host.stdout.readline())
+        if "error" in answer:
+            raise AssertionError(answer["error"])
+        return answer["ok"]
+
+    d = cluster.start("a")
+    with open(tmp_path / "tray.out", "wb") as log:
+        tray = subprocess.Popen([*SYNORD, "--home", str(d.home), "tray"], stdout=log, stderr=log,
+                                cwd=ROOT, env=env)
+    desktop.procs.append(tray)
+    wait_for(lambda: ask("items"), what="the tray to register its StatusNotifierItem")
+    props = wait_for(lambda: (p := ask("props"))["IconName"] == "synord-contributing" and p,
+                     what="the contributing icon over D-Bus")
+    assert props["Status"] == "Active" and props["IconThemePath"] == str(ROOT / "synord" / "icons")
+    menu = wait_for(lambda: [e for e in ask("menu") if e["visible"]], what="the menu over D-Bus")
+    assert [(e["label"], e["enabled"]) for e in menu] == [
+        ("Contributing: waiting for work", False), ("Pause contributing", True),
+        ("Open dashboard", True), ("Quit tray", True)]
+
+    ask("click Pause contributing")
+    wait_for(lambda: d.status()["paused"], what="the daemon paused")
+    wait_for(lambda: ask("props")["IconName"] == "synord-paused", what="the paused icon over D-Bus")
+    assert "Resume contributing" in [e["label"] for e in ask("menu") if e["visible"]]
+    ask("click Quit tray")
+    assert tray.wait(10) == 0
