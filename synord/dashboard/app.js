@@ -355,9 +355,15 @@ function renderLedger(l) {
     'no receipts yet: they come when tasks end');
 }
 
+// Samples arrive incrementally (?since= the newest we hold); the charts span the last day.
+const CHART_SPAN_S = 86400;
+let samples = [];
 function renderHistory(h) {
   window.historyInterval = h.interval_s;
-  const s = h.samples || [];
+  samples = samples.concat(h.samples || []);
+  const newest = samples.length ? samples[samples.length - 1].ts : 0;
+  samples = samples.filter((p) => p.ts > newest - CHART_SPAN_S);
+  const s = samples;
   chart($('chart-util'), s, [
     {name: 'host CPU %', value: (p) => p.cpu_percent},
     {name: 'tasks ×10', value: (p) => 10 * p.tasks},
@@ -382,7 +388,8 @@ async function refresh() {
     renderLimits(limits);
     if (slowTick++ % 5 === 0) {  // the heavier documents every ~10 s
       const [probe, book, ledger, hist] = await Promise.all([
-        api('/v1/probe'), api('/v1/book'), api('/v1/ledger'), api('/v1/history')]);
+        api('/v1/probe'), api('/v1/book'), api('/v1/ledger'),
+        api('/v1/history?since=' + (samples.length ? samples[samples.length - 1].ts : 0))]);
       renderHardware(probe);
       renderLedger(ledger);  // first: it sets the currency unit
       renderBook(book);
