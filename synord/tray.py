@@ -75,6 +75,7 @@ class Tray:
         from gi.repository import GLib, Gtk
 
         self.GLib, self.Gtk = GLib, Gtk
+        GLib.set_prgname("synord-tray")  # names its windows (WM_CLASS), whichever interpreter runs it
         self.home = home
         self._client: ApiClient | None = None
         self._wake = threading.Event()

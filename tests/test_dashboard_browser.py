@@ -131,7 +131,7 @@ def test_dashboard_in_chromium_shows_state_pauses_and_edits_limits(node, browser
     probe = d.get("/v1/probe")
     hardware = _text(browser, "hardware")
     assert probe["host"]["cpu_model"] in hardware and "CPUs" in hardware
-    assert "cpu" in _text(browser, "book")  # our own ask's class
+    wait_for(lambda: "cpu" in _text(browser, "book"), what="our own ask's class in the book")
     assert "no receipts yet" in _text(browser, "receipts")
     # charts drawn from the daemon's history: one path per series
     paths = browser.find_elements("css selector", "#chart-util svg path")
@@ -192,13 +192,12 @@ def test_dashboard_follows_a_running_task_and_shows_its_receipt(cluster, browser
     job_id = submit(consumer, "--runtime", "container", str(BUSYBOX_DIR), "--", "sh", "-c",
                     "i=0; while [ $i -lt 6 ]; do echo tick $i; i=$((i+1)); done; "
                     "while [ ! -e /tmp/go ]; do sleep 0.1; done; echo done")
-    button = wait_for(lambda: browser.find_element("css selector", f'button.logs[data-job="{job_id}"]'),
-                      what="the task's row")
-    row = _text(browser, "jobs")
-    assert job_id in row and "container" in row
     provider_short = provider.status()["peer_id"][-6:]
-    assert provider_short in row  # the provider by its short unique id
-    button.click()
+    # the row, once placed: the provider by its short unique id
+    row = wait_for(lambda: (t := _text(browser, "jobs")) and "running" in t and provider_short in t and t,
+                   what="the task running in the page")
+    assert job_id in row and "container" in row
+    browser.find_element("css selector", f'button.logs[data-job="{job_id}"]').click()
     wait_for(lambda: "tick 5" in _text(browser, "log"), what="live output")
     assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"  # it waits for /tmp/go
     browser.save_screenshot(str(tmp_path / "dashboard-task.png"))

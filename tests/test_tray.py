@@ -170,16 +170,16 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
             return at + 1 if at >= 0 else 0
         seen = wait_for(found, what=f"the tray to show {text!r}; its log: {log_path.read_text()[-2000:]}")
 
-    def click_menu_item(index: int, picture: str) -> None:
-        """Click the icon, then the index-th sensitive item of the menu that opens."""
+    def click_menu_item(index: int, of: int, picture: str) -> None:
+        """Click the icon, then the index-th of the ``of`` sensitive items of the menu that opens."""
         x, y, w, h = panel
         desktop.xdotool("mousemove", str(x + w // 2), str(y + h // 2), "click", "1")
         # the menu: a new top-level window of the tray process, wider than the icon
         (_, mw, mh, mx, my), = wait_for(
-            lambda: [w for w in desktop.windows() if w[0] == "tray.py" and w[1] > 60 and w[4] >= 0],
+            lambda: [w for w in desktop.windows() if w[0] == "synord-tray" and w[1] > 60 and w[4] >= 0],
             what="the tray's menu")
-        items = wait_for(lambda: desktop.menu_items(desktop.screenshot(picture, (mx, my, mw, mh))),
-                         what="the menu drawn")
+        items = wait_for(lambda: len(found := desktop.menu_items(desktop.screenshot(picture, (mx, my, mw, mh))))
+                         == of and found, what=f"the menu drawn with {of} items")
         desktop.screenshot(picture, (min(mx, x), 0, max(mx + mw, x + w) - min(mx, x), my + mh))  # with the icon
         desktop.xdotool("mousemove", str(mx + mw // 3), str(my + items[index]), "sleep", "0.2", "click", "1")
 
@@ -201,17 +201,17 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
     assert wait_job(consumer, job_id)["state"] == "succeeded"
     shows("synord-contributing Contributing: waiting for work")
 
-    click_menu_item(0, "tray-menu")  # "Pause contributing" (the state line above it is greyed out)
+    click_menu_item(0, 3, "tray-menu")  # "Pause contributing" (the state line above it is greyed out)
     shows("synord-paused Paused")
     st = d.status()
     assert st["paused"] is True and st["contributing"] is False
     icon_is("paused")
 
-    click_menu_item(0, "tray-menu-paused")  # now "Resume contributing"
+    click_menu_item(0, 3, "tray-menu-paused")  # now "Resume contributing"
     wait_for(lambda: d.status()["paused"] is False, what="the daemon to resume")
     shows("synord-contributing Contributing")
 
-    click_menu_item(1, "tray-menu-dashboard")  # "Open dashboard"
+    click_menu_item(1, 3, "tray-menu-dashboard")  # "Open dashboard"
     token = (d.home / "api.token").read_text().strip()
     assert wait_for(lambda: opened.exists() and opened.read_text(), what="the browser opened") == \
         f"{d.status()['api']}/#token={token}"
@@ -220,7 +220,7 @@ def test_tray_shows_state_and_pauses_from_its_menu(cluster, desktop, tmp_path):
     shows("synord-offline Offline: the daemon is not running")
     icon_is("offline")
 
-    click_menu_item(-1, "tray-menu-offline")  # "Quit tray"
+    click_menu_item(1, 2, "tray-menu-offline")  # "Quit tray"
     assert tray.wait(10) == 0
 
 
