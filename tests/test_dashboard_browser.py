@@ -68,6 +68,9 @@ def test_dashboard_files_are_static_public_and_locked_down(node):
         assert resp.status == 200 and resp.getheader("content-type").startswith(kind) and body
     assert _get(url, "/dashboard.js")[0].status == 401  # no such file: not public, not served
     assert _get(url, "/v1/history")[0].status == 401  # the data needs the token
+    token = (d.home / "api.token").read_text().strip()
+    resp, body = _get(url, "/v1/history?since=yesterday", {"Authorization": f"Bearer {token}"})
+    assert resp.status == 400 and "since" in json.loads(body)["error"]
     assert _get(url, "/", {"Host": "evil.example"})[0].status == 421
 
 
@@ -178,6 +181,10 @@ def test_dashboard_in_chromium_shows_state_pauses_and_edits_limits(node, browser
 
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe  # no CSP violation, no failed request, no script error
+
+    d.stop()  # the page says so when the daemon goes away
+    wait_for(lambda: _text(browser, "state") == "Offline", what="state Offline")
+    assert "cannot reach the daemon" in _text(browser, "err")
 
 
 def test_dashboard_follows_a_running_task_and_shows_its_receipt(cluster, browser, tmp_path):
