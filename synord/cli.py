@@ -559,12 +559,18 @@ def cmd_shell(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    client = _client(args)
-    if client.url.startswith("unix:"):
-        raise CliError("the dashboard needs a TCP API listener (api.listen = \"127.0.0.1:PORT\")")
-    url = f"{client.url}/#token={client.token}"
+    url = _client(args).dashboard_url()
+    if args.open:
+        import webbrowser
+        if not webbrowser.open(url):
+            raise CliError(f"no web browser found to open the dashboard; open {url}")
     _emit(args, {"url": url}, lambda d: d["url"])
     return 0
+
+
+def cmd_tray(args) -> int:
+    from .tray import main as tray_main
+    return tray_main(Home(args.home))
 
 
 def cmd_sandbox_run(args) -> int:
@@ -620,7 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="e.g. --set cpu_share=0.5 --set allowed_hours=22-07 (empty value: back to config)")
     add("pause", cmd_pause, "contributor: stop taking work, hand running tasks elsewhere")
     add("resume", cmd_resume, "contributor: take work again")
-    add("dashboard", cmd_dashboard, "print the loopback dashboard URL (with its token)")
+    da = add("dashboard", cmd_dashboard, "print the loopback dashboard URL (with its token)")
+    da.add_argument("--open", action="store_true", help="open it in the desktop's web browser")
+    add("tray", cmd_tray, "a tray icon: contributing/paused/working/offline, pause/resume, dashboard",
+        json_flag=False)
     add("jobs", cmd_jobs, "jobs this node submitted or runs")
     j = add("job", cmd_job, "one job")
     j.add_argument("id")

@@ -29,6 +29,11 @@ def _market_schema(conn: sqlite3.Connection) -> None:
     _exec_script(conn, SCHEMA)
 
 
+def _history_schema(conn: sqlite3.Connection) -> None:
+    from .history import SCHEMA  # the dashboard's samples over time (synord.history)
+    _exec_script(conn, SCHEMA)
+
+
 MIGRATIONS: list[Migration] = [
     # 1: generic durable settings (pause state, counters...)
     """
@@ -70,7 +75,9 @@ MIGRATIONS: list[Migration] = [
     """,
     # 3: market ledger (receipts, outcomes for reputation)
     _market_schema,
-    # 4: provider rows keyed by the agreement id the provider signed, not by the
+    # 4: one sample of utilisation and earnings per minute, for the dashboard's charts
+    _history_schema,
+    # 5: provider rows keyed by the agreement id the provider signed, not by the
     # consumer's job id (public, and chosen by a peer: a foreign task.start with it
     # replaced our own rows); the consumer's job id moves to peer_job.
     """

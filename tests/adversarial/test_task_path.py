@@ -205,7 +205,7 @@ def test_store_migration_rekeys_provider_rows(tmp_path):
     from synord import store as st
     path = tmp_path / "state.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    for i, step in enumerate(st.MIGRATIONS[:3]):  # the schema before provider rows moved
+    for i, step in enumerate(st.MIGRATIONS[:4]):  # the schema before provider rows moved
         conn.execute("BEGIN")
         if callable(step):
             step(conn)
