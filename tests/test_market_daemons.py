@@ -125,7 +125,8 @@ def test_ten_consumers_race_for_one_core_exactly_one_agreement(cluster):
 
 def test_busy_provider_refuses_and_the_job_lands_on_the_next(cluster):
     ensure_assets()
-    consumer = cluster.start("consumer", config=CONSUMER_ONLY)
+    # The dear ask is above the default price limit (market.max_price = 1.0): raise it.
+    consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[market]\nmax_price = 10.0\n")
     boot = consumer.p2p_addrs()
     cheap = cluster.start("cheap", bootstrap=boot, config=HALF_HOST)
     dear = cluster.start("dear", bootstrap=boot, config=HALF_HOST + "[pricing]\nmin_price = 5.0\n")

@@ -8,7 +8,11 @@ score = sum(weight_i * component_i) / sum(weights), every component in [0, 1]
 * capability  perf / (perf + 1) from the ask's measured throughput per unit
               (1.0 = reference machine); unknown = 0.5
 * reputation  from the ledger, 0..1; unknown peer = 0.5 (neutral prior)
-* load        1 - provider utilisation announced in the ask
+* load        (1 - provider utilisation announced in the ask) / (1 + ours),
+              ours = our proposals and leases there now plus our recent
+              placements there (decayed): the announced load lags by up to
+              half an ask TTL, so without it a burst of jobs all lands on the
+              one best-scored provider
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class RouterWeights:
 class PeerInfo:
     rtt_ms: float | None = None
     reputation: float | None = None
+    ours: float = 0.0  # our placements on this peer, live and recent (decayed)
 
 
 PeerLookup = Callable[[str], PeerInfo]
@@ -69,6 +74,8 @@ class Router:
         capability = 0.5 if perf is None else perf / (perf + 1.0)
         reputation = 0.5 if rep is None else (0.0 if rep < 0 else 1.0 if rep > 1 else rep)
         load = 1.0 if ld <= 0 else (0.0 if ld >= 1 else 1.0 - ld)
+        if info.ours > 0:
+            load /= 1.0 + info.ours
         w = self.weights
         score = (w.cost * cost + w.latency * latency + w.capability * capability
                  + w.reputation * reputation + w.load * load) / self._total
