@@ -341,8 +341,7 @@ class ConsumerJobs:
                         cands, needs, within_s=max(1.0, deadline - trio.current_time()))
                 except PlacementRejected as exc:
                     reasons.append(str(exc))
-                    log.info("candidate rejected us", extra={
-                        "job": job.id, "providers": ",".join(c.ask.peer[:16] for c in cands), "reason": str(exc)})
+                    log.info("no candidate agreed", extra={"job": job.id, "reason": str(exc)})
                 else:
                     try:
                         return await self._launch(job, terms)

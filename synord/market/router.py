@@ -29,7 +29,7 @@ class RouterWeights:
     latency: float = 0.15
     capability: float = 0.15
     reputation: float = 0.2
-    load: float = 0.1
+    load: float = 0.25  # with our own placements in it: spreads jobs over equal providers
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -81,3 +81,22 @@ class Router:
                  + w.reputation * reputation + w.load * load) / self._total
         return score, {"cost": cost, "latency": latency, "capability": capability,
                        "reputation": reputation, "load": load}
+
+
+class RecentPlacements:
+    """How many of our placements went to each peer lately, decaying with a
+    half-life (unix ms): the ``ours`` of `PeerInfo`, together with what is in
+    flight.  Bounded: past ``max_peers`` the faintest is forgotten."""
+
+    def __init__(self, half_life_ms: int = 120_000, max_peers: int = 10_000):
+        self.half_life_ms, self.max_peers = half_life_ms, max_peers
+        self._peers: dict[str, tuple[float, int]] = {}  # peer -> (value, at)
+
+    def get(self, peer: str, now: int) -> float:
+        value, at = self._peers.get(peer, (0.0, now))
+        return value * 0.5 ** (max(0, now - at) / self.half_life_ms)
+
+    def add(self, peer: str, now: int) -> None:
+        self._peers[peer] = (self.get(peer, now) + 1.0, now)
+        if len(self._peers) > self.max_peers:
+            del self._peers[min(self._peers, key=lambda p: self.get(p, now))]

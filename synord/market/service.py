@@ -43,14 +43,13 @@ from .matching import Candidate, match
 from .negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
 from .pricing import PricingPolicy, derive_asks
 from .reservations import CapacityPool
-from .router import PeerInfo
+from .router import PeerInfo, RecentPlacements
 from .spending import SpendingCap
 
 log = logging.getLogger("synord.market")
 
 ORDER_TYPES = ("ask", "bid", "cancel")
 REPUBLISH_FRACTION = 0.5  # re-announce asks when half their TTL has passed
-RECENT_HALF_LIFE_MS = 120_000  # our recent placements on a peer count in its load this long
 
 
 class MarketService:
@@ -79,7 +78,7 @@ class MarketService:
         self.candidates_per_peer = candidates_per_peer
         self.backoff = Backoff()
         self.spending = SpendingCap(spend_cap, int(spend_period_s * 1000))
-        self._recent: dict[str, tuple[float, int]] = {}  # peer -> (our recent placements, at)
+        self.recent = RecentPlacements()  # spreads our jobs over equal providers
         self.ledger = Ledger(store.conn, self.peer_id)
         self.validator = EnvelopeValidator()
         self.pool = CapacityPool(self._capacity())
@@ -293,17 +292,7 @@ class MarketService:
 
     def _peer_info(self, peer: str, busy=None, now: int | None = None) -> PeerInfo:
         return PeerInfo(reputation=self.ledger.reputation(peer),
-                        ours=(busy or {}).get(peer, 0) + self._recent_at(peer, now or now_ms()))
-
-    def _recent_at(self, peer: str, now: int) -> float:
-        value, at = self._recent.get(peer, (0.0, now))
-        return value * 0.5 ** ((now - at) / RECENT_HALF_LIFE_MS)
-
-    def _placed_on(self, peer: str) -> None:
-        now = now_ms()
-        self._recent[peer] = (self._recent_at(peer, now) + 1.0, now)
-        if len(self._recent) > 10_000:  # bounded: forget the faintest
-            del self._recent[min(self._recent, key=lambda p: self._recent_at(p, now))]
+                        ours=(busy or {}).get(peer, 0) + self.recent.get(peer, now or now_ms()))
 
     def _match(self, needs: Needs, exclude: tuple[str, ...] = ()):
         bid, now, busy = self._bid(needs), now_ms(), self.consumer.busy()
@@ -344,10 +333,13 @@ class MarketService:
             pl: Placement = self.consumer.placements[bid.id]
         finally:
             self._waiting.pop(bid.id, None)
+        for provider, ask_id, why in pl.attempts:
+            if why != "agreed":
+                log.info("candidate rejected us", extra={"provider": provider[:16], "ask": ask_id, "reason": why})
         if pl.state == "active" and pl.negotiation is not None and pl.negotiation.terms is not None:
             terms = pl.negotiation.terms
             self._bid_of[terms.aid] = bid.id
-            self._placed_on(terms.provider)
+            self.recent.add(terms.provider, now_ms())
             self.book.record_trade(terms.resource_class, terms.price, terms.units, now_ms(),
                                    terms.aid.hex())
             return terms
