@@ -448,8 +448,10 @@ class MarketService:
     # ---- API -------------------------------------------------------------------------------
 
     def book_json(self, cls: str | None = None) -> dict:
-        return {"classes": self.book.to_json(cls, now=now_ms()), "asks_published": len(self._our_asks),
-                "agreements": self.agreements}
+        now = now_ms()
+        return {"classes": self.book.to_json(cls, now=now), "asks_published": len(self._our_asks),
+                "agreements": self.agreements, "backed_off": self.backoff.to_json(now),
+                "spent": self.spending.spent(now)}
 
     def ledger_json(self) -> dict:
         return self.ledger.to_json()
