@@ -68,18 +68,23 @@ def test_eight_silent_cheap_asks_cost_one_hedge_and_the_liar_is_backed_off():
     pl = cons.placements["b1"]
     assert pl.state == "active" and pl.negotiation.provider == P_ID.peer_id
     assert decode(log[-1].envelope.encode()).body["reason"] == "withdrawn"
-    # Withdrawn is not silence; a liar that lets a proposal time out is backed off.
+    # Withdrawn after a hedge of silence counts as no answer: backed off, reputation hit.
+    assert REFUSALS.get("negotiate", "no_answer") == before + 1 and lost_rep == [liar.peer_id]
+    assert cons.backoff.blocked(liar.peer_id, t[0])
+    assert cons.place(mk_bid(id="skip"), [liar_asks[0]]) == []
+    assert "backed off" in cons.placements["skip"].explain()
+    # Once the back-off passes, a proposal that times out backs it off again, for longer.
+    t[0] += cons.backoff.base_ms
     cons.place(mk_bid(id="b2"), [liar_asks[0]])
     t[0] += TO.propose_ms
     assert all(to != liar.peer_id for to, _ in types(cons.tick()))
     assert cons.placements["b2"].state == "failed" and "proposal timeout" in cons.placements["b2"].explain()
-    assert REFUSALS.get("negotiate", "no_answer") == before + 1 and lost_rep == [liar.peer_id]
+    assert REFUSALS.get("negotiate", "no_answer") == before + 2 and lost_rep == [liar.peer_id] * 2
     again = match(mk_bid(id="b3"), book.asks("cpu"), now=t[0], presorted=True, per_peer=1,
                   skip_peer=lambda p: cons.backoff.blocked(p, t[0]))
     assert [c.ask.peer for c in again.candidates] == [P_ID.peer_id] and again.excluded["backed_off"] == 4
-    t[0] += cons.backoff.base_ms  # back-off passes; a second silence doubles it
-    assert not cons.backoff.blocked(liar.peer_id, t[0])
-    assert cons.backoff.failed(liar.peer_id, t[0]) == t[0] + 2 * cons.backoff.base_ms
+    assert cons.backoff.blocked(liar.peer_id, t[0] + cons.backoff.base_ms)  # doubled
+    assert not cons.backoff.blocked(liar.peer_id, t[0] + 2 * cons.backoff.base_ms)
 
 
 def test_two_agreements_for_one_bid_only_the_first_is_countersigned():

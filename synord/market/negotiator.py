@@ -500,7 +500,23 @@ class Consumer(_Party):
             return []
         now = self.clock()
         pl.state = "failed"
+        for m, _ in pl.live.values():
+            self._if_silent(m, now)
         return [self._withdraw(pl, m, now, "withdrawn", detail) for m, _ in list(pl.live.values())]
+
+    def _if_silent(self, m: Negotiation, now: int) -> None:
+        """A proposal withdrawn unanswered after ``hedge_ms`` (we moved on because
+        of that silence) counts as no answer, like one that timed out: an
+        attacker's asks must not be worth a free hedge on every placement."""
+        if m.state is State.PROPOSED and m.deadline is not None \
+                and now - (m.deadline - self.timeouts.propose_ms) >= self.hedge_ms:
+            self._silent(m, now)
+
+    def _silent(self, m: Negotiation, now: int) -> None:
+        self.backoff.failed(m.provider, now)
+        REFUSALS.count("negotiate", "no_answer")
+        if self.on_no_answer:
+            self.on_no_answer(m.provider, m.nid)
 
     def _drop(self, pl: Placement, nid: bytes) -> None:
         pl.live.pop(nid, None)
@@ -576,6 +592,7 @@ class Consumer(_Party):
         out = [self._seal(m.provider, cs)]
         for nid, (other, _) in list(pl.live.items()):
             if nid != m.nid:
+                self._if_silent(other, now)
                 out.append(self._withdraw(pl, other, now, "withdrawn", "placed elsewhere"))
         self.backoff.succeeded(m.provider)
         if self.spending is not None:
@@ -653,10 +670,7 @@ class Consumer(_Party):
                     pl.attempts.append((m.provider, ask.id, m.reason))
                     if m.reason == "proposal timeout":
                         # Silence costs the next placements nothing: skip it for a while.
-                        self.backoff.failed(m.provider, now)
-                        REFUSALS.count("negotiate", "no_answer")
-                        if self.on_no_answer:
-                            self.on_no_answer(m.provider, m.nid)
+                        self._silent(m, now)
                     if pl.state == "negotiating":
                         out += self._launch(pl, now)
                 elif m.heartbeat_due(now):
