@@ -305,3 +305,22 @@ def _metrics(d) -> str:
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {d.client.token}"})
     return conn.getresponse().read().decode()
+
+
+# ---- (f) a soak spreads over equal providers ------------------------------------------------------
+
+def test_sequential_jobs_spread_over_five_equal_providers(cluster):
+    """Each job completes before the next: announced load stays 0 everywhere and the
+    first provider's reputation rises, so without our own recent placements in the
+    router's load every job lands on the same provider."""
+    from jobs_helpers import start_mesh
+    ensure_assets()
+    consumer, provs = start_mesh(cluster, 5)
+    for _ in range(10):
+        res = consumer.cli("run", str(PROBE_WASM), "--", "hello", timeout=120)
+        assert res.stdout == "hello, wasm\n"
+    placed = [j["provider"] for j in consumer.get("/v1/jobs")]
+    counts = {peer(p): placed.count(peer(p)) for p in provs}
+    assert sum(counts.values()) == 10
+    asks = [(a["peer"][:16], a["price"], a.get("perf"), a.get("load")) for a in asks_at(consumer)]
+    assert sum(1 for n in counts.values() if n) >= 3 and max(counts.values()) <= 5, (counts, asks)

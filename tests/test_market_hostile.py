@@ -173,11 +173,14 @@ def test_receipt_billing_more_than_the_consumer_saw_is_refused():
     assert ack.envelope.type == "receipt_ack" and recorded[0].receipt.wall_s == 0.15
 
 
-def test_a_soak_spreads_over_equal_providers():
+@pytest.mark.parametrize("announced_load", [0.0, 1.0])
+def test_a_soak_spreads_over_equal_providers(announced_load):
     """Sequential jobs, each completing (reputation rises where it ran): with our
-    recent placements in the load, they spread instead of all landing on one."""
+    recent placements in the score, they spread instead of all landing on one,
+    whatever load the providers announce."""
     now = now_ms()
-    asks = [mk_ask(f"a{i}", peer=f"P{i}", price=0.01, ts=i, expires=now + 3_600_000) for i in range(5)]
+    asks = [mk_ask(f"a{i}", peer=f"P{i}", price=0.01, ts=i, load=announced_load, expires=now + 3_600_000)
+            for i in range(5)]
     good = {a.peer: 0 for a in asks}
     recent = RecentPlacements()
     placed = []

@@ -8,11 +8,12 @@ score = sum(weight_i * component_i) / sum(weights), every component in [0, 1]
 * capability  perf / (perf + 1) from the ask's measured throughput per unit
               (1.0 = reference machine); unknown = 0.5
 * reputation  from the ledger, 0..1; unknown peer = 0.5 (neutral prior)
-* load        (1 - provider utilisation announced in the ask) / (1 + ours),
-              ours = our proposals and leases there now plus our recent
-              placements there (decayed): the announced load lags by up to
-              half an ask TTL, so without it a burst of jobs all lands on the
-              one best-scored provider
+* load        1 - provider utilisation announced in the ask
+* spread      1 / (1 + ours), ours = our proposals and leases there now plus
+              our recent placements there (decayed): the announced load lags
+              by up to half an ask TTL (and is the host's, whoever loads it), so
+              without this a soak of jobs all lands on the one best-scored
+              provider
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class RouterWeights:
     latency: float = 0.15
     capability: float = 0.15
     reputation: float = 0.2
-    load: float = 0.25  # with our own placements in it: spreads jobs over equal providers
+    load: float = 0.1
+    spread: float = 0.25
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -55,7 +57,7 @@ class Router:
         self.weights = weights or RouterWeights()
         self.latency_ref_ms = latency_ref_ms
         w = self.weights
-        self._total = w.cost + w.latency + w.capability + w.reputation + w.load
+        self._total = w.cost + w.latency + w.capability + w.reputation + w.load + w.spread
 
     def components(self, ask: Ask, bid: Bid, info: PeerInfo = UNKNOWN) -> dict[str, float]:
         return self.rate(ask, bid, info)[1]
@@ -74,13 +76,12 @@ class Router:
         capability = 0.5 if perf is None else perf / (perf + 1.0)
         reputation = 0.5 if rep is None else (0.0 if rep < 0 else 1.0 if rep > 1 else rep)
         load = 1.0 if ld <= 0 else (0.0 if ld >= 1 else 1.0 - ld)
-        if info.ours > 0:
-            load /= 1.0 + info.ours
+        spread = 1.0 / (1.0 + info.ours) if info.ours > 0 else 1.0
         w = self.weights
         score = (w.cost * cost + w.latency * latency + w.capability * capability
-                 + w.reputation * reputation + w.load * load) / self._total
+                 + w.reputation * reputation + w.load * load + w.spread * spread) / self._total
         return score, {"cost": cost, "latency": latency, "capability": capability,
-                       "reputation": reputation, "load": load}
+                       "reputation": reputation, "load": load, "spread": spread}
 
 
 class RecentPlacements:
