@@ -71,8 +71,10 @@ def test_eight_silent_cheap_asks_cost_one_hedge_and_the_liar_is_backed_off():
     # Withdrawn after a hedge of silence counts as no answer: backed off, reputation hit.
     assert REFUSALS.get("negotiate", "no_answer") == before + 1 and lost_rep == [liar.peer_id]
     assert cons.backoff.blocked(liar.peer_id, t[0])
-    assert cons.place(mk_bid(id="skip"), [liar_asks[0]]) == []
-    assert "backed off" in cons.placements["skip"].explain()
+    (p,) = cons.place(mk_bid(id="skip"), [liar_asks[0], honest.asks["a1"]])
+    assert p.to == P_ID.peer_id and "backed off" in cons.placements["skip"].explain()
+    deliver([p], parties)
+    assert cons.placements["skip"].state == "active"
     # Once the back-off passes, a proposal that times out backs it off again, for longer.
     t[0] += cons.backoff.base_ms
     cons.place(mk_bid(id="b2"), [liar_asks[0]])
@@ -83,6 +85,9 @@ def test_eight_silent_cheap_asks_cost_one_hedge_and_the_liar_is_backed_off():
     again = match(mk_bid(id="b3"), book.asks("cpu"), now=t[0], presorted=True, per_peer=1,
                   skip_peer=lambda p: cons.backoff.blocked(p, t[0]))
     assert [c.ask.peer for c in again.candidates] == [P_ID.peer_id] and again.excluded["backed_off"] == 4
+    # With nobody else to ask, a backed-off provider is still a last resort.
+    alone = match(mk_bid(id="b4"), liar_asks[:1], now=t[0], skip_peer=lambda p: cons.backoff.blocked(p, t[0]))
+    assert [c.ask.peer for c in alone.candidates] == [liar.peer_id]
     assert cons.backoff.blocked(liar.peer_id, t[0] + cons.backoff.base_ms)  # doubled
     assert not cons.backoff.blocked(liar.peer_id, t[0] + 2 * cons.backoff.base_ms)
 

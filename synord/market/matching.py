@@ -108,7 +108,9 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
           exclude_peers: Iterable[str] = (), per_peer: int = 0,
           skip_peer: Callable[[str], bool] | None = None) -> MatchResult:
     """``per_peer`` > 0 caps the shortlisted asks of one provider (so one peer's
-    many cheap asks cannot fill it); ``skip_peer`` drops providers under back-off."""
+    many cheap asks cannot fill it); ``skip_peer`` defers providers under
+    back-off: they are shortlisted only when no other ask passes (a slow
+    provider is still better than none)."""
     router = router or _DEFAULT_ROUTER
     own = frozenset(exclude_peers)
     if not presorted:
@@ -117,6 +119,7 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
     passed: list[tuple[Ask, PeerInfo]] = []
     considered = 0
     per: dict[str, int] = {}
+    deferred: list[tuple[Ask, PeerInfo]] = []
     cls, max_price = bid.resource_class, bid.max_price
     for ask in asks:
         if ask.resource_class != cls:
@@ -131,6 +134,8 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
         reason = first_failed(ask, bid, now, info, own)
         if reason is None and skip_peer is not None and skip_peer(ask.peer):
             reason = "backed_off"
+            if len(deferred) < shortlist:
+                deferred.append((ask, info))
         if reason is not None:
             excluded[reason] = excluded.get(reason, 0) + 1
             continue
@@ -138,6 +143,8 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
         passed.append((ask, info))
         if len(passed) >= shortlist:
             break
+    if not passed:
+        passed = deferred
     rate = router.rate
     cands = [Candidate(a, *rate(a, bid, i)) for a, i in passed]
     cands.sort(key=_neg_score)  # stable: ties keep price-time order

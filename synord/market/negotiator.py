@@ -474,7 +474,9 @@ class Consumer(_Party):
                 break
             if any(a.peer == ask.peer for _, a in pl.live.values()):
                 continue  # one proposal per provider at a time
-            if self.backoff.blocked(ask.peer, now):
+            if self.backoff.blocked(ask.peer, now) and (pl.live or any(
+                    not self.backoff.blocked(a.peer, now) for a in pl.candidates[pl.index + 1:])):
+                # Skipped while someone else may answer; a last resort all the same.
                 pl.attempts.append((ask.peer, ask.id, "backed off: did not answer before"))
                 continue
             b = pl.bid
