@@ -67,7 +67,9 @@ async def checkpoint_restore(rt: MicroVMRuntime, image: Path, tmp: Path) -> None
           f"restore to running {t_restore:.3f} s")
 
 
-def raw(argv: list[str]) -> tuple[float, float]:
+def raw(machine, sock_dir: Path, i: int) -> tuple[float, float]:
+    # the identical machine, exec channel (second UART) included; a fresh socket per run
+    argv = machine.qemu_argv(None, exec_socket=sock_dir / f"raw-exec-{i}.sock")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
@@ -89,7 +91,6 @@ async def main(n: int) -> None:
         # a prepared sandbox that is never started keeps its initramfs for the raw runs
         keep = await rt.prepare(TaskSpec(kind="microvm", artifact=image, args=["echo hello"],
                                          workdir=Path(tmp) / "raw"))
-        argv = keep.machine.qemu_argv(None)
         prep, boot, base, cpu_ours, cpu_raw = [], [], [], [], []
         for i in range(n):
             for which in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -99,7 +100,7 @@ async def main(n: int) -> None:
                     boot.append(b)
                     cpu_ours.append(c)
                 else:
-                    w, c = await trio.to_thread.run_sync(raw, argv)
+                    w, c = await trio.to_thread.run_sync(raw, keep.machine, Path(tmp), i)
                     base.append(w)
                     cpu_raw.append(c)
         await checkpoint_restore(rt, image, Path(tmp))

@@ -1,5 +1,5 @@
 """Contributor-policy signals: AC power, battery, user idle time, CPU
-pressure from other processes, hour of day. Cheap enough to read every few
+pressure from other processes, hour of day and weekday. Cheap enough to read every few
 seconds; everything comes from files under a configurable root, except the
 logind idle hint (busctl, real root only)."""
 
@@ -25,6 +25,7 @@ class ContributorSignals:
     cpu_pressure: float            # 0..1, CPU used by processes other than ours
     cpu_psi_some_avg10: float | None  # 0..1 from /proc/pressure/cpu
     hour_of_day: int
+    weekday: int | None = None     # 0 = Monday, local time (per-weekday hours)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,4 +185,23 @@ def read_signals(sysfs_root: str | Path = "/", now: float | None = None) -> Cont
     return ContributorSignals(on_ac_power=on_ac, battery_percent=battery, user_idle_s=idle,
                               idle_source=source, cpu_pressure=_cpu_pressure(root),
                               cpu_psi_some_avg10=_psi(root),
-                              hour_of_day=time.localtime(now).tm_hour)
+                              hour_of_day=time.localtime(now).tm_hour,
+                              weekday=time.localtime(now).tm_wday)
+
+
+def disk_usage(dirs, since: float) -> tuple[int, int]:
+    """(bytes under ``dirs``, bytes of the files among them written since ``since``):
+    the task cache's size and, for the blob stores, what was transferred today
+    (every artefact and checkpoint in or out lands there)."""
+    total = recent = 0
+    for d in dirs:
+        for dirpath, _, files in os.walk(d):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:
+                    continue  # removed meanwhile
+                total += st.st_size
+                if st.st_mtime >= since:
+                    recent += st.st_size
+    return total, recent

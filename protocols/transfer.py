@@ -23,6 +23,7 @@ import trio
 
 from .envelope import message_type
 from .framing import CHUNK, FramedStream
+from .pacing import PACER
 
 TRANSFER_PROTOCOL = "/synord/transfer/1.0.0"
 KINDS = ("artifact", "checkpoint")
@@ -126,6 +127,7 @@ async def send_file(stream: FramedStream, offer_envelope: bytes, path: Path,
     with open(path, "rb") as f:
         f.seek(have)
         while block := f.read(CHUNK):
+            await PACER.take(len(block))  # the contributor's bandwidth cap
             await stream.raw.write(block)
             sent += len(block)
             if progress:
@@ -179,6 +181,7 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
     with open(part, "ab") as f:
         while left:
             block = await stream.read_raw(min(left, CHUNK))
+            await PACER.take(len(block))
             f.write(block)
             left -= len(block)
         f.flush()

@@ -124,6 +124,25 @@ class TaskCgroup:
             _write(pid / "pids.max", str(pids))
         self._watch_oom(mem)
 
+    def set_cpu(self, cpus: float) -> str:
+        """Change the task's CPU quota live (the contributor's CPU-time throttle);
+        returns what was written ("quota period")."""
+        period = 100_000
+        quota = max(1000, int(cpus * period))
+        if self.mode == "v2":
+            _write(ROOT / self.rel / "cpu.max", f"{quota} {period}")
+        else:
+            _write(ROOT / "cpu" / self.rel / "cpu.cfs_quota_us", str(quota))
+        return f"{quota} {period}"
+
+    def cpu_max(self) -> str | None:
+        """The quota in force as "quota period" (v1: cfs_quota_us and cfs_period_us)."""
+        if self.mode == "v2":
+            return _read(ROOT / self.rel / "cpu.max").strip() or None
+        d = ROOT / "cpu" / self.rel
+        quota, period = _read(d / "cpu.cfs_quota_us").strip(), _read(d / "cpu.cfs_period_us").strip()
+        return f"{quota} {period}" if quota and period else None
+
     def _watch_oom(self, mem: Path) -> None:
         # v1 books oom_kill on the victim's cgroup only; an eventfd on our memory.oom_control
         # is signalled whenever our limit triggers the OOM killer, whatever cgroup below it.

@@ -128,6 +128,9 @@ def build_app(node: "Node", token: str):
     async def set_limits(request: Request):
         return await call(node.set_limits, request=request)
 
+    async def idle(request: Request):
+        return await call(node.report_idle, request=request)
+
     async def pause(request: Request):
         return await call(node.pause)
 
@@ -142,6 +145,9 @@ def build_app(node: "Node", token: str):
 
     async def submit(request: Request):
         return await call(node.submit_job, request=request)
+
+    async def placement(request: Request):
+        return await call(node.placement_json, request.path_params["job_id"])
 
     async def cancel(request: Request):
         return await call(node.cancel_job, request.path_params["job_id"])
@@ -190,12 +196,14 @@ def build_app(node: "Node", token: str):
         Route("/v1/ledger", ledger),
         Route("/v1/limits", limits),
         Route("/v1/limits", set_limits, methods=["POST"]),
+        Route("/v1/idle", idle, methods=["POST"]),
         Route("/v1/pause", pause, methods=["POST"]),
         Route("/v1/resume", resume, methods=["POST"]),
         Route("/v1/preempt", preempt, methods=["POST"]),
         Route("/v1/jobs", jobs),
         Route("/v1/jobs", submit, methods=["POST"]),
         Route("/v1/jobs/{job_id}", job),
+        Route("/v1/jobs/{job_id}/placement", placement),
         Route("/v1/jobs/{job_id}/cancel", cancel, methods=["POST"]),
         Route("/v1/jobs/{job_id}/logs", logs),
         Route("/v1/jobs/{job_id}/exec", exec_, methods=["POST"]),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from . import humanize as hz
 from .home import Home, default_home
 
 EXIT_USAGE = 2
@@ -65,11 +66,7 @@ def _emit(args, data: Any, human: Callable[[Any], str]) -> None:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*map(str, r)) for r in rows])
+    return hz.table(rows, header)
 
 
 # ---- commands ---------------------------------------------------------------
@@ -113,9 +110,9 @@ def cmd_status(args) -> int:
     _emit(args, data, lambda d: "\n".join([
         f"peer id      {d['peer_id']}",
         f"version      {d['version']}",
-        f"uptime       {d['uptime_s']:.0f} s",
+        f"uptime       {hz.duration(d['uptime_s'])}",
         f"peers        {d['peers']}",
-        f"contributing {'yes' if d['contributing'] else 'no'}",
+        f"contributing {hz.yes_no(d['contributing'], d.get('why_not'))}",
         "addrs        " + ("\n             ".join(d["addrs"]) or "-"),
     ]))
     return 0
@@ -129,8 +126,8 @@ def cmd_peers(args) -> int:
         for p in peers:
             caps = p.get("capabilities") or {}
             devs = ", ".join(sorted({d.get("kind", "?") for d in caps.get("devices", [])})) or "-"
-            rows.append([p["peer_id"], devs, (p.get("addrs") or ["-"])[0]])
-        return _table(rows, ["PEER", "DEVICES", "ADDR"])
+            rows.append([p["peer_id"], devs, hz.ago(p.get("last_seen")), (p.get("addrs") or ["-"])[0]])
+        return _table(rows, ["PEER", "DEVICES", "SEEN", "ADDR"])
     _emit(args, data, human)
     return 0
 
@@ -150,7 +147,7 @@ def cmd_probe(args) -> int:
             tp = dev.get("throughput") or {}
             mem = dev.get("memory_bytes") or 0
             lines.append(f"{dev.get('kind', '?'):7} {dev.get('vendor') or '-'} {dev.get('model') or '-'}"
-                         f"  mem {mem / 2**30:.1f} GiB  fp32 {tp.get('fp32_gflops') or '-'} GFLOPS"
+                         f"  mem {hz.size(mem)}  fp32 {tp.get('fp32_gflops') or '-'} GFLOPS"
                          + (f" (measured {tp['measured_fp32_gflops']:.1f})"
                             if tp.get("measured_fp32_gflops") else ""))
         for kind, rt in sorted(d.get("runtimes", {}).items()):
@@ -176,21 +173,52 @@ def cmd_book(args) -> int:
     path = "/v1/book" + (f"?class={args.cls}" if args.cls else "")
     data = _client(args).get(path)
 
-    def human(d):
-        out = []
-        for cls, side in sorted(d.get("classes", {}).items()):
-            out.append(f"[{cls}] asks {len(side.get('asks', []))}  bids {len(side.get('bids', []))}"
-                       f"  best ask {side.get('best_ask')}  best bid {side.get('best_bid')}"
-                       f"  last trade {side.get('last_trade')}")
-        return "\n".join(out) or "(empty book)"
-    _emit(args, data, human)
+    _emit(args, data, _book_text)
     return 0
+
+
+def _book_text(d: dict) -> str:
+    classes = d.get("classes", {})
+    short = hz.short_ids(o["peer"] for side in classes.values()
+                         for o in side.get("asks", []) + side.get("bids", []))
+    out = []
+    for cls, side in sorted(classes.items()):
+        lt = side.get("last_trade")
+        trade = (f"{hz.price(lt['price'])} x {lt['units']:g} ({hz.ago(lt.get('ts'))})" if lt else "none yet")
+        out.append(f"[{cls}]  best ask {hz.price(side.get('best_ask'))}  best bid "
+                   f"{hz.price(side.get('best_bid'))}  last trade {trade}")
+        rows = [["ask", short.get(a["peer"], "-"), f"{a['cores']:g}", hz.size(a["memory"]), hz.price(a["price"]),
+                 ",".join(a.get("runtimes") or []) or "-", "yes" if a.get("preemptible") else "no",
+                 hz.ago(a.get("expires"))] for a in side.get("asks", [])]
+        rows += [["bid", short.get(b["peer"], "-"), f"{b['cores']:g}", hz.size(b["memory"]),
+                  hz.price(b["max_price"]), b.get("runtime") or "-", "ok" if b.get("preemptible_ok") else "no",
+                  hz.ago(b.get("expires"))] for b in side.get("bids", [])]
+        out.append(hz.table(rows, ["SIDE", "PEER", "CORES", "MEMORY", "PRICE", "RUNTIMES", "PREEMPTIBLE",
+                                   "EXPIRES"], right=(2, 3, 4)))
+    return "\n".join(out) or "(empty book)"
 
 
 def cmd_ledger(args) -> int:
     data = _client(args).get("/v1/ledger")
-    _emit(args, data, lambda d: f"balance {d.get('balance')}  receipts {len(d.get('receipts', []))}")
+    _emit(args, data, _ledger_text)
     return 0
+
+
+def _ledger_text(d: dict) -> str:
+    receipts = d.get("receipts", [])
+    earned = sum(r["amount"] for r in receipts if r.get("role") == "provider")
+    paid = sum(r["amount"] for r in receipts if r.get("role") == "consumer")
+    other = {r["agreement_id"]: r["consumer"] if r.get("role") == "provider" else r["provider"] for r in receipts}
+    short = hz.short_ids(other.values())
+    rows = [[hz.ago(r.get("ended")), "earned" if r.get("role") == "provider" else "paid",
+             short.get(other[r["agreement_id"]], "-"), r.get("outcome", "-"), hz.duration(r.get("cpu_s")),
+             hz.duration(r.get("wall_s")), hz.size(r.get("peak_memory")), hz.price(r.get("price")),
+             f"{r.get('units', 0):g}", hz.amount(r.get("amount"))] for r in receipts]
+    return "\n".join([
+        f"balance   {hz.amount(d.get('balance'))}   (earned {hz.amount(earned)} as a provider, "
+        f"paid {hz.amount(paid)} as a consumer; the last {len(receipts)} receipts below)",
+        hz.table(rows, ["WHEN", "", "PEER", "OUTCOME", "CPU", "WALL", "PEAK MEM", "PRICE", "UNITS", "AMOUNT"],
+                 right=(4, 5, 6, 7, 8, 9))])
 
 
 def _limit_value(text: str):
@@ -215,10 +243,44 @@ def cmd_limits(args) -> int:
         data = client.post("/v1/limits", body)
     else:
         data = client.get("/v1/limits")
-    _emit(args, data, lambda d: "\n".join(
-        [f"{k:20} {v}" for k, v in sorted(d["limits"].items())]
-        + [f"contributing now     {'yes' if d['allowed'] else 'no: ' + str(d['why_not'])}"]))
+    _emit(args, data, _limits_text)
     return 0
+
+
+def _pref_value(kind: str, v) -> str:
+    if v is None or v == "":
+        return "any" if kind in ("hours", "weekly") else "-"
+    if kind == "share":
+        return f"{v * 100:g} %"
+    if kind == "percent":
+        return f"{v:g} %"
+    if kind == "bool":
+        return "yes" if v else "no"
+    if kind == "seconds":
+        return hz.duration(v)
+    if kind in ("bytes", "bytes/s"):
+        return "no limit" if not v else (hz.size(v) if kind == "bytes" else hz.rate(v))
+    return str(v)
+
+
+def _limits_text(d: dict) -> str:
+    keys = d.get("keys") or [{"key": k, "value": v, "type": "", "evaluable": True}
+                             for k, v in sorted(d["limits"].items())]
+    rows = []
+    for k in keys:
+        note = k.get("note") or ""
+        if k.get("overridden"):
+            note = (f"set live (config.toml: {_pref_value(k['type'], k.get('config'))})"
+                    + ("; " + note if note else ""))
+        rows.append([k["key"], _pref_value(k["type"], k["value"]), note])
+    usage = d.get("usage") or {}
+    lines = [f"contributing  {hz.yes_no(d.get('contributing', d['allowed']), d.get('why_not'))}"]
+    if usage:
+        lines.append(f"task cache    {hz.size(usage.get('cache_bytes'))}, transferred today "
+                     f"{hz.size(usage.get('transferred_today_bytes'))}")
+    if d.get("throttle") is not None and d["throttle"] < 1:
+        lines.append(f"cpu throttle  container tasks get {d['throttle'] * 100:g} % of their cores (cpu.max)")
+    return "\n".join(lines + ["", hz.table(rows, ["PREFERENCE", "VALUE", "NOTE"])])
 
 
 def cmd_pause(args) -> int:
@@ -235,17 +297,68 @@ def cmd_resume(args) -> int:
 
 def cmd_jobs(args) -> int:
     data = _client(args).get("/v1/jobs")
-    _emit(args, data, lambda jobs: _table(
-        [[j["id"], j["state"], j["runtime"], (j.get("provider") or "-")[:20],
-          "-" if j.get("exit_code") is None else j["exit_code"]] for j in jobs],
-        ["ID", "STATE", "RUNTIME", "PROVIDER", "EXIT"]))
+    _emit(args, data, _jobs_text)
     return 0
+
+
+def _jobs_text(jobs: list) -> str:
+    def peer(j):  # the other side: our provider, or the consumer we run it for
+        return j.get("consumer") if j.get("role") == "provider" else j.get("provider")
+    short = hz.short_ids(peer(j) for j in jobs)
+    return hz.table(
+        [[j["id"], j.get("role", "consumer"), j["state"], j["runtime"], short.get(peer(j), "-"),
+          hz.ago(j.get("created")), "-" if j.get("exit_code") is None else j["exit_code"]] for j in jobs],
+        ["ID", "ROLE", "STATE", "RUNTIME", "PEER", "SUBMITTED", "EXIT"])
 
 
 def cmd_job(args) -> int:
     data = _client(args).get(f"/v1/jobs/{args.id}")
-    _emit(args, data, lambda j: json.dumps(j, indent=2, sort_keys=True))
+    _emit(args, data, _job_text)
     return 0
+
+
+def _job_text(j: dict) -> str:
+    """`synord job ID`: a summary a person reads (the document stays behind --json)."""
+    state = j["state"] + ("" if j.get("exit_code") is None else f" (exit {j['exit_code']})")
+    lines = [f"job        {j['id']}", f"state      {state}", f"runtime    {j.get('runtime') or '-'}"]
+    if j.get("role") == "provider":  # a task this machine runs for someone
+        lines += [f"role       provider: this machine runs it for {j.get('consumer')}",
+                  f"started    {hz.ago(j.get('started') or j.get('created'))}"]
+        if j.get("cpus") is not None:
+            lines.append(f"resources  {j['cpus']:g} cores, {hz.size(j.get('memory_bytes'))}"
+                         + (f"; cpu.max {j['cpu_max']}" if j.get("cpu_max") else ""))
+        if j.get("price") is not None:
+            lines.append(f"price      {hz.price(j['price'])} x {j.get('units', 0):g} units")
+        if j.get("output_bytes"):
+            lines.append(f"output     {hz.size(j['output_bytes'].get('stdout'))} stdout, "
+                         f"{hz.size(j['output_bytes'].get('stderr'))} stderr")
+        if j.get("preempt"):
+            lines.append(f"preempted  {j['preempt'].get('reason')}")
+    else:
+        lines += [f"artefact   {j.get('artifact') or '-'}"
+                  + (f"  args {' '.join(j['args'])}" if j.get("args") else ""),
+                  f"submitted  {hz.ago(j.get('created'))}",
+                  f"provider   {j.get('provider') or '-'}"]
+        if j.get("checkpoint"):
+            lines.append(f"checkpoint {hz.size(j['checkpoint'].get('bytes'))}")
+    if j.get("error"):
+        lines.append(f"error      {j['error']}")
+    history = j.get("history") or []
+    if history:
+        short = hz.short_ids(h.get("provider") for h in history)
+        rows = []
+        for i, h in enumerate(history, 1):
+            ran = (h["end"] - h["start"]) if h.get("end") and h.get("start") else None
+            ended = h.get("ended") or "running"
+            if h.get("preempt_reason"):
+                ended += f": {h['preempt_reason']}"
+            elif h.get("reason"):
+                ended += f": {h['reason']}"
+            rows.append([i, short.get(h.get("provider"), "-"), h.get("mode") or "-", hz.ago(h.get("start")),
+                         hz.duration(ran), hz.size(h.get("checkpoint_bytes")), hz.price(h.get("price")), ended])
+        lines += ["", "placements", hz.table(rows, ["#", "PROVIDER", "MODE", "STARTED", "RAN", "CHECKPOINT",
+                                                    "PRICE", "ENDED"], right=(4, 5, 6))]
+    return "\n".join(lines)
 
 
 def _write_output(item: dict) -> None:
@@ -257,7 +370,7 @@ def _write_output(item: dict) -> None:
     out.buffer.flush()
 
 
-def _print_output(client, job_id: str, follow: bool) -> int | None:
+def _print_output(client, job_id: str, follow: bool, errors: list | None = None) -> int | None:
     exit_code = None
     for item in client.stream(f"/v1/jobs/{job_id}/logs" + ("?follow=1" if follow else "")):
         if "data" in item:
@@ -267,7 +380,12 @@ def _print_output(client, job_id: str, follow: bool) -> int | None:
         if "exit_code" in item:
             exit_code = item["exit_code"]
         if "error" in item:
-            sys.stderr.write(f"synord: job {job_id}: {item['error']}\n")
+            msg = item["error"]
+            for said in errors or []:  # a reason already printed (run's "waiting" line) is not repeated
+                msg = msg.replace(said, "see above") if said else msg
+            sys.stderr.write(f"synord: job {job_id}: {msg}\n")
+            if errors is not None:
+                errors.append(item["error"])
     return exit_code
 
 
@@ -296,18 +414,38 @@ def cmd_run(args) -> int:
         _emit(args, job, lambda j: j["id"])
         return 0
     sys.stderr.write(f"synord: job {job['id']} submitted\n")
+    errors: list = []
     try:
-        code = _print_output(client, job["id"], follow=True)
+        errors.append(_say_if_waiting(client, job["id"]))
+        code = _print_output(client, job["id"], follow=True, errors=errors)
     except KeyboardInterrupt:
         client.post(f"/v1/jobs/{job['id']}/cancel")
         sys.stderr.write(f"synord: job {job['id']} cancelled\n")
         return 130
     final = client.get(f"/v1/jobs/{job['id']}")
-    if final.get("state") != "succeeded" and final.get("error"):
+    if final.get("state") != "succeeded" and final.get("error") and final["error"] not in errors:
         sys.stderr.write(f"synord: job {job['id']} {final['state']}: {final['error']}\n")
     if code is None:
         code = final.get("exit_code")
     return 1 if code is None else int(code)
+
+
+def _say_if_waiting(client, job_id: str, within_s: float = 0.8) -> str | None:
+    """If no provider matches the job, say so at once, with the book's reason;
+    if providers match but placement takes longer than ``within_s``, say that.
+    Returns the reason it printed (not to be repeated when the job fails)."""
+    import time
+    deadline = time.monotonic() + within_s
+    while True:
+        p = client.get(f"/v1/jobs/{job_id}/placement")
+        if not p.get("waiting"):
+            return None
+        if not p.get("candidates") or time.monotonic() >= deadline:
+            what = "waiting for a provider" if not p.get("candidates") else "still negotiating"
+            sys.stderr.write(f"synord: {what} (up to {hz.duration(p['placement_timeout_s'])}): {p.get('why')}\n")
+            sys.stderr.flush()
+            return p.get("why")
+        time.sleep(0.1)
 
 
 def _feed_stdin(client, session: str, raw: bool = False) -> None:

@@ -8,11 +8,12 @@ nothing.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hwprobe.policy import PREFERENCES as _PREFERENCES, ContributorLimits
 
 # section -> key -> (default, type, help). Types: "str", "int", "float", "bool", "list[str]".
 SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
@@ -29,14 +30,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     },
     "contributor": {
         "enabled": (True, "bool", "offer this machine's capacity to the mesh"),
-        "cpu_share": (1.0, "float", "share of CPU cores offered, 0..1"),
-        "memory_share": (0.75, "float", "share of memory offered, 0..1"),
-        "gpu_share": (1.0, "float", "share of GPUs offered, 0..1"),
-        "idle_only": (False, "bool", "only take work while the user is idle"),
-        "idle_after_s": (300, "int", "seconds without input that count as idle"),
-        "ac_only": (False, "bool", "only take work on AC power"),
-        "min_battery_percent": (20, "int", "stop below this battery level"),
-        "allowed_hours": ("", "str", "e.g. \"22-07\"; empty = any hour"),
+        # Every preference (hwprobe.policy.PREFERENCES): also `synord limits` and the limits API.
+        **{key: (p.default, p.toml_type, p.help) for key, p in _PREFERENCES.items()},
         "preemptible": (False, "bool", "sell capacity as preemptible (cheaper; desktops)"),
     },
     "pricing": {
@@ -156,14 +151,13 @@ def validate(cfg: Config) -> None:
     def fail(key: str, reason: str) -> None:
         raise ConfigError(f"{where}: {key}: {reason}")
 
-    for key in ("cpu_share", "memory_share", "gpu_share"):
-        if not 0.0 <= cfg[f"contributor.{key}"] <= 1.0:
-            fail(f"contributor.{key}", "must be between 0 and 1")
-    hours = cfg["contributor.allowed_hours"]
-    if hours and not re.fullmatch(r"([01]?\d|2[0-3])-([01]?\d|2[0-4])", hours):
-        fail("contributor.allowed_hours", f"expected \"HH-HH\" (e.g. \"22-07\"), got {hours!r}")
-    if not 0 <= cfg["contributor.min_battery_percent"] <= 100:
-        fail("contributor.min_battery_percent", "must be between 0 and 100")
+    try:
+        contributor_limits(cfg.values["contributor"])
+    except (TypeError, ValueError) as exc:
+        key, _, rest = str(exc).partition(" ")
+        if key in _PREFERENCES:  # "cpu_share must be ..." -> "contributor.cpu_share: must be ..."
+            fail(f"contributor.{key}", rest)
+        fail("contributor", str(exc))
     if cfg["log.level"] not in _LEVELS:
         fail("log.level", f"must be one of {', '.join(sorted(_LEVELS))}")
     for rt in cfg["runtimes.enabled"]:
@@ -186,6 +180,19 @@ def validate(cfg: Config) -> None:
                 "market.max_asks_per_peer", "market.candidates_per_peer", "market.parallel_proposals"):
         if not cfg[key] > 0 or cfg[key] == float("inf"):
             fail(key, "must be a positive finite number")
+
+
+def contributor_limits(section: dict, overrides: dict | None = None) -> ContributorLimits:
+    """The [contributor] preferences (plus live overrides) as the policy reads them:
+    "" and 0-means-none stay as they are, an empty hours string is no limit."""
+    values = {k: section[k] for k in _PREFERENCES}
+    values.update(overrides or {})
+    for key in ("allowed_hours", "weekday_hours", "network_hours"):
+        values[key] = values[key] or None
+    for key in ("bandwidth_bytes_per_s", "daily_transfer_bytes", "disk_limit_bytes"):
+        if isinstance(values[key], float) and values[key].is_integer():
+            values[key] = int(values[key])
+    return ContributorLimits(**values)
 
 
 def _toml_value(value: Any) -> str:

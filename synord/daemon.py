@@ -34,6 +34,8 @@ from .store import Store
 
 log = logging.getLogger("synord.daemon")
 
+SESSION_IDLE_TTL_S = 120.0  # a session idle report counts this long (the tray re-reports every few s)
+
 
 @dataclass
 class DaemonOptions:
@@ -74,6 +76,9 @@ class Node:
         self.metrics_registry = registry_for(self)
         self._stopping = trio.Event()
         self._limits_changed = trio.Event()  # wakes the policy watcher
+        self.usage = None  # hwprobe.policy.Usage: task cache size and today's transfers
+        self._throttled: dict[str, float] = {}  # job id -> cores its cgroup was last given
+        self._session_idle: tuple[float, float] | None = None  # (idle_s, monotonic when reported)
         self._outer: trio.Nursery | None = None  # outlives the components: the container reaper
         self._reaper = None  # runtimes.anchored.AnchoredProcess
         # Awaited in order on graceful stop (jobs hand their tasks back first).
@@ -202,7 +207,8 @@ class Node:
             region=c["node.region"] or None)
         self.market = MarketService(
             self.identity, self.store, self.mesh.mesh, offer=self.market_offer,
-            contributing=lambda: self.contributing, policy=policy,
+            # The market checks pause/enable itself; every other reason comes in the offer.
+            contributing=lambda: self.config["contributor.enabled"] and not self.paused, policy=policy,
             classes=lambda: hwprobe.resource_classes(self.profile),
             preemptible=c["contributor.preemptible"], min_price=c["pricing.min_price"],
             allow_peers=c["market.allow_peers"], deny_peers=c["market.deny_peers"],
@@ -224,12 +230,15 @@ class Node:
             lease_timeout_s=c["jobs.lease_timeout_s"], checkpoint_interval_s=c["jobs.checkpoint_interval_s"],
             placement_timeout_s=c["jobs.placement_timeout_s"])
         await nursery.start(self.consumer_jobs.run)
+        from protocols.pacing import PACER
+        PACER.rate = self.contributor_limits().bandwidth_bytes_per_s  # one cap for every transfer
+        nursery.start_soon(self._measure_usage)
         nursery.start_soon(self._watch_policy)
         self._stop_hooks.append(self._hand_back_on_stop)
 
     def market_offer(self) -> dict:
         """What the market may sell now: the contributor's share of this host, and the sandboxes."""
-        off = dict(self.profile.offerable) if self.profile is not None else {}
+        off = self._offerable()
         host = self.profile.host if self.profile is not None else {}
         if off.get("allowed", True):
             # A stable share (not minus momentary load: that goes in the ask's `load`).
@@ -240,23 +249,99 @@ class Node:
         off["runtimes"] = sorted(self.runtimes)
         return off
 
+    def _offerable(self) -> dict:
+        """The profile's offer under the one contribution decision (hwprobe.policy.decide)."""
+        import hwprobe
+        if self.profile is None:
+            return {}
+        return hwprobe.offerable(self.profile, self.contributor_limits(), self.signals(), self.usage,
+                                 decision=self.contribution())
+
+    def signals(self):
+        """The last probed contributor signals, with the desktop session's idle time
+        (reported by the tray, POST /v1/idle) where the daemon sees none itself."""
+        import hwprobe
+        sig = hwprobe.ContributorSignals.from_json((self.profile.signals if self.profile else None) or {})
+        if sig.hour_of_day is None:  # not probed yet
+            sig = hwprobe.read_signals()
+        if sig.user_idle_s is None and self._session_idle is not None:
+            idle_s, at = self._session_idle
+            if time.monotonic() - at < SESSION_IDLE_TTL_S:
+                sig.user_idle_s, sig.idle_source = idle_s + (time.monotonic() - at), "session"
+        return sig
+
+    def report_idle(self, body: dict) -> dict:
+        """The user's session (the tray sees X11/Wayland input) says how long it has been idle."""
+        idle = body.get("idle_s")
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle < 10**8:
+            raise ApiError(400, "idle_s must be a number of seconds >= 0")
+        self._session_idle = (float(idle), time.monotonic())
+        self._limits_changed.set()
+        return {"idle_s": float(idle), "source": self.signals().idle_source}
+
+    def contribution(self):
+        """THE answer to "is this node contributing, and if not why": status, limits,
+        the dashboard, the metrics and the asks all read it (hwprobe.policy.decide)."""
+        from hwprobe.policy import decide
+        return decide(self.contributor_limits(), self.signals(), self.usage,
+                      enabled=self.config["contributor.enabled"], paused=self.paused)
+
+    async def _measure_usage(self) -> None:
+        """Task cache size and bytes transferred today, for disk_limit_bytes and
+        daily_transfer_bytes (a walk of a few directories, off the event loop)."""
+        from hwprobe.policy import Usage
+        from hwprobe.signals import disk_usage
+        h = self.home
+        while True:
+            t = time.localtime()
+            midnight = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
+            cache, _ = await trio.to_thread.run_sync(disk_usage, [h.work], 0.0)
+            blobs, today = await trio.to_thread.run_sync(disk_usage, [h.artifacts, h.checkpoints], midnight)
+            was = self.usage
+            self.usage = Usage(cache_bytes=cache + blobs, transferred_today_bytes=today)
+            if was is None:
+                self._limits_changed.set()
+            await trio.sleep(5)
+
+    def _apply_throttle(self, throttle: float) -> None:
+        """cpu.max of every running container task = its agreed cores x the throttle
+        (cpu_time_percent, or 1 % while suspended for other processes' CPU use)."""
+        running = self.provider_jobs.running()
+        for t in running:
+            cg = getattr(t.execution.sandbox, "cgroup", None)
+            if cg is None:
+                continue  # wasm / microVM: no cgroup of their own (reported by `limits`)
+            cores = max(0.01, t.execution.spec.limits.cpus * throttle)
+            if self._throttled.get(t.job_id) == cores:
+                continue
+            try:
+                cg.set_cpu(cores)
+                self._throttled[t.job_id] = cores
+            except OSError:
+                pass  # not created yet or already gone: next round
+        for job_id in set(self._throttled) - {t.job_id for t in running}:
+            del self._throttled[job_id]
+
     async def _watch_policy(self) -> None:
         """Contributor limits turning false (user back, battery, hours) preempt running work;
-        an external notice file (like a cloud spot notice) does too."""
-        was_allowed = True
+        reasons that only stop new work (network hours, transfer, disk, other CPU use)
+        withdraw the asks; the CPU throttle follows the preferences live. An external
+        notice file (like a cloud spot notice) preempts too."""
+        was_contributing, was_handing_back = True, False
         notice_file = self.home.path / "preempt-notice"
         while True:
             with trio.move_on_after(1.0):
                 await self._limits_changed.wait()
             self._limits_changed = trio.Event()
-            off = self.profile.offerable if self.profile is not None else {}
-            allowed = off.get("allowed", True)
-            if was_allowed and not allowed:
-                await self.preempt(off.get("why_not") or "contributor limits", None)
+            decision = self.contribution()
+            if decision.hand_back and not was_handing_back and self.provider_jobs.running():
+                await self.preempt(decision.why_not or "contributor limits", None)
+            if decision.contributing != was_contributing:
+                log.info("contributing" if decision.contributing else "not contributing",
+                         extra={"why_not": decision.why_not})
                 self.market.offer_changed()
-            elif allowed and not was_allowed:
-                self.market.offer_changed()
-            was_allowed = allowed
+            was_contributing, was_handing_back = decision.contributing, decision.hand_back
+            self._apply_throttle(decision.throttle)
             if notice_file.exists():
                 await self._read_notice_file(notice_file)
 
@@ -319,45 +404,63 @@ class Node:
         import hwprobe
         while True:
             await trio.sleep(5)
-            self.profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, self.profile)
-
-    LIMIT_KEYS = ("cpu_share", "memory_share", "gpu_share", "idle_only", "idle_after_s", "ac_only",
-                  "min_battery_percent", "allowed_hours")
+            profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, self.profile)
+            self.profile = profile
+            profile.offerable = self._offerable()  # what `probe` shows and peers hear agrees too
 
     def contributor_limits(self):
         """config.toml's [contributor] limits, with the owner's live changes on top."""
-        from hwprobe import ContributorLimits
-        values = {k: self.config[f"contributor.{k}"] for k in self.LIMIT_KEYS}
-        values.update(self.store.kv_get("contributor_limits", {}))
-        values["allowed_hours"] = values["allowed_hours"] or None
-        return ContributorLimits(**values)
+        from .config import contributor_limits
+        return contributor_limits(self.config.values["contributor"],
+                                  self.store.kv_get("contributor_limits", {}))
 
     def limits_json(self) -> dict:
+        """Every preference with its value, type, help and whether this machine can
+        evaluate it (the dashboard renders its editor from this), and the decision."""
+        from hwprobe.policy import PREFERENCES, evaluability
         lim = self.contributor_limits()
-        off = self.profile.offerable if self.profile is not None else {}
-        return {"limits": lim.to_json(), "allowed": off.get("allowed", True),
-                "why_not": off.get("why_not"), "overrides": self.store.kv_get("contributor_limits", {})}
+        decision = self.contribution()
+        overrides = self.store.kv_get("contributor_limits", {})
+        sig = self.signals()
+        gpus = len([d for d in self.profile.devices if d.get("kind") == "gpu"]) if self.profile else None
+        notes = evaluability(lim, sig, gpus=gpus, can_throttle="container" in self.runtimes,
+                             usage=self.usage)
+        values = lim.to_json()
+        conf = self.config.values["contributor"]
+        keys = [{"key": k, "value": values[k], "type": p.type, "help": p.help, "config": conf[k],
+                 "overridden": k in overrides, "evaluable": k not in notes, "note": notes.get(k)}
+                for k, p in PREFERENCES.items()]
+        usage = ({"cache_bytes": self.usage.cache_bytes,
+                  "transferred_today_bytes": self.usage.transferred_today_bytes} if self.usage else None)
+        return {"limits": values, "allowed": decision.contributing, "why_not": decision.why_not,
+                "overrides": overrides, "contributing": decision.contributing, "reasons": decision.reasons,
+                "hand_back": decision.hand_back, "throttle": decision.throttle, "keys": keys,
+                "usage": usage}
 
     async def set_limits(self, body: dict) -> dict:
         """Change contributor limits live (dashboard, tray, `synord limits set`); persisted.
         Work the new limits forbid is handed back at once."""
         import hwprobe
-        unknown = set(body) - set(self.LIMIT_KEYS)
+        from hwprobe.policy import PREFERENCES, coerce
+        from protocols.pacing import PACER
+
+        from .config import contributor_limits
+        unknown = set(body) - set(PREFERENCES)
         if unknown:
             raise ApiError(400, f"unknown limit(s): {', '.join(sorted(unknown))} "
-                                f"(known: {', '.join(self.LIMIT_KEYS)})")
-        overrides = {**self.store.kv_get("contributor_limits", {}), **body}
-        overrides = {k: v for k, v in overrides.items() if v is not None}  # None: back to config
+                                f"(known: {', '.join(PREFERENCES)})")
         try:
-            values = {k: self.config[f"contributor.{k}"] for k in self.LIMIT_KEYS}
-            values.update(overrides)
-            values["allowed_hours"] = values["allowed_hours"] or None
-            limits = hwprobe.ContributorLimits(**values)
+            body = {k: coerce(k, v) for k, v in body.items()}
+            overrides = {**self.store.kv_get("contributor_limits", {}), **body}
+            overrides = {k: v for k, v in overrides.items() if v is not None}  # None: back to config
+            limits = contributor_limits(self.config.values["contributor"], overrides)
         except (TypeError, ValueError) as exc:
             raise ApiError(400, f"bad limits: {exc}") from None
+        PACER.rate = limits.bandwidth_bytes_per_s
         self.store.kv_set("contributor_limits", overrides)  # committed before we answer
         self.profile.limits = limits.to_json()
         self.profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, self.profile)
+        self.profile.offerable = self._offerable()
         self._limits_changed.set()
         return self.limits_json()
 
@@ -369,19 +472,21 @@ class Node:
 
     @property
     def contributing(self) -> bool:
-        return self.config["contributor.enabled"] and not self.paused
+        return self.contribution().contributing
 
     def listen_addrs(self) -> list[str]:
         return self.mesh.listen_addrs() if self.mesh else []
 
     def status_json(self) -> dict[str, Any]:
+        decision = self.contribution()
         return {
             "peer_id": self.identity.peer_id,
             "addrs": self.listen_addrs(),
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
             "peers": len(self.mesh.peers_json()) if self.mesh else 0,
-            "contributing": self.contributing,
+            "contributing": decision.contributing,
+            "why_not": decision.why_not,
             "paused": self.paused,
             "api": self.api_url,
             "home": str(self.home.path),
@@ -421,17 +526,31 @@ class Node:
         return self.consumer_jobs.jobs_json() + provided
 
     def job_json(self, job_id: str) -> dict:
-        return self.consumer_jobs.job_json(job_id)
+        """A job this node submitted, else a task it runs for someone (the owner may see
+        what their machine does; a consumer still sees only its own jobs)."""
+        if job_id in self.consumer_jobs.jobs:
+            return self.consumer_jobs.job_json(job_id)
+        task = self.provider_jobs.task_json(job_id)
+        if task is None:
+            return self.consumer_jobs.job_json(job_id)  # its 404
+        return task
 
     async def submit_job(self, spec: dict) -> dict:
         return await self.consumer_jobs.submit(spec)
 
     async def cancel_job(self, job_id: str) -> dict:
+        if job_id not in self.consumer_jobs.jobs and self.provider_jobs.task_json(job_id) is not None:
+            return await self.provider_jobs.cancel_task(job_id)
         return await self.consumer_jobs.cancel(job_id)
 
     def job_output(self, job_id: str, follow: bool):
+        if job_id not in self.consumer_jobs.jobs and self.provider_jobs.task_json(job_id) is not None:
+            return self.provider_jobs.task_output(job_id, follow)
         self.consumer_jobs.job_json(job_id)  # 404 before the stream starts
         return self.consumer_jobs.output(job_id, follow)
+
+    def placement_json(self, job_id: str) -> dict:
+        return self.consumer_jobs.placement_json(job_id)
 
     async def exec_job(self, job_id: str, body: dict):
         """`synord exec`/`shell`: NDJSON lines of a command run in the job's sandbox (synord.jobs.shell)."""

@@ -54,6 +54,12 @@ class NodeCollector:
         agreements.add_metric([], n.market.agreements if n.market else 0)
         yield agreements
 
+        from protocols.pacing import PACER
+        paced = CounterMetricFamily("synord_transfer_paced_seconds",
+                                    "time transfers were held back by the contributor's bandwidth cap")
+        paced.add_metric([], PACER.waited_s)
+        yield paced
+
         contributing = GaugeMetricFamily("synord_contributing", "1 when offering capacity")
         contributing.add_metric([], 1.0 if n.contributing else 0.0)
         yield contributing

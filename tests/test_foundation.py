@@ -89,6 +89,7 @@ def test_cli_does_not_import_the_network_stack():
     ("[node]\nlistn = []\n", "node.listn: unknown key"),
     ("[nodes]\n", "[nodes]: unknown section"),
     ("[contributor]\ncpu_share = 1.5\n", "contributor.cpu_share: must be between 0 and 1"),
+    ("[contributor]\nweekday_hours = \"someday 10-12\"\n", "contributor.weekday_hours: is not valid: unknown day"),
     ("[api]\nlisten = \"0.0.0.0:7070\"\n", "api.listen: the control API listens on loopback only"),
     ("[node\n", "invalid TOML"),
     ("[market]\nspend_cap = -1.0\n", "market.spend_cap: must be a positive finite number"),

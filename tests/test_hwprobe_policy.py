@@ -5,6 +5,7 @@ import pytest
 
 from hwprobe import CapabilityProfile, ContributorLimits, ContributorSignals, offerable, resource_classes
 from hwprobe import known
+from hwprobe.policy import PREFERENCES, Usage, coerce, decide, evaluability, parse_weekly
 
 
 def signals(**kw) -> ContributorSignals:
@@ -64,7 +65,6 @@ def test_policy_forbids(limits, sig, reason):
     (ContributorLimits(ac_only=True), signals(on_ac_power=True, battery_percent=10)),
     (ContributorLimits(min_battery_percent=30), signals(on_ac_power=False, battery_percent=31)),
     (ContributorLimits(idle_only=True), signals(user_idle_s=301)),
-    (ContributorLimits(idle_only=True), signals(user_idle_s=None)),  # headless: nobody to disturb
     (ContributorLimits(allowed_hours="09-17"), signals(hour_of_day=9)),
     (ContributorLimits(allowed_hours="22-06"), signals(hour_of_day=23)),
     (ContributorLimits(allowed_hours="22-06"), signals(hour_of_day=5)),
@@ -118,3 +118,88 @@ def test_resource_classes():
     p.devices.append({"kind": "gpu", "vendor": "NVIDIA", "model": "Quadro", "slug": None, "tier": None,
                       "usable": True, "throughput": {}})
     assert resource_classes(p) == ["cpu", "gpu.h100", "opencl", "gpu.consumer"]
+
+
+# ---- the one decision, the preferences BOINC has ------------------------------------------
+
+def test_idle_only_without_an_idle_signal_is_reported_and_not_satisfied():
+    lim = ContributorLimits(idle_only=True)
+    d = decide(lim, signals(user_idle_s=None))
+    assert d.contributing is False and d.hand_back
+    assert "idle_only: cannot evaluate: no idle signal" in d.why_not
+    assert "cannot evaluate" in evaluability(lim, signals(user_idle_s=None))["idle_only"]
+    assert offerable(profile(), lim, signals(user_idle_s=None))["why_not"] == d.why_not
+    assert "idle_only" not in evaluability(lim, signals(user_idle_s=3))
+
+
+def test_pause_disable_and_every_reason_are_listed():
+    lim = ContributorLimits(allowed_hours="01-02", ac_only=True)
+    d = decide(lim, signals(on_ac_power=False, battery_percent=50), enabled=True, paused=True)
+    assert d.reasons[0] == "paused by the owner" and len(d.reasons) == 3
+    assert "outside allowed hours 01-02 (now 12h)" in d.why_not
+    assert decide(ContributorLimits(), signals(), enabled=False).reasons[0].startswith("disabled in config.toml")
+    assert decide(ContributorLimits(), signals()).contributing
+
+
+@pytest.mark.parametrize("weekly,weekday,hour,ok", [
+    ("mon-fri 18-08; sat,sun 00-24", 0, 19, True),
+    ("mon-fri 18-08; sat,sun 00-24", 2, 12, False),
+    ("mon-fri 18-08; sat,sun 00-24", 6, 12, True),
+    ("fri-mon 09-17", 0, 10, True),       # a range across the week's end
+    ("fri-mon 09-17", 2, 10, False),      # not listed: no work that day
+])
+def test_weekday_hours(weekly, weekday, hour, ok):
+    d = decide(ContributorLimits(weekday_hours=weekly), signals(hour_of_day=hour, weekday=weekday))
+    assert d.contributing is ok and (ok or "outside weekday hours" in d.why_not)
+
+
+def test_weekday_hours_parse_and_refuse():
+    assert parse_weekly("sat,sun 00-24") == {5: (0, 24), 6: (0, 24)}
+    for bad in ("someday 10-12", "mon 10", "mon 25-02", "10-12"):
+        with pytest.raises(ValueError):
+            ContributorLimits(weekday_hours=bad)
+
+
+def test_network_hours_transfer_and_disk_stop_new_work_only():
+    lim = ContributorLimits(network_hours="22-07", daily_transfer_bytes=1 << 30, disk_limit_bytes=2 << 30)
+    d = decide(lim, signals(hour_of_day=12), Usage(cache_bytes=3 << 30, transferred_today_bytes=1 << 30))
+    assert not d.contributing and not d.hand_back and len(d.reasons) == 3
+    assert "daily transfer limit reached (1.0 GiB of 1.0 GiB today)" in d.why_not
+    assert "task cache 3.0 GiB over its disk limit 2.0 GiB" in d.why_not
+    assert decide(lim, signals(hour_of_day=23), Usage(0, 0)).contributing
+    # Unmeasured usage is not a pass: it is reported and holds new work back.
+    d = decide(lim, signals(hour_of_day=23), Usage(None, None))
+    assert not d.contributing and "cannot evaluate" in d.why_not
+
+
+def test_suspend_on_other_cpu_use_throttles_instead_of_handing_back():
+    lim = ContributorLimits(suspend_cpu_percent=50, cpu_time_percent=60)
+    assert decide(lim, signals(cpu_pressure=0.3)).throttle == pytest.approx(0.6)
+    d = decide(lim, signals(cpu_pressure=0.8))
+    assert not d.contributing and not d.hand_back and d.throttle == 0.01
+    assert "other processes use 80% CPU (> 50%)" in d.why_not
+
+
+def test_memory_in_use_and_idle_and_gpu_only_while_idle():
+    lim = ContributorLimits(memory_share=0.25, memory_share_idle=0.75, gpu_idle_only=True, idle_after_s=60)
+    busy = offerable(profile(), lim, signals(user_idle_s=5))
+    idle = offerable(profile(), lim, signals(user_idle_s=600))
+    assert busy["memory_bytes"] == 16 * 2**30 and busy["gpus"] == 0
+    assert idle["memory_bytes"] == 48 * 2**30 and idle["gpus"] == 2
+    unknown = offerable(profile(), lim, signals(user_idle_s=None))
+    assert unknown["memory_bytes"] == 16 * 2**30 and unknown["gpus"] == 0  # in-use values apply
+    notes = evaluability(lim, signals(user_idle_s=None), gpus=0, can_throttle=False)
+    assert {"memory_share_idle", "gpu_idle_only", "gpu_share", "cpu_time_percent"} <= set(notes)
+
+
+def test_preference_table_covers_every_limit_and_coerces_text():
+    import dataclasses
+    assert set(PREFERENCES) == {f.name for f in dataclasses.fields(ContributorLimits)}
+    assert coerce("daily_transfer_bytes", "2G") == 2 << 30
+    assert coerce("bandwidth_bytes_per_s", "10MiB/s") == 10 << 20
+    assert coerce("idle_only", "yes") is True and coerce("cpu_time_percent", "50%") == 50.0
+    for key, bad in (("idle_only", "maybe"), ("cpu_share", "lots"), ("disk_limit_bytes", "big")):
+        with pytest.raises(ValueError):
+            coerce(key, bad)
+    with pytest.raises(ValueError, match="unknown preference"):
+        coerce("cpu_shares", 1)

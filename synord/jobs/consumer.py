@@ -761,6 +761,16 @@ class ConsumerJobs:
     def job_json(self, job_id: str) -> dict:
         return self._get(job_id).to_json()
 
+    def placement_json(self, job_id: str) -> dict:
+        """Whether the job still waits for a provider, and why (`run` says so at once)."""
+        job = self._get(job_id)
+        waiting = job.state in ("queued", "negotiating")
+        needs = self._needs(job)
+        return {"id": job.id, "state": job.state, "waiting": waiting,
+                "candidates": len(self.market.candidates(needs)) if waiting else None,
+                "why": self.market.explain(needs) if waiting else None,
+                "placement_timeout_s": self.placement_timeout_s}
+
     def _get(self, job_id: str) -> ConsumerJob:
         job = self.jobs.get(job_id)
         if job is None:

@@ -474,6 +474,66 @@ class ProviderJobs:
                       for t in self.tasks.values()):
                 await trio.sleep(0.05)
 
+    # ---- the owner's view: tasks this machine runs for others (job / logs / cancel) ----------
+
+    def task_json(self, job_id: str) -> dict | None:
+        """A task this node runs (or ran) for a consumer; None if there is none."""
+        task = self.tasks.get(job_id)
+        row = self.store.conn.execute(
+            "SELECT state, runtime, consumer, exit_code, error, created, updated FROM jobs "
+            "WHERE id = ? AND role = 'provider'", (job_id,)).fetchone()
+        if task is None and row is None:
+            return None
+        out = {"id": job_id, "role": "provider", "provider": self.identity.peer_id}
+        if row is not None:
+            out.update(state=row[0], runtime=row[1], consumer=row[2], exit_code=row[3], error=row[4],
+                       created=row[5], updated=row[6])
+        if task is not None:
+            ex = task.execution
+            t = task.terms
+            out.update(consumer=task.consumer, runtime=ex.spec.kind, started=task.started_ms / 1000,
+                       cpus=ex.spec.limits.cpus, memory_bytes=ex.spec.limits.memory_bytes,
+                       agreement=t.aid.hex(), price=t.price, units=t.units,
+                       output_bytes=dict(ex.output.offsets), checkpoints=task.checkpoints_taken,
+                       preempt=task.preempt)
+            if not ex.done.is_set():
+                out["state"] = "running"
+            cg = getattr(ex.sandbox, "cgroup", None)
+            if cg is not None and not ex.done.is_set():
+                out["cpu_max"] = cg.cpu_max()
+        return out
+
+    async def task_output(self, job_id: str, follow: bool):
+        """NDJSON like the consumer's logs: output the task still holds, then its end."""
+        task = self.tasks.get(job_id)
+        seen: dict[str, int] = {}
+        while task is not None:
+            out = task.execution.output
+            changed = out.changed
+            for stream, off, data in out.since(seen):
+                seen[stream] = off + len(data)
+                yield (json.dumps({"stream": stream, "data": data.decode("utf-8", "surrogateescape")})
+                       + "\n").encode()
+            if task.execution.done.is_set() and not out.since(seen):
+                break
+            if not follow:
+                return
+            with trio.move_on_after(1.0):
+                await changed.wait()
+        end = self.task_json(job_id) or {}
+        yield (json.dumps({"exit_code": end.get("exit_code"), "state": end.get("state"),
+                           **({"error": end["error"]} if end.get("error") else {})}) + "\n").encode()
+
+    async def cancel_task(self, job_id: str) -> dict | None:
+        """The owner stops a task on their machine: killed, the consumer hears it was cancelled."""
+        task = self.tasks.get(job_id)
+        if task is not None and not task.execution.done.is_set():
+            log.info("task cancelled by the provider's owner", extra={"job": job_id})
+            await task.execution.cancel()
+            with trio.move_on_after(10):
+                await task.execution.done.wait()
+        return self.task_json(job_id)
+
 
 class TaskRefused(Exception):
     pass
