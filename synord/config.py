@@ -55,6 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "candidates_per_peer": (1, "int", "asks of one provider on a placement's shortlist"),
         "parallel_proposals": (2, "int", "proposals of one placement in flight at once"),
         "hedge_s": (1.0, "float", "propose to the next candidate when one is silent this long"),
+        "backoff_s": (5.0, "float", "skip a provider that did not answer this long (doubling per silence)"),
     },
     "runtimes": {
         "enabled": (["wasm", "container", "microvm"], "list[str]", "sandboxes offered"),
@@ -177,6 +178,7 @@ def validate(cfg: Config) -> None:
         if cfg[key] <= 0:
             fail(key, "must be positive")
     for key in ("market.max_price", "market.spend_cap", "market.spend_period_s", "market.hedge_s",
+                "market.backoff_s",
                 "market.max_asks_per_peer", "market.candidates_per_peer", "market.parallel_proposals"):
         if not cfg[key] > 0 or cfg[key] == float("inf"):
             fail(key, "must be a positive finite number")

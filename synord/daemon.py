@@ -216,7 +216,8 @@ class Node:
             max_price=c["market.max_price"], spend_cap=c["market.spend_cap"],
             spend_period_s=c["market.spend_period_s"], max_asks_per_peer=c["market.max_asks_per_peer"],
             candidates_per_peer=c["market.candidates_per_peer"],
-            parallel_proposals=c["market.parallel_proposals"], hedge_s=c["market.hedge_s"])
+            parallel_proposals=c["market.parallel_proposals"], hedge_s=c["market.hedge_s"],
+            backoff_s=c["market.backoff_s"])
         self.provider_jobs = ProviderJobs(
             self.identity, self.store, self.home, self.runtimes,
             on_finished=lambda terms, outcome, usage: self.market.provider_settle(

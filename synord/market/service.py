@@ -60,7 +60,8 @@ class MarketService:
                  deny_peers: list[str] | None = None, timeouts: Timeouts | None = None,
                  on_agreement: Callable[[Terms], None] | None = None, max_price: float = 1.0,
                  spend_cap: float = 10.0, spend_period_s: float = 86_400.0, max_asks_per_peer: int = 16,
-                 candidates_per_peer: int = 1, parallel_proposals: int = 2, hedge_s: float = 1.0):
+                 candidates_per_peer: int = 1, parallel_proposals: int = 2, hedge_s: float = 1.0,
+                 backoff_s: float = 5.0):
         self.identity = identity
         self.peer_id = identity.peer_id
         self.store = store
@@ -76,7 +77,7 @@ class MarketService:
         self.book = OrderBook(max_asks_per_peer=max_asks_per_peer)
         self.max_price = max_price  # per unit-hour, when the job names none
         self.candidates_per_peer = candidates_per_peer
-        self.backoff = Backoff()
+        self.backoff = Backoff(base_ms=int(backoff_s * 1000), max_ms=max(300_000, int(backoff_s * 1000)))
         self.spending = SpendingCap(spend_cap, int(spend_period_s * 1000))
         self.recent = RecentPlacements()  # spreads our jobs over equal providers
         self.ledger = Ledger(store.conn, self.peer_id)

@@ -31,7 +31,8 @@ async def _attacker_in_book(evil: HostileProvider, consumer, asks) -> None:
 
 async def test_price_zero_asks_that_never_answer_do_not_deny_service(cluster):
     ensure_assets()
-    consumer = await in_thread(cluster.start, "consumer", config=CONSUMER_ONLY)
+    # A back-off longer than the test: the second job must not depend on how fast it comes.
+    consumer = await in_thread(cluster.start, "consumer", config=CONSUMER_ONLY + "[market]\nbackoff_s = 120.0\n")
     honest = await in_thread(cluster.start, "honest", bootstrap=await in_thread(consumer.p2p_addrs),
                              config="[contributor]\ncpu_share = 0.5\n")
     honest_id = await in_thread(peer, honest)
