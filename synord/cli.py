@@ -577,6 +577,15 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def cmd_sim(args) -> int:
+    from .sim.runner import main as sim_main  # numpy/scipy/matplotlib load here only
+    from .sim.scenario import ScenarioError
+    try:
+        return sim_main(args)
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+
+
 # ---- parser -----------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -661,6 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm = add("demo", cmd_demo, "throwaway local mesh of real daemons placing real tasks",
              json_flag=False)
     dm.add_argument("--keep", action="store_true", help="leave the demo homes on disk")
+    si = add("sim", cmd_sim, "simulate a spot/on-demand market with the daemon's own decision code (no daemon)")
+    si.add_argument("--scenario", action="append", required=True, metavar="NAME|FILE",
+                    help="built-in scenario name or TOML file (repeat for side by side)")
+    si.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    si.add_argument("--seeds", type=int, default=1, metavar="N", help="Monte Carlo: N seeds from --seed")
+    si.add_argument("--variant", action="append", metavar="NAME", help="run only these variants (+ baseline)")
+    si.add_argument("--png", metavar="PATH", help="write a figure: cost per variant, cost over time")
     return p
 
 
