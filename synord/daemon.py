@@ -212,7 +212,12 @@ class Node:
             classes=lambda: hwprobe.resource_classes(self.profile),
             preemptible=c["contributor.preemptible"], min_price=c["pricing.min_price"],
             allow_peers=c["market.allow_peers"], deny_peers=c["market.deny_peers"],
-            on_agreement=lambda terms: self.provider_jobs.agreement_made(terms))
+            on_agreement=lambda terms: self.provider_jobs.agreement_made(terms),
+            max_price=c["market.max_price"], spend_cap=c["market.spend_cap"],
+            spend_period_s=c["market.spend_period_s"], max_asks_per_peer=c["market.max_asks_per_peer"],
+            candidates_per_peer=c["market.candidates_per_peer"],
+            parallel_proposals=c["market.parallel_proposals"], hedge_s=c["market.hedge_s"],
+            backoff_s=c["market.backoff_s"])
         self.provider_jobs = ProviderJobs(
             self.identity, self.store, self.home, self.runtimes,
             on_finished=lambda terms, outcome, usage: self.market.provider_settle(

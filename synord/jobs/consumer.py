@@ -67,6 +67,8 @@ class Market(Protocol):
     def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Any]: ...
     def explain(self, needs: Needs) -> str: ...
     async def negotiate(self, candidate: Any, needs: Needs) -> Terms: ...
+    async def negotiate_any(self, candidates: list[Any], needs: Needs, within_s: float | None = None) -> Terms: ...
+    def observed_end(self, terms: Terms, at_ms: int | None = None) -> None: ...
     async def announce_bid(self, needs: Needs, bid_id: str) -> None: ...
     async def abandon(self, terms: Terms, reason: str) -> None: ...
     def lease_done(self, terms: Terms) -> None: ...
@@ -285,6 +287,8 @@ class ConsumerJobs:
                 if session is None:
                     session = await self._place(job, exclude, preferred)
                 outcome, detail = await self._watch(job, session)
+                if session.terms is not None:  # its receipt may bill no more than we saw
+                    self.market.observed_end(session.terms)
                 if outcome == "exit":
                     return
                 exclude = (session.provider,)
@@ -315,6 +319,9 @@ class ConsumerJobs:
 
     async def _place(self, job: ConsumerJob, exclude: tuple[str, ...],
                      preferred: Any = None) -> Session:
+        """Propose to the ranked candidates (the market hedges: a silent one does not
+        hold up the next, and is backed off); fail with every answer after
+        ``placement_timeout_s``."""
         needs = self._needs(job)
         if job.state != "migrating":
             self._set_state(job, "negotiating")
@@ -322,37 +329,37 @@ class ConsumerJobs:
         deadline = trio.current_time() + self.placement_timeout_s
         reasons: list[str] = []
         while True:
+            if job.cancel_requested:
+                raise NoPlacement("cancelled")
             cands = self.market.candidates(needs, exclude)
             if preferred is not None:
                 cands = [preferred] + [c for c in cands if c.ask.peer != preferred.ask.peer]
                 preferred = None
-            for cand in cands:
-                if job.cancel_requested:
-                    raise NoPlacement("cancelled")
+            if cands:
                 try:
-                    terms = await self.market.negotiate(cand, needs)
+                    terms = await self.market.negotiate_any(
+                        cands, needs, within_s=max(1.0, deadline - trio.current_time()))
                 except PlacementRejected as exc:
-                    reasons.append(f"{cand.ask.peer[:12]}: {exc}")
-                    log.info("candidate rejected us", extra={"job": job.id, "provider": cand.ask.peer[:16],
-                                                             "reason": str(exc)})
-                    continue
-                try:
-                    return await self._launch(job, terms)
-                except Exception as exc:
-                    if "corrupted checkpoint" in str(exc) and job.checkpoint:
-                        # The provider could not restore it: fall back to a clean restart.
-                        log.warning("checkpoint refused by the provider: restarting from scratch",
-                                    extra={"job": job.id, "error": str(exc)})
-                        job.spec["checkpoint"] = None
-                        job.spec["restore_mode"] = "restart"
-                        self._save(job)
-                    reasons.append(f"{terms.provider[:12]}: {exc}")
-                    await self.market.abandon(terms, f"launch failed: {exc}")
-                    log.warning("launch failed", extra={"job": job.id, "provider": terms.provider[:16],
-                                                        "error": f"{type(exc).__name__}: {exc}"})
+                    reasons.append(str(exc))
+                    log.info("no candidate agreed", extra={"job": job.id, "reason": str(exc)})
+                else:
+                    try:
+                        return await self._launch(job, terms)
+                    except Exception as exc:
+                        if "corrupted checkpoint" in str(exc) and job.checkpoint:
+                            # The provider could not restore it: fall back to a clean restart.
+                            log.warning("checkpoint refused by the provider: restarting from scratch",
+                                        extra={"job": job.id, "error": str(exc)})
+                            job.spec["checkpoint"] = None
+                            job.spec["restore_mode"] = "restart"
+                            self._save(job)
+                        reasons.append(f"{terms.provider[:12]}: {exc}")
+                        await self.market.abandon(terms, f"launch failed: {exc}")
+                        log.warning("launch failed", extra={"job": job.id, "provider": terms.provider[:16],
+                                                            "error": f"{type(exc).__name__}: {exc}"})
             if trio.current_time() >= deadline:
-                why = "; ".join(reasons[-5:]) or self.market.explain(needs)
-                raise NoPlacement(f"no provider could take the task: {why}")
+                why = "; ".join(reasons[-3:]) or self.market.explain(needs)
+                raise NoPlacement(f"no provider took the task within {self.placement_timeout_s:g} s: {why}")
             await trio.sleep(0.5)
 
     async def _push(self, peer: str, path: Path, sha: str, kind: str, job: ConsumerJob) -> None:
@@ -499,7 +506,9 @@ class ConsumerJobs:
                     continue
                 row = self.store.kv_get(f"terms:{leg['agreement']}")
                 if row:
-                    self.market.expect_receipt(Terms.from_body(from_json_safe(row)))
+                    end = leg.get("end")
+                    self.market.expect_receipt(Terms.from_body(from_json_safe(row)),
+                                               None if end is None else int(end * 1000))
 
     def _terms_of(self, job: ConsumerJob) -> Terms | None:
         aid = job.history[-1].get("agreement") if job.history else None
