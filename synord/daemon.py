@@ -104,6 +104,7 @@ class Node:
         self.notifier = Notifier()
         scrub_environment()  # children must not inherit NOTIFY_SOCKET / WATCHDOG_*
         self.api_url: str | None = None
+        self.metrics_url: str | None = None  # the token-less /metrics listener, when configured
         self.profile = None  # hwprobe.CapabilityProfile once probed
         self.mesh = None  # MeshService once started
         self.market = None  # MarketService
@@ -147,14 +148,10 @@ class Node:
             await self._probe()
             nursery.start_soon(self._refresh_profile)
             await self._start_components(nursery)
-            listen = self.config["api.listen"]
-            try:
-                api_url = await nursery.start(serve_api, self, listen, token)
-            except BaseException as exc:  # a busy port: one line naming the setting
-                err = _find(exc, OSError)
-                if err is None:
-                    raise
-                raise StartupError(f"api.listen {listen}: {(err.strerror or str(err)).lower()}") from None
+            api_url = await self._listen(nursery, "api.listen", serve_api, token)
+            if self.config["metrics.listen"]:
+                from .metrics import serve as serve_metrics
+                self.metrics_url = await self._listen(nursery, "metrics.listen", serve_metrics)
             self.api_url = api_url
             self.home.write_api_json(self.api_url)
             log.info("ready", extra={"peer_id": self.identity.peer_id, "api": self.api_url,
@@ -168,6 +165,17 @@ class Node:
             log.info("stopping")
             await self._graceful_stop()
             nursery.cancel_scope.cancel()
+
+    async def _listen(self, nursery: trio.Nursery, setting: str, serve, *args) -> str:
+        """Start a listener on the address in ``setting``; a busy port: one line naming it."""
+        listen = self.config[setting]
+        try:
+            return await nursery.start(serve, self, listen, *args)
+        except BaseException as exc:
+            err = _find(exc, OSError)
+            if err is None:
+                raise
+            raise StartupError(f"{setting} {listen}: {(err.strerror or str(err)).lower()}") from None
 
     async def _start_reaper(self) -> None:
         """Containers must not outlive us (runtimes.reaper): sweep what a previous
@@ -530,6 +538,7 @@ class Node:
             "why_not": decision.why_not,
             "paused": self.paused,
             "api": self.api_url,
+            "metrics": self.metrics_url,
             "home": str(self.home.path),
         }
 

@@ -69,14 +69,19 @@ def test_second_daemon_on_a_home_and_a_busy_p2p_port(cluster):
     assert a.status()["peer_id"]
 
 
-def test_busy_api_port(cluster):
+@pytest.mark.parametrize("setting", ["api.listen", "metrics.listen"])
+def test_busy_api_or_metrics_port(cluster, setting):
     home = cluster.init_home("c")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        res = _daemon(home, api=f"127.0.0.1:{port}")
-    assert _error_line(res) == f"synord: api.listen 127.0.0.1:{port}: address already in use"
+        if setting == "api.listen":
+            res = _daemon(home, api=f"127.0.0.1:{port}")
+        else:
+            (home / "config.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+            res = _daemon(home)
+    assert _error_line(res) == f"synord: {setting} 127.0.0.1:{port}: address already in use"
     _assert_nothing_left(home)
     # the lock went with it: the next start on this home is not refused for it
     assert "another daemon" not in _daemon(home, listen="/ip4/192.0.2.1/tcp/0").stderr

@@ -32,6 +32,7 @@ from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file, sha256_o
 from runtimes.base import KINDS, SpecError, infer_kind
 
 from ..api import ApiError
+from ..metrics import observe_placement
 from ..store import Store, from_json_safe, json_safe
 from .migration import Displaced, Slot, Thresholds, assign_optimal, decide_mode
 
@@ -447,6 +448,7 @@ class ConsumerJobs:
         self.store.kv_set(f"terms:{terms.aid.hex()}", json_safe(terms.to_body()))  # for re-attach
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
+        observe_placement(job.created, entry["mode"])
         log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
         job.session = Session(peer, terms, stream)
         return job.session

@@ -93,11 +93,16 @@ class Ledger:
                 (aid, provider, outcome, "local", ts))
 
     def balance(self) -> float:
+        earned, paid = self.totals()
+        return earned - paid
+
+    def totals(self) -> tuple[float, float]:
+        """(earned as a provider, paid as a consumer), from the receipts."""
         (earned,) = self.conn.execute("SELECT COALESCE(SUM(amount), 0) FROM market_receipts WHERE provider = ?",
                                       (self.peer_id,)).fetchone()
         (paid,) = self.conn.execute("SELECT COALESCE(SUM(amount), 0) FROM market_receipts WHERE consumer = ?",
                                     (self.peer_id,)).fetchone()
-        return float(earned) - float(paid)
+        return float(earned), float(paid)
 
     def counts(self, provider: str) -> tuple[int, int]:
         good, bad = self.conn.execute(
