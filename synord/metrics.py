@@ -10,7 +10,6 @@ serves /metrics alone, without the control token, for a Prometheus on the LAN.
 
 from __future__ import annotations
 
-import logging
 import platform
 import time
 from collections import Counter
@@ -26,8 +25,6 @@ from protocols.refusals import REFUSALS
 
 if TYPE_CHECKING:
     from .daemon import Node
-
-log = logging.getLogger("synord.metrics")
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # One daemon per process: the events are process-wide, registered in the node's registry.
@@ -146,25 +143,13 @@ def registry_for(node: "Node") -> CollectorRegistry:
 
 async def serve(node: "Node", listen: str, task_status) -> None:
     """The metrics-only listener: GET /metrics, no token, nothing else (404)."""
-    import trio
-    from hypercorn.config import Config as HyperConfig
-    from hypercorn.trio import serve as hyper_serve
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
 
+    from .api import serve_app
+
     async def metrics(request):
         return Response(generate_latest(node.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    cfg = HyperConfig()
-    cfg.bind = [listen]
-    cfg.accesslog = None
-    cfg.errorlog = logging.getLogger("hypercorn")
-    cfg.graceful_timeout = 1.0
-
-    class _Started:
-        def started(self, urls):
-            task_status.started(urls[0] if urls else f"http://{listen}")
-
-    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
-    await hyper_serve(app, cfg, shutdown_trigger=trio.sleep_forever, task_status=_Started())
+    await serve_app(Starlette(routes=[Route("/metrics", metrics, methods=["GET"])]), listen, task_status)
