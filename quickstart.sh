@@ -14,6 +14,9 @@ APT_PACKAGES=(
   pocl-opencl-icd ocl-icd-libopencl1                     # OpenCL on CPUs without a GPU
   clang lld wasi-libc libclang-rt-14-dev-wasm32 binaryen # building the test WASM modules
   iproute2 procps
+  python3-gi gir1.2-gtk-3.0 gir1.2-ayatanaappindicator3-0.1 librsvg2-common # `synord tray`
+  chromium chromium-driver fonts-dejavu-core             # the dashboard's browser test
+  xvfb trayer xdotool x11-utils imagemagick desktop-file-utils dbus # the tray's tests
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

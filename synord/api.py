@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .dashboard import FILES as DASHBOARD_FILES, response as dashboard_response
+
 if TYPE_CHECKING:
     from .daemon import Node
 
@@ -48,7 +50,7 @@ def host_is_loopback(host_header: str) -> bool:
 class GuardMiddleware:
     """Host check (421) then bearer-token check (401), before any route runs."""
 
-    PUBLIC = {"/", "/dashboard.js"}
+    PUBLIC = set(DASHBOARD_FILES)  # the dashboard's static files hold no data
 
     def __init__(self, app, token: str):
         self.app = app
@@ -181,14 +183,19 @@ def build_app(node: "Node", token: str):
         return Response(generate_latest(node.metrics_registry),
                         media_type="text/plain; version=0.0.4")
 
+    async def history(request: Request):
+        try:
+            since = float(request.query_params.get("since") or 0)
+        except ValueError:
+            return JSONResponse({"error": "since must be a unix time in seconds"}, status_code=400)
+        return await call(node.history_json, since)
+
     async def dashboard(request: Request):
-        from .dashboard import PAGE
-        return Response(PAGE, media_type="text/html",
-                        headers={"content-security-policy": "default-src 'self'; "
-                                 "script-src 'unsafe-inline' 'self'; connect-src 'self'"})
+        return dashboard_response(request.url.path)
 
     routes = [
-        Route("/", dashboard),
+        *(Route(path, dashboard) for path in DASHBOARD_FILES),
+        Route("/v1/history", history),
         Route("/v1/status", status),
         Route("/v1/peers", peers),
         Route("/v1/probe", probe),

@@ -561,12 +561,18 @@ def cmd_shell(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    client = _client(args)
-    if client.url.startswith("unix:"):
-        raise CliError("the dashboard needs a TCP API listener (api.listen = \"127.0.0.1:PORT\")")
-    url = f"{client.url}/#token={client.token}"
+    url = _client(args).dashboard_url()
+    if args.open:
+        import webbrowser
+        if not webbrowser.open(url):
+            raise CliError(f"no web browser found to open the dashboard; open {url}")
     _emit(args, {"url": url}, lambda d: d["url"])
     return 0
+
+
+def cmd_tray(args) -> int:
+    from .tray import main as tray_main
+    return tray_main(Home(args.home))
 
 
 def cmd_sandbox_run(args) -> int:
@@ -577,6 +583,15 @@ def cmd_sandbox_run(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
     return demo_main(args)
+
+
+def cmd_sim(args) -> int:
+    from .sim.runner import main as sim_main  # numpy/scipy/matplotlib load here only
+    from .sim.scenario import ScenarioError
+    try:
+        return sim_main(args)
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
 
 
 # ---- parser -----------------------------------------------------------------
@@ -613,7 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="e.g. --set cpu_share=0.5 --set allowed_hours=22-07 (empty value: back to config)")
     add("pause", cmd_pause, "contributor: stop taking work, hand running tasks elsewhere")
     add("resume", cmd_resume, "contributor: take work again")
-    add("dashboard", cmd_dashboard, "print the loopback dashboard URL (with its token)")
+    da = add("dashboard", cmd_dashboard, "print the loopback dashboard URL (with its token)")
+    da.add_argument("--open", action="store_true", help="open it in the desktop's web browser")
+    add("tray", cmd_tray, "a tray icon: contributing/paused/working/offline, pause/resume, dashboard",
+        json_flag=False)
     add("jobs", cmd_jobs, "jobs this node submitted or runs")
     j = add("job", cmd_job, "one job")
     j.add_argument("id")
@@ -665,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm = add("demo", cmd_demo, "throwaway local mesh of real daemons placing real tasks",
              json_flag=False)
     dm.add_argument("--keep", action="store_true", help="leave the demo homes on disk")
+    si = add("sim", cmd_sim, "simulate a spot/on-demand market with the daemon's own decision code (no daemon)")
+    si.add_argument("--scenario", action="append", required=True, metavar="NAME|FILE",
+                    help="built-in scenario name or TOML file (repeat for side by side)")
+    si.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    si.add_argument("--seeds", type=int, default=1, metavar="N", help="Monte Carlo: N seeds from --seed")
+    si.add_argument("--variant", action="append", metavar="NAME", help="run only these variants (+ baseline)")
+    si.add_argument("--png", metavar="PATH", help="write a figure: cost per variant, cost over time")
     return p
 
 

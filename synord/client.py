@@ -82,6 +82,12 @@ class ApiClient:
             raise ClientError(msg or f"{method} {path}: HTTP {resp.status}")
         return data
 
+    def dashboard_url(self) -> str:
+        """The loopback dashboard, its token in the fragment (which browsers never send)."""
+        if self.url.startswith("unix:"):
+            raise ClientError("the dashboard needs a TCP API listener (api.listen = \"127.0.0.1:PORT\")")
+        return f"{self.url}/#token={self.token}"
+
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 

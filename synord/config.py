@@ -60,6 +60,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "preemption_grace_s": (10.0, "float", "grace period sent with a preemption notice"),
         "placement_timeout_s": (30.0, "float", "keep trying to place a task this long before failing it"),
     },
+    "history": {
+        "interval_s": (60.0, "float", "sample utilisation and earnings this often (dashboard charts)"),
+        "keep_days": (30.0, "float", "drop samples older than this"),
+    },
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
     },
@@ -155,6 +159,8 @@ def validate(cfg: Config) -> None:
         if key in _PREFERENCES:  # "cpu_share must be ..." -> "contributor.cpu_share: must be ..."
             fail(f"contributor.{key}", rest)
         fail("contributor", str(exc))
+    if cfg["history.interval_s"] < 1.0:
+        fail("history.interval_s", "must be at least 1 second")
     if cfg["log.level"] not in _LEVELS:
         fail("log.level", f"must be one of {', '.join(sorted(_LEVELS))}")
     for rt in cfg["runtimes.enabled"]:

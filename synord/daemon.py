@@ -283,6 +283,8 @@ class Node:
         PACER.rate = self.contributor_limits().bandwidth_bytes_per_s  # one cap for every transfer
         nursery.start_soon(self._measure_usage)
         nursery.start_soon(self._watch_policy)
+        from .history import run_sampler
+        nursery.start_soon(run_sampler, self)
         self._stop_hooks.append(self._hand_back_on_stop)
 
     def market_offer(self) -> dict:
@@ -537,6 +539,7 @@ class Node:
             "contributing": decision.contributing,
             "why_not": decision.why_not,
             "paused": self.paused,
+            "running_tasks": len(self.provider_jobs.running()) if self.provider_jobs else 0,
             "api": self.api_url,
             "metrics": self.metrics_url,
             "home": str(self.home.path),
@@ -562,6 +565,10 @@ class Node:
         log.info("resumed by the contributor")
         self.market.offer_changed()
         return {"paused": False, "contributing": self.contributing}
+
+    def history_json(self, since: float = 0.0) -> dict:
+        from .history import read
+        return {"interval_s": self.config["history.interval_s"], "samples": read(self.store, since)}
 
     def book_json(self, cls: str | None = None) -> dict:
         return self.market.book_json(cls)

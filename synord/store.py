@@ -29,6 +29,11 @@ def _market_schema(conn: sqlite3.Connection) -> None:
     _exec_script(conn, SCHEMA)
 
 
+def _history_schema(conn: sqlite3.Connection) -> None:
+    from .history import SCHEMA  # the dashboard's samples over time (synord.history)
+    _exec_script(conn, SCHEMA)
+
+
 MIGRATIONS: list[Migration] = [
     # 1: generic durable settings (pause state, counters...)
     """
@@ -70,6 +75,8 @@ MIGRATIONS: list[Migration] = [
     """,
     # 3: market ledger (receipts, outcomes for reputation)
     _market_schema,
+    # 4: one sample of utilisation and earnings per minute, for the dashboard's charts
+    _history_schema,
 ]
 
 

@@ -97,7 +97,7 @@ class Ledger:
         return earned - paid
 
     def totals(self) -> tuple[float, float]:
-        """(earned as a provider, paid as a consumer), from the receipts."""
+        """(earned as provider, paid as consumer), all receipts."""
         (earned,) = self.conn.execute("SELECT COALESCE(SUM(amount), 0) FROM market_receipts WHERE provider = ?",
                                       (self.peer_id,)).fetchone()
         (paid,) = self.conn.execute("SELECT COALESCE(SUM(amount), 0) FROM market_receipts WHERE consumer = ?",
