@@ -72,6 +72,8 @@ async def _exclusive_listeners(host: str | None, port: int) -> list[trio.SocketL
 
 
 _libp2p_tcp._open_reuseport_listeners = _exclusive_listeners
+# Its listen() also logs each failure as a bare line of its own; `_check_listening` says it once.
+logging.getLogger(_libp2p_tcp.__name__).setLevel(logging.CRITICAL)
 
 
 class _RawStream:

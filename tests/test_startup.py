@@ -68,6 +68,9 @@ def test_second_daemon_on_a_home_and_a_busy_p2p_port(cluster):
     _assert_nothing_left(b)
     assert a.status()["peer_id"]
 
+    a.kill()  # a crash leaves no lock behind (the kernel drops the flock with the process)
+    assert cluster.start("a").status()["peer_id"]
+
 
 @pytest.mark.parametrize("setting", ["api.listen", "metrics.listen"])
 def test_busy_api_or_metrics_port(cluster, setting):
