@@ -97,7 +97,7 @@ def test_listen_address_not_on_this_host(cluster):
     _assert_nothing_left(home)
 
 
-def test_unwritable_home(cluster, tmp_path):
+def test_unwritable_home(cluster):
     home = cluster.init_home("e")
     if os.geteuid() == 0:
         # root writes anywhere: make the home a read-only bind mount in a private mount namespace
