@@ -75,6 +75,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
     },
+    "metrics": {
+        "listen": ("", "str", "a second listener serving only /metrics, without the control token "
+                              "(e.g. 0.0.0.0:9464 for a Prometheus on the LAN); empty = off"),
+    },
 }
 
 _LEVELS = {"debug", "info", "warning", "error"}
@@ -177,6 +181,11 @@ def validate(cfg: Config) -> None:
             fail("api.listen", f"expected HOST:PORT or unix:/path, got {api!r}")
         if host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
             fail("api.listen", f"the control API listens on loopback only, not {host}")
+    metrics = cfg["metrics.listen"]
+    if metrics:  # "" = off
+        host, _, port = metrics.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            fail("metrics.listen", f"expected HOST:PORT (e.g. 0.0.0.0:9464) or \"\" for off, got {metrics!r}")
     for addr in cfg["node.listen"] + cfg["node.bootstrap"]:
         if not addr.startswith("/"):
             fail("node.listen/bootstrap", f"not a multiaddr: {addr!r}")

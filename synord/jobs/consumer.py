@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file, sha256_o
 from runtimes.base import KINDS, SpecError, infer_kind
 
 from ..api import ApiError
+from ..metrics import observe_placement
 from ..store import Store, from_json_safe, json_safe
 from .migration import Displaced, Slot, Thresholds, assign_optimal, decide_mode
 
@@ -239,7 +242,34 @@ class ConsumerJobs:
             raise ValueError(f"unknown runtime {kind!r}")
         if kind == "wasm" and path.is_dir():
             raise SpecError("a wasm task needs a .wasm module, not a directory")
-        check_artifact(kind, path)  # not wasm / broken image / bad digests: refused here
+        exported = self._export_image(kind, path, req.get("image_ref"))
+        try:
+            return self._validated(req, kind, path, exported or path)
+        finally:
+            if exported is not None:
+                shutil.rmtree(exported, ignore_errors=True)
+
+    def _export_image(self, kind: str, path: Path, ref) -> Path | None:
+        """A picked tag/digest or a docker-archive travels as a one-image OCI layout."""
+        from runtimes import oci
+        if kind not in ("container", "microvm"):
+            return None
+        if ref is not None and not isinstance(ref, str):
+            raise ValueError("image_ref must be a tag or a sha256:… digest")
+        if not oci.needs_export(path, ref):
+            return None
+        self.home.artifacts.mkdir(parents=True, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(prefix=".image-", dir=self.home.artifacts))
+        try:
+            oci.export_image(path, ref, dest)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return dest
+
+    def _validated(self, req: dict, kind: str, path: Path, image: Path) -> dict:
+        from runtimes.artifacts import check_artifact, ship_form
+        check_artifact(kind, image)  # not wasm / refused image (runtimes.oci.check_image): refused here
         args = [str(a) for a in req.get("args") or []]
         env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
         check_args_env(args, env)
@@ -252,9 +282,9 @@ class ConsumerJobs:
         if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
             raise ValueError("max_price must be a non-negative number")
         # One file on the wire: an image layout directory travels as its oci-archive.
-        shipped = ship_form(kind, path, self.home.artifacts)
+        shipped = ship_form(kind, image, self.home.artifacts)
         sha = self.blobs.add_file(shipped)
-        if shipped != path:
+        if shipped != image:
             shipped.unlink(missing_ok=True)
         checkpointable = bool(req.get("checkpointable")) or kind in ("wasm", "microvm")
         return {"kind": kind, "artifact": str(path), "sha256": sha, "args": args, "env": env,
@@ -425,6 +455,7 @@ class ConsumerJobs:
         self.store.kv_set(f"terms:{terms.aid.hex()}", json_safe(terms.to_body()))  # for re-attach
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
+        observe_placement(job.created, entry["mode"])
         log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
         job.session = Session(peer, terms, stream)
         return job.session

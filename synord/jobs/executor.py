@@ -19,6 +19,8 @@ import trio
 from runtimes.base import (OUTPUT_OFFSETS_FILE, CheckpointInfo, ExitStatus, Runtime, Sandbox,
                            TaskSpec, Usage)
 
+from ..metrics import observe_sandbox_start
+
 log = logging.getLogger("synord.jobs.executor")
 
 
@@ -88,6 +90,7 @@ class TaskExecution:
                 self.sandbox = await self.runtime.prepare(self.spec)
             async with trio.open_nursery() as nursery:
                 await self.sandbox.start(nursery)
+                observe_sandbox_start(self.spec.kind, time.time() - self.started_at)
                 task_status.started()
                 started = True
                 async for chunk in self.sandbox.logs():

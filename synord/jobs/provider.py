@@ -223,6 +223,15 @@ class ProviderJobs:
         sha = body["artifact_sha256"]
         if not self.blobs.has(sha):
             raise TaskRefused("artefact not transferred (send it on /synord/transfer first)")
+        if body["kind"] in ("container", "microvm"):  # the consumer's pre-check, again: same function
+            from protocols.refusals import REFUSALS
+            from runtimes.base import SpecError
+            from runtimes.oci import check_image
+            try:
+                await trio.to_thread.run_sync(check_image, self.blobs.path(sha))
+            except SpecError as exc:
+                REFUSALS.count("provider.task", "image-refused")
+                raise TaskRefused(f"image refused: {exc}") from None
         limits = body.get("limits", {})
         memory = int(limits.get("memory_bytes", 256 << 20))
         if memory > terms.memory or float(limits.get("cpus", 1.0)) > terms.cores + 1e-9:
