@@ -155,6 +155,7 @@ class Propose:
     duration_s: int
     gpus: int = 0
     gpu_class: str | None = None
+    ask_price: float | None = None  # the price of the ask the consumer matched (optional)
 
     type = "propose"
 
@@ -163,7 +164,8 @@ class Propose:
                 "bid_id": self.bid_id, "bid_seq": self.bid_seq, "class": self.resource_class,
                 "cores": float(self.cores), "memory": self.memory, "runtime": self.runtime,
                 "max_price": float(self.max_price), "duration_s": self.duration_s, "gpus": self.gpus,
-                "gpu_class": self.gpu_class}
+                "gpu_class": self.gpu_class,
+                **({} if self.ask_price is None else {"ask_price": float(self.ask_price)})}
 
     @classmethod
     def from_body(cls, body: Any) -> "Propose":
@@ -174,7 +176,8 @@ class Propose:
         return cls(_nid(b), _str(b, "ask_peer"), _str(b, "ask_id"), _u(b, "ask_seq"), _str(b, "bid_id"),
                    _u(b, "bid_seq"), _str(b, "class", 32), _f(b, "cores", MAX_CORES), _u(b, "memory", MAX_MEMORY),
                    runtime, _f(b, "max_price", MAX_PRICE), _u(b, "duration_s", MAX_DURATION_S),
-                   _u(b, "gpus", MAX_GPUS), _str(b, "gpu_class", 32, optional=True))
+                   _u(b, "gpus", MAX_GPUS), _str(b, "gpu_class", 32, optional=True),
+                   None if b.get("ask_price") is None else _f(b, "ask_price", MAX_PRICE))
 
 
 @dataclass(frozen=True)
@@ -477,7 +480,8 @@ class Negotiation:
                 ("runtime", t.runtime == p.runtime),
                 ("cores", t.cores >= p.cores), ("memory", t.memory >= p.memory),
                 ("gpus", t.gpus >= p.gpus and (p.gpu_class is None or t.gpu_class == p.gpu_class)),
-                ("price", t.price <= p.max_price), ("duration", t.duration_s >= p.duration_s),
+                ("price", t.price <= p.max_price and (p.ask_price is None or t.price <= p.ask_price)),
+                ("duration", t.duration_s >= p.duration_s),
                 ("heartbeat", t.heartbeat_ms > 0),
             ) if not ok]
             if mismatch:

@@ -45,6 +45,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.transport.tcp import tcp as _libp2p_tcp
 
 from .framing import FramedStream
 from .identity import Identity
@@ -55,6 +56,24 @@ log = logging.getLogger("synord.mesh")
 
 PX_MAX_PEERS = 64
 PEERSTORE_TTL_S = 3600
+
+_listen_errors: dict[int, str] = {}  # port -> why binding it failed last
+
+
+async def _exclusive_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    """py-libp2p listens with SO_REUSEPORT (for DCUtR hole punching, which we do
+    not use), so a second daemon on the same port silently shares it. Listen the
+    way trio does (SO_REUSEADDR only) and keep the reason a bind failed."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        _listen_errors[port] = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        raise _libp2p_tcp.OpenConnectionError(f"cannot listen on {host}:{port}: {exc}") from exc
+
+
+_libp2p_tcp._open_reuseport_listeners = _exclusive_listeners
+# Its listen() also logs each failure as a bare line of its own; `_check_listening` says it once.
+logging.getLogger(_libp2p_tcp.__name__).setLevel(logging.CRITICAL)
 
 
 class _RawStream:
@@ -202,6 +221,7 @@ class Libp2pMesh(Mesh):
         async with background_trio_service(self.pubsub):
             async with background_trio_service(self.router):
                 async with self.host.run(listen):
+                    self._check_listening(listen)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         for addr in self.config.bootstrap:
@@ -224,6 +244,18 @@ class Libp2pMesh(Mesh):
                                 async with trio.open_nursery() as bye:
                                     for pid in self.host.get_connected_peers():
                                         bye.start_soon(self._goodbye, pid)
+
+    def _check_listening(self, listen: list[multiaddr.Multiaddr]) -> None:
+        """The library logs a failed listen at debug level and runs on: refuse to start
+        without every configured address (busy port, address not on this host)."""
+        bound = set(self.host.get_network().listeners)
+        for addr in listen:
+            if str(addr) not in bound:
+                try:
+                    why = _listen_errors.get(int(addr.value_for_protocol("tcp")), "cannot listen there")
+                except (ValueError, TypeError, multiaddr.exceptions.Error):
+                    why = "not a TCP address"
+                raise MeshError(f"node.listen {addr}: {why}")
 
     async def _goodbye(self, pid: ID) -> None:
         try:

@@ -19,8 +19,10 @@ class Pacer:
         self._credit = 0.0
         self._at = None
         self.waited_s = 0.0  # total time transfers were held back (for tests and metrics)
+        self.bytes_total = 0  # everything that went through (for metrics)
 
     async def take(self, n: int) -> None:
+        self.bytes_total += n
         rate = self.rate
         if rate <= 0:
             self._at = None

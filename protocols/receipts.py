@@ -23,10 +23,17 @@ from .negotiation import NID_LEN, OUTCOMES, BodyError, Terms, canonical
 
 RECEIPT_DOMAIN = b"synord/receipt/1\x00"
 AMOUNT_TOLERANCE = 1e-6  # relative; float rounding across implementations
+# What the consumer observed of the lease (countersign -> end seen on the task
+# stream) bounds the billed wall time: relative slack for clock rates, plus
+# absolute slack for the messages in flight at both ends.
+TIME_TOLERANCE = 0.01
+TIME_SLACK_MS = 2_000
 
 
 class ReceiptError(ValueError):
-    pass
+    def __init__(self, message: str, slug: str = "invalid"):
+        super().__init__(message)
+        self.slug = slug  # stable reason for the refusal counter (never peer text)
 
 
 def amount_for(price: float, units: float, wall_s: float) -> float:
@@ -138,30 +145,50 @@ def verify_receipt(sr: SignedReceipt) -> bool:
             and verify(sr.receipt.consumer, sr.receipt.signing_input(), sr.csig))
 
 
-def check_against(sr: SignedReceipt, terms: Terms) -> None:
+@dataclass(frozen=True)
+class Observed:
+    """The lease as the consumer saw it (its own clock, unix ms): from the
+    agreement it countersigned to the end it saw (task exit, lease end, or
+    "still running" = the time the receipt arrived)."""
+    started: int
+    ended: int
+
+    @property
+    def wall_ms(self) -> int:
+        return max(0, self.ended - self.started)
+
+
+def check_against(sr: SignedReceipt, terms: Terms, observed: Observed | None = None) -> None:
     """Consumer-side checks before countersigning; raises ReceiptError with the reason."""
     r = sr.receipt
     if not verify_provider(sr):
-        raise ReceiptError("bad provider signature")
+        raise ReceiptError("bad provider signature", "bad_signature")
     if (r.aid, r.provider, r.consumer) != (terms.aid, terms.provider, terms.consumer):
-        raise ReceiptError("receipt is for another agreement or other parties")
+        raise ReceiptError("receipt is for another agreement or other parties", "mismatch")
     if r.price != terms.price or r.units != terms.units:
-        raise ReceiptError("price or units differ from the agreement")
+        raise ReceiptError("price or units differ from the agreement", "price")
     expected = amount_for(r.price, r.units, r.wall_s)
-    if abs(r.amount - expected) > AMOUNT_TOLERANCE * max(1.0, expected):
-        raise ReceiptError(f"amount {r.amount} != price*units*wall/3600 = {expected}")
+    # Relative, whatever the size: x10 on a tiny receipt is as wrong as on a big one.
+    if abs(r.amount - expected) > AMOUNT_TOLERANCE * expected + 1e-12:
+        raise ReceiptError(f"amount {r.amount} != price*units*wall/3600 = {expected}", "amount")
     if abs(r.wall_s * 1000 - (r.ended - r.started)) > 1:
-        raise ReceiptError("wall_s differs from ended - started")
+        raise ReceiptError("wall_s differs from ended - started", "wall_time")
     # Cannot bill more than the agreed duration (+ one heartbeat of slack).
     if r.wall_s > terms.duration_s + terms.heartbeat_ms / 1000.0:
-        raise ReceiptError("wall time longer than the agreed duration")
+        raise ReceiptError("wall time longer than the agreed duration", "duration")
+    if observed is not None:
+        bound = observed.wall_ms * (1 + TIME_TOLERANCE) + max(TIME_SLACK_MS, terms.heartbeat_ms)
+        if r.wall_s * 1000 > bound:
+            raise ReceiptError(f"wall time {r.wall_s:g}s longer than the {observed.wall_ms / 1000:g}s "
+                               "the consumer observed", "over_observed")
 
 
-def countersign(identity: Identity, sr: SignedReceipt, terms: Terms) -> SignedReceipt:
+def countersign(identity: Identity, sr: SignedReceipt, terms: Terms,
+                observed: Observed | None = None) -> SignedReceipt:
     """Consumer: check, then add the consumer signature."""
     if identity.peer_id != sr.receipt.consumer:
         raise ReceiptError("only the agreement's consumer countersigns its receipt")
-    check_against(sr, terms)
+    check_against(sr, terms, observed)
     return replace(sr, csig=identity.sign(sr.receipt.signing_input()))
 
 

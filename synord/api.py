@@ -222,6 +222,11 @@ def build_app(node: "Node", token: str):
 
 async def serve(node: "Node", listen: str, token: str, task_status) -> None:
     """Run the API until cancelled; ``task_status.started(url)`` once it listens."""
+    await serve_app(build_app(node, token), listen, task_status)
+
+
+async def serve_app(app, listen: str, task_status) -> None:
+    """Serve an ASGI app on ``listen`` (hypercorn) until cancelled; ``started(url)`` once it listens."""
     from hypercorn.config import Config as HyperConfig
     from hypercorn.trio import serve as hyper_serve
 
@@ -240,5 +245,5 @@ async def serve(node: "Node", listen: str, token: str, task_status) -> None:
                 url = listen
             task_status.started(url)
 
-    await hyper_serve(build_app(node, token), cfg, shutdown_trigger=trio.sleep_forever,
+    await hyper_serve(app, cfg, shutdown_trigger=trio.sleep_forever,
                       task_status=_Started())

@@ -408,6 +408,8 @@ def cmd_run(args) -> int:
             "cpus": args.cpus, "memory_bytes": args.memory, "max_price": args.max_price,
             "timeout_s": args.timeout, "checkpointable": args.checkpointable,
             "env": dict(args.env)}
+    if args.image_ref:
+        spec["image_ref"] = args.image_ref
     client = _client(args)
     job = client.post("/v1/jobs", spec)
     if args.detach:
@@ -666,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = add("run", cmd_run, "place a task on the mesh and stream its output")
     r.add_argument("--max-price", type=float, default=None, metavar="P")
+    r.add_argument("--image-ref", metavar="TAG|sha256:DIGEST",
+                   help="which image of a layout/archive holding several (a tag or a manifest digest)")
     r.add_argument("--detach", action="store_true")
     r.add_argument("--checkpointable", action="store_true",
                    help="run so the task can migrate (wasm ABI v1, runsc, microvm)")

@@ -48,6 +48,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     "market": {
         "allow_peers": ([], "list[str]", "serve only these consumer peer ids (empty = anyone)"),
         "deny_peers": ([], "list[str]", "never serve these consumer peer ids"),
+        "max_price": (1.0, "float", "most a job pays per unit-hour when it names no --max-price"),
+        "spend_cap": (10.0, "float", "most this node commits to pay within spend_period_s"),
+        "spend_period_s": (86400.0, "float", "the period of spend_cap, seconds"),
+        "max_asks_per_peer": (16, "int", "asks one peer may hold in our book"),
+        "candidates_per_peer": (1, "int", "asks of one provider on a placement's shortlist"),
+        "parallel_proposals": (2, "int", "proposals of one placement in flight at once"),
+        "hedge_s": (1.0, "float", "propose to the next candidate when one is silent this long"),
+        "backoff_s": (5.0, "float", "skip a provider that did not answer this long (doubling per silence)"),
     },
     "runtimes": {
         "enabled": (["wasm", "container", "microvm"], "list[str]", "sandboxes offered"),
@@ -66,6 +74,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     },
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
+    },
+    "metrics": {
+        "listen": ("", "str", "a second listener serving only /metrics, without the control token "
+                              "(e.g. 0.0.0.0:9464 for a Prometheus on the LAN); empty = off"),
     },
 }
 
@@ -169,12 +181,22 @@ def validate(cfg: Config) -> None:
             fail("api.listen", f"expected HOST:PORT or unix:/path, got {api!r}")
         if host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
             fail("api.listen", f"the control API listens on loopback only, not {host}")
+    metrics = cfg["metrics.listen"]
+    if metrics:  # "" = off
+        host, _, port = metrics.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            fail("metrics.listen", f"expected HOST:PORT (e.g. 0.0.0.0:9464) or \"\" for off, got {metrics!r}")
     for addr in cfg["node.listen"] + cfg["node.bootstrap"]:
         if not addr.startswith("/"):
             fail("node.listen/bootstrap", f"not a multiaddr: {addr!r}")
     for key in ("jobs.heartbeat_interval_s", "jobs.lease_timeout_s", "node.announce_interval_s"):
         if cfg[key] <= 0:
             fail(key, "must be positive")
+    for key in ("market.max_price", "market.spend_cap", "market.spend_period_s", "market.hedge_s",
+                "market.backoff_s",
+                "market.max_asks_per_peer", "market.candidates_per_peer", "market.parallel_proposals"):
+        if not cfg[key] > 0 or cfg[key] == float("inf"):
+            fail(key, "must be a positive finite number")
 
 
 def contributor_limits(section: dict, overrides: dict | None = None) -> ContributorLimits:

@@ -16,6 +16,7 @@ happen here, never in the CLI's import path.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -55,6 +56,44 @@ class DaemonOptions:
             cfg.set("node.mdns", self.mdns)
 
 
+class StartupError(Exception):
+    """A start-up mistake the host admin fixes in one setting: one line, no traceback."""
+
+
+def _find(exc: BaseException, kinds) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc`` or its (nested) exception groups."""
+    if isinstance(exc, kinds):
+        return exc
+    for sub in getattr(exc, "exceptions", ()):
+        found = _find(sub, kinds)
+        if found is not None:
+            return found
+    return None
+
+
+def lock_home(home: Home) -> int:
+    """One daemon per home: an flock on home/daemon.lock, held (and the fd kept,
+    not inherited by children) for the life of the process; the file names the holder."""
+    import fcntl
+    import tempfile
+    where = f"home {home.path} (--home / SYNORD_HOME)"
+    try:
+        with tempfile.TemporaryFile(dir=home.path):
+            pass  # api.json, api.token and the state store are written here
+        fd = os.open(home.path / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StartupError(f"{where}: not writable: {(exc.strerror or str(exc)).lower()}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(f"{where}: another daemon runs on this home (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class Node:
     def __init__(self, home: Home, config: Config):
         self.home = home
@@ -65,6 +104,7 @@ class Node:
         self.notifier = Notifier()
         scrub_environment()  # children must not inherit NOTIFY_SOCKET / WATCHDOG_*
         self.api_url: str | None = None
+        self.metrics_url: str | None = None  # the token-less /metrics listener, when configured
         self.profile = None  # hwprobe.CapabilityProfile once probed
         self.mesh = None  # MeshService once started
         self.market = None  # MarketService
@@ -97,10 +137,8 @@ class Node:
                     with trio.CancelScope(shield=True):
                         await self._stop_reaper()
         finally:
-            try:
-                self.home.api_json.unlink()
-            except FileNotFoundError:
-                pass
+            if self.api_url is not None:  # ours to remove only if we wrote it
+                self.home.api_json.unlink(missing_ok=True)
             self.store.close()
             log.info("stopped")
 
@@ -110,7 +148,11 @@ class Node:
             await self._probe()
             nursery.start_soon(self._refresh_profile)
             await self._start_components(nursery)
-            self.api_url = await nursery.start(serve_api, self, self.config["api.listen"], token)
+            api_url = await self._listen(nursery, "api.listen", serve_api, token)
+            if self.config["metrics.listen"]:
+                from .metrics import serve as serve_metrics
+                self.metrics_url = await self._listen(nursery, "metrics.listen", serve_metrics)
+            self.api_url = api_url
             self.home.write_api_json(self.api_url)
             log.info("ready", extra={"peer_id": self.identity.peer_id, "api": self.api_url,
                                      "version": __version__})
@@ -123,6 +165,17 @@ class Node:
             log.info("stopping")
             await self._graceful_stop()
             nursery.cancel_scope.cancel()
+
+    async def _listen(self, nursery: trio.Nursery, setting: str, serve, *args) -> str:
+        """Start a listener on the address in ``setting``; a busy port: one line naming it."""
+        listen = self.config[setting]
+        try:
+            return await nursery.start(serve, self, listen, *args)
+        except BaseException as exc:
+            err = _find(exc, OSError)
+            if err is None:
+                raise
+            raise StartupError(f"{setting} {listen}: {(err.strerror or str(err)).lower()}") from None
 
     async def _start_reaper(self) -> None:
         """Containers must not outlive us (runtimes.reaper): sweep what a previous
@@ -212,7 +265,12 @@ class Node:
             classes=lambda: hwprobe.resource_classes(self.profile),
             preemptible=c["contributor.preemptible"], min_price=c["pricing.min_price"],
             allow_peers=c["market.allow_peers"], deny_peers=c["market.deny_peers"],
-            on_agreement=lambda terms: self.provider_jobs.agreement_made(terms))
+            on_agreement=lambda terms: self.provider_jobs.agreement_made(terms),
+            max_price=c["market.max_price"], spend_cap=c["market.spend_cap"],
+            spend_period_s=c["market.spend_period_s"], max_asks_per_peer=c["market.max_asks_per_peer"],
+            candidates_per_peer=c["market.candidates_per_peer"],
+            parallel_proposals=c["market.parallel_proposals"], hedge_s=c["market.hedge_s"],
+            backoff_s=c["market.backoff_s"])
         self.provider_jobs = ProviderJobs(
             self.identity, self.store, self.home, self.runtimes,
             on_finished=lambda terms, outcome, usage: self.market.provider_settle(
@@ -488,6 +546,7 @@ class Node:
             "paused": self.paused,
             "running_tasks": len(self.provider_jobs.running()) if self.provider_jobs else 0,
             "api": self.api_url,
+            "metrics": self.metrics_url,
             "home": str(self.home.path),
         }
 
@@ -576,7 +635,14 @@ class Node:
 
 
 def run(home: Home, config: Config) -> int:
-    """Run the node until it stops; 0 after a graceful stop, 1 after a failure."""
+    """Run the node until it stops; 0 after a graceful stop, 1 after a failure.
+    A start-up mistake (home in use or unwritable, busy or foreign address) exits
+    with one line naming the setting, before api.json is written."""
+    from protocols.mesh import MeshError
+    try:
+        lock = lock_home(home)
+    except StartupError as exc:
+        raise SystemExit(f"synord: {exc}") from None
     try:
         node = Node(home, config)
     except Exception as exc:  # unusable identity or state store: say why, no traceback
@@ -584,7 +650,13 @@ def run(home: Home, config: Config) -> int:
         raise SystemExit(f"synord: cannot start: {exc}") from None
     try:
         trio.run(node.run)
-    except Exception:
+    except Exception as exc:
+        err = _find(exc, (StartupError, MeshError))
+        if err is not None and node.api_url is None:
+            log.error("cannot start", extra={"error": str(err)})
+            raise SystemExit(f"synord: {err}") from None
         log.exception("daemon failed")
         return 1
+    finally:
+        os.close(lock)
     return 0

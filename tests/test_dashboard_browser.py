@@ -193,7 +193,7 @@ def test_dashboard_follows_a_running_task_and_shows_its_receipt(cluster, browser
     consumer, (provider,) = start_mesh(cluster, 1, consumer_config=CONSUMER_ONLY + "[history]\ninterval_s = 1.0\n")
     browser.get(json.loads(consumer.cli("dashboard", "--json").stdout)["url"])
     wait_for(lambda: _text(browser, "state") == "Not contributing", what="the consumer's state")
-    assert "contributor.enabled is false" in _text(browser, "why")
+    assert "contributor.enabled = false" in _text(browser, "why")
     # a task that prints, then waits for a file we create through `synord exec`: its output
     # must reach the page while it runs
     job_id = submit(consumer, "--runtime", "container", str(BUSYBOX_DIR), "--", "sh", "-c",

@@ -125,7 +125,8 @@ def test_ten_consumers_race_for_one_core_exactly_one_agreement(cluster):
 
 def test_busy_provider_refuses_and_the_job_lands_on_the_next(cluster):
     ensure_assets()
-    consumer = cluster.start("consumer", config=CONSUMER_ONLY)
+    # The dear ask is above the default price limit (market.max_price = 1.0): raise it.
+    consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[market]\nmax_price = 10.0\n")
     boot = consumer.p2p_addrs()
     cheap = cluster.start("cheap", bootstrap=boot, config=HALF_HOST)
     dear = cluster.start("dear", bootstrap=boot, config=HALF_HOST + "[pricing]\nmin_price = 5.0\n")
@@ -304,3 +305,22 @@ def _metrics(d) -> str:
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {d.client.token}"})
     return conn.getresponse().read().decode()
+
+
+# ---- (f) a soak spreads over equal providers ------------------------------------------------------
+
+def test_sequential_jobs_spread_over_five_equal_providers(cluster):
+    """Each job completes before the next: announced load stays 0 everywhere and the
+    first provider's reputation rises, so without our own recent placements in the
+    router's load every job lands on the same provider."""
+    from jobs_helpers import start_mesh
+    ensure_assets()
+    consumer, provs = start_mesh(cluster, 5)
+    for _ in range(10):
+        res = consumer.cli("run", str(PROBE_WASM), "--", "hello", timeout=120)
+        assert res.stdout == "hello, wasm\n"
+    placed = [j["provider"] for j in consumer.get("/v1/jobs")]
+    counts = {peer(p): placed.count(peer(p)) for p in provs}
+    assert sum(counts.values()) == 10
+    asks = [(a["peer"][:16], a["price"], a.get("perf"), a.get("load")) for a in asks_at(consumer)]
+    assert sum(1 for n in counts.values() if n) >= 3 and max(counts.values()) <= 5, (counts, asks)

@@ -87,7 +87,8 @@ def test_router_weights_change_the_winner():
 def test_router_components():
     r = Router()
     c = r.components(ask(price=1.0, load=0.25, perf=3.0), bid(max_price=4.0), PeerInfo(rtt_ms=50, reputation=0.9))
-    assert c == pytest.approx({"cost": 0.75, "latency": 0.5, "capability": 0.75, "reputation": 0.9, "load": 0.75})
+    assert c == pytest.approx({"cost": 0.75, "latency": 0.5, "capability": 0.75, "reputation": 0.9, "load": 0.75,
+                                "spread": 1.0})
     unknown = r.components(ask(), bid())
     assert unknown["latency"] == unknown["capability"] == unknown["reputation"] == 0.5
     load_only = Router(RouterWeights(cost=0, latency=0, capability=0, reputation=0, load=1))
@@ -95,7 +96,7 @@ def test_router_components():
     with pytest.raises(ValueError):
         RouterWeights(cost=-1)
     with pytest.raises(ValueError):
-        RouterWeights(0, 0, 0, 0, 0)
+        RouterWeights(0, 0, 0, 0, 0, 0)
 
 
 def test_constraint_list_is_complete():

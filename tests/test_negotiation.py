@@ -377,6 +377,8 @@ def test_timeouts_under_mockclock():
             # (the consumer, which never got the agreement, gave up on its own)
             assert cons.placements["b1"].state == "failed"
             assert "proposal timeout" in cons.placements["b1"].explain()
+            # ... and the silent provider is backed off (still tried when it is the only one)
+            assert cons.backoff.blocked(P_ID.peer_id, ms())
             # 2. a live lease whose provider goes silent is detected as lost
             (prop,) = cons.place(mk_bid(id="b2"), [prov.asks["a1"]])
             (ag,) = prov.receive(prop.envelope.encode())

@@ -67,3 +67,27 @@ def test_receipt_body_validation():
     body["receipt"] = dict(body["receipt"], wall_s=1.0, outcome="great")
     with pytest.raises(ValueError, match="outcome"):
         SignedReceipt.from_body(body)
+
+
+def test_amount_tolerance_is_relative_even_for_tiny_receipts():
+    # 1 s at 0.0001 per unit-hour: 2.8e-8; ten times that is still wrong.
+    t = terms(price=0.0001, units=1.0)
+    fair = issue(P_ID, t, cpu_s=1, peak_memory=1, started=T0, ended=T0 + 1000)
+    check_against(fair, t)
+    x10 = dataclasses.replace(fair.receipt, amount=fair.receipt.amount * 10)
+    with pytest.raises(ReceiptError, match="amount") as exc:
+        check_against(SignedReceipt(x10, P_ID.sign(x10.signing_input())), t)
+    assert exc.value.slug == "amount"
+
+
+def test_wall_time_bounded_by_what_the_consumer_observed():
+    from protocols.receipts import Observed
+    t = terms(duration_s=3660)
+    whole = issue(P_ID, t, cpu_s=0.1, peak_memory=1, started=T0, ended=T0 + 3_660_000)
+    check_against(whole, t)  # within the agreed duration: only the observation catches it
+    with pytest.raises(ReceiptError, match="observed") as exc:
+        countersign(C_ID, whole, t, Observed(T0, T0 + 100))
+    assert exc.value.slug == "over_observed"
+    # the provider's clock and message delays: a little over what we saw still passes
+    near = issue(P_ID, t, cpu_s=0.1, peak_memory=1, started=T0, ended=T0 + 1_500)
+    assert verify_receipt(countersign(C_ID, near, t, Observed(T0 + 50, T0 + 100)))

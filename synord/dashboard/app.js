@@ -193,16 +193,18 @@ function renderHardware(p) {
 // plain value typed by the "types" map, or an object {value, type, help, evaluable, reason};
 // without a type, the value's own JSON type decides.
 let limitsShown = '';
-function limitEntry(key, raw, types) {
+// the API's input kinds (hwprobe.policy's preference types) -> how the editor reads them
+const NUMBER_TYPES = new Set(['int', 'float', 'share', 'percent', 'seconds']);
+function limitEntry(key, raw, meta) {
+  const m = (meta && meta[key]) || {};
   const e = (raw && typeof raw === 'object' && !Array.isArray(raw) && 'value' in raw) ? raw : {value: raw};
-  let type = e.type || (types && types[key]);
+  let type = m.type || e.type;
   if (!type) {
-    type = typeof e.value === 'boolean' ? 'bool'
-      : typeof e.value === 'number' ? (Number.isInteger(e.value) ? 'int' : 'float') : 'str';
+    type = typeof e.value === 'boolean' ? 'bool' : typeof e.value === 'number' ? 'float' : 'str';
   }
-  const note = e.evaluable === false || e.can_evaluate === false
-    ? 'cannot evaluate here' + (e.reason ? ': ' + e.reason : '') : '';
-  return {value: e.value, type, help: e.help || '', note};
+  const evaluable = m.evaluable ?? e.evaluable ?? e.can_evaluate;
+  const note = evaluable === false ? (m.note || 'cannot evaluate here') : '';
+  return {value: e.value, type, help: m.help || e.help || '', note};
 }
 function renderLimits(d) {
   const sig = JSON.stringify([d.limits, d.overrides]);
@@ -211,15 +213,16 @@ function renderLimits(d) {
   limitsShown = sig;
   form.replaceChildren();
   const overrides = d.overrides || {};
+  const meta = Object.fromEntries((d.keys || []).map(k => [k.key, k]));
   for (const [key, raw] of Object.entries(d.limits).sort()) {
-    const {value, type, help, note} = limitEntry(key, raw, d.types);
+    const {value, type, help, note} = limitEntry(key, raw, meta);
     const input = el('input', {id: 'limit-' + key, name: key, 'data-type': type});
     if (type === 'bool') {
       input.type = 'checkbox';
       input.checked = !!value;
     } else {
-      input.type = (type === 'int' || type === 'float') ? 'number' : 'text';
-      if (type === 'float') input.step = 'any';
+      input.type = NUMBER_TYPES.has(type) ? 'number' : 'text';
+      if (type !== 'int') input.step = 'any';
       input.value = value == null ? '' : String(value);
       if (value == null) input.placeholder = 'not set';
     }
@@ -238,8 +241,8 @@ function parseLimit(input) {
   const raw = input.value.trim();
   if (raw === '') return null;  // back to the config's value
   if (type === 'int') return parseInt(raw, 10);
-  if (type === 'float') return parseFloat(raw);
-  return raw;
+  if (NUMBER_TYPES.has(type)) return parseFloat(raw);
+  return raw;  // sizes ("2M"), hours, weekly schedules: the API parses them
 }
 async function applyLimits(ev) {
   ev.preventDefault();

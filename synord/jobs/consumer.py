@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from protocols.transfer import MAX_BLOB_BYTES, TRANSFER_PROTOCOL, BlobStore, sen
 from runtimes.base import KINDS, SpecError, infer_kind
 
 from ..api import ApiError
+from ..metrics import observe_placement
 from ..store import Store, from_json_safe, json_safe
 from .migration import Displaced, Slot, Thresholds, assign_optimal, decide_mode
 
@@ -70,6 +73,8 @@ class Market(Protocol):
     def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Any]: ...
     def explain(self, needs: Needs) -> str: ...
     async def negotiate(self, candidate: Any, needs: Needs) -> Terms: ...
+    async def negotiate_any(self, candidates: list[Any], needs: Needs, within_s: float | None = None) -> Terms: ...
+    def observed_end(self, terms: Terms, at_ms: int | None = None) -> None: ...
     async def announce_bid(self, needs: Needs, bid_id: str) -> None: ...
     async def abandon(self, terms: Terms, reason: str) -> None: ...
     def lease_done(self, terms: Terms) -> None: ...
@@ -240,7 +245,34 @@ class ConsumerJobs:
             raise ValueError(f"unknown runtime {kind!r}")
         if kind == "wasm" and path.is_dir():
             raise SpecError("a wasm task needs a .wasm module, not a directory")
-        check_artifact(kind, path)  # not wasm / broken image / bad digests: refused here
+        exported = self._export_image(kind, path, req.get("image_ref"))
+        try:
+            return self._validated(req, kind, path, exported or path)
+        finally:
+            if exported is not None:
+                shutil.rmtree(exported, ignore_errors=True)
+
+    def _export_image(self, kind: str, path: Path, ref) -> Path | None:
+        """A picked tag/digest or a docker-archive travels as a one-image OCI layout."""
+        from runtimes import oci
+        if kind not in ("container", "microvm"):
+            return None
+        if ref is not None and not isinstance(ref, str):
+            raise ValueError("image_ref must be a tag or a sha256:… digest")
+        if not oci.needs_export(path, ref):
+            return None
+        self.home.artifacts.mkdir(parents=True, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(prefix=".image-", dir=self.home.artifacts))
+        try:
+            oci.export_image(path, ref, dest)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return dest
+
+    def _validated(self, req: dict, kind: str, path: Path, image: Path) -> dict:
+        from runtimes.artifacts import check_artifact, ship_form
+        check_artifact(kind, image)  # not wasm / refused image (runtimes.oci.check_image): refused here
         args = [str(a) for a in req.get("args") or []]
         env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
         check_args_env(args, env)
@@ -253,9 +285,9 @@ class ConsumerJobs:
         if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
             raise ValueError("max_price must be a non-negative number")
         # One file on the wire: an image layout directory travels as its oci-archive.
-        shipped = ship_form(kind, path, self.home.artifacts)
+        shipped = ship_form(kind, image, self.home.artifacts)
         sha = self.blobs.add_file(shipped)
-        if shipped != path:
+        if shipped != image:
             shipped.unlink(missing_ok=True)
         checkpointable = bool(req.get("checkpointable")) or kind in ("wasm", "microvm")
         return {"kind": kind, "artifact": str(path), "sha256": sha, "args": args, "env": env,
@@ -288,6 +320,8 @@ class ConsumerJobs:
                 if session is None:
                     session = await self._place(job, exclude, preferred)
                 outcome, detail = await self._watch(job, session)
+                if session.terms is not None:  # its receipt may bill no more than we saw
+                    self.market.observed_end(session.terms)
                 if outcome == "exit":
                     return
                 exclude = (session.provider,)
@@ -318,6 +352,9 @@ class ConsumerJobs:
 
     async def _place(self, job: ConsumerJob, exclude: tuple[str, ...],
                      preferred: Any = None) -> Session:
+        """Propose to the ranked candidates (the market hedges: a silent one does not
+        hold up the next, and is backed off); fail with every answer after
+        ``placement_timeout_s``."""
         needs = self._needs(job)
         if job.state != "migrating":
             self._set_state(job, "negotiating")
@@ -325,37 +362,37 @@ class ConsumerJobs:
         deadline = trio.current_time() + self.placement_timeout_s
         reasons: list[str] = []
         while True:
+            if job.cancel_requested:
+                raise NoPlacement("cancelled")
             cands = self.market.candidates(needs, exclude)
             if preferred is not None:
                 cands = [preferred] + [c for c in cands if c.ask.peer != preferred.ask.peer]
                 preferred = None
-            for cand in cands:
-                if job.cancel_requested:
-                    raise NoPlacement("cancelled")
+            if cands:
                 try:
-                    terms = await self.market.negotiate(cand, needs)
+                    terms = await self.market.negotiate_any(
+                        cands, needs, within_s=max(1.0, deadline - trio.current_time()))
                 except PlacementRejected as exc:
-                    reasons.append(f"{cand.ask.peer[:12]}: {exc}")
-                    log.info("candidate rejected us", extra={"job": job.id, "provider": cand.ask.peer[:16],
-                                                             "reason": str(exc)})
-                    continue
-                try:
-                    return await self._launch(job, terms)
-                except Exception as exc:
-                    if "corrupted checkpoint" in str(exc) and job.checkpoint:
-                        # The provider could not restore it: fall back to a clean restart.
-                        log.warning("checkpoint refused by the provider: restarting from scratch",
-                                    extra={"job": job.id, "error": str(exc)})
-                        job.spec["checkpoint"] = None
-                        job.spec["restore_mode"] = "restart"
-                        self._save(job)
-                    reasons.append(f"{terms.provider[:12]}: {exc}")
-                    await self.market.abandon(terms, f"launch failed: {exc}")
-                    log.warning("launch failed", extra={"job": job.id, "provider": terms.provider[:16],
-                                                        "error": f"{type(exc).__name__}: {exc}"})
+                    reasons.append(str(exc))
+                    log.info("no candidate agreed", extra={"job": job.id, "reason": str(exc)})
+                else:
+                    try:
+                        return await self._launch(job, terms)
+                    except Exception as exc:
+                        if "corrupted checkpoint" in str(exc) and job.checkpoint:
+                            # The provider could not restore it: fall back to a clean restart.
+                            log.warning("checkpoint refused by the provider: restarting from scratch",
+                                        extra={"job": job.id, "error": str(exc)})
+                            job.spec["checkpoint"] = None
+                            job.spec["restore_mode"] = "restart"
+                            self._save(job)
+                        reasons.append(f"{terms.provider[:12]}: {exc}")
+                        await self.market.abandon(terms, f"launch failed: {exc}")
+                        log.warning("launch failed", extra={"job": job.id, "provider": terms.provider[:16],
+                                                            "error": f"{type(exc).__name__}: {exc}"})
             if trio.current_time() >= deadline:
-                why = "; ".join(reasons[-5:]) or self.market.explain(needs)
-                raise NoPlacement(f"no provider could take the task: {why}")
+                why = "; ".join(reasons[-3:]) or self.market.explain(needs)
+                raise NoPlacement(f"no provider took the task within {self.placement_timeout_s:g} s: {why}")
             await trio.sleep(0.5)
 
     async def _push(self, peer: str, path: Path, sha: str, kind: str, job: ConsumerJob) -> None:
@@ -421,6 +458,7 @@ class ConsumerJobs:
         self.store.kv_set(f"terms:{terms.aid.hex()}", json_safe(terms.to_body()))  # for re-attach
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
+        observe_placement(job.created, entry["mode"])
         log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
         job.session = Session(peer, terms, stream)
         return job.session
@@ -502,7 +540,9 @@ class ConsumerJobs:
                     continue
                 row = self.store.kv_get(f"terms:{leg['agreement']}")
                 if row:
-                    self.market.expect_receipt(Terms.from_body(from_json_safe(row)))
+                    end = leg.get("end")
+                    self.market.expect_receipt(Terms.from_body(from_json_safe(row)),
+                                               None if end is None else int(end * 1000))
 
     def _terms_of(self, job: ConsumerJob) -> Terms | None:
         aid = job.history[-1].get("agreement") if job.history else None

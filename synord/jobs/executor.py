@@ -19,6 +19,8 @@ import trio
 from runtimes.base import (OUTPUT_OFFSETS_FILE, CheckpointInfo, ExitStatus, Runtime, Sandbox,
                            TaskSpec, Usage)
 
+from ..metrics import observe_sandbox_start
+
 log = logging.getLogger("synord.jobs.executor")
 
 OUTPUT_STALL_S = 60.0  # how long a full log waits for its reader before dropping unsent output
@@ -125,6 +127,7 @@ class TaskExecution:
                 self.sandbox = await self.runtime.prepare(self.spec)
             async with trio.open_nursery() as nursery:
                 await self.sandbox.start(nursery)
+                observe_sandbox_start(self.spec.kind, time.time() - self.started_at)
                 task_status.started()
                 started = True
                 async for chunk in self.sandbox.logs():

@@ -280,15 +280,25 @@ class ProviderJobs:
     async def _start(self, consumer: str, body: dict) -> ProviderTask:
         job_id = body["job_id"]
         terms = self._agreed_terms(consumer, body)
-        old = self.task_of(consumer, job_id)
-        if old is not None and not old.execution.done.is_set():
-            raise TaskRefused("duplicate_job", "a task with this job id already runs here")
         runtime = self.runtimes.get(body["kind"])
         if runtime is None:
             raise TaskRefused("runtime_unavailable", f"this provider does not offer {body['kind']}")
         sha = body["artifact_sha256"]
         if not self.blobs.has(sha):
             raise TaskRefused("no_artifact", "artefact not transferred (send it on /synord/transfer first)")
+        if body["kind"] in ("container", "microvm"):  # the consumer's pre-check, again: same function
+            from runtimes.base import SpecError
+            from runtimes.oci import check_image
+            try:
+                await trio.to_thread.run_sync(check_image, self.blobs.path(sha))
+            except SpecError as exc:
+                raise TaskRefused("image_refused", f"image refused: {exc}") from None
+        # After the last await: another start may have taken the agreement or the name.
+        if self.pending_terms.get(terms.aid) is not terms:
+            raise TaskRefused("no_agreement", "no active agreement for this task")
+        old = self.task_of(consumer, job_id)
+        if old is not None and not old.execution.done.is_set():
+            raise TaskRefused("duplicate_job", "a task with this job id already runs here")
         limits = body.get("limits", {})
         memory = int(limits.get("memory_bytes", 256 << 20))
         csha = body["restore"]["sha256"] if body.get("restore") else None
@@ -327,7 +337,7 @@ class ProviderJobs:
                 (task.key, body["kind"], json.dumps({k: v for k, v in body.items() if k != "env"}),
                  self.identity.peer_id, consumer, job_id, now, now))
         self.tasks[(consumer, job_id)] = task
-        self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the check)
+        self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
         await self._nursery.start(self._run_task, task)
         if execution.done.is_set() and execution.error:
             raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")

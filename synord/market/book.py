@@ -6,7 +6,9 @@ price-time priority, and `matching` stops as soon as prices run past the
 bid's limit.  Memory is bounded in two ways:
 
 * a per-peer quota (one peer cannot fill the book), refused with
-  ``peer_quota``;
+  ``peer_quota``, and a tighter one on asks (``max_asks_per_peer``): a
+  provider needs one ask per resource class, and a peer flooding the book
+  with cheap asks must not crowd out the consumer's candidates;
 * a global cap: expired orders go first, then the least competitive order
   (the last one in price-time order) of the fullest class side is evicted; a
   new order that would itself be that least competitive one is refused with
@@ -105,9 +107,11 @@ def _sort_key(order: Ask | Bid, n: int) -> tuple:
 
 class OrderBook:
     def __init__(self, max_orders: int = 100_000, max_per_peer: int = 1_000,
-                 max_tombstones: int = 100_000):
+                 max_tombstones: int = 100_000, max_asks_per_peer: int = 16):
         self.max_orders = max_orders
         self.max_per_peer = max_per_peer
+        self.max_asks_per_peer = max_asks_per_peer
+        self._asks_per_peer: Counter[str] = Counter()
         self.max_tombstones = max_tombstones
         self._classes: dict[str, _ClassBook] = {}
         self._by_key: dict[tuple[str, str, str], tuple] = {}  # key -> sort entry
@@ -134,7 +138,8 @@ class OrderBook:
             return CANCELLED
         if old is not None:
             self._remove(key)
-        elif self._per_peer[order.peer] >= self.max_per_peer:
+        elif self._per_peer[order.peer] >= self.max_per_peer or (
+                order.side == "ask" and self._asks_per_peer[order.peer] >= self.max_asks_per_peer):
             return PEER_QUOTA
         entry = _sort_key(order, next(self._n))
         if len(self._by_key) >= self.max_orders and not self._make_room(entry, now):
@@ -147,6 +152,8 @@ class OrderBook:
         side.units += order.units
         self._by_key[key] = entry
         self._per_peer[order.peer] += 1
+        if order.side == "ask":
+            self._asks_per_peer[order.peer] += 1
         heapq.heappush(self._expiry, (order.expires, entry[2], key))
         if len(self._expiry) > 2 * len(self._by_key) + 1024:
             self._compact_expiry()
@@ -208,6 +215,10 @@ class OrderBook:
         self._per_peer[order.peer] -= 1
         if self._per_peer[order.peer] <= 0:
             del self._per_peer[order.peer]
+        if order.side == "ask":
+            self._asks_per_peer[order.peer] -= 1
+            if self._asks_per_peer[order.peer] <= 0:
+                del self._asks_per_peer[order.peer]
 
     def _make_room(self, entry: tuple, now: int) -> bool:
         if self.expire(now) and len(self._by_key) < self.max_orders:

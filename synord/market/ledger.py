@@ -6,6 +6,8 @@ receipt — a provider that vanished (``abandoned``), an agreement never
 honoured — are observed locally (`record_outcome`).
 
 Balance: amounts earned as provider minus amounts paid as consumer.
+A proposal the provider never answered is recorded (``no_answer``, keyed by
+the negotiation id) and counts as a failure.
 Reputation of a provider: (completed + 1) / (completed + failed + 2) over its
 outcomes (Laplace prior: an unknown peer is 0.5, one success is 0.67, and a
 long record dominates the prior).
@@ -48,7 +50,7 @@ CREATE INDEX IF NOT EXISTS market_outcomes_provider ON market_outcomes(provider)
 """
 
 GOOD = ("completed",)
-BAD = ("failed", "abandoned")  # cancelled / preempted with notice count for nobody
+BAD = ("failed", "abandoned", "no_answer")  # cancelled / preempted with notice count for nobody
 
 
 def init_schema(conn: sqlite3.Connection) -> None:
@@ -103,6 +105,12 @@ class Ledger:
         (paid,) = self.conn.execute("SELECT COALESCE(SUM(amount), 0) FROM market_receipts WHERE consumer = ?",
                                     (self.peer_id,)).fetchone()
         return float(earned), float(paid)
+
+    def paid_since(self, since: int) -> list[tuple[bytes, int, float]]:
+        """(aid, ended, amount) of the receipts we paid that ended after ``since`` (unix ms)."""
+        return [(bytes(a), int(e), float(x)) for a, e, x in self.conn.execute(
+            "SELECT aid, ended, amount FROM market_receipts WHERE consumer = ? AND ended > ?",
+            (self.peer_id, since))]
 
     def counts(self, provider: str) -> tuple[int, int]:
         good, bad = self.conn.execute(

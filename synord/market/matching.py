@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from protocols.orders import Ask, Bid
 
@@ -71,6 +71,8 @@ def _need(bid: Bid, name: str) -> str:
         "region": f"need region {bid.region}", "reputation": f"need reputation >= {bid.min_reputation:g}",
         "duration": f"need {bid.duration_s}s", "preemptible": "bid refuses preemptible asks",
         "price": f"max {bid.max_price:g} per unit-hour",
+        "peer_cap": "more asks from a provider already shortlisted",
+        "backed_off": "provider did not answer recently",
     }[name]
 
 
@@ -103,7 +105,12 @@ def first_failed(ask: Ask, bid: Bid, now: int, info: PeerInfo, own: frozenset[st
 
 def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | None = None,
           router: Router | None = None, shortlist: int = 5, presorted: bool = False,
-          exclude_peers: Iterable[str] = ()) -> MatchResult:
+          exclude_peers: Iterable[str] = (), per_peer: int = 0,
+          skip_peer: Callable[[str], bool] | None = None) -> MatchResult:
+    """``per_peer`` > 0 caps the shortlisted asks of one provider (so one peer's
+    many cheap asks cannot fill it); ``skip_peer`` defers providers under
+    back-off: they are shortlisted only when no other ask passes (a slow
+    provider is still better than none)."""
     router = router or _DEFAULT_ROUTER
     own = frozenset(exclude_peers)
     if not presorted:
@@ -111,6 +118,8 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
     excluded = dict.fromkeys(CONSTRAINTS, 0)
     passed: list[tuple[Ask, PeerInfo]] = []
     considered = 0
+    per: dict[str, int] = {}
+    deferred: list[tuple[Ask, PeerInfo]] = []
     cls, max_price = bid.resource_class, bid.max_price
     for ask in asks:
         if ask.resource_class != cls:
@@ -118,14 +127,24 @@ def match(bid: Bid, asks: Iterable[Ask], *, now: int, peer_info: PeerLookup | No
         considered += 1
         if passed and presorted and ask.price > max_price:
             break  # the rest costs at least as much; counts only matter when nothing passed
+        if per_peer and per.get(ask.peer, 0) >= per_peer:
+            excluded["peer_cap"] = excluded.get("peer_cap", 0) + 1
+            continue
         info = UNKNOWN if peer_info is None else peer_info(ask.peer)
         reason = first_failed(ask, bid, now, info, own)
+        if reason is None and skip_peer is not None and skip_peer(ask.peer):
+            reason = "backed_off"
+            if len(deferred) < shortlist:
+                deferred.append((ask, info))
         if reason is not None:
-            excluded[reason] += 1
+            excluded[reason] = excluded.get(reason, 0) + 1
             continue
+        per[ask.peer] = per.get(ask.peer, 0) + 1
         passed.append((ask, info))
         if len(passed) >= shortlist:
             break
+    if not passed:
+        passed = deferred
     rate = router.rate
     cands = [Candidate(a, *rate(a, bid, i)) for a, i in passed]
     cands.sort(key=_neg_score)  # stable: ties keep price-time order

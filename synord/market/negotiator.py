@@ -31,17 +31,22 @@ from protocols.negotiation import (
 )
 from protocols.orders import Ask, Bid
 from protocols.receipts import (
-    ReceiptAck, ReceiptError, SignedReceipt, countersign as countersign_receipt, issue, verify_receipt,
+    Observed, ReceiptAck, ReceiptError, SignedReceipt, countersign as countersign_receipt, issue, verify_receipt,
 )
+from protocols.refusals import REFUSALS
+
+from .backoff import Backoff
 
 from .matching import MatchResult
 from .reservations import CapacityPool, InsufficientCapacity
+from .spending import SpendingCap
 
 log = logging.getLogger(__name__)
 
 NEGOTIATE_PROTOCOL = "/synord/negotiate/1.0.0"
 REASONS = ("not_our_ask", "unknown_ask", "stale_ask", "ask_expired", "runtime", "price",
-           "exceeds_ask", "duration", "admission", "capacity", "bad_agreement", "timeout")
+           "exceeds_ask", "duration", "admission", "capacity", "bad_agreement", "timeout",
+           "withdrawn", "spend_cap")
 MESSAGE_TTL_MS = 30_000
 MAX_SETTLING = 10_000  # agreements kept for receipts after their lease ended
 # A receipt the consumer has not acknowledged (it was down, or the message was
@@ -232,6 +237,9 @@ class Provider(_Party):
             return "runtime", f"{p.runtime} not offered (offered: {', '.join(ask.runtimes)})"
         if ask.price > p.max_price:
             return "price", f"ask price {ask.price:g} > max {p.max_price:g}"
+        if p.ask_price is not None and ask.price > p.ask_price:
+            # The consumer countersigns no more than the ask it matched.
+            return "price", f"ask price rose to {ask.price:g} (matched at {p.ask_price:g})"
         if p.cores > ask.cores or p.memory > ask.memory or p.gpus > ask.gpus:
             return "exceeds_ask", "need exceeds the ask's quantity"
         if p.gpus and p.gpu_class is not None and p.gpu_class != ask.gpu_class:
@@ -362,21 +370,40 @@ def _units(p: Propose) -> float:
 
 @dataclass
 class Placement:
-    """One bid being placed: candidates are tried in order until one agrees."""
+    """One bid being placed.  Candidates are proposed to in order; while one
+    has not answered for ``hedge_ms`` the next is proposed to as well (at most
+    ``parallel`` in flight, one per provider).  The first agreement is
+    countersigned; every other proposal of the placement is withdrawn
+    (``reject`` reason ``withdrawn``) so its provider releases at once: never
+    two agreements for one bid."""
     bid: Bid
     candidates: list[Ask]
     index: int = -1
-    negotiation: Negotiation | None = None
+    negotiation: Negotiation | None = None  # the agreed one once active
     attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (provider, ask id, outcome)
     state: str = "negotiating"  # negotiating | active | failed | ended | lost
+    live: dict[bytes, tuple[Negotiation, Ask]] = field(default_factory=dict)  # nid -> in flight
+    hedge_at: int | None = None
+    winner: Ask | None = None
 
     @property
     def current(self) -> Ask | None:
+        if self.winner is not None:
+            return self.winner
         return self.candidates[self.index] if 0 <= self.index < len(self.candidates) else None
 
     def explain(self) -> str:
         tried = "; ".join(f"{p[:16]}/{a}: {why}" for p, a, why in self.attempts)
         return f"{self.state} after {len(self.attempts)} attempt(s): {tried}" if tried else self.state
+
+
+def _agreement_refusal(reason: str) -> str:
+    """A stable refusal slug for a bad agreement (never peer text)."""
+    if "price" in reason:
+        return "agreement_price"
+    if "signature" in reason:
+        return "agreement_signature"
+    return "agreement_terms"
 
 
 class Consumer(_Party):
@@ -385,47 +412,123 @@ class Consumer(_Party):
                  on_agreement: Callable[[Placement], None] | None = None,
                  on_failed: Callable[[Placement], None] | None = None,
                  on_lost: Callable[[Placement], None] | None = None,
-                 on_receipt: Callable[[SignedReceipt], None] | None = None):
+                 on_receipt: Callable[[SignedReceipt], None] | None = None,
+                 on_no_answer: Callable[[str, bytes], None] | None = None,
+                 parallel: int = 2, hedge_ms: int = 1_000, backoff: Backoff | None = None,
+                 spending: SpendingCap | None = None):
         super().__init__(identity, clock, timeouts, validator)
         self.on_agreement, self.on_failed, self.on_lost = on_agreement, on_failed, on_lost
         self.on_receipt = on_receipt  # e.g. Ledger.record
+        self.on_no_answer = on_no_answer  # (provider, nid): e.g. count it against its reputation
+        self.parallel, self.hedge_ms = max(1, parallel), hedge_ms
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.spending = spending
         self._agreed: OrderedDict[bytes, Terms] = OrderedDict()  # aid -> terms, awaiting receipt
+        self._observed: OrderedDict[bytes, list] = OrderedDict()  # aid -> [countersigned at, end seen or None]
         self._acked: OrderedDict[bytes, tuple[str, ReceiptAck]] = OrderedDict()  # aid -> (provider, our ack)
         self.placements: dict[str, Placement] = {}       # bid id -> placement
         self._by_nid: dict[bytes, Placement] = {}
 
-    def expect_receipt(self, terms: Terms) -> None:
+    def expect_receipt(self, terms: Terms, ended: int | None = None) -> None:
         """An agreement made before our restart (terms from the job store): its
-        receipt, when it comes or is resent, gets countersigned."""
+        receipt, when it comes or is resent, gets countersigned if it bills no
+        more than the lease we saw (from the agreement to ``ended``, or to the
+        receipt's arrival while the task may still run)."""
         self._agreed[terms.aid] = terms
+        self._observe(terms.aid, terms.created, ended)
+        if self.spending is not None:
+            self.spending.commit(terms, terms.created)
         while len(self._agreed) > MAX_SETTLING:
             self._agreed.popitem(last=False)
 
+    def observe_end(self, aid: bytes, at: int) -> None:
+        """The job path saw the task end (exit on the task stream, or the lease lost) at ``at``."""
+        seen = self._observed.get(aid)
+        if seen is not None and (seen[1] is None or at < seen[1]):
+            seen[1] = at
+
+    def _observe(self, aid: bytes, start: int, end: int | None = None) -> None:
+        self._observed[aid] = [start, end]
+        while len(self._observed) > MAX_SETTLING:
+            self._observed.popitem(last=False)
+
+    def busy(self) -> Counter[str]:
+        """Proposals in flight and leases on, per provider (the router spreads on it)."""
+        return Counter(m.provider for nid, pl in self._by_nid.items() if nid in pl.live
+                       for m in (pl.live[nid][0],))
+
     def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask]) -> list[Send]:
-        """Start placing ``bid``: propose to the first candidate."""
+        """Start placing ``bid``: propose to the first candidate (more follow by hedging)."""
         asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)
         pl = Placement(bid, asks)
         self.placements[bid.id] = pl
-        return self._next(pl, self.clock())
+        return self._launch(pl, self.clock())
 
-    def _next(self, pl: Placement, now: int) -> list[Send]:
-        if pl.negotiation is not None:
-            self._by_nid.pop(pl.negotiation.nid, None)
-        pl.index += 1
-        ask = pl.current
-        if ask is None:
-            pl.state, pl.negotiation = "failed", None
+    def _launch(self, pl: Placement, now: int) -> list[Send]:
+        """Propose to the next usable candidate; fail the placement when none is
+        left and none is in flight."""
+        while True:
+            pl.index += 1
+            ask = pl.current
+            if ask is None:
+                break
+            if any(a.peer == ask.peer for _, a in pl.live.values()):
+                continue  # one proposal per provider at a time
+            if self.backoff.blocked(ask.peer, now) and (pl.live or any(
+                    not self.backoff.blocked(a.peer, now) for a in pl.candidates[pl.index + 1:])):
+                # Skipped while someone else may answer; a last resort all the same.
+                pl.attempts.append((ask.peer, ask.id, "backed off: did not answer before"))
+                continue
+            b = pl.bid
+            p = Propose(os.urandom(16), ask.peer, ask.id, ask.seq, b.id, b.seq, b.resource_class, b.cores,
+                        b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price)
+            m = Negotiation(CONSUMER, p.nid, self.peer_id, ask.peer, self.timeouts)
+            m.send(p, now)
+            pl.live[p.nid] = (m, ask)
+            self._by_nid[p.nid] = pl
+            pl.hedge_at = now + self.hedge_ms if len(pl.live) < self.parallel else None
+            return [self._seal(ask.peer, p)]
+        pl.hedge_at = None
+        if not pl.live and pl.state == "negotiating":
+            pl.state = "failed"
             if self.on_failed:
                 self.on_failed(pl)
+        return []
+
+    def give_up(self, bid_id: str, detail: str) -> list[Send]:
+        """Our caller stopped waiting: withdraw every proposal still in flight."""
+        pl = self.placements.pop(bid_id, None)
+        if pl is None or pl.state != "negotiating":
             return []
-        b = pl.bid
-        p = Propose(os.urandom(16), ask.peer, ask.id, ask.seq, b.id, b.seq, b.resource_class, b.cores,
-                    b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class)
-        m = Negotiation(CONSUMER, p.nid, self.peer_id, ask.peer, self.timeouts)
-        m.send(p, now)
-        pl.negotiation = m
-        self._by_nid[p.nid] = pl
-        return [self._seal(ask.peer, p)]
+        now = self.clock()
+        pl.state = "failed"
+        for m, _ in pl.live.values():
+            self._if_silent(m, now)
+        return [self._withdraw(pl, m, now, "withdrawn", detail) for m, _ in list(pl.live.values())]
+
+    def _if_silent(self, m: Negotiation, now: int) -> None:
+        """A proposal withdrawn unanswered after ``hedge_ms`` (we moved on because
+        of that silence) counts as no answer, like one that timed out: an
+        attacker's asks must not be worth a free hedge on every placement."""
+        if m.state is State.PROPOSED and m.deadline is not None \
+                and now - (m.deadline - self.timeouts.propose_ms) >= self.hedge_ms:
+            self._silent(m, now)
+
+    def _silent(self, m: Negotiation, now: int) -> None:
+        self.backoff.failed(m.provider, now)
+        REFUSALS.count("negotiate", "no_answer")
+        if self.on_no_answer:
+            self.on_no_answer(m.provider, m.nid)
+
+    def _drop(self, pl: Placement, nid: bytes) -> None:
+        pl.live.pop(nid, None)
+        self._by_nid.pop(nid, None)
+
+    def _withdraw(self, pl: Placement, m: Negotiation, now: int, reason: str, detail: str) -> Send:
+        rej = Reject(m.nid, reason, detail)
+        m.send(rej, now)
+        self._drop(pl, m.nid)
+        return self._seal(m.provider, rej)
 
     def handle(self, env: Envelope) -> list[Send]:
         if env.type == "receipt":
@@ -434,10 +537,11 @@ class Consumer(_Party):
         if ev is None:
             return []
         pl = self._by_nid.get(ev.nid)
-        m = pl.negotiation if pl else None
-        if m is None or env.sender_id != m.provider:
+        entry = pl.live.get(ev.nid) if pl else None
+        if entry is None or env.sender_id != entry[0].provider:
             self.dropped["unknown_negotiation"] += 1
             return []
+        m, ask = entry
         now = self.clock()
         if m.deadline is not None and now >= m.deadline:
             self.dropped["late"] += 1
@@ -447,34 +551,69 @@ class Consumer(_Party):
         except NegotiationError as exc:
             self.dropped[exc.reason.split(":")[0]] += 1
             if isinstance(ev, Agreement) and m.state is State.PROPOSED:
-                # Tampered or not what we asked for: say so (the provider
-                # releases at once) and try the next candidate.
-                pl.attempts.append((m.provider, pl.current.id, f"bad_agreement: {exc.reason}"))
-                rej = Reject(m.nid, "bad_agreement", exc.reason)
-                m.send(rej, now)
-                return [self._seal(m.provider, rej)] + self._next(pl, now)
+                # Tampered, above the ask we matched, or not what we asked for:
+                # say so (the provider releases at once) and try the next candidate.
+                REFUSALS.count("negotiate", _agreement_refusal(exc.reason))
+                pl.attempts.append((m.provider, ask.id, f"bad_agreement: {exc.reason}"))
+                return [self._withdraw(pl, m, now, "bad_agreement", exc.reason)] + self._launch(pl, now)
             return []
         if isinstance(ev, Agreement):
-            cs = Countersign(m.nid, ev.terms.aid, ev.terms.sign(self.identity))
-            m.send(cs, now)
-            pl.state = "active"
-            pl.attempts.append((m.provider, pl.current.id, "agreed"))
-            self._agreed[ev.terms.aid] = ev.terms
-            while len(self._agreed) > MAX_SETTLING:
-                self._agreed.popitem(last=False)
-            if self.on_agreement:
-                self.on_agreement(pl)
-            return [self._seal(m.provider, cs)]
+            return self._agreement(pl, m, ask, ev.terms, now)
         if isinstance(ev, Reject):
-            pl.attempts.append((m.provider, pl.current.id, m.reason))
-            return self._next(pl, now)
+            pl.attempts.append((m.provider, ask.id, m.reason))
+            self._drop(pl, m.nid)
+            if pl.state == "negotiating":
+                return self._launch(pl, now)
+            if pl.negotiation is m:
+                pl.state = "ended"
+            return []
         if isinstance(ev, End):
-            pl.state = "ended"
-            self._by_nid.pop(m.nid, None)
+            self._drop(pl, m.nid)
+            if pl.negotiation is m:
+                pl.state = "ended"
+                if m.terms is not None:
+                    self.observe_end(m.terms.aid, now)
+            elif pl.state == "negotiating":
+                pl.attempts.append((m.provider, ask.id, m.reason or "ended"))
+                return self._launch(pl, now)
         return []
 
+    def _agreement(self, pl: Placement, m: Negotiation, ask: Ask, terms: Terms, now: int) -> list[Send]:
+        if pl.state != "negotiating":
+            # Another candidate agreed first: this one is withdrawn, never countersigned.
+            return [self._withdraw(pl, m, now, "withdrawn", "placed elsewhere")]
+        why = self.spending.refusal(terms, now) if self.spending is not None else None
+        if why:
+            REFUSALS.count("negotiate", "spend_cap")
+            pl.attempts.append((m.provider, ask.id, why))
+            return [self._withdraw(pl, m, now, "spend_cap", why)] + self._launch(pl, now)
+        cs = Countersign(m.nid, terms.aid, terms.sign(self.identity))
+        m.send(cs, now)
+        pl.state, pl.negotiation, pl.winner, pl.hedge_at = "active", m, ask, None
+        pl.attempts.append((m.provider, ask.id, "agreed"))
+        out = [self._seal(m.provider, cs)]
+        for nid, (other, _) in list(pl.live.items()):
+            if nid != m.nid:
+                self._if_silent(other, now)
+                out.append(self._withdraw(pl, other, now, "withdrawn", "placed elsewhere"))
+        self.backoff.succeeded(m.provider)
+        if self.spending is not None:
+            self.spending.commit(terms, now)
+        self._agreed[terms.aid] = terms
+        self._observe(terms.aid, now)
+        while len(self._agreed) > MAX_SETTLING:
+            self._agreed.popitem(last=False)
+        if self.on_agreement:
+            self.on_agreement(pl)
+        return out
+
     def _receipt(self, env: Envelope) -> list[Send]:
-        sr = SignedReceipt.from_body(env.body)
+        try:
+            sr = SignedReceipt.from_body(env.body)
+        except BodyError:
+            REFUSALS.count("receipt", "bad_body")
+            self.dropped["bad_body"] += 1
+            return []
         terms = self._agreed.get(sr.receipt.aid)
         done = self._acked.get(sr.receipt.aid)
         if terms is None and done is not None and env.sender_id == done[0]:
@@ -483,14 +622,24 @@ class Consumer(_Party):
             return [Send(done[0], seal(self.identity, "receipt_ack", done[1].to_body(), MESSAGE_TTL_MS,
                                        now=self.clock()))]
         if terms is None or env.sender_id != terms.provider:
+            REFUSALS.count("receipt", "unknown_agreement")
             self.dropped["unknown_receipt"] += 1
             return []
+        now = self.clock()
+        seen = self._observed.get(sr.receipt.aid)
+        observed = None if seen is None else Observed(seen[0], seen[1] if seen[1] is not None else now)
         try:
-            full = countersign_receipt(self.identity, sr, terms)
+            full = countersign_receipt(self.identity, sr, terms, observed)
         except ReceiptError as exc:
+            REFUSALS.count("receipt", exc.slug)
+            log.warning("receipt refused", extra={"provider": terms.provider[:16], "aid": terms.aid.hex(),
+                                                  "reason": str(exc)})
             self.dropped[f"bad_receipt: {exc}"] += 1
             return []
         del self._agreed[sr.receipt.aid]
+        self._observed.pop(sr.receipt.aid, None)
+        if self.spending is not None:
+            self.spending.settle(sr.receipt.aid, sr.receipt.amount, now)
         if self.on_receipt:
             self.on_receipt(full)
         ack = ReceiptAck(sr.receipt.aid, full.csig)
@@ -501,26 +650,35 @@ class Consumer(_Party):
                                           now=self.clock()))]
 
     def next_deadline(self) -> int | None:
-        times = [t for pl in self._by_nid.values() if pl.negotiation
-                 for t in (pl.negotiation.deadline, pl.negotiation.next_heartbeat) if t is not None]
+        times = [t for nid, pl in self._by_nid.items() if nid in pl.live
+                 for t in (pl.live[nid][0].deadline, pl.live[nid][0].next_heartbeat) if t is not None]
+        times += [pl.hedge_at for pl in self._by_nid.values() if pl.hedge_at is not None]
         return min(times, default=None)
 
     def tick(self, now: int | None = None) -> list[Send]:
         now = self.clock() if now is None else now
         out: list[Send] = []
-        for pl in list(self._by_nid.values()):
-            m = pl.negotiation
-            if m.check_timeout(now) is not None:
-                if m.state is State.LOST:
-                    pl.state = "lost"
-                    self._by_nid.pop(m.nid, None)
-                    if self.on_lost:
-                        self.on_lost(pl)
-                else:
-                    pl.attempts.append((m.provider, pl.current.id, m.reason))
-                    out += self._next(pl, now)
-            elif m.heartbeat_due(now):
-                out.append(self._seal(m.provider, m.heartbeat(now)))
+        for pl in list({id(p): p for p in self._by_nid.values()}.values()):
+            for nid, (m, ask) in list(pl.live.items()):
+                if m.check_timeout(now) is not None:
+                    self._drop(pl, nid)
+                    if m.state is State.LOST:
+                        pl.state = "lost"
+                        if m.terms is not None:
+                            self.observe_end(m.terms.aid, now)
+                        if self.on_lost:
+                            self.on_lost(pl)
+                        continue
+                    pl.attempts.append((m.provider, ask.id, m.reason))
+                    if m.reason == "proposal timeout":
+                        # Silence costs the next placements nothing: skip it for a while.
+                        self._silent(m, now)
+                    if pl.state == "negotiating":
+                        out += self._launch(pl, now)
+                elif m.heartbeat_due(now):
+                    out.append(self._seal(m.provider, m.heartbeat(now)))
+            if pl.state == "negotiating" and pl.hedge_at is not None and now >= pl.hedge_at:
+                out += self._launch(pl, now)
         return out
 
     def end(self, bid_id: str, outcome: str, reason: str = "") -> list[Send]:
@@ -529,7 +687,9 @@ class Consumer(_Party):
         ev = End(m.nid, outcome, reason)
         m.send(ev, self.clock())
         pl.state = "ended"
-        self._by_nid.pop(m.nid, None)
+        self._drop(pl, m.nid)
+        if m.terms is not None:
+            self.observe_end(m.terms.aid, self.clock())
         return [self._seal(m.provider, ev)]
 
 

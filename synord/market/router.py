@@ -9,6 +9,11 @@ score = sum(weight_i * component_i) / sum(weights), every component in [0, 1]
               (1.0 = reference machine); unknown = 0.5
 * reputation  from the ledger, 0..1; unknown peer = 0.5 (neutral prior)
 * load        1 - provider utilisation announced in the ask
+* spread      1 / (1 + ours), ours = our proposals and leases there now plus
+              our recent placements there (decayed): the announced load lags
+              by up to half an ask TTL (and is the host's, whoever loads it), so
+              without this a soak of jobs all lands on the one best-scored
+              provider
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class RouterWeights:
     capability: float = 0.15
     reputation: float = 0.2
     load: float = 0.1
+    spread: float = 0.25
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -39,6 +45,7 @@ class RouterWeights:
 class PeerInfo:
     rtt_ms: float | None = None
     reputation: float | None = None
+    ours: float = 0.0  # our placements on this peer, live and recent (decayed)
 
 
 PeerLookup = Callable[[str], PeerInfo]
@@ -50,7 +57,7 @@ class Router:
         self.weights = weights or RouterWeights()
         self.latency_ref_ms = latency_ref_ms
         w = self.weights
-        self._total = w.cost + w.latency + w.capability + w.reputation + w.load
+        self._total = w.cost + w.latency + w.capability + w.reputation + w.load + w.spread
 
     def components(self, ask: Ask, bid: Bid, info: PeerInfo = UNKNOWN) -> dict[str, float]:
         return self.rate(ask, bid, info)[1]
@@ -69,8 +76,28 @@ class Router:
         capability = 0.5 if perf is None else perf / (perf + 1.0)
         reputation = 0.5 if rep is None else (0.0 if rep < 0 else 1.0 if rep > 1 else rep)
         load = 1.0 if ld <= 0 else (0.0 if ld >= 1 else 1.0 - ld)
+        spread = 1.0 / (1.0 + info.ours) if info.ours > 0 else 1.0
         w = self.weights
         score = (w.cost * cost + w.latency * latency + w.capability * capability
-                 + w.reputation * reputation + w.load * load) / self._total
+                 + w.reputation * reputation + w.load * load + w.spread * spread) / self._total
         return score, {"cost": cost, "latency": latency, "capability": capability,
-                       "reputation": reputation, "load": load}
+                       "reputation": reputation, "load": load, "spread": spread}
+
+
+class RecentPlacements:
+    """How many of our placements went to each peer lately, decaying with a
+    half-life (unix ms): the ``ours`` of `PeerInfo`, together with what is in
+    flight.  Bounded: past ``max_peers`` the faintest is forgotten."""
+
+    def __init__(self, half_life_ms: int = 120_000, max_peers: int = 10_000):
+        self.half_life_ms, self.max_peers = half_life_ms, max_peers
+        self._peers: dict[str, tuple[float, int]] = {}  # peer -> (value, at)
+
+    def get(self, peer: str, now: int) -> float:
+        value, at = self._peers.get(peer, (0.0, now))
+        return value * 0.5 ** (max(0, now - at) / self.half_life_ms)
+
+    def add(self, peer: str, now: int) -> None:
+        self._peers[peer] = (self.get(peer, now) + 1.0, now)
+        if len(self._peers) > self.max_peers:
+            del self._peers[min(self._peers, key=lambda p: self.get(p, now))]

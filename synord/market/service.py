@@ -31,17 +31,20 @@ from protocols.mesh import envelope_validator
 from protocols.negotiation import NegotiationError, Terms, Timeouts
 from protocols.orders import Ask, Bid, Cancel
 from protocols.receipts import SignedReceipt
+from protocols.refusals import REFUSALS
 from protocols.topics import orders as orders_topic
 
 from ..jobs.consumer import Needs, PlacementRejected
 from ..store import from_json_safe, json_safe
-from .book import OrderBook
+from .backoff import Backoff
+from .book import FULL, PEER_QUOTA, OrderBook
 from .ledger import Ledger
 from .matching import Candidate, match
 from .negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
 from .pricing import PricingPolicy, derive_asks
 from .reservations import CapacityPool
-from .router import PeerInfo
+from .router import PeerInfo, RecentPlacements
+from .spending import SpendingCap
 
 log = logging.getLogger("synord.market")
 
@@ -55,7 +58,10 @@ class MarketService:
                  classes: Callable[[], list[str]], preemptible: bool = False,
                  min_price: float = 0.0, allow_peers: list[str] | None = None,
                  deny_peers: list[str] | None = None, timeouts: Timeouts | None = None,
-                 on_agreement: Callable[[Terms], None] | None = None):
+                 on_agreement: Callable[[Terms], None] | None = None, max_price: float = 1.0,
+                 spend_cap: float = 10.0, spend_period_s: float = 86_400.0, max_asks_per_peer: int = 16,
+                 candidates_per_peer: int = 1, parallel_proposals: int = 2, hedge_s: float = 1.0,
+                 backoff_s: float = 5.0):
         self.identity = identity
         self.peer_id = identity.peer_id
         self.store = store
@@ -68,7 +74,12 @@ class MarketService:
         self.min_price = min_price
         self.allow = set(allow_peers or [])
         self.deny = set(deny_peers or [])
-        self.book = OrderBook()
+        self.book = OrderBook(max_asks_per_peer=max_asks_per_peer)
+        self.max_price = max_price  # per unit-hour, when the job names none
+        self.candidates_per_peer = candidates_per_peer
+        self.backoff = Backoff(base_ms=int(backoff_s * 1000), max_ms=max(300_000, int(backoff_s * 1000)))
+        self.spending = SpendingCap(spend_cap, int(spend_period_s * 1000))
+        self.recent = RecentPlacements()  # spreads our jobs over equal providers
         self.ledger = Ledger(store.conn, self.peer_id)
         self.validator = EnvelopeValidator()
         self.pool = CapacityPool(self._capacity())
@@ -78,9 +89,13 @@ class MarketService:
                                  on_receipt=self._record, on_receipt_issued=self._keep_receipt,
                                  on_receipt_closed=self._drop_receipt)
         self._resume_receipts()
+        for aid, ended, amount in self.ledger.paid_since(now_ms() - self.spending.period_ms):
+            self.spending.settle(aid, amount, ended)
         self.consumer = Consumer(identity, timeouts=self.timeouts, validator=self.validator,
                                  on_agreement=self._placement_done, on_failed=self._placement_done,
-                                 on_lost=self._on_lost, on_receipt=self._record)
+                                 on_lost=self._on_lost, on_receipt=self._record,
+                                 on_no_answer=self._no_answer, parallel=parallel_proposals,
+                                 hedge_ms=int(hedge_s * 1000), backoff=self.backoff, spending=self.spending)
         self.on_agreement = on_agreement
         self._waiting: dict[str, trio.Event] = {}
         self._bid_of: dict[bytes, str] = {}  # agreement id -> bid id (consumer side)
@@ -123,6 +138,8 @@ class MarketService:
             except Exception as exc:  # a valid envelope with an unusable order
                 log.debug("order ignored", extra={"error": str(exc)})
                 continue
+            if result in (PEER_QUOTA, FULL):
+                REFUSALS.count("book", result)
             log.debug("order", extra={"from": msg.origin[:16], "result": result})
 
     async def _republish_for_newcomers(self, events) -> None:
@@ -229,10 +246,16 @@ class MarketService:
             return
         self._nursery.start_soon(self._send_all, sends, "consumer")
 
-    def expect_receipt(self, terms: Terms) -> None:
-        """After our restart: agreements whose receipt we have not countersigned yet."""
+    def expect_receipt(self, terms: Terms, ended_ms: int | None = None) -> None:
+        """After our restart: agreements whose receipt we have not countersigned yet
+        (``ended_ms``: when we saw that task end, if we did)."""
         if not self.ledger.has_receipt(terms.aid):
-            self.consumer.expect_receipt(terms)
+            self.consumer.expect_receipt(terms, ended_ms)
+
+    def observed_end(self, terms: Terms, at_ms: int | None = None) -> None:
+        """Consumer: the job path saw the task under ``terms`` end; its receipt may
+        bill no longer than the lease we saw."""
+        self.consumer.observe_end(terms.aid, now_ms() if at_ms is None else at_ms)
 
     # Receipts we issued are kept in the store until acknowledged, so a restart
     # of ours does not lose them: the provider resends them after it.
@@ -264,17 +287,20 @@ class MarketService:
         now = now_ms()
         return Bid(id=bid_id or uuid.uuid4().hex[:16], seq=now, resource_class=needs.resource_class,
                    cores=float(needs.cores), memory=int(needs.memory), runtime=needs.runtime,
-                   max_price=float(needs.max_price if needs.max_price is not None else 1e9),
+                   max_price=float(needs.max_price if needs.max_price is not None else self.max_price),
                    duration_s=int(needs.duration_s), deadline=now + 60_000, expires=now + 60_000,
                    gpus=needs.gpus, gpu_class=needs.gpu_class, peer=self.peer_id, ts=now)
 
-    def _peer_info(self, peer: str) -> PeerInfo:
-        return PeerInfo(reputation=self.ledger.reputation(peer))
+    def _peer_info(self, peer: str, busy=None, now: int | None = None) -> PeerInfo:
+        return PeerInfo(reputation=self.ledger.reputation(peer),
+                        ours=(busy or {}).get(peer, 0) + self.recent.get(peer, now or now_ms()))
 
     def _match(self, needs: Needs, exclude: tuple[str, ...] = ()):
-        bid = self._bid(needs)
-        return match(bid, self.book.asks(needs.resource_class), now=now_ms(),
-                     peer_info=self._peer_info, exclude_peers=(self.peer_id, *exclude), shortlist=8)
+        bid, now, busy = self._bid(needs), now_ms(), self.consumer.busy()
+        return match(bid, self.book.asks(needs.resource_class), now=now,
+                     peer_info=lambda p: self._peer_info(p, busy, now), exclude_peers=(self.peer_id, *exclude),
+                     shortlist=8, per_peer=self.candidates_per_peer,
+                     skip_peer=lambda p: self.backoff.blocked(p, now))
 
     def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Candidate]:
         return self._match(needs, exclude).candidates
@@ -290,23 +316,50 @@ class MarketService:
         await self._publish(needs.resource_class, env.encode())
 
     async def negotiate(self, candidate: Candidate, needs: Needs) -> Terms:
+        return await self.negotiate_any([candidate], needs)
+
+    async def negotiate_any(self, candidates: list[Candidate], needs: Needs,
+                            within_s: float | None = None) -> Terms:
+        """Place on one of ``candidates`` (best first; hedged: a slow one does not
+        hold up the next, see `Placement`); the double-signed terms, or
+        PlacementRejected with every candidate's answer."""
         bid = self._bid(needs)
         done = self._waiting[bid.id] = trio.Event()
         try:
-            await self._send_all(self.consumer.place(bid, [candidate.ask]), "provider")
-            with trio.move_on_after(self.timeouts.propose_ms / 1000 + 1):
+            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates]), "provider")
+            # Bounded: each candidate answers or times out within propose_ms.
+            wait = len(candidates) * (self.timeouts.propose_ms / 1000) + 1
+            with trio.move_on_after(wait if within_s is None else min(wait, within_s)):
                 await done.wait()
             pl: Placement = self.consumer.placements[bid.id]
         finally:
             self._waiting.pop(bid.id, None)
+        for provider, ask_id, why in pl.attempts:
+            if why != "agreed":
+                log.info("candidate rejected us", extra={"provider": provider[:16], "ask": ask_id, "reason": why})
         if pl.state == "active" and pl.negotiation is not None and pl.negotiation.terms is not None:
             terms = pl.negotiation.terms
             self._bid_of[terms.aid] = bid.id
+            self.recent.add(terms.provider, now_ms())
             self.book.record_trade(terms.resource_class, terms.price, terms.units, now_ms(),
                                    terms.aid.hex())
             return terms
-        self.consumer.placements.pop(bid.id, None)
-        raise PlacementRejected(pl.attempts[-1][2] if pl.attempts else "no answer from the provider")
+        # Our own wait ran out: withdraw what is still in flight.
+        await self._send_all(self.consumer.give_up(bid.id, "gave up"), "provider")
+        if not pl.attempts:
+            raise PlacementRejected("no answer from the provider")
+        raise PlacementRejected("; ".join(f"{p[:12]}: {why}" for p, _, why in pl.attempts[-4:]))
+
+    def _no_answer(self, provider: str, nid: bytes) -> None:
+        """A provider let a proposal time out: it costs it reputation (persisted)."""
+        self._record_outcome(nid, provider, "no_answer")
+        log.info("provider did not answer; backed off", extra={"provider": provider[:16]})
+
+    def _record_outcome(self, key: bytes, provider: str, outcome: str) -> None:
+        try:
+            self.ledger.record_outcome(key, provider, outcome, now_ms())
+        except Exception as exc:  # a full disk must not stop placement
+            log.warning("outcome not recorded", extra={"error": str(exc)})
 
     async def abandon(self, terms: Terms, reason: str) -> None:
         """Consumer: we will not use this agreement (e.g. the launch failed): end the
@@ -396,8 +449,10 @@ class MarketService:
     # ---- API -------------------------------------------------------------------------------
 
     def book_json(self, cls: str | None = None) -> dict:
-        return {"classes": self.book.to_json(cls, now=now_ms()), "asks_published": len(self._our_asks),
-                "agreements": self.agreements}
+        now = now_ms()
+        return {"classes": self.book.to_json(cls, now=now), "asks_published": len(self._our_asks),
+                "agreements": self.agreements, "backed_off": self.backoff.to_json(now),
+                "spent": self.spending.spent(now)}
 
     def ledger_json(self) -> dict:
         return self.ledger.to_json()
