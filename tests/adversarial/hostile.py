@@ -56,7 +56,8 @@ API (all methods are coroutines unless marked *sync*):
 Checking the victim (plain functions, blocking: call them through ``trio.to_thread``):
 
 ``refusals(daemon) -> {(where, reason): count}`` synord_refusals_total from its /metrics;
-``counted(before, after)`` what was counted in between.
+``refused(daemon, where, reason) -> count``; ``counted(before, after)`` what was
+counted in between; ``in_thread(fn, *args)`` (async) runs any of these off trio.
 
 As a provider (a lying one, to attack consumers):
 
@@ -417,6 +418,16 @@ def refusals(d) -> dict[tuple[str, str], float]:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
             out[(labels["where"], labels["reason"])] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def refused(d, where: str, reason: str) -> float:
+    """How many refusals ``d`` counted at ``where`` for ``reason``."""
+    return refusals(d).get((where, reason), 0.0)
+
+
+async def in_thread(fn, *args, **kw):
+    """A blocking call (HTTP to a daemon, starting one) off the trio thread: libp2p keeps running."""
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
 
 
 def counted(before: dict, after: dict) -> dict[tuple[str, str], float]:

@@ -169,7 +169,7 @@ class HostileProvider(HostilePeer):
             await trio.sleep(self.run_s)
             await stream.send({"o": "stdout", "off": 0, "d": b"hello, wasm\n"})
             self.exit_at = now_ms()
-            await stream.send({"exit": {"code": 0}})
+            await stream.send({"exit": {"code": 0, "offsets": {"stdout": 12, "stderr": 0}}})  # all of it
             self.exited.set()
             with trio.move_on_after(30):
                 await stream.receive()  # until the consumer closes

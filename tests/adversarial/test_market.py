@@ -12,7 +12,7 @@ import dataclasses
 import trio
 
 from adversarial.hostile_provider import HostileProvider
-from adversarial.test_task_path import in_thread, refused
+from adversarial.hostile import in_thread, refused
 from daemons import wait_for
 from jobs_helpers import CONSUMER_ONLY, PROBE_WASM, ensure_assets, job, providers_in_book, submit, wait_job
 from protocols.receipts import SignedReceipt, issue

@@ -18,12 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from adversarial.hostile import HostilePeer, counted, refusals
+from adversarial.hostile import HostilePeer, counted, in_thread, refusals
 from jobs_helpers import PROBE_WASM, ensure_assets
-
-async def in_thread(fn, *args, **kw):
-    return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
-
 
 def home_snapshot(home: Path) -> dict[str, str]:
     """Every file of a daemon's home but its log and live database files, with its digest."""
