@@ -27,6 +27,7 @@ import trio
 from .envelope import Envelope, EnvelopeValidator, Rejected
 from .framing import FramedStream
 from .identity import Identity, IdentityError, b58decode
+from .streamlimits import StreamLimits
 
 PROTOCOL_PREFIX = "/synord/"
 PX_PROTOCOL = "/synord/px/1.0.0"
@@ -74,6 +75,7 @@ class MeshConfig:
     ping_misses: int = 2            # ... and this many misses in a row drop it
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
+    streams: StreamLimits = field(default_factory=StreamLimits)  # deadlines and caps for peers' streams
 
 
 class Mesh(abc.ABC):
@@ -120,7 +122,10 @@ class Mesh(abc.ABC):
         """Join ``topic``; returns a channel of GossipMessage that passed ``validator``."""
 
     @abc.abstractmethod
-    def set_handler(self, protocol: str, handler: StreamHandler) -> None: ...
+    def set_handler(self, protocol: str, handler: StreamHandler, idle_deadline: bool = True) -> None:
+        """Serve ``protocol`` with ``handler``, under ``config.streams`` (see
+        `protocols.streamlimits`); ``idle_deadline=False`` for protocols whose
+        peer may stay quiet between frames once its first frame was accepted."""
 
     @abc.abstractmethod
     async def open_stream(self, peer_id: str, protocol: str) -> FramedStream: ...

@@ -46,10 +46,11 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport a
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from .framing import FramedStream
+from .framing import FramedStream, StreamLimitError
 from .identity import Identity
 from .mesh import (PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
                    StreamHandler, Validator)
+from .streamlimits import StreamBudget, StreamGuard
 
 log = logging.getLogger("synord.mesh")
 
@@ -192,6 +193,7 @@ class Libp2pMesh(Mesh):
         self._watched: set[str] = set()
         self._dial_failures: dict[str, tuple[int, float]] = {}  # peer -> (count, retry_at)
         self.dropped_messages = 0
+        self.stream_budget = StreamBudget(cfg.streams)
         self.host.get_network().register_notifee(_Notifee(self))
         if cfg.peer_exchange:
             self.set_request_handler(PX_PROTOCOL, self._serve_px, max_request=1024)
@@ -342,15 +344,28 @@ class Libp2pMesh(Mesh):
                     return
 
     # -- streams -------------------------------------------------------------
-    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
+    def set_handler(self, protocol: str, handler: StreamHandler, idle_deadline: bool = True) -> None:
+        limits = self.config.streams
+
         async def libp2p_handler(stream) -> None:
             peer = stream.muxed_conn.peer_id.to_base58()
-            framed = FramedStream(_RawStream(stream), remote_peer=peer, protocol=protocol)
+            refusal = self.stream_budget.open_stream(peer)  # counted by the budget
+            if refusal is not None:
+                log.info("stream %s from %s refused: %s", protocol, peer[:16], refusal)
+                await _discard(stream)
+                return
+            guard = StreamGuard(self.stream_budget, peer, limits, inbound=True, idle=idle_deadline)
+            framed = FramedStream(_RawStream(stream), remote_peer=peer, protocol=protocol, guard=guard)
             try:
                 await handler(framed)
+            except StreamLimitError as exc:  # already reset and counted
+                log.info("stream %s from %s: %s", protocol, peer[:16], exc)
             except Exception as exc:  # one bad stream must not hurt the node
                 log.info("handler %s for %s failed: %s: %s", protocol, peer[:16], type(exc).__name__, exc)
                 await framed.reset()
+            finally:
+                framed.release()
+                self.stream_budget.close_stream(peer)
 
         self.host.set_stream_handler(TProtocol(protocol), libp2p_handler)
 
@@ -359,7 +374,8 @@ class Libp2pMesh(Mesh):
             stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
             raise MeshError(f"open {protocol} to {peer_id[:16]}: {type(exc).__name__}: {exc}") from None
-        return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol)
+        guard = StreamGuard(None, peer_id, self.config.streams, inbound=False)
+        return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol, guard=guard)
 
     # -- health: drop frozen peers --------------------------------------------
     async def _watch_peer(self, pid: ID) -> None:

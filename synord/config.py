@@ -68,6 +68,15 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
     },
+    "streams": {
+        "first_frame_s": (10.0, "float", "a peer's stream must deliver its first frame within this"),
+        "idle_s": (300.0, "float", "... and each next frame within this (not task/exec streams)"),
+        "frame_s": (30.0, "float", "a frame's body (or a 1 MiB blob piece) must arrive within this"),
+        "max_streams_per_peer": (64, "int", "open inbound streams one peer may hold"),
+        "max_streams_total": (1024, "int", "open inbound streams all peers together may hold"),
+        "max_buffered_per_peer": (16 * 1024 * 1024, "int", "bytes of unfinished frames held per peer"),
+        "max_buffered_total": (128 * 1024 * 1024, "int", "bytes of unfinished frames held in total"),
+    },
 }
 
 _LEVELS = {"debug", "info", "warning", "error"}
@@ -175,6 +184,9 @@ def validate(cfg: Config) -> None:
     for key in ("jobs.heartbeat_interval_s", "jobs.lease_timeout_s", "node.announce_interval_s"):
         if cfg[key] <= 0:
             fail(key, "must be positive")
+    for key, value in cfg.values["streams"].items():
+        if not value > 0 or value != value or value == float("inf"):
+            fail(f"streams.{key}", "must be a positive finite number")
 
 
 def _toml_value(value: Any) -> str:
