@@ -49,6 +49,11 @@ def registered_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def body_checker(name: str) -> Callable[[Any], Any]:
+    """The function that checks bodies of type ``name`` (raises ValueError on a bad one)."""
+    return _REGISTRY[name]
+
+
 class EnvelopeError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import trio
 
 from .envelope import Envelope, EnvelopeValidator, Rejected
@@ -208,6 +209,31 @@ def envelope_validator(validator: EnvelopeValidator, types: Iterable[str] | None
         return result
 
     return check
+
+
+PX_MAX_PEERS = 64
+PX_MAX_ADDRS = 8
+
+
+def parse_px_reply(reply: bytes) -> list[tuple[str, list[str]]]:
+    """A peer-exchange answer: ``[[peer_id, [multiaddr, ...]], ...]``.  Raises
+    ValueError if it is not such a list; entries of the wrong shape are skipped,
+    and at most PX_MAX_PEERS peers with PX_MAX_ADDRS addresses each are kept."""
+    try:
+        peers = msgpack.unpackb(reply, raw=False, max_str_len=4096, max_bin_len=0,
+                                max_array_len=4096, max_map_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ValueError(f"px reply is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(peers, list):
+        raise ValueError("px reply is not a list")
+    out = []
+    for entry in peers[:PX_MAX_PEERS]:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], list)):
+            continue
+        addrs = [a for a in entry[1][:PX_MAX_ADDRS] if isinstance(a, str) and a.startswith("/")]
+        out.append((entry[0], addrs))
+    return out
 
 
 def create_mesh(identity: Identity, config: MeshConfig) -> Mesh:

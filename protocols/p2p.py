@@ -48,13 +48,12 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from .framing import FramedStream, StreamLimitError
 from .identity import Identity
-from .mesh import (PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
-                   StreamHandler, Validator)
+from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
+                   StreamHandler, Validator, parse_px_reply)
 from .streamlimits import StreamBudget, StreamGuard
 
 log = logging.getLogger("synord.mesh")
 
-PX_MAX_PEERS = 64
 PEERSTORE_TTL_S = 3600
 
 
@@ -476,21 +475,14 @@ class Libp2pMesh(Mesh):
     async def _exchange_with(self, peer: str) -> None:
         try:
             reply = await self.request(peer, PX_PROTOCOL, b"", timeout=5.0, max_reply=256 * 1024)
-            peers = msgpack.unpackb(reply, raw=False)
-            if not isinstance(peers, list):
-                raise ValueError("px reply is not a list")
+            peers = parse_px_reply(reply)
         except Exception as exc:
             log.debug("peer exchange with %s failed: %s", peer[:16], exc)
             return
-        peers = peers[:PX_MAX_PEERS]
         # every asker gets the same list (connection order): without shuffling,
         # all newcomers dial the oldest peers, which end up connected to everyone
         random.shuffle(peers)
-        for entry in peers:
-            try:
-                pid, addrs = str(entry[0]), [str(a) for a in entry[1]][:8]
-            except (TypeError, IndexError, KeyError):
-                continue
+        for pid, addrs in peers:
             self._consider(pid, addrs)
 
     def _consider(self, peer_id: str, addrs: list[str]) -> None:

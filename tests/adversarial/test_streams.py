@@ -238,6 +238,8 @@ async def test_buffered_bytes_capped_and_memory_returns(daemon):
     await trio.sleep(1)
     end = rss(daemon)
     mib = 1024 * 1024
+    print(f"rss baseline {baseline / mib:.0f} MiB, peak {peak / mib:.0f} MiB, after {end / mib:.0f} MiB; "
+          f"refusals {grew}")
     # held at once: at most the per-peer cap plus yamux windows and msgpack work
     assert peak - baseline < 80 * mib, (baseline // mib, peak // mib)
     assert end - baseline < 40 * mib, (baseline // mib, end // mib)
