@@ -100,6 +100,18 @@ async def _discard(stream) -> None:
     return None
 
 
+async def _linger(raw: "_RawStream", within_s: float) -> None:
+    """After our handler is done: wait (discarding) for the peer to end its side,
+    then reset if it has not.  A stream whose peer never closes would otherwise
+    stay in yamux with up to a window of unread bytes after we answered; an
+    immediate reset could drop the answer still in flight to an honest peer."""
+    with trio.move_on_after(within_s):
+        while await raw.read(64 * 1024):
+            pass
+        return
+    await raw.reset()
+
+
 class _Notifee(INotifee):
     """Turns swarm connection callbacks into PeerEvents (first up / last down)."""
 
@@ -364,7 +376,10 @@ class Libp2pMesh(Mesh):
                 await framed.reset()
             finally:
                 framed.release()
-                self.stream_budget.close_stream(peer)
+                try:
+                    await _linger(framed.raw, limits.frame_s)
+                finally:
+                    self.stream_budget.close_stream(peer)
 
         self.host.set_stream_handler(TProtocol(protocol), libp2p_handler)
 

@@ -165,6 +165,18 @@ async def test_stalled_streams_are_reset_on_every_protocol(daemon):
             for p, s in silent + mid_frame + [("negotiate-idle", idle), ("px-midblob", blob)]:
                 n.start_soon(expect_end, p, s, FIRST_S + FRAME_S + IDLE_S + 10, results)
         assert all(ok for _, ok in results), [p for p, ok in results if not ok]
+        # a requester that takes its answer but never ends its side is reset (not left
+        # holding the stream, and the bytes it may still push, after the handler is done)
+        lingering = await open_raw(host, "/synord/px/1.0.0")
+        head = msgpack.packb({"blob": 0})
+        await lingering.write(struct.pack(">I", len(head)) + head)
+        with trio.fail_after(10):
+            assert await lingering.read(4)  # the answer came
+        await trio.sleep(FRAME_S + 2)
+        with pytest.raises(Exception):
+            for _ in range(3):
+                await lingering.write(b"junk" * 1024)
+                await trio.sleep(0.2)
     after = await in_thread(metrics, daemon)
     grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert grew.get("first_frame_timeout", 0) >= len(silent), grew
