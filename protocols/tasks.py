@@ -37,7 +37,10 @@ from .envelope import message_type
 
 TASK_PROTOCOL = "/synord/task/1.0.0"
 RUNTIME_KINDS = ("wasm", "container", "microvm")
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# A job id is the consumer's name for its job: never a path anywhere, but kept
+# path-inert anyway (no "/", no leading dot, so neither "." nor "..").
+_ID_RE = re.compile(r"^[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,63}$")
+AID_RE = re.compile(r"^[0-9a-f]{32}$")  # an agreement id (16 bytes), lowercase hex
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_ARGS = 256
 MAX_ARG_LEN = 4096
@@ -47,10 +50,10 @@ class TaskSpecError(ValueError):
     pass
 
 
-def _id(body: dict, key: str) -> None:
+def _id(body: dict, key: str, pattern: re.Pattern = _ID_RE) -> None:
     v = body.get(key)
-    if not isinstance(v, str) or not _ID_RE.match(v):
-        raise TaskSpecError(f"{key} must match {_ID_RE.pattern}")
+    if not isinstance(v, str) or not pattern.fullmatch(v):
+        raise TaskSpecError(f"{key} must match {pattern.pattern}")
 
 
 def _offsets(v: Any) -> None:
@@ -90,10 +93,10 @@ def check_start(body: Any) -> None:
     if not isinstance(body, dict):
         raise TaskSpecError("task.start body must be a map")
     _id(body, "job_id")
-    _id(body, "agreement_id")
+    _id(body, "agreement_id", AID_RE)
     if body.get("kind") not in RUNTIME_KINDS:
         raise TaskSpecError(f"kind must be one of {RUNTIME_KINDS}")
-    if not isinstance(body.get("artifact_sha256"), str) or not _SHA_RE.match(body["artifact_sha256"]):
+    if not isinstance(body.get("artifact_sha256"), str) or not _SHA_RE.fullmatch(body["artifact_sha256"]):
         raise TaskSpecError("artifact_sha256 must be 64 hex digits")
     check_args_env(body.get("args", []), body.get("env", {}))
     check_limits(body.get("limits", {}))
@@ -105,7 +108,7 @@ def check_start(body: Any) -> None:
     restore = body.get("restore")
     if restore is not None:
         if not isinstance(restore, dict) or not isinstance(restore.get("sha256"), str) \
-                or not _SHA_RE.match(restore["sha256"]):
+                or not _SHA_RE.fullmatch(restore["sha256"]):
             raise TaskSpecError("restore.sha256 must be 64 hex digits")
         _offsets(restore.get("offsets", {}))
 

@@ -31,7 +31,11 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TransferError(Exception):
-    pass
+    """A transfer refused or broken; ``slug`` is a stable reason for counting."""
+
+    def __init__(self, message: str, slug: str = "refused"):
+        super().__init__(message)
+        self.slug = slug
 
 
 def _check_offer(body: Any) -> None:
@@ -39,7 +43,7 @@ def _check_offer(body: Any) -> None:
         raise ValueError("offer must be a map of sha256, size, kind, job_id, grant")
     if not isinstance(body.get("grant", b""), bytes) or len(body.get("grant", b"")) > 2048:
         raise ValueError("grant must be an encoded envelope of at most 2 KiB")
-    if not isinstance(body.get("sha256"), str) or not _SHA_RE.match(body["sha256"]):
+    if not isinstance(body.get("sha256"), str) or not _SHA_RE.fullmatch(body["sha256"]):
         raise ValueError("sha256 must be 64 lowercase hex digits")
     size = body.get("size")
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_BLOB_BYTES:
@@ -84,7 +88,7 @@ class BlobStore:
         return self._locks.setdefault(sha, trio.Lock())
 
     def path(self, sha: str) -> Path:
-        if not _SHA_RE.match(sha):
+        if not _SHA_RE.fullmatch(sha):
             raise TransferError(f"not a sha256: {sha!r}")
         return self.dir / sha
 
@@ -92,7 +96,7 @@ class BlobStore:
         return self.path(sha).exists()
 
     def partial(self, sha: str) -> Path:
-        return self.dir / f"{sha}.part"
+        return self.path(sha).with_name(f"{sha}.part")  # validated like the blob's own name
 
     def add_file(self, src: Path) -> str:
         """Copy-free import of a local file (hard link when possible); returns its sha256."""
@@ -147,11 +151,11 @@ async def receive_file(stream: FramedStream, store: BlobStore, verify_offer: Cal
     offer = env.body
     if env.sender_id != stream.remote_peer:
         await stream.send({"error": "offer not signed by the connected peer"})
-        raise TransferError("offer sender mismatch")
+        raise TransferError("offer sender mismatch", "wrong_signer")
     reason = await authorize(stream.remote_peer, offer)
     if reason:
         await stream.send({"error": reason})
-        raise TransferError(reason)
+        raise TransferError(reason, "unauthorized")
     async with store.lock(offer["sha256"]):
         return offer, await _receive_locked(stream, store, offer)
 
@@ -163,7 +167,7 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
         await stream.send({"have": size})
         head = await stream.receive()
         if head != {"blob": 0}:
-            raise TransferError("sender sent bytes for a cached blob")
+            raise TransferError("sender sent bytes for a cached blob", "bad_header")
         await stream.send({"ok": True})
         return final
     part = store.partial(sha)
@@ -175,7 +179,7 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
     head = await stream.receive()
     left = head.get("blob") if isinstance(head, dict) else None
     if left != size - have:
-        raise TransferError(f"expected {size - have} bytes, sender announced {left!r}")
+        raise TransferError(f"expected {size - have} bytes, sender announced {left!r}", "bad_header")
     with open(part, "ab") as f:
         while left:
             block = await stream.read_raw(min(left, CHUNK))
@@ -187,7 +191,7 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
     if actual != sha:
         part.unlink(missing_ok=True)
         await stream.send({"error": f"sha256 mismatch: offered {sha}, received {actual}"})
-        raise TransferError("sha256 mismatch")
+        raise TransferError("sha256 mismatch", "sha_mismatch")
     os.replace(part, final)
     await stream.send({"ok": True})
     return final

@@ -70,6 +70,17 @@ MIGRATIONS: list[Migration] = [
     """,
     # 3: market ledger (receipts, outcomes for reputation)
     _market_schema,
+    # 4: provider rows keyed by the agreement id the provider signed, not by the
+    # consumer's job id (public, and chosen by a peer: a foreign task.start with it
+    # replaced our own rows); the consumer's job id moves to peer_job.
+    """
+    ALTER TABLE jobs ADD COLUMN peer_job TEXT;
+    UPDATE jobs SET peer_job = id WHERE role = 'provider';
+    UPDATE jobs SET id = json_extract(spec, '$.agreement_id')
+        WHERE role = 'provider' AND json_extract(spec, '$.agreement_id') IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM jobs AS o WHERE o.id = json_extract(jobs.spec, '$.agreement_id'));
+    CREATE INDEX jobs_provider_peer_job ON jobs(consumer, peer_job) WHERE role = 'provider';
+    """,
 ]
 
 

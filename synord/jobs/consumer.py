@@ -25,6 +25,7 @@ from protocols.envelope import seal
 from protocols.framing import CHUNK, FramedStream
 from protocols.identity import Identity
 from protocols.negotiation import Terms
+from protocols.refusals import REFUSALS
 from protocols.tasks import TASK_PROTOCOL, TaskSpecError, check_args_env, check_limits
 from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file, sha256_of
 from runtimes.base import KINDS, SpecError, infer_kind
@@ -38,6 +39,7 @@ log = logging.getLogger("synord.jobs.consumer")
 TERMINAL = ("succeeded", "failed", "cancelled")
 FLUSH_INTERVAL_S = 0.02
 DEFAULT_BANDWIDTH_BPS = 100 * 1024 * 1024
+OUTPUT_REFETCHES = 3  # re-attaches to fetch output missing at exit, before failing the job
 BATCH_WINDOW_S = 0.25
 
 
@@ -569,6 +571,7 @@ class ConsumerJobs:
     async def _watch(self, job: ConsumerJob, session: Session) -> tuple[str, str]:
         """Read the task stream until the task exits (→ "exit") or moves (→ "moved"/"lost")."""
         stream = session.stream
+        refetches = 0
         try:
             while True:
                 if job.cancel_requested and not session.cancel_sent:
@@ -593,6 +596,22 @@ class ConsumerJobs:
                 elif "preempt" in msg:
                     await self._preempted(job, session, msg["preempt"])
                 elif "exit" in msg:
+                    gap = _output_gap(job.offsets, msg["exit"])
+                    if gap is not None and refetches < OUTPUT_REFETCHES:
+                        # The provider keeps a finished task's output a while: fetch the rest.
+                        refetches += 1
+                        log.warning("output incomplete at exit: re-attaching",
+                                    extra={"job": job.id, "missing": gap})
+                        with trio.move_on_after(1) as cs:
+                            cs.shield = True
+                            await stream.close()
+                        again = await self._attach(job, within_s=10)
+                        if again is not None:
+                            session, stream = again, again.stream
+                            continue
+                    if gap is not None and not (session.preempt or msg["exit"].get("handed_back")):
+                        msg = {"exit": {**msg["exit"], "reason": "output_incomplete",
+                                        "error": f"output incomplete: {gap}"}}
                     return await self._exited(job, session, msg)
                 elif "error" in msg:
                     return "lost", str(msg["error"])
@@ -616,6 +635,11 @@ class ConsumerJobs:
         have = job.offsets[s]
         if off + len(data) <= have:
             return  # already delivered (replayed after a restore)
+        if off > have:
+            # A gap: keep nothing past it (offsets stay true); the exit frame's
+            # final offsets then show what is missing, and it is fetched again.
+            REFUSALS.count("task_output", "gap")
+            return
         if off < have:
             data = data[have - off:]
         job.offsets[s] = have + len(data)
@@ -799,3 +823,12 @@ class ConsumerJobs:
             with trio.move_on_after(1.0):
                 await changed.wait()
 
+
+def _output_gap(have: dict[str, int], ex: dict) -> str | None:
+    """What is missing of a task's output, given the exit frame's final offsets; None if nothing."""
+    final = ex.get("offsets")
+    if not isinstance(final, dict) or not all(
+            isinstance(final.get(s), int) and not isinstance(final.get(s), bool) for s in ("stdout", "stderr")):
+        return "the provider did not say where the output ends"
+    short = [f"{s}: received {have[s]} of {final[s]} bytes" for s in ("stdout", "stderr") if have[s] != final[s]]
+    return "; ".join(short) or None

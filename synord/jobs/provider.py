@@ -4,6 +4,11 @@ stream them back, checkpoint them, hand them back when preempted.
 Every execution lives in this component's nursery, not in the stream
 handler's: a consumer that disconnects and re-attaches finds its task still
 running, with every byte of output it missed.
+
+Nothing a peer chose becomes a path or a row key here: a task's work
+directory and its row in the store are named by the agreement id this
+provider generated and signed (16 random bytes, hex); the consumer's job id is
+only a label, looked up together with the consumer that chose it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from protocols.framing import CHUNK, FramedStream
 from protocols.mesh import MeshError
 from protocols.identity import Identity
 from protocols.negotiation import Terms
+from protocols.refusals import REFUSALS
 from protocols.tasks import TASK_PROTOCOL
 from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file, send_file
 from runtimes.base import Limits, Runtime, TaskSpec
@@ -38,7 +44,7 @@ RETAIN_S = 600.0  # a finished task's output stays available for a re-attaching 
 
 @dataclass
 class ProviderTask:
-    job_id: str
+    job_id: str  # the consumer's name for it (a label, unique per consumer only)
     consumer: str
     terms: Terms
     execution: TaskExecution
@@ -57,6 +63,11 @@ class ProviderTask:
     ckpt_lock: trio.Lock = field(default_factory=trio.Lock)
     exit_sent: trio.Event = field(default_factory=trio.Event)  # the consumer has heard the end
 
+    @property
+    def key(self) -> str:
+        """Its row id in the store and its work directory's name: the agreement id."""
+        return self.terms.aid.hex()
+
 
 class ProviderJobs:
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
@@ -72,7 +83,7 @@ class ProviderJobs:
         self.preemption_grace_s = preemption_grace_s
         self.validator = validator or EnvelopeValidator()
         self.blobs = BlobStore(home.artifacts)
-        self.tasks: dict[str, ProviderTask] = {}
+        self.tasks: dict[tuple[str, str], ProviderTask] = {}  # (consumer, job id) -> task
         # Agreements signed but whose task has not started yet (aid -> terms).
         self.pending_terms: dict[bytes, Terms] = {}
         self._nursery: trio.Nursery | None = None
@@ -106,18 +117,38 @@ class ProviderJobs:
     def running(self) -> list[ProviderTask]:
         return [t for t in self.tasks.values() if not t.execution.done.is_set()]
 
+    def task_of(self, consumer: str, job_id: str) -> ProviderTask | None:
+        return self.tasks.get((consumer, job_id))
+
+    def task_named(self, job_id: str) -> ProviderTask | None:
+        """Any consumer's task of that name (to tell an intruder "not yours")."""
+        return next((t for t in self.tasks.values() if t.job_id == job_id), None)
+
+    def row_of(self, consumer: str, job_id: str):
+        """The store's latest row of ``consumer``'s job ``job_id`` here, or None."""
+        return self.store.conn.execute(
+            "SELECT state, error FROM jobs WHERE role = 'provider' AND consumer = ? AND peer_job = ? "
+            "ORDER BY created DESC LIMIT 1", (consumer, job_id)).fetchone()
+
+    def workdir(self, aid: bytes) -> Path:
+        """Where the task under agreement ``aid`` works: named by what we signed."""
+        name = aid.hex()
+        if len(aid) != 16:
+            raise ValueError("an agreement id is 16 bytes")
+        return self.home.work / name
+
     # ---- artefacts and checkpoints in ------------------------------------------
 
     def _verify_envelope(self, data: Any, stream: FramedStream, types: tuple[str, ...]):
         if not isinstance(data, bytes):
-            raise TransferError("expected a signed envelope")
+            raise TransferError("expected a signed envelope", "bad_request")
         env = self.validator.check(data)
         if isinstance(env, Rejected):
-            raise TransferError(f"envelope rejected: {env.reason}")
+            raise TransferError(f"envelope rejected: {env.reason}", f"envelope_{env.reason}")
         if env.type not in types:
-            raise TransferError(f"unexpected message {env.type}")
+            raise TransferError(f"unexpected message {env.type}", "unexpected_message")
         if env.sender_id != stream.remote_peer:
-            raise TransferError("envelope not signed by the connected peer")
+            raise TransferError("envelope not signed by the connected peer", "wrong_signer")
         return env
 
     async def handle_transfer(self, stream: FramedStream) -> None:
@@ -137,8 +168,14 @@ class ProviderJobs:
                 authorize)
             log.info("blob received", extra={"sha256": offer["sha256"][:16], "kind": offer["kind"],
                                              "bytes": offer["size"]})
-        except (TransferError, EOFError) as exc:
-            log.info("transfer refused", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
+        except TransferError as exc:
+            REFUSALS.count("transfer", exc.slug)
+            log.info("transfer refused", extra={"peer": stream.remote_peer[:16], "reason": exc.slug,
+                                                "error": str(exc)})
+            with trio.move_on_after(1):
+                await stream.send({"error": str(exc)})
+        except EOFError as exc:
+            log.info("transfer ended", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
         except Exception as exc:  # a broken peer must never take the daemon down
             log.warning("transfer failed", extra={"peer": stream.remote_peer[:16],
                                                   "error": f"{type(exc).__name__}: {exc}"})
@@ -168,30 +205,47 @@ class ProviderJobs:
 
     # ---- tasks -------------------------------------------------------------------
 
+    def _task_envelope(self, first: Any, stream: FramedStream):
+        data = first.get("env") if isinstance(first, dict) else None
+        if not isinstance(data, bytes):
+            raise TaskRefused("bad_request", "expected a signed task.start or task.attach")
+        env = self.validator.check(data)
+        if isinstance(env, Rejected):
+            # env.reason is one of the validator's own slugs, never peer text
+            raise TaskRefused(f"envelope_{env.reason}", f"envelope rejected: {env.reason} ({env.detail})")
+        if env.type not in ("task.start", "task.attach"):
+            raise TaskRefused("unexpected_message", f"unexpected message {env.type}")
+        if env.sender_id != stream.remote_peer:
+            raise TaskRefused("wrong_signer", "envelope not signed by the connected peer")
+        return env
+
     async def handle_task(self, stream: FramedStream) -> None:
         try:
             first = await stream.receive()
-            env = self._verify_envelope(first.get("env") if isinstance(first, dict) else None,
-                                        stream, ("task.start", "task.attach"))
+            env = self._task_envelope(first, stream)
             if env.type == "task.start":
                 task = await self._start(stream.remote_peer, env.body)
                 offsets = dict(env.body.get("restore", None) and env.body["restore"].get("offsets")
                                or {"stdout": 0, "stderr": 0})
             else:
-                task = self.tasks.get(env.body["job_id"])
-                if task is None or task.consumer != stream.remote_peer:
-                    row = self.store.conn.execute(
-                        "SELECT state, error FROM jobs WHERE id = ? AND role = 'provider' AND consumer = ?",
-                        (env.body["job_id"], stream.remote_peer)).fetchone()
-                    raise TaskRefused(f"lost: {row['error']}" if row else "no such task here")
+                # Only the consumer's own task, found by (its peer id, its job id).
+                task = self.task_of(stream.remote_peer, env.body["job_id"])
+                if task is None:
+                    row = self.row_of(stream.remote_peer, env.body["job_id"])
+                    if row is not None:
+                        raise TaskRefused("task_gone", f"lost: {row['error']}" if row["error"]
+                                          else f"the task ended ({row['state']}) and its output expired")
+                    raise TaskRefused("no_task", "no such task here")
                 offsets = dict(env.body["offsets"])
             await stream.send({"started": True})
             await self._serve(stream, task, offsets)
         except TaskRefused as exc:
-            log.info("task refused", extra={"peer": stream.remote_peer[:16], "reason": str(exc)})
+            REFUSALS.count("task", exc.slug)
+            log.info("task refused", extra={"peer": stream.remote_peer[:16], "reason": exc.slug,
+                                            "detail": str(exc)})
             with trio.move_on_after(2):
                 await stream.send({"error": str(exc)})
-        except (EOFError, TransferError) as exc:
+        except EOFError as exc:
             log.info("task stream ended", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
         except trio.Cancelled:
             raise
@@ -208,28 +262,47 @@ class ProviderJobs:
             with trio.move_on_after(1):
                 await stream.close()
 
+    def _agreed_terms(self, consumer: str, body: dict) -> Terms:
+        """The agreement ``consumer`` signed with us for this task.start, on its terms."""
+        # the id was checked as 32 hex digits by protocols.tasks
+        terms = self.pending_terms.get(bytes.fromhex(body["agreement_id"]))  # told by the market
+        if terms is None:
+            raise TaskRefused("no_agreement", "no active agreement for this task")
+        if terms.consumer != consumer:
+            # someone else's agreement (ids travel in receipts and logs): not a hint more
+            raise TaskRefused("foreign_agreement", "no active agreement for this task")
+        if terms.expires <= time.time() * 1000:
+            raise TaskRefused("agreement_expired", "the agreement's lease has expired")
+        if terms.runtime != body["kind"]:
+            raise TaskRefused("terms_mismatch", f"the agreement is for {terms.runtime}, not {body['kind']}")
+        limits = body.get("limits", {})
+        if int(limits.get("memory_bytes", 256 << 20)) > terms.memory \
+                or float(limits.get("cpus", 1.0)) > terms.cores + 1e-9:
+            raise TaskRefused("terms_mismatch", "limits exceed the agreed resources")
+        timeout = limits.get("timeout_s")
+        if timeout is not None and timeout > terms.duration_s:
+            raise TaskRefused("terms_mismatch", "timeout_s exceeds the agreed duration")
+        return terms
+
     async def _start(self, consumer: str, body: dict) -> ProviderTask:
         job_id = body["job_id"]
-        aid = bytes.fromhex(body["agreement_id"]) if len(body["agreement_id"]) == 32 else b""
-        terms = self.pending_terms.get(aid)  # told by the market when it was countersigned
-        if terms is None or terms.consumer != consumer:
-            raise TaskRefused("no active agreement for this task")
-        if terms.runtime != body["kind"]:
-            raise TaskRefused(f"the agreement is for {terms.runtime}, not {body['kind']}")
-        if job_id in self.tasks:
-            raise TaskRefused("a task with this job id already runs here")
+        terms = self._agreed_terms(consumer, body)
+        old = self.task_of(consumer, job_id)
+        if old is not None and not old.execution.done.is_set():
+            raise TaskRefused("duplicate_job", "a task with this job id already runs here")
         runtime = self.runtimes.get(body["kind"])
         if runtime is None:
-            raise TaskRefused(f"this provider does not offer {body['kind']}")
+            raise TaskRefused("runtime_unavailable", f"this provider does not offer {body['kind']}")
         sha = body["artifact_sha256"]
         if not self.blobs.has(sha):
-            raise TaskRefused("artefact not transferred (send it on /synord/transfer first)")
+            raise TaskRefused("no_artifact", "artefact not transferred (send it on /synord/transfer first)")
         limits = body.get("limits", {})
         memory = int(limits.get("memory_bytes", 256 << 20))
-        if memory > terms.memory or float(limits.get("cpus", 1.0)) > terms.cores + 1e-9:
-            raise TaskRefused("limits exceed the agreed resources")
-        workdir = self.home.work / job_id
-        shutil.rmtree(workdir, ignore_errors=True)
+        csha = body["restore"]["sha256"] if body.get("restore") else None
+        if csha is not None and not self.blobs.has(csha):
+            raise TaskRefused("no_checkpoint", "checkpoint not transferred")
+        workdir = self.workdir(terms.aid)
+        shutil.rmtree(workdir, ignore_errors=True)  # only a previous life's leftovers
         workdir.mkdir(parents=True)
         spec = TaskSpec(kind=body["kind"], artifact=self.blobs.path(sha), sha256=sha,
                         args=list(body.get("args", [])), env=dict(body.get("env", {})),
@@ -237,35 +310,34 @@ class ProviderJobs:
                                       timeout_s=limits.get("timeout_s"),
                                       pids=int(limits.get("pids", 64))),
                         workdir=workdir / "sandbox", checkpointable=bool(body.get("checkpointable")),
-                        task_id=job_id)
+                        task_id=terms.aid.hex())
         spec.workdir.mkdir()
         restore_dir = None
         start_offsets = None
-        if body.get("restore"):
-            csha = body["restore"]["sha256"]
-            if not self.blobs.has(csha):
-                raise TaskRefused("checkpoint not transferred")
+        if csha is not None:
             try:
                 restore_dir = unpack(self.blobs.path(csha), workdir / "restore", expected_sha=csha)
             except CheckpointError as exc:
-                raise TaskRefused(f"corrupted checkpoint: {exc}") from None
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise TaskRefused("bad_checkpoint", f"corrupted checkpoint: {exc}") from None
             start_offsets = dict(body["restore"].get("offsets", {}))
         execution = TaskExecution(job_id, runtime, spec, restore_from=restore_dir,
                                   start_offsets=start_offsets)
         now = time.time()
-        with self.store.tx() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO jobs(id, role, state, runtime, spec, provider, consumer, created, updated)"
-                " VALUES (?, 'provider', 'running', ?, ?, ?, ?, ?, ?)",
-                (job_id, body["kind"], json.dumps({k: v for k, v in body.items() if k != "env"}),
-                 self.identity.peer_id, consumer, now, now))
         task = ProviderTask(job_id, consumer, terms, execution, spec.checkpointable,
                             float(body.get("checkpoint_interval_s") or 0), workdir, int(now * 1000))
-        self.tasks[job_id] = task
-        self.pending_terms.pop(terms.aid, None)
+        with self.store.tx() as conn:
+            # A plain INSERT: a row is never replaced, and its key is ours.
+            conn.execute(
+                "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, peer_job, created, updated)"
+                " VALUES (?, 'provider', 'running', ?, ?, ?, ?, ?, ?, ?)",
+                (task.key, body["kind"], json.dumps({k: v for k, v in body.items() if k != "env"}),
+                 self.identity.peer_id, consumer, job_id, now, now))
+        self.tasks[(consumer, job_id)] = task
+        self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the check)
         await self._nursery.start(self._run_task, task)
         if execution.done.is_set() and execution.error:
-            raise TaskRefused(f"the sandbox did not start: {execution.error}")
+            raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")
         log.info("task started", extra={"job": job_id, "kind": body["kind"],
                                         "restored": restore_dir is not None})
         return task
@@ -279,7 +351,7 @@ class ProviderJobs:
             with self.store.tx() as conn:
                 conn.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, updated = ? WHERE id = ? "
                              "AND role = 'provider'",
-                             (state, st.code, task.execution.error or st.reason, time.time(), task.job_id))
+                             (state, st.code, task.execution.error or st.reason, time.time(), task.key))
             self._settle(task)
             with trio.CancelScope(shield=True):
                 async with task.ckpt_lock:  # a stop-checkpoint is still being packed and sent
@@ -287,7 +359,8 @@ class ProviderJobs:
             # Keep the output for a consumer that re-attaches late, then forget.
             with trio.CancelScope(shield=False):
                 await trio.sleep(RETAIN_S)
-            self.tasks.pop(task.job_id, None)
+            if self.tasks.get((task.consumer, task.job_id)) is task:
+                del self.tasks[(task.consumer, task.job_id)]
 
     # ---- one attached consumer ------------------------------------------------------
 
@@ -316,11 +389,15 @@ class ProviderJobs:
                      if task.checkpointable and task.checkpoint_interval_s > 0 else None)
         while True:
             changed = ex.output.changed
+            # Read before draining: nothing is appended once the execution is done, so
+            # the drain below then sends the very last byte (output that arrived while
+            # earlier frames were going out included) before the exit frame.
+            ended = ex.done.is_set()
             for s, off, data in ex.output.since(offsets):
                 for i in range(0, len(data), CHUNK):
                     await send({"o": s, "off": off + i, "d": data[i:i + CHUNK]})
                 offsets[s] = off + len(data)
-            if ex.done.is_set():
+            if ended:
                 break
             now = trio.current_time()
             if task.preempt and not task.preempt_sent:
@@ -428,8 +505,10 @@ class ProviderJobs:
         async with task.ckpt_lock:
             pass  # a stop-checkpoint in flight goes out first
         st = ex.status
+        # offsets: where each stream ends, so the consumer knows it has every byte
         await send({"exit": {"code": st.code, "reason": st.reason, "usage": st.usage.to_json(),
-                             "error": ex.error, "handed_back": task.handed_back}})
+                             "error": ex.error, "handed_back": task.handed_back,
+                             "offsets": dict(ex.output.offsets)}})
         task.exit_sent.set()
 
     def _settle(self, task: ProviderTask) -> None:
@@ -477,7 +556,11 @@ class ProviderJobs:
 
 
 class TaskRefused(Exception):
-    pass
+    """A task.start / task.attach refused: ``slug`` is the counted reason (ours, stable)."""
+
+    def __init__(self, slug: str, message: str):
+        super().__init__(message)
+        self.slug = slug
 
 
 # What a consumer that disconnected looks like from here (MeshError: the stream broke).

@@ -67,11 +67,9 @@ class ShellService:
         return env.body
 
     def _task(self, job_id: str, peer: str):
-        task = self.jobs.tasks.get(job_id)
+        task = self.jobs.task_of(peer, job_id) or self.jobs.task_named(job_id)
         if task is None:
-            row = self.jobs.store.conn.execute(
-                "SELECT state FROM jobs WHERE id = ? AND role = 'provider' AND consumer = ?",
-                (job_id, peer)).fetchone()
+            row = self.jobs.row_of(peer, job_id)
             if row is not None:
                 raise ShellRefused("not_running", f"job {job_id} is not running ({row['state']})")
             raise ShellRefused("no_task", f"no task {job_id} runs on this provider")

@@ -1,0 +1,1 @@
+"""Attacks on real daemons through the wire (see hostile.py)."""
