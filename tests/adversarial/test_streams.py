@@ -1,6 +1,5 @@
-"""Stream hygiene against a hostile peer: a real daemon process, and a bare
-py-libp2p host (Noise + yamux, as `protocols.p2p` builds ours) that opens raw
-streams on every /synord/ protocol the daemon serves and stalls them before
+"""Stream hygiene against a hostile peer: a real daemon process, and the shared
+hostile peer (`hostile.py`, our own libp2p host) that opens raw streams on every /synord/ protocol the daemon serves and stalls them before
 the first frame, between frames, or in the middle of a frame whose header
 declares 4 MiB.  Asserts: the stalled streams are reset after the configured
 deadlines, the per-peer and global caps refuse the excess at once, each
@@ -16,13 +15,13 @@ import struct
 from contextlib import asynccontextmanager
 
 import msgpack
-import multiaddr
 import psutil
 import pytest
 import trio
 
-from daemons import wait_for
+from adversarial.hostile import HostilePeer
 from protocols.framing import MAX_FRAME
+from protocols.mesh import MeshError
 
 FIRST_S, IDLE_S, FRAME_S = 1.0, 1.5, 1.5
 CONFIG = f"""
@@ -61,41 +60,22 @@ def metrics(d) -> dict[str, int]:
 
 @asynccontextmanager
 async def hostile_host(target_addr: str):
-    """A bare py-libp2p host connected to the daemon at ``target_addr``."""
-    from libp2p import new_host
-    from libp2p.crypto.ed25519 import create_new_key_pair
-    from libp2p.crypto.x25519 import create_new_key_pair as x25519
-    from libp2p.custom_types import TProtocol
-    from libp2p.network.config import ConnectionConfig
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE, Transport as Noise
-    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX, Yamux
-
-    kp = create_new_key_pair()
-    host = new_host(key_pair=kp, sec_opt={TProtocol(NOISE): Noise(kp, noise_privkey=x25519().private_key)},
-                    muxer_opt={TProtocol(YAMUX): Yamux},
-                    connection_config=ConnectionConfig(max_connections_per_peer=1),
-                    listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
-    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        info = info_from_p2p_addr(multiaddr.Multiaddr(target_addr))
-        with trio.fail_after(15):
-            await host.connect(info)
-        host.target = info.peer_id
-        yield host
+    """The shared hostile peer, connected to the daemon at ``target_addr``."""
+    async with HostilePeer.running() as evil:
+        evil.target = await evil.connect(target_addr)
+        yield evil
 
 
-async def open_raw(host, protocol: str):
-    from libp2p.custom_types import TProtocol
-    with trio.fail_after(10):
-        return await host.new_stream(host.target, [TProtocol(protocol)])
+async def open_raw(evil, protocol: str):
+    """A stream whose raw side we drive: ``.raw.write`` anything, ``.raw.read`` (b"" once ended)."""
+    return (await evil.open(evil.target, protocol)).raw
 
 
-async def try_open(host, protocol: str):
+async def try_open(evil, protocol: str):
     """A stream, or None if the daemon refused it at once (reset during the handshake)."""
-    from libp2p.host.exceptions import StreamFailure
     try:
-        return await open_raw(host, protocol)
-    except StreamFailure:
+        return await open_raw(evil, protocol)
+    except MeshError:
         return None
 
 
@@ -104,20 +84,19 @@ async def ended_by_peer(stream, within: float) -> bool:
     if stream is None:
         return True
     with trio.move_on_after(within):
-        try:
-            while True:
-                if not await stream.read(65536):
-                    return True
-        except Exception:  # reset / EOF / closed
-            return True
+        while await stream.read(65536):
+            pass
+        return True  # b"": reset, closed or gone
     return False
 
 
-async def served_protocols(host) -> set[str]:
+async def served_protocols(evil) -> set[str]:
+    from libp2p.peer.id import ID
+
     def known():
         try:
-            return {str(p) for p in host.get_peerstore().get_protocols(host.target)}
-        except Exception:
+            return {str(p) for p in evil.mesh.host.get_peerstore().get_protocols(ID.from_base58(evil.target))}
+        except Exception:  # identify has not answered yet
             return set()
     with trio.move_on_after(10):
         while not known() >= EXPECTED:
@@ -129,9 +108,12 @@ def rss(d) -> int:
     return psutil.Process(d.pid).memory_info().rss
 
 
-@pytest.fixture
-def daemon(cluster):
-    return cluster.start("victim", config=CONFIG)
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """One victim for the tests that only compare counters before and after."""
+    from daemons import DaemonCluster
+    with DaemonCluster(tmp_path_factory.mktemp("streams")) as c:
+        yield c.start("victim", config=CONFIG)
 
 
 async def test_stalled_streams_are_reset_on_every_protocol(daemon):
