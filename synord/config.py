@@ -185,7 +185,7 @@ def validate(cfg: Config) -> None:
         if cfg[key] <= 0:
             fail(key, "must be positive")
     for key, value in cfg.values["streams"].items():
-        if not value > 0 or value != value or value == float("inf"):
+        if not 0 < value < float("inf"):  # also refuses nan
             fail(f"streams.{key}", "must be a positive finite number")
 
 
