@@ -119,9 +119,6 @@ class StreamBudget:
         if not self._bytes[peer]:
             del self._bytes[peer]
 
-    def streams_of(self, peer: str) -> int:
-        return self._streams[peer]
-
     def buffered_of(self, peer: str) -> int:
         return self._bytes[peer]
 
