@@ -49,6 +49,11 @@ def registered_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def body_checker(name: str) -> Callable[[Any], Any]:
+    """The function that checks bodies of type ``name`` (raises ValueError on a bad one)."""
+    return _REGISTRY[name]
+
+
 class EnvelopeError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -171,22 +176,37 @@ class EnvelopeValidator:
 
     def __init__(self, max_bytes: int = MAX_ENVELOPE_BYTES, max_skew_ms: int = MAX_CLOCK_SKEW_MS,
                  max_ttl_ms: int = MAX_TTL_MS, replay_capacity: int = 200_000,
-                 rate_per_peer: float = 200.0, burst_per_peer: float = 400.0):
+                 rate_per_peer: float = 200.0, burst_per_peer: float = 400.0,
+                 max_origins: int = 10_000, new_origin_rate: float = 50.0,
+                 new_origin_burst: float = 100.0, new_origin_tokens: float = 20.0):
         self.max_bytes = max_bytes
         self.max_skew_ms = max_skew_ms
         self.max_ttl_ms = max_ttl_ms
         self.replay_capacity = replay_capacity
         self.rate_per_peer = rate_per_peer
         self.burst_per_peer = burst_per_peer
+        # Per-origin buckets, least recently used first, at most ``max_origins``.
+        # An origin without a bucket (new, or forgotten) first takes a token
+        # from one bucket shared by all newcomers and starts with only
+        # ``new_origin_tokens``: churning through fresh keys buys no more than
+        # ``new_origin_rate`` messages per second in total, and forgetting an
+        # origin never hands it a fresh full burst.
+        self.max_origins = max_origins
+        self.new_origin_rate = new_origin_rate
+        self.new_origin_burst = new_origin_burst
+        self.new_origin_tokens = min(new_origin_tokens, burst_per_peer)
+        self._newcomers: tuple[float, int | None] = (new_origin_burst, None)
         self._seen: OrderedDict[bytes, int] = OrderedDict()
-        self._buckets: dict[bytes, tuple[float, float]] = {}
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
 
     def check(self, data: bytes, now: int | None = None, peer: bytes | None = None) -> Envelope | Rejected:
         now = now_ms() if now is None else now
-        if peer is not None and not self._take_token(peer, now):
-            return self._reject("rate_limited", b58encode(peer)[:16])
+        if peer is not None:
+            limited = self._take_token(peer, now)
+            if limited is not None:
+                return self._reject(limited, b58encode(peer)[:16])
         try:
             env = decode(data, self.max_bytes)
         except EnvelopeError as exc:
@@ -213,14 +233,33 @@ class EnvelopeValidator:
             else:
                 break
 
-    def _take_token(self, peer: bytes, now: int) -> bool:
-        tokens, last = self._buckets.get(peer, (self.burst_per_peer, now))
-        tokens = min(self.burst_per_peer, tokens + (now - last) / 1000.0 * self.rate_per_peer)
+    def _take_token(self, peer: bytes, now: int) -> str | None:
+        """None if ``peer`` may send one more message now, else the rejection reason."""
+        entry = self._buckets.get(peer)
+        if entry is None:
+            shared, last = self._newcomers
+            if last is not None:
+                shared = min(self.new_origin_burst,
+                             shared + max(0, now - last) / 1000.0 * self.new_origin_rate)
+            if shared < 1.0:
+                self._newcomers = (shared, now)
+                return "rate_limited_new_origin"
+            self._newcomers = (shared - 1.0, now)
+            tokens, last = self.new_origin_tokens, now
+        else:
+            tokens, last = entry
+            self._buckets.move_to_end(peer)
+        tokens = min(self.burst_per_peer, tokens + max(0, now - last) / 1000.0 * self.rate_per_peer)
         if tokens < 1.0:
             self._buckets[peer] = (tokens, now)
-            return False
+            return "rate_limited"
         self._buckets[peer] = (tokens - 1.0, now)
-        return True
+        while len(self._buckets) > self.max_origins:
+            self._buckets.popitem(last=False)
+        return None
+
+    def tracked_origins(self) -> int:
+        return len(self._buckets)
 
     def _reject(self, reason: str, detail: str) -> Rejected:
         self.rejected[reason] += 1

@@ -22,11 +22,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import trio
 
 from .envelope import Envelope, EnvelopeValidator, Rejected
 from .framing import FramedStream
 from .identity import Identity, IdentityError, b58decode
+from .streamlimits import StreamLimits
 
 PROTOCOL_PREFIX = "/synord/"
 PX_PROTOCOL = "/synord/px/1.0.0"
@@ -74,6 +76,7 @@ class MeshConfig:
     ping_misses: int = 2            # ... and this many misses in a row drop it
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
+    streams: StreamLimits = field(default_factory=StreamLimits)  # deadlines and caps for peers' streams
 
 
 class Mesh(abc.ABC):
@@ -120,7 +123,10 @@ class Mesh(abc.ABC):
         """Join ``topic``; returns a channel of GossipMessage that passed ``validator``."""
 
     @abc.abstractmethod
-    def set_handler(self, protocol: str, handler: StreamHandler) -> None: ...
+    def set_handler(self, protocol: str, handler: StreamHandler, idle_deadline: bool = True) -> None:
+        """Serve ``protocol`` with ``handler``, under ``config.streams`` (see
+        `protocols.streamlimits`); ``idle_deadline=False`` for protocols whose
+        peer may stay quiet between frames once its first frame was accepted."""
 
     @abc.abstractmethod
     async def open_stream(self, peer_id: str, protocol: str) -> FramedStream: ...
@@ -203,6 +209,31 @@ def envelope_validator(validator: EnvelopeValidator, types: Iterable[str] | None
         return result
 
     return check
+
+
+PX_MAX_PEERS = 64
+PX_MAX_ADDRS = 8
+
+
+def parse_px_reply(reply: bytes) -> list[tuple[str, list[str]]]:
+    """A peer-exchange answer: ``[[peer_id, [multiaddr, ...]], ...]``.  Raises
+    ValueError if it is not such a list; entries of the wrong shape are skipped,
+    and at most PX_MAX_PEERS peers with PX_MAX_ADDRS addresses each are kept."""
+    try:
+        peers = msgpack.unpackb(reply, raw=False, max_str_len=4096, max_bin_len=0,
+                                max_array_len=4096, max_map_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ValueError(f"px reply is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(peers, list):
+        raise ValueError("px reply is not a list")
+    out = []
+    for entry in peers[:PX_MAX_PEERS]:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], list)):
+            continue
+        addrs = [a for a in entry[1][:PX_MAX_ADDRS] if isinstance(a, str) and a.startswith("/")]
+        out.append((entry[0], addrs))
+    return out
 
 
 def create_mesh(identity: Identity, config: MeshConfig) -> Mesh:

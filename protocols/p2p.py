@@ -47,14 +47,14 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp import tcp as _libp2p_tcp
 
-from .framing import FramedStream
+from .framing import FramedStream, StreamLimitError
 from .identity import Identity
-from .mesh import (PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
-                   StreamHandler, Validator)
+from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
+                   StreamHandler, Validator, parse_px_reply)
+from .streamlimits import StreamBudget, StreamGuard
 
 log = logging.getLogger("synord.mesh")
 
-PX_MAX_PEERS = 64
 PEERSTORE_TTL_S = 3600
 
 _listen_errors: dict[int, str] = {}  # port -> why binding it failed last
@@ -117,6 +117,18 @@ async def _discard(stream) -> None:
         except Exception:  # already dead
             pass
     return None
+
+
+async def _linger(raw: "_RawStream", within_s: float) -> None:
+    """After our handler is done: wait (discarding) for the peer to end its side,
+    then reset if it has not.  A stream whose peer never closes would otherwise
+    stay in yamux with up to a window of unread bytes after we answered; an
+    immediate reset could drop the answer still in flight to an honest peer."""
+    with trio.move_on_after(within_s):
+        while await raw.read(64 * 1024):
+            pass
+        return
+    await raw.reset()
 
 
 class _Notifee(INotifee):
@@ -211,6 +223,7 @@ class Libp2pMesh(Mesh):
         self._watched: set[str] = set()
         self._dial_failures: dict[str, tuple[int, float]] = {}  # peer -> (count, retry_at)
         self.dropped_messages = 0
+        self.stream_budget = StreamBudget(cfg.streams)
         self.host.get_network().register_notifee(_Notifee(self))
         if cfg.peer_exchange:
             self.set_request_handler(PX_PROTOCOL, self._serve_px, max_request=1024)
@@ -374,15 +387,31 @@ class Libp2pMesh(Mesh):
                     return
 
     # -- streams -------------------------------------------------------------
-    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
+    def set_handler(self, protocol: str, handler: StreamHandler, idle_deadline: bool = True) -> None:
+        limits = self.config.streams
+
         async def libp2p_handler(stream) -> None:
             peer = stream.muxed_conn.peer_id.to_base58()
-            framed = FramedStream(_RawStream(stream), remote_peer=peer, protocol=protocol)
+            refusal = self.stream_budget.open_stream(peer)  # counted by the budget
+            if refusal is not None:
+                log.info("stream %s from %s refused: %s", protocol, peer[:16], refusal)
+                await _discard(stream)
+                return
+            guard = StreamGuard(self.stream_budget, peer, limits, inbound=True, idle=idle_deadline)
+            framed = FramedStream(_RawStream(stream), remote_peer=peer, protocol=protocol, guard=guard)
             try:
                 await handler(framed)
+            except StreamLimitError as exc:  # already reset and counted
+                log.info("stream %s from %s: %s", protocol, peer[:16], exc)
             except Exception as exc:  # one bad stream must not hurt the node
                 log.info("handler %s for %s failed: %s: %s", protocol, peer[:16], type(exc).__name__, exc)
                 await framed.reset()
+            finally:
+                framed.release()
+                try:
+                    await _linger(framed.raw, limits.frame_s)
+                finally:
+                    self.stream_budget.close_stream(peer)
 
         self.host.set_stream_handler(TProtocol(protocol), libp2p_handler)
 
@@ -391,7 +420,8 @@ class Libp2pMesh(Mesh):
             stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
             raise MeshError(f"open {protocol} to {peer_id[:16]}: {type(exc).__name__}: {exc}") from None
-        return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol)
+        guard = StreamGuard(None, peer_id, self.config.streams, inbound=False)
+        return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol, guard=guard)
 
     # -- health: drop frozen peers --------------------------------------------
     async def _watch_peer(self, pid: ID) -> None:
@@ -492,21 +522,14 @@ class Libp2pMesh(Mesh):
     async def _exchange_with(self, peer: str) -> None:
         try:
             reply = await self.request(peer, PX_PROTOCOL, b"", timeout=5.0, max_reply=256 * 1024)
-            peers = msgpack.unpackb(reply, raw=False)
-            if not isinstance(peers, list):
-                raise ValueError("px reply is not a list")
+            peers = parse_px_reply(reply)
         except Exception as exc:
             log.debug("peer exchange with %s failed: %s", peer[:16], exc)
             return
-        peers = peers[:PX_MAX_PEERS]
         # every asker gets the same list (connection order): without shuffling,
         # all newcomers dial the oldest peers, which end up connected to everyone
         random.shuffle(peers)
-        for entry in peers:
-            try:
-                pid, addrs = str(entry[0]), [str(a) for a in entry[1]][:8]
-            except (TypeError, IndexError, KeyError):
-                continue
+        for pid, addrs in peers:
             self._consider(pid, addrs)
 
     def _consider(self, peer_id: str, addrs: list[str]) -> None:

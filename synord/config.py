@@ -79,6 +79,15 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "listen": ("", "str", "a second listener serving only /metrics, without the control token "
                               "(e.g. 0.0.0.0:9464 for a Prometheus on the LAN); empty = off"),
     },
+    "streams": {
+        "first_frame_s": (10.0, "float", "a peer's stream must deliver its first frame within this"),
+        "idle_s": (300.0, "float", "... and each next frame within this (not task/exec streams)"),
+        "frame_s": (30.0, "float", "a frame's body (or a 1 MiB blob piece) must arrive within this"),
+        "max_streams_per_peer": (64, "int", "open inbound streams one peer may hold"),
+        "max_streams_total": (1024, "int", "open inbound streams all peers together may hold"),
+        "max_buffered_per_peer": (16 * 1024 * 1024, "int", "bytes of unfinished frames held per peer"),
+        "max_buffered_total": (128 * 1024 * 1024, "int", "bytes of unfinished frames held in total"),
+    },
 }
 
 _LEVELS = {"debug", "info", "warning", "error"}
@@ -197,6 +206,9 @@ def validate(cfg: Config) -> None:
                 "market.max_asks_per_peer", "market.candidates_per_peer", "market.parallel_proposals"):
         if not cfg[key] > 0 or cfg[key] == float("inf"):
             fail(key, "must be a positive finite number")
+    for key, value in cfg.values["streams"].items():
+        if not 0 < value < float("inf"):  # also refuses nan
+            fail(f"streams.{key}", "must be a positive finite number")
 
 
 def contributor_limits(section: dict, overrides: dict | None = None) -> ContributorLimits:

@@ -238,13 +238,15 @@ class Node:
         from .market.pricing import PricingPolicy
         from .market.service import MarketService
         from .mesh_service import MeshService
+        from protocols.streamlimits import StreamLimits
         import hwprobe
 
         c = self.config
         self.mesh = MeshService(
             self.identity, c["node.listen"], c["node.bootstrap"], mdns=c["node.mdns"],
             profile_provider=lambda: self.profile.to_json() if self.profile is not None else None,
-            announce_interval_s=c["node.announce_interval_s"])
+            announce_interval_s=c["node.announce_interval_s"],
+            streams=StreamLimits(**c.values["streams"]))
         await nursery.start(self.mesh.run)
 
         self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()

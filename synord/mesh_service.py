@@ -30,6 +30,19 @@ CAPS_SYNC = protocol_id("caps")  # /synord/caps/1.0.0
 SYNC_MAX = 1024
 
 
+def parse_sync_reply(reply: bytes) -> list[bytes]:
+    """A caps-sync answer: a list of encoded envelopes (each still to be validated).
+    Raises ValueError if it is not a list; entries that are not bytes are skipped."""
+    try:
+        items = msgpack.unpackb(reply, raw=False, max_array_len=SYNC_MAX, max_map_len=0,
+                                max_bin_len=MAX_ENVELOPE_BYTES, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ValueError(f"sync reply is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(items, list):
+        raise ValueError("sync reply is not a list")
+    return [d for d in items if isinstance(d, bytes)]
+
+
 @dataclass
 class PeerEntry:
     peer_id: str
@@ -171,15 +184,11 @@ class MeshService:
         try:
             reply = await self.mesh.request(peer_id, CAPS_SYNC, b"", timeout=15,
                                             max_reply=SYNC_MAX * MAX_ENVELOPE_BYTES)
-            items = msgpack.unpackb(reply, raw=False, max_array_len=SYNC_MAX)
-            if not isinstance(items, list):
-                raise ValueError("sync reply is not a list")
+            items = parse_sync_reply(reply)
         except Exception as exc:
             log.debug("caps sync from %s failed: %s", peer_id[:16], exc)
             return
         for data in items:
-            if not isinstance(data, bytes):
-                continue
             env = self.sync_validator.check(data)  # own replay memory: gossip is unaffected
             if isinstance(env, Envelope) and env.type == caps.TYPE and env.sender_id != self.identity.peer_id:
                 self._apply(env.sender_id, env, data)

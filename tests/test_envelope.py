@@ -132,3 +132,36 @@ def test_seq_counter_increases():
     c = caps.SeqCounter()
     a, b = c.next(), c.next()
     assert b > a > 1_600_000_000_000
+
+
+def test_origin_buckets_are_bounded_and_newcomers_share_one_budget(ident):
+    """20 000 fresh origins neither grow the bucket table past its bound nor get
+    20 000 fresh bursts: together they get the shared newcomer budget."""
+    v = EnvelopeValidator(max_origins=100, new_origin_rate=10.0, new_origin_burst=20.0)
+    data = b"\x80"  # garbage is fine: the rate check comes first
+    accepted_tokens = 0
+    for i in range(20_000):
+        r = v.check(data, now=NOW, peer=i.to_bytes(8, "big"))
+        if r.reason != "rate_limited_new_origin":
+            accepted_tokens += 1
+    assert accepted_tokens == 20  # the shared burst, not one burst per origin
+    assert v.tracked_origins() <= 100
+    assert v.rejected["rate_limited_new_origin"] == 20_000 - 20
+    # the shared budget refills with time (10/s): one second later, ten more newcomers
+    later = [v.check(data, now=NOW + 1000, peer=(10**6 + i).to_bytes(8, "big")) for i in range(15)]
+    assert sum(r.reason != "rate_limited_new_origin" for r in later) == 10
+
+
+def test_forgotten_origin_gets_no_fresh_burst(ident):
+    v = EnvelopeValidator(rate_per_peer=1.0, burst_per_peer=400.0, max_origins=2,
+                          new_origin_tokens=2.0)
+    peer = ident.peer_id_bytes
+    results = [v.check(seal(ident, "caps", good_caps_body(i), now=NOW).encode(), now=NOW, peer=peer)
+               for i in range(4)]
+    assert [isinstance(r, Envelope) for r in results] == [True, True, False, False]
+    for other in (b"a", b"b"):  # push our origin out of the table
+        v.check(b"\x80", now=NOW, peer=other)
+    again = v.check(seal(ident, "caps", good_caps_body(7), now=NOW).encode(), now=NOW, peer=peer)
+    assert isinstance(again, Envelope)  # back as a newcomer: two tokens, not 400
+    assert isinstance(v.check(seal(ident, "caps", good_caps_body(8), now=NOW).encode(), now=NOW, peer=peer), Envelope)
+    assert v.check(seal(ident, "caps", good_caps_body(9), now=NOW).encode(), now=NOW, peer=peer).reason == "rate_limited"

@@ -106,12 +106,13 @@ class ProviderJobs:
 
     def register(self, mesh) -> None:
         self._mesh = mesh
-        mesh.set_handler(TASK_PROTOCOL, self.handle_task)
+        # a task's consumer speaks only to cancel or ask for a checkpoint: no idle deadline
+        mesh.set_handler(TASK_PROTOCOL, self.handle_task, idle_deadline=False)
         mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
         from protocols.shell import SHELL_PROTOCOL
         from .shell import ShellService
         self.shell = ShellService(self)
-        mesh.set_handler(SHELL_PROTOCOL, self.shell.handle)
+        mesh.set_handler(SHELL_PROTOCOL, self.shell.handle, idle_deadline=False)  # stdin may pause
 
     def running(self) -> list[ProviderTask]:
         return [t for t in self.tasks.values() if not t.execution.done.is_set()]
