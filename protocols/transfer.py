@@ -176,13 +176,25 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
     left = head.get("blob") if isinstance(head, dict) else None
     if left != size - have:
         raise TransferError(f"expected {size - have} bytes, sender announced {left!r}")
-    with open(part, "ab") as f:
+    failed: OSError | None = None
+    with open(part, "ab", buffering=0) as f:
         while left:
             block = await stream.read_raw(min(left, CHUNK))
-            f.write(block)
             left -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
+            if failed is None:
+                try:
+                    f.write(block)
+                except OSError as exc:  # our disk is full: read the rest so the sender hears why
+                    failed = exc
+        if failed is None:
+            try:
+                os.fsync(f.fileno())
+            except OSError as exc:
+                failed = exc
+    if failed is not None:
+        part.unlink(missing_ok=True)
+        await stream.send({"error": f"provider storage full: {failed.strerror or failed}"})
+        raise TransferError(f"cannot store the blob: {failed.strerror or failed}") from failed
     actual = sha256_of(part)
     if actual != sha:
         part.unlink(missing_ok=True)
