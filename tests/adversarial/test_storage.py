@@ -1,0 +1,207 @@
+"""Full disks, with real daemons whose homes sit on small tmpfs mounts made by
+the test: the daemon stays up, says why (status, doctor, the job's error),
+stops advertising what it cannot serve, loses no output, and serves again
+once space is back. Plus the bounded, evicting blob cache."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from daemons import DaemonCluster, wait_for
+from jobs_helpers import (CONSUMER_ONLY, COUNTER_WASM, PROBE_WASM, ensure_assets, job, output,
+                          providers_in_book, submit, wait_job)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(parents=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem says ENOSPC: the disk is now full."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for block in (1 << 20, 4096, 512):
+            try:
+                while True:
+                    f.write(b"\xa5" * block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def padded_wasm(dest: Path, pad: int, tag: str) -> Path:
+    """probe.wasm plus a custom section of ``pad`` bytes: still valid, a distinct sha256."""
+    def leb(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    name = f"pad-{tag}".encode()
+    content = leb(len(name)) + name + os.urandom(pad)
+    dest.write_bytes(PROBE_WASM.read_bytes() + b"\x00" + leb(len(content)) + content)
+    return dest
+
+
+def storage(d) -> dict:
+    return d.status()["storage"]
+
+
+def doctor(d) -> dict:
+    res = d.cli("doctor", "--json", check=False)
+    return json.loads(res.stdout)
+
+
+def test_full_provider_withdraws_its_asks_says_why_and_serves_again(tmp_path):
+    ensure_assets()
+    cluster = DaemonCluster(tmp_path)
+    home = tmp_path / "p0"
+    with tmpfs(home, "32m"):
+        try:
+            consumer = cluster.start("consumer", config=CONSUMER_ONLY)
+            prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(),
+                                 config="[storage]\nmin_free_bytes = 4194304\n")
+            pid = prov.status()["peer_id"]
+            wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
+            assert storage(prov)["ok"] is True
+
+            filler = fill(home)
+            st = wait_for(lambda: (s := storage(prov))["ok"] is False and s, 10, what="storage not ok")
+            assert "free" in st["reason"] or "disk full" in st["reason"]
+            checks = {c["name"]: c for c in doctor(prov)["checks"]}
+            assert checks["storage"]["ok"] is False and checks["storage"]["reason"]
+            # Asks withdrawn: the consumer's book no longer offers this provider.
+            wait_for(lambda: pid not in providers_in_book(consumer), 20, what="the asks withdrawn")
+            # A write the disk refuses is a clear answer, never a 500.
+            res = prov.cli("pause", check=False)
+            assert res.returncode == 0 or "storage full" in res.stderr, res.stderr
+            if res.returncode == 0:
+                prov.cli("resume", check=False)
+            assert prov.proc.poll() is None, prov.log()[-2000:]
+
+            filler.unlink()
+            wait_for(lambda: storage(prov)["ok"], 10, what="storage healthy again")
+            if prov.status()["paused"]:
+                prov.cli("resume")
+            wait_for(lambda: pid in providers_in_book(consumer), 30, what="the asks back")
+            res = consumer.cli("run", str(PROBE_WASM), "--", "hello", timeout=90)
+            assert res.stdout == "hello, wasm\n"
+        finally:
+            cluster.stop_all()
+
+
+def test_an_upload_the_provider_disk_cannot_hold_fails_the_job_naming_the_disk(tmp_path):
+    ensure_assets()
+    cluster = DaemonCluster(tmp_path)
+    home = tmp_path / "p0"
+    with tmpfs(home, "40m"):
+        try:
+            consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[jobs]\nplacement_timeout_s = 4.0\n")
+            prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(),
+                                 config="[storage]\nmin_free_bytes = 4194304\n")
+            pid = prov.status()["peer_id"]
+            wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
+            big = padded_wasm(tmp_path / "big.wasm", 48 << 20, "big")
+            job_id = submit(consumer, str(big), "--", "hello")
+            j = wait_job(consumer, job_id, timeout=60)
+            assert j["state"] == "failed"
+            assert "provider storage full" in j["error"], j["error"]
+            assert "stream closed" not in j["error"]
+            # Refused up front: nothing of it was written, and the provider is fine.
+            assert not list((home / "artifacts").glob("*.part"))
+            assert storage(prov)["ok"] is True and prov.proc.poll() is None
+        finally:
+            cluster.stop_all()
+
+
+def test_blob_cache_evicts_least_recently_used_but_never_a_running_tasks(tmp_path):
+    ensure_assets()
+    limit = 3 << 20
+    with DaemonCluster(tmp_path) as cluster:
+        consumer = cluster.start("consumer", config=CONSUMER_ONLY)
+        prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(),
+                             config=f"[storage]\ncache_max_bytes = {limit}\n")
+        pid = prov.status()["peer_id"]
+        wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
+        blobs = prov.home / "artifacts"
+        # A long task whose artefact must survive every eviction while it runs.
+        sleeper = padded_wasm(tmp_path / "sleeper.wasm", 900 << 10, "sleeper")
+        sleeping = submit(consumer, "--cpus", "0.5", str(sleeper), "--", "sleep", "120")
+        wait_for(lambda: job(consumer, sleeping)["state"] == "running", 60, what="the sleeper running")
+        shas = []
+        for i in range(4):
+            mod = padded_wasm(tmp_path / f"m{i}.wasm", 900 << 10, f"m{i}")
+            jid = submit(consumer, "--cpus", "0.5", str(mod), "--", "hello")
+            assert wait_job(consumer, jid)["state"] == "succeeded"
+            assert output(consumer, jid) == "hello, wasm\n"
+            shas.append(_sha(mod))
+            wait_for(lambda: sum(p.stat().st_size for p in blobs.iterdir()) <= limit, 10,
+                     what="the cache back under its limit")
+        present = {p.name for p in blobs.iterdir()}
+        assert _sha(sleeper) in present, "a running task's artefact was evicted"
+        assert shas[0] not in present and shas[-1] in present  # least recently used went first
+        assert storage(prov)["cache"]["evicted"] >= 2
+        assert job(consumer, sleeping)["state"] == "running"
+        consumer.cli("cancel", sleeping)
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_full_consumer_keeps_every_byte_of_output_and_recovers(tmp_path):
+    ensure_assets()
+    cluster = DaemonCluster(tmp_path)
+    home = tmp_path / "consumer"
+    count = 300_000
+    with tmpfs(home, "24m"):
+        try:
+            consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[storage]\nmin_free_bytes = 1048576\n"
+                                     "[jobs]\ncheckpoint_interval_s = 3600.0\n")
+            prov = cluster.start("p0", bootstrap=consumer.p2p_addrs())
+            pid = prov.status()["peer_id"]
+            wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
+            job_id = submit(consumer, "-e", f"COUNT={count}", "-e", "WORK=2000", str(COUNTER_WASM))
+            wait_for(lambda: consumer.get(f"/v1/jobs/{job_id}")["state"] == "running", 60, what="running")
+            filler = fill(home)
+            wait_for(lambda: storage(consumer)["ok"] is False, 10, what="consumer storage not ok")
+            # New work is refused with the reason; the daemon stays up.
+            res = consumer.cli("run", "--detach", str(PROBE_WASM), check=False)
+            assert res.returncode != 0 and "storage full" in res.stderr, res.stderr
+            checks = {c["name"]: c for c in doctor(consumer)["checks"]}
+            assert checks["storage"]["ok"] is False
+            wait_for(lambda: "disk full" in (storage(consumer)["reason"] or ""), 30,
+                     what="a write refused by the full disk")
+            assert consumer.proc.poll() is None
+            filler.unlink()
+            wait_for(lambda: storage(consumer)["ok"], 15, what="storage healthy again")
+            j = wait_job(consumer, job_id, timeout=120)
+            assert j["exit_code"] is not None, j
+            lines = output(consumer, job_id).splitlines()
+            steps = [int(m[1]) for line in lines if (m := re.match(r"step (\d+) acc ", line))]
+            assert steps == list(range(1, count + 1)), "output lost or duplicated"
+            assert lines[-1].startswith(f"done steps={count} ")
+            assert consumer.proc.poll() is None
+        finally:
+            cluster.stop_all()
