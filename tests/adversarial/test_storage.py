@@ -84,6 +84,8 @@ def test_full_provider_withdraws_its_asks_says_why_and_serves_again(tmp_path):
             pid = prov.status()["peer_id"]
             wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
             assert storage(prov)["ok"] is True
+            running = submit(consumer, str(PROBE_WASM), "--", "sleep", "4")
+            wait_for(lambda: job(consumer, running)["state"] == "running", 60, what="a task running")
 
             filler = fill(home)
             st = wait_for(lambda: (s := storage(prov))["ok"] is False and s, 10, what="storage not ok")
@@ -97,6 +99,9 @@ def test_full_provider_withdraws_its_asks_says_why_and_serves_again(tmp_path):
             assert res.returncode == 0 or "storage full" in res.stderr, res.stderr
             if res.returncode == 0:
                 prov.cli("resume", check=False)
+            # The task that was running ends and settles on the full disk; the provider stays up.
+            assert wait_job(consumer, running)["state"] == "succeeded"
+            assert output(consumer, running) == "sleeping\n"
             assert prov.proc.poll() is None, prov.log()[-2000:]
 
             filler.unlink()
