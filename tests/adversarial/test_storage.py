@@ -50,17 +50,30 @@ def fill(directory: Path) -> Path:
 
 def padded_wasm(dest: Path, pad: int, tag: str) -> Path:
     """probe.wasm plus a custom section of ``pad`` bytes: still valid, a distinct sha256."""
-    def leb(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            b, n = n & 0x7F, n >> 7
-            out.append(b | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
+    def u32(n: int) -> bytes:  # LEB128 in its 5-byte form (wasm allows the padding)
+        return bytes((n >> 7 * i) & 0x7F | (0x80 if i < 4 else 0) for i in range(5))
     name = f"pad-{tag}".encode()
-    content = leb(len(name)) + name + os.urandom(pad)
-    dest.write_bytes(PROBE_WASM.read_bytes() + b"\x00" + leb(len(content)) + content)
+    content = u32(len(name)) + name + os.urandom(pad)
+    dest.write_bytes(PROBE_WASM.read_bytes() + b"\x00" + u32(len(content)) + content)
     return dest
+
+
+@contextmanager
+def mesh_with_home_on_tmpfs(tmp_path: Path, on: str, size: str, consumer_config: str = "",
+                            provider_config: str = ""):
+    """A consumer and one provider, the home of ``on`` on its own tmpfs of ``size``."""
+    ensure_assets()
+    cluster = DaemonCluster(tmp_path)
+    home = tmp_path / on
+    with tmpfs(home, size):
+        try:
+            consumer = cluster.start("consumer", config=CONSUMER_ONLY + consumer_config)
+            prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(), config=provider_config)
+            pid = prov.status()["peer_id"]
+            wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
+            yield consumer, prov, home
+        finally:
+            cluster.stop_all()
 
 
 def storage(d) -> dict:
@@ -73,70 +86,51 @@ def doctor(d) -> dict:
 
 
 def test_full_provider_withdraws_its_asks_says_why_and_serves_again(tmp_path):
-    ensure_assets()
-    cluster = DaemonCluster(tmp_path)
-    home = tmp_path / "p0"
-    with tmpfs(home, "32m"):
-        try:
-            consumer = cluster.start("consumer", config=CONSUMER_ONLY)
-            prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(),
-                                 config="[storage]\nmin_free_bytes = 4194304\n")
-            pid = prov.status()["peer_id"]
-            wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
-            assert storage(prov)["ok"] is True
-            running = submit(consumer, str(PROBE_WASM), "--", "sleep", "4")
-            wait_for(lambda: job(consumer, running)["state"] == "running", 60, what="a task running")
+    with mesh_with_home_on_tmpfs(tmp_path, "p0", "32m",
+                                 provider_config="[storage]\nmin_free_bytes = 4194304\n") as (consumer, prov, home):
+        pid = prov.status()["peer_id"]
+        assert storage(prov)["ok"] is True
+        running = submit(consumer, str(PROBE_WASM), "--", "sleep", "4")
+        wait_for(lambda: job(consumer, running)["state"] == "running", 60, what="a task running")
 
-            filler = fill(home)
-            st = wait_for(lambda: (s := storage(prov))["ok"] is False and s, 10, what="storage not ok")
-            assert "free" in st["reason"] or "disk full" in st["reason"]
-            checks = {c["name"]: c for c in doctor(prov)["checks"]}
-            assert checks["storage"]["ok"] is False and checks["storage"]["reason"]
-            # Asks withdrawn: the consumer's book no longer offers this provider.
-            wait_for(lambda: pid not in providers_in_book(consumer), 20, what="the asks withdrawn")
-            # A write the disk refuses is a clear answer, never a 500.
-            res = prov.cli("pause", check=False)
-            assert res.returncode == 0 or "storage full" in res.stderr, res.stderr
-            if res.returncode == 0:
-                prov.cli("resume", check=False)
-            # The task that was running ends and settles on the full disk; the provider stays up.
-            assert wait_job(consumer, running)["state"] == "succeeded"
-            assert output(consumer, running) == "sleeping\n"
-            assert prov.proc.poll() is None, prov.log()[-2000:]
+        filler = fill(home)
+        st = wait_for(lambda: (s := storage(prov))["ok"] is False and s, 10, what="storage not ok")
+        assert "free" in st["reason"] or "disk full" in st["reason"]
+        checks = {c["name"]: c for c in doctor(prov)["checks"]}
+        assert checks["storage"]["ok"] is False and checks["storage"]["reason"]
+        # Asks withdrawn: the consumer's book no longer offers this provider.
+        wait_for(lambda: pid not in providers_in_book(consumer), 20, what="the asks withdrawn")
+        # A write the disk refuses is a clear answer, never a 500.
+        res = prov.cli("pause", check=False)
+        assert res.returncode == 0 or "storage full" in res.stderr, res.stderr
+        if res.returncode == 0:
+            prov.cli("resume", check=False)
+        # The task that was running ends and settles on the full disk; the provider stays up.
+        assert wait_job(consumer, running)["state"] == "succeeded"
+        assert output(consumer, running) == "sleeping\n"
+        assert prov.proc.poll() is None, prov.log()[-2000:]
 
-            filler.unlink()
-            wait_for(lambda: storage(prov)["ok"], 10, what="storage healthy again")
-            if prov.status()["paused"]:
-                prov.cli("resume")
-            wait_for(lambda: pid in providers_in_book(consumer), 30, what="the asks back")
-            res = consumer.cli("run", str(PROBE_WASM), "--", "hello", timeout=90)
-            assert res.stdout == "hello, wasm\n"
-        finally:
-            cluster.stop_all()
+        filler.unlink()
+        wait_for(lambda: storage(prov)["ok"], 10, what="storage healthy again")
+        if prov.status()["paused"]:
+            prov.cli("resume")
+        wait_for(lambda: pid in providers_in_book(consumer), 30, what="the asks back")
+        res = consumer.cli("run", str(PROBE_WASM), "--", "hello", timeout=90)
+        assert res.stdout == "hello, wasm\n"
 
 
 def test_an_upload_the_provider_disk_cannot_hold_fails_the_job_naming_the_disk(tmp_path):
-    ensure_assets()
-    cluster = DaemonCluster(tmp_path)
-    home = tmp_path / "p0"
-    with tmpfs(home, "40m"):
-        try:
-            consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[jobs]\nplacement_timeout_s = 4.0\n")
-            prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(),
-                                 config="[storage]\nmin_free_bytes = 4194304\n")
-            pid = prov.status()["peer_id"]
-            wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
-            big = padded_wasm(tmp_path / "big.wasm", 48 << 20, "big")
-            job_id = submit(consumer, str(big), "--", "hello")
-            j = wait_job(consumer, job_id, timeout=60)
-            assert j["state"] == "failed"
-            assert "provider storage full" in j["error"], j["error"]
-            assert "stream closed" not in j["error"]
-            # Refused up front: nothing of it was written, and the provider is fine.
-            assert not list((home / "artifacts").glob("*.part"))
-            assert storage(prov)["ok"] is True and prov.proc.poll() is None
-        finally:
-            cluster.stop_all()
+    with mesh_with_home_on_tmpfs(tmp_path, "p0", "40m", consumer_config="[jobs]\nplacement_timeout_s = 4.0\n",
+                                 provider_config="[storage]\nmin_free_bytes = 4194304\n") as (consumer, prov, home):
+        big = padded_wasm(tmp_path / "big.wasm", 48 << 20, "big")
+        job_id = submit(consumer, str(big), "--", "hello")
+        j = wait_job(consumer, job_id, timeout=60)
+        assert j["state"] == "failed"
+        assert "provider storage full" in j["error"], j["error"]
+        assert "stream closed" not in j["error"]
+        # Refused up front: nothing of it was written, and the provider is fine.
+        assert not list((home / "artifacts").glob("*.part"))
+        assert storage(prov)["ok"] is True and prov.proc.poll() is None
 
 
 def test_blob_cache_evicts_least_recently_used_but_never_a_running_tasks(tmp_path):
@@ -146,8 +140,7 @@ def test_blob_cache_evicts_least_recently_used_but_never_a_running_tasks(tmp_pat
         consumer = cluster.start("consumer", config=CONSUMER_ONLY)
         prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(),
                              config=f"[storage]\ncache_max_bytes = {limit}\n")
-        pid = prov.status()["peer_id"]
-        wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
+        wait_for(lambda: prov.status()["peer_id"] in providers_in_book(consumer), 40, what="the ask")
         blobs = prov.home / "artifacts"
         # A long task whose artefact must survive every eviction while it runs.
         sleeper = padded_wasm(tmp_path / "sleeper.wasm", 900 << 10, "sleeper")
@@ -176,37 +169,28 @@ def _sha(path: Path) -> str:
 
 
 def test_full_consumer_keeps_every_byte_of_output_and_recovers(tmp_path):
-    ensure_assets()
-    cluster = DaemonCluster(tmp_path)
-    home = tmp_path / "consumer"
     count = 300_000
-    with tmpfs(home, "24m"):
-        try:
-            consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[storage]\nmin_free_bytes = 1048576\n"
-                                     "[jobs]\ncheckpoint_interval_s = 3600.0\n")
-            prov = cluster.start("p0", bootstrap=consumer.p2p_addrs())
-            pid = prov.status()["peer_id"]
-            wait_for(lambda: pid in providers_in_book(consumer), 40, what="the provider's ask")
-            job_id = submit(consumer, "-e", f"COUNT={count}", "-e", "WORK=2000", str(COUNTER_WASM))
-            wait_for(lambda: consumer.get(f"/v1/jobs/{job_id}")["state"] == "running", 60, what="running")
-            filler = fill(home)
-            wait_for(lambda: storage(consumer)["ok"] is False, 10, what="consumer storage not ok")
-            # New work is refused with the reason; the daemon stays up.
-            res = consumer.cli("run", "--detach", str(PROBE_WASM), check=False)
-            assert res.returncode != 0 and "storage full" in res.stderr, res.stderr
-            checks = {c["name"]: c for c in doctor(consumer)["checks"]}
-            assert checks["storage"]["ok"] is False
-            wait_for(lambda: "disk full" in (storage(consumer)["reason"] or ""), 30,
-                     what="a write refused by the full disk")
-            assert consumer.proc.poll() is None
-            filler.unlink()
-            wait_for(lambda: storage(consumer)["ok"], 15, what="storage healthy again")
-            j = wait_job(consumer, job_id, timeout=120)
-            assert j["exit_code"] is not None, j
-            lines = output(consumer, job_id).splitlines()
-            steps = [int(m[1]) for line in lines if (m := re.match(r"step (\d+) acc ", line))]
-            assert steps == list(range(1, count + 1)), "output lost or duplicated"
-            assert lines[-1].startswith(f"done steps={count} ")
-            assert consumer.proc.poll() is None
-        finally:
-            cluster.stop_all()
+    with mesh_with_home_on_tmpfs(tmp_path, "consumer", "24m",
+                                 consumer_config="[storage]\nmin_free_bytes = 1048576\n"
+                                 "[jobs]\ncheckpoint_interval_s = 3600.0\n") as (consumer, prov, home):
+        job_id = submit(consumer, "-e", f"COUNT={count}", "-e", "WORK=2000", str(COUNTER_WASM))
+        wait_for(lambda: job(consumer, job_id)["state"] == "running", 60, what="running")
+        filler = fill(home)
+        wait_for(lambda: storage(consumer)["ok"] is False, 10, what="consumer storage not ok")
+        # New work is refused with the reason; the daemon stays up.
+        res = consumer.cli("run", "--detach", str(PROBE_WASM), check=False)
+        assert res.returncode != 0 and "storage full" in res.stderr, res.stderr
+        checks = {c["name"]: c for c in doctor(consumer)["checks"]}
+        assert checks["storage"]["ok"] is False
+        wait_for(lambda: "disk full" in (storage(consumer)["reason"] or ""), 30,
+                 what="a write refused by the full disk")
+        assert consumer.proc.poll() is None
+        filler.unlink()
+        wait_for(lambda: storage(consumer)["ok"], 15, what="storage healthy again")
+        j = wait_job(consumer, job_id, timeout=120)
+        assert j["exit_code"] is not None, j
+        lines = output(consumer, job_id).splitlines()
+        steps = [int(m[1]) for line in lines if (m := re.match(r"step (\d+) acc ", line))]
+        assert steps == list(range(1, count + 1)), "output lost or duplicated"
+        assert lines[-1].startswith(f"done steps={count} ")
+        assert consumer.proc.poll() is None
