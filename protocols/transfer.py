@@ -23,6 +23,7 @@ import trio
 
 from .envelope import message_type
 from .framing import CHUNK, FramedStream
+from .refusals import REFUSALS
 
 TRANSFER_PROTOCOL = "/synord/transfer/1.0.0"
 KINDS = ("artifact", "checkpoint")
@@ -193,6 +194,7 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
                 failed = exc
     if failed is not None:
         part.unlink(missing_ok=True)
+        REFUSALS.count("transfer", "storage-full")
         await stream.send({"error": f"provider storage full: {failed.strerror or failed}"})
         raise TransferError(f"cannot store the blob: {failed.strerror or failed}") from failed
     actual = sha256_of(part)

@@ -22,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from protocols.refusals import REFUSALS
+
 if TYPE_CHECKING:
     from .daemon import Node
 
@@ -93,6 +95,7 @@ def check_numbers(body: dict, ranges: dict[str, tuple[float, float]]) -> dict:
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            REFUSALS.count("api", "bad-number")
             raise ApiError(400, f"{key} must be a finite number between {lo:g} and {hi:g}, got {v!r}")
     return body
 

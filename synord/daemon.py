@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from protocols.identity import Identity, load as load_identity
+from protocols.refusals import REFUSALS
 
 from . import __version__
 from .api import ApiError, serve as serve_api
@@ -525,6 +526,7 @@ class Node:
 def _check_grace(grace: Any) -> float | None:
     if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
                               or not math.isfinite(grace) or not 0 <= grace <= MAX_GRACE_S):
+        REFUSALS.count("api", "bad-number")
         raise ApiError(400, f"grace_s must be a number of seconds between 0 and {MAX_GRACE_S}")
     return grace
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemons import ROOT, SYNORD, DaemonCluster
-from jobs_helpers import PROBE_WASM, ensure_assets
+from jobs_helpers import PROBE_WASM, ensure_assets, refused
 
 
 def start_daemon(home: Path, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -111,8 +111,10 @@ def _post_raw(node, path: str, raw: str):
 
 @pytest.mark.parametrize("grace", ["NaN", "Infinity", "-Infinity", "1e308", "-1", "\"10\"", "true"])
 def test_preempt_grace_must_be_a_sane_number(node, grace):
+    before = refused(node, "api", "bad-number")
     status, body = _post_raw(node, "/v1/preempt", '{"grace_s": %s}' % grace)
     assert status == 400 and "grace_s" in body["error"]
+    assert refused(node, "api", "bad-number") == before + 1
 
 
 @pytest.mark.parametrize("field, value", [

@@ -24,6 +24,7 @@ from protocols.framing import CHUNK, FramedStream
 from protocols.mesh import MeshError
 from protocols.identity import Identity
 from protocols.negotiation import Terms
+from protocols.refusals import REFUSALS
 from protocols.tasks import TASK_PROTOCOL
 from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file, send_file
 from runtimes.base import Limits, Runtime, TaskSpec
@@ -141,7 +142,7 @@ class ProviderJobs:
                 authorize)
             log.info("blob received", extra={"sha256": offer["sha256"][:16], "kind": offer["kind"],
                                              "bytes": offer["size"]})
-            self._received_for[offer["sha256"]] = stream.remote_peer
+            self._received_for.setdefault(offer["sha256"], stream.remote_peer)
             if self.cache is not None:
                 self.cache.touch(offer["sha256"])
         except (TransferError, EOFError) as exc:
@@ -165,6 +166,7 @@ class ProviderJobs:
             return "the grant is for another transfer"
         if not self._agreements_of(grant.sender_id):
             return "the granting consumer holds no agreement with us"
+        self._received_for[offer["sha256"]] = grant.sender_id  # the cache keeps it for that consumer
         return None
 
     def _room_for(self, size: int) -> str | None:
@@ -176,7 +178,10 @@ class ProviderJobs:
         why = self.cache.make_room(size, self.storage.free_bytes, self.storage.min_free_bytes)
         if why is None and self.storage.failure is not None:
             why = self.storage.reason
-        return f"provider storage full: {why}" if why else None
+        if why is None:
+            return None
+        REFUSALS.count("transfer", "storage-full")
+        return f"provider storage full: {why}"
 
     def pinned_blobs(self) -> set[str]:
         """Blobs the cache must keep: running tasks' artefacts, and uploads for tasks to come."""
@@ -186,15 +191,18 @@ class ProviderJobs:
 
     async def _start_checked(self, consumer: str, body: dict) -> ProviderTask:
         """`_start`, refused with the reason while this node's storage cannot take a task."""
+        why = None
         if self.storage is not None and not self.storage.check():
-            raise TaskRefused(f"provider storage full: {self.storage.reason}")
-        try:
-            return await self._start(consumer, body)
-        except (OSError, sqlite3.Error) as exc:
-            why = self.storage.failed("task start", exc) if self.storage is not None else None
-            if why is None:
-                raise
-            raise TaskRefused(f"provider storage full: {why}") from None
+            why = self.storage.reason
+        else:
+            try:
+                return await self._start(consumer, body)
+            except (OSError, sqlite3.Error) as exc:
+                why = self.storage.failed("task start", exc) if self.storage is not None else None
+                if why is None:
+                    raise
+        REFUSALS.count("task", "storage-full")
+        raise TaskRefused(f"provider storage full: {why}")
 
     def _agreements_of(self, peer: str) -> list[Terms]:
         return [t for t in self.pending_terms.values() if t.consumer == peer] + \

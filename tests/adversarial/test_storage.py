@@ -17,7 +17,7 @@ import pytest
 
 from daemons import DaemonCluster, wait_for
 from jobs_helpers import (CONSUMER_ONLY, COUNTER_WASM, PROBE_WASM, ensure_assets, job, output,
-                          providers_in_book, submit, wait_job)
+                          providers_in_book, refused, submit, wait_job)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -130,6 +130,7 @@ def test_an_upload_the_provider_disk_cannot_hold_fails_the_job_naming_the_disk(t
         assert "stream closed" not in j["error"]
         # Refused up front: nothing of it was written, and the provider is fine.
         assert not list((home / "artifacts").glob("*.part"))
+        assert refused(prov, "transfer", "storage-full") >= 1
         assert storage(prov)["ok"] is True and prov.proc.poll() is None
 
 
