@@ -101,11 +101,8 @@ class StorageHealth:
             try:
                 if self.probe is not None:
                     self.probe()
-            except Exception as exc:
-                why = storage_error(exc)
-                if why is None:
-                    raise
-                self.failure = ("probe write", why)
+            except Exception as exc:  # still failing, whatever the reason: keep saying so
+                self.failure = ("probe write", storage_error(exc) or f"{type(exc).__name__}: {exc}")
             else:
                 self.failure = None
         self._transition(was_ok)

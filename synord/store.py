@@ -84,7 +84,9 @@ class Store:
     def __init__(self, path: Path, check_integrity: bool = False):
         self.path = Path(path)
         # A zero-byte state.db is not a first start (that has no file): its data is gone.
-        self.was_empty = self.path.exists() and self.path.stat().st_size == 0
+        wal = self.path.with_name(self.path.name + "-wal")
+        self.was_empty = (self.path.exists() and self.path.stat().st_size == 0
+                          and not (wal.exists() and wal.stat().st_size > 0))
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         try:
