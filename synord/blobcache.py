@@ -68,14 +68,17 @@ class BlobCache:
         entries = sorted(self._entries(), key=lambda e: e[0])
         used = sum(e[1] for e in entries)
         pinned = self.pinned() | {sha for sha, lock in self.blobs._locks.items() if lock.locked()}
-        freed = 0
+        evictable = sum(e[1] for e in entries if e[3] not in pinned)
 
-        def fits() -> bool:
+        def fits(freed: int) -> bool:
             disk_ok = free_bytes is None or free_bytes + freed - need >= min_free
             return used - freed + need <= self.max_bytes and disk_ok
 
+        if need and not fits(evictable):  # hopeless: evict nothing for it
+            return self._why_not(need, used, free_bytes, min_free, evictable)
+        freed = 0
         for _last, size, path, sha in entries:
-            if fits():
+            if fits(freed):
                 break
             if sha in pinned:
                 continue
@@ -87,10 +90,11 @@ class BlobCache:
             self.evicted += 1
             self._used.pop(sha, None)
             log.info("blob evicted", extra={"sha256": sha[:16], "bytes": size})
-        if fits():
-            return None
+        return None if fits(freed) else self._why_not(need, used, free_bytes, min_free, freed)
+
+    def _why_not(self, need: int, used: int, free_bytes: int | None, min_free: int, freed: int) -> str:
         if free_bytes is not None and free_bytes + freed - need < min_free:
-            return (f"{fmt_bytes(need)} would not fit: {fmt_bytes(max(0, free_bytes + freed))} free, "
-                    f"in use by running tasks")
+            return (f"{fmt_bytes(need)} would not fit on the disk: {fmt_bytes(max(0, free_bytes + freed))} "
+                    f"free at most, {fmt_bytes(min_free)} kept free")
         return (f"{fmt_bytes(need)} would not fit in the cache limit of {fmt_bytes(self.max_bytes)}: "
                 f"{fmt_bytes(used - freed)} in use by running tasks")

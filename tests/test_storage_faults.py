@@ -177,3 +177,34 @@ def test_a_failed_transaction_is_reported_and_leaves_the_store_usable(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_blob_cache_lru_pins_and_disk_room(tmp_path):
+    import hashlib
+    import time as _time
+
+    from protocols.transfer import BlobStore
+    from synord.blobcache import BlobCache
+    blobs = BlobStore(tmp_path / "artifacts")
+    shas = []
+    for i in range(4):
+        src = tmp_path / f"b{i}"
+        src.write_bytes(bytes([i]) * 1000)
+        shas.append(blobs.add_file(src))
+    pinned = {shas[0]}
+    cache = BlobCache(blobs, 2500, lambda: pinned)
+    for sha in shas:  # use order: 0 oldest ... 3 newest
+        cache.touch(sha)
+        _time.sleep(0.01)
+    assert cache.make_room() is None  # 4000 bytes over a 2500 limit: the oldest unpinned go
+    left = {p.name for p in blobs.dir.iterdir()}
+    assert left == {shas[0], shas[3]} and cache.evicted == 2
+    # A blob that cannot fit even with every unpinned blob gone evicts nothing.
+    why = cache.make_room(1500, free_bytes=500, min_free=100)
+    assert why is not None and "would not fit on the disk" in why
+    assert {p.name for p in blobs.dir.iterdir()} == {shas[0], shas[3]}
+    # One that fits once the unpinned blob goes takes its place.
+    assert cache.make_room(1000, free_bytes=500, min_free=100) is None
+    assert {p.name for p in blobs.dir.iterdir()} == {shas[0]}
+    assert "over this node's cache limit" in cache.make_room(3000)
+    assert hashlib.sha256(bytes([0]) * 1000).hexdigest() == shas[0]
