@@ -74,7 +74,7 @@ MIGRATIONS: list[Migration] = [
 
 
 class StoreCorrupt(RuntimeError):
-    """The state file is not a sound SQLite database: we refuse to use it (see `Store.open_checked`)."""
+    """The state file is not a sound SQLite database: we refuse to use it (``Store(path, check_integrity=True)``)."""
 
 
 class Store:

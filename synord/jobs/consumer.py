@@ -199,12 +199,12 @@ class ConsumerJobs:
 
     def _write_job(self, conn: sqlite3.Connection, job: ConsumerJob) -> None:
         conn.execute(
-                "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, exit_code, error, created, updated)"
-                " VALUES (?, 'consumer', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
-                " state = excluded.state, spec = excluded.spec, provider = excluded.provider,"
-                " exit_code = excluded.exit_code, error = excluded.error, updated = excluded.updated",
-                (job.id, job.state, job.runtime, json.dumps(job.spec), job.provider,
-                 self.identity.peer_id, job.exit_code, job.error, job.created, time.time()))
+            "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, exit_code, error, created, updated)"
+            " VALUES (?, 'consumer', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+            " state = excluded.state, spec = excluded.spec, provider = excluded.provider,"
+            " exit_code = excluded.exit_code, error = excluded.error, updated = excluded.updated",
+            (job.id, job.state, job.runtime, json.dumps(job.spec), job.provider,
+             self.identity.peer_id, job.exit_code, job.error, job.created, time.time()))
 
     def _defer(self, job: ConsumerJob, what: str, exc: sqlite3.Error) -> None:
         """A full disk refused this write: keep the job in memory, write it when space is back."""
