@@ -120,9 +120,9 @@ def test_full_provider_withdraws_its_asks_says_why_and_serves_again(tmp_path):
 
 
 def test_an_upload_the_provider_disk_cannot_hold_fails_the_job_naming_the_disk(tmp_path):
-    with mesh_with_home_on_tmpfs(tmp_path, "p0", "40m", consumer_config="[jobs]\nplacement_timeout_s = 4.0\n",
+    with mesh_with_home_on_tmpfs(tmp_path, "p0", "24m", consumer_config="[jobs]\nplacement_timeout_s = 4.0\n",
                                  provider_config="[storage]\nmin_free_bytes = 4194304\n") as (consumer, prov, home):
-        big = padded_wasm(tmp_path / "big.wasm", 48 << 20, "big")
+        big = padded_wasm(tmp_path / "big.wasm", 28 << 20, "big")
         job_id = submit(consumer, str(big), "--", "hello")
         j = wait_job(consumer, job_id, timeout=60)
         assert j["state"] == "failed"
@@ -136,7 +136,7 @@ def test_an_upload_the_provider_disk_cannot_hold_fails_the_job_naming_the_disk(t
 
 def test_blob_cache_evicts_least_recently_used_but_never_a_running_tasks(tmp_path):
     ensure_assets()
-    limit = 3 << 20
+    limit = 2 << 20
     with DaemonCluster(tmp_path) as cluster:
         consumer = cluster.start("consumer", config=CONSUMER_ONLY)
         prov = cluster.start("p0", bootstrap=consumer.p2p_addrs(),
@@ -148,7 +148,7 @@ def test_blob_cache_evicts_least_recently_used_but_never_a_running_tasks(tmp_pat
         sleeping = submit(consumer, "--cpus", "0.5", str(sleeper), "--", "sleep", "120")
         wait_for(lambda: job(consumer, sleeping)["state"] == "running", 60, what="the sleeper running")
         shas = []
-        for i in range(4):
+        for i in range(3):
             mod = padded_wasm(tmp_path / f"m{i}.wasm", 900 << 10, f"m{i}")
             jid = submit(consumer, "--cpus", "0.5", str(mod), "--", "hello")
             assert wait_job(consumer, jid)["state"] == "succeeded"
@@ -170,7 +170,7 @@ def _sha(path: Path) -> str:
 
 
 def test_full_consumer_keeps_every_byte_of_output_and_recovers(tmp_path):
-    count = 300_000
+    count = 20_000
     with mesh_with_home_on_tmpfs(tmp_path, "consumer", "24m",
                                  consumer_config="[storage]\nmin_free_bytes = 1048576\n"
                                  "[jobs]\ncheckpoint_interval_s = 3600.0\n") as (consumer, prov, home):
