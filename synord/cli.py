@@ -135,7 +135,10 @@ def cmd_doctor(args) -> int:
     _emit(args, data, lambda d: "\n".join(
         f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']}" + (f": {c['reason']}" if c.get("reason") else "")
         for c in d["checks"]))
-    return 0 if data["ok"] else 1
+    if not data["ok"]:
+        failed = [c["name"] for c in data["checks"] if not c["ok"] and not c["name"].startswith("runtime.")]
+        raise CliError(f"doctor: not ok: {', '.join(failed)}")
+    return 0
 
 
 def _offline_doctor(home: Home) -> dict:
