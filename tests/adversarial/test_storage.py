@@ -195,3 +195,48 @@ def test_full_consumer_keeps_every_byte_of_output_and_recovers(tmp_path):
         assert steps == list(range(1, count + 1)), "output lost or duplicated"
         assert lines[-1].startswith(f"done steps={count} ")
         assert consumer.proc.poll() is None
+
+
+async def test_disk_filling_during_an_upload_is_answered_not_a_closed_stream(tmp_path):
+    """The receiver passed the up-front check, then its disk filled mid-upload: it reads
+    the rest, drops the partial file, and the sender hears "provider storage full"."""
+    import trio
+    import trio.testing
+
+    from protocols.envelope import EnvelopeValidator, seal
+    from protocols.framing import FramedStream
+    from protocols.identity import Identity
+    from protocols.refusals import REFUSALS
+    from protocols.transfer import BlobStore, TransferError, receive_file, send_file
+    from test_mesh import _Mem  # a trio in-memory byte stream as our framing's ByteStream
+
+    sender = Identity.generate()
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(3 << 20))
+    sha = _sha(blob)
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        store = BlobStore(disk / "artifacts")
+        a, b = trio.testing.memory_stream_pair()
+        validator = EnvelopeValidator()
+        offer = seal(sender, "blob.offer", {"sha256": sha, "size": 3 << 20, "kind": "artifact"})
+
+        async def allow(peer, offer):
+            return None
+
+        outcome = {}
+
+        async def receiver():
+            with pytest.raises(TransferError) as exc:
+                await receive_file(FramedStream(_Mem(b), remote_peer=sender.peer_id), store,
+                                   validator.check, allow)
+            outcome["receiver"] = exc.value
+
+        before = REFUSALS.get("transfer", "storage-full")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            with pytest.raises(TransferError) as sent:
+                await send_file(FramedStream(_Mem(a)), offer.encode(), blob)
+        assert "provider storage full" in str(sent.value)
+        assert isinstance(outcome["receiver"].__cause__, OSError)
+        assert not list(store.dir.iterdir())  # the partial file is gone, the disk usable again
+        assert REFUSALS.get("transfer", "storage-full") == before + 1
