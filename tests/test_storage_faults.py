@@ -208,3 +208,22 @@ def test_blob_cache_lru_pins_and_disk_room(tmp_path):
     assert {p.name for p in blobs.dir.iterdir()} == {shas[0]}
     assert "over this node's cache limit" in cache.make_room(3000)
     assert hashlib.sha256(bytes([0]) * 1000).hexdigest() == shas[0]
+
+
+def test_storage_health_turns_and_recovers(tmp_path):
+    import errno
+
+    from synord.storage_health import StorageHealth
+    from synord.store import Store
+    store = Store(tmp_path / "db")
+    changes = []
+    h = StorageHealth(tmp_path, 0, probe=lambda: store.kv_set("probe", 1), on_change=changes.append)
+    assert h.check() and h.ok and h.free_bytes > 0
+    assert h.failed("test", ValueError("a bug, not the disk")) is None and h.ok
+    why = h.failed("job output", sqlite3.OperationalError("database or disk is full"))
+    assert not h.ok and "disk full" in why and "job output" in why and changes == [False]
+    assert h.failed("upload", OSError(errno.ENOSPC, "No space left on device"))
+    assert h.check() and h.ok and changes == [False, True]  # room again and the probe committed
+    h.min_free_bytes = h.free_bytes * 2
+    assert not h.check() and "free on" in h.reason and changes == [False, True, False]
+    store.close()
