@@ -154,10 +154,15 @@ async def receive_file(stream: FramedStream, store: BlobStore, verify_offer: Cal
     if env.sender_id != stream.remote_peer:
         await stream.send({"error": "offer not signed by the connected peer"})
         raise TransferError("offer sender mismatch", "wrong_signer")
-    reason = await authorize(stream.remote_peer, offer)
+    try:
+        reason = await authorize(stream.remote_peer, offer)
+    except TransferError as exc:  # refused with a slug of its own (e.g. storage-full)
+        reason, slug = str(exc), exc.slug
+    else:
+        slug = "unauthorized"
     if reason:
         await stream.send({"error": reason})
-        raise TransferError(reason, "unauthorized")
+        raise TransferError(reason, slug)
     async with store.lock(offer["sha256"]):
         return offer, await _receive_locked(stream, store, offer)
 
@@ -182,14 +187,26 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
     left = head.get("blob") if isinstance(head, dict) else None
     if left != size - have:
         raise TransferError(f"expected {size - have} bytes, sender announced {left!r}", "bad_header")
-    with open(part, "ab") as f:
+    failed: OSError | None = None
+    with open(part, "ab", buffering=0) as f:
         while left:
             block = await stream.read_raw(min(left, CHUNK))
             await PACER.take(len(block))
-            f.write(block)
             left -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
+            if failed is None:
+                try:
+                    f.write(block)
+                except OSError as exc:  # our disk is full: read the rest so the sender hears why
+                    failed = exc
+        if failed is None:
+            try:
+                os.fsync(f.fileno())
+            except OSError as exc:
+                failed = exc
+    if failed is not None:
+        part.unlink(missing_ok=True)
+        await stream.send({"error": f"provider storage full: {failed.strerror or failed}"})
+        raise TransferError(f"cannot store the blob: {failed.strerror or failed}", "storage-full") from failed
     actual = sha256_of(part)
     if actual != sha:
         part.unlink(missing_ok=True)

@@ -8,18 +8,50 @@ not after a provider reserved capacity and downloaded it.
 
 from __future__ import annotations
 
+import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from .base import SpecError
 
 WASM_MAGIC = b"\0asm"
+# Caps on what a task may ship: a module is read whole into memory; an image
+# travels as one blob (protocols.transfer.MAX_BLOB_BYTES is the wire's limit).
+MAX_WASM_BYTES = 256 << 20
+MAX_IMAGE_BYTES = 16 << 30
+
+
+def open_regular(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> BinaryIO:
+    """Open an artefact for reading only if it is a regular file of at most ``max_bytes``.
+
+    O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer;
+    fstat on the opened descriptor (not the name) then refuses FIFOs, devices
+    (/dev/zero) and sockets, wherever a symlink pointed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise SpecError(f"cannot read artefact {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        what = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+        raise SpecError(f"artefact {path} is {what}, not a regular file")
+    if st.st_size > max_bytes:
+        os.close(fd)
+        raise SpecError(f"artefact {path} is {st.st_size} bytes, over the limit of {max_bytes}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def check_artifact(kind: str, path: Path) -> None:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"artefact {path} does not exist")
+    if not path.is_dir():
+        open_regular(path, MAX_WASM_BYTES if kind == "wasm" else MAX_IMAGE_BYTES).close()
     if kind == "wasm":
         _check_wasm(path)
     elif kind in ("container", "microvm"):
@@ -31,7 +63,10 @@ def check_artifact(kind: str, path: Path) -> None:
 def _check_wasm(path: Path) -> None:
     if path.is_dir():
         raise SpecError(f"{path}: a directory, not a WebAssembly module")
-    data = path.read_bytes()
+    with open_regular(path, MAX_WASM_BYTES) as f:
+        data = f.read(MAX_WASM_BYTES + 1)
+    if len(data) > MAX_WASM_BYTES:
+        raise SpecError(f"{path.name}: over the limit of {MAX_WASM_BYTES} bytes")
     if not data.startswith(WASM_MAGIC):
         raise SpecError(f"{path.name}: not a WebAssembly module (bad magic bytes)")
     try:

@@ -482,11 +482,9 @@ def infer_kind(artifact: Path) -> str:
         if (artifact / "oci-layout").exists():
             return "container"
         raise SpecError(f"{artifact}: a directory but not an OCI image layout (no oci-layout file)")
-    try:
-        with open(artifact, "rb") as f:
-            head = f.read(512)
-    except OSError as exc:
-        raise SpecError(f"cannot read artefact {artifact}: {exc.strerror}") from None
+    from .artifacts import open_regular  # no FIFO or device: they would hang or never end
+    with open_regular(artifact) as f:
+        head = f.read(512)
     if head.startswith(b"\0asm") or artifact.suffix == ".wasm":
         return "wasm"
     if len(head) >= 262 and head[257:262] == b"ustar":

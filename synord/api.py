@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .dashboard import FILES as DASHBOARD_FILES, response as dashboard_response
+from protocols.refusals import REFUSALS
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -80,6 +82,25 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+# Numeric fields of API bodies: (lowest, highest); JSON admits NaN and 1e308, we do not.
+SUBMIT_NUMBERS = {"cpus": (0.0, 1024.0), "memory_bytes": (0, 1 << 44), "timeout_s": (0.0, 366 * 86400.0),
+                  "max_price": (0.0, 1e12)}
+LIMIT_NUMBERS = {"cpu_share": (0.0, 1.0), "memory_share": (0.0, 1.0), "gpu_share": (0.0, 1.0),
+                 "idle_after_s": (0, 366 * 86400), "min_battery_percent": (0, 100)}
+
+
+def check_numbers(body: dict, ranges: dict[str, tuple[float, float]]) -> dict:
+    """400 for a numeric field that is not a finite number within its range (absent/null is fine)."""
+    for key, (lo, hi) in ranges.items():
+        v = body.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            REFUSALS.count("api", "bad-number")
+            raise ApiError(400, f"{key} must be a finite number between {lo:g} and {hi:g}, got {v!r}")
+    return body
+
+
 def build_app(node: "Node", token: str):
     async def call(fn, *args, request: Request | None = None) -> Response:
         """Run one Node method; with ``request``, its JSON body is the last argument."""
@@ -92,7 +113,12 @@ def build_app(node: "Node", token: str):
             return JSONResponse(result)
         except ApiError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
-        except Exception as exc:  # a bug: say so in JSON (the CLI prints it), log the trace
+        except Exception as exc:
+            why = node.storage.failed("control API", exc)
+            if why is not None:  # the disk, not a bug: 507 with the reason (status says it too)
+                return JSONResponse({"error": f"node storage full, nothing recorded: {why}"},
+                                    status_code=507)
+            # a bug: say so in JSON (the CLI prints it), log the trace
             log.exception("API handler failed", extra={"handler": getattr(fn, "__name__", "?")})
             return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"},
                                 status_code=500)
@@ -112,6 +138,9 @@ def build_app(node: "Node", token: str):
     async def status(request: Request):
         return await call(node.status_json)
 
+    async def doctor(request: Request):
+        return await call(node.doctor_json)
+
     async def peers(request: Request):
         return await call(node.peers_json)
 
@@ -128,7 +157,7 @@ def build_app(node: "Node", token: str):
         return await call(node.limits_json)
 
     async def set_limits(request: Request):
-        return await call(node.set_limits, request=request)
+        return await call(lambda body: node.set_limits(check_numbers(body, LIMIT_NUMBERS)), request=request)
 
     async def idle(request: Request):
         return await call(node.report_idle, request=request)
@@ -146,7 +175,7 @@ def build_app(node: "Node", token: str):
         return await call(node.job_json, request.path_params["job_id"])
 
     async def submit(request: Request):
-        return await call(node.submit_job, request=request)
+        return await call(lambda body: node.submit_job(check_numbers(body, SUBMIT_NUMBERS)), request=request)
 
     async def placement(request: Request):
         return await call(node.placement_json, request.path_params["job_id"])
@@ -198,6 +227,7 @@ def build_app(node: "Node", token: str):
         Route("/v1/history", history),
         Route("/v1/status", status),
         Route("/v1/peers", peers),
+        Route("/v1/doctor", doctor),
         Route("/v1/probe", probe),
         Route("/v1/book", book),
         Route("/v1/ledger", ledger),

@@ -113,9 +113,57 @@ def cmd_status(args) -> int:
         f"uptime       {hz.duration(d['uptime_s'])}",
         f"peers        {d['peers']}",
         f"contributing {hz.yes_no(d['contributing'], d.get('why_not'))}",
+        "storage      " + ("ok" if d.get("storage", {}).get("ok", True) else f"NOT OK: {d['storage']['reason']}"),
         "addrs        " + ("\n             ".join(d["addrs"]) or "-"),
     ]))
     return 0
+
+
+def cmd_doctor(args) -> int:
+    """Checks with ok/reason: from the running daemon, or on the home itself when it is not running."""
+    from .client import ClientError
+    try:
+        data = _client(args).get("/v1/doctor")
+        data["daemon"] = "running"
+    except ClientError as exc:
+        if "not running" not in str(exc) and "not reachable" not in str(exc):
+            raise
+        data = _offline_doctor(Home(args.home))
+    _emit(args, data, lambda d: "\n".join(
+        f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']}" + (f": {c['reason']}" if c.get("reason") else "")
+        for c in d["checks"]))
+    if not data["ok"]:
+        failed = [c["name"] for c in data["checks"] if not c["ok"] and not c["name"].startswith("runtime.")]
+        raise CliError(f"doctor: not ok: {', '.join(failed)}")
+    return 0
+
+
+def _offline_doctor(home: Home) -> dict:
+    """What can be checked without the daemon: the config, the state store, free space."""
+    from .config import ConfigError, load
+    from .storage_health import StorageHealth
+    from .store import check_file
+    checks = []
+    try:
+        cfg = load(home.config)
+        checks.append({"name": "config", "ok": True, "reason": None})
+        min_free = cfg["storage.min_free_bytes"]
+    except ConfigError as exc:
+        checks.append({"name": "config", "ok": False, "reason": str(exc)})
+        min_free = 0
+    if not home.db.exists():
+        checks.append({"name": "state_store", "ok": True, "reason": "no state.db yet (created at first start)"})
+    elif home.db.stat().st_size == 0:
+        checks.append({"name": "state_store", "ok": False,
+                       "reason": f"{home.db} is empty: the daemon will start with a fresh store"})
+    else:
+        problem = check_file(home.db)
+        checks.append({"name": "state_store", "ok": problem is None, "reason": problem})
+    if home.path.is_dir():
+        st = StorageHealth(home.path, min_free)
+        st.check()
+        checks.append({"name": "storage", "ok": st.ok, "reason": st.reason, "free_bytes": st.free_bytes})
+    return {"ok": all(c["ok"] for c in checks), "daemon": "not running", "checks": checks}
 
 
 def cmd_peers(args) -> int:
@@ -618,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-mdns", action="store_true")
     add("status", cmd_status, "node status")
     add("peers", cmd_peers, "known peers and their capabilities")
+    add("doctor", cmd_doctor, "checks of this node (storage, state store, runtimes) with the reason when not ok")
     pr = add("probe", cmd_probe, "this machine's capability profile")
     pr.add_argument("--bench", action="store_true", help="also measure throughput")
     b = add("book", cmd_book, "this node's share of the order book")

@@ -8,6 +8,7 @@ nothing.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     "history": {
         "interval_s": (60.0, "float", "sample utilisation and earnings this often (dashboard charts)"),
         "keep_days": (30.0, "float", "drop samples older than this"),
+    },
+    "storage": {
+        "cache_max_bytes": (8 << 30, "int", "artefact and checkpoint cache limit; least recently used go first"),
+        "min_free_bytes": (128 << 20, "int",
+                           "below this much free disk the node takes no new work (and says why)"),
     },
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
@@ -141,9 +147,14 @@ def load(path: Path) -> Config:
         return cfg
     cfg.source = str(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start}); TOML files are UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     for section, table in data.items():
         if section not in SCHEMA:
             raise ConfigError(f"{path}: [{section}]: unknown section "
@@ -198,6 +209,13 @@ def validate(cfg: Config) -> None:
     for addr in cfg["node.listen"] + cfg["node.bootstrap"]:
         if not addr.startswith("/"):
             fail("node.listen/bootstrap", f"not a multiaddr: {addr!r}")
+    for section, keys in SCHEMA.items():  # TOML allows nan and inf; no setting means them
+        for key, (_d, kind, _h) in keys.items():
+            if kind == "float" and not math.isfinite(cfg[f"{section}.{key}"]):
+                fail(f"{section}.{key}", "must be a finite number")
+    for key in ("storage.cache_max_bytes", "storage.min_free_bytes"):
+        if cfg[key] < 0:
+            fail(key, "must not be negative")
     for key in ("jobs.heartbeat_interval_s", "jobs.lease_timeout_s", "node.announce_interval_s"):
         if cfg[key] <= 0:
             fail(key, "must be positive")

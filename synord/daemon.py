@@ -15,7 +15,9 @@ happen here, never in the CLI's import path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -25,17 +27,20 @@ from typing import Any
 import trio
 
 from protocols.identity import Identity, load as load_identity
+from protocols.refusals import REFUSALS
 
 from . import __version__
 from .api import ApiError, serve as serve_api
 from .config import Config
 from .home import Home
 from .sdnotify import Notifier, scrub_environment
+from .storage_health import StorageHealth
 from .store import Store
 
 log = logging.getLogger("synord.daemon")
 
 SESSION_IDLE_TTL_S = 120.0  # a session idle report counts this long (the tray re-reports every few s)
+MAX_GRACE_S = 86400  # a preemption notice longer than a day is not a notice
 
 
 @dataclass
@@ -99,7 +104,16 @@ class Node:
         self.home = home
         self.config = config
         self.identity: Identity = load_identity(home.identity)
-        self.store = Store(home.db)
+        self.store = Store(home.db, check_integrity=True)
+        self.storage = StorageHealth(home.path, config["storage.min_free_bytes"],
+                                     probe=lambda: self.store.kv_set("storage_probe", time.time()),
+                                     on_change=self._storage_changed)
+        self.store.on_failure = self.storage.failed
+        if self.store.was_empty:
+            note = f"{home.db} was empty at start: a fresh store was created (earlier jobs and ledger are gone)"
+            log.warning("empty state store", extra={"path": str(home.db)})
+            self.storage.notes.append(note)
+        self.cache = None  # blobcache.BlobCache once the jobs components exist
         self.started_at = time.time()
         self.notifier = Notifier()
         scrub_environment()  # children must not inherit NOTIFY_SOCKET / WATCHDOG_*
@@ -145,6 +159,7 @@ class Node:
     async def _run_components(self, token: str, task_status) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            nursery.start_soon(self._watch_storage)
             await self._probe()
             nursery.start_soon(self._refresh_profile)
             await self._start_components(nursery)
@@ -285,6 +300,10 @@ class Node:
             self.identity, self.store, self.home, self.mesh.mesh, self.market,
             lease_timeout_s=c["jobs.lease_timeout_s"], checkpoint_interval_s=c["jobs.checkpoint_interval_s"],
             placement_timeout_s=c["jobs.placement_timeout_s"])
+        from .blobcache import BlobCache
+        self.cache = BlobCache(self.provider_jobs.blobs, c["storage.cache_max_bytes"], self.pinned_blobs)
+        self.provider_jobs.storage = self.consumer_jobs.storage = self.storage
+        self.provider_jobs.cache = self.cache
         await nursery.start(self.consumer_jobs.run)
         from protocols.pacing import PACER
         PACER.rate = self.contributor_limits().bandwidth_bytes_per_s  # one cap for every transfer
@@ -341,8 +360,12 @@ class Node:
         """THE answer to "is this node contributing, and if not why": status, limits,
         the dashboard, the metrics and the asks all read it (hwprobe.policy.decide)."""
         from hwprobe.policy import decide
-        return decide(self.contributor_limits(), self.signals(), self.usage,
-                      enabled=self.config["contributor.enabled"], paused=self.paused)
+        d = decide(self.contributor_limits(), self.signals(), self.usage,
+                   enabled=self.config["contributor.enabled"], paused=self.paused)
+        if self.storage is not None and not self.storage.ok:  # no new work until the disk recovers
+            d = dataclasses.replace(d, contributing=False,
+                                    reasons=[*d.reasons, f"provider storage full: {self.storage.reason}"])
+        return d
 
     async def _measure_usage(self) -> None:
         """Task cache size and bytes transferred today, for disk_limit_bytes and
@@ -380,6 +403,52 @@ class Node:
         for job_id in set(self._throttled) - {t.job_id for t in running}:
             del self._throttled[job_id]
 
+    # ---- storage -----------------------------------------------------------------------
+
+    async def _watch_storage(self) -> None:
+        """Free space and the cache limit, every second: evict what is unused, say when full."""
+        while True:
+            self.storage.check()
+            if self.cache is not None:
+                self.cache.make_room(0, self.storage.free_bytes, self.storage.min_free_bytes)
+            await trio.sleep(1.0)
+
+    def _storage_changed(self, ok: bool) -> None:
+        if self.market is not None:
+            self.market.offer_changed()  # withdraw the asks now / publish them again
+
+    def pinned_blobs(self) -> set[str]:
+        """What the blob cache must keep: running and uploaded-for tasks here, and the
+        artefacts of our own jobs that may still have to be shipped."""
+        ours = {j.spec.get("sha256") for j in self.consumer_jobs.jobs.values()
+                if j.state not in ("succeeded", "failed", "cancelled")}
+        return self.provider_jobs.pinned_blobs() | ours
+
+    def storage_json(self) -> dict[str, Any]:
+        out = self.storage.to_json()
+        if self.cache is not None:
+            out["cache"] = {"bytes": self.cache.used_bytes(), "max_bytes": self.cache.max_bytes,
+                            "evicted": self.cache.evicted}
+        return out
+
+    def doctor_json(self) -> dict[str, Any]:
+        """`synord doctor`: a list of checks, each ok or not with the reason and what to do."""
+        st = self.storage
+        checks = [
+            {"name": "storage", "ok": st.ok, "reason": st.reason, "free_bytes": st.free_bytes},
+            {"name": "state_store", "ok": not st.notes, "reason": "; ".join(st.notes) or None},
+        ]
+        if self.cache is not None:
+            used = self.cache.used_bytes()
+            checks.append({"name": "blob_cache", "ok": used <= self.cache.max_bytes,
+                           "reason": None if used <= self.cache.max_bytes else
+                           f"{used} bytes in use by running tasks, over the limit of {self.cache.max_bytes}"})
+        for kind, av in sorted((self.profile.runtimes if self.profile else {}).items()):
+            checks.append({"name": f"runtime.{kind}", "ok": bool(av.get("available")),
+                           "reason": av.get("reason")})
+        return {"ok": all(c["ok"] for c in checks if not c["name"].startswith("runtime.")),
+                "checks": checks}
+
     async def _watch_policy(self) -> None:
         """Contributor limits turning false (user back, battery, hours) preempt running work;
         reasons that only stop new work (network hours, transfer, disk, other CPU use)
@@ -410,7 +479,13 @@ class Node:
         except ValueError:
             body = {}
         path.unlink(missing_ok=True)
-        await self.preempt(str(body.get("reason") or "external notice"), body.get("grace_s"))
+        try:
+            grace = _check_grace(body.get("grace_s") if isinstance(body, dict) else None)
+        except ApiError as exc:
+            log.warning("preemption notice file: default grace used", extra={"error": exc.message})
+            grace = None
+        await self.preempt(str(body.get("reason") or "external notice") if isinstance(body, dict)
+                           else "external notice", grace)
 
     async def preempt(self, reason: str, grace_s: float | None) -> int:
         n = await self.provider_jobs.preempt_all(reason, grace_s)
@@ -550,6 +625,7 @@ class Node:
             "api": self.api_url,
             "metrics": self.metrics_url,
             "home": str(self.home.path),
+            "storage": self.storage_json(),
         }
 
     def peers_json(self) -> list[dict]:
@@ -600,6 +676,8 @@ class Node:
         return task
 
     async def submit_job(self, spec: dict) -> dict:
+        if not self.storage.check():
+            raise ApiError(507, f"node storage full: not accepting jobs until it recovers: {self.storage.reason}")
         return await self.consumer_jobs.submit(spec)
 
     async def cancel_job(self, job_id: str) -> dict:
@@ -629,11 +707,17 @@ class Node:
         return await self.consumer_exec.stdin(session, body)
 
     async def preempt_notice(self, body: dict) -> dict:
-        grace = body.get("grace_s")
-        if grace is not None and (not isinstance(grace, (int, float)) or grace < 0):
-            raise ApiError(400, "grace_s must be a non-negative number")
+        grace = _check_grace(body.get("grace_s"))
         n = await self.preempt(str(body.get("reason") or "external notice"), grace)
         return {"tasks_notified": n}
+
+
+def _check_grace(grace: Any) -> float | None:
+    if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
+                              or not math.isfinite(grace) or not 0 <= grace <= MAX_GRACE_S):
+        REFUSALS.count("api", "bad-number")
+        raise ApiError(400, f"grace_s must be a number of seconds between 0 and {MAX_GRACE_S}")
+    return grace
 
 
 def run(home: Home, config: Config) -> int:

@@ -91,16 +91,42 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
+class StoreCorrupt(RuntimeError):
+    """The state file is not a sound SQLite database: we refuse to use it (``Store(path, check_integrity=True)``)."""
+
+
 class Store:
-    def __init__(self, path: Path):
+    # Called with (where, exc) when a write fails: the node's storage health listens.
+    on_failure: Callable[[str, BaseException], None] | None = None
+
+    def __init__(self, path: Path, check_integrity: bool = False):
         self.path = Path(path)
+        # A zero-byte state.db is not a first start (that has no file): its data is gone.
+        wal = self.path.with_name(self.path.name + "-wal")
+        self.was_empty = (self.path.exists() and self.path.stat().st_size == 0
+                          and not (wal.exists() and wal.stat().st_size > 0))
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA busy_timeout=5000")
+            if check_integrity:
+                self.check_integrity()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+                raise StoreCorrupt(corrupt_message(self.path, str(exc))) from None
+            raise
         self.migrate()
+
+    def check_integrity(self) -> None:
+        """Refuse a store SQLite itself calls damaged: a silently half-read ledger or job
+        table is worse than a clear stop (the operator decides: backup or a fresh store)."""
+        problem = _integrity(self.conn)
+        if problem:
+            raise StoreCorrupt(corrupt_message(self.path, problem))
 
     def migrate(self) -> int:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -120,14 +146,21 @@ class Store:
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction: commits on success, rolls back on error."""
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full) may leave the transaction open, or SQLite may
+                # have rolled it back already: either way the next BEGIN must work.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if self.on_failure is not None:
+                self.on_failure("state store", exc)
             raise
-        else:
-            self.conn.execute("COMMIT")
 
     def kv_get(self, key: str, default: Any = None) -> Any:
         row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
@@ -151,6 +184,30 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _integrity(conn: sqlite3.Connection) -> str | None:
+    rows = [r[0] for r in conn.execute("PRAGMA integrity_check(3)").fetchall()]
+    return None if rows == ["ok"] else "; ".join(rows)
+
+
+def corrupt_message(path: Path, detail: str) -> str:
+    return (f"state store {path} is corrupt ({detail}); restore a backup of it, or move it "
+            f"aside to start with an empty store (mv {path} {path}.corrupt; "
+            f"the jobs and the ledger in it are then gone)")
+
+
+def check_file(path: Path) -> str | None:
+    """Read-only integrity check of a state file (`doctor` without the daemon): the problem or None."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            problem = _integrity(conn)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    return corrupt_message(path, problem) if problem else None
 
 
 def _exec_script(conn: sqlite3.Connection, script: str) -> None:

@@ -65,3 +65,15 @@ def reference_run(*args: str) -> subprocess.CompletedProcess:
     from daemons import SYNORD
     return subprocess.run([*SYNORD, "sandbox", "run", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
+
+
+def refused(d, where: str, reason: str) -> float:
+    """synord_refusals_total{where, reason} from a daemon's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    conn, resp = d.client._send("GET", "/metrics")
+    try:
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "synord_refusals_total" and s.labels == {"where": where, "reason": reason})

@@ -16,6 +16,7 @@ import logging
 import re
 import shutil
 import tempfile
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ FLUSH_INTERVAL_S = 0.02
 DEFAULT_BANDWIDTH_BPS = 100 * 1024 * 1024
 OUTPUT_REFETCHES = 3  # re-attaches to fetch output missing at exit, before failing the job
 BATCH_WINDOW_S = 0.25
+# Output received while the disk is full is held in memory up to this; past it the
+# task streams are not read (the provider keeps the output) until a flush succeeds.
+OUTPUT_HOLD_MAX = 32 << 20
 
 
 class NoPlacement(Exception):
@@ -140,6 +144,8 @@ class _Displacement:
 
 
 class ConsumerJobs:
+    storage = None  # synord.storage_health.StorageHealth, set by the node
+
     def __init__(self, identity: Identity, store: Store, home, mesh, market: Market,
                  lease_timeout_s: float = 5.0, checkpoint_interval_s: float = 10.0,
                  placement_timeout_s: float = 30.0, thresholds: Thresholds = Thresholds()):
@@ -160,6 +166,8 @@ class ConsumerJobs:
         self._nursery: trio.Nursery | None = None
         self._displaced: list[_Displacement] = []
         self._batch_open = False
+        self._unsaved: set[str] = set()  # jobs whose row or history a full disk refused
+        self._held = 0  # bytes of output not yet committed
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -190,15 +198,27 @@ class ConsumerJobs:
             self.jobs[job.id] = job
 
     def _save(self, job: ConsumerJob) -> None:
-        with self.store.tx() as conn:
-            conn.execute(
-                "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, exit_code, error, created, updated)"
-                " VALUES (?, 'consumer', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
-                " state = excluded.state, spec = excluded.spec, provider = excluded.provider,"
-                " exit_code = excluded.exit_code, error = excluded.error, updated = excluded.updated",
-                (job.id, job.state, job.runtime, json.dumps(job.spec), job.provider,
-                 self.identity.peer_id, job.exit_code, job.error, job.created, time.time()))
+        try:
+            with self.store.tx() as conn:
+                self._write_job(conn, job)
+        except sqlite3.Error as exc:
+            self._defer(job, "job state", exc)
         job.notify()
+
+    def _write_job(self, conn: sqlite3.Connection, job: ConsumerJob) -> None:
+        conn.execute(
+            "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, exit_code, error, created, updated)"
+            " VALUES (?, 'consumer', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+            " state = excluded.state, spec = excluded.spec, provider = excluded.provider,"
+            " exit_code = excluded.exit_code, error = excluded.error, updated = excluded.updated",
+            (job.id, job.state, job.runtime, json.dumps(job.spec), job.provider,
+             self.identity.peer_id, job.exit_code, job.error, job.created, time.time()))
+
+    def _defer(self, job: ConsumerJob, what: str, exc: sqlite3.Error) -> None:
+        """A full disk refused this write: keep the job in memory, write it when space is back."""
+        if self.storage is None or not self.storage.failed(what, exc):
+            raise exc
+        self._unsaved.add(job.id)
 
     def _set_state(self, job: ConsumerJob, state: str, **fields: Any) -> None:
         job.state = state
@@ -208,17 +228,23 @@ class ConsumerJobs:
 
     def _add_history(self, job: ConsumerJob, entry: dict) -> None:
         job.history.append(entry)
-        with self.store.tx() as conn:
-            conn.execute("INSERT INTO job_history(job_id, seq, entry) VALUES (?, ?, ?)",
-                         (job.id, len(job.history), json.dumps(entry)))
+        try:
+            with self.store.tx() as conn:
+                conn.execute("INSERT INTO job_history(job_id, seq, entry) VALUES (?, ?, ?)",
+                             (job.id, len(job.history), json.dumps(entry)))
+        except sqlite3.Error as exc:
+            self._defer(job, "job history", exc)
 
     def _update_history(self, job: ConsumerJob, **fields: Any) -> None:
         if not job.history:
             return
         job.history[-1].update(fields)
-        with self.store.tx() as conn:
-            conn.execute("UPDATE job_history SET entry = ? WHERE job_id = ? AND seq = ?",
-                         (json.dumps(job.history[-1]), job.id, len(job.history)))
+        try:
+            with self.store.tx() as conn:
+                conn.execute("UPDATE job_history SET entry = ? WHERE job_id = ? AND seq = ?",
+                             (json.dumps(job.history[-1]), job.id, len(job.history)))
+        except sqlite3.Error as exc:
+            self._defer(job, "job history", exc)
 
     # ---- submission (everything checked before anything is reserved) ------------------
 
@@ -626,6 +652,8 @@ class ConsumerJobs:
                     continue
                 if "o" in msg:
                     self._output(job, msg)
+                    while self._held > OUTPUT_HOLD_MAX:  # the disk is full: let the provider hold it
+                        await trio.sleep(FLUSH_INTERVAL_S * 5)
                 elif "ckpt" in msg:
                     if not _checkpoint_frame_ok(msg["ckpt"]):
                         # its digest names a file here and its size drives a read loop
@@ -689,6 +717,7 @@ class ConsumerJobs:
             data = data[have - off:]
         job.offsets[s] = have + len(data)
         job.pending_output.append((s, data))
+        self._held += len(data)
         job.notify()
 
     async def _flusher(self) -> None:
@@ -698,20 +727,32 @@ class ConsumerJobs:
             self._flush_all()
 
     def _flush_all(self) -> None:
+        """Commit held output and deferred job rows; on a full disk keep them for the next try."""
         dirty = [j for j in self.jobs.values() if j.pending_output]
-        if not dirty:
+        if not dirty and not self._unsaved:
             return
-        with self.store.tx() as conn:
-            for job in dirty:
-                seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM job_output WHERE job_id = ?",
-                                   (job.id,)).fetchone()[0]
-                for s, data in job.pending_output:
-                    seq += 1
-                    conn.execute("INSERT INTO job_output(job_id, seq, stream, data) VALUES (?, ?, ?, ?)",
-                                 (job.id, seq, s, data))
-                job.pending_output.clear()
+        try:
+            with self.store.tx() as conn:
+                for job in dirty:
+                    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM job_output WHERE job_id = ?",
+                                       (job.id,)).fetchone()[0]
+                    for s, data in job.pending_output:
+                        seq += 1
+                        conn.execute("INSERT INTO job_output(job_id, seq, stream, data) VALUES (?, ?, ?, ?)",
+                                     (job.id, seq, s, data))
+                for job in (self.jobs[i] for i in self._unsaved):
+                    self._write_job(conn, job)
+                    conn.executemany("INSERT OR REPLACE INTO job_history(job_id, seq, entry) VALUES (?, ?, ?)",
+                                     [(job.id, n, json.dumps(e)) for n, e in enumerate(job.history, 1)])
+        except sqlite3.Error as exc:
+            if self.storage is None or not self.storage.failed("job output", exc):
+                raise
+            return  # nothing lost: still in memory, and the provider keeps what we did not read
         for job in dirty:
+            job.pending_output.clear()
             job.notify()
+        self._unsaved.clear()
+        self._held = 0
 
     async def _receive_checkpoint(self, job: ConsumerJob, session: Session, info: dict) -> None:
         sha, size = info.get("sha256"), info.get("bytes")
@@ -733,11 +774,22 @@ class ConsumerJobs:
         tmp = self.ckpt_dir / f"{job.id}.part"
         t0 = time.monotonic()
         left = size
-        with open(tmp, "wb") as f:
+        full = None
+        with open(tmp, "wb", buffering=0) as f:  # unbuffered: a full disk fails the write, not close()
             while left:
                 block = await session.stream.read_raw(min(left, CHUNK))
-                f.write(block)
                 left -= len(block)
+                if full is None:
+                    try:
+                        f.write(block)
+                    except OSError as exc:  # the disk is full: read the rest, keep the last checkpoint
+                        full = self.storage.failed("checkpoint", exc) if self.storage else None
+                        if full is None:
+                            raise
+        if full is not None:
+            tmp.unlink(missing_ok=True)
+            log.warning("checkpoint dropped: no room for it", extra={"job": job.id, "reason": full})
+            return
         dt = time.monotonic() - t0
         if size > (1 << 20) and dt > 0:
             self.bandwidth[session.provider] = size / dt

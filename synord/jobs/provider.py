@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,9 @@ class ProviderTask:
 
 
 class ProviderJobs:
+    storage = None  # synord.storage_health.StorageHealth, set by the node
+    cache = None  # synord.blobcache.BlobCache over self.blobs, set by the node
+
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
                  on_finished: Callable[[Terms, str, Any], None],
                  heartbeat_s: float = 1.0, preemption_grace_s: float = 10.0,
@@ -88,6 +92,7 @@ class ProviderJobs:
         self.pending_terms: dict[bytes, Terms] = {}
         self._nursery: trio.Nursery | None = None
         self._mesh = None  # set by register(); used to push checkpoints onward
+        self._received_for: dict[str, str] = {}  # blob sha -> consumer whose task has not started
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -154,11 +159,14 @@ class ProviderJobs:
         async def authorize(peer: str, offer: dict) -> str | None:
             # Only peers holding an agreement with us may fill our disk, or a
             # provider the consumer of such an agreement granted (direct migration).
-            if self._agreements_of(peer):
-                return None
-            if "grant" in offer:
-                return self._check_grant(peer, offer)
-            return "no active agreement with this peer"
+            if not self._agreements_of(peer):
+                if "grant" not in offer:
+                    return "no active agreement with this peer"
+                why = self._check_grant(peer, offer)
+                if why:
+                    return why
+            self._room_for(offer["size"])
+            return None
 
 
         try:
@@ -167,7 +175,12 @@ class ProviderJobs:
                 authorize)
             log.info("blob received", extra={"sha256": offer["sha256"][:16], "kind": offer["kind"],
                                              "bytes": offer["size"]})
+            self._received_for.setdefault(offer["sha256"], stream.remote_peer)
+            if self.cache is not None:
+                self.cache.touch(offer["sha256"])
         except TransferError as exc:
+            if self.storage is not None:
+                self.storage.failed("blob upload", exc)  # a full disk says so in status
             await _refuse(stream, "transfer", exc.slug, str(exc))
         except EOFError as exc:
             log.info("transfer ended", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
@@ -188,7 +201,40 @@ class ProviderJobs:
             return "the grant is for another transfer"
         if not self._agreements_of(grant.sender_id):
             return "the granting consumer holds no agreement with us"
+        self._received_for[offer["sha256"]] = grant.sender_id  # the cache keeps it for that consumer
         return None
+
+    def _room_for(self, size: int) -> None:
+        """Refuse a blob of ``size`` bytes that cannot be taken now (disk full, cache limit);
+        least recently used blobs are evicted to make room."""
+        if self.storage is None or self.cache is None:
+            return
+        self.storage.check()
+        why = self.cache.make_room(size, self.storage.free_bytes, self.storage.min_free_bytes)
+        if why is None and self.storage.failure is not None:
+            why = self.storage.reason
+        if why is not None:
+            raise TransferError(f"provider storage full: {why}", "storage-full")
+
+    def pinned_blobs(self) -> set[str]:
+        """Blobs the cache must keep: running tasks' artefacts, and uploads for tasks to come."""
+        waiting = {t.consumer for t in self.pending_terms.values()}
+        self._received_for = {sha: c for sha, c in self._received_for.items() if c in waiting}
+        return {t.execution.spec.sha256 for t in self.running()} | set(self._received_for)
+
+    async def _start_checked(self, consumer: str, body: dict) -> ProviderTask:
+        """`_start`, refused with the reason while this node's storage cannot take a task."""
+        why = None
+        if self.storage is not None and not self.storage.check():
+            why = self.storage.reason
+        else:
+            try:
+                return await self._start(consumer, body)
+            except (OSError, sqlite3.Error) as exc:
+                why = self.storage.failed("task start", exc) if self.storage is not None else None
+                if why is None:
+                    raise
+        raise TaskRefused("storage-full", f"provider storage full: {why}")
 
     def _agreements_of(self, peer: str) -> list[Terms]:
         return [t for t in self.pending_terms.values() if t.consumer == peer] + \
@@ -222,7 +268,7 @@ class ProviderJobs:
                 raise TaskRefused("malformed_frame", f"malformed first frame: {exc}") from None
             env = self._task_envelope(first, stream)
             if env.type == "task.start":
-                task = await self._start(stream.remote_peer, env.body)
+                task = await self._start_checked(stream.remote_peer, env.body)
                 offsets = dict(env.body.get("restore", None) and env.body["restore"].get("offsets")
                                or {"stdout": 0, "stderr": 0})
             else:
@@ -352,10 +398,13 @@ class ProviderJobs:
         finally:
             st = task.execution.status
             state = "checkpointed" if task.handed_back else ("succeeded" if st.code == 0 and not st.reason else "failed")
-            with self.store.tx() as conn:
-                conn.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, updated = ? WHERE id = ? "
-                             "AND role = 'provider'",
-                             (state, st.code, task.execution.error or st.reason, time.time(), task.key))
+            try:
+                with self.store.tx() as conn:
+                    conn.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, updated = ? WHERE id = ? "
+                                 "AND role = 'provider'",
+                                 (state, st.code, task.execution.error or st.reason, time.time(), task.key))
+            except sqlite3.Error as exc:  # a full disk: the task still ends and settles
+                log.warning("task end not recorded", extra={"job": task.key, "error": str(exc)})
             self._settle(task)
             with trio.CancelScope(shield=True):
                 async with task.ckpt_lock:  # a stop-checkpoint is still being packed and sent

@@ -19,6 +19,7 @@ bytes}`` (the role of the *receiving* party).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import uuid
 from typing import Callable
 
@@ -260,11 +261,17 @@ class MarketService:
     # Receipts we issued are kept in the store until acknowledged, so a restart
     # of ours does not lose them: the provider resends them after it.
     def _keep_receipt(self, sr: SignedReceipt, first_sent: int) -> None:
-        self.store.kv_set(f"receipt_out:{sr.receipt.aid.hex()}",
-                          {"receipt": json_safe(sr.to_body()), "first_sent": first_sent})
+        try:
+            self.store.kv_set(f"receipt_out:{sr.receipt.aid.hex()}",
+                              {"receipt": json_safe(sr.to_body()), "first_sent": first_sent})
+        except sqlite3.Error as exc:  # a full disk: it still goes out, but is not resent after a restart
+            log.warning("receipt not kept", extra={"aid": sr.receipt.aid.hex(), "error": str(exc)})
 
     def _drop_receipt(self, aid: bytes) -> None:
-        self.store.kv_delete(f"receipt_out:{aid.hex()}")
+        try:
+            self.store.kv_delete(f"receipt_out:{aid.hex()}")
+        except sqlite3.Error as exc:  # kept: resent after a restart, and countersigned once
+            log.warning("receipt not dropped", extra={"aid": aid.hex(), "error": str(exc)})
 
     def _resume_receipts(self) -> None:
         for key, row in self.store.kv_items("receipt_out:"):
