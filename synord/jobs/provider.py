@@ -385,6 +385,8 @@ class ProviderJobs:
                  self.identity.peer_id, consumer, job_id, now, now))
         self.tasks[(consumer, job_id)] = task
         self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
+        for blob in (sha, csha):  # from now on the running task pins them, and only while it runs
+            self._received_for.pop(blob, None)
         await self._nursery.start(self._run_task, task)
         if execution.done.is_set() and execution.error:
             raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")
