@@ -222,7 +222,7 @@ def validate(cfg: Config) -> None:
     for key in ("market.max_price", "market.spend_cap", "market.spend_period_s", "market.hedge_s",
                 "market.backoff_s",
                 "market.max_asks_per_peer", "market.candidates_per_peer", "market.parallel_proposals"):
-        if not cfg[key] > 0 or cfg[key] == float("inf"):
+        if not cfg[key] > 0:  # nan and inf were refused above
             fail(key, "must be a positive finite number")
     for key, value in cfg.values["streams"].items():
         if not 0 < value < float("inf"):  # also refuses nan
