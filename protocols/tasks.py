@@ -8,7 +8,7 @@ Opening message (consumer → provider), a signed envelope in a frame
                 limits: {cpus, memory_bytes, timeout_s, pids},
                 checkpointable, checkpoint_interval_s,
                 restore: null | {sha256, offsets: {stdout, stderr}},
-                progress: bool}        the consumer reads progress frames (1.1)
+                progress: bool}        opt-in: the consumer reads progress frames
   task.attach  {job_id, offsets: {stdout, stderr}}
 
 Then plain frames on the authenticated stream (the Noise session binds them

@@ -94,8 +94,9 @@ def test_a_migration_is_told_in_the_job_and_on_run_stderr(tmp_path):
         finally:
             if run.poll() is None:
                 run.kill()
-        assert run.returncode == 0, err
         j = job(consumer, job_id)
+        assert j["exit_code"] is not None and run.returncode == j["exit_code"], err  # the counter's own code
+        assert out.count("\n") == 61, out  # every step once, across the move
         texts = [e["text"] for e in j["events"]]
         preempted = f"provider …{ids[0][-6:]} preempted (paused"
         assert any(t.startswith(preempted) for t in texts), texts
@@ -125,9 +126,47 @@ async def test_a_hostile_providers_progress_frames_are_checked_and_counted(clust
         await stream.send(_exit(5))
 
     j, out, consumer = await _run_against(cluster, noisy)
-    assert asked == [True]  # the consumer asked for progress frames (task.start, WIRE 1.1)
+    assert asked == [True]  # the consumer asked for progress frames (task.start, WIRE §13)
     assert j["state"] == "succeeded", j
     assert out == b"fine\n"
     assert refusals(consumer).get(("task_output", "bad_progress_frame"), 0) == len(garbage)
     assert [e["phase"] for e in j["events"]].count("unpacking") == 1
     assert not any("\x1b" in e["text"] or "xxxx" in e["text"] for e in j["events"])
+
+
+def test_a_progress_frame_has_one_shape():
+    from protocols.tasks import TaskSpecError, check_progress
+    assert check_progress({"phase": "booting"}) == {"phase": "booting", "done": None, "total": None}
+    assert check_progress({"phase": "unpacking", "done": 0, "total": 0})["total"] == 0
+    for bad in (None, [], {"phase": "Booting"}, {"phase": "booting", "done": 2, "total": 1},
+                {"phase": "booting", "done": 1 << 45}, {"phase": "booting", "done": 1.5},
+                {"phase": "booting", "why": "x"}):
+        with pytest.raises(TaskSpecError):
+            check_progress(bad)
+
+
+def test_run_on_a_terminal_redraws_one_bar_line_and_clears_it_when_the_task_runs():
+    import os
+    import select
+    from synord.run_progress import RunProgress
+    master, slave = os.openpty()  # a real terminal: `run` draws a bar only on one
+    try:
+        tty = os.fdopen(slave, "w")
+        view = RunProgress(None, "j", stream=tty)
+        up = {"n": 1, "t": 0, "text": "uploading the artifact (8.0 MiB) to …abc"}
+        for done in (0, 4 << 20, 8 << 20):
+            view.show({"state": "negotiating", "events": [up],
+                       "progress": {"phase": "uploading", "done": done, "total": 8 << 20}})
+        view.show({"state": "running", "events": [up, {"n": 2, "t": 1, "text": "running on …abc"}],
+                   "progress": {"phase": "running", "done": None, "total": None}})
+        screen = b""
+        while select.select([master], [], [], 0.5)[0]:  # all that reached the terminal
+            screen += os.read(master, 65536)
+        screen = screen.decode()
+    finally:
+        tty.close()
+        os.close(master)
+    assert screen.count("synord: uploading the artifact") == 1  # each notice once
+    assert screen.count("\r\x1b[Ksynord: uploading [") == 3  # the bar, redrawn in place
+    assert "4.0 MiB / 8.0 MiB" in screen and "[" + "#" * 30 + "]" in screen
+    assert screen.endswith("synord: running on …abc\r\n")  # bar cleared before the line, none after
