@@ -466,9 +466,11 @@ def cmd_run(args) -> int:
     sys.stderr.write(f"synord: job {job['id']} submitted\n")
     errors: list = []
     from .run_progress import RunProgress
+    progress = RunProgress(_client(args), job["id"])  # phases and notices on stderr
     try:
-        with RunProgress(_client(args), job["id"]):  # phases and notices on stderr
-            errors.append(_say_if_waiting(client, job["id"]))
+        errors.append(_say_if_waiting(client, job["id"]))
+        progress.until_running()
+        with progress:  # later notices (a migration) while the output streams
             code = _print_output(client, job["id"], follow=True, errors=errors)
     except KeyboardInterrupt:
         client.post(f"/v1/jobs/{job['id']}/cancel")

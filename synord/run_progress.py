@@ -5,8 +5,10 @@ On a terminal: one line redrawn in place (``\\r``), cleared once the task runs
 (its output owns the screen then); notices are printed as lines of their own.
 Otherwise (a pipe, a log): each notice once, as a plain line.
 
-A thread polls ``GET /v1/jobs/ID`` (the daemon keeps the notices, numbered);
-standard library only, like the rest of the CLI.
+``until_running`` polls ``GET /v1/jobs/ID`` (the daemon keeps the notices,
+numbered) before any output is printed, so the start's notices never split the
+task's own stderr; then, as a context manager, a thread prints later notices (a
+migration) while the output streams. Standard library only, like the CLI.
 """
 
 from __future__ import annotations
@@ -37,6 +39,23 @@ class RunProgress:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+
+    def until_running(self) -> None:
+        """Show the start, in this thread, until the task runs or the job ends."""
+        from .client import ClientError
+        while True:
+            try:
+                job = self.client.get(f"/v1/jobs/{self.job_id}")
+            except (ClientError, OSError, ValueError):
+                break  # the output stream says what went wrong
+            self.show(job)
+            phase = (job.get("progress") or {}).get("phase")
+            if job.get("state") in TERMINAL or phase == "running" or (
+                    phase is None and job.get("state") not in ("queued", "negotiating")):
+                break
+            self._stop.wait(POLL_S)
+        self._clear()
+        self.out.flush()
 
     def _loop(self) -> None:
         from .client import ClientError
