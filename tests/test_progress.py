@@ -170,3 +170,12 @@ def test_run_on_a_terminal_redraws_one_bar_line_and_clears_it_when_the_task_runs
     assert screen.count("\r\x1b[Ksynord: uploading [") == 3  # the bar, redrawn in place
     assert "4.0 MiB / 8.0 MiB" in screen and "[" + "#" * 30 + "]" in screen
     assert screen.endswith("synord: running on …abc\r\n")  # bar cleared before the line, none after
+
+
+def test_a_microvm_start_reports_its_boot(mesh):
+    consumer, _ = mesh
+    res, j = run_job(consumer, "--runtime", "microvm", str(BUSYBOX_TAR), "--", "true")
+    assert res.returncode == 0, res.stderr
+    phases = [e["phase"] for e in j["events"]]
+    assert phases.index("unpacking") < phases.index("booting") < phases.index("running"), phases
+    assert any(line.endswith(": booting") for line in notices(res.stderr)), res.stderr
