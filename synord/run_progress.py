@@ -28,7 +28,7 @@ class RunProgress:
         self.out = stream or sys.stderr
         self.tty = self.out.isatty()
         self.seen = 0  # the last notice printed, by its number
-        self.bar = False  # a bar line is drawn (on a terminal)
+        self.bar = ""  # the bar line drawn now (on a terminal), if any
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="run-progress")
 
@@ -92,10 +92,11 @@ class RunProgress:
             width = 30
             fill = min(width, width * done // total)
             line += f" [{'#' * fill}{'.' * (width - fill)}] {hz.size(done)} / {hz.size(total)}"
-        self.out.write("\r\x1b[K" + line)
-        self.bar = True
+        if self.bar != line:  # redrawn only when it changed
+            self.out.write("\r\x1b[K" + line)
+            self.bar = line
 
     def _clear(self) -> None:
         if self.bar:
             self.out.write("\r\x1b[K")
-            self.bar = False
+            self.bar = ""

@@ -156,7 +156,7 @@ def test_run_on_a_terminal_redraws_one_bar_line_and_clears_it_when_the_task_runs
         tty = os.fdopen(slave, "w")
         view = RunProgress(None, "j", stream=tty)
         up = {"n": 1, "t": 0, "text": "uploading the artifact (8.0 MiB) to …abc"}
-        for done in (0, 4 << 20, 8 << 20):
+        for done in (0, 4 << 20, 4 << 20, 8 << 20):  # a poll with no news draws nothing
             view.show({"state": "negotiating", "events": [up],
                        "progress": {"phase": "uploading", "done": done, "total": 8 << 20}})
         view.show({"state": "running", "events": [up, {"n": 2, "t": 1, "text": "running on …abc"}],
@@ -169,6 +169,6 @@ def test_run_on_a_terminal_redraws_one_bar_line_and_clears_it_when_the_task_runs
         tty.close()
         os.close(master)
     assert screen.count("synord: uploading the artifact") == 1  # each notice once
-    assert screen.count("\r\x1b[Ksynord: uploading [") == 3  # the bar, redrawn in place
+    assert screen.count("\r\x1b[Ksynord: uploading [") == 3  # the bar, redrawn in place as it changes
     assert "4.0 MiB / 8.0 MiB" in screen and "[" + "#" * 30 + "]" in screen
     assert screen.endswith("synord: running on …abc\r\n")  # bar cleared before the line, none after
