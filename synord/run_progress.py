@@ -42,13 +42,7 @@ class RunProgress:
 
     def until_running(self) -> None:
         """Show the start, in this thread, until the task runs or the job ends."""
-        from .client import ClientError
-        while True:
-            try:
-                job = self.client.get(f"/v1/jobs/{self.job_id}")
-            except (ClientError, OSError, ValueError):
-                break  # the output stream says what went wrong
-            self.show(job)
+        while (job := self._poll()) is not None:
             phase = (job.get("progress") or {}).get("phase")
             if job.get("state") in TERMINAL or phase == "running" or (
                     phase is None and job.get("state") not in ("queued", "negotiating")):
@@ -58,17 +52,22 @@ class RunProgress:
         self.out.flush()
 
     def _loop(self) -> None:
-        from .client import ClientError
         while True:
             stopping = self._stop.is_set()
-            try:
-                self.show(self.client.get(f"/v1/jobs/{self.job_id}"))
-            except (ClientError, OSError, ValueError):
-                pass  # the daemon went away: `run` itself says so
+            self._poll()
             if stopping:
                 self._clear()
                 return
             self._stop.wait(POLL_S)
+
+    def _poll(self) -> dict | None:
+        from .client import ClientError
+        try:
+            job = self.client.get(f"/v1/jobs/{self.job_id}")
+        except (ClientError, OSError, ValueError):
+            return None  # the daemon went away: the output stream says so
+        self.show(job)
+        return job
 
     def show(self, job: dict) -> None:
         """Print what is new in ``job`` (its JSON)."""
