@@ -7,13 +7,16 @@ Opening message (consumer → provider), a signed envelope in a frame
   task.start   {job_id, agreement_id, kind, artifact_sha256, args, env,
                 limits: {cpus, memory_bytes, timeout_s, pids},
                 checkpointable, checkpoint_interval_s,
-                restore: null | {sha256, offsets: {stdout, stderr}}}
+                restore: null | {sha256, offsets: {stdout, stderr}},
+                progress: bool}        opt-in: the consumer reads progress frames
   task.attach  {job_id, offsets: {stdout, stderr}}
 
 Then plain frames on the authenticated stream (the Noise session binds them
 to the peer; data is not signed chunk by chunk):
 
-  provider → consumer   {"started": true} | {"error": text}
+  provider → consumer   {"progress": {phase, done, total}}*   before the reply below, only
+                                                             when task.start asked (progress: true)
+                        {"started": true} | {"error": text}
                         {"o": "stdout"|"stderr", "off": int, "d": bytes}
                         {"hb": unix_ms}                      lease heartbeat
                         {"ckpt": {sha256, bytes, offsets, final: bool}} + blob
@@ -105,6 +108,8 @@ def check_start(body: Any) -> None:
     iv = body.get("checkpoint_interval_s", 0)
     if isinstance(iv, bool) or not isinstance(iv, (int, float)) or iv < 0:
         raise TaskSpecError("checkpoint_interval_s must be >= 0")
+    if not isinstance(body.get("progress", False), bool):
+        raise TaskSpecError("progress must be a bool")
     restore = body.get("restore")
     if restore is not None:
         if not isinstance(restore, dict) or not isinstance(restore.get("sha256"), str) \
@@ -118,6 +123,27 @@ def check_attach(body: Any) -> None:
         raise TaskSpecError("task.attach body must be a map")
     _id(body, "job_id")
     _offsets(body.get("offsets", {}))
+
+
+# What a provider does before a task runs; a progress frame names one of these.
+PROVIDER_PHASES = ("verifying", "restoring", "compiling", "unpacking", "booting", "starting")
+_MAX_PROGRESS = 1 << 44
+
+
+def check_progress(p: Any) -> dict:
+    """A provider's progress frame body, checked (it is peer input): the normalised
+    {phase, done, total}, or TaskSpecError."""
+    if not isinstance(p, dict) or set(p) - {"phase", "done", "total"}:
+        raise TaskSpecError("progress must be a map of phase, done, total")
+    if p.get("phase") not in PROVIDER_PHASES:
+        raise TaskSpecError(f"progress.phase must be one of {PROVIDER_PHASES}")
+    done, total = p.get("done"), p.get("total")
+    for v in (done, total):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _MAX_PROGRESS):
+            raise TaskSpecError("progress.done and .total must be null or integers in range")
+    if done is not None and total is not None and done > total:
+        raise TaskSpecError("progress.done exceeds .total")
+    return {"phase": p["phase"], "done": done, "total": total}
 
 
 message_type("task.start", check_start)

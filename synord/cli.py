@@ -465,9 +465,13 @@ def cmd_run(args) -> int:
         return 0
     sys.stderr.write(f"synord: job {job['id']} submitted\n")
     errors: list = []
+    from .run_progress import RunProgress
+    progress = RunProgress(_client(args), job["id"])  # phases and notices on stderr
     try:
         errors.append(_say_if_waiting(client, job["id"]))
-        code = _print_output(client, job["id"], follow=True, errors=errors)
+        progress.until_running()
+        with progress:  # later notices (a migration) while the output streams
+            code = _print_output(client, job["id"], follow=True, errors=errors)
     except KeyboardInterrupt:
         client.post(f"/v1/jobs/{job['id']}/cancel")
         sys.stderr.write(f"synord: job {job['id']} cancelled\n")

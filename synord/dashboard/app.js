@@ -275,6 +275,8 @@ function progressCell(j) {
     span.append(el('progress', {max: p.total, value: p.done || 0}), ' ');
   }
   span.append((p.phase || p.stage || '') + (p.total ? ` ${Math.round(100 * (p.done || 0) / p.total)}%` : ''));
+  const last = (j.events || []).slice(-1)[0];  // the job's latest notice (migration, upload)
+  if (last) span.append(el('div', {class: 'notice', text: last.text}));
   return span;
 }
 function renderJobs(jobs) {

@@ -30,10 +30,11 @@ from protocols.framing import CHUNK, FramedStream
 from protocols.identity import Identity
 from protocols.negotiation import Terms
 from protocols.refusals import REFUSALS
-from protocols.tasks import TASK_PROTOCOL, TaskSpecError, check_args_env, check_limits
+from protocols.tasks import TASK_PROTOCOL, TaskSpecError, check_args_env, check_limits, check_progress
 from protocols.transfer import MAX_BLOB_BYTES, TRANSFER_PROTOCOL, BlobStore, send_file, sha256_of
 from runtimes.base import KINDS, SpecError, infer_kind
 
+from .. import humanize as hz
 from ..api import ApiError
 from ..metrics import observe_placement
 from ..store import Store, from_json_safe, json_safe
@@ -49,6 +50,7 @@ BATCH_WINDOW_S = 0.25
 # Output received while the disk is full is held in memory up to this; past it the
 # task streams are not read (the provider keeps the output) until a flush succeeds.
 OUTPUT_HOLD_MAX = 32 << 20
+MAX_EVENTS = 64  # notices kept per job (in memory: they narrate, the history records)
 
 
 class NoPlacement(Exception):
@@ -101,6 +103,8 @@ class ConsumerJob:
     session: "Session | None" = None
     next_terms: Terms | None = None  # agreed with the next provider before a direct hand-over
     pending_output: list[tuple[str, bytes]] = field(default_factory=list)
+    progress: dict | None = None  # {phase, done, total}: what the job is doing now
+    events: list[dict] = field(default_factory=list)  # notices {t, text, ...}, the last MAX_EVENTS
 
     def notify(self) -> None:
         self.changed.set()
@@ -116,7 +120,8 @@ class ConsumerJob:
                 "created": self.created, "history": self.history,
                 "artifact": self.spec.get("artifact"), "args": self.spec.get("args", []),
                 "checkpoint": ({k: self.checkpoint[k] for k in ("sha256", "bytes", "offsets")}
-                               if self.checkpoint else None)}
+                               if self.checkpoint else None),
+                "progress": self.progress, "events": self.events}
 
 
 @dataclass
@@ -222,6 +227,8 @@ class ConsumerJobs:
 
     def _set_state(self, job: ConsumerJob, state: str, **fields: Any) -> None:
         job.state = state
+        if state in TERMINAL:
+            job.progress = None  # the state says it all
         for k, v in fields.items():
             setattr(job, k, v)
         self._save(job)
@@ -245,6 +252,34 @@ class ConsumerJobs:
                              (json.dumps(job.history[-1]), job.id, len(job.history)))
         except sqlite3.Error as exc:
             self._defer(job, "job history", exc)
+
+    # ---- progress and notices (what `synord run` and the dashboard show) ---------------
+
+    def _progress(self, job: ConsumerJob, phase: str, done: int | None = None,
+                  total: int | None = None, note: str | None = None, **extra: Any) -> None:
+        """The job's current phase; a new phase (or a new thing uploaded) is also a notice."""
+        old = job.progress or {}
+        job.progress = {"phase": phase, "done": done, "total": total, **extra}
+        if (old.get("phase"), old.get("what")) != (phase, extra.get("what")):
+            self._notice(job, note or phase, phase=phase, total=total, **extra)
+        job.notify()
+
+    def _notice(self, job: ConsumerJob, text: str, **extra: Any) -> None:
+        n = job.events[-1]["n"] + 1 if job.events else 1  # `run` prints each notice once, by n
+        job.events.append({"n": n, "t": time.time(), "text": text, **extra})
+        del job.events[:-MAX_EVENTS]
+        log.info("job notice", extra={"job": job.id, "notice": text})
+        job.notify()
+
+    def _provider_progress(self, job: ConsumerJob, peer: str, frame: Any) -> None:
+        """A progress frame from the provider starting our task: peer input, checked;
+        garbage is counted and ignored (the start goes on)."""
+        try:
+            p = check_progress(frame)
+        except TaskSpecError:
+            REFUSALS.count("task_output", "bad_progress_frame")
+            return
+        self._progress(job, p["phase"], p["done"], p["total"], note=f"{_short(peer)}: {p['phase']}")
 
     # ---- submission (everything checked before anything is reserved) ------------------
 
@@ -369,6 +404,9 @@ class ConsumerJobs:
         ck = job.checkpoint
         mode = "restart-from-checkpoint" if ck else "restart"
         self._update_history(job, end=time.time(), ended="lost", reason=reason)
+        self._progress(job, "migrating", what="lost", note=f"provider {_short(job.provider or '')} lost "
+                       f"({_printable(reason)}): restarting" + (
+                           f" from a {hz.size(ck['bytes'])} checkpoint" if ck else " from the start"))
         log.warning("provider lost", extra={"job": job.id, "provider": (job.provider or "")[:16],
                                             "reason": reason, "mode": mode})
         job.spec["restore_mode"] = mode
@@ -382,6 +420,7 @@ class ConsumerJobs:
         hold up the next, and is backed off); fail with every answer after
         ``placement_timeout_s``."""
         needs = self._needs(job)
+        self._progress(job, "placing", note="finding a provider")
         if job.state != "migrating":
             self._set_state(job, "negotiating")
             await self.market.announce_bid(needs, job.id)
@@ -427,14 +466,19 @@ class ConsumerJobs:
                      {"sha256": sha, "size": size, "kind": kind, "job_id": job.id}).encode()
         stream = await self.mesh.open_stream(peer, TRANSFER_PROTOCOL)
         t0 = time.monotonic()
+        self._progress(job, "uploading", 0, size, what=kind,
+                       note=f"uploading the {kind} ({hz.size(size)}) to {_short(peer)}")
         try:
-            sent = await send_file(stream, offer, path)
+            sent = await send_file(stream, offer, path, lambda done, total: self._progress(
+                job, "uploading", done, total, what=kind))
         finally:
             with trio.move_on_after(1):
                 await stream.close()
         dt = time.monotonic() - t0
         if sent > 1 << 20 and dt > 0:
             self.bandwidth[peer] = sent / dt
+        self._notice(job, f"{kind} sent in {hz.duration(dt)}" if sent else f"{kind} already there",
+                     phase="uploading", what=kind, total=size, sent=sent)
         log.info("blob shipped", extra={"job": job.id, "kind": kind, "bytes": size, "sent": sent,
                                         "s": round(dt, 3)})
 
@@ -461,10 +505,15 @@ class ConsumerJobs:
                 "checkpointable": job.spec["checkpointable"],
                 "checkpoint_interval_s": self.checkpoint_interval_s if job.spec["checkpointable"] else 0,
                 "restore": restore}
+        body["progress"] = True  # we read progress frames before the reply
         stream = await self.mesh.open_stream(peer, TASK_PROTOCOL)
         await stream.send({"env": seal(self.identity, "task.start", body).encode()})
+        self._progress(job, "starting", note=f"starting on {_short(peer)}")
         with trio.fail_after(120):  # unpacking a big image or a checkpoint takes a while
             reply = await stream.receive()
+            while isinstance(reply, dict) and "progress" in reply:
+                self._provider_progress(job, peer, reply["progress"])
+                reply = await stream.receive()
         if not (isinstance(reply, dict) and reply.get("started")):
             with trio.move_on_after(1):
                 await stream.close()
@@ -478,6 +527,7 @@ class ConsumerJobs:
             entry["from"] = job.provider
             if job.spec.get("assignment"):
                 entry["assignment"] = job.spec.pop("assignment")
+        resumed = job.state == "migrating"
         job.spec.pop("restore_mode", None)
         # Where to find the provider again if we restart mid-job.
         job.spec["provider_addrs"] = self.mesh.dialable_addrs(peer)
@@ -485,6 +535,9 @@ class ConsumerJobs:
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
         observe_placement(job.created, entry["mode"])
+        self._progress(job, "running", note=(f"resumed on {_short(peer)}" + (
+            f" from a {hz.size(ck['bytes'])} checkpoint" if restore else " from the start")) if resumed
+            else f"running on {_short(peer)}")
         log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
         job.session = Session(peer, terms, stream)
         return job.session
@@ -551,6 +604,7 @@ class ConsumerJobs:
             return None
         terms = self._terms_of(job)
         job.session = Session(job.provider, terms, stream)
+        self._progress(job, "running", note=f"re-attached to {_short(job.provider)}")
         self._set_state(job, "running")
         return job.session
 
@@ -765,6 +819,9 @@ class ConsumerJobs:
             self._save(job)
             if old and old.get("path"):
                 Path(old["path"]).unlink(missing_ok=True)
+            if info.get("final"):
+                self._notice(job, f"moving with a {hz.size(size)} checkpoint, sent straight to "
+                             f"{_short(info['pushed_to'])}", phase="migrating", checkpoint_bytes=size)
             log.info("checkpoint went straight to the next provider",
                      extra={"job": job.id, "bytes": size, "to": info["pushed_to"][:16]})
             return
@@ -807,6 +864,9 @@ class ConsumerJobs:
         self._save(job)
         if old and old.get("path") and old["path"] != str(dest):
             Path(old["path"]).unlink(missing_ok=True)
+        if info.get("final") or session.preempt is not None:
+            self._notice(job, f"moving with a {hz.size(size)} checkpoint", phase="migrating",
+                         checkpoint_bytes=size)
         log.info("checkpoint stored", extra={"job": job.id, "bytes": size, "final": bool(info.get("final"))})
 
     async def _preempted(self, job: ConsumerJob, session: Session, notice: dict) -> None:
@@ -821,6 +881,11 @@ class ConsumerJobs:
         self._update_history(job, preempt_reason=notice.get("reason"), decision=mode,
                              ratio=round(ratio, 3), grace_s=round(grace, 3))
         log.info("preemption notice", extra={"job": job.id, "mode": mode, "ratio": round(ratio, 3)})
+        how = {"full": "moving with a final checkpoint",
+               "partial": f"moving with the last checkpoint ({hz.size(size)})" if ck else "restarting elsewhere"}
+        self._progress(job, "migrating", what="preempted", decision=mode, note=(
+            f"provider {_short(session.provider)} preempted ({_printable(notice.get('reason'))}, "
+            f"grace {hz.duration(grace)}): {how.get(mode, 'restarting elsewhere')}"))
         if mode == "full":
             request: dict[str, Any] = {"stop": True}
             if job.next_terms is None:
@@ -929,6 +994,16 @@ class ConsumerJobs:
                 return
             with trio.move_on_after(1.0):
                 await changed.wait()
+
+
+def _short(peer: str) -> str:
+    return f"…{peer[-6:]}" if peer else "?"
+
+
+def _printable(text: Any, limit: int = 80) -> str:
+    """Peer text for a notice a terminal prints: one line, no control characters, bounded."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text or "no reason given")[:limit])
+    return text or "no reason given"
 
 
 def _checkpoint_frame_ok(info: Any) -> bool:

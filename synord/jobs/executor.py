@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import trio
 
@@ -96,8 +97,10 @@ class TaskExecution:
     """Prepare (or restore) → start → pump output → wait; cancel and checkpoint on request."""
 
     def __init__(self, job_id: str, runtime: Runtime, spec: TaskSpec,
-                 restore_from: Path | None = None, start_offsets: dict[str, int] | None = None):
+                 restore_from: Path | None = None, start_offsets: dict[str, int] | None = None,
+                 on_phase: Callable[[str], None] | None = None):
         self.job_id = job_id
+        self.on_phase = on_phase or (lambda phase: None)  # told before each slow step of a start
         self.runtime = runtime
         self.spec = spec
         self.restore_from = restore_from
@@ -122,10 +125,13 @@ class TaskExecution:
         started = False
         try:
             if self.restore_from is not None:
+                self.on_phase("restoring")
                 self.sandbox = await self.runtime.restore(self.spec, self.restore_from)
             else:
+                self.on_phase("compiling" if self.spec.kind == "wasm" else "unpacking")
                 self.sandbox = await self.runtime.prepare(self.spec)
             async with trio.open_nursery() as nursery:
+                self.on_phase("booting" if self.spec.kind == "microvm" else "starting")
                 await self.sandbox.start(nursery)
                 observe_sandbox_start(self.spec.kind, time.time() - self.started_at)
                 task_status.started()

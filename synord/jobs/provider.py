@@ -222,14 +222,43 @@ class ProviderJobs:
         self._received_for = {sha: c for sha, c in self._received_for.items() if c in waiting}
         return {t.execution.spec.sha256 for t in self.running()} | set(self._received_for)
 
-    async def _start_checked(self, consumer: str, body: dict) -> ProviderTask:
+    async def _start_reporting(self, stream: FramedStream, body: dict) -> ProviderTask:
+        """`_start_checked`, telling a consumer that asked for it (task.start
+        progress: true) each phase of the start as a progress frame."""
+        if body.get("progress") is not True:
+            return await self._start_checked(stream.remote_peer, body)
+        send_ch, recv_ch = trio.open_memory_channel(16)
+
+        def phase(name: str) -> None:
+            try:
+                send_ch.send_nowait(name)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                pass  # a notice, not a duty: dropped rather than waited for
+
+        async def pump() -> None:
+            async for name in recv_ch:
+                with trio.move_on_after(5):
+                    try:
+                        await stream.send({"progress": {"phase": name, "done": None, "total": None}})
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the start goes on; the consumer hears of it or re-attaches
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            try:
+                return await self._start_checked(stream.remote_peer, body, phase)
+            finally:
+                send_ch.close()  # the pump sends what is queued, then ends: "started" comes after
+
+    async def _start_checked(self, consumer: str, body: dict,
+                             on_phase: Callable[[str], None] | None = None) -> ProviderTask:
         """`_start`, refused with the reason while this node's storage cannot take a task."""
         why = None
         if self.storage is not None and not self.storage.check():
             why = self.storage.reason
         else:
             try:
-                return await self._start(consumer, body)
+                return await self._start(consumer, body, on_phase)
             except (OSError, sqlite3.Error) as exc:
                 why = self.storage.failed("task start", exc) if self.storage is not None else None
                 if why is None:
@@ -268,7 +297,7 @@ class ProviderJobs:
                 raise TaskRefused("malformed_frame", f"malformed first frame: {exc}") from None
             env = self._task_envelope(first, stream)
             if env.type == "task.start":
-                task = await self._start_checked(stream.remote_peer, env.body)
+                task = await self._start_reporting(stream, env.body)
                 offsets = dict(env.body.get("restore", None) and env.body["restore"].get("offsets")
                                or {"stdout": 0, "stderr": 0})
             else:
@@ -324,7 +353,9 @@ class ProviderJobs:
             raise TaskRefused("terms_mismatch", "timeout_s exceeds the agreed duration")
         return terms
 
-    async def _start(self, consumer: str, body: dict) -> ProviderTask:
+    async def _start(self, consumer: str, body: dict,
+                     on_phase: Callable[[str], None] | None = None) -> ProviderTask:
+        on_phase = on_phase or (lambda phase: None)
         job_id = body["job_id"]
         terms = self._agreed_terms(consumer, body)
         runtime = self.runtimes.get(body["kind"])
@@ -336,6 +367,7 @@ class ProviderJobs:
         if body["kind"] in ("container", "microvm"):  # the consumer's pre-check, again: same function
             from runtimes.base import SpecError
             from runtimes.oci import check_image
+            on_phase("verifying")
             try:
                 await trio.to_thread.run_sync(check_image, self.blobs.path(sha))
             except SpecError as exc:
@@ -365,6 +397,7 @@ class ProviderJobs:
         restore_dir = None
         start_offsets = None
         if csha is not None:
+            on_phase("restoring")
             try:
                 restore_dir = unpack(self.blobs.path(csha), workdir / "restore", expected_sha=csha)
             except CheckpointError as exc:
@@ -372,7 +405,7 @@ class ProviderJobs:
                 raise TaskRefused("bad_checkpoint", f"corrupted checkpoint: {exc}") from None
             start_offsets = dict(body["restore"].get("offsets", {}))
         execution = TaskExecution(job_id, runtime, spec, restore_from=restore_dir,
-                                  start_offsets=start_offsets)
+                                  start_offsets=start_offsets, on_phase=on_phase)
         now = time.time()
         task = ProviderTask(job_id, consumer, terms, execution, spec.checkpointable,
                             float(body.get("checkpoint_interval_s") or 0), workdir, int(now * 1000))
