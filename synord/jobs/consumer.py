@@ -420,7 +420,11 @@ class ConsumerJobs:
         hold up the next, and is backed off); fail with every answer after
         ``placement_timeout_s``."""
         needs = self._needs(job)
-        self._progress(job, "placing", note="finding a provider")
+        if job.state == "migrating":
+            self._progress(job, "placing", note="finding another provider")
+        else:  # a first placement is quick, or `run` says it waits and why (placement_json)
+            job.progress = {"phase": "placing", "done": None, "total": None}
+            job.notify()
         if job.state != "migrating":
             self._set_state(job, "negotiating")
             await self.market.announce_bid(needs, job.id)
