@@ -238,11 +238,16 @@ class HostilePeer:
                 if frame.get("to") == "consumer":
                     for s in self.consumer.receive(frame["env"], peer):
                         await self._to_provider(s)
-                elif frame.get("to") == "provider" and self.provider is not None:
-                    for s in self.provider.receive(frame["env"], peer):
-                        await self._to_consumer(s)
+                elif frame.get("to") == "provider":
+                    await self._as_provider(frame["env"], peer)
         except Exception:
             pass
+
+    async def _as_provider(self, data: bytes, peer: bytes) -> None:
+        """An envelope for us as a provider (a hostile provider overrides what it answers)."""
+        if self.provider is not None:
+            for s in self.provider.receive(data, peer):
+                await self._to_consumer(s)
 
     async def obtain_agreement(self, provider: str, ask: Ask | None = None, *, runtime: str = "wasm",
                                cores: float = 0.5, memory: int = 64 << 20, duration_s: int = 600,

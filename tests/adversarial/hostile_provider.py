@@ -27,7 +27,6 @@ import trio
 
 from protocols.envelope import decode, now_ms, seal as seal_envelope
 from protocols.framing import FramedStream
-from protocols.identity import b58decode
 from protocols.negotiation import Agreement, Propose, Terms
 from protocols.orders import Ask
 from protocols.receipts import SignedReceipt
@@ -99,28 +98,15 @@ class HostileProvider(HostilePeer):
 
     # ---- negotiation, as the provider --------------------------------------------------------
 
-    async def _negotiation_in(self, stream: FramedStream) -> None:
-        peer = b58decode(stream.remote_peer)
-        try:
-            while True:
-                frame = await stream.receive()
-                if not (isinstance(frame, dict) and isinstance(frame.get("env"), bytes)):
-                    continue
-                if frame.get("to") != "provider":
-                    for s in self.consumer.receive(frame["env"], peer):
-                        await self._to_provider(s)
-                    continue
-                env = decode(frame["env"])
-                self.received.append((env.type, env.body))
-                if self.answer == "silent":
-                    continue
-                if self.answer == "overprice" and env.type == "propose":
-                    await self._to_consumer(self._overpriced(env.sender_id, Propose.from_body(env.body)))
-                    continue
-                for s in self.provider.receive(frame["env"], peer):
-                    await self._to_consumer(s)
-        except Exception:
-            pass
+    async def _as_provider(self, data: bytes, peer: bytes) -> None:
+        env = decode(data)
+        self.received.append((env.type, env.body))
+        if self.answer == "silent":
+            return
+        if self.answer == "overprice" and env.type == "propose":
+            await self._to_consumer(self._overpriced(env.sender_id, Propose.from_body(env.body)))
+            return
+        await super()._as_provider(data, peer)
 
     def _overpriced(self, consumer: str, p: Propose) -> Send:
         now = now_ms()
