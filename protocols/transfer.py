@@ -112,6 +112,9 @@ class BlobStore:
                 import shutil
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dest)
+            # rename(2) does nothing when both names are links to one inode (another import
+            # linked the same file first): the temp name is then still there.
+            tmp.unlink(missing_ok=True)
         return sha
 
 
