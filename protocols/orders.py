@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .envelope import message_type, pack_body
+from .kinds import RUNTIME_KINDS
 
 MAX_ORDER_BODY_BYTES = 2048
 MAX_KEYS = 32
@@ -31,7 +32,7 @@ MAX_MEMORY = 1 << 50  # 1 PiB
 MAX_GPUS = 1024
 MAX_PRICE = 1e9
 MAX_DURATION_S = 366 * 24 * 3600
-RUNTIMES = ("wasm", "container", "microvm")
+RUNTIMES = RUNTIME_KINDS  # the one list, protocols/kinds.py
 CPU_CLASS = "cpu"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # class, gpu class, region
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")

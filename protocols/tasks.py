@@ -37,9 +37,9 @@ import re
 from typing import Any
 
 from .envelope import message_type
+from .kinds import RUNTIME_KINDS
 
 TASK_PROTOCOL = "/synord/task/1.0.0"
-RUNTIME_KINDS = ("wasm", "container", "microvm")
 # A job id is the consumer's name for its job: never a path anywhere, but kept
 # path-inert anyway (no "/", no leading dot, so neither "." nor "..").
 _ID_RE = re.compile(r"^[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,63}$")

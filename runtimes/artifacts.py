@@ -46,6 +46,23 @@ def open_regular(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def infer_kind(artifact: Path) -> str:
+    """The sandbox kind an artefact asks for: .wasm (or wasm magic) -> wasm, OCI image -> container."""
+    artifact = Path(artifact)
+    if artifact.is_dir():
+        if (artifact / "oci-layout").exists():
+            return "container"
+        raise SpecError(f"{artifact}: a directory but not an OCI image layout (no oci-layout file)")
+    with open_regular(artifact) as f:  # no FIFO or device: they would hang or never end
+        head = f.read(512)
+    if head.startswith(b"\0asm") or artifact.suffix == ".wasm":
+        return "wasm"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "container"  # an oci-archive tarball
+    raise SpecError(f"{artifact}: neither a WebAssembly module nor an OCI image "
+                    "(layout directory or oci-archive tarball)")
+
+
 def check_artifact(kind: str, path: Path) -> None:
     path = Path(path)
     if not path.exists():

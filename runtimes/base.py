@@ -20,7 +20,6 @@ started, and `Unavailable` if the sandbox kind does not work on this host.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -29,10 +28,6 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncContextManager, AsyncIterator, ClassVar, Literal
 
 import trio
-
-Kind = Literal["wasm", "container", "microvm"]
-KINDS: tuple[str, ...] = ("wasm", "container", "microvm")
-
 
 class RuntimeError_(Exception):
     """Base class of sandbox errors (named to not shadow the builtin)."""
@@ -267,140 +262,10 @@ class ExecProcess:
         """A terminal session's new window size (nothing to do on pipes)."""
 
 
-class PipeExecProcess(ExecProcess):
-    """A command on host pipes (``<runtime> exec``); ``run_output`` pumps them."""
-
-    def __init__(self, proc: trio.Process):
-        self.proc = proc
-        self._send, self.output = trio.open_memory_channel[LogChunk](64)
-        self._stdin_closed = proc.stdin is None
-
-    async def run_output(self) -> None:
-        await pump_exec_output(self.proc, self._send)
-
-    async def send_stdin(self, data: bytes) -> None:
-        if self._stdin_closed:
-            raise trio.ClosedResourceError("stdin is closed")
-        assert self.proc.stdin is not None
-        await self.proc.stdin.send_all(data)
-
-    async def close_stdin(self) -> None:
-        if not self._stdin_closed and self.proc.stdin is not None:
-            self._stdin_closed = True
-            await self.proc.stdin.aclose()
-
-    async def wait(self) -> int:
-        return await self.proc.wait()
-
-    async def aclose(self) -> None:
-        self.output.close()
-
-
-def set_terminal_size(fd: int, size: TerminalSize) -> None:
-    import fcntl
-    import struct
-    import termios
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
-
-
-class PtyExecProcess(ExecProcess):
-    """A command on a host pseudo-terminal (``<runtime> exec`` with a console
-    socket): ``run_output`` pumps the master into ``output`` until the last
-    user of the terminal is gone."""
-
-    def __init__(self, proc: trio.Process, master_fd: int):
-        self.proc = proc
-        self._master = trio.lowlevel.FdStream(master_fd)
-        self._send, self.output = trio.open_memory_channel[LogChunk](64)
-        self._eof_sent = False
-
-    async def run_output(self) -> None:
-        async with self._send:
-            try:
-                while data := await self._master.receive_some(65536):
-                    await self._send.send(LogChunk("stdout", data))
-            except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # EIO: nobody holds the terminal any more
-
-    async def send_stdin(self, data: bytes) -> None:
-        await self._master.send_all(data)
-
-    async def close_stdin(self) -> None:
-        if not self._eof_sent:  # a terminal has no stdin to close: end of input is ^D
-            self._eof_sent = True
-            await self._master.send_all(b"\x04")
-
-    async def resize(self, size: TerminalSize) -> None:
-        set_terminal_size(self._master.fileno(), size)
-
-    async def wait(self) -> int:
-        return await self.proc.wait()
-
-    async def aclose(self) -> None:
-        self.output.close()
-        await self._master.aclose()
-
-
-async def receive_console_master(listener, proc: trio.Process, what: str) -> int:
-    """The pty master a runtime sends to its ``--console-socket`` (SCM_RIGHTS);
-    ExecUnsupported with the runtime's own words if it exits first."""
-    import array
-    import socket
-    master = -1
-
-    async def receive(cancel: trio.CancelScope) -> None:
-        nonlocal master
-        conn, _ = await listener.accept()
-        with conn:
-            _, ancdata, _, _ = await conn.recvmsg(4096, socket.CMSG_SPACE(4 * array.array("i").itemsize))
-        fds = array.array("i")
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-        if fds:
-            master = fds[0]
-            for extra in fds[1:]:
-                os.close(extra)
-        cancel.cancel()
-
-    async def runtime_exits(cancel: trio.CancelScope) -> None:
-        await proc.wait()
-        await trio.sleep(0.2)  # it may have sent the terminal just before exiting
-        cancel.cancel()
-
-    with trio.move_on_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(receive, n.cancel_scope)
-            n.start_soon(runtime_exits, n.cancel_scope)
-    if master < 0:
-        err = b""
-        if proc.stderr is not None:
-            with trio.move_on_after(1):
-                err = await proc.stderr.receive_some(4096)
-        detail = err.decode(errors="replace").strip().splitlines()
-        raise ExecUnsupported(f"{what} gave no terminal" + (f": {detail[-1]}" if detail else ""))
-    return master
-
-
 @asynccontextmanager
 async def _unsupported_exec(reason: str):
     raise ExecUnsupported(reason)
     yield  # pragma: no cover
-
-
-async def pump_exec_output(proc: trio.Process, send: "trio.MemorySendChannel[LogChunk]") -> None:
-    """Feed a process's stdout and stderr, as they come, into ``send``; close it at EOF of both."""
-    async def pump(stream, name: str, ch) -> None:
-        async with ch:
-            try:
-                while data := await stream.receive_some(65536):
-                    await ch.send(LogChunk(name, data))
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-
-    async with send, trio.open_nursery() as n:
-        n.start_soon(pump, proc.stdout, "stdout", send.clone())
-        n.start_soon(pump, proc.stderr, "stderr", send.clone())
 
 
 class Runtime(ABC):
@@ -417,55 +282,6 @@ class Runtime(ABC):
         raise CheckpointUnsupported(f"{self.kind} cannot restore")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_artifact(path: Path, expected: str | None) -> None:
-    """Raise SpecError unless the artefact exists and matches its digest."""
-    path = Path(path)
-    if not path.exists():
-        raise SpecError(f"artefact {path} does not exist")
-    if expected is None or path.is_dir():
-        return
-    actual = sha256_file(path)
-    if actual != expected.removeprefix("sha256:"):
-        raise SpecError(f"artefact {path.name}: sha256 mismatch (expected {expected}, got {actual})")
-
-
-def checkpoint_digest(directory: Path) -> tuple[int, str]:
-    """(total bytes, sha256) over every file of a checkpoint directory, by sorted name."""
-    h = hashlib.sha256()
-    total = 0
-    for p in sorted(Path(directory).rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(directory).as_posix().encode()
-            h.update(len(rel).to_bytes(4, "big") + rel)
-            with open(p, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-                    total += len(block)
-    return total, h.hexdigest()
-
-
-def get_runtime(kind: str) -> Runtime:
-    """The Runtime for ``kind``; imports lazily so the CLI stays fast."""
-    if kind == "wasm":
-        from .wasm import WasmRuntime
-        return WasmRuntime()
-    if kind == "container":
-        from .container import ContainerRuntime
-        return ContainerRuntime()
-    if kind == "microvm":
-        from .microvm import MicroVMRuntime
-        return MicroVMRuntime()
-    raise SpecError(f"unknown runtime {kind!r} (expected one of {', '.join(KINDS)})")
-
-
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for helper processes: never leak systemd's notify/watchdog/socket vars."""
     env = {k: v for k, v in os.environ.items()
@@ -473,21 +289,3 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
-
-
-def infer_kind(artifact: Path) -> str:
-    """The sandbox kind an artefact asks for: .wasm (or wasm magic) -> wasm, OCI image -> container."""
-    artifact = Path(artifact)
-    if artifact.is_dir():
-        if (artifact / "oci-layout").exists():
-            return "container"
-        raise SpecError(f"{artifact}: a directory but not an OCI image layout (no oci-layout file)")
-    from .artifacts import open_regular  # no FIFO or device: they would hang or never end
-    with open_regular(artifact) as f:
-        head = f.read(512)
-    if head.startswith(b"\0asm") or artifact.suffix == ".wasm":
-        return "wasm"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "container"  # an oci-archive tarball
-    raise SpecError(f"{artifact}: neither a WebAssembly module nor an OCI image "
-                    "(layout directory or oci-archive tarball)")

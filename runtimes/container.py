@@ -38,11 +38,11 @@ import trio
 from . import cgroups, oci, reaper, seccomp
 
 from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
-                   PipeExecProcess, PtyExecProcess, RuntimeError_, TerminalSize, receive_console_master,
-                   set_terminal_size,
-                   Runtime, SpecError, SupervisedSandbox, TaskSpec, Unavailable, Usage, checkpoint_digest,
-                   child_env,
-                   verify_artifact)
+                   RuntimeError_, TerminalSize,
+                   Runtime, SpecError, SupervisedSandbox, TaskSpec, Unavailable, Usage,
+                   child_env)
+from .digests import checkpoint_digest, verify_artifact
+from .exec_plumbing import PipeExecProcess, PtyExecProcess, receive_console_master, set_terminal_size
 
 log = logging.getLogger(__name__)
 

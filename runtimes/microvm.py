@@ -39,7 +39,8 @@ import trio
 
 from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
                    Runtime, RuntimeError_, SpecError, SupervisedSandbox, TaskSpec, TerminalSize, Unavailable, Usage,
-                   OUTPUT_OFFSETS_FILE, checkpoint_digest, child_env, sha256_file, verify_artifact)
+                   OUTPUT_OFFSETS_FILE, child_env)
+from .digests import checkpoint_digest, sha256_file, verify_artifact
 from .anchored import AnchoredProcess, spawn
 from .cpio import CpioWriter
 from .guest_exec import ExecChannel, FrameSplitter, encode_frame

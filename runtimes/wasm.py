@@ -3,11 +3,14 @@
 Theory of operation
 - A module runs in one worker thread (`trio.to_thread.run_sync`); everything
   else (logs, wait, kill, checkpoint requests, the epoch ticker) is trio.
-- Interruption: engines are built with epoch interruption; a trio task bumps
-  the engine epoch every ~10 ms and each store has a deadline callback (run in
-  the worker thread) that decides from *its own* sandbox's flags whether to
-  go on, or to trap for a kill or a timeout. Extra ticks from other sandboxes
-  sharing the engine are harmless: the decision is made from wall-clock time.
+- Interruption: engines are built with epoch interruption; each store has a
+  deadline one epoch ahead and a deadline callback (run in the worker thread)
+  that decides from *its own* sandbox's flags whether to go on, or to trap for
+  a kill or a timeout. kill() bumps the epoch once; a task with a time limit
+  has a trio timer that bumps it every ~10 ms once the limit is reached. No
+  ticks otherwise: an untimed start pays for no timer task. Ticks from other
+  sandboxes sharing the engine are harmless: the callback decides from flags
+  and wall-clock time.
 - Limits: fuel (an engine of its own, since fuel metering changes the compiled
   code), memory via `Store.set_limits` (memory.grow then fails in the guest).
 - Compiled modules are cached in memory and on disk, keyed by the module's
@@ -36,13 +39,14 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import AsyncIterator, ClassVar
+from typing import AsyncIterator, ClassVar, NamedTuple
 
 import trio
 
 from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogChunk,
                    Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
-                   OUTPUT_OFFSETS_FILE, checkpoint_digest, verify_artifact)
+                   OUTPUT_OFFSETS_FILE)
+from .digests import checkpoint_digest, expect_digest
 from . import wasm_abi as abi
 
 log = logging.getLogger(__name__)
@@ -99,8 +103,6 @@ def _engine(fuel: bool) -> tuple["wasmtime.Engine", str, "wasmtime.Linker"]:
         return _engines[fuel]
 
 
-_last_tick: dict[int, float] = {}  # engine id -> when a ticker last bumped its epoch
-
 if wasmtime is not None:
     _DeadlineCB = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.POINTER(_wffi.wasmtime_context_t),
                                    ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
@@ -109,12 +111,29 @@ if wasmtime is not None:
     _NO_FINALIZER = _Finalizer(lambda _data: None)
 
 
-def _read_verified(path: Path, sha256: str | None) -> bytes:
-    verify_artifact(path, sha256)
+def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"artefact {path} does not exist") from None
     except OSError as e:
         raise SpecError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _check_shape(module: "wasmtime.Module", wasm: bytes) -> str | None:
+    """What the module is: a WASI command (None) or a step-ABI module (its memory
+    export); SpecError for anything else. Run once per compiled module."""
+    exports = {e.name: e.type for e in module.exports}
+    step = exports.get(abi.STEP_EXPORT)
+    if step is None:
+        if not isinstance(exports.get("_start"), wasmtime.FuncType):
+            raise SpecError(f"module exports neither _start (WASI command) nor {abi.STEP_EXPORT} (step ABI v1)")
+        return None
+    if not isinstance(step, wasmtime.FuncType) or step.params or [str(t) for t in step.results] != ["i32"]:
+        raise SpecError(f"{abi.STEP_EXPORT} must be a function () -> i32")
+    imported = [i.type for i in module.imports]
+    return abi.check_step_module(wasm, sum(isinstance(t, wasmtime.GlobalType) for t in imported),
+                                 sum(isinstance(t, wasmtime.MemoryType) for t in imported))
 
 
 def default_cache_dir() -> Path:
@@ -122,16 +141,25 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "synord") / "wasm"
 
 
+class Compiled(NamedTuple):
+    """A module ready to start: compiled, its shape checked once, its imports
+    resolved once against the WASI linker (`InstancePre`), so a start only
+    creates a store and instantiates."""
+    module: "wasmtime.Module"
+    pre: "wasmtime.InstancePre"
+    memory_export: str | None  # step-ABI modules only
+
+
 class ModuleCache:
     """Compiled modules by (module sha256, engine fingerprint), in memory and on disk."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
-        self._mem: OrderedDict[tuple[str, str], "wasmtime.Module"] = OrderedDict()
+        self._mem: OrderedDict[tuple[str, str], Compiled] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"memory_hits": 0, "disk_hits": 0, "compiles": 0}
 
-    def lookup(self, sha: str, fp: str) -> "wasmtime.Module | None":
+    def lookup(self, sha: str, fp: str) -> Compiled | None:
         with self._lock:
             mod = self._mem.get((sha, fp))
             if mod is not None:
@@ -139,14 +167,16 @@ class ModuleCache:
                 self.stats["memory_hits"] += 1
             return mod
 
-    def _remember(self, key: tuple[str, str], mod: "wasmtime.Module") -> None:
+    def _remember(self, key: tuple[str, str], mod: Compiled) -> None:
         with self._lock:
             self._mem[key] = mod
             while len(self._mem) > _MEMORY_CACHE_MAX:
                 self._mem.popitem(last=False)
 
-    def load_or_compile(self, engine: "wasmtime.Engine", sha: str, fp: str, wasm: bytes) -> "wasmtime.Module":
-        """Blocking (compiles): call from a worker thread."""
+    def load_or_compile(self, engine: "wasmtime.Engine", linker: "wasmtime.Linker", sha: str, fp: str,
+                        wasm: bytes) -> Compiled:
+        """Blocking (compiles): call from a worker thread. Raises SpecError for a
+        module that is not a runnable command or step module."""
         path = self.dir / f"{sha}-{fp}.cwasm"
         mod = self._load_disk(engine, path)
         if mod is not None:
@@ -158,8 +188,14 @@ class ModuleCache:
                 raise SpecError(f"invalid WebAssembly module: {str(e).splitlines()[0]}") from None
             self.stats["compiles"] += 1
             self._store_disk(path, bytes(mod.serialize()))
-        self._remember((sha, fp), mod)
-        return mod
+        memory_export = _check_shape(mod, wasm)
+        try:
+            pre = linker.instantiate_pre(mod)
+        except wasmtime.WasmtimeError as e:  # an import WASI does not provide
+            raise SpecError(f"module cannot be linked: {str(e).splitlines()[0]}") from None
+        compiled = Compiled(mod, pre, memory_export)
+        self._remember((sha, fp), compiled)
+        return compiled
 
     def _load_disk(self, engine, path: Path):
         try:
@@ -214,10 +250,11 @@ class WasmRuntime(Runtime):
         try:
             small = artifact.stat().st_size <= _INLINE_READ_MAX
         except OSError:
-            small = True  # verify_artifact reports it
+            small = True  # _read reports it
         # Typical modules are read in microseconds; only big ones are worth a thread hop.
-        wasm = _read_verified(artifact, spec.sha256) if small else \
-            await trio.to_thread.run_sync(_read_verified, artifact, spec.sha256)
+        wasm = _read(artifact) if small else await trio.to_thread.run_sync(_read, artifact)
+        sha = hashlib.sha256(wasm).hexdigest()  # read once, hashed once: the bytes we run are the bytes checked
+        expect_digest(artifact.name, sha, spec.sha256)
         if wasm[:4] != b"\0asm":
             raise SpecError(f"not a WebAssembly module: {artifact.name} does not start with \\0asm")
         if wasm[:8] != _WASM_MAGIC:
@@ -235,26 +272,11 @@ class WasmRuntime(Runtime):
             if not m.guest:
                 raise SpecError(f"mount {m.host}: empty guest path")
 
-        sha = hashlib.sha256(wasm).hexdigest()
         engine, fp, linker = _engine(lim.fuel is not None)
-        module = self.cache.lookup(sha, fp)
-        if module is None:
-            module = await trio.to_thread.run_sync(self.cache.load_or_compile, engine, sha, fp, wasm)
-
-        exports = {e.name: e.type for e in module.exports}
-        step = exports.get(abi.STEP_EXPORT)
-        memory_export = None
-        if step is not None:
-            if (not isinstance(step, wasmtime.FuncType) or step.params
-                    or [str(t) for t in step.results] != ["i32"]):
-                raise SpecError(f"{abi.STEP_EXPORT} must be a function () -> i32")
-            imported = [i.type for i in module.imports]
-            memory_export = abi.check_step_module(
-                wasm, sum(isinstance(t, wasmtime.GlobalType) for t in imported),
-                sum(isinstance(t, wasmtime.MemoryType) for t in imported))
-        elif not isinstance(exports.get("_start"), wasmtime.FuncType):
-            raise SpecError(f"module exports neither _start (WASI command) nor {abi.STEP_EXPORT} (step ABI v1)")
-        return WasmSandbox(spec, engine, linker, module, sha, memory_export, self.log_limit_bytes)
+        compiled = self.cache.lookup(sha, fp)
+        if compiled is None:
+            compiled = await trio.to_thread.run_sync(self.cache.load_or_compile, engine, linker, sha, fp, wasm)
+        return WasmSandbox(spec, engine, compiled, sha, self.log_limit_bytes)
 
     async def restore(self, spec: TaskSpec, checkpoint: Path) -> "WasmSandbox":
         sb = await self.prepare(spec)
@@ -290,12 +312,11 @@ class WasmSandbox(Sandbox):
     def supports_checkpoint(self) -> bool:  # type: ignore[override]
         return self.memory_export is not None  # only step-ABI modules can be checkpointed
 
-    def __init__(self, spec: TaskSpec, engine, linker, module, module_sha256: str,
-                 memory_export: str | None, log_limit: int):
+    def __init__(self, spec: TaskSpec, engine, compiled: Compiled, module_sha256: str, log_limit: int):
         self.spec = spec
-        self.engine, self.linker, self.module = engine, linker, module
+        self.engine, self.module, self._pre = engine, compiled.module, compiled.pre
         self.module_sha256 = module_sha256
-        self.memory_export = memory_export  # set for step-ABI modules only
+        self.memory_export = compiled.memory_export  # set for step-ABI modules only
         self.restore_from: abi.Snapshot | None = None
         self._log_limit = log_limit
         self._chunks: list[LogChunk] = []
@@ -346,7 +367,8 @@ class WasmSandbox(Sandbox):
             if self.spec.limits.timeout_s is not None:
                 self._deadline = time.monotonic() + self.spec.limits.timeout_s
             async with trio.open_nursery() as inner:
-                inner.start_soon(self._ticker)
+                if self._deadline is not None:
+                    inner.start_soon(self._timer)
                 drained = [trio.Event(), trio.Event()]
                 inner.start_soon(self._pump, "stdout", out_r, drained[0])
                 inner.start_soon(self._pump, "stderr", err_r, drained[1])
@@ -401,15 +423,14 @@ class WasmSandbox(Sandbox):
             f.write(self.spec.stdin or b"")
         return path
 
-    async def _ticker(self) -> None:
-        # Sandboxes share an engine; tick it ~once per TICK_S in total rather
-        # than once per sandbox, so each store's deadline callback stays cheap.
-        key = id(self.engine)
+    async def _timer(self) -> None:
+        # Ticks are only needed to stop a guest at its time limit (kill() bumps
+        # the epoch itself): none before the deadline, then one per TICK_S
+        # until the guest notices (it may sit in a host call meanwhile).
+        assert self._deadline is not None
+        await trio.sleep(max(0.0, self._deadline - time.monotonic()))
         while True:
-            now = time.monotonic()
-            if now - _last_tick.get(key, 0.0) >= TICK_S * 0.9:
-                _last_tick[key] = now
-                self.engine.increment_epoch()
+            self.engine.increment_epoch()
             await trio.sleep(TICK_S)
 
     async def _stop_abandoned_worker(self) -> None:
@@ -573,7 +594,11 @@ class WasmSandbox(Sandbox):
         code, reason, detail = 0, None, None
         memory = instance = exports = None
         try:
-            instance = self.linker.instantiate(store, self.module)
+            if self._stop_reason is not None:
+                # kill() came before the deadline above: its epoch bump was too early
+                # to count, and nothing else ticks an engine without a time limit.
+                raise wasmtime.WasmtimeError(f"synord: {self._stop_reason}")
+            instance = self._pre.instantiate(store)
             exports = instance.exports(store)
             if self.memory_export is not None:
                 memory = exports[self.memory_export]

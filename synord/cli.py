@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from protocols.kinds import RUNTIME_KINDS
+
 from . import __version__
 from . import humanize as hz
 from .home import Home, default_home
@@ -207,14 +209,8 @@ def cmd_probe(args) -> int:
 
 def _local_probe(bench: bool) -> dict:
     import hwprobe
-    from runtimes.base import KINDS, get_runtime
-    runtimes = {}
-    for kind in KINDS:
-        try:
-            runtimes[kind] = get_runtime(kind).available().to_json()
-        except Exception as exc:
-            runtimes[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-    return hwprobe.probe(bench=bench, runtimes=runtimes).to_json()
+    from runtimes import available_all
+    return hwprobe.probe(bench=bench, runtimes=available_all()).to_json()
 
 
 def cmd_book(args) -> int:
@@ -710,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("id", metavar="JOB")
 
     def task_flags(sp):
-        sp.add_argument("--runtime", choices=["wasm", "container", "microvm"])
+        sp.add_argument("--runtime", choices=RUNTIME_KINDS)
         sp.add_argument("--cpus", type=float, default=1.0)
         sp.add_argument("--memory", type=parse_size, default=256 << 20, metavar="SIZE")
         sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")

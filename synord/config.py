@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hwprobe.policy import PREFERENCES as _PREFERENCES, ContributorLimits
+from protocols.kinds import RUNTIME_KINDS
 
 # section -> key -> (default, type, help). Types: "str", "int", "float", "bool", "list[str]".
 SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
@@ -59,7 +60,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "backoff_s": (5.0, "float", "skip a provider that did not answer this long (doubling per silence)"),
     },
     "runtimes": {
-        "enabled": (["wasm", "container", "microvm"], "list[str]", "sandboxes offered"),
+        "enabled": (list(RUNTIME_KINDS), "list[str]", "sandboxes offered"),
         "guest_dir": ("", "str", "microVM guest kernel/initramfs dir; empty = packaged default"),
     },
     "jobs": {
@@ -192,7 +193,7 @@ def validate(cfg: Config) -> None:
     if cfg["log.level"] not in _LEVELS:
         fail("log.level", f"must be one of {', '.join(sorted(_LEVELS))}")
     for rt in cfg["runtimes.enabled"]:
-        if rt not in ("wasm", "container", "microvm"):
+        if rt not in RUNTIME_KINDS:
             fail("runtimes.enabled", f"unknown runtime {rt!r}")
     api = cfg["api.listen"]
     if not api.startswith("unix:"):

@@ -246,7 +246,7 @@ class Node:
 
     async def _start_components(self, nursery: trio.Nursery) -> None:
         """Start the mesh, market and jobs components (each owns its own tasks)."""
-        from runtimes.base import get_runtime
+        from runtimes import get_runtime
 
         from .jobs.consumer import ConsumerJobs
         from .jobs.provider import ProviderJobs
@@ -506,7 +506,8 @@ class Node:
         import sys
 
         import hwprobe
-        from runtimes.base import KINDS, child_env, get_runtime
+        from runtimes import available_all
+        from runtimes.base import child_env
 
         res = await trio.run_process([sys.executable, "-m", "hwprobe", "--json"]
                                      + (["--bench"] if bench else []),
@@ -516,16 +517,7 @@ class Node:
             raise RuntimeError("hardware probe failed: "
                                + res.stderr.decode(errors="replace").strip()[-500:])
         profile = hwprobe.CapabilityProfile.from_json(json.loads(res.stdout))
-        runtimes = {}
-        for kind in KINDS:
-            if kind not in self.config["runtimes.enabled"]:
-                runtimes[kind] = {"available": False, "reason": "disabled in config"}
-                continue
-            try:
-                runtimes[kind] = get_runtime(kind).available().to_json()
-            except Exception as exc:  # a broken runtime module must not stop the node
-                runtimes[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-        profile.runtimes = runtimes
+        profile.runtimes = available_all(self.config["runtimes.enabled"])
         profile.limits = self.contributor_limits().to_json()
         # Signals and the offer under our contributor limits (cheap, in-process).
         profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, profile)

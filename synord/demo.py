@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocols.kinds import RUNTIME_KINDS as KINDS
+
 from .localmesh import DaemonCluster, DaemonProcess, wait_for
 
 CONSUMER_CONFIG = "[contributor]\nenabled = false\n"
@@ -99,9 +101,6 @@ echo "kernel: $(uname -sr)   pid 1: $(cat /proc/1/comm 2>/dev/null || echo '?') 
 echo "primes below 60: $(awk 'BEGIN { for (n = 2; n < 60; n++) { p = 1; for (d = 2; d * d <= n; d++) if (n % d == 0) p = 0; if (p) printf "%d ", n } }')"
 echo "network interfaces: $(ls /sys/class/net 2>/dev/null | tr '\n' ' ')"
 '''
-
-KINDS = ("wasm", "container", "microvm")
-
 
 @dataclass
 class TaskResult:

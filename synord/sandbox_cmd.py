@@ -13,7 +13,9 @@ from pathlib import Path
 
 import trio
 
-from runtimes.base import Limits, RuntimeError_, TaskSpec, get_runtime, infer_kind
+from runtimes import get_runtime
+from runtimes.artifacts import infer_kind
+from runtimes.base import Limits, RuntimeError_, TaskSpec
 
 
 def run_local(args) -> int:

@@ -158,7 +158,7 @@ def test_the_hosts_platform_is_picked_from_an_index(tmp_path):
 # ---- through real daemons ------------------------------------------------------------
 
 def _container_runtime_or_skip() -> None:
-    from runtimes.base import get_runtime
+    from runtimes import get_runtime
     av = get_runtime("container").available()
     if not av.available:
         pytest.skip(f"no container runtime here: {av.reason}")

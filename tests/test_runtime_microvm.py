@@ -20,7 +20,8 @@ import psutil
 import pytest
 import trio
 
-from runtimes.base import OUTPUT_OFFSETS_FILE, Limits, SpecError, TaskSpec, get_runtime
+from runtimes import get_runtime
+from runtimes.base import OUTPUT_OFFSETS_FILE, Limits, SpecError, TaskSpec
 from runtimes.cpio import CpioWriter
 from runtimes.guest_exec import FRAME_MAGIC
 from runtimes.microvm import ConsoleParser, MicroVMRuntime, kernel_cmdline
@@ -251,7 +252,8 @@ async def test_kill_leaves_no_qemu(image, tmp_path):
 DAEMON = """
 import sys, trio
 from pathlib import Path
-from runtimes.base import TaskSpec, get_runtime
+from runtimes import get_runtime
+from runtimes.base import TaskSpec
 
 async def main():
     sb = await get_runtime("microvm").prepare(

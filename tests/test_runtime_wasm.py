@@ -13,8 +13,8 @@ import msgpack
 import pytest
 import trio
 
-from runtimes.base import (CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec,
-                           checkpoint_digest, child_env)
+from runtimes.base import CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec, child_env
+from runtimes.digests import checkpoint_digest
 
 wasmtime = pytest.importorskip("wasmtime")
 from runtimes.wasm import WasmRuntime  # noqa: E402

@@ -32,7 +32,9 @@ from protocols.negotiation import Terms
 from protocols.refusals import REFUSALS
 from protocols.tasks import TASK_PROTOCOL, TaskSpecError, check_args_env, check_limits, check_progress
 from protocols.transfer import MAX_BLOB_BYTES, TRANSFER_PROTOCOL, BlobStore, send_file, sha256_of
-from runtimes.base import KINDS, SpecError, infer_kind
+from runtimes import KINDS
+from runtimes.artifacts import infer_kind
+from runtimes.base import SpecError
 
 from .. import humanize as hz
 from ..api import ApiError
