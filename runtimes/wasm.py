@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import stat
 import tempfile
 import threading
 import time
@@ -46,6 +47,7 @@ import trio
 from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogChunk,
                    Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
                    OUTPUT_OFFSETS_FILE)
+from .artifacts import MAX_WASM_BYTES, open_regular
 from .digests import checkpoint_digest, expect_digest
 from . import wasm_abi as abi
 
@@ -112,12 +114,8 @@ if wasmtime is not None:
 
 
 def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"artefact {path} does not exist") from None
-    except OSError as e:
-        raise SpecError(f"cannot read {path}: {e.strerror}") from None
+    with open_regular(path, MAX_WASM_BYTES) as f:  # no FIFO, device or oversized file
+        return f.read()
 
 
 def _check_shape(module: "wasmtime.Module", wasm: bytes) -> str | None:
@@ -231,6 +229,9 @@ class WasmRuntime(Runtime):
     def __init__(self, cache_dir: Path | str | None = None, log_limit_bytes: int = _DEFAULT_LOG_LIMIT):
         self.cache = ModuleCache(Path(cache_dir) if cache_dir else default_cache_dir())
         self.log_limit_bytes = log_limit_bytes
+        # (path, file identity) -> sha256 of a module file read and checked before;
+        # a file rewritten since has a new identity (ctime cannot be set back).
+        self._digests: OrderedDict[tuple, str] = OrderedDict()
 
     def available(self) -> Availability:
         if wasmtime is None:
@@ -245,20 +246,29 @@ class WasmRuntime(Runtime):
         if spec.network:
             raise SpecError("the wasm sandbox has no network access; run this task in a container or microvm")
         artifact = Path(spec.artifact)
-        if artifact.is_dir():
-            raise SpecError(f"not a WebAssembly module: {artifact} is a directory")
         try:
-            small = artifact.stat().st_size <= _INLINE_READ_MAX
-        except OSError:
-            small = True  # _read reports it
-        # Typical modules are read in microseconds; only big ones are worth a thread hop.
-        wasm = _read(artifact) if small else await trio.to_thread.run_sync(_read, artifact)
-        sha = hashlib.sha256(wasm).hexdigest()  # read once, hashed once: the bytes we run are the bytes checked
+            st = os.stat(artifact)
+        except FileNotFoundError:
+            raise SpecError(f"artefact {artifact} does not exist") from None
+        except OSError as e:
+            raise SpecError(f"cannot read {artifact}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise SpecError(f"not a WebAssembly module: {artifact} is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"artefact {artifact} is not a regular file")
+        ident = (str(artifact), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        sha = self._digests.get(ident)
+        wasm = None
+        if sha is None:
+            # Typical modules are read in microseconds; only big ones are worth a thread hop.
+            wasm = _read(artifact) if st.st_size <= _INLINE_READ_MAX else await trio.to_thread.run_sync(_read, artifact)
+            sha = hashlib.sha256(wasm).hexdigest()  # read once, hashed once: the bytes we run are the bytes checked
         expect_digest(artifact.name, sha, spec.sha256)
-        if wasm[:4] != b"\0asm":
-            raise SpecError(f"not a WebAssembly module: {artifact.name} does not start with \\0asm")
-        if wasm[:8] != _WASM_MAGIC:
-            raise SpecError(f"not a WebAssembly core module: {artifact.name} (components are not supported)")
+        if wasm is not None:
+            if wasm[:4] != b"\0asm":
+                raise SpecError(f"not a WebAssembly module: {artifact.name} does not start with \\0asm")
+            if wasm[:8] != _WASM_MAGIC:
+                raise SpecError(f"not a WebAssembly core module: {artifact.name} (components are not supported)")
         lim = spec.limits
         if lim.memory_bytes <= 0:
             raise SpecError("limits.memory_bytes must be positive")
@@ -275,7 +285,14 @@ class WasmRuntime(Runtime):
         engine, fp, linker = _engine(lim.fuel is not None)
         compiled = self.cache.lookup(sha, fp)
         if compiled is None:
+            if wasm is None:  # known file, module evicted from memory: read it again
+                self._digests.pop(ident, None)
+                return await self.prepare(spec)
             compiled = await trio.to_thread.run_sync(self.cache.load_or_compile, engine, linker, sha, fp, wasm)
+        self._digests[ident] = sha
+        self._digests.move_to_end(ident)
+        while len(self._digests) > _MEMORY_CACHE_MAX:
+            self._digests.popitem(last=False)
         return WasmSandbox(spec, engine, compiled, sha, self.log_limit_bytes)
 
     async def restore(self, spec: TaskSpec, checkpoint: Path) -> "WasmSandbox":
