@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/bench_wasm.py [-n 200]
 
-Target: ours <= 5 ms median with the compiled module cached. Both are measured
-in the same run, on the same module, so the difference is our overhead
-(spec checks, threads, pipes, the epoch ticker, trio scheduling).
+Target (issue #20): ours <= 2x raw wasmtime-py, median, module cached. Both are
+measured in the same run, on the same module, so the difference is our overhead
+(spec checks, the worker thread, output pipes, limits, trio scheduling). The
+"raw ... in a worker thread" line is the floor for any host that must not block
+its event loop while a guest runs: raw plus one trio thread hand-over.
 """
 
 from __future__ import annotations
@@ -35,15 +37,14 @@ def stats(name: str, xs: list[float]) -> str:
     return f"{name:<44} median {statistics.median(xs) * 1e3:7.3f} ms   p90 {p90 * 1e3:7.3f} ms   (n={len(xs)})"
 
 
-def bench_raw(n: int) -> list[float]:
-    # The bare minimum a host does: Store + WASI + instantiate + _start, module compiled once.
+def raw_host():
+    """The bare minimum a host does: Store + WASI + instantiate + _start, module compiled once."""
     engine = wasmtime.Engine(wasmtime.Config())
     module = wasmtime.Module(engine, MODULE.read_bytes())
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
+
+    def start() -> None:
         store = wasmtime.Store(engine)
         wasi = wasmtime.WasiConfig()
         wasi.argv = ["probe.wasm", "hello"]
@@ -54,8 +55,27 @@ def bench_raw(n: int) -> list[float]:
             linker.instantiate(store, module).exports(store)["_start"](store)
         except wasmtime.ExitTrap as e:
             assert e.code == 0
-        times.append(time.perf_counter() - t0)
         store.close()
+    return start
+
+
+def bench_raw(n: int) -> list[float]:
+    start = raw_host()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        start()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+async def bench_raw_thread(n: int) -> list[float]:
+    start = raw_host()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await trio.to_thread.run_sync(start)
+        times.append(time.perf_counter() - t0)
     return times
 
 
@@ -87,16 +107,20 @@ def main() -> None:
         cache = Path(tmp)
         bench_raw(10)  # warm-up
         raw = bench_raw(args.n)
+        raw_thread = trio.run(bench_raw_thread, args.n)
         ours = trio.run(bench_ours, args.n, cache, False)
         disk = trio.run(bench_ours, max(args.n // 4, 10), cache, True)
         raw2 = bench_raw(args.n)  # baseline again: the machine is shared, check it did not drift
     print(f"hello task start-to-exit ({MODULE.name}, {WasmRuntime().available().reason})")
     print(stats("raw wasmtime-py (Store+WASI+instantiate+run)", raw))
+    print(stats("raw wasmtime-py in a worker thread", raw_thread))
     print(stats("synord WasmRuntime (module cached in memory)", ours))
     print(stats("synord WasmRuntime (fresh runtime, disk cache)", disk))
     print(stats("raw wasmtime-py (again)", raw2))
-    med = statistics.median(ours) * 1e3
-    print(f"target <= 5 ms median: {'met' if med <= 5 else 'MISSED'} ({med:.3f} ms)")
+    base = statistics.median(raw + raw2)
+    ratio = statistics.median(ours) / base
+    print(f"ours / raw: {ratio:.2f}x (target <= 2x: {'met' if ratio <= 2 else 'MISSED'}); "
+          f"ours / raw in a worker thread: {statistics.median(ours) / statistics.median(raw_thread):.2f}x")
 
 
 if __name__ == "__main__":

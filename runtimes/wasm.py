@@ -54,6 +54,9 @@ from . import wasm_abi as abi
 log = logging.getLogger(__name__)
 
 TICK_S = 0.01
+# A guest still running after this long gets its output pumped live; one that
+# ends sooner (most starts) has its pipes read once, after it ended.
+LIVE_AFTER_S = 0.005
 CODE_TRAP, CODE_TIMEOUT, CODE_KILLED = 134, 124, 137
 _WASM_MAGIC = b"\0asm\x01\0\0\0"
 _MEMORY_CACHE_MAX = 64
@@ -355,6 +358,9 @@ class WasmSandbox(Sandbox):
         self._steps = 0
         self._cpu_start = 0.0
         self._write_ends: list[int] = []
+        self._pipes: dict[str, int] = {}  # output pipes no pump reads yet (read ends)
+        self._drained: dict[str, trio.Event] = {}  # per pumped stream: its pipe reached EOF
+        self._inner: trio.Nursery | None = None  # while the guest runs
         self._run_scope = trio.CancelScope()
         self.stop_grace_s = 2.0  # how long kill/cancel wait for the guest to leave wasm
 
@@ -384,29 +390,40 @@ class WasmSandbox(Sandbox):
             if self.spec.limits.timeout_s is not None:
                 self._deadline = time.monotonic() + self.spec.limits.timeout_s
             async with trio.open_nursery() as inner:
+                self._inner = inner
                 if self._deadline is not None:
                     inner.start_soon(self._timer)
-                drained = [trio.Event(), trio.Event()]
-                inner.start_soon(self._pump, "stdout", out_r, drained[0])
-                inner.start_soon(self._pump, "stderr", err_r, drained[1])
-                read_ends = []  # the pumps own them now
-                result = None
+                self._pipes = {"stdout": out_r, "stderr": err_r}
+                read_ends = []  # the pumps or _drain_pipes own them now
+                done, outcome = trio.Event(), []
+
+                def deliver(result) -> None:  # in the worker thread
+                    outcome.append(result)
+                    self._notify_from_thread(done.set)
+
+                # trio.lowlevel.start_thread_soon, not to_thread: half the hand-over
+                # cost, and a wait that can stop without abandoning the result.
+                trio.lowlevel.start_thread_soon(lambda: self._run(stdin_path), deliver)
                 try:
                     with self._run_scope:  # cancelled by kill() when the guest ignores it
-                        result = await trio.to_thread.run_sync(
-                            self._run, stdin_path, abandon_on_cancel=True)
+                        with trio.move_on_after(LIVE_AFTER_S):
+                            await done.wait()
+                        if not done.is_set():
+                            self._follow_pipes()  # still running: stream its output live
+                            await done.wait()
                 finally:
-                    if result is None:  # our caller or kill() gave up on the thread
+                    if not done.is_set():  # our caller or kill() gave up on the thread
                         await self._stop_abandoned_worker()
-                if result is None:
+                if not outcome:
                     status, detail = ExitStatus(CODE_KILLED, Usage(), "killed"), \
                         "the guest did not stop when killed (blocked in a host call); abandoned"
                 else:
-                    status, detail = result
+                    status, detail = outcome[0].unwrap()
                     # The pipes hit EOF once the store is gone; bounded in case a
                     # wasmtime background task holds them a little longer.
+                    self._drain_pipes()
                     with trio.move_on_after(2):
-                        for ev in drained:
+                        for ev in self._drained.values():
                             await ev.wait()
                 inner.cancel_scope.cancel()
                 if detail:
@@ -418,12 +435,34 @@ class WasmSandbox(Sandbox):
         else:
             self._status = status
         finally:
-            for fd in read_ends + self._take_write_ends():
+            for fd in read_ends + list(self._pipes.values()) + self._take_write_ends():
                 _close_quietly(fd)
+            self._pipes.clear()
             if stdin_path:
                 os.unlink(stdin_path)
             self._finished.set()
             self._wake()
+
+    def _follow_pipes(self) -> None:
+        """Pump the output pipes from now on (idempotent): the guest runs past
+        LIVE_AFTER_S, or a checkpoint needs its output counted."""
+        for stream, fd in list(self._pipes.items()):
+            del self._pipes[stream]
+            self._inner.start_soon(self._pump, stream, fd, self._drained.setdefault(stream, trio.Event()))
+
+    def _drain_pipes(self) -> None:
+        """The guest is gone: read what it left in the pipes not yet pumped, up to
+        EOF; a pipe some wasmtime thread still holds open gets a pump."""
+        for stream, fd in list(self._pipes.items()):
+            os.set_blocking(fd, False)
+            try:
+                while data := os.read(fd, 1 << 16):
+                    self._emit(stream, data)
+            except BlockingIOError:
+                continue  # not at EOF yet: _follow_pipes below
+            del self._pipes[stream]
+            _close_quietly(fd)
+        self._follow_pipes()
 
     async def _pump(self, stream: str, fd: int, drained: trio.Event) -> None:
         async with trio.lowlevel.FdStream(fd) as pipe:
@@ -518,6 +557,8 @@ class WasmSandbox(Sandbox):
         if not self._started:
             raise RuntimeError_("sandbox not started")
         req = _CheckpointRequest(Path(dest), leave_running)
+        if self._inner is not None:
+            self._follow_pipes()  # the worker counts output the pumps have read
         with self._lock:
             if self._worker_done or self._finished.is_set():
                 raise RuntimeError_("task already ended; nothing to checkpoint")
