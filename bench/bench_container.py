@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
 
-from runtimes import cgroups, oci  # noqa: E402
+from runtimes import cgroups, oci_build  # noqa: E402
 from runtimes.base import TaskSpec, child_env  # noqa: E402
 from runtimes.container import ContainerRuntime  # noqa: E402
 
@@ -92,7 +92,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ctr-") as tmp:
         work = Path(tmp)
         image = work / "img"
-        oci.build_busybox_image(image)
+        oci_build.build_busybox_image(image)
         cached = ContainerRuntime(engine=a.engine, cache_dir=work / "cache")
         (work / "warm").mkdir()
         await ours(cached, image, work / "warm", 2)  # page cache, first-run costs

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtimes.base import TaskSpec  # noqa: E402
 from runtimes.microvm import MicroVMRuntime  # noqa: E402
-from runtimes.oci import build_busybox_image  # noqa: E402
+from runtimes.oci_build import build_busybox_image  # noqa: E402
 
 
 async def ours(rt: MicroVMRuntime, image: Path) -> tuple[float, float, bytes]:

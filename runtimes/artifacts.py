@@ -106,7 +106,7 @@ def ship_form(kind: str, path: Path, scratch: Path) -> Path:
     """The single file that carries ``path`` over the wire (an image dir → oci-archive)."""
     path = Path(path)
     if path.is_dir():
-        from .oci import pack_oci_archive
+        from .oci_build import pack_oci_archive
         Path(scratch).mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".ship-", suffix=".tar", dir=scratch)
         import os

@@ -132,7 +132,7 @@ def _build_artefacts(work: Path) -> tuple[Path | None, Path | None, str]:
     work.mkdir(parents=True, exist_ok=True)
     wasm = work / "sum.wasm"
     wasm.write_bytes(bytes(wasmtime.wat2wasm(SUM_WAT)))
-    from runtimes.oci import build_busybox_image
+    from runtimes.oci_build import build_busybox_image
     image = work / "hello-image"
     try:
         digest = build_busybox_image(image, files={"/work/hello.sh": HELLO_SH},

@@ -227,7 +227,7 @@ async def test_container_exec_on_a_terminal(tmp_path, engine):
 @pytest.fixture(scope="module")
 def vm_image(tmp_path_factory):
     from runtimes.microvm import MicroVMRuntime
-    from runtimes.oci import build_busybox_image
+    from runtimes.oci_build import build_busybox_image
     avail = MicroVMRuntime().available()
     if not avail.available:
         pytest.skip(f"microVMs unavailable: {avail.reason}")

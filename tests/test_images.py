@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes import oci
+from runtimes import oci, oci_build
 from runtimes.artifacts import check_artifact
 from runtimes.base import SpecError
 
@@ -25,8 +25,8 @@ needs_skopeo = pytest.mark.skipif(not shutil.which("skopeo"), reason="needs skop
 
 
 def _small_image(dest: Path, text: str = "hello\n") -> Path:
-    tar = oci._layer_tar([oci._tarinfo("hello", b"0", 0o644, len(text))], {"hello": text.encode()})
-    oci.build_image(dest, [tar], cmd=["/bin/true"], env=["A=1"])
+    tar = oci_build._layer_tar([oci_build._tarinfo("hello", b"0", 0o644, len(text))], {"hello": text.encode()})
+    oci_build.build_image(dest, [tar], cmd=["/bin/true"], env=["A=1"])
     return dest
 
 
@@ -165,7 +165,7 @@ def _container_runtime_or_skip() -> None:
 
 
 def _busybox(dest: Path, hello: str) -> Path:
-    oci.build_busybox_image(dest, files={"/hello": hello})
+    oci_build.build_busybox_image(dest, files={"/hello": hello})
     return dest
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes import oci
+from runtimes import oci, oci_build
 from runtimes.base import SpecError
 
 
@@ -43,7 +43,7 @@ def layer(*entries) -> bytes:
 
 def image(tmp_path: Path, *layers: bytes, compress=True) -> Path:
     d = tmp_path / "img"
-    oci.build_image(d, list(layers), cmd=["/bin/true"], env=["A=1"], workdir="/w", compress=compress)
+    oci_build.build_image(d, list(layers), cmd=["/bin/true"], env=["A=1"], workdir="/w", compress=compress)
     return d
 
 
@@ -151,15 +151,15 @@ def test_garbage_inputs(tmp_path):
 
 def test_busybox_image_and_archive_are_reproducible(tmp_path):
     try:
-        oci.busybox_binary()
+        oci_build.busybox_binary()
     except SpecError as e:
         pytest.skip(f"this machine has no static busybox: {e}")
     files = {"/work/run.sh": "#!/bin/sh\necho hi\n"}
-    d1 = oci.build_busybox_image(tmp_path / "a", files=files)
-    d2 = oci.build_busybox_image(tmp_path / "b", files=files)
+    d1 = oci_build.build_busybox_image(tmp_path / "a", files=files)
+    d2 = oci_build.build_busybox_image(tmp_path / "b", files=files)
     assert d1 == d2
-    t1 = oci.pack_oci_archive(tmp_path / "a", tmp_path / "a.tar")
-    t2 = oci.pack_oci_archive(tmp_path / "b", tmp_path / "b.tar")
+    t1 = oci_build.pack_oci_archive(tmp_path / "a", tmp_path / "a.tar")
+    t2 = oci_build.pack_oci_archive(tmp_path / "b", tmp_path / "b.tar")
     assert t1 == t2
     root = tmp_path / "root"
     conf = oci.unpack_image(tmp_path / "a.tar", root)
@@ -174,11 +174,11 @@ def test_interop_with_umoci_and_skopeo(tmp_path):
     if not (shutil.which("umoci") and shutil.which("skopeo")):
         pytest.skip("this machine has no umoci or no skopeo on PATH")
     try:
-        oci.busybox_binary()
+        oci_build.busybox_binary()
     except SpecError as e:
         pytest.skip(f"this machine has no static busybox: {e}")
     ours = tmp_path / "ours"
-    oci.build_busybox_image(ours, files={"/work/x": "x"})
+    oci_build.build_busybox_image(ours, files={"/work/x": "x"})
     # umoci reads our layout, adds a layer with a whiteout; we read umoci's result.
     subprocess.run(["umoci", "unpack", "--image", f"{ours}:latest", str(tmp_path / "b")], check=True,
                    capture_output=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtimes import oci
+from runtimes import oci_build
 from runtimes.base import (CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec)
 from runtimes.container import ContainerRuntime
 
@@ -23,7 +23,7 @@ _avail = RT.available()
 if not _avail.available:
     pytest.skip(f"containers unavailable: {_avail.reason}", allow_module_level=True)
 try:
-    oci.busybox_binary()
+    oci_build.busybox_binary()
 except SpecError as e:
     pytest.skip(str(e), allow_module_level=True)
 
@@ -31,7 +31,7 @@ except SpecError as e:
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("img") / "busybox"
-    oci.build_busybox_image(d, files={"/work/count.sh": "#!/bin/sh\ni=0\nwhile true; do echo $i; i=$((i+1)); sleep 0.1; done\n"})
+    oci_build.build_busybox_image(d, files={"/work/count.sh": "#!/bin/sh\ni=0\nwhile true; do echo $i; i=$((i+1)); sleep 0.1; done\n"})
     return d
 
 
@@ -55,7 +55,7 @@ async def test_output_exit_code_args_env(image, tmp_path):
 
 async def test_image_cmd_used_and_args_replace_it(tmp_path):
     img = tmp_path / "img"
-    oci.build_busybox_image(img, entrypoint=["/bin/echo", "ep"], cmd=["default"])
+    oci_build.build_busybox_image(img, entrypoint=["/bin/echo", "ep"], cmd=["default"])
     _, out, _ = await run_to_end(await RT.prepare(TaskSpec(kind="container", artifact=img, workdir=tmp_path / "a")))
     assert out == b"ep default\n"
     _, out, _ = await run_to_end(await RT.prepare(TaskSpec(kind="container", artifact=img, args=["x", "y"],
@@ -155,7 +155,7 @@ async def test_kill_leaves_nothing(image, tmp_path):
 @pytest.mark.parametrize("damage", ["digest", "missing", "traversal"])
 async def test_broken_image_refused_before_run(tmp_path, damage):
     img = tmp_path / "img"
-    oci.build_busybox_image(img, cmd=["/bin/touch", "/tmp/ran"])
+    oci_build.build_busybox_image(img, cmd=["/bin/touch", "/tmp/ran"])
     blobs = sorted((img / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
     if damage == "digest":
         big = blobs[-1]
@@ -173,7 +173,7 @@ async def test_broken_image_refused_before_run(tmp_path, damage):
             ti = tarfile.TarInfo("../../escaped")
             ti.size = 1
             tar.addfile(ti, io.BytesIO(b"x"))
-        oci.build_image(img2, [oci.busybox_layer(), buf.getvalue()], cmd=["/bin/true"])
+        oci_build.build_image(img2, [oci_build.busybox_layer(), buf.getvalue()], cmd=["/bin/true"])
         img = img2
     with pytest.raises(SpecError):
         await RT.prepare(TaskSpec(kind="container", artifact=img, workdir=tmp_path / "wd"))
@@ -182,7 +182,7 @@ async def test_broken_image_refused_before_run(tmp_path, damage):
 
 async def test_oci_archive_with_digest(image, tmp_path):
     tar = tmp_path / "img.tar"
-    digest = oci.pack_oci_archive(image, tar)
+    digest = oci_build.pack_oci_archive(image, tar)
     status, out, _ = await run_to_end(await RT.prepare(TaskSpec(kind="container", artifact=tar, sha256=digest,
                                                          args=["/bin/echo", "ok"], workdir=tmp_path / "wd")))
     assert out == b"ok\n"
@@ -245,7 +245,7 @@ async def test_runsc_checkpoint_restore_continues(image, tmp_path):
 
 async def test_mount_target_through_image_symlink_stays_in_root(tmp_path):
     img = tmp_path / "img"
-    oci.build_image(img, [oci.busybox_layer(), _symlink_layer("data", "/")], cmd=["/bin/true"])
+    oci_build.build_image(img, [oci_build.busybox_layer(), _symlink_layer("data", "/")], cmd=["/bin/true"])
     host_probe = Path("/synord-test-should-not-exist")
     src = tmp_path / "src"
     src.mkdir()

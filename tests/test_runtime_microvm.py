@@ -131,7 +131,7 @@ def guest_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def image(guest_dir, tmp_path_factory) -> Path:
-    from runtimes.oci import build_busybox_image
+    from runtimes.oci_build import build_busybox_image
     dest = tmp_path_factory.mktemp("img") / "busybox"
     build_busybox_image(dest, entrypoint=["/bin/sh", "-c"], cmd=['echo "hello from $WHO"'],
                         env=["PATH=/bin", "WHO=the image"])
@@ -174,7 +174,7 @@ async def test_args_env_stdin_stderr_exit_code_and_no_network(image):
 
 
 async def test_bad_digest_is_refused_before_boot(image, tmp_path):
-    from runtimes.oci import pack_oci_archive
+    from runtimes.oci_build import pack_oci_archive
     tar = tmp_path / "img.tar"
     pack_oci_archive(image, tar)
     with pytest.raises(SpecError, match="sha256 mismatch"):
