@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import asynccontextmanager
@@ -130,20 +131,43 @@ class CheckpointInfo:
     sha256: str  # digest over the checkpoint files (see checkpoint_digest)
 
 
-class LogBuffer:
-    """A sandbox's output, kept from the start so `logs()` can replay it, and
-    followed live until the sandbox closes it."""
+# What a sandbox holds of its output, by default: its reader (the provider's
+# OutputLog, which spills to disk) takes chunks as they come, so this is only
+# the hand-over between the sandbox's pipe and that reader.
+LOG_BUFFER_BYTES = 4 << 20
 
-    def __init__(self) -> None:
-        self.chunks: list[LogChunk] = []
+
+class LogBuffer:
+    """A sandbox's output on its way to its reader, in order, bounded.
+
+    Chunks are kept from the start, so `follow()` replays them to a reader that
+    comes late, until they pass ``limit_bytes``. Over the limit the oldest
+    chunks a reader has already taken are dropped; if there are none, the
+    producer's `wait_room()` waits for a reader (back-pressure: the sandbox
+    stops reading its pipe, so the task blocks on its next write). Nothing is
+    dropped that no reader has had: output the task wrote is never lost, and
+    memory stays within the limit plus one chunk.
+
+    One reader is the rule (the provider's execution); a second one that starts
+    after chunks were dropped begins at the oldest chunk still held.
+    """
+
+    def __init__(self, limit_bytes: int = LOG_BUFFER_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.chunks: deque[LogChunk] = deque()
         self.bytes = {"stdout": 0, "stderr": 0}  # per stream, so far
+        self.held = 0  # bytes in self.chunks
         self.closed = False
+        self._first = 0  # sequence number of chunks[0]
+        self._taken = 0  # sequence number after the last chunk any reader has taken
         self._changed = trio.Event()
 
     def extend(self, chunks: list[LogChunk]) -> None:
         self.chunks.extend(chunks)
         for c in chunks:
             self.bytes[c.stream] += len(c.data)
+            self.held += len(c.data)
+        self._drop_taken()
         self._wake()
 
     def append(self, chunk: LogChunk) -> None:
@@ -153,6 +177,19 @@ class LogBuffer:
         self.closed = True
         self._wake()
 
+    async def wait_room(self) -> None:
+        """The producer's pause: until what no reader has taken fits the limit."""
+        while self.held > self.limit_bytes and not self.closed:
+            await self._changed.wait()
+
+    def _drop_taken(self) -> bool:
+        dropped = False
+        while self.held > self.limit_bytes and self._first < self._taken:
+            self.held -= len(self.chunks.popleft().data)
+            self._first += 1
+            dropped = True
+        return dropped
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
@@ -160,9 +197,15 @@ class LogBuffer:
     async def follow(self) -> AsyncIterator[LogChunk]:
         i = 0
         while True:
-            while i < len(self.chunks):
-                yield self.chunks[i]
+            while i < self._first + len(self.chunks):
+                i = max(i, self._first)
+                chunk = self.chunks[i - self._first]
                 i += 1
+                if i > self._taken:
+                    self._taken = i
+                    if self._drop_taken():
+                        self._wake()  # room for a producer in wait_room
+                yield chunk
             if self.closed:
                 return
             await self._changed.wait()

@@ -376,6 +376,7 @@ class ContainerSandbox(SupervisedSandbox):
         try:
             while data := await stream.receive_some(65536):
                 self._output.append(LogChunk(name, data))
+                await self._output.wait_room()  # a reader far behind: stop reading the pipe
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 

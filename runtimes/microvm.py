@@ -585,6 +585,7 @@ class MicroVMSandbox(SupervisedSandbox):
                 chunks = self._parser.feed(data)
                 if chunks:
                     self._output.extend(chunks)
+                    await self._output.wait_room()  # a reader far behind: stop reading the console
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

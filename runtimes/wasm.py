@@ -44,7 +44,7 @@ from typing import AsyncIterator, ClassVar, NamedTuple
 
 import trio
 
-from .base import (Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogChunk,
+from .base import (LOG_BUFFER_BYTES, Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogBuffer, LogChunk,
                    Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
                    OUTPUT_OFFSETS_FILE)
 from .artifacts import MAX_WASM_BYTES, open_regular
@@ -60,7 +60,6 @@ LIVE_AFTER_S = 0.005
 CODE_TRAP, CODE_TIMEOUT, CODE_KILLED = 134, 124, 137
 _WASM_MAGIC = b"\0asm\x01\0\0\0"
 _MEMORY_CACHE_MAX = 64
-_DEFAULT_LOG_LIMIT = 64 << 20
 _INLINE_READ_MAX = 1 << 20
 
 try:
@@ -229,9 +228,9 @@ class WasmRuntime(Runtime):
     kind: ClassVar[str] = "wasm"
     supports_checkpoint: ClassVar[bool] = True
 
-    def __init__(self, cache_dir: Path | str | None = None, log_limit_bytes: int = _DEFAULT_LOG_LIMIT):
+    def __init__(self, cache_dir: Path | str | None = None, log_limit_bytes: int = LOG_BUFFER_BYTES):
         self.cache = ModuleCache(Path(cache_dir) if cache_dir else default_cache_dir())
-        self.log_limit_bytes = log_limit_bytes
+        self.log_limit_bytes = log_limit_bytes  # output held between the guest and its reader
         # (path, file identity) -> sha256 of a module file read and checked before;
         # a file rewritten since has a new identity (ctime cannot be set back).
         self._digests: OrderedDict[tuple, str] = OrderedDict()
@@ -338,13 +337,8 @@ class WasmSandbox(Sandbox):
         self.module_sha256 = module_sha256
         self.memory_export = compiled.memory_export  # set for step-ABI modules only
         self.restore_from: abi.Snapshot | None = None
-        self._log_limit = log_limit
-        self._chunks: list[LogChunk] = []
-        self._log_bytes = 0
-        self._emitted = {"stdout": 0, "stderr": 0}  # bytes read from the guest, per stream
+        self._output = LogBuffer(log_limit)  # its .bytes: read from the guest so far, per stream
         self._read_fds: list[int] = []
-        self._truncated = False
-        self._log_event = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._started = False
         self._finished = trio.Event()
@@ -441,7 +435,7 @@ class WasmSandbox(Sandbox):
             if stdin_path:
                 os.unlink(stdin_path)
             self._finished.set()
-            self._wake()
+            self._output.close()
 
     def _follow_pipes(self) -> None:
         """Pump the output pipes from now on (idempotent): the guest runs past
@@ -468,6 +462,7 @@ class WasmSandbox(Sandbox):
         async with trio.lowlevel.FdStream(fd) as pipe:
             while data := await pipe.receive_some(1 << 16):
                 self._emit(stream, data)
+                await self._output.wait_room()  # a reader far behind: the guest waits on its pipe
         drained.set()
 
     def _write_stdin(self) -> str:
@@ -503,10 +498,6 @@ class WasmSandbox(Sandbox):
             log.warning("wasm task %s did not stop within %.1f s; its thread is abandoned",
                         self.spec.task_id, self.stop_grace_s)
 
-    def _wake(self) -> None:
-        self._log_event.set()
-        self._log_event = trio.Event()
-
     def _notify_from_thread(self, fn) -> None:
         try:
             self._token.run_sync_soon(fn)
@@ -518,22 +509,15 @@ class WasmSandbox(Sandbox):
         return self._status
 
     async def logs(self) -> AsyncIterator[LogChunk]:
-        i = 0
-        while True:
-            ev = self._log_event
-            if i < len(self._chunks):
-                yield self._chunks[i]
-                i += 1
-                continue
-            if self._finished.is_set():
-                return
-            await ev.wait()
+        async for chunk in self._output.follow():
+            yield chunk
 
     async def kill(self) -> None:
         if not self._started:
             self._started = True
             self._status = ExitStatus(CODE_KILLED, Usage(), "killed")
             self._finished.set()
+            self._output.close()
             return
         if self._finished.is_set():
             return
@@ -583,19 +567,8 @@ class WasmSandbox(Sandbox):
         nbytes, digest = await trio.to_thread.run_sync(checkpoint_digest, req.dest)
         return CheckpointInfo(req.dest, nbytes, digest)
 
-    # --- worker thread ---
-
     def _emit(self, stream: str, data: bytes) -> None:
-        self._emitted[stream] += len(data)
-        if self._truncated:
-            return  # keep draining the pipe so the guest never blocks on a full pipe
-        if self._log_bytes + len(data) > self._log_limit:
-            self._truncated = True
-            data = f"\n[synord] output over {self._log_limit} bytes; the rest is dropped\n".encode()
-            stream = "stderr"
-        self._log_bytes += len(data)
-        self._chunks.append(LogChunk(stream, data))
-        self._wake()
+        self._output.append(LogChunk(stream, data))
 
     # --- worker thread ---
 
@@ -762,7 +735,7 @@ class WasmSandbox(Sandbox):
                 break
             time.sleep(0.01)
         trio.from_thread.run_sync(lambda: None, trio_token=self._token)
-        return dict(self._emitted)
+        return dict(self._output.bytes)
 
     def _take_checkpoint(self, req: _CheckpointRequest, store, exports, memory) -> None:
         try:

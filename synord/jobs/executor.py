@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import trio
 
@@ -24,73 +27,189 @@ from ..metrics import observe_sandbox_start
 
 log = logging.getLogger("synord.jobs.executor")
 
-OUTPUT_STALL_S = 60.0  # how long a full log waits for its reader before dropping unsent output
+OUTPUT_MEMORY_BYTES = 4 << 20  # output a task's log holds in memory; older output is on disk
+_STREAMS = ("stdout", "stderr")
+_RECORD = struct.Struct(">BQI")  # spill record header: stream index, offset, length
+_INDEX_EVERY = 1 << 20  # one index entry per this many bytes of spill file
 
 
-@dataclass
 class OutputLog:
-    """Ordered output with per-stream byte offsets; bounded in memory.
+    """A task's output, ordered, with per-stream byte offsets from the task's
+    first byte: held once, memory bounded, nothing dropped.
 
-    Over the limit, only output already sent to the consumer is dropped; the
-    task's output pump then waits (`wait_room`) for the reader to catch up, and
-    drops unsent output only after ``OUTPUT_STALL_S`` with no reader progress
-    (the consumer then sees a gap and fails the job saying what is missing),
-    and from then on without waiting, until the reader moves again.
+    The newest output is in memory (``limit_bytes``); older output is spilled,
+    in order, to an unnamed file in the task's workdir. A reader asks `since`
+    its per-stream offsets and gets everything after them, from the file and
+    then from memory, whatever has moved in between. So a consumer that
+    re-attaches from the offsets it committed gets exactly what it is missing,
+    however far behind it is and whatever the provider already sent on a
+    stream that broke: the provider never learns what arrived, so it keeps all
+    of it (until the task is forgotten, `RETAIN_S` after it ended). A task
+    never waits for a slow or absent consumer; memory stays within the limit
+    plus what one `wait_room` call spills.
+
+    If the spill file cannot be written (a full disk), the log falls back to
+    holding output in memory until its reader has sent it (`mark_sent`), and
+    the task's output pump waits for the reader (back-pressure): still nothing
+    the task wrote is dropped.
     """
 
-    limit_bytes: int = 64 << 20
-    chunks: list[tuple[str, int, bytes]] = field(default_factory=list)  # (stream, offset, data)
-    offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
-    sent: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
-    _size: int = 0
-    changed: trio.Event = field(default_factory=trio.Event)
-    _progress: trio.Event = field(default_factory=trio.Event)
-    _stalled: bool = False  # the reader made no progress for stall_s: drop, don't wait
+    def __init__(self, limit_bytes: int = OUTPUT_MEMORY_BYTES, spill_dir: Path | None = None):
+        self.limit_bytes = limit_bytes
+        self.spill_dir = spill_dir
+        self.chunks: deque[tuple[str, int, bytes]] = deque()  # in memory: (stream, offset, data)
+        self.offsets = {"stdout": 0, "stderr": 0}  # end of the output so far, per stream
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.held = 0  # bytes of output in memory
+        self.spilled_bytes = 0  # bytes of output in the spill file
+        self.changed = trio.Event()
+        self._progress = trio.Event()
+        self._file = None  # the spill file, created on first use
+        self._spill_failed = False
+        self._spilled = 0  # records no longer in memory; chunks[0] has sequence number _spilled
+        self._on_disk = 0  # of those, the first _on_disk are in the file (the rest: full-disk drops)
+        self._file_size = 0
+        self._spill_end: dict[str, int] | None = None  # per stream, end of the spilled output
+        self._index: list[tuple[int, int, int, int]] = []  # (seq, file pos, stdout off, stderr off)
 
     def append(self, stream: str, data: bytes) -> None:
+        if self._spill_end is None:
+            self._spill_end = dict(self.offsets)  # where this log starts (past a restore)
         self.chunks.append((stream, self.offsets[stream], data))
         self.offsets[stream] += len(data)
-        self._size += len(data)
-        self._evict(force=False)
+        self.held += len(data)
         self.changed.set()
         self.changed = trio.Event()
 
-    def _evict(self, force: bool) -> None:
-        while self._size > self.limit_bytes and len(self.chunks) > 1:
-            stream, off, data = self.chunks[0]
-            if not force and off + len(data) > self.sent[stream]:
-                return  # its reader has not had it yet
-            self._size -= len(data)
-            self.chunks.pop(0)
-
     def mark_sent(self, offsets: dict[str, int]) -> None:
-        """A reader sent everything below ``offsets``: that much may be dropped."""
+        """A reader sent everything below ``offsets`` (only the full-disk fallback uses it)."""
         for stream, off in offsets.items():
             self.sent[stream] = max(self.sent.get(stream, 0), off)
-        self._stalled = False
-        self._evict(force=False)
         self._progress.set()
         self._progress = trio.Event()
 
-    async def wait_room(self, stall_s: float = OUTPUT_STALL_S) -> None:
-        """Until the log is within its limit; drops the oldest unsent output if its
-        reader makes no progress for ``stall_s``."""
-        while self._size > self.limit_bytes and not self._stalled:
-            with trio.move_on_after(stall_s) as waited:
+    async def wait_room(self) -> None:
+        """After an append: spill the oldest output until memory is within its limit."""
+        while self.held > self.limit_bytes:
+            if not self._spill_failed:
+                batch = self._oldest(self.held - self.limit_bytes // 2)  # half the limit: fewer, larger writes
+                try:
+                    await trio.to_thread.run_sync(self._write, batch)
+                except OSError as exc:
+                    log.warning("task output cannot spill to disk; holding it until sent",
+                                extra={"error": str(exc)})
+                    self._spill_failed = True
+                    continue
+                self._spilled_out(batch)
+            elif not self._drop_sent():
                 await self._progress.wait()
-            self._stalled = waited.cancelled_caught
-        if self._stalled:
-            self._evict(force=True)
 
-    def since(self, offsets: dict[str, int]) -> list[tuple[str, int, bytes]]:
-        """Chunks (or their tails) the reader has not seen, given its per-stream offsets."""
-        out = []
-        for stream, off, data in self.chunks:
-            seen = offsets.get(stream, 0)
-            end = off + len(data)
-            if end > seen:
-                out.append((stream, max(off, seen), data[max(0, seen - off):]))
-        return out
+    def _oldest(self, nbytes: int) -> list[tuple[str, int, bytes]]:
+        batch, total = [], 0
+        for chunk in self.chunks:
+            if total >= nbytes:
+                break
+            batch.append(chunk)
+            total += len(chunk[2])
+        return batch
+
+    def _write(self, batch: list[tuple[str, int, bytes]]) -> None:
+        """Worker thread: append records; the file grows only past what readers use."""
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self.spill_dir)  # unnamed: gone when closed
+        os.pwrite(self._file.fileno(), b"".join(_RECORD.pack(_STREAMS.index(s), off, len(d)) + d
+                                                for s, off, d in batch), self._file_size)
+
+    def _spilled_out(self, batch: list[tuple[str, int, bytes]]) -> None:
+        assert self._spill_end is not None
+        for s, off, d in batch:
+            if not self._index or self._file_size >= self._index[-1][1] + _INDEX_EVERY:
+                self._index.append((self._spilled, self._file_size,
+                                    self._spill_end["stdout"], self._spill_end["stderr"]))
+            self.chunks.popleft()
+            self.held -= len(d)
+            self.spilled_bytes += len(d)
+            self._spilled += 1
+            self._on_disk += 1
+            self._file_size += _RECORD.size + len(d)
+            self._spill_end[s] = off + len(d)
+
+    def _drop_sent(self) -> bool:
+        dropped = False
+        while self.held > self.limit_bytes and self.chunks:
+            stream, off, data = self.chunks[0]
+            if off + len(data) > self.sent[stream]:
+                break
+            self.chunks.popleft()
+            self.held -= len(data)
+            self._spilled += 1  # gone: a reader starting below it sees a gap
+            dropped = True
+        return dropped
+
+    def since(self, offsets: dict[str, int]) -> "_Since":
+        """Chunks (or their tails) the reader has not seen, given its per-stream
+        offsets: iterable (lazily, across awaits) and true when not empty."""
+        return _Since(self, {s: offsets.get(s, 0) for s in _STREAMS})
+
+    def _start(self, seen: dict[str, int]) -> tuple[int, int]:
+        """(sequence number, file position) to read from for a reader at ``seen``."""
+        end = self._spill_end
+        if not self._index or end is None or all(seen[s] >= end[s] for s in _STREAMS):
+            return self._spilled, self._file_size  # nothing it lacks is on disk
+        # The last index entry the reader is past on both streams (entries only grow).
+        lo, hi = 0, len(self._index)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            _, _, o, e = self._index[mid]
+            lo, hi = (mid, hi) if o <= seen["stdout"] and e <= seen["stderr"] else (lo, mid)
+        seq, pos, _, _ = self._index[lo]
+        return seq, pos
+
+    def _position(self, seq: int) -> int:
+        """File position of spilled record ``seq`` (from the index, then record by record)."""
+        i = max(k for k, entry in enumerate(self._index) if entry[0] <= seq)
+        at, pos = self._index[i][0], self._index[i][1]
+        while at < seq:
+            _, _, n = _RECORD.unpack(os.pread(self._file.fileno(), _RECORD.size, pos))
+            pos += _RECORD.size + n
+            at += 1
+        return pos
+
+    def _iter_since(self, seen: dict[str, int]) -> Iterator[tuple[str, int, bytes]]:
+        cur = dict(seen)
+        seq, pos = self._start(cur)
+        on_disk = seq < self._on_disk
+        while True:
+            if seq < self._on_disk:
+                if not on_disk:  # it moved to the file while the reader was away
+                    pos, on_disk = self._position(seq), True
+                stream_i, off, n = _RECORD.unpack(os.pread(self._file.fileno(), _RECORD.size, pos))
+                stream, data = _STREAMS[stream_i], os.pread(self._file.fileno(), n, pos + _RECORD.size)
+                pos += _RECORD.size + n
+            else:
+                seq = max(seq, self._spilled)  # past output dropped in the full-disk fallback: a gap
+                if seq - self._spilled >= len(self.chunks):
+                    return
+                stream, off, data = self.chunks[seq - self._spilled]
+                on_disk = False
+            seq += 1
+            if off + len(data) > cur[stream]:
+                cut = max(0, cur[stream] - off)
+                yield stream, off + cut, data[cut:]
+                cur[stream] = off + len(data)
+
+
+class _Since:
+    """What `OutputLog.since` returns: iterate it for the chunks; truthy if any."""
+
+    def __init__(self, log: OutputLog, seen: dict[str, int]):
+        self._log, self._seen = log, seen
+
+    def __bool__(self) -> bool:
+        return any(self._log.offsets[s] > self._seen[s] for s in _STREAMS)
+
+    def __iter__(self) -> Iterator[tuple[str, int, bytes]]:
+        return self._log._iter_since(self._seen)
 
 
 class TaskExecution:
@@ -104,7 +223,7 @@ class TaskExecution:
         self.runtime = runtime
         self.spec = spec
         self.restore_from = restore_from
-        self.output = OutputLog()
+        self.output = OutputLog(spill_dir=spec.workdir)
         # Offsets count from the task's first byte, across restores.
         self.base_offsets = {"stdout": 0, "stderr": 0, **(start_offsets or {})}
         self.output.offsets.update(self.base_offsets)
@@ -138,7 +257,7 @@ class TaskExecution:
                 started = True
                 async for chunk in self.sandbox.logs():
                     self.output.append(chunk.stream, chunk.data)
-                    await self.output.wait_room()  # a reader behind by the whole limit: wait for it
+                    await self.output.wait_room()  # over its memory limit: spill the oldest
                 self.status = await self.sandbox.wait()
         except Exception as exc:
             log.warning("task failed", extra={"job": self.job_id, "error": str(exc)})

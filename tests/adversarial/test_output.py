@@ -168,36 +168,3 @@ async def test_output_never_completed_fails_the_job_clearly(cluster):
     from adversarial.hostile import refusals
     assert refusals(consumer).get(("task_output", "gap"), 0) >= 1
 
-
-# ---- the provider's output log: bounded, and never drops what its reader has not had ---------
-
-async def test_a_full_output_log_waits_for_its_reader_then_drops_only_after_a_stall(autojump_clock):
-    import trio
-    from synord.jobs.executor import OutputLog
-    log = OutputLog(limit_bytes=1000)
-    for i in range(10):
-        log.append("stdout", bytes([i]) * 200)  # 2000 bytes, none sent: all kept
-    assert [off for _, off, _ in log.chunks] == list(range(0, 2000, 200))
-    waited = []
-
-    async def pump():
-        await log.wait_room(stall_s=5)
-        waited.append(trio.current_time())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump)
-        await trio.sleep(1)
-        assert not waited  # over the limit with unsent output: the pump waits
-        log.mark_sent({"stdout": 1200})  # the reader got 6 chunks: those may go
-    assert waited and log.chunks[0][1] == 1000 and sum(len(d) for *_, d in log.chunks) == 1000
-    # Nobody reads any more: after the stall, unsent output is dropped (a gap the
-    # consumer reports), and from then on without waiting.
-    log.append("stdout", b"x" * 600)
-    t0 = trio.current_time()
-    await log.wait_room(stall_s=5)
-    assert trio.current_time() - t0 == pytest.approx(5) and log.chunks[0][1] >= 1600
-    log.append("stdout", b"y" * 600)
-    t1 = trio.current_time()
-    await log.wait_room(stall_s=5)
-    assert trio.current_time() == t1
-    assert log.since({"stdout": 0})[0][1] > 0  # what a late reader gets starts past a gap
