@@ -30,6 +30,7 @@ from typing import Any, AsyncContextManager, AsyncIterator, ClassVar, Literal
 
 import trio
 
+
 class RuntimeError_(Exception):
     """Base class of sandbox errors (named to not shadow the builtin)."""
 

@@ -56,6 +56,36 @@ async def test_output_log_spills_past_its_limit_and_loses_nothing(tmp_path):
     assert not log.since(log.offsets) and log.since({"stdout": 0})
 
 
+async def test_past_its_spill_limit_the_log_waits_for_its_reader_and_drops_nothing_unsent(tmp_path):
+    log = OutputLog(limit_bytes=1000, spill_dir=tmp_path, spill_limit_bytes=2000)
+    wrote = b""
+    blocked_at = None
+
+    async def pump():  # the execution's loop: append, then wait_room
+        nonlocal wrote, blocked_at
+        for i in range(40):
+            data = bytes([65 + i % 26]) * 200
+            log.append("stdout", data)
+            wrote += data
+            blocked_at = len(wrote)
+            await log.wait_room()
+
+    got = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump)
+        await trio.testing.wait_all_tasks_blocked()
+        # 2000 bytes on disk, the memory limit held, and the task waits for its reader.
+        assert log.spilled_bytes <= 2000 and log.held > 1000 and blocked_at < 8000
+        while len(got) < 8000:
+            for stream, off, data in log.since({"stdout": len(got)}):
+                assert off == len(got)
+                got += data
+            log.mark_sent({"stdout": len(got)})
+            await trio.testing.wait_all_tasks_blocked()
+            assert log.held <= 1200
+    assert got == wrote and len(got) == 8000
+
+
 async def test_a_reader_keeps_its_place_while_output_moves_to_disk(tmp_path):
     """The provider's writer iterates `since` across awaits; meanwhile the run loop
     appends and spills what the reader is about to read."""

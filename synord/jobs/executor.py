@@ -28,6 +28,7 @@ from ..metrics import observe_sandbox_start
 log = logging.getLogger("synord.jobs.executor")
 
 OUTPUT_MEMORY_BYTES = 4 << 20  # output a task's log holds in memory; older output is on disk
+OUTPUT_SPILL_BYTES = 1 << 30  # and at most this much on disk: a chatty task must not fill the provider's
 _STREAMS = ("stdout", "stderr")
 _RECORD = struct.Struct(">BQI")  # spill record header: stream index, offset, length
 _INDEX_EVERY = 1 << 20  # one index entry per this many bytes of spill file
@@ -48,15 +49,19 @@ class OutputLog:
     never waits for a slow or absent consumer; memory stays within the limit
     plus what one `wait_room` call spills.
 
-    If the spill file cannot be written (a full disk), the log falls back to
-    holding output in memory until its reader has sent it (`mark_sent`), and
-    the task's output pump waits for the reader (back-pressure): still nothing
-    the task wrote is dropped.
+    Past ``spill_limit_bytes`` on disk, or if the file cannot be written (a
+    full disk), the log falls back to holding output in memory until its reader
+    has sent it (`mark_sent`), and the task's output pump waits for the reader
+    (back-pressure: the task blocks on its next write). Output the task wrote
+    is still never dropped unsent; a re-attach from below what was dropped
+    after sending sees a gap, which the consumer reports.
     """
 
-    def __init__(self, limit_bytes: int = OUTPUT_MEMORY_BYTES, spill_dir: Path | None = None):
+    def __init__(self, limit_bytes: int = OUTPUT_MEMORY_BYTES, spill_dir: Path | None = None,
+                 spill_limit_bytes: int = OUTPUT_SPILL_BYTES):
         self.limit_bytes = limit_bytes
         self.spill_dir = spill_dir
+        self.spill_limit_bytes = spill_limit_bytes
         self.chunks: deque[tuple[str, int, bytes]] = deque()  # in memory: (stream, offset, data)
         self.offsets = {"stdout": 0, "stderr": 0}  # end of the output so far, per stream
         self.sent = {"stdout": 0, "stderr": 0}
@@ -65,7 +70,7 @@ class OutputLog:
         self.changed = trio.Event()
         self._progress = trio.Event()
         self._file = None  # the spill file, created on first use
-        self._spill_failed = False
+        self._spill_off = False  # the spill file is full or failed: the fallback above
         self._spilled = 0  # records no longer in memory; chunks[0] has sequence number _spilled
         self._on_disk = 0  # of those, the first _on_disk are in the file (the rest: full-disk drops)
         self._file_size = 0
@@ -91,14 +96,18 @@ class OutputLog:
     async def wait_room(self) -> None:
         """After an append: spill the oldest output until memory is within its limit."""
         while self.held > self.limit_bytes:
-            if not self._spill_failed:
-                batch = self._oldest(self.held - self.limit_bytes // 2)  # half the limit: fewer, larger writes
+            batch = self._oldest(self.held - self.limit_bytes // 2)  # half the limit: fewer, larger writes
+            if not self._spill_off and self.spilled_bytes + sum(len(d) for *_, d in batch) > self.spill_limit_bytes:
+                log.warning("task output over its spill limit; holding it until sent",
+                            extra={"limit": self.spill_limit_bytes})
+                self._spill_off = True
+            if not self._spill_off:
                 try:
                     await trio.to_thread.run_sync(self._write, batch)
                 except OSError as exc:
                     log.warning("task output cannot spill to disk; holding it until sent",
                                 extra={"error": str(exc)})
-                    self._spill_failed = True
+                    self._spill_off = True
                     continue
                 self._spilled_out(batch)
             elif not self._drop_sent():
