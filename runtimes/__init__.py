@@ -17,11 +17,12 @@ from protocols.kinds import RUNTIME_KINDS as KINDS
 if TYPE_CHECKING:
     from .base import Runtime
 
-# kind -> (module, class); keyed by exactly the wire's kinds (tests/test_runtime_registry.py)
+# kind -> (module of this package, class); keyed by exactly the wire's kinds
+# (tests/test_runtime_registry.py)
 _IMPLEMENTATIONS = {
-    "wasm": ("runtimes.wasm", "WasmRuntime"),
-    "container": ("runtimes.container", "ContainerRuntime"),
-    "microvm": ("runtimes.microvm", "MicroVMRuntime"),
+    "wasm": (".wasm", "WasmRuntime"),
+    "container": (".container", "ContainerRuntime"),
+    "microvm": (".microvm", "MicroVMRuntime"),
 }
 
 
@@ -31,7 +32,7 @@ def get_runtime(kind: str) -> "Runtime":
         from .base import SpecError
         raise SpecError(f"unknown runtime {kind!r} (expected one of {', '.join(KINDS)})")
     module, cls = _IMPLEMENTATIONS[kind]
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module, __name__), cls)()
 
 
 def available_all(enabled: Iterable[str] | None = None) -> dict[str, dict]:

@@ -102,6 +102,7 @@ echo "primes below 60: $(awk 'BEGIN { for (n = 2; n < 60; n++) { p = 1; for (d =
 echo "network interfaces: $(ls /sys/class/net 2>/dev/null | tr '\n' ' ')"
 '''
 
+
 @dataclass
 class TaskResult:
     kind: str
