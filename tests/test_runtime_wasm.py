@@ -176,6 +176,22 @@ async def test_kill_running_loop(rt, wasm_modules):
     await sb.kill()  # idempotent
 
 
+async def test_a_kill_before_the_guest_runs_still_stops_it(rt, wasm_modules):
+    # An untimed task has no epoch ticker: a kill that lands before the worker has
+    # set its store's epoch deadline must still stop the guest, not leave it to
+    # the abandon path (which would wait stop_grace_s and leave the thread running).
+    for _ in range(5):
+        sb = await rt.prepare(probe(wasm_modules, "loop"))
+        sb.stop_grace_s = GUARD_S / 2
+        with trio.fail_after(GUARD_S):
+            async with trio.open_nursery() as n:
+                await sb.start(n)
+                await sb.kill()  # before _main has even run
+                status = await sb.wait()
+        assert (status.code, status.reason) == (137, "killed")
+        assert sb._worker_done
+
+
 async def test_kill_of_a_guest_blocked_in_a_host_call(rt, wasm_modules):
     # Long enough that a loaded machine cannot finish the sleep before the kill.
     sb = await rt.prepare(probe(wasm_modules, "sleep", "6"))
