@@ -1,8 +1,13 @@
 """WASM sandbox on wasmtime: WASI command modules and checkpointable step modules.
 
 Theory of operation
-- A module runs in one worker thread (`trio.to_thread.run_sync`); everything
-  else (logs, wait, kill, checkpoint requests, the epoch ticker) is trio.
+- A module runs in one worker thread (`trio.lowlevel.start_thread_soon`, the
+  cheapest hand-over trio has); everything else (logs, wait, kill, checkpoint
+  requests, the time-limit timer) is trio.
+- Output: the guest's stdout/stderr are pipes. A guest that ends within
+  LIVE_AFTER_S (most starts) has them read once, after it ended; one that runs
+  longer, or is checkpointed, gets them pumped live. Either way into a bounded
+  `LogBuffer`: a reader far behind makes the pumps, then the guest, wait.
 - Interruption: engines are built with epoch interruption; each store has a
   deadline one epoch ahead and a deadline callback (run in the worker thread)
   that decides from *its own* sandbox's flags whether to go on, or to trap for
@@ -15,7 +20,11 @@ Theory of operation
   code), memory via `Store.set_limits` (memory.grow then fails in the guest).
 - Compiled modules are cached in memory and on disk, keyed by the module's
   sha256 and a fingerprint of the engine config and wasmtime version. Only
-  files this code wrote are ever deserialized, and each carries a digest.
+  files this code wrote are ever deserialized, and each carries a digest. In
+  memory a module comes with its shape checked and its imports resolved
+  (`InstancePre`), and a module file read before is known by its identity
+  (device, inode, size, mtime, ctime), so a start neither re-reads nor
+  re-hashes it.
 - Step modules (ABI v1, see WASM_ABI.md and wasm_abi.py) are driven step by
   step; a checkpoint request is honoured between two steps.
 
