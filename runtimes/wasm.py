@@ -53,8 +53,8 @@ from typing import AsyncIterator, ClassVar, NamedTuple
 
 import trio
 
-from .base import (LOG_BUFFER_BYTES, Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus, LogBuffer, LogChunk,
-                   Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
+from .base import (LOG_BUFFER_BYTES, Availability, CheckpointInfo, CheckpointUnsupported, ExitStatus,
+                   LogBuffer, LogChunk, Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
                    OUTPUT_OFFSETS_FILE)
 from .artifacts import MAX_WASM_BYTES, open_regular
 from .digests import checkpoint_digest, expect_digest
@@ -272,8 +272,9 @@ class WasmRuntime(Runtime):
         wasm = None
         if sha is None:
             # Typical modules are read in microseconds; only big ones are worth a thread hop.
-            wasm = _read(artifact) if st.st_size <= _INLINE_READ_MAX else await trio.to_thread.run_sync(_read, artifact)
-            sha = hashlib.sha256(wasm).hexdigest()  # read once, hashed once: the bytes we run are the bytes checked
+            small = st.st_size <= _INLINE_READ_MAX
+            wasm = _read(artifact) if small else await trio.to_thread.run_sync(_read, artifact)
+            sha = hashlib.sha256(wasm).hexdigest()  # read once, hashed once: what runs is what was checked
         expect_digest(artifact.name, sha, spec.sha256)
         if wasm is not None:
             if wasm[:4] != b"\0asm":

@@ -97,7 +97,8 @@ class OutputLog:
         """After an append: spill the oldest output until memory is within its limit."""
         while self.held > self.limit_bytes:
             batch = self._oldest(self.held - self.limit_bytes // 2)  # half the limit: fewer, larger writes
-            if not self._spill_off and self.spilled_bytes + sum(len(d) for *_, d in batch) > self.spill_limit_bytes:
+            batch_bytes = sum(len(d) for *_, d in batch)
+            if not self._spill_off and self.spilled_bytes + batch_bytes > self.spill_limit_bytes:
                 log.warning("task output over its spill limit; holding it until sent",
                             extra={"limit": self.spill_limit_bytes})
                 self._spill_off = True
