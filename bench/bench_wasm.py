@@ -7,6 +7,15 @@ measured in the same run, on the same module, so the difference is our overhead
 (spec checks, the worker thread, output pipes, limits, trio scheduling). The
 "raw ... in a worker thread" line is the floor for any host that must not block
 its event loop while a guest runs: raw plus one trio thread hand-over.
+
+Where the time goes (profiled, November 2026, 2-core box under load): the
+hand-over to a worker thread and back alone costs 0.7-1x raw (trio.to_thread
+~110 us, start_thread_soon ~55 us, more under load: both threads want the
+GIL); the trio side of a start (prepare, task, pipes, wake-ups) ~200-300 us of
+CPU; the worker's own part (store, WASI over /dev/fd pipes, limits, deadline
+callback) ~1.5x raw's. Before: ~10x (a 10 ms epoch ticker task, two pipe pumps
+per start, a re-read and double hash of the module, imports resolved at every
+instantiation).
 """
 
 from __future__ import annotations
