@@ -2,11 +2,11 @@
 
 Life of a task in a sandbox:
 
-    rt = get_runtime("wasm")            # a Runtime: knows whether it works here
+    rt = runtimes.get_runtime("wasm")   # a Runtime (the registry: runtimes/__init__.py)
     rt.available()                      # Availability(available, reason)
     sb = await rt.prepare(spec)         # verify artefact, unpack, build bundle
     await sb.start(nursery)             # background work lives in the caller's nursery
-    async for chunk in sb.logs(): ...   # stdout/stderr as it is produced
+    async for chunk in sb.logs(): ...   # stdout/stderr as produced (a bounded LogBuffer)
     status = await sb.wait()            # ExitStatus(code, usage, reason)
     await sb.kill()                     # idempotent; always reaps everything started
     info = await sb.checkpoint(dir, leave_running=False)   # where supported
