@@ -223,7 +223,8 @@ class Sandbox(ABC):
 
     @abstractmethod
     def logs(self) -> AsyncIterator[LogChunk]:
-        """Output in order, from the start; the iterator ends when the task exits."""
+        """Output in order, from the start (a late reader: from the oldest chunk
+        still held, see LogBuffer); the iterator ends when the task exits."""
 
     @abstractmethod
     async def kill(self) -> None: ...
