@@ -616,7 +616,7 @@ class ConsumerJobs:
         """Receipts still to come for agreements made before a restart: those of
         legs still open, or ended within the hour the provider resends receipts
         for. Let the market countersign them."""
-        from ..market.negotiator import RECEIPT_RESEND_FOR_MS
+        from protocols.receipt_delivery import RECEIPT_RESEND_FOR_MS
         since = time.time() - RECEIPT_RESEND_FOR_MS / 1000
         for job in self.jobs.values():
             for leg in job.history:
