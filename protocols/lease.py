@@ -10,10 +10,13 @@ lost.  Two sources say the peer is alive, and both feed the same lease:
     TASK         any frame on the task stream (protocols.taskstream): output,
                  ``{"hb": ms}`` heartbeats, checkpoints, progress.
 
-    LIVE --heard(source, now)--> LIVE            deadline = now + timeout_ms
-    LIVE --expire(now >= deadline)--> LOST       nobody heard for timeout_ms
-    LIVE --end(reason)--> ENDED                  the task exited / the lease ended
-    LOST, ENDED: terminal; heard() is ignored there (a late frame revives nothing)
+    LIVE  --heard(source, now)--> LIVE           deadline = now + timeout_ms
+    LIVE  --expire(now >= deadline)--> LOST      nobody heard for timeout_ms
+    LIVE  --end(reason)--> ENDED                 the agreement ended (End on the negotiation)
+    ENDED --heard / expire--> ENDED / LOST       the task stream still owes its last frames
+                                                 (the exit frame may cross the End): its
+                                                 silence still means lost
+    LOST: terminal; heard() is ignored there (a late frame revives nothing)
 
 The deadline is the latest sign of life from *either* source plus the
 timeout: a provider whose task stream is busy (a checkpoint blob in flight)
@@ -75,8 +78,8 @@ class EndLease:
 S = LeaseState
 TRANSITIONS: dict[LeaseState, dict[type, LeaseState]] = {
     S.LIVE: {Heard: S.LIVE, Expire: S.LOST, EndLease: S.ENDED},
+    S.ENDED: {Heard: S.ENDED, Expire: S.LOST, EndLease: S.ENDED},
     S.LOST: {Heard: S.LOST, EndLease: S.LOST},     # lost stays lost: the driver already moved on
-    S.ENDED: {Heard: S.ENDED, EndLease: S.ENDED},
 }
 
 
@@ -115,13 +118,13 @@ class Lease:
 
     def remaining_ms(self, now: int) -> int:
         """How long a driver may wait for the next sign of life (0: ask `expire`)."""
-        if self.state is not LeaseState.LIVE:
+        if self.state is LeaseState.LOST:
             return 0
         return max(0, self.deadline - now)
 
     def expire(self, now: int) -> bool:
         """Apply the deadline: True if the lease is (now) lost."""
-        if self.state is LeaseState.LIVE and now >= self.deadline:
+        if self.state is not LeaseState.LOST and now >= self.deadline:
             self._process(Expire(), now)
         return self.lost
 
@@ -130,7 +133,7 @@ class Lease:
         new = TRANSITIONS[self.state].get(type(event))
         if new is None:
             raise LeaseError(type(event).__name__, self.state, "illegal event for this state")
-        if isinstance(event, Heard) and self.state is LeaseState.LIVE:
+        if isinstance(event, Heard) and self.state is not LeaseState.LOST:
             self.last_heard[event.source] = max(now, self.last_heard.get(event.source, now))
         elif isinstance(event, Expire):
             silent = max(0, now - max([self.started, *self.last_heard.values()]))
