@@ -373,12 +373,9 @@ class TaskStream:
         self._apply(self.role, event, new)
         return event.frame()
 
-    def output(self, stream: str, data: bytes) -> list[dict]:
-        """Provider: frames for ``data`` of ``stream`` from where the consumer is, in CHUNKs."""
-        frames = []
-        for i in range(0, len(data), CHUNK):
-            frames.append(self.send(Output(stream, self.have[stream], data[i:i + CHUNK])))
-        return frames
+    def output(self, stream: str, offset: int, data: bytes) -> list[dict]:
+        """Provider: the frames for ``data``, which starts at ``offset`` of ``stream``, in CHUNKs."""
+        return [self.send(Output(stream, offset + i, data[i:i + CHUNK])) for i in range(0, len(data), CHUNK)]
 
     def receive(self, frame: Any) -> Any:
         """A peer frame: its typed event (applied), or `Refused` (state unchanged).

@@ -192,7 +192,7 @@ class TaskServer:
             ended = ex.done.is_set()
             for s, off, data in ex.output.since(dict(offsets)):
                 for i in range(0, len(data), CHUNK):
-                    await att.send(ts.Output(s, off + i, data[i:i + CHUNK]))
+                    await att.send(ts.Output(s, off + i, data[i:i + CHUNK]))  # as att.machine.output() cuts
                 ex.output.mark_sent(offsets)
             if ended:
                 break
