@@ -53,17 +53,19 @@ def test_limit_only_tightens():
     assert lease.timeout_ms == 3000
 
 
-def _active_pair():
+def _active_pair(role=CONSUMER, heartbeat_ms=1000):
+    """A negotiation of ``role`` that reached ACTIVE at time 0 (our machine, both sides' events)."""
     c_id, p_id = Identity.generate(), Identity.generate()
     nid = b"n" * 16
     prop = Propose(nid, p_id.peer_id, "a", 1, "b", 1, "cpu", 1.0, 1 << 20, "wasm", 1.0, 60)
     terms = Terms(b"a" * 16, nid, c_id.peer_id, p_id.peer_id, "a", 1, "b", 1, "cpu", 1.0, 1 << 20, 0, None,
-                  "wasm", 1.0, 1.0, 60, 1000, 0, 60_000)
-    c = Negotiation(CONSUMER, nid, c_id.peer_id, p_id.peer_id)
-    c.send(prop, 0)
-    c.receive(Agreement(terms, terms.sign(p_id)), 0)
-    c.send(Countersign(nid, terms.aid, terms.sign(c_id)), 0)
-    return c, nid
+                  "wasm", 1.0, 1.0, 60, heartbeat_ms, 0, 60_000)
+    m = Negotiation(role, nid, c_id.peer_id, p_id.peer_id)
+    ours, theirs = (m.send, m.receive) if role == CONSUMER else (m.receive, m.send)
+    ours(prop, 0)
+    theirs(Agreement(terms, terms.sign(p_id)), 0)
+    ours(Countersign(nid, terms.aid, terms.sign(c_id)), 0)
+    return m, nid
 
 
 def test_the_negotiation_holds_the_agreements_lease():
@@ -96,14 +98,6 @@ def test_an_end_ends_the_lease():
 
 
 def test_provider_side_too():
-    p_id, c_id = Identity.generate(), Identity.generate()
-    nid = b"m" * 16
-    prop = Propose(nid, p_id.peer_id, "a", 1, "b", 1, "cpu", 1.0, 1 << 20, "wasm", 1.0, 60)
-    terms = Terms(b"b" * 16, nid, c_id.peer_id, p_id.peer_id, "a", 1, "b", 1, "cpu", 1.0, 1 << 20, 0, None,
-                  "wasm", 1.0, 1.0, 60, 500, 0, 60_000)
-    p = Negotiation(PROVIDER, nid, c_id.peer_id, p_id.peer_id)
-    p.receive(prop, 0)
-    p.send(Agreement(terms, terms.sign(p_id)), 0)
-    p.receive(Countersign(nid, terms.aid, terms.sign(c_id)), 0)
-    assert p.lease.timeout_ms == 1500
+    p, _ = _active_pair(PROVIDER, heartbeat_ms=500)
+    assert p.state is State.ACTIVE and p.lease.timeout_ms == 1500
     assert p.check_timeout(1500) is not None and p.lease.lost
