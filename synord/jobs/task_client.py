@@ -322,6 +322,8 @@ class TaskClient:
                      extra={"job": job.id, "bytes": size, "to": info.pushed_to[:16]})
             return
         head = session.machine.receive(await session.stream.receive())
+        if isinstance(head, ts.Refused):
+            _refused(head, job.id)
         if not isinstance(head, ts.Blob):
             raise RuntimeError("checkpoint header without its blob")
         tmp = self.ckpt_dir / f"{job.id}.part"
