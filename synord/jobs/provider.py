@@ -28,12 +28,14 @@ from protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, Rejected,
 from protocols.framing import FramedStream
 from protocols.identity import Identity
 from protocols.negotiation import Terms
+from protocols.shell import SHELL_PROTOCOL
 from protocols.tasks import TASK_PROTOCOL
 from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
 from runtimes.base import Limits, Runtime, TaskSpec
 
 from ..store import Store
 from .checkpoints import CheckpointError, unpack
+from .exec_service import ShellService
 from .executor import TaskExecution
 from .task_server import TaskRefused, TaskServer, _refuse
 
@@ -113,8 +115,6 @@ class ProviderJobs(TaskServer):
         # a task's consumer speaks only to cancel or ask for a checkpoint: no idle deadline
         mesh.set_handler(TASK_PROTOCOL, self.handle_task, idle_deadline=False)
         mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
-        from protocols.shell import SHELL_PROTOCOL
-        from .exec_service import ShellService
         self.shell = ShellService(self)
         mesh.set_handler(SHELL_PROTOCOL, self.shell.handle, idle_deadline=False)  # stdin may pause
 
