@@ -264,3 +264,30 @@ class EnvelopeValidator:
     def _reject(self, reason: str, detail: str) -> Rejected:
         self.rejected[reason] += 1
         return Rejected(reason, detail)
+
+
+class PeerEnvelopeRefused(Exception):
+    """A stream's opening envelope refused: ``slug`` is the counted reason (ours,
+    stable: bad_request, envelope_<validator reason>, unexpected_message,
+    wrong_signer), the message says why in our words."""
+
+    def __init__(self, slug: str, message: str):
+        super().__init__(message)
+        self.slug = slug
+
+
+def peer_envelope(validator: EnvelopeValidator, data: Any, remote_peer: str, types: tuple[str, ...]) -> Envelope:
+    """The one check of an envelope a peer opens a stream with: well-formed and
+    accepted (signature, expiry, replay), one of ``types``, and signed by the
+    peer the stream is authenticated to (so nobody speaks in another's name)."""
+    if not isinstance(data, bytes):
+        raise PeerEnvelopeRefused("bad_request", f"expected a signed {' or '.join(types)}")
+    env = validator.check(data)
+    if isinstance(env, Rejected):
+        # env.reason is one of the validator's own slugs, never peer text
+        raise PeerEnvelopeRefused(f"envelope_{env.reason}", f"envelope rejected: {env.reason} ({env.detail})")
+    if env.type not in types:
+        raise PeerEnvelopeRefused("unexpected_message", f"unexpected message {env.type}")
+    if env.sender_id != remote_peer:
+        raise PeerEnvelopeRefused("wrong_signer", "envelope not signed by the connected peer")
+    return env

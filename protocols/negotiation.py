@@ -20,7 +20,9 @@ we are", so neither side can cheat.  No sockets, no clocks: callers pass
               signature, terms not what was asked) -> REJECTED
     local:    Timeout: no answer / no countersign -> EXPIRED (the provider
               releases its reservation); no heartbeat from the peer for
-              heartbeat_ms * missed_heartbeats while ACTIVE -> LOST
+              heartbeat_ms * missed_heartbeats while ACTIVE -> LOST; that silence
+              is the agreement's one `lease.Lease`, which the task stream feeds
+              too (any task frame is a sign of life), so both agree on "lost"
 
 RESERVED is only ever seen on the provider side (Reserve never crosses the
 wire), so Agreement is legal from PROPOSED as well: that is the consumer's
@@ -46,6 +48,7 @@ import msgpack
 
 from .envelope import message_type
 from .identity import Identity, verify
+from .lease import NEGOTIATION, Lease
 from .orders import MAX_CORES, MAX_DURATION_S, MAX_GPUS, MAX_MEMORY, MAX_PRICE, RUNTIMES
 
 CONSUMER, PROVIDER = "consumer", "provider"
@@ -400,6 +403,7 @@ class Negotiation:
     outcome: str | None = None
     reason: str = ""
     next_heartbeat: int | None = None
+    lease: Lease | None = None  # the agreement's one lease (protocols.lease), from the countersign on
     _sent_hb: int = 0
     _seen_hb: int = -1
 
@@ -436,6 +440,8 @@ class Negotiation:
 
     def check_timeout(self, now: int) -> Timeout | None:
         """If our deadline passed, apply and return the Timeout event."""
+        if self.state is State.ACTIVE and self.lease is not None:
+            self.deadline = self.lease.deadline  # the task stream may have heard the peer since
         if self.deadline is None or now < self.deadline or self.done:
             return None
         what = {State.ACTIVE: "heartbeat", State.AGREED: "countersign",
@@ -515,7 +521,8 @@ class Negotiation:
                 self.next_heartbeat = now + self._hb_ms
             else:
                 self._seen_hb = event.seq
-                self.deadline = now + self._hb_ms * t.missed_heartbeats
+                self.lease.heard(NEGOTIATION, now)
+                self.deadline = self.lease.deadline
         elif isinstance(event, Reject):
             self.outcome, self.reason = "rejected", f"{event.reason}: {event.detail}" if event.detail else event.reason
         elif isinstance(event, End):
@@ -523,14 +530,19 @@ class Negotiation:
         elif isinstance(event, Timeout):
             self.outcome = "abandoned" if self.state is State.ACTIVE else "expired"
             self.reason = f"{event.what} timeout"
+        if self.lease is not None and isinstance(event, Timeout) and self.state is State.ACTIVE:
+            self.lease.expire(max(now, self.lease.deadline))  # the lease says lost, and why
         self.state = new
         if new in TERMINAL:
             self.deadline = self.next_heartbeat = None
+            if self.lease is not None:
+                self.lease.end(self.reason, now)
 
     @property
     def _hb_ms(self) -> int:
         return self.terms.heartbeat_ms if self.terms else self.timeouts.heartbeat_ms
 
     def _arm_lease(self, now: int) -> None:
-        self.deadline = now + self._hb_ms * self.timeouts.missed_heartbeats
+        self.lease = Lease(self._hb_ms * self.timeouts.missed_heartbeats, now)
+        self.deadline = self.lease.deadline
         self.next_heartbeat = now + self._hb_ms

@@ -39,6 +39,7 @@ from .tasks import _ID_RE, MAX_ARGS, TaskSpecError, check_args_env
 
 SHELL_PROTOCOL = "/synord/shell/1.0.0"
 EXEC_TYPE = "shell.exec"
+OPEN_TIMEOUT_S = 15.0  # the opening request and its answer, each way
 MAX_STDIN_FRAME = 64 * 1024  # bytes of stdin in one {"i": ...} frame
 MAX_TERMINAL = 1000  # rows or columns
 ERROR_CODES = ("forbidden", "no_task", "not_running", "unsupported", "busy", "bad_request")

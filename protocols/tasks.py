@@ -19,12 +19,17 @@ to the peer; data is not signed chunk by chunk):
                         {"started": true} | {"error": text}
                         {"o": "stdout"|"stderr", "off": int, "d": bytes}
                         {"hb": unix_ms}                      lease heartbeat
-                        {"ckpt": {sha256, bytes, offsets, final: bool}} + blob
+                        {"ckpt": {sha256, bytes, offsets, final: bool[, pushed_to]}}
+                                                             + {"blob": bytes} + raw bytes (not when pushed_to)
                         {"preempt": {grace_s, deadline_ms, reason}}
-                        {"exit": {code, reason, usage, error, handed_back}}
+                        {"exit": {code, reason, usage, error, handed_back, offsets}}
                         {"ckpt_error": text}
   consumer → provider   {"cancel": true}
-                        {"checkpoint": {"stop": bool}}       ask for a checkpoint now
+                        {"checkpoint": {"stop": bool[, push_to: {peer, grant, addrs}]}}
+                                                             ask for a checkpoint now
+
+Which frame may come when, and what each must contain, is the state machine
+in protocols/taskstream.py (docs/WIRE.md §13).
 
 The stream ends after the exit frame. The usage receipt travels on the
 negotiation protocol, where the agreement lives (signed by the provider,

@@ -124,7 +124,7 @@ class Node:
         self.market = None  # MarketService
         self.provider_jobs = None  # ProviderJobs
         self.consumer_jobs = None  # ConsumerJobs
-        self.consumer_exec = None  # jobs.shell.ConsumerExec, on the first exec
+        self.consumer_exec = None  # jobs.exec_client.ConsumerExec, on the first exec
         self.runtimes: dict = {}  # kind -> Runtime, those available and enabled here
         from .metrics import registry_for
         self.metrics_registry = registry_for(self)
@@ -687,9 +687,9 @@ class Node:
         return self.consumer_jobs.placement_json(job_id)
 
     async def exec_job(self, job_id: str, body: dict):
-        """`synord exec`/`shell`: NDJSON lines of a command run in the job's sandbox (synord.jobs.shell)."""
+        """`synord exec`/`shell`: NDJSON lines of a command run in the job's sandbox (synord.jobs.exec_client)."""
         if self.consumer_exec is None:
-            from .jobs.shell import ConsumerExec
+            from .jobs.exec_client import ConsumerExec
             self.consumer_exec = ConsumerExec(self.consumer_jobs, self.mesh.mesh, self.identity)
         return await self.consumer_exec.start(job_id, body)
 

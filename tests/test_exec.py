@@ -486,7 +486,7 @@ INTRUDER = textwrap.dedent("""
     import json, sys, trio
     from protocols.identity import Identity
     from synord.mesh_service import MeshService
-    from synord.jobs.shell import ExecError, open_exec
+    from synord.jobs.exec_client import ExecError, open_exec
 
     async def main(addr, job_id):
         svc = MeshService(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], [], mdns=False)

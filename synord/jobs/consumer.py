@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 import sqlite3
@@ -21,37 +20,33 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 import trio
 
 from protocols.envelope import seal
-from protocols.framing import CHUNK, FramedStream
 from protocols.identity import Identity
 from protocols.negotiation import Terms
 from protocols.refusals import REFUSALS
-from protocols.tasks import TASK_PROTOCOL, TaskSpecError, check_args_env, check_limits, check_progress
-from protocols.transfer import MAX_BLOB_BYTES, TRANSFER_PROTOCOL, BlobStore, send_file, sha256_of
+from protocols.tasks import TaskSpecError, check_args_env, check_limits, check_progress
+from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file
 from runtimes import KINDS
 from runtimes.artifacts import infer_kind
 from runtimes.base import SpecError
 
 from .. import humanize as hz
 from ..api import ApiError
-from ..metrics import observe_placement
-from ..store import Store, from_json_safe, json_safe
-from .migration import Displaced, Slot, Thresholds, assign_optimal, decide_mode
+from ..store import Store, from_json_safe
+from .migration import Displaced, Slot, Thresholds, assign_optimal
+from .task_client import DEFAULT_BANDWIDTH_BPS, FLUSH_INTERVAL_S, Session, TaskClient, _printable, _short
+
+if TYPE_CHECKING:
+    from protocols.lease import Lease
 
 log = logging.getLogger("synord.jobs.consumer")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-FLUSH_INTERVAL_S = 0.02
-DEFAULT_BANDWIDTH_BPS = 100 * 1024 * 1024
-OUTPUT_REFETCHES = 3  # re-attaches to fetch output missing at exit, before failing the job
 BATCH_WINDOW_S = 0.25
-# Output received while the disk is full is held in memory up to this; past it the
-# task streams are not read (the provider keeps the output) until a flush succeeds.
-OUTPUT_HOLD_MAX = 32 << 20
 MAX_EVENTS = 64  # notices kept per job (in memory: they narrate, the history records)
 
 
@@ -86,6 +81,7 @@ class Market(Protocol):
     async def announce_bid(self, needs: Needs, bid_id: str) -> None: ...
     async def abandon(self, terms: Terms, reason: str) -> None: ...
     def lease_done(self, terms: Terms) -> None: ...
+    def lease(self, terms: Terms) -> "Lease | None": ...
 
 
 @dataclass
@@ -127,22 +123,6 @@ class ConsumerJob:
 
 
 @dataclass
-class Session:
-    """One placement of a job: the agreement and the open task stream."""
-    provider: str
-    terms: Terms
-    stream: FramedStream
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
-    preempt: dict | None = None
-    mode: str | None = None
-    cancel_sent: bool = False
-
-    async def send(self, obj: Any) -> None:
-        async with self.send_lock:
-            await self.stream.send(obj)
-
-
-@dataclass
 class _Displacement:
     job: ConsumerJob
     exclude: tuple[str, ...]
@@ -150,7 +130,7 @@ class _Displacement:
     candidate: Any = None
 
 
-class ConsumerJobs:
+class ConsumerJobs(TaskClient):
     storage = None  # synord.storage_health.StorageHealth, set by the node
 
     def __init__(self, identity: Identity, store: Store, home, mesh, market: Market,
@@ -488,66 +468,6 @@ class ConsumerJobs:
         log.info("blob shipped", extra={"job": job.id, "kind": kind, "bytes": size, "sent": sent,
                                         "s": round(dt, 3)})
 
-    async def _launch(self, job: ConsumerJob, terms: Terms) -> Session:
-        peer = terms.provider
-        await self._push(peer, self.blobs.path(job.spec["sha256"]), job.spec["sha256"], "artifact", job)
-        restore = None
-        mode = job.spec.get("restore_mode") if job.state == "migrating" else None
-        ck = job.checkpoint
-        route = None
-        if mode in ("full", "partial", "restart-from-checkpoint") and ck:
-            if ck.get("at_provider") == peer:
-                route = "direct"  # the old provider uploaded it here
-                restore = {"sha256": ck["sha256"], "offsets": ck["offsets"]}
-            elif not ck.get("path") or not await self._checkpoint_intact(job, ck):
-                ck, mode = None, "restart"
-            else:
-                await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
-                restore = {"sha256": ck["sha256"], "offsets": ck["offsets"]}
-                route = "via-consumer"
-        body = {"job_id": job.id, "agreement_id": terms.aid.hex(), "kind": job.runtime,
-                "artifact_sha256": job.spec["sha256"], "args": job.spec["args"],
-                "env": job.spec["env"], "limits": job.spec["limits"],
-                "checkpointable": job.spec["checkpointable"],
-                "checkpoint_interval_s": self.checkpoint_interval_s if job.spec["checkpointable"] else 0,
-                "restore": restore}
-        body["progress"] = True  # we read progress frames before the reply
-        stream = await self.mesh.open_stream(peer, TASK_PROTOCOL)
-        await stream.send({"env": seal(self.identity, "task.start", body).encode()})
-        self._progress(job, "starting", note=f"starting on {_short(peer)}")
-        with trio.fail_after(120):  # unpacking a big image or a checkpoint takes a while
-            reply = await stream.receive()
-            while isinstance(reply, dict) and "progress" in reply:
-                self._provider_progress(job, peer, reply["progress"])
-                reply = await stream.receive()
-        if not (isinstance(reply, dict) and reply.get("started")):
-            with trio.move_on_after(1):
-                await stream.close()
-            raise RuntimeError(str(reply.get("error") if isinstance(reply, dict) else reply))
-        entry = {"provider": peer, "start": time.time(), "end": None,
-                 "mode": mode or "initial", "checkpoint_bytes": ck["bytes"] if restore else 0,
-                 "agreement": terms.aid.hex(), "price": terms.price}
-        if route:
-            entry["checkpoint_route"] = route
-        if job.state == "migrating":
-            entry["from"] = job.provider
-            if job.spec.get("assignment"):
-                entry["assignment"] = job.spec.pop("assignment")
-        resumed = job.state == "migrating"
-        job.spec.pop("restore_mode", None)
-        # Where to find the provider again if we restart mid-job.
-        job.spec["provider_addrs"] = self.mesh.dialable_addrs(peer)
-        self.store.kv_set(f"terms:{terms.aid.hex()}", json_safe(terms.to_body()))  # for re-attach
-        self._add_history(job, entry)
-        self._set_state(job, "running", provider=peer)
-        observe_placement(job.created, entry["mode"])
-        self._progress(job, "running", note=(f"resumed on {_short(peer)}" + (
-            f" from a {hz.size(ck['bytes'])} checkpoint" if restore else " from the start")) if resumed
-            else f"running on {_short(peer)}")
-        log.info("job placed", extra={"job": job.id, "provider": peer[:16], "mode": entry["mode"]})
-        job.session = Session(peer, terms, stream)
-        return job.session
-
     async def _launch_prearranged(self, job: ConsumerJob) -> "Session | None":
         """Start on the provider agreed before the hand-over (it may already hold the checkpoint)."""
         terms, job.next_terms = job.next_terms, None
@@ -575,50 +495,11 @@ class ConsumerJobs:
                     continue
         return None
 
-    async def _checkpoint_intact(self, job: ConsumerJob, ck: dict) -> bool:
-        """A checkpoint that no longer matches its digest is dropped: the task restarts."""
-        path = Path(ck["path"])
-        ok = path.exists() and await trio.to_thread.run_sync(sha256_of, path) == ck["sha256"]
-        if not ok:
-            log.warning("checkpoint corrupted or missing: restarting from scratch",
-                        extra={"job": job.id, "sha256": ck["sha256"][:16]})
-            path.unlink(missing_ok=True)
-            job.spec["checkpoint"] = None
-            self._save(job)
-        return ok
-
-    async def _attach(self, job: ConsumerJob, within_s: float = 30.0) -> Session | None:
-        """Re-open the task stream after our restart; the provider may need a moment
-        to reconnect to us, so keep trying for ``within_s``."""
-        deadline = trio.current_time() + within_s
-        while True:
-            await self.mesh.reach(job.provider, job.spec.get("provider_addrs", []))
-            try:
-                with trio.fail_after(10):
-                    stream = await self.mesh.open_stream(job.provider, TASK_PROTOCOL)
-                    await stream.send({"env": seal(self.identity, "task.attach",
-                                                   {"job_id": job.id, "offsets": dict(job.offsets)}).encode()})
-                    reply = await stream.receive()
-                break
-            except Exception as exc:
-                if trio.current_time() >= deadline:
-                    log.info("re-attach failed", extra={"job": job.id, "error": f"{type(exc).__name__}: {exc}"})
-                    return None
-                await trio.sleep(0.5)
-        if not (isinstance(reply, dict) and reply.get("started")):
-            log.info("re-attach refused", extra={"job": job.id, "reply": str(reply)[:200]})
-            return None
-        terms = self._terms_of(job)
-        job.session = Session(job.provider, terms, stream)
-        self._progress(job, "running", note=f"re-attached to {_short(job.provider)}")
-        self._set_state(job, "running")
-        return job.session
-
     def _expect_receipts(self) -> None:
         """Receipts still to come for agreements made before a restart: those of
         legs still open, or ended within the hour the provider resends receipts
         for. Let the market countersign them."""
-        from ..market.negotiator import RECEIPT_RESEND_FOR_MS
+        from protocols.receipt_delivery import RECEIPT_RESEND_FOR_MS
         since = time.time() - RECEIPT_RESEND_FOR_MS / 1000
         for job in self.jobs.values():
             for leg in job.history:
@@ -695,91 +576,6 @@ class ConsumerJobs:
 
     # ---- watching a placement ----------------------------------------------------------------
 
-    async def _watch(self, job: ConsumerJob, session: Session) -> tuple[str, str]:
-        """Read the task stream until the task exits (→ "exit") or moves (→ "moved"/"lost")."""
-        stream = session.stream
-        refetches = 0
-        try:
-            while True:
-                if job.cancel_requested and not session.cancel_sent:
-                    await session.send({"cancel": True})
-                    session.cancel_sent = True
-                with trio.move_on_after(self.lease_timeout_s) as idle:
-                    msg = await stream.receive()
-                if idle.cancelled_caught:
-                    return "lost", f"no heartbeat for {self.lease_timeout_s:g} s"
-                if not isinstance(msg, dict):
-                    continue
-                if "o" in msg:
-                    self._output(job, msg)
-                    while self._held > OUTPUT_HOLD_MAX:  # the disk is full: let the provider hold it
-                        await trio.sleep(FLUSH_INTERVAL_S * 5)
-                elif "ckpt" in msg:
-                    if not _checkpoint_frame_ok(msg["ckpt"]):
-                        # its digest names a file here and its size drives a read loop
-                        REFUSALS.count("task_output", "bad_checkpoint_frame")
-                        return "lost", "the provider sent a malformed checkpoint frame"
-                    await self._receive_checkpoint(job, session, msg["ckpt"])
-                elif "ckpt_error" in msg:
-                    log.warning("provider could not checkpoint", extra={"job": job.id,
-                                                                      "error": msg["ckpt_error"]})
-                    if session.mode == "full":
-                        session.mode = "partial" if job.checkpoint else "restart"
-                        await session.send({"cancel": True})
-                elif "preempt" in msg:
-                    await self._preempted(job, session, msg["preempt"])
-                elif "exit" in msg:
-                    gap = _output_gap(job.offsets, msg["exit"])
-                    if gap is not None and refetches < OUTPUT_REFETCHES:
-                        # The provider keeps a finished task's output a while: fetch the rest.
-                        refetches += 1
-                        log.warning("output incomplete at exit: re-attaching",
-                                    extra={"job": job.id, "missing": gap})
-                        with trio.move_on_after(1) as cs:
-                            cs.shield = True
-                            await stream.close()
-                        again = await self._attach(job, within_s=10)
-                        if again is not None:
-                            session, stream = again, again.stream
-                            continue
-                    if gap is not None and not (session.preempt or msg["exit"].get("handed_back")):
-                        msg = {"exit": {**msg["exit"], "reason": "output_incomplete",
-                                        "error": f"output incomplete: {gap}"}}
-                    return await self._exited(job, session, msg)
-                elif "error" in msg:
-                    return "lost", str(msg["error"])
-        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            return "lost", f"stream closed: {exc or type(exc).__name__}"
-        except Exception as exc:
-            if job.cancel_requested:
-                self._set_state(job, "cancelled")
-                return "exit", "cancelled"
-            return "lost", f"{type(exc).__name__}: {exc}"
-        finally:
-            job.session = None
-            with trio.move_on_after(1) as cs:
-                cs.shield = True
-                await stream.close()
-
-    def _output(self, job: ConsumerJob, msg: dict) -> None:
-        s, off, data = msg.get("o"), msg.get("off"), msg.get("d")
-        if s not in ("stdout", "stderr") or not isinstance(off, int) or not isinstance(data, bytes):
-            return
-        have = job.offsets[s]
-        if off + len(data) <= have:
-            return  # already delivered (replayed after a restore)
-        if off > have:
-            # A gap: keep nothing past it (offsets stay true); the exit frame's
-            # final offsets then show what is missing, and it is fetched again.
-            REFUSALS.count("task_output", "gap")
-            return
-        if off < have:
-            data = data[have - off:]
-        job.offsets[s] = have + len(data)
-        job.pending_output.append((s, data))
-        self._held += len(data)
-        job.notify()
-
     async def _flusher(self) -> None:
         """Commit received output in small batches (one fsync per batch, not per line)."""
         while True:
@@ -813,123 +609,6 @@ class ConsumerJobs:
             job.notify()
         self._unsaved.clear()
         self._held = 0
-
-    async def _receive_checkpoint(self, job: ConsumerJob, session: Session, info: dict) -> None:
-        sha, size = info.get("sha256"), info.get("bytes")
-        if info.get("pushed_to"):
-            # Sent straight to the next provider; we keep what it is, not its bytes.
-            old = job.checkpoint
-            job.spec["checkpoint"] = {"sha256": sha, "bytes": size, "offsets": info.get("offsets") or {},
-                                      "path": None, "at_provider": info["pushed_to"], "at": time.time()}
-            self._flush_all()
-            self._save(job)
-            if old and old.get("path"):
-                Path(old["path"]).unlink(missing_ok=True)
-            if info.get("final"):
-                self._notice(job, f"moving with a {hz.size(size)} checkpoint, sent straight to "
-                             f"{_short(info['pushed_to'])}", phase="migrating", checkpoint_bytes=size)
-            log.info("checkpoint went straight to the next provider",
-                     extra={"job": job.id, "bytes": size, "to": info["pushed_to"][:16]})
-            return
-        head = await session.stream.receive()
-        if not isinstance(head, dict) or head.get("blob") != size:
-            raise RuntimeError("checkpoint header without its blob")
-        tmp = self.ckpt_dir / f"{job.id}.part"
-        t0 = time.monotonic()
-        left = size
-        full = None
-        with open(tmp, "wb", buffering=0) as f:  # unbuffered: a full disk fails the write, not close()
-            while left:
-                block = await session.stream.read_raw(min(left, CHUNK))
-                left -= len(block)
-                if full is None:
-                    try:
-                        f.write(block)
-                    except OSError as exc:  # the disk is full: read the rest, keep the last checkpoint
-                        full = self.storage.failed("checkpoint", exc) if self.storage else None
-                        if full is None:
-                            raise
-        if full is not None:
-            tmp.unlink(missing_ok=True)
-            log.warning("checkpoint dropped: no room for it", extra={"job": job.id, "reason": full})
-            return
-        dt = time.monotonic() - t0
-        if size > (1 << 20) and dt > 0:
-            self.bandwidth[session.provider] = size / dt
-        actual = sha256_of(tmp)
-        if actual != sha:
-            tmp.unlink(missing_ok=True)
-            log.warning("corrupted checkpoint refused", extra={"job": job.id})
-            return
-        dest = self.ckpt_dir / f"{job.id}-{sha[:16]}.tar"
-        tmp.replace(dest)
-        old = job.checkpoint
-        self._flush_all()
-        job.spec["checkpoint"] = {"sha256": sha, "bytes": size, "offsets": info.get("offsets") or {},
-                                  "path": str(dest), "at": time.time()}
-        self._save(job)
-        if old and old.get("path") and old["path"] != str(dest):
-            Path(old["path"]).unlink(missing_ok=True)
-        if info.get("final") or session.preempt is not None:
-            self._notice(job, f"moving with a {hz.size(size)} checkpoint", phase="migrating",
-                         checkpoint_bytes=size)
-        log.info("checkpoint stored", extra={"job": job.id, "bytes": size, "final": bool(info.get("final"))})
-
-    async def _preempted(self, job: ConsumerJob, session: Session, notice: dict) -> None:
-        session.preempt = notice
-        ck = job.checkpoint
-        size = ck["bytes"] if ck else 0
-        bw = self.bandwidth.get(session.provider, DEFAULT_BANDWIDTH_BPS)
-        grace = max(0.0, notice.get("deadline_ms", 0) / 1000 - time.time())
-        mode, ratio = decide_mode(bw, grace, size or 1, job.spec["checkpointable"], ck is not None,
-                                  self.thresholds)
-        session.mode = mode
-        self._update_history(job, preempt_reason=notice.get("reason"), decision=mode,
-                             ratio=round(ratio, 3), grace_s=round(grace, 3))
-        log.info("preemption notice", extra={"job": job.id, "mode": mode, "ratio": round(ratio, 3)})
-        how = {"full": "moving with a final checkpoint",
-               "partial": f"moving with the last checkpoint ({hz.size(size)})" if ck else "restarting elsewhere"}
-        self._progress(job, "migrating", what="preempted", decision=mode, note=(
-            f"provider {_short(session.provider)} preempted ({_printable(notice.get('reason'))}, "
-            f"grace {hz.duration(grace)}): {how.get(mode, 'restarting elsewhere')}"))
-        if mode == "full":
-            request: dict[str, Any] = {"stop": True}
-            if job.next_terms is None:
-                job.next_terms = await self._preplace(job, (session.provider,), min(5.0, grace / 2))
-            nxt = job.next_terms
-            if nxt is not None:
-                grant = seal(self.identity, "blob.grant", {"job_id": job.id, "from": session.provider,
-                                                           "to": nxt.provider}, ttl_ms=120_000)
-                request["push_to"] = {"peer": nxt.provider, "grant": grant.encode(),
-                                      "addrs": self.mesh.dialable_addrs(nxt.provider)}
-            await session.send({"checkpoint": request})
-        else:
-            await session.send({"cancel": True})
-
-    async def _exited(self, job: ConsumerJob, session: Session, msg: dict) -> tuple[str, str]:
-        ex = msg["exit"]
-        self._flush_all()
-        if session.terms is not None:
-            self.market.lease_done(session.terms)
-        now = time.time()
-        if session.preempt is not None or ex.get("handed_back"):
-            mode = session.mode or "restart"
-            self._update_history(job, end=now, ended="preempted")
-            job.spec["restore_mode"] = mode if job.checkpoint else "restart"
-            self._set_state(job, "migrating")
-            return "moved", mode
-        self._update_history(job, end=now, ended="exit", exit_code=ex.get("code"),
-                             usage=ex.get("usage"))
-        if job.cancel_requested or ex.get("reason") == "cancelled":
-            self._set_state(job, "cancelled", exit_code=ex.get("code"))
-        elif ex.get("code") == 0 and not ex.get("reason"):
-            self._set_state(job, "succeeded", exit_code=0)
-        else:
-            err = ex.get("error") or ex.get("reason")
-            self._set_state(job, "failed", exit_code=ex.get("code"), error=err)
-        self._cleanup(job)
-        log.info("job ended", extra={"job": job.id, "state": job.state, "exit_code": job.exit_code})
-        return "exit", job.state
 
     def _cleanup(self, job: ConsumerJob) -> None:
         ck = job.checkpoint
@@ -1001,30 +680,3 @@ class ConsumerJobs:
             with trio.move_on_after(1.0):
                 await changed.wait()
 
-
-def _short(peer: str) -> str:
-    return f"…{peer[-6:]}" if peer else "?"
-
-
-def _printable(text: Any, limit: int = 80) -> str:
-    """Peer text for a notice a terminal prints: one line, no control characters, bounded."""
-    text = "".join(c if c.isprintable() else "?" for c in str(text or "no reason given")[:limit])
-    return text or "no reason given"
-
-
-def _checkpoint_frame_ok(info: Any) -> bool:
-    if not isinstance(info, dict):
-        return False
-    sha, size = info.get("sha256"), info.get("bytes")
-    return (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None
-            and isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_BLOB_BYTES)
-
-
-def _output_gap(have: dict[str, int], ex: dict) -> str | None:
-    """What is missing of a task's output, given the exit frame's final offsets; None if nothing."""
-    final = ex.get("offsets")
-    if not isinstance(final, dict) or not all(
-            isinstance(final.get(s), int) and not isinstance(final.get(s), bool) for s in ("stdout", "stderr")):
-        return "the provider did not say where the output ends"
-    short = [f"{s}: received {have[s]} of {final[s]} bytes" for s in ("stdout", "stderr") if have[s] != final[s]]
-    return "; ".join(short) or None

@@ -1,5 +1,6 @@
 """Migration decisions, pure functions (no I/O): which checkpoint mode fits the
-grace period, and which new provider each displaced task goes to.
+grace period (`decide_mode`, owned by the hand-over machine in
+protocols/handover.py), and which new provider each displaced task goes to.
 
 Grace-period rule (per task):
     transferable = bandwidth × grace period
@@ -23,28 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
+# The grace-period rule is part of the hand-over machine; re-exported here for its callers.
+from protocols.handover import Thresholds, decide_mode  # noqa: F401
+
 INFEASIBLE = float("inf")  # the task does not fit that slot
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    full: float = 0.8
-    partial: float = 0.3
-
-
-def decide_mode(bandwidth_bps: float, grace_s: float, checkpoint_bytes: int,
-                checkpointable: bool, have_checkpoint: bool,
-                thresholds: Thresholds = Thresholds()) -> tuple[str, float]:
-    """(mode, ratio) for one task; see the module docstring."""
-    if not checkpointable:
-        return "restart", 0.0
-    size = max(1, checkpoint_bytes)
-    ratio = bandwidth_bps * max(0.0, grace_s) / size
-    if ratio >= thresholds.full:
-        return "full", ratio
-    if ratio >= thresholds.partial and have_checkpoint:
-        return "partial", ratio
-    return "restart", ratio
 
 
 @dataclass(frozen=True)

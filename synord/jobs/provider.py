@@ -24,19 +24,20 @@ from typing import Any, Callable
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, Rejected, seal
-from protocols.framing import CHUNK, FrameError, FramedStream
-from protocols.mesh import MeshError
+from protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, Rejected, peer_envelope
+from protocols.framing import FramedStream
 from protocols.identity import Identity
 from protocols.negotiation import Terms
-from protocols.refusals import REFUSALS
+from protocols.shell import SHELL_PROTOCOL
 from protocols.tasks import TASK_PROTOCOL
-from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file, send_file
+from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
 from runtimes.base import Limits, Runtime, TaskSpec
 
 from ..store import Store
-from .checkpoints import CheckpointError, pack, unpack
+from .checkpoints import CheckpointError, unpack
+from .exec_service import ShellService
 from .executor import TaskExecution
+from .task_server import TaskRefused, TaskServer, _refuse
 
 log = logging.getLogger("synord.jobs.provider")
 
@@ -70,7 +71,7 @@ class ProviderTask:
         return self.terms.aid.hex()
 
 
-class ProviderJobs:
+class ProviderJobs(TaskServer):
     storage = None  # synord.storage_health.StorageHealth, set by the node
     cache = None  # synord.blobcache.BlobCache over self.blobs, set by the node
 
@@ -114,8 +115,6 @@ class ProviderJobs:
         # a task's consumer speaks only to cancel or ask for a checkpoint: no idle deadline
         mesh.set_handler(TASK_PROTOCOL, self.handle_task, idle_deadline=False)
         mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
-        from protocols.shell import SHELL_PROTOCOL
-        from .shell import ShellService
         self.shell = ShellService(self)
         mesh.set_handler(SHELL_PROTOCOL, self.shell.handle, idle_deadline=False)  # stdin may pause
 
@@ -144,16 +143,10 @@ class ProviderJobs:
     # ---- artefacts and checkpoints in ------------------------------------------
 
     def _verify_envelope(self, data: Any, stream: FramedStream, types: tuple[str, ...]):
-        if not isinstance(data, bytes):
-            raise TransferError("expected a signed envelope", "bad_request")
-        env = self.validator.check(data)
-        if isinstance(env, Rejected):
-            raise TransferError(f"envelope rejected: {env.reason}", f"envelope_{env.reason}")
-        if env.type not in types:
-            raise TransferError(f"unexpected message {env.type}", "unexpected_message")
-        if env.sender_id != stream.remote_peer:
-            raise TransferError("envelope not signed by the connected peer", "wrong_signer")
-        return env
+        try:
+            return peer_envelope(self.validator, data, stream.remote_peer, types)
+        except PeerEnvelopeRefused as exc:
+            raise TransferError(str(exc), exc.slug) from None
 
     async def handle_transfer(self, stream: FramedStream) -> None:
         async def authorize(peer: str, offer: dict) -> str | None:
@@ -222,34 +215,6 @@ class ProviderJobs:
         self._received_for = {sha: c for sha, c in self._received_for.items() if c in waiting}
         return {t.execution.spec.sha256 for t in self.running()} | set(self._received_for)
 
-    async def _start_reporting(self, stream: FramedStream, body: dict) -> ProviderTask:
-        """`_start_checked`, telling a consumer that asked for it (task.start
-        progress: true) each phase of the start as a progress frame."""
-        if body.get("progress") is not True:
-            return await self._start_checked(stream.remote_peer, body)
-        send_ch, recv_ch = trio.open_memory_channel(16)
-
-        def phase(name: str) -> None:
-            try:
-                send_ch.send_nowait(name)
-            except (trio.WouldBlock, trio.ClosedResourceError):
-                pass  # a notice, not a duty: dropped rather than waited for
-
-        async def pump() -> None:
-            async for name in recv_ch:
-                with trio.move_on_after(5):
-                    try:
-                        await stream.send({"progress": {"phase": name, "done": None, "total": None}})
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the start goes on; the consumer hears of it or re-attaches
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            try:
-                return await self._start_checked(stream.remote_peer, body, phase)
-            finally:
-                send_ch.close()  # the pump sends what is queued, then ends: "started" comes after
-
     async def _start_checked(self, consumer: str, body: dict,
                              on_phase: Callable[[str], None] | None = None) -> ProviderTask:
         """`_start`, refused with the reason while this node's storage cannot take a task."""
@@ -274,62 +239,6 @@ class ProviderJobs:
         self.pending_terms[terms.aid] = terms
 
     # ---- tasks -------------------------------------------------------------------
-
-    def _task_envelope(self, first: Any, stream: FramedStream):
-        data = first.get("env") if isinstance(first, dict) else None
-        if not isinstance(data, bytes):
-            raise TaskRefused("bad_request", "expected a signed task.start or task.attach")
-        env = self.validator.check(data)
-        if isinstance(env, Rejected):
-            # env.reason is one of the validator's own slugs, never peer text
-            raise TaskRefused(f"envelope_{env.reason}", f"envelope rejected: {env.reason} ({env.detail})")
-        if env.type not in ("task.start", "task.attach"):
-            raise TaskRefused("unexpected_message", f"unexpected message {env.type}")
-        if env.sender_id != stream.remote_peer:
-            raise TaskRefused("wrong_signer", "envelope not signed by the connected peer")
-        return env
-
-    async def handle_task(self, stream: FramedStream) -> None:
-        try:
-            try:
-                first = await stream.receive()
-            except FrameError as exc:  # our own words about sizes, no peer text
-                raise TaskRefused("malformed_frame", f"malformed first frame: {exc}") from None
-            env = self._task_envelope(first, stream)
-            if env.type == "task.start":
-                task = await self._start_reporting(stream, env.body)
-                offsets = dict(env.body.get("restore", None) and env.body["restore"].get("offsets")
-                               or {"stdout": 0, "stderr": 0})
-            else:
-                # Only the consumer's own task, found by (its peer id, its job id).
-                task = self.task_of(stream.remote_peer, env.body["job_id"])
-                if task is None:
-                    row = self.row_of(stream.remote_peer, env.body["job_id"])
-                    if row is not None:
-                        raise TaskRefused("task_gone", f"lost: {row['error']}" if row["error"]
-                                          else f"the task ended ({row['state']}) and its output expired")
-                    raise TaskRefused("no_task", "no such task here")
-                offsets = dict(env.body["offsets"])
-            await stream.send({"started": True})
-            await self._serve(stream, task, offsets)
-        except TaskRefused as exc:
-            await _refuse(stream, "task", exc.slug, str(exc))
-        except EOFError as exc:
-            log.info("task stream ended", extra={"peer": stream.remote_peer[:16], "error": str(exc)})
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            leaves = _leaves(exc)
-            if all(isinstance(e, _GONE) for e in leaves):
-                # The consumer went away (it may re-attach); the task runs on.
-                log.info("consumer detached", extra={"peer": stream.remote_peer[:16]})
-            else:
-                log.warning("task stream failed", extra={
-                    "peer": stream.remote_peer[:16],
-                    "error": "; ".join(f"{type(e).__name__}: {e}" for e in leaves)})
-        finally:
-            with trio.move_on_after(1):
-                await stream.close()
 
     def _agreed_terms(self, consumer: str, body: dict) -> Terms:
         """The agreement ``consumer`` signed with us for this task.start, on its terms."""
@@ -450,156 +359,6 @@ class ProviderJobs:
             if self.tasks.get((task.consumer, task.job_id)) is task:
                 del self.tasks[(task.consumer, task.job_id)]
 
-    # ---- one attached consumer ------------------------------------------------------
-
-    async def _serve(self, stream: FramedStream, task: ProviderTask, offsets: dict[str, int]) -> None:
-        if task.attached is not None:
-            task.attached.cancel()  # a newer attachment replaces the old one
-        send_lock = trio.Lock()
-
-        async def send(obj: Any) -> None:
-            async with send_lock:
-                await stream.send(obj)
-
-        with trio.CancelScope() as scope:
-            task.attached = scope
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_consumer, stream, task, send_lock)
-                await self._write_loop(stream, task, offsets, send, send_lock)
-                nursery.cancel_scope.cancel()
-        if task.attached is scope:
-            task.attached = None
-
-    async def _write_loop(self, stream, task: ProviderTask, offsets, send, send_lock) -> None:
-        ex = task.execution
-        last_hb = 0.0
-        next_ckpt = (trio.current_time() + task.checkpoint_interval_s
-                     if task.checkpointable and task.checkpoint_interval_s > 0 else None)
-        while True:
-            changed = ex.output.changed
-            # Read before draining: nothing is appended once the execution is done, so
-            # the drain below then sends the very last byte (output that arrived while
-            # earlier frames were going out included) before the exit frame.
-            ended = ex.done.is_set()
-            for s, off, data in ex.output.since(offsets):
-                for i in range(0, len(data), CHUNK):
-                    await send({"o": s, "off": off + i, "d": data[i:i + CHUNK]})
-                offsets[s] = off + len(data)
-                ex.output.mark_sent(offsets)
-            if ended:
-                break
-            now = trio.current_time()
-            if task.preempt and not task.preempt_sent:
-                await send({"preempt": task.preempt})
-                task.preempt_sent = True
-            if now - last_hb >= self.heartbeat_s:
-                await send({"hb": int(time.time() * 1000)})
-                last_hb = now
-            if next_ckpt is not None and now >= next_ckpt and not task.preempt:
-                try:
-                    await self._send_checkpoint(stream, task, send_lock, stop=False)
-                    next_ckpt = trio.current_time() + task.checkpoint_interval_s
-                except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
-                    raise
-                except Exception as exc:  # the task runs on; it just cannot be checkpointed
-                    log.info("periodic checkpoints off", extra={"job": task.job_id, "error": str(exc)})
-                    next_ckpt = None
-            with trio.move_on_after(self.heartbeat_s):
-                await changed.wait()
-        await self._finish(stream, task, send)
-
-    async def _read_consumer(self, stream, task: ProviderTask, send_lock) -> None:
-        while True:
-            try:
-                msg = await stream.receive()
-            except (EOFError, Exception):
-                return
-            if not isinstance(msg, dict):
-                continue
-            if msg.get("cancel"):
-                log.info("task cancelled by its consumer", extra={"job": task.job_id})
-                await task.execution.cancel()
-            elif isinstance(msg.get("checkpoint"), dict):
-                stop = bool(msg["checkpoint"].get("stop"))
-                push = msg["checkpoint"].get("push_to")
-                try:
-                    await self._send_checkpoint(stream, task, send_lock, stop=stop,
-                                                push=push if isinstance(push, dict) else None)
-                except Exception as exc:
-                    async with send_lock:
-                        await stream.send({"ckpt_error": str(exc)})
-
-    async def _send_checkpoint(self, stream, task: ProviderTask, send_lock, stop: bool,
-                               push: dict | None = None) -> None:
-        async with task.ckpt_lock:
-            await self._checkpoint_and_send(stream, task, send_lock, stop, push)
-
-    async def _checkpoint_and_send(self, stream, task: ProviderTask, send_lock, stop: bool,
-                                   push: dict | None = None) -> None:
-        ex = task.execution
-        if not ex.supports_checkpoint:
-            raise RuntimeError("this task cannot be checkpointed")
-        task.checkpoints_taken += 1
-        n = task.checkpoints_taken
-        ckdir = task.workdir / f"ckpt-{n}"
-        info, offsets = await ex.checkpoint(ckdir, leave_running=not stop)
-        tar = task.workdir / f"ckpt-{n}.tar"
-        sha, size = await trio.to_thread.run_sync(pack, ckdir, tar)
-        shutil.rmtree(ckdir, ignore_errors=True)
-        if stop:
-            task.handed_back = True
-        info_frame = {"sha256": sha, "bytes": size, "offsets": offsets, "final": stop}
-        if push is not None and await self._push_direct(task, push, tar, sha, size):
-            # The new provider has it: the consumer gets the checkpoint's metadata only.
-            async with send_lock:
-                await stream.send({"ckpt": {**info_frame, "pushed_to": push["peer"]}})
-            tar.unlink(missing_ok=True)
-            return
-        async with send_lock:
-            await stream.send({"ckpt": info_frame})
-            await stream.send({"blob": size})
-            with open(tar, "rb") as f:
-                while block := f.read(CHUNK):
-                    await stream.raw.write(block)
-        tar.unlink(missing_ok=True)
-        log.info("checkpoint sent", extra={"job": task.job_id, "bytes": size, "final": stop})
-
-    async def _push_direct(self, task: ProviderTask, push: dict, tar: Path, sha: str, size: int) -> bool:
-        """Upload a checkpoint straight to the task's next provider (one hop instead of two)."""
-        peer, grant = push.get("peer"), push.get("grant")
-        if not isinstance(peer, str) or not isinstance(grant, bytes) or self._mesh is None:
-            return False
-        try:
-            with trio.fail_after(max(5.0, self.preemption_grace_s)):
-                await self._mesh.reach(peer, push.get("addrs") or [], per_addr_s=3.0)
-                out = await self._mesh.open_stream(peer, TRANSFER_PROTOCOL)
-                try:
-                    offer = seal(self.identity, "blob.offer", {"sha256": sha, "size": size,
-                                                               "kind": "checkpoint",
-                                                               "job_id": task.job_id, "grant": grant})
-                    await send_file(out, offer.encode(), tar)
-                finally:
-                    with trio.move_on_after(1):
-                        await out.close()
-        except Exception as exc:
-            log.info("direct checkpoint transfer failed; sending it through the consumer",
-                     extra={"job": task.job_id, "to": str(peer)[:16], "error": f"{type(exc).__name__}: {exc}"})
-            return False
-        log.info("checkpoint pushed to the next provider", extra={"job": task.job_id, "to": peer[:16],
-                                                                  "bytes": size})
-        return True
-
-    async def _finish(self, stream, task: ProviderTask, send) -> None:
-        ex = task.execution
-        async with task.ckpt_lock:
-            pass  # a stop-checkpoint in flight goes out first
-        st = ex.status
-        # offsets: where each stream ends, so the consumer knows it has every byte
-        await send({"exit": {"code": st.code, "reason": st.reason, "usage": st.usage.to_json(),
-                             "error": ex.error, "handed_back": task.handed_back,
-                             "offsets": dict(ex.output.offsets)}})
-        task.exit_sent.set()
-
     def _settle(self, task: ProviderTask) -> None:
         """End the lease and have the market send our signed usage receipt."""
         if task.settled:
@@ -709,34 +468,3 @@ class ProviderJobs:
             with trio.move_on_after(10):
                 await task.execution.done.wait()
         return self.task_json(job_id)
-
-
-class TaskRefused(Exception):
-    """A task.start / task.attach refused: ``slug`` is the counted reason (ours, stable)."""
-
-    def __init__(self, slug: str, message: str):
-        super().__init__(message)
-        self.slug = slug
-
-
-async def _refuse(stream: FramedStream, where: str, slug: str, message: str) -> None:
-    """Count a refusal (``slug`` is ours, never the peer's text), log it, tell the peer."""
-    REFUSALS.count(where, slug)
-    log.info("refused", extra={"where": where, "peer": stream.remote_peer[:16], "reason": slug,
-                               "detail": message})
-    with trio.move_on_after(2):
-        try:
-            await stream.send({"error": message})
-        except Exception:  # the peer may be gone already
-            pass
-
-
-# What a consumer that disconnected looks like from here (MeshError: the stream broke).
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, ConnectionError, MeshError)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The real errors inside (possibly nested) exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]

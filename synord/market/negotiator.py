@@ -30,6 +30,9 @@ from protocols.negotiation import (
     NegotiationError, Propose, Reject, Reserve, State, Terms, Timeouts, event_from_envelope,
 )
 from protocols.orders import Ask, Bid
+from protocols.receipt_delivery import (  # noqa: F401 (the constants: re-exported)
+    RECEIPT_RESEND_FIRST_MS, RECEIPT_RESEND_FOR_MS, RECEIPT_RESEND_MAX_MS, ReceiptDeliveries,
+)
 from protocols.receipts import (
     Observed, ReceiptAck, ReceiptError, SignedReceipt, countersign as countersign_receipt, issue, verify_receipt,
 )
@@ -50,10 +53,7 @@ REASONS = ("not_our_ask", "unknown_ask", "stale_ask", "ask_expired", "runtime", 
 MESSAGE_TTL_MS = 30_000
 MAX_SETTLING = 10_000  # agreements kept for receipts after their lease ended
 # A receipt the consumer has not acknowledged (it was down, or the message was
-# lost) goes out again: after 2 s, doubling to every 60 s, for an hour.
-RECEIPT_RESEND_FIRST_MS = 2_000
-RECEIPT_RESEND_MAX_MS = 60_000
-RECEIPT_RESEND_FOR_MS = 3_600_000
+# lost) goes out again: the schedule is protocols/receipt_delivery.py's.
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class Provider(_Party):
         self.on_receipt_issued = on_receipt_issued  # e.g. keep it until acknowledged
         self.on_receipt_closed = on_receipt_closed  # acknowledged or given up: aid
         self._unacked: OrderedDict[bytes, SignedReceipt] = OrderedDict()
-        self._resend: dict[bytes, tuple[int, int, int]] = {}  # aid -> (next at, gap, first sent)
+        self._delivery = ReceiptDeliveries()  # when each unacknowledged receipt goes out again
         self.admission = admission
         self.on_agreement = on_agreement
         self.on_end = on_end
@@ -263,7 +263,8 @@ class Provider(_Party):
 
     def next_deadline(self) -> int | None:
         times = [t for m in self.negotiations.values() for t in (m.deadline, m.next_heartbeat) if t is not None]
-        times += [at for at, _, _ in self._resend.values()]
+        if (at := self._delivery.next_deadline()) is not None:
+            times.append(at)
         return min(times, default=None)
 
     def tick(self, now: int | None = None) -> list[Send]:
@@ -275,18 +276,18 @@ class Provider(_Party):
                 self._reap(m)
             elif m.heartbeat_due(now):
                 out.append(self._seal(m.consumer, m.heartbeat(now)))
-        for aid, (at, gap, first) in list(self._resend.items()):
-            if at > now:
-                continue
+        resend, gave_up = self._delivery.tick(now)
+        for aid in gave_up:
             sr = self._unacked.get(aid)
-            if sr is None or now - first > RECEIPT_RESEND_FOR_MS:
-                if sr is not None:
-                    log.warning("receipt never acknowledged; giving up", extra={
-                        "consumer": sr.receipt.consumer[:16], "aid": aid.hex()})
+            if sr is not None:
+                log.warning("receipt never acknowledged; giving up", extra={
+                    "consumer": sr.receipt.consumer[:16], "aid": aid.hex()})
+            self._close_receipt(aid)
+        for aid in resend:
+            sr = self._unacked.get(aid)
+            if sr is None:
                 self._close_receipt(aid)
                 continue
-            gap = min(gap * 2, RECEIPT_RESEND_MAX_MS)
-            self._resend[aid] = (now + gap, gap, first)
             out.append(Send(sr.receipt.consumer,
                             seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now)))
         return out
@@ -311,7 +312,7 @@ class Provider(_Party):
         sr = issue(self.identity, m.terms, cpu_s=cpu_s, peak_memory=peak_memory,
                    started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome)
         self._unacked[sr.receipt.aid] = sr
-        self._resend[sr.receipt.aid] = (now + RECEIPT_RESEND_FIRST_MS, RECEIPT_RESEND_FIRST_MS, now)
+        self._delivery.issue(sr.receipt.aid, now)
         if self.on_receipt_issued:
             self.on_receipt_issued(sr, now)
         while len(self._unacked) > MAX_SETTLING:
@@ -322,18 +323,21 @@ class Provider(_Party):
         """A receipt issued before our restart and not yet acknowledged: resend it
         (now, then on the usual schedule, until an hour after ``first_sent``)."""
         self._unacked[sr.receipt.aid] = sr
-        self._resend[sr.receipt.aid] = (self.clock(), RECEIPT_RESEND_FIRST_MS, first_sent)
+        self._delivery.resume(sr.receipt.aid, first_sent, self.clock())
 
     def _receipt_ack(self, env: Envelope) -> list[Send]:
         ack = ReceiptAck.from_body(env.body)
         sr = self._unacked.get(ack.aid)
         if sr is None or env.sender_id != sr.receipt.consumer:
             self.dropped["unknown_receipt"] += 1
+            REFUSALS.count("receipt_ack", "unknown_receipt")
             return []
         full = replace(sr, csig=ack.csig)
         if not verify_receipt(full):
             self.dropped["bad_receipt_signature"] += 1
+            REFUSALS.count("receipt_ack", "bad_signature")
             return []
+        self._delivery.ack(ack.aid)
         self._close_receipt(ack.aid)
         if self.on_receipt:
             self.on_receipt(full)
@@ -341,7 +345,7 @@ class Provider(_Party):
 
     def _close_receipt(self, aid: bytes) -> None:
         self._unacked.pop(aid, None)
-        self._resend.pop(aid, None)
+        self._delivery.forget(aid)
         if self.on_receipt_closed:
             self.on_receipt_closed(aid)
 

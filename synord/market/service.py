@@ -381,6 +381,15 @@ class MarketService:
         self.consumer.placements.pop(bid_id, None)
         await self._send_all(sends, "provider")
 
+    def lease(self, terms: Terms):
+        """Consumer: the agreement's one lease (protocols.lease), held by its negotiation
+        while the placement is on; the job path feeds it task frames and asks it."""
+        pl = self.consumer.placements.get(self._bid_of.get(terms.aid, ""))
+        m = pl.negotiation if pl is not None else None
+        if m is None or m.terms is None or m.terms.aid != terms.aid:
+            return None
+        return m.lease
+
     def lease_done(self, terms: Terms) -> None:
         """Consumer: the task under ``terms`` is over; forget the placement."""
         bid_id = self._bid_of.pop(terms.aid, None)

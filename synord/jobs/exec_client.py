@@ -1,190 +1,24 @@
-"""`synord exec` / `synord shell`: a command inside a running task's sandbox,
-over `/synord/shell/1.0.0` (protocols.shell), for the task's owner only.
-
-Provider side: `ShellService.handle` (registered by `ProviderJobs.register`)
-checks that the stream's authenticated peer is the task's consumer and signed
-the request, that the task still runs, then runs the command with
-`Sandbox.exec` and relays stdin / output / exit code. A consumer that goes
-away mid-command aborts it: the command is killed, never left behind.
-
-Consumer side: `open_exec` dials the job's provider and returns an
-`ExecClient` (send stdin, iterate output events, close).
+"""`synord exec` / `synord shell`, consumer side: `open_exec` dials the job's
+provider over `/synord/shell/1.0.0` (protocols.shell) and returns an
+`ExecClient` (send stdin, iterate output events, close); `ConsumerExec` is
+what the control API calls.  The provider side is `synord.jobs.exec_service`.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, Rejected, seal
+from protocols.envelope import seal
 from protocols.framing import FramedStream
 from protocols.identity import Identity
-from protocols.shell import EXEC_TYPE, MAX_STDIN_FRAME, SHELL_PROTOCOL, exec_body, terminal_size
+from protocols.shell import EXEC_TYPE, MAX_STDIN_FRAME, OPEN_TIMEOUT_S, SHELL_PROTOCOL, exec_body, terminal_size
 from protocols.tasks import TaskSpecError
-from runtimes.base import ExecUnsupported, SpecError, TerminalSize
 
 from ..api import ApiError
 
-if TYPE_CHECKING:
-    from .provider import ProviderJobs
-
-log = logging.getLogger("synord.jobs.shell")
-
-MAX_SESSIONS_PER_TASK = 8
-OPEN_TIMEOUT_S = 15.0
-
-
-class ShellRefused(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-# ---- provider side --------------------------------------------------------------------
-
-class ShellService:
-    def __init__(self, jobs: "ProviderJobs", validator: EnvelopeValidator | None = None,
-                 max_sessions_per_task: int = MAX_SESSIONS_PER_TASK):
-        self.jobs = jobs
-        self.validator = validator or jobs.validator
-        self.max_sessions = max_sessions_per_task
-        self.sessions: dict[str, int] = {}  # job id -> exec sessions open now
-
-    def _request(self, first: Any, stream: FramedStream) -> dict:
-        data = first.get("env") if isinstance(first, dict) else None
-        if not isinstance(data, bytes):
-            raise ShellRefused("bad_request", "expected a signed shell.exec envelope")
-        env = self.validator.check(data)
-        if isinstance(env, Rejected):
-            raise ShellRefused("bad_request", f"envelope rejected: {env.reason} {env.detail}".strip())
-        if env.type != EXEC_TYPE:
-            raise ShellRefused("bad_request", f"unexpected message {env.type}")
-        if env.sender_id != stream.remote_peer:
-            raise ShellRefused("forbidden", "envelope not signed by the connected peer")
-        return env.body
-
-    def _task(self, job_id: str, peer: str):
-        task = self.jobs.task_of(peer, job_id) or self.jobs.task_named(job_id)
-        if task is None:
-            row = self.jobs.row_of(peer, job_id)
-            if row is not None:
-                raise ShellRefused("not_running", f"job {job_id} is not running ({row['state']})")
-            raise ShellRefused("no_task", f"no task {job_id} runs on this provider")
-        if task.consumer != peer:
-            raise ShellRefused("forbidden", f"permission denied: only the consumer that placed job "
-                                            f"{job_id} may exec into it")
-        ex = task.execution
-        if ex.done.is_set():
-            st = ex.status
-            how = f"exited with code {st.code}" if st is not None else "ended"
-            raise ShellRefused("not_running", f"job {job_id} is not running (it has finished: {how})")
-        if ex.sandbox is None:
-            raise ShellRefused("not_running", f"job {job_id} has not started yet")
-        if not ex.sandbox.supports_exec:
-            raise ShellRefused("unsupported", f"exec is not supported for {ex.spec.kind} tasks yet")
-        if self.sessions.get(job_id, 0) >= self.max_sessions:
-            raise ShellRefused("busy", f"job {job_id} already has {self.max_sessions} exec sessions")
-        return task
-
-    async def handle(self, stream: FramedStream) -> None:
-        peer = stream.remote_peer
-        job_id = None
-        try:
-            with trio.fail_after(OPEN_TIMEOUT_S):
-                first = await stream.receive()
-            body = self._request(first, stream)
-            job_id = body["job_id"]
-            task = self._task(job_id, peer)
-            self.sessions[job_id] = self.sessions.get(job_id, 0) + 1
-            try:
-                await self._run(stream, task, body)
-            finally:
-                self.sessions[job_id] -= 1
-                if not self.sessions[job_id]:
-                    del self.sessions[job_id]
-        except ShellRefused as exc:
-            log.info("exec refused", extra={"peer": peer[:16], "job": job_id, "reason": str(exc)})
-            with trio.move_on_after(2):
-                await stream.send({"error": str(exc), "code": exc.code})
-        except (EOFError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("exec stream ended", extra={"peer": peer[:16], "job": job_id,
-                                                 "error": f"{type(exc).__name__}: {exc}"})
-        except trio.Cancelled:
-            raise
-        except Exception as exc:  # a broken peer must never take the daemon down
-            log.warning("exec stream failed", extra={"peer": peer[:16], "job": job_id,
-                                                     "error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            with trio.move_on_after(1):
-                await stream.close()
-
-    async def _run(self, stream: FramedStream, task, body: dict) -> None:
-        sandbox = task.execution.sandbox
-        argv = list(body["argv"])
-        tty = TerminalSize(body["tty"]["rows"], body["tty"]["cols"]) if "tty" in body else None
-        try:
-            cm = sandbox.exec(argv, dict(body.get("env") or {}), tty=tty)
-            proc = await cm.__aenter__()
-        except (ExecUnsupported, SpecError) as exc:
-            raise ShellRefused("unsupported" if isinstance(exc, ExecUnsupported) else "bad_request",
-                               f"job {task.job_id}: {exc}") from None
-        log.info("exec started", extra={"job": task.job_id, "peer": stream.remote_peer[:16],
-                                        "command": argv[0][:64]})
-        exc_info: tuple = (None, None, None)
-        code = None
-        try:
-            await stream.send({"started": True})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._stdin, stream, proc, nursery.cancel_scope)
-                drained = trio.Event()
-
-                async def relay() -> None:
-                    async for chunk in proc.output:
-                        await stream.send({"o": chunk.stream, "d": chunk.data})
-                    drained.set()
-                nursery.start_soon(relay)
-                code = await proc.wait()
-                # A background child of the command may hold the pipes open: don't wait for it.
-                with trio.move_on_after(1):
-                    await drained.wait()
-                nursery.cancel_scope.cancel()
-            if code is not None:
-                await stream.send({"exit": code})
-                log.info("exec ended", extra={"job": task.job_id, "code": code})
-        except BaseException as exc:
-            exc_info = (type(exc), exc, exc.__traceback__)
-            raise
-        finally:
-            await cm.__aexit__(*exc_info)  # kills and reaps the command if it still runs
-
-    async def _stdin(self, stream: FramedStream, proc, scope: trio.CancelScope) -> None:
-        """Consumer frames → the command's stdin. The consumer leaving aborts the command."""
-        while True:
-            try:
-                msg = await stream.receive()
-            except Exception:
-                log.info("exec aborted: the consumer closed the stream")
-                scope.cancel()
-                return
-            if not isinstance(msg, dict):
-                continue
-            try:
-                if isinstance(msg.get("i"), bytes):
-                    await proc.send_stdin(msg["i"])
-                elif msg.get("eof"):
-                    await proc.close_stdin()
-                elif "resize" in msg:
-                    await proc.resize(TerminalSize(*terminal_size(msg["resize"])))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the command closed its stdin or exited: drop further input
-            except TaskSpecError:
-                pass  # a malformed size: keep the old one
-
-
-# ---- consumer side --------------------------------------------------------------------
 
 class ExecError(Exception):
     """The provider refused (``code`` as in protocols.shell) or the stream broke."""
