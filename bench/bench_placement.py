@@ -32,7 +32,8 @@ from pathlib import Path
 import trio
 
 from protocols.identity import Identity
-from protocols.mesh import MeshConfig, create_mesh, protocol_id
+from protocols.mesh import MeshConfig, protocol_id
+from protocols.p2p import create_mesh
 from synord.jobs.consumer import Needs
 from synord.market.pricing import PricingPolicy
 from synord.market.service import MarketService

@@ -17,7 +17,7 @@ from runtimes.base import Limits, RuntimeError_, TaskSpec, get_runtime, infer_ki
 
 
 def run_local(args) -> int:
-    from .cli import CliError
+    from .cli_errors import CliError
     artifact = Path(args.artifact).resolve()
     if not artifact.exists():
         raise CliError(f"artefact {args.artifact} does not exist")
