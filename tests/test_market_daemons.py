@@ -172,7 +172,7 @@ async def market_peer(bootstrap: str):
 
 
 async def test_paused_provider_rejects_a_stale_candidate_and_the_next_agrees(cluster):
-    from synord.jobs.consumer import Needs, PlacementRejected
+    from synord.market.port import Needs, PlacementRejected
     first = await in_thread(cluster.start, "first", config=HALF_HOST)
     boot = (await in_thread(first.p2p_addrs))[0]
     second = await in_thread(cluster.start, "second", bootstrap=[boot], config=HALF_HOST)
