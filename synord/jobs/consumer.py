@@ -1,6 +1,12 @@
 """Consumer side of jobs: submit → place through the book → ship → watch →
 settle, and migrate when the provider is preempted or lost.
 
+This module drives a job's life; its rooms are next to it: the typed job
+(spec.py: JobSpec, RunState), its tables (jobstore.py), checking a request
+(submit.py), finding a provider and batch re-assignment (placement.py), the
+agreement of each leg kept for after a restart (agreements.py), the NDJSON
+output the API streams (output.py).
+
     queued → negotiating → running ⇄ migrating → succeeded | failed | cancelled
 
 Durability: the job row, its history and every output byte received are in
@@ -36,7 +42,7 @@ from ..errors import NotFound
 from ..market.port import Market, Needs, NoPlacement, PlacementRejected  # noqa: F401 (re-exported)
 from ..metrics import observe_placement
 from ..store import Store, json_safe
-from . import agreements, output, submit as submission
+from . import agreements, output as ndjson, submit as submission
 from .jobstore import JobStore
 from .migration import Thresholds, decide_mode
 from .placement import DEFAULT_BANDWIDTH_BPS, Placement
@@ -727,7 +733,7 @@ class ConsumerJobs:
 
     def output(self, job_id: str, follow: bool) -> AsyncIterator[bytes]:
         """NDJSON lines of the job's output (synord.jobs.output); NotFound at once."""
-        return output.consumer_lines(self._get(job_id), self.jobstore, follow)
+        return ndjson.consumer_lines(self._get(job_id), self.jobstore, follow)
 
 
 def _short(peer: str) -> str:
