@@ -25,7 +25,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .dashboard import FILES as DASHBOARD_FILES, response as dashboard_response
-from .errors import Conflict, DomainError, Gone, InsufficientStorage, Invalid, NotFound, Unavailable
+from .errors import (Busy, Conflict, DomainError, Forbidden, Gone, InsufficientStorage, Invalid, NotFound,
+                     Unavailable, Unsupported)
 from protocols.refusals import REFUSALS
 
 if TYPE_CHECKING:
@@ -44,8 +45,9 @@ class ApiError(Exception):
 
 
 # Each domain error's HTTP status (the CLI and tests see these codes).
-STATUS: dict[type[DomainError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, Gone: 410,
-                                        Unavailable: 502, InsufficientStorage: 507}
+STATUS: dict[type[DomainError], int] = {Invalid: 400, Forbidden: 403, NotFound: 404, Conflict: 409,
+                                        Gone: 410, Busy: 429, Unsupported: 501, Unavailable: 502,
+                                        InsufficientStorage: 507}
 
 
 def http_error(exc: Exception) -> ApiError | None:

@@ -17,6 +17,10 @@ class Invalid(DomainError):
     """The request is malformed or asks for something impossible (400)."""
 
 
+class Forbidden(DomainError):
+    """Not this caller's to ask for, e.g. another consumer's task (403)."""
+
+
 class NotFound(DomainError):
     """No such job, task or session here (404)."""
 
@@ -27,6 +31,14 @@ class Conflict(DomainError):
 
 class Gone(DomainError):
     """It existed and has ended (410)."""
+
+
+class Busy(DomainError):
+    """Too many at once: try again later (429)."""
+
+
+class Unsupported(DomainError):
+    """A request this node or sandbox cannot do (yet), e.g. exec into a wasm task (501)."""
 
 
 class Unavailable(DomainError):

@@ -12,7 +12,8 @@ import msgpack
 import pytest
 
 from protocols.tasks import check_start
-from synord.errors import Conflict, InsufficientStorage, Invalid, NotFound
+from synord.errors import (Busy, Conflict, Forbidden, Gone, InsufficientStorage, Invalid, NotFound, Unavailable,
+                           Unsupported)
 from synord.jobs.spec import JobSpec, RunState, SpecView, from_stored, stored
 
 SHA = "ab" * 32
@@ -93,8 +94,8 @@ def test_the_spec_is_frozen_and_the_view_writes_only_run_state():
 
 def test_domain_errors_map_to_the_status_codes_the_cli_sees():
     from synord.api import ApiError, http_error
-    assert [http_error(e).status for e in (Invalid("x"), NotFound("x"), Conflict("x"),
-                                           InsufficientStorage("x"))] == [400, 404, 409, 507]
+    errors = (Invalid, Forbidden, NotFound, Conflict, Gone, Busy, Unsupported, Unavailable, InsufficientStorage)
+    assert [http_error(e("x")).status for e in errors] == [400, 403, 404, 409, 410, 429, 501, 502, 507]
     assert http_error(NotFound("no job 1")).message == "no job 1"
     assert http_error(ApiError(421, "m")).status == 421
     assert http_error(ValueError("bug")) is None
