@@ -22,7 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .schema import MIGRATIONS, Migration  # noqa: F401  (each owner's tables, in order)
+
+def __getattr__(name: str) -> Any:
+    """``store.MIGRATIONS`` (synord.schema's list), imported when first asked for: the
+    owners' modules it lists are heavier than the store (the CLI's `doctor` uses it)."""
+    if name in ("MIGRATIONS", "Migration"):
+        from . import schema
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StoreCorrupt(RuntimeError):
@@ -63,6 +70,7 @@ class Store:
             raise StoreCorrupt(corrupt_message(self.path, problem))
 
     def migrate(self) -> int:
+        from .schema import MIGRATIONS  # each owner's tables, in order
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this synord "
