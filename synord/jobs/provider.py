@@ -339,14 +339,12 @@ class ProviderJobs:
             raise TaskRefused("foreign_agreement", "no active agreement for this task")
         if terms.expires <= time.time() * 1000:
             raise TaskRefused("agreement_expired", "the agreement's lease has expired")
-        if terms.runtime != body["kind"]:
-            raise TaskRefused("terms_mismatch", f"the agreement is for {terms.runtime}, not {body['kind']}")
-        limits = body.get("limits", {})
-        if int(limits.get("memory_bytes", 256 << 20)) > terms.memory \
-                or float(limits.get("cpus", 1.0)) > terms.cores + 1e-9:
+        spec = JobSpec.from_task_start(body)
+        if terms.runtime != spec.kind:
+            raise TaskRefused("terms_mismatch", f"the agreement is for {terms.runtime}, not {spec.kind}")
+        if spec.memory_bytes > terms.memory or spec.cpus > terms.cores + 1e-9:
             raise TaskRefused("terms_mismatch", "limits exceed the agreed resources")
-        timeout = limits.get("timeout_s")
-        if timeout is not None and timeout > terms.duration_s:
+        if spec.timeout_s is not None and spec.timeout_s > terms.duration_s:
             raise TaskRefused("terms_mismatch", "timeout_s exceeds the agreed duration")
         return terms
 
