@@ -32,8 +32,9 @@ from pathlib import Path
 import trio
 
 from protocols.identity import Identity
-from protocols.mesh import MeshConfig, create_mesh, protocol_id
-from synord.jobs.consumer import Needs
+from protocols.mesh import MeshConfig, protocol_id
+from protocols.p2p import create_mesh
+from synord.market.port import Needs
 from synord.market.pricing import PricingPolicy
 from synord.market.service import MarketService
 from synord.store import Store

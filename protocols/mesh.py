@@ -235,8 +235,3 @@ def parse_px_reply(reply: bytes) -> list[tuple[str, list[str]]]:
         out.append((entry[0], addrs))
     return out
 
-
-def create_mesh(identity: Identity, config: MeshConfig) -> Mesh:
-    """The default backend (py-libp2p); imported lazily because it is heavy."""
-    from .p2p import Libp2pMesh
-    return Libp2pMesh(identity, config)

@@ -588,3 +588,10 @@ class Libp2pMesh(Mesh):
                 self._consider(info.peer_id.to_base58(), [str(a) for a in info.addrs])
         finally:
             peerDiscovery.unregister_peer_discovered_handler(on_found)
+
+
+def create_mesh(identity: Identity, config: MeshConfig) -> Mesh:
+    """The default backend (py-libp2p). It lives here, not in protocols.mesh, so the
+    interface module never imports its (heavy) implementation: callers that want
+    one import this module when they start a mesh."""
+    return Libp2pMesh(identity, config)

@@ -5,8 +5,10 @@ Listens on loopback or a Unix socket only. Every request needs
 dashboard page, which holds no data. A Host header that is not loopback gets
 421: that blocks DNS-rebinding attacks from web pages in the user's browser.
 
-The routes are thin: each calls one method of the Node (synord.daemon), which
-owns the state; errors it raises as ApiError become JSON {"error": ...}.
+The routes are thin: each calls one method of the component that owns the
+state (reached through the Node, synord.daemon). Domain errors (synord.errors)
+become JSON {"error": ...} with the status `STATUS` gives them: this module is
+the one place that speaks HTTP codes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .dashboard import FILES as DASHBOARD_FILES, response as dashboard_response
+from .errors import (Busy, Conflict, DomainError, Forbidden, Gone, InsufficientStorage, Invalid, NotFound,
+                     Unavailable, Unsupported)
 from protocols.refusals import REFUSALS
 
 if TYPE_CHECKING:
@@ -38,6 +42,22 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+# Each domain error's HTTP status (the CLI and tests see these codes).
+STATUS: dict[type[DomainError], int] = {Invalid: 400, Forbidden: 403, NotFound: 404, Conflict: 409,
+                                        Gone: 410, Busy: 429, Unsupported: 501, Unavailable: 502,
+                                        InsufficientStorage: 507}
+
+
+def http_error(exc: Exception) -> ApiError | None:
+    """The HTTP form of an ApiError or a domain error; None for anything else (a bug)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, DomainError):
+        status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+        return ApiError(status, exc.message)
+    return None
 
 
 def host_is_loopback(host_header: str) -> bool:
@@ -111,9 +131,10 @@ def build_app(node: "Node", token: str):
             if hasattr(result, "__await__"):
                 result = await result
             return JSONResponse(result)
-        except ApiError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
         except Exception as exc:
+            err = http_error(exc)
+            if err is not None:
+                return JSONResponse({"error": err.message}, status_code=err.status)
             why = node.storage.failed("control API", exc)
             if why is not None:  # the disk, not a bug: 507 with the reason (status says it too)
                 return JSONResponse({"error": f"node storage full, nothing recorded: {why}"},
@@ -142,70 +163,72 @@ def build_app(node: "Node", token: str):
         return await call(node.doctor_json)
 
     async def peers(request: Request):
-        return await call(node.peers_json)
+        return await call(node.mesh.peers_json)
 
     async def probe(request: Request):
         return await call(node.probe_json, request.query_params.get("bench") == "1")
 
     async def book(request: Request):
-        return await call(node.book_json, request.query_params.get("class"))
+        return await call(node.market.book_json, request.query_params.get("class"))
 
     async def ledger(request: Request):
-        return await call(node.ledger_json)
+        return await call(node.market.ledger_json)
 
     async def limits(request: Request):
-        return await call(node.limits_json)
+        return await call(node.contributor.limits_json)
 
     async def set_limits(request: Request):
-        return await call(lambda body: node.set_limits(check_numbers(body, LIMIT_NUMBERS)), request=request)
+        return await call(lambda body: node.contributor.set_limits(check_numbers(body, LIMIT_NUMBERS)), request=request)
 
     async def idle(request: Request):
-        return await call(node.report_idle, request=request)
+        return await call(node.contributor.report_idle, request=request)
 
     async def pause(request: Request):
-        return await call(node.pause)
+        return await call(node.contributor.pause)
 
     async def resume(request: Request):
-        return await call(node.resume)
+        return await call(node.contributor.resume)
 
     async def jobs(request: Request):
-        return await call(node.jobs_json)
+        return await call(node.jobs.jobs_json)
 
     async def job(request: Request):
-        return await call(node.job_json, request.path_params["job_id"])
+        return await call(node.jobs.job_json, request.path_params["job_id"])
 
     async def submit(request: Request):
-        return await call(lambda body: node.submit_job(check_numbers(body, SUBMIT_NUMBERS)), request=request)
+        return await call(lambda body: node.jobs.submit(check_numbers(body, SUBMIT_NUMBERS)), request=request)
 
     async def placement(request: Request):
-        return await call(node.placement_json, request.path_params["job_id"])
+        return await call(node.jobs.placement_json, request.path_params["job_id"])
 
     async def cancel(request: Request):
-        return await call(node.cancel_job, request.path_params["job_id"])
+        return await call(node.jobs.cancel, request.path_params["job_id"])
 
     async def preempt(request: Request):
-        return await call(node.preempt_notice, request=request)
+        return await call(node.contributor.preempt_notice, request=request)
 
     async def logs(request: Request):
         job_id = request.path_params["job_id"]
         follow = request.query_params.get("follow") == "1"
         try:
-            stream = node.job_output(job_id, follow)
-        except ApiError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
+            stream = node.jobs.output(job_id, follow)
+        except (ApiError, DomainError) as exc:
+            err = http_error(exc)
+            return JSONResponse({"error": err.message}, status_code=err.status)
         # newline-delimited JSON: {"stream": "stdout", "data": "..."} then a final {"exit_code": ...}
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
     async def exec_(request: Request):
         # NDJSON: [{"session": id} if interactive], {"stream", "data"}..., then {"exit_code"} or {"error"}
         try:
-            stream = await node.exec_job(request.path_params["job_id"], await body_of(request))
-        except ApiError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
+            stream = await node.jobs.exec_job(request.path_params["job_id"], await body_of(request))
+        except (ApiError, DomainError) as exc:
+            err = http_error(exc)
+            return JSONResponse({"error": err.message}, status_code=err.status)
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
     async def exec_stdin(request: Request):  # body {"data": text?, "eof": bool?}
-        return await call(node.exec_stdin, request.path_params["session"], request=request)
+        return await call(node.jobs.exec_stdin, request.path_params["session"], request=request)
 
     async def metrics(request: Request):
         from prometheus_client import generate_latest
@@ -217,7 +240,8 @@ def build_app(node: "Node", token: str):
             since = float(request.query_params.get("since") or 0)
         except ValueError:
             return JSONResponse({"error": "since must be a unix time in seconds"}, status_code=400)
-        return await call(node.history_json, since)
+        from .history import history_json
+        return await call(history_json, node.store, node.config["history.interval_s"], since)
 
     async def dashboard(request: Request):
         return dashboard_response(request.url.path)

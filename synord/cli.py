@@ -19,15 +19,10 @@ from protocols.kinds import RUNTIME_KINDS
 
 from . import __version__
 from . import humanize as hz
+from .cli_errors import CliError  # command modules raise it too
 from .home import Home, default_home
 
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):

@@ -53,15 +53,20 @@ def read(store: "Store", since: float = 0.0, limit: int = MAX_ROWS) -> list[dict
     return [dict(zip(COLUMNS, row)) for row in reversed(rows)]
 
 
+def history_json(store: "Store", interval_s: float, since: float = 0.0) -> dict:
+    """The API's answer: the sampling interval and the samples newer than ``since``."""
+    return {"interval_s": interval_s, "samples": read(store, since)}
+
+
 def sample(node: "Node") -> dict[str, Any]:
     import psutil
     earned, spent = node.market.ledger.totals()
     return {
         "ts": time.time(),
         "cpu_percent": psutil.cpu_percent(interval=None),  # since the previous call
-        "offered_cpus": float(node.market_offer().get("cpus") or 0.0),
+        "offered_cpus": float(node.contributor.market_offer().get("cpus") or 0.0),
         "tasks": len(node.provider_jobs.running()),
-        "contributing": int(node.contributing),
+        "contributing": int(node.contributor.contributing),
         "earned": earned,
         "spent": spent,
     }

@@ -22,7 +22,7 @@ import trio
 from protocols import caps, topics
 from protocols.envelope import MAX_ENVELOPE_BYTES, Envelope, EnvelopeValidator
 from protocols.identity import Identity
-from protocols.mesh import Mesh, MeshConfig, create_mesh, envelope_validator, protocol_id
+from protocols.mesh import Mesh, MeshConfig, envelope_validator, protocol_id
 
 log = logging.getLogger("synord.mesh")
 
@@ -69,6 +69,8 @@ class MeshService:
         self.offer_provider = offer_provider
         self.announce_interval_s = announce_interval_s
         self.expiry_s = 3 * announce_interval_s
+        if mesh is None:
+            from protocols.p2p import create_mesh  # heavy (libp2p): only when a mesh starts
         self.mesh = mesh or create_mesh(identity, MeshConfig(
             listen=list(listen), bootstrap=list(bootstrap or []), mdns=mdns, **mesh_options))
         self.validator = EnvelopeValidator()

@@ -95,7 +95,7 @@ class NodeCollector:
         yield paced
 
         contributing = GaugeMetricFamily("synord_contributing", "1 when offering capacity")
-        contributing.add_metric([], 1.0 if n.contributing else 0.0)
+        contributing.add_metric([], 1.0 if n.contributor.contributing else 0.0)
         yield contributing
 
         from . import __version__
@@ -121,7 +121,7 @@ class NodeCollector:
                                     labels=["resource"])
         used = GaugeMetricFamily("synord_capacity_used", "capacity taken by the tasks running here",
                                  labels=["resource"])
-        offer = n.market_offer() if n.profile is not None and n.contributing else {}
+        offer = n.contributor.market_offer() if n.profile is not None and n.contributor.contributing else {}
         running = n.provider_jobs.running() if n.provider_jobs else []
         for resource in ("cpus", "memory_bytes"):
             offered.add_metric([resource], float(offer.get(resource) or 0))

@@ -19,7 +19,7 @@ from runtimes.base import Limits, RuntimeError_, TaskSpec
 
 
 def run_local(args) -> int:
-    from .cli import CliError
+    from .cli_errors import CliError
     artifact = Path(args.artifact).resolve()
     if not artifact.exists():
         raise CliError(f"artefact {args.artifact} does not exist")

@@ -5,8 +5,9 @@ after its transaction committed; with WAL + synchronous=FULL a committed
 transaction survives kill -9 and power loss.
 
 Schema changes are append-only migrations: `MIGRATIONS[i]` moves the database
-from ``user_version == i`` to ``i + 1``. Components that own tables add a
-migration here (or a callable that gets the connection) — never edit an old one.
+from ``user_version == i`` to ``i + 1``. Components that own tables write
+their step (SQL, or a callable that gets the connection) in their own module;
+synord.schema puts the steps in order — never edit an old one.
 
 Calls are synchronous: each is a short local transaction (well under a
 millisecond on this disk), cheaper than a thread hop.
@@ -21,74 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-Migration = str | Callable[[sqlite3.Connection], None]
 
-
-def _market_schema(conn: sqlite3.Connection) -> None:
-    from .market.ledger import SCHEMA  # the ledger owns its tables' definitions
-    _exec_script(conn, SCHEMA)
-
-
-def _history_schema(conn: sqlite3.Connection) -> None:
-    from .history import SCHEMA  # the dashboard's samples over time (synord.history)
-    _exec_script(conn, SCHEMA)
-
-
-MIGRATIONS: list[Migration] = [
-    # 1: generic durable settings (pause state, counters...)
-    """
-    CREATE TABLE kv (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL,
-        updated REAL NOT NULL
-    );
-    """,
-    # 2: jobs this node submitted (consumer side) or runs (provider side)
-    """
-    CREATE TABLE jobs (
-        id TEXT PRIMARY KEY,
-        role TEXT NOT NULL CHECK (role IN ('consumer', 'provider')),
-        state TEXT NOT NULL,
-        runtime TEXT NOT NULL,
-        spec TEXT NOT NULL,
-        provider TEXT,
-        consumer TEXT,
-        exit_code INTEGER,
-        error TEXT,
-        created REAL NOT NULL,
-        updated REAL NOT NULL
-    );
-    CREATE INDEX jobs_state ON jobs(state);
-    CREATE TABLE job_history (
-        job_id TEXT NOT NULL REFERENCES jobs(id),
-        seq INTEGER NOT NULL,
-        entry TEXT NOT NULL,
-        PRIMARY KEY (job_id, seq)
-    );
-    CREATE TABLE job_output (
-        job_id TEXT NOT NULL REFERENCES jobs(id),
-        seq INTEGER NOT NULL,
-        stream TEXT NOT NULL,
-        data BLOB NOT NULL,
-        PRIMARY KEY (job_id, seq)
-    );
-    """,
-    # 3: market ledger (receipts, outcomes for reputation)
-    _market_schema,
-    # 4: one sample of utilisation and earnings per minute, for the dashboard's charts
-    _history_schema,
-    # 5: provider rows keyed by the agreement id the provider signed, not by the
-    # consumer's job id (public, and chosen by a peer: a foreign task.start with it
-    # replaced our own rows); the consumer's job id moves to peer_job.
-    """
-    ALTER TABLE jobs ADD COLUMN peer_job TEXT;
-    UPDATE jobs SET peer_job = id WHERE role = 'provider';
-    UPDATE jobs SET id = json_extract(spec, '$.agreement_id')
-        WHERE role = 'provider' AND json_extract(spec, '$.agreement_id') IS NOT NULL
-        AND NOT EXISTS (SELECT 1 FROM jobs AS o WHERE o.id = json_extract(jobs.spec, '$.agreement_id'));
-    CREATE INDEX jobs_provider_peer_job ON jobs(consumer, peer_job) WHERE role = 'provider';
-    """,
-]
+def __getattr__(name: str) -> Any:
+    """``store.MIGRATIONS`` (synord.schema's list), imported when first asked for: the
+    owners' modules it lists are heavier than the store (the CLI's `doctor` uses it)."""
+    if name in ("MIGRATIONS", "Migration"):
+        from . import schema
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StoreCorrupt(RuntimeError):
@@ -129,6 +70,7 @@ class Store:
             raise StoreCorrupt(corrupt_message(self.path, problem))
 
     def migrate(self) -> int:
+        from .schema import MIGRATIONS  # each owner's tables, in order
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this synord "

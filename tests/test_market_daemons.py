@@ -154,7 +154,8 @@ def test_busy_provider_refuses_and_the_job_lands_on_the_next(cluster):
 async def market_peer(bootstrap: str):
     """An in-process consumer `MarketService` on its own libp2p host, dialled into the mesh."""
     from protocols.identity import Identity
-    from protocols.mesh import MeshConfig, create_mesh
+    from protocols.mesh import MeshConfig
+    from protocols.p2p import create_mesh
     from synord.market.pricing import PricingPolicy
     from synord.market.service import MarketService
     from synord.store import Store
@@ -171,7 +172,7 @@ async def market_peer(bootstrap: str):
 
 
 async def test_paused_provider_rejects_a_stale_candidate_and_the_next_agrees(cluster):
-    from synord.jobs.consumer import Needs, PlacementRejected
+    from synord.market.port import Needs, PlacementRejected
     first = await in_thread(cluster.start, "first", config=HALF_HOST)
     boot = (await in_thread(first.p2p_addrs))[0]
     second = await in_thread(cluster.start, "second", bootstrap=[boot], config=HALF_HOST)
@@ -224,7 +225,8 @@ def test_denied_consumer_gets_a_clear_reason(cluster):
 async def test_bad_order_gossip_never_enters_the_book(cluster):
     from protocols.envelope import now_ms, seal
     from protocols.identity import Identity
-    from protocols.mesh import MeshConfig, create_mesh
+    from protocols.mesh import MeshConfig
+    from protocols.p2p import create_mesh
     from protocols.orders import Ask, Cancel
     from protocols.topics import orders as orders_topic
 

@@ -11,7 +11,8 @@ from protocols import caps, topics
 from protocols.envelope import EnvelopeValidator, seal
 from protocols.framing import FramedStream, FrameError, RemoteError
 from protocols.identity import Identity
-from protocols.mesh import MeshConfig, create_mesh, envelope_validator, protocol_id
+from protocols.mesh import MeshConfig, envelope_validator, protocol_id
+from protocols.p2p import create_mesh
 from synord.mesh_service import MeshService
 
 ECHO = protocol_id("test-echo")

@@ -1,6 +1,12 @@
 """Consumer side of jobs: submit → place through the book → ship → watch →
 settle, and migrate when the provider is preempted or lost.
 
+This module drives a job's life; its rooms are next to it: the typed job
+(spec.py: JobSpec, RunState), its tables (jobstore.py), checking a request
+(submit.py), finding a provider and batch re-assignment (placement.py), the
+agreement of each leg kept for after a restart (agreements.py), the NDJSON
+output the API streams (output.py).
+
     queued → negotiating → running ⇄ migrating → succeeded | failed | cancelled
 
 Durability: the job row, its history and every output byte received are in
@@ -13,14 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator
 
 import trio
 
@@ -28,67 +32,29 @@ from protocols.envelope import seal
 from protocols.identity import Identity
 from protocols.negotiation import Terms
 from protocols.refusals import REFUSALS
-from protocols.tasks import TaskSpecError, check_args_env, check_limits, check_progress
+from protocols.tasks import TaskSpecError, check_progress
 from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file
-from runtimes import KINDS
-from runtimes.artifacts import infer_kind
-from runtimes.base import SpecError
 
 from .. import humanize as hz
-from ..api import ApiError
-from ..store import Store, from_json_safe
-from .migration import Displaced, Slot, Thresholds, assign_optimal
-from .task_client import DEFAULT_BANDWIDTH_BPS, FLUSH_INTERVAL_S, Session, TaskClient, _printable, _short
-
-if TYPE_CHECKING:
-    from protocols.lease import Lease
+from ..errors import NotFound
+from ..market.port import Market, Needs, NoPlacement
+from ..store import Store
+from . import agreements, output as ndjson, submit as submission
+from .jobstore import JobStore
+from .migration import Thresholds
+from .placement import Placement
+from .spec import TERMINAL, JobSpec, RunState, SpecView, from_stored, stored
+from .task_client import FLUSH_INTERVAL_S, Session, TaskClient, _printable, _short
 
 log = logging.getLogger("synord.jobs.consumer")
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-BATCH_WINDOW_S = 0.25
 MAX_EVENTS = 64  # notices kept per job (in memory: they narrate, the history records)
-
-
-class NoPlacement(Exception):
-    pass
-
-
-class PlacementRejected(Exception):
-    """A candidate said no (the market raises this from negotiate)."""
-
-
-@dataclass(frozen=True)
-class Needs:
-    runtime: str
-    cores: float
-    memory: int
-    max_price: float | None
-    duration_s: int
-    gpus: int = 0
-    gpu_class: str | None = None
-    resource_class: str = "cpu"
-
-
-class Market(Protocol):
-    """What jobs need from the market component (synord.market.service)."""
-
-    def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Any]: ...
-    def explain(self, needs: Needs) -> str: ...
-    async def negotiate(self, candidate: Any, needs: Needs) -> Terms: ...
-    async def negotiate_any(self, candidates: list[Any], needs: Needs, within_s: float | None = None) -> Terms: ...
-    def observed_end(self, terms: Terms, at_ms: int | None = None) -> None: ...
-    async def announce_bid(self, needs: Needs, bid_id: str) -> None: ...
-    async def abandon(self, terms: Terms, reason: str) -> None: ...
-    def lease_done(self, terms: Terms) -> None: ...
-    def lease(self, terms: Terms) -> "Lease | None": ...
 
 
 @dataclass
 class ConsumerJob:
     id: str
-    runtime: str
-    spec: dict
+    jobspec: JobSpec  # what the user asked: frozen
     state: str = "queued"
     provider: str | None = None
     exit_code: int | None = None
@@ -103,31 +69,38 @@ class ConsumerJob:
     pending_output: list[tuple[str, bytes]] = field(default_factory=list)
     progress: dict | None = None  # {phase, done, total}: what the job is doing now
     events: list[dict] = field(default_factory=list)  # notices {t, text, ...}, the last MAX_EVENTS
+    runstate: RunState = field(default_factory=RunState)  # what happened to it since: persisted
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
     @property
+    def runtime(self) -> str:
+        return self.jobspec.kind
+
+    @property
+    def spec(self) -> SpecView:
+        """The spec and run state as one dict-like view (``job.spec["checkpoint"]``);
+        only run-state keys can be set. Transitional: new code uses jobspec/runstate."""
+        return SpecView(self.jobspec, self.runstate)
+
+    def stored_spec(self) -> dict:
+        """The jobs.spec column (synord.jobs.jobstore)."""
+        return stored(self.jobspec, self.runstate)
+
+    @property
     def checkpoint(self) -> dict | None:
-        return self.spec.get("checkpoint")
+        return self.runstate.checkpoint
 
     def to_json(self) -> dict:
         return {"id": self.id, "state": self.state, "runtime": self.runtime,
                 "provider": self.provider, "exit_code": self.exit_code, "error": self.error,
                 "created": self.created, "history": self.history,
-                "artifact": self.spec.get("artifact"), "args": self.spec.get("args", []),
+                "artifact": self.jobspec.artifact, "args": list(self.jobspec.args),
                 "checkpoint": ({k: self.checkpoint[k] for k in ("sha256", "bytes", "offsets")}
                                if self.checkpoint else None),
                 "progress": self.progress, "events": self.events}
-
-
-@dataclass
-class _Displacement:
-    job: ConsumerJob
-    exclude: tuple[str, ...]
-    done: trio.Event = field(default_factory=trio.Event)
-    candidate: Any = None
 
 
 class ConsumerJobs(TaskClient):
@@ -151,9 +124,9 @@ class ConsumerJobs(TaskClient):
         self.jobs: dict[str, ConsumerJob] = {}
         self.bandwidth: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
-        self._displaced: list[_Displacement] = []
-        self._batch_open = False
-        self._unsaved: set[str] = set()  # jobs whose row or history a full disk refused
+        self.jobstore = JobStore(store, identity.peer_id, full=self._disk_full)
+        self.placement = Placement(self)
+        self._unsaved = self.jobstore.unsaved  # jobs whose row or history a full disk refused
         self._held = 0  # bytes of output not yet committed
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -172,40 +145,23 @@ class ConsumerJobs(TaskClient):
             await trio.sleep_forever()
 
     def _load(self) -> None:
-        rows = self.store.conn.execute("SELECT * FROM jobs WHERE role = 'consumer' ORDER BY created").fetchall()
-        for r in rows:
-            job = ConsumerJob(r["id"], r["runtime"], json.loads(r["spec"]), r["state"], r["provider"],
-                              r["exit_code"], r["error"], r["created"])
-            job.history = [json.loads(h[0]) for h in self.store.conn.execute(
-                "SELECT entry FROM job_history WHERE job_id = ? ORDER BY seq", (job.id,))]
-            for stream, n in self.store.conn.execute(
-                    "SELECT stream, SUM(LENGTH(data)) FROM job_output WHERE job_id = ? GROUP BY stream",
-                    (job.id,)):
-                job.offsets[stream] = int(n)
+        for r, history, offsets in self.jobstore.load():
+            spec, run = from_stored(json.loads(r["spec"]))
+            job = ConsumerJob(r["id"], spec, r["state"], r["provider"], r["exit_code"], r["error"],
+                              r["created"], runstate=run)
+            job.history = history
+            job.offsets.update(offsets)
             self.jobs[job.id] = job
 
+    def _disk_full(self, what: str, exc: sqlite3.Error) -> str | None:
+        return self.storage.failed(what, exc) if self.storage is not None else None
+
     def _save(self, job: ConsumerJob) -> None:
-        try:
-            with self.store.tx() as conn:
-                self._write_job(conn, job)
-        except sqlite3.Error as exc:
-            self._defer(job, "job state", exc)
+        self.jobstore.save(job)
         job.notify()
 
     def _write_job(self, conn: sqlite3.Connection, job: ConsumerJob) -> None:
-        conn.execute(
-            "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, exit_code, error, created, updated)"
-            " VALUES (?, 'consumer', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
-            " state = excluded.state, spec = excluded.spec, provider = excluded.provider,"
-            " exit_code = excluded.exit_code, error = excluded.error, updated = excluded.updated",
-            (job.id, job.state, job.runtime, json.dumps(job.spec), job.provider,
-             self.identity.peer_id, job.exit_code, job.error, job.created, time.time()))
-
-    def _defer(self, job: ConsumerJob, what: str, exc: sqlite3.Error) -> None:
-        """A full disk refused this write: keep the job in memory, write it when space is back."""
-        if self.storage is None or not self.storage.failed(what, exc):
-            raise exc
-        self._unsaved.add(job.id)
+        self.jobstore.write(conn, job)
 
     def _set_state(self, job: ConsumerJob, state: str, **fields: Any) -> None:
         job.state = state
@@ -217,23 +173,13 @@ class ConsumerJobs(TaskClient):
 
     def _add_history(self, job: ConsumerJob, entry: dict) -> None:
         job.history.append(entry)
-        try:
-            with self.store.tx() as conn:
-                conn.execute("INSERT INTO job_history(job_id, seq, entry) VALUES (?, ?, ?)",
-                             (job.id, len(job.history), json.dumps(entry)))
-        except sqlite3.Error as exc:
-            self._defer(job, "job history", exc)
+        self.jobstore.add_history(job)
 
     def _update_history(self, job: ConsumerJob, **fields: Any) -> None:
         if not job.history:
             return
         job.history[-1].update(fields)
-        try:
-            with self.store.tx() as conn:
-                conn.execute("UPDATE job_history SET entry = ? WHERE job_id = ? AND seq = ?",
-                             (json.dumps(job.history[-1]), job.id, len(job.history)))
-        except sqlite3.Error as exc:
-            self._defer(job, "job history", exc)
+        self.jobstore.update_history(job)
 
     # ---- progress and notices (what `synord run` and the dashboard show) ---------------
 
@@ -266,82 +212,17 @@ class ConsumerJobs(TaskClient):
     # ---- submission (everything checked before anything is reserved) ------------------
 
     async def submit(self, req: dict) -> dict:
-        try:
-            # Reading, validating and hashing a big artefact must not stall the daemon.
-            spec = await trio.to_thread.run_sync(self._validate, req)
-        except (SpecError, TaskSpecError, ValueError) as exc:
-            raise ApiError(400, f"bad task: {exc}") from None
-        job = ConsumerJob(id=uuid.uuid4().hex[:16], runtime=spec["kind"], spec=spec)
+        # Reading, validating and hashing a big artefact must not stall the daemon.
+        spec = await trio.to_thread.run_sync(submission.validate, req, self.home, self.blobs)
+        job = ConsumerJob(id=uuid.uuid4().hex[:16], jobspec=spec)
         self.jobs[job.id] = job
         self._save(job)
         log.info("job submitted", extra={"job": job.id, "runtime": job.runtime})
         self._nursery.start_soon(self._drive, job, False)
         return job.to_json()
 
-    def _validate(self, req: dict) -> dict:
-        from runtimes.artifacts import check_artifact, ship_form
-        path = Path(str(req.get("artifact", "")))
-        if not path.is_absolute():
-            raise ValueError("artifact must be an absolute path on this node")
-        kind = req.get("runtime") or infer_kind(path)
-        if kind not in KINDS:
-            raise ValueError(f"unknown runtime {kind!r}")
-        if kind == "wasm" and path.is_dir():
-            raise SpecError("a wasm task needs a .wasm module, not a directory")
-        exported = self._export_image(kind, path, req.get("image_ref"))
-        try:
-            return self._validated(req, kind, path, exported or path)
-        finally:
-            if exported is not None:
-                shutil.rmtree(exported, ignore_errors=True)
-
-    def _export_image(self, kind: str, path: Path, ref) -> Path | None:
-        """A picked tag/digest or a docker-archive travels as a one-image OCI layout."""
-        from runtimes import oci
-        if kind not in ("container", "microvm"):
-            return None
-        if ref is not None and not isinstance(ref, str):
-            raise ValueError("image_ref must be a tag or a sha256:… digest")
-        if not oci.needs_export(path, ref):
-            return None
-        self.home.artifacts.mkdir(parents=True, exist_ok=True)
-        dest = Path(tempfile.mkdtemp(prefix=".image-", dir=self.home.artifacts))
-        try:
-            oci.export_image(path, ref, dest)
-        except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise
-        return dest
-
-    def _validated(self, req: dict, kind: str, path: Path, image: Path) -> dict:
-        from runtimes.artifacts import check_artifact, ship_form
-        check_artifact(kind, image)  # not wasm / refused image (runtimes.oci.check_image): refused here
-        args = [str(a) for a in req.get("args") or []]
-        env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
-        check_args_env(args, env)
-        memory = int(req.get("memory_bytes") or 256 << 20)
-        limits = {"cpus": float(req.get("cpus") or 1.0), "memory_bytes": memory}
-        if req.get("timeout_s"):
-            limits["timeout_s"] = float(req["timeout_s"])
-        check_limits(limits)
-        max_price = req.get("max_price")
-        if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
-            raise ValueError("max_price must be a non-negative number")
-        # One file on the wire: an image layout directory travels as its oci-archive.
-        shipped = ship_form(kind, image, self.home.artifacts)
-        sha = self.blobs.add_file(shipped)
-        if shipped != image:
-            shipped.unlink(missing_ok=True)
-        checkpointable = bool(req.get("checkpointable")) or kind in ("wasm", "microvm")
-        return {"kind": kind, "artifact": str(path), "sha256": sha, "args": args, "env": env,
-                "limits": limits, "max_price": max_price, "checkpointable": checkpointable,
-                "checkpoint": None}
-
     def _needs(self, job: ConsumerJob) -> Needs:
-        lim = job.spec["limits"]
-        duration = int(lim.get("timeout_s") or 3600)
-        return Needs(runtime=job.runtime, cores=lim["cpus"], memory=lim["memory_bytes"],
-                     max_price=job.spec.get("max_price"), duration_s=max(60, duration + 60))
+        return job.jobspec.needs()
 
     # ---- the drive loop -------------------------------------------------------------------
 
@@ -394,57 +275,16 @@ class ConsumerJobs(TaskClient):
         job.spec["restore_mode"] = mode
         self._set_state(job, "migrating")
 
-    # ---- placement --------------------------------------------------------------------------
+    # ---- placement (synord.jobs.placement) ----------------------------------------------------
 
-    async def _place(self, job: ConsumerJob, exclude: tuple[str, ...],
-                     preferred: Any = None) -> Session:
-        """Propose to the ranked candidates (the market hedges: a silent one does not
-        hold up the next, and is backed off); fail with every answer after
-        ``placement_timeout_s``."""
-        needs = self._needs(job)
-        if job.state == "migrating":
-            self._progress(job, "placing", note="finding another provider")
-        else:  # a first placement is quick, or `run` says it waits and why (placement_json)
-            job.progress = {"phase": "placing", "done": None, "total": None}
-            job.notify()
-        if job.state != "migrating":
-            self._set_state(job, "negotiating")
-            await self.market.announce_bid(needs, job.id)
-        deadline = trio.current_time() + self.placement_timeout_s
-        reasons: list[str] = []
-        while True:
-            if job.cancel_requested:
-                raise NoPlacement("cancelled")
-            cands = self.market.candidates(needs, exclude)
-            if preferred is not None:
-                cands = [preferred] + [c for c in cands if c.ask.peer != preferred.ask.peer]
-                preferred = None
-            if cands:
-                try:
-                    terms = await self.market.negotiate_any(
-                        cands, needs, within_s=max(1.0, deadline - trio.current_time()))
-                except PlacementRejected as exc:
-                    reasons.append(str(exc))
-                    log.info("no candidate agreed", extra={"job": job.id, "reason": str(exc)})
-                else:
-                    try:
-                        return await self._launch(job, terms)
-                    except Exception as exc:
-                        if "corrupted checkpoint" in str(exc) and job.checkpoint:
-                            # The provider could not restore it: fall back to a clean restart.
-                            log.warning("checkpoint refused by the provider: restarting from scratch",
-                                        extra={"job": job.id, "error": str(exc)})
-                            job.spec["checkpoint"] = None
-                            job.spec["restore_mode"] = "restart"
-                            self._save(job)
-                        reasons.append(f"{terms.provider[:12]}: {exc}")
-                        await self.market.abandon(terms, f"launch failed: {exc}")
-                        log.warning("launch failed", extra={"job": job.id, "provider": terms.provider[:16],
-                                                            "error": f"{type(exc).__name__}: {exc}"})
-            if trio.current_time() >= deadline:
-                why = "; ".join(reasons[-3:]) or self.market.explain(needs)
-                raise NoPlacement(f"no provider took the task within {self.placement_timeout_s:g} s: {why}")
-            await trio.sleep(0.5)
+    async def _place(self, job: ConsumerJob, exclude: tuple[str, ...], preferred: Any = None) -> Session:
+        return await self.placement.place(job, exclude, preferred)
+
+    async def _preplace(self, job: ConsumerJob, exclude: tuple[str, ...], within_s: float) -> Terms | None:
+        return await self.placement.preplace(job, exclude, within_s)
+
+    async def _join_replacement(self, job: ConsumerJob, exclude: tuple[str, ...]) -> Any:
+        return await self.placement.join_replacement(job, exclude)
 
     async def _push(self, peer: str, path: Path, sha: str, kind: str, job: ConsumerJob) -> None:
         size = path.stat().st_size
@@ -468,6 +308,7 @@ class ConsumerJobs(TaskClient):
         log.info("blob shipped", extra={"job": job.id, "kind": kind, "bytes": size, "sent": sent,
                                         "s": round(dt, 3)})
 
+
     async def _launch_prearranged(self, job: ConsumerJob) -> "Session | None":
         """Start on the provider agreed before the hand-over (it may already hold the checkpoint)."""
         terms, job.next_terms = job.next_terms, None
@@ -479,102 +320,15 @@ class ConsumerJobs(TaskClient):
             await self.market.abandon(terms, f"launch failed: {exc}")
             return None
 
-    async def _preplace(self, job: ConsumerJob, exclude: tuple[str, ...], within_s: float) -> Terms | None:
-        """Agree with the next provider while the task still runs, so the old one can
-        send the checkpoint straight there."""
-        needs = self._needs(job)
-        with trio.move_on_after(within_s):
-            preferred = await self._join_replacement(job, exclude)
-            cands = self.market.candidates(needs, exclude)
-            if preferred is not None:
-                cands = [preferred] + [c for c in cands if c.ask.peer != preferred.ask.peer]
-            for cand in cands:
-                try:
-                    return await self.market.negotiate(cand, needs)
-                except PlacementRejected:
-                    continue
-        return None
 
     def _expect_receipts(self) -> None:
-        """Receipts still to come for agreements made before a restart: those of
-        legs still open, or ended within the hour the provider resends receipts
-        for. Let the market countersign them."""
-        from protocols.receipt_delivery import RECEIPT_RESEND_FOR_MS
-        since = time.time() - RECEIPT_RESEND_FOR_MS / 1000
-        for job in self.jobs.values():
-            for leg in job.history:
-                if not leg.get("agreement") or (leg.get("end") is not None and leg["end"] < since):
-                    continue
-                row = self.store.kv_get(f"terms:{leg['agreement']}")
-                if row:
-                    end = leg.get("end")
-                    self.market.expect_receipt(Terms.from_body(from_json_safe(row)),
-                                               None if end is None else int(end * 1000))
+        agreements.expect_receipts(self.store, self.jobs.values(), self.market)
 
     def _terms_of(self, job: ConsumerJob) -> Terms | None:
-        aid = job.history[-1].get("agreement") if job.history else None
-        if not aid:
-            return None
-        row = self.store.kv_get(f"terms:{aid}")
-        return Terms.from_body(from_json_safe(row)) if row else None
-
-    # ---- re-placement of displaced jobs, all at once --------------------------------------
-
-    async def _join_replacement(self, job: ConsumerJob, exclude: tuple[str, ...]) -> Any:
-        """Wait for the batch of jobs displaced at about the same time to be assigned
-        together; returns this job's candidate (None: place it on its own)."""
-        entry = _Displacement(job, exclude)
-        self._displaced.append(entry)
-        if not self._batch_open:
-            self._batch_open = True
-            self._nursery.start_soon(self._assign_batch)
-        await entry.done.wait()
-        return entry.candidate
-
-    async def _assign_batch(self) -> None:
-        await trio.sleep(BATCH_WINDOW_S)  # notices from one provider arrive together
-        batch, self._displaced, self._batch_open = self._displaced, [], False
-        try:
-            self._assign(batch)
-        finally:
-            for entry in batch:
-                entry.done.set()
-
-    def _assign(self, batch: list["_Displacement"]) -> None:
-        tasks, asks = [], {}
-        for e in batch:
-            needs = self._needs(e.job)
-            ck = e.job.checkpoint if e.job.spec.get("restore_mode") not in (None, "restart") else None
-            tasks.append(Displaced(e.job.id, needs.cores, needs.memory, needs.runtime,
-                                   ck["bytes"] if ck else 0, needs.max_price, e.exclude))
-            for cand in self.market.candidates(needs, e.exclude):
-                asks.setdefault((cand.ask.peer, cand.ask.id), cand)
-        slots: list[Slot] = []
-        owners: list[Any] = []
-        smallest = min(batch, key=lambda e: e.job.spec["limits"]["cpus"]).job.spec["limits"]
-        for cand in asks.values():
-            a = cand.ask
-            # How many tasks of this batch the ask can hold; each slot gets an equal share.
-            n = int(min(a.cores / max(smallest["cpus"], 1e-9), a.memory / max(smallest["memory_bytes"], 1)))
-            n = max(0, min(n, len(batch)))
-            for _ in range(n):
-                slots.append(Slot(a.peer, a.cores / n, a.memory // n, a.price,
-                                  self.bandwidth.get(a.peer, DEFAULT_BANDWIDTH_BPS), tuple(a.runtimes)))
-                owners.append(cand)
-        t0 = time.perf_counter()
-        result = assign_optimal(tasks, slots)
-        solve_ms = (time.perf_counter() - t0) * 1000
-        for e in batch:
-            j = result.get(e.job.id)
-            e.candidate = owners[j] if j is not None else None
-            e.job.spec["assignment"] = {"method": "kuhn-munkres", "batch": len(batch),
-                                        "slots": len(slots), "solve_ms": round(solve_ms, 3),
-                                        "provider": owners[j].ask.peer if j is not None else None}
-        if len(batch) > 1:
-            log.info("displaced jobs assigned together", extra={"jobs": len(batch), "slots": len(slots),
-                                                                "solve_ms": round(solve_ms, 3)})
+        return agreements.terms_of(self.store, job)
 
     # ---- watching a placement ----------------------------------------------------------------
+
 
     async def _flusher(self) -> None:
         """Commit received output in small batches (one fsync per batch, not per line)."""
@@ -610,6 +364,7 @@ class ConsumerJobs(TaskClient):
         self._unsaved.clear()
         self._held = 0
 
+
     def _cleanup(self, job: ConsumerJob) -> None:
         ck = job.checkpoint
         if ck and ck.get("path"):
@@ -636,7 +391,7 @@ class ConsumerJobs(TaskClient):
     def _get(self, job_id: str) -> ConsumerJob:
         job = self.jobs.get(job_id)
         if job is None:
-            raise ApiError(404, f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         return job
 
     async def cancel(self, job_id: str) -> dict:
@@ -656,27 +411,8 @@ class ConsumerJobs(TaskClient):
                 await job.changed.wait()
         return job.to_json()
 
-    async def output(self, job_id: str, follow: bool) -> AsyncIterator[bytes]:
-        job = self._get(job_id)
-        last_seq = 0
-        while True:
-            changed = job.changed
-            rows = self.store.conn.execute(
-                "SELECT seq, stream, data FROM job_output WHERE job_id = ? AND seq > ? ORDER BY seq",
-                (job.id, last_seq)).fetchall()
-            for seq, s, data in rows:
-                last_seq = seq
-                yield (json.dumps({"stream": s, "data": data.decode("utf-8", "surrogateescape")}) + "\n").encode()
-            if job.state in TERMINAL and not job.pending_output:
-                if not rows:
-                    end = {"exit_code": job.exit_code, "state": job.state}
-                    if job.error:
-                        end["error"] = job.error
-                    yield (json.dumps(end) + "\n").encode()
-                    return
-                continue
-            if not follow:
-                return
-            with trio.move_on_after(1.0):
-                await changed.wait()
+    def output(self, job_id: str, follow: bool) -> AsyncIterator[bytes]:
+        """NDJSON lines of the job's output (synord.jobs.output); NotFound at once."""
+        return ndjson.consumer_lines(self._get(job_id), self.jobstore, follow)
+
 

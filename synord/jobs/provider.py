@@ -13,7 +13,6 @@ only a label, looked up together with the consumer that chose it.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sqlite3
@@ -31,13 +30,16 @@ from protocols.negotiation import Terms
 from protocols.shell import SHELL_PROTOCOL
 from protocols.tasks import TASK_PROTOCOL
 from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
-from runtimes.base import Limits, Runtime, TaskSpec
+from runtimes.base import Runtime
 
 from ..store import Store
+from . import output as ndjson
 from .checkpoints import CheckpointError, unpack
 from .exec_service import ShellService
 from .executor import TaskExecution
+from .spec import JobSpec
 from .task_server import TaskRefused, TaskServer, _refuse
+from .taskstore import TaskStore
 
 log = logging.getLogger("synord.jobs.provider")
 
@@ -81,6 +83,7 @@ class ProviderJobs(TaskServer):
                  validator: EnvelopeValidator | None = None):
         self.identity = identity
         self.store = store
+        self.taskstore = TaskStore(store, identity.peer_id)
         self.home = home
         self.runtimes = runtimes
         self.on_finished = on_finished
@@ -98,11 +101,7 @@ class ProviderJobs(TaskServer):
     # ---- lifecycle ----------------------------------------------------------
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with self.store.tx() as conn:
-            # Tasks of a previous life of this daemon are gone with their sandboxes.
-            n = conn.execute("UPDATE jobs SET state = 'lost', error = 'provider restarted', "
-                             "updated = ? WHERE role = 'provider' AND state IN ('running', 'queued')",
-                             (time.time(),)).rowcount
+        n = self.taskstore.mark_lost_after_restart()
         if n:
             log.warning("tasks lost in a restart", extra={"count": n})
         async with trio.open_nursery() as nursery:
@@ -130,9 +129,7 @@ class ProviderJobs(TaskServer):
 
     def row_of(self, consumer: str, job_id: str):
         """The store's latest row of ``consumer``'s job ``job_id`` here, or None."""
-        return self.store.conn.execute(
-            "SELECT state, error FROM jobs WHERE role = 'provider' AND consumer = ? AND peer_job = ? "
-            "ORDER BY created DESC LIMIT 1", (consumer, job_id)).fetchone()
+        return self.taskstore.latest(consumer, job_id)
 
     def workdir(self, aid: bytes) -> Path:
         """Where the task under agreement ``aid`` works: named by what we signed."""
@@ -251,14 +248,12 @@ class ProviderJobs(TaskServer):
             raise TaskRefused("foreign_agreement", "no active agreement for this task")
         if terms.expires <= time.time() * 1000:
             raise TaskRefused("agreement_expired", "the agreement's lease has expired")
-        if terms.runtime != body["kind"]:
-            raise TaskRefused("terms_mismatch", f"the agreement is for {terms.runtime}, not {body['kind']}")
-        limits = body.get("limits", {})
-        if int(limits.get("memory_bytes", 256 << 20)) > terms.memory \
-                or float(limits.get("cpus", 1.0)) > terms.cores + 1e-9:
+        spec = JobSpec.from_task_start(body)
+        if terms.runtime != spec.kind:
+            raise TaskRefused("terms_mismatch", f"the agreement is for {terms.runtime}, not {spec.kind}")
+        if spec.memory_bytes > terms.memory or spec.cpus > terms.cores + 1e-9:
             raise TaskRefused("terms_mismatch", "limits exceed the agreed resources")
-        timeout = limits.get("timeout_s")
-        if timeout is not None and timeout > terms.duration_s:
+        if spec.timeout_s is not None and spec.timeout_s > terms.duration_s:
             raise TaskRefused("terms_mismatch", "timeout_s exceeds the agreed duration")
         return terms
 
@@ -287,21 +282,13 @@ class ProviderJobs(TaskServer):
         old = self.task_of(consumer, job_id)
         if old is not None and not old.execution.done.is_set():
             raise TaskRefused("duplicate_job", "a task with this job id already runs here")
-        limits = body.get("limits", {})
-        memory = int(limits.get("memory_bytes", 256 << 20))
         csha = body["restore"]["sha256"] if body.get("restore") else None
         if csha is not None and not self.blobs.has(csha):
             raise TaskRefused("no_checkpoint", "checkpoint not transferred")
         workdir = self.workdir(terms.aid)
         shutil.rmtree(workdir, ignore_errors=True)  # only a previous life's leftovers
         workdir.mkdir(parents=True)
-        spec = TaskSpec(kind=body["kind"], artifact=self.blobs.path(sha), sha256=sha,
-                        args=list(body.get("args", [])), env=dict(body.get("env", {})),
-                        limits=Limits(cpus=float(limits.get("cpus", 1.0)), memory_bytes=memory,
-                                      timeout_s=limits.get("timeout_s"),
-                                      pids=int(limits.get("pids", 64))),
-                        workdir=workdir / "sandbox", checkpointable=bool(body.get("checkpointable")),
-                        task_id=workdir.name)
+        spec = JobSpec.from_task_start(body).task_spec(self.blobs.path(sha), workdir / "sandbox", workdir.name)
         spec.workdir.mkdir()
         restore_dir = None
         start_offsets = None
@@ -318,13 +305,7 @@ class ProviderJobs(TaskServer):
         now = time.time()
         task = ProviderTask(job_id, consumer, terms, execution, spec.checkpointable,
                             float(body.get("checkpoint_interval_s") or 0), workdir, int(now * 1000))
-        with self.store.tx() as conn:
-            # A plain INSERT: a row is never replaced, and its key is ours.
-            conn.execute(
-                "INSERT INTO jobs(id, role, state, runtime, spec, provider, consumer, peer_job, created, updated)"
-                " VALUES (?, 'provider', 'running', ?, ?, ?, ?, ?, ?, ?)",
-                (task.key, body["kind"], json.dumps({k: v for k, v in body.items() if k != "env"}),
-                 self.identity.peer_id, consumer, job_id, now, now))
+        self.taskstore.insert(task.key, consumer, job_id, body, now)
         self.tasks[(consumer, job_id)] = task
         self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
         for blob in (sha, csha):  # from now on the running task pins them, and only while it runs
@@ -413,10 +394,7 @@ class ProviderJobs(TaskServer):
     def task_json(self, job_id: str) -> dict | None:
         """A task this node runs (or ran) for a consumer; None if there is none."""
         task = self._owned_task(job_id)
-        row = self.store.conn.execute(
-            "SELECT state, runtime, consumer, exit_code, error, created, updated FROM jobs "
-            "WHERE role = 'provider' AND (id = ? OR peer_job = ?) ORDER BY id = ? DESC, created DESC "
-            "LIMIT 1", (task.key if task else job_id, job_id, task.key if task else job_id)).fetchone()
+        row = self.taskstore.owned(task.key if task else job_id, job_id)
         if task is None and row is None:
             return None
         out = {"id": job_id, "role": "provider", "provider": self.identity.peer_id}
@@ -447,8 +425,7 @@ class ProviderJobs(TaskServer):
             changed = out.changed
             for stream, off, data in out.since(seen):
                 seen[stream] = off + len(data)
-                yield (json.dumps({"stream": stream, "data": data.decode("utf-8", "surrogateescape")})
-                       + "\n").encode()
+                yield ndjson.data_line(stream, data)
             if task.execution.done.is_set() and not out.since(seen):
                 break
             if not follow:
@@ -456,8 +433,7 @@ class ProviderJobs(TaskServer):
             with trio.move_on_after(1.0):
                 await changed.wait()
         end = self.task_json(job_id) or {}
-        yield (json.dumps({"exit_code": end.get("exit_code"), "state": end.get("state"),
-                           **({"error": end["error"]} if end.get("error") else {})}) + "\n").encode()
+        yield ndjson.end_line(end.get("exit_code"), end.get("state"), end.get("error"))
 
     async def cancel_task(self, job_id: str) -> dict | None:
         """The owner stops a task on their machine: killed, the consumer hears it was cancelled."""

@@ -36,6 +36,7 @@ from protocols.transfer import sha256_of
 from .. import humanize as hz
 from ..metrics import observe_placement
 from ..store import json_safe
+from .placement import DEFAULT_BANDWIDTH_BPS
 
 if TYPE_CHECKING:
     from .consumer import ConsumerJob
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("synord.jobs.consumer")
 
 FLUSH_INTERVAL_S = 0.02
-DEFAULT_BANDWIDTH_BPS = 100 * 1024 * 1024
 OUTPUT_REFETCHES = 3  # re-attaches to fetch output missing at exit, before failing the job
 # Output received while the disk is full is held in memory up to this; past it the
 # task streams are not read (the provider keeps the output) until a flush succeeds.

@@ -1,6 +1,6 @@
 """Receipts, balance and reputation, persisted in the daemon's SQLite store.
 
-`init_schema(conn)` is called from the store's migrations.  Only receipts
+`SCHEMA` is the store's migration 3 (synord.schema).  Only receipts
 with both valid signatures are stored (`record`).  Outcomes without a
 receipt — a provider that vanished (``abandoned``), an agreement never
 honoured — are observed locally (`record_outcome`).

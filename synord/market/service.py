@@ -35,13 +35,13 @@ from protocols.receipts import SignedReceipt
 from protocols.refusals import REFUSALS
 from protocols.topics import orders as orders_topic
 
-from ..jobs.consumer import Needs, PlacementRejected
 from ..store import from_json_safe, json_safe
 from .backoff import Backoff
 from .book import FULL, PEER_QUOTA, OrderBook
 from .ledger import Ledger
 from .matching import Candidate, match
 from .negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
+from .port import Needs, PlacementRejected
 from .pricing import PricingPolicy, derive_asks
 from .reservations import CapacityPool
 from .router import PeerInfo, RecentPlacements

@@ -88,7 +88,8 @@ import trio
 from protocols.envelope import EnvelopeValidator, now_ms, seal as seal_envelope
 from protocols.framing import FramedStream
 from protocols.identity import Identity, b58decode
-from protocols.mesh import MeshConfig, create_mesh, envelope_validator
+from protocols.mesh import MeshConfig, envelope_validator
+from protocols.p2p import create_mesh
 from protocols.negotiation import Terms
 from protocols.orders import Ask, Bid
 from protocols.tasks import TASK_PROTOCOL
