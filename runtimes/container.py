@@ -117,17 +117,20 @@ class ContainerRuntime(Runtime):
             name, _ = self.engine()
         except Unavailable as e:
             return Availability(False, str(e))
-        extra = "" if shutil.which("runsc") else "; runsc not installed: no checkpoint"
+        ckpt = self.checkpoint_available()
+        extra = "" if ckpt.available else f"; no checkpoint: {ckpt.reason}"
         return Availability(True, f"{name} ({cgroups.cgroup_mode()} cgroups){extra}")
 
     def checkpoint_available(self) -> Availability:
+        if os.geteuid() != 0:  # runsc --rootless (2022) cannot start its gofer here: checked, refused
+            return Availability(False, "checkpointable containers (gVisor runsc) need root")
         return Availability(True, "runsc") if shutil.which("runsc") else Availability(False, "runsc not installed")
 
     # -- prepare ------------------------------------------------------------
     async def prepare(self, spec: TaskSpec) -> "ContainerSandbox":
         if spec.checkpointable:
-            if not shutil.which("runsc"):
-                raise Unavailable("checkpointable containers need gVisor runsc (not installed)")
+            if not (ok := self.checkpoint_available()).available:
+                raise Unavailable(f"checkpointable containers: {ok.reason}")
             engine = ("runsc", shutil.which("runsc"))
         else:
             engine = self.engine()
