@@ -67,8 +67,9 @@ SUB_RE = re.compile(PRE + r"(" + ALT + r")\.(\w+)")
 PATH_RE = re.compile(PRE + r"(" + ALT + r")/")
 DASH_M = re.compile(r"(-m\s+)(" + ALT + r")\b(?![\w-])")
 ARGV_M = re.compile(r"""(["']-m["'],\s*["'])(""" + ALT + r""")(["'.])""")
-IMPORT_BARE = re.compile(r"(^|;|[\"'])(\s*)import (" + ALT + r")(\s*(?:#.*)?$|\s*;|\s*,\s*|(?=[\"']))", re.M)
-IMPORT_DOTTED = re.compile(r"(^|;|[\"'])(\s*)import (" + ALT + r")\.", re.M)
+# an import statement: at a line start, after ";" or at the start of a string (code run by -c)
+IMPORT = re.compile(r"""(^|;|["'])([ \t]*)import ([\w.]+(?:[ \t]+as[ \t]+\w+)?(?:[ \t]*,[ \t]*[\w.]+(?:[ \t]+as[ \t]+\w+)?)*)""",
+                    re.M)
 FROM = re.compile(r"(^|;|[\"'])(\s*)from (" + ALT + r")([\s.])", re.M)
 
 
@@ -77,26 +78,38 @@ def sub_ref(m):
     return f"synord.{pkg}.{name}" if name in SUBS[pkg] else m.group(0)
 
 
-def bare(m):
-    lead, sp, pkg, tail = m.groups()
-    if tail.strip() == ",":  # import X, y -> from synord import X; import y
-        return f"{lead}{sp}from synord import {pkg}; import "
-    return f"{lead}{sp}from synord import {pkg}{tail}"
+def import_list(m):
+    lead, sp, items = m.groups()
+    keep, bound = [], []
+    for item in (i.strip() for i in items.split(",")):
+        head = item.split()[0].split(".")[0]
+        if head not in PKGS:
+            keep.append(item)
+        elif item == head:  # import X: the code goes on using the name X
+            bound.append(head)
+        else:  # import X.sub [as n]
+            keep.append("synord." + item)
+    if not bound and all(not i.startswith("synord.") for i in keep):
+        return m.group(0)  # nothing of ours: leave the line exactly as it is
+    parts = ([f"import {', '.join(keep)}"] if keep else []) + [f"from synord import {b}" for b in bound]
+    return f"{lead}{sp}{'; '.join(parts)}"
 
 
 def imports(text):
-    text = IMPORT_BARE.sub(bare, text)
-    text = IMPORT_DOTTED.sub(lambda m: f"{m.group(1)}{m.group(2)}import synord.{m.group(3)}.", text)
+    text = IMPORT.sub(import_list, text)
     text = FROM.sub(lambda m: f"{m.group(1)}{m.group(2)}from synord.{m.group(3)}{m.group(4)}", text)
     text = DASH_M.sub(lambda m: f"{m.group(1)}synord.{m.group(2)}", text)
     return ARGV_M.sub(lambda m: f"{m.group(1)}synord.{m.group(2)}{m.group(3)}", text)
 
 
-def prose(text):
-    """Strings, comments, docs: module references and paths. A string that itself
-    binds X (code run by `python -c`) keeps X.attr as it is."""
+def bound_in(text):
+    return {p for p in PKGS if re.search(r"from synord import " + p + r"\b", text)}
+
+
+def prose(text, bound=frozenset()):
+    """Strings, comments, docs: module references and paths. Where code in strings
+    binds X (run by `python -c`), X.attr stays as it is."""
     text = PATH_RE.sub(lambda m: f"synord/{m.group(1)}/", text)
-    bound = {p for p in PKGS if re.search(r"from synord import " + p + r"\b", text)}
     return SUB_RE.sub(lambda m: m.group(0) if m.group(1) in bound else sub_ref(m), text)
 
 
@@ -111,13 +124,13 @@ def rewrite_py(src):
         toks = list(tokenize.generate_tokens(io.StringIO(src).readline))
     except (tokenize.TokenError, SyntaxError, IndentationError):
         return src
+    spans = [(pos(t.start), pos(t.end)) for t in toks if t.type in (tokenize.STRING, tokenize.COMMENT)]
+    bound = bound_in("".join(src[a:b] for a, b in spans if src[a] != "#"))
     res, cur = [], 0
-    for t in toks:
-        if t.type in (tokenize.STRING, tokenize.COMMENT):
-            a, b = pos(t.start), pos(t.end)
-            res.append(src[cur:a])
-            res.append(prose(src[a:b]))
-            cur = b
+    for a, b in spans:
+        res.append(src[cur:a])
+        res.append(prose(src[a:b], bound))
+        cur = b
     res.append(src[cur:])
     return "".join(res)
 
@@ -138,7 +151,7 @@ for name in files:
     if path.suffix not in (".py", ".md", ".toml", ".sh", ".cfg", ".txt", ".in") or not path.is_file():
         continue
     text = path.read_text()
-    new = rewrite_py(text) if path.suffix == ".py" else imports(prose(text))
+    new = rewrite_py(text) if path.suffix == ".py" else imports(prose(text, bound_in(imports(text))))
     if path.name == "pyproject.toml":
         new = rewrite_pyproject(new)
     if new != text:
