@@ -75,8 +75,16 @@ def _own_path() -> str:
 
 
 def delegated() -> bool:
-    """Whether tasks go under our own cgroup (a systemd service, or any non-root daemon)."""
-    return os.geteuid() != 0 or bool(os.environ.get("INVOCATION_ID") and _own_path() not in ("", "/"))
+    """Whether tasks go under our own cgroup: any non-root daemon, and a root one that
+    systemd started itself (its main process: parent PID 1, INVOCATION_ID set) — not a
+    daemon that merely inherited INVOCATION_ID from, say, a CI runner's unit. The
+    daemon's children (the reaper) find themselves in ``<own>/daemon``."""
+    if os.geteuid() != 0:
+        return True
+    own = _own_path()
+    if own.rstrip("/").endswith("/" + DAEMON_LEAF):
+        return True
+    return bool(os.environ.get("INVOCATION_ID")) and os.getppid() == 1 and own not in ("", "/")
 
 
 def _own_dirs(own: str) -> list[Path]:
