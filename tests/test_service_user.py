@@ -122,16 +122,21 @@ def _blocking_dir(path: Path) -> Path | None:
 def _service_argv(user: pwd.struct_passwd, procs: list[Path], writable: list[Path], hold: Path,
                   argv: list[str]) -> list[str]:
     """``argv`` as the unit would start it (see the module doc)."""
+    # What the service must still see under the directories it hides (/tmp, an 0700 /root):
+    # this Python, its venv and the checkout, wherever they are.
     python = Path(os.path.realpath(sys.executable))
     block = _blocking_dir(python)
-    keep = block / python.relative_to(block).parts[0] if block else None
+    hidden = [Path("/tmp")] + ([block] if block else [])
+    keep = {h / p.relative_to(h).parts[0] for p in (python, Path(sys.prefix).resolve(), ROOT.resolve())
+            for h in hidden if p.is_relative_to(h) and p != h}
     script = ["set -e", "mount --make-rprivate /"]
-    if keep is not None:
-        script += [f"mount --bind {keep} {hold}", f"mount -t tmpfs -o mode=0755 tmpfs {block}",
-                   f"mkdir -p {keep}", f"mount --move {hold} {keep}"]
-    script += ["mount -t tmpfs -o mode=1777 tmpfs /tmp"]
+    script += [f"mkdir -p {hold}/{i} && mount --bind {k} {hold}/{i}" for i, k in enumerate(sorted(keep))]
+    if block is not None:
+        script += [f"mount -t tmpfs -o mode=0755 tmpfs {block}"]  # ProtectHome=tmpfs
+    script += ["mount -t tmpfs -o mode=1777 tmpfs /tmp"]  # PrivateTmp=yes
+    script += [f"mkdir -p {k} && mount --move {hold}/{i} {k}" for i, k in enumerate(sorted(keep))]
     script += [f"mount --bind {d} {d}" for d in writable]
-    script += ["mount -o remount,bind,ro /",
+    script += ["mount -o remount,bind,ro /",  # ProtectSystem=strict: /dev, /proc, /sys stay
                'exec setpriv --reuid "$SVC_UID" --regid "$SVC_GID" --init-groups --bounding-set -all '
                '--inh-caps -all --no-new-privs "$@"']
     inner = ["unshare", "-m", "sh", "-c", "\n".join(script), "sh", *argv]
