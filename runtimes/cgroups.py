@@ -309,12 +309,7 @@ class TaskCgroup:
 
     def pids(self) -> set[int]:
         """Every process still in the task's cgroups (any depth)."""
-        out: set[int] = set()
-        for d in self._dirs():
-            for dirpath, _, files in os.walk(d):
-                if "cgroup.procs" in files:
-                    out.update(int(x) for x in _read(Path(dirpath) / "cgroup.procs").split() if x.isdigit())
-        return out
+        return tree_pids(self._dirs())
 
     def exists(self) -> bool:
         return any(d.exists() for d in self._dirs())
@@ -332,25 +327,39 @@ class TaskCgroup:
             for fd in self._oom_fds:
                 os.close(fd)
             self._oom_fds = None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = self.pids()
-            for pid in left:
+        remove_tree(self._dirs(), timeout)
+
+
+def tree_pids(dirs: list[Path]) -> set[int]:
+    """Every process in these cgroups and below."""
+    out: set[int] = set()
+    for d in dirs:
+        for dirpath, _, files in os.walk(d):
+            if "cgroup.procs" in files:
+                out.update(int(x) for x in _read(Path(dirpath) / "cgroup.procs").split() if x.isdigit())
+    return out
+
+
+def remove_tree(dirs: list[Path], timeout: float = 2.0) -> None:
+    """Kill every process in these cgroups and remove them, deepest first (may sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in tree_pids(dirs):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        busy = False
+        for d in dirs:
+            if not d.exists():
+                continue
+            for dirpath, _, _ in sorted(os.walk(d), key=lambda t: -len(t[0])):
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    os.rmdir(dirpath)
+                except FileNotFoundError:
                     pass
-            busy = False
-            for d in self._dirs():
-                if not d.exists():
-                    continue
-                for dirpath, _, _ in sorted(os.walk(d), key=lambda t: -len(t[0])):
-                    try:
-                        os.rmdir(dirpath)
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
-                        busy = True
-            if not busy or time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
+                except OSError:
+                    busy = True
+        if not busy or time.monotonic() > deadline:
+            return
+        time.sleep(0.01)

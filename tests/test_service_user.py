@@ -21,12 +21,10 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -90,25 +88,7 @@ def delegated_cgroup(service_user):
                     os.chown(p, service_user.pw_uid, service_user.pw_gid)
         yield name, dirs
     finally:
-        for d in dirs:
-            _remove_cgroup_tree(d)
-
-
-def _remove_cgroup_tree(d: Path) -> None:
-    deadline = time.monotonic() + 10
-    while d.exists() and time.monotonic() < deadline:
-        for dirpath, _, files in os.walk(d):
-            for pid in (Path(dirpath) / "cgroup.procs").read_text().split() if "cgroup.procs" in files else []:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for dirpath, _, _ in sorted(os.walk(d), key=lambda t: -len(t[0])):
-            try:
-                os.rmdir(dirpath)
-            except OSError:
-                pass
-        time.sleep(0.05)
+        cgroups.remove_tree(dirs, timeout=10)
 
 
 def _blocking_dir(path: Path) -> Path | None:
