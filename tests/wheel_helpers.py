@@ -35,14 +35,19 @@ def build_wheel(dest: Path) -> Path:
 
 
 def deps_dir(dest: Path) -> Path:
-    """Links to every installed distribution of this venv but synord itself."""
-    site = Path(sysconfig.get_paths()["purelib"])
+    """Links to every installed distribution this Python sees (its site-packages and
+    what .pth files add) but synord itself."""
     dest.mkdir(parents=True, exist_ok=True)
-    for entry in site.iterdir():
-        name = entry.name.lower()
-        if name.startswith(("synord", "__editable__", "_synord")) or name.endswith(".pth"):
+    sites = [Path(sysconfig.get_paths()["purelib"])] + [Path(p) for p in sys.path if p]
+    for site in sites:
+        if not site.is_dir() or not any(e.name.endswith(".dist-info") for e in site.iterdir()):
             continue
-        (dest / entry.name).symlink_to(entry)
+        for entry in site.iterdir():
+            name = entry.name.lower()
+            if name.startswith(("synord", "__editable__", "_synord")) or name.endswith(".pth") \
+                    or (dest / entry.name).exists():
+                continue
+            (dest / entry.name).symlink_to(entry.resolve())
     return dest
 
 
