@@ -370,7 +370,9 @@ class ContainerSandbox(SupervisedSandbox):
             net = "host" if self.spec.network else "none"
             return [self.engine_path, "--root", str(self.state_dir), "--platform=ptrace",
                     f"--network={net}", *args]
-        base = [self.engine_path, "--root", str(self.state_dir), *args]
+        # Rootless, the runtime already runs in the task's cgroup (cgroups.place_argv): crun makes none
+        rootless = ["--cgroup-manager=disabled"] if self.engine_name == "crun" and self.cgroup.rootless else []
+        base = [self.engine_path, *rootless, "--root", str(self.state_dir), *args]
         if self.engine_name == "crun" and self.cgroup.mode == "hybrid" and not self.cgroup.rootless:
             return ["unshare", "-m", "--propagation", "private", "sh", "-c",
                     'umount /sys/fs/cgroup/unified && exec "$@"', "sh", *base]
