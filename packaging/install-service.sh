@@ -63,19 +63,20 @@ if ((apt)); then
 fi
 
 # 2. The venv and the wheel
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-if [ -z "$wheel" ]; then
-  log "building a wheel from $src"
-  python3 -m pip wheel -q --no-deps -w "$tmp" "$src"
-  wheel=$(ls "$tmp"/synord-*.whl)
-fi
-[ -f "$wheel" ] || { echo "install-service: no wheel at $wheel" >&2; exit 1; }
 if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
   mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
 fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+if [ -z "$wheel" ]; then  # with the venv's pip: Debian's python3 has none
+  log "building a wheel from $src"
+  # shellcheck disable=SC2086
+  "$venv/bin/python" -m pip wheel -q --no-deps --disable-pip-version-check $pip_args -w "$tmp" "$src"
+  wheel=$(ls "$tmp"/synord-*.whl)
+fi
+[ -f "$wheel" ] || { echo "install-service: no wheel at $wheel" >&2; exit 1; }
 before=$("$venv/bin/python" -m pip show synord 2>/dev/null | sed -n 's/^Version: //p' || true)
 log "installing $(basename "$wheel") into $venv"
 # Dependencies as needed, then the package itself again: a rebuilt wheel of the same
