@@ -102,6 +102,7 @@ elif [ ! -f "$guest/vmlinux" ]; then
   sh "$src/packaging/guest/build.sh" "$guest" || log "guest build failed: no microVM tasks until it is built"
 fi
 chmod -R a+rX "$guest" 2>/dev/null || true
+install -D -m 0644 "$src/packaging/README.md" "$venv/share/synord/README.md"  # the unit's Documentation=
 
 # 4. User, unit, state directory, identity
 mkdir -p "$sysusersdir" "$unitdir"

@@ -72,6 +72,8 @@ def test_install_then_upgrade_without_systemd(tmp_path, user):
     assert "ExecStart=/opt/synord/venv/bin/synord --home /var/lib/synord daemon" in unit
     assert f"\nUser={user}\n" in unit and f"\nGroup={user}\n" in unit
     assert (destdir / "usr" / "lib" / "sysusers.d" / f"{user}.conf").read_text().count(f" {user} ") >= 2
+    doc = re.search(r"(?m)^Documentation=file://(/\S+)$", unit).group(1)
+    assert (destdir / doc.lstrip("/")).is_file()
 
     state = destdir / "var" / "lib" / "synord"
     st = state.stat()
