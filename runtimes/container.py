@@ -122,8 +122,9 @@ class ContainerRuntime(Runtime):
         return Availability(True, f"{name} ({cgroups.cgroup_mode()} cgroups){extra}")
 
     def checkpoint_available(self) -> Availability:
-        if os.geteuid() != 0:  # runsc --rootless (2022) cannot start its gofer here: checked, refused
-            return Availability(False, "checkpointable containers (gVisor runsc) need root")
+        if os.geteuid() != 0:  # runsc --rootless checkpoints, but refuses to restore (gVisor 2022)
+            return Availability(False, "checkpointable containers (gVisor runsc) need root: "
+                                       "runsc --rootless cannot restore")
         return Availability(True, "runsc") if shutil.which("runsc") else Availability(False, "runsc not installed")
 
     # -- prepare ------------------------------------------------------------
