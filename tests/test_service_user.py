@@ -203,3 +203,24 @@ def test_service_user_runs_container_and_microvm_tasks(tmp_path, service_user, d
             assert res.stdout.splitlines() == ["from the vm", "Linux"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_container_runtime_tests_pass_as_the_service_user(tmp_path, service_user, delegated_cgroup):
+    """tests/test_runtime_container.py itself (limits, OOM, fork bomb, timeout, kill, mounts,
+    network), run rootless the way the unit runs the daemon. runsc checkpoints skip there:
+    a rootless daemon offers none (runsc --rootless cannot restore)."""
+    _, dirs = delegated_cgroup
+    user = service_user
+    hold = Path(tempfile.mkdtemp(prefix="synord-svc-", dir="/var/tmp"))
+    try:
+        os.chmod(hold, 0o755)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "LANG": "C.UTF-8",
+               "RUNTIME_DIRECTORY": "/tmp/run", "SVC_UID": str(user.pw_uid), "SVC_GID": str(user.pw_gid)}
+        argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--basetemp=/tmp/pt",
+                "tests/test_runtime_container.py"]
+        res = subprocess.run(_service_argv(user, [d / "cgroup.procs" for d in dirs], [], hold, argv),
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+        assert " passed" in res.stdout and " failed" not in res.stdout
+    finally:
+        shutil.rmtree(hold, ignore_errors=True)
