@@ -118,9 +118,11 @@ if ! getent passwd "$user" >/dev/null; then
       --shell /usr/sbin/nologin --comment "synord compute mesh daemon" "$user"
   fi
 fi
-for g in kvm render video; do  # what SupplementaryGroups= names must exist
-  getent group "$g" >/dev/null || groupadd --system "$g"
-done
+if [ -z "$destdir" ]; then
+  for g in kvm render video; do  # what SupplementaryGroups= names must exist
+    getent group "$g" >/dev/null || groupadd --system "$g"
+  done
+fi
 sed -e "s#/opt/synord/venv#$prefix/venv#g" -e "s/^User=synord$/User=$user/" -e "s/^Group=synord$/Group=$user/" \
   "$src/packaging/systemd/synord.service" > "$unitdir/synord.service"
 chmod 0644 "$unitdir/synord.service"
