@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 
 RUNSC_PIDS_OVERHEAD = 512
 
-STATE_ROOT = Path(os.environ.get("SYNORD_RUNTIME_STATE", "/run/synord"))
+# Container state: systemd's RuntimeDirectory= (the service), /run/synord (root), or a per-user dir.
+STATE_ROOT = Path(os.environ.get("SYNORD_RUNTIME_STATE") or os.environ.get("RUNTIME_DIRECTORY")
+                  or ("/run/synord" if os.geteuid() == 0 else
+                      f"{os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()}/synord-{os.geteuid()}"))
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
           "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
@@ -89,9 +92,14 @@ class ContainerRuntime(Runtime):
         """(name, path) of the OCI runtime used for ordinary tasks; raises Unavailable."""
         if self._engine is None:
             reasons = []
+            names = [self._want] if self._want else ["crun", "runc"]
             if os.geteuid() != 0:
-                raise Unavailable("containers need root (rootless OCI is not supported yet)")
-            for name in ([self._want] if self._want else ["crun", "runc"]):
+                _rootless_check()
+                if cgroups.cgroup_mode() == "hybrid" and "crun" in names:
+                    # crun 1.8 refuses hybrid cgroups; root hides the unified tree, rootless cannot
+                    names.remove("crun")
+                    reasons.append("crun refuses hybrid cgroups without root")
+            for name in names:
                 path, why = _engine_ok(name)
                 if path:
                     self._engine = (name, path)
@@ -109,17 +117,21 @@ class ContainerRuntime(Runtime):
             name, _ = self.engine()
         except Unavailable as e:
             return Availability(False, str(e))
-        extra = "" if shutil.which("runsc") else "; runsc not installed: no checkpoint"
+        ckpt = self.checkpoint_available()
+        extra = "" if ckpt.available else f"; no checkpoint: {ckpt.reason}"
         return Availability(True, f"{name} ({cgroups.cgroup_mode()} cgroups){extra}")
 
     def checkpoint_available(self) -> Availability:
+        if os.geteuid() != 0:  # runsc --rootless checkpoints, but refuses to restore (gVisor 2022)
+            return Availability(False, "checkpointable containers (gVisor runsc) need root: "
+                                       "runsc --rootless cannot restore")
         return Availability(True, "runsc") if shutil.which("runsc") else Availability(False, "runsc not installed")
 
     # -- prepare ------------------------------------------------------------
     async def prepare(self, spec: TaskSpec) -> "ContainerSandbox":
         if spec.checkpointable:
-            if not shutil.which("runsc"):
-                raise Unavailable("checkpointable containers need gVisor runsc (not installed)")
+            if not (ok := self.checkpoint_available()).available:
+                raise Unavailable(f"checkpointable containers: {ok.reason}")
             engine = ("runsc", shutil.which("runsc"))
         else:
             engine = self.engine()
@@ -188,8 +200,33 @@ class ContainerRuntime(Runtime):
         return sb
 
 
+def _rootless_check() -> None:
+    """A non-root daemon runs containers in user namespaces, in its delegated cgroup subtree."""
+    try:
+        if int(Path("/proc/sys/user/max_user_namespaces").read_text()) == 0:
+            raise Unavailable("rootless containers need user namespaces (user.max_user_namespaces is 0)")
+    except (OSError, ValueError):
+        pass
+    try:
+        if Path("/proc/sys/kernel/unprivileged_userns_clone").read_text().strip() == "0":
+            raise Unavailable("rootless containers need kernel.unprivileged_userns_clone=1")
+    except OSError:
+        pass
+    try:
+        cgroups.task_parent()
+    except OSError as e:
+        raise Unavailable(f"rootless containers: {e}") from None
+
+
+def rootless_mappings(uid: int, gid: int) -> dict:
+    """The task's user (the image's) is the daemon's own uid/gid outside: one id each, no
+    setuid helper (newuidmap); the rootfs, unpacked by the daemon, is the task's own."""
+    return {"uidMappings": [{"containerID": uid, "hostID": os.geteuid(), "size": 1}],
+            "gidMappings": [{"containerID": gid, "hostID": os.getegid(), "size": 1}]}
+
+
 def bundle_config(spec: TaskSpec, conf: oci.ImageConfig, args: list[str], rootfs: Path,
-                  engine: str, cgroups_path: str) -> dict:
+                  engine: str, cgroups_path: str | None) -> dict:
     env = conf.env_dict()
     env.update(spec.env)
     env.setdefault("PATH", DEFAULT_PATH.split("=", 1)[1])
@@ -210,20 +247,30 @@ def bundle_config(spec: TaskSpec, conf: oci.ImageConfig, args: list[str], rootfs
     for m in spec.mounts:
         mounts.append({"destination": m.guest, "type": "bind", "source": str(Path(m.host).resolve()),
                        "options": ["rbind", "nosuid", "nodev", "rw" if m.writable else "ro"]})
+    rootless = os.geteuid() != 0
+    if rootless and spec.network:  # sysfs needs an own net namespace in a user namespace
+        mounts = [m if m["destination"] != "/sys" else
+                  {"destination": "/sys", "type": "bind", "source": "/sys",
+                   "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]} for m in mounts]
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if rootless:
+        namespaces.append({"type": "user"})
     if not spec.network:
         namespaces.append({"type": "network"})  # a fresh net namespace: only lo
     if engine != "runsc":
         namespaces.append({"type": "cgroup"})
     linux: dict = {
         "namespaces": namespaces,
-        "cgroupsPath": cgroups_path,
         # Limits live on our parent cgroup (runtimes.cgroups); the container's own stays unlimited
         # so that OOM/pids events are recorded where we can still read them after exit.
         "resources": {"devices": [{"allow": False, "access": "rwm"}]},
         "maskedPaths": MASKED,
         "readonlyPaths": READONLY,
     }
+    if cgroups_path is not None:
+        linux["cgroupsPath"] = cgroups_path
+    if rootless:
+        linux.update(rootless_mappings(uid, gid))
     if engine != "runsc":  # gVisor's sentry is the syscall filter there
         linux["seccomp"] = seccomp.profile()
     return {
@@ -324,8 +371,10 @@ class ContainerSandbox(SupervisedSandbox):
             net = "host" if self.spec.network else "none"
             return [self.engine_path, "--root", str(self.state_dir), "--platform=ptrace",
                     f"--network={net}", *args]
-        base = [self.engine_path, "--root", str(self.state_dir), *args]
-        if self.engine_name == "crun" and self.cgroup.mode == "hybrid":
+        # Rootless, the runtime already runs in the task's cgroup (cgroups.place_argv): crun makes none
+        rootless = ["--cgroup-manager=disabled"] if self.engine_name == "crun" and self.cgroup.rootless else []
+        base = [self.engine_path, *rootless, "--root", str(self.state_dir), *args]
+        if self.engine_name == "crun" and self.cgroup.mode == "hybrid" and not self.cgroup.rootless:
             return ["unshare", "-m", "--propagation", "private", "sh", "-c",
                     'umount /sys/fs/cgroup/unified && exec "$@"', "sh", *base]
         return base
@@ -356,6 +405,7 @@ class ContainerSandbox(SupervisedSandbox):
                              "--bundle", str(self.workdir), self.id)
         else:
             argv = self._cmd("run", "--bundle", str(self.workdir), self.id)
+        argv = self.cgroup.place_argv(argv)
         self._t0 = time.monotonic()
         try:
             self._proc = await trio.lowlevel.open_process(

@@ -30,6 +30,7 @@ import math
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,7 +49,17 @@ from .qmp import QMP, QMPError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GUEST_DIR = Path(__file__).resolve().parent.parent / "packaging" / "guest" / "out"
+
+def _default_guest_dir() -> Path:
+    """A checkout's build output (packaging/guest/out), else the installed venv's data dir,
+    <venv>/share/synord/guest, which packaging/install-service.sh fills."""
+    for p in Path(__file__).resolve().parents:
+        if (p / "packaging" / "guest" / "build.sh").is_file():
+            return p / "packaging" / "guest" / "out"
+    return Path(sys.prefix) / "share" / "synord" / "guest"
+
+
+DEFAULT_GUEST_DIR = _default_guest_dir()
 MIN_MEMORY_MIB = 128
 KILLED_CODE = 137  # what a shell reports for a SIGKILLed task
 NO_EXIT_CODE = -1  # the guest never reported an exit code

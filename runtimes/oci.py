@@ -602,6 +602,7 @@ def _remove(path: Path) -> None:
 def _apply_layer(stream: IO[bytes], root: Path, layer: str) -> None:
     created: set[str] = set()  # paths this layer made (an opaque whiteout keeps them)
     opaque: list[tuple[Path, str]] = []
+    rootful = os.geteuid() == 0
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for m in tar:
             rel = _clean_name(m.name, layer)
@@ -629,9 +630,9 @@ def _apply_layer(stream: IO[bytes], root: Path, layer: str) -> None:
                 except FileNotFoundError:
                     os.mkdir(target, 0o755)
                 # Right away, not deferred: a later entry could swap the dir for a symlink.
-                # (We unpack as root, so a read-only dir does not stop its own filling.)
-                os.chmod(target, mode)
-                os.lchown(target, m.uid, m.gid)
+                # (As root a read-only dir does not stop its own filling; rootless, we keep u+rwx.)
+                os.chmod(target, mode if rootful else mode | 0o700)
+                _chown(target, m, rootful)
             elif m.isfile():
                 _remove_nondir(target)
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -640,11 +641,12 @@ def _apply_layer(stream: IO[bytes], root: Path, layer: str) -> None:
                     assert src is not None
                     shutil.copyfileobj(src, out, 1 << 20)
                     os.fchmod(out.fileno(), mode)
-                    os.fchown(out.fileno(), m.uid, m.gid)
+                    if rootful:
+                        os.fchown(out.fileno(), m.uid, m.gid)
             elif m.issym():
                 _remove_nondir(target)
                 os.symlink(m.linkname, target)
-                os.lchown(target, m.uid, m.gid)
+                _chown(target, m, rootful)
             elif m.islnk():
                 lrel = _clean_name(m.linkname, layer)
                 src = _resolve_parent(root, lrel, layer, m.linkname) / lrel.name
@@ -664,6 +666,13 @@ def _apply_layer(stream: IO[bytes], root: Path, layer: str) -> None:
             crel = child.name if prel == "." else f"{prel}/{child.name}"
             if crel not in created:
                 _remove(child)
+
+
+def _chown(target: Path, m: tarfile.TarInfo, rootful: bool) -> None:
+    # Rootless (the service user), everything stays ours: the container's user
+    # namespace maps the image's user onto us (runtimes.container.rootless_mappings).
+    if rootful:
+        os.lchown(target, m.uid, m.gid)
 
 
 def _remove_nondir(target: Path) -> None:

@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.home is None:
-            args.home = default_home()
+            args.home = default_home(client=args.command not in ("daemon", "init"))
         if getattr(args, "args", None) and args.args[0] == "--":
             args.args = args.args[1:]
         if not getattr(args, "fn", None):

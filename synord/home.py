@@ -9,14 +9,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def default_home() -> Path:
+SERVICE_HOME = Path("/var/lib/synord")  # the systemd service's StateDirectory=
+
+
+def default_home(client: bool = False) -> Path:
+    """$SYNORD_HOME, else the user's own home. A ``client`` command (status, run, ...) of
+    root or of a member of the service's group that has no daemon of its own talks to
+    the service's daemon instead (its api.json and group-readable token)."""
     env = os.environ.get("SYNORD_HOME")
     if env:
         return Path(env)
     if os.geteuid() == 0 and os.environ.get("INVOCATION_ID"):  # running under systemd
-        return Path("/var/lib/synord")
+        return SERVICE_HOME
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "synord"
+    own = Path(xdg) / "synord"
+    service = Path(os.environ.get("SYNORD_SERVICE_HOME") or SERVICE_HOME)  # (tests point it elsewhere)
+    if client and not Home(own).api_json.exists() and os.access(service / "api.json", os.R_OK) \
+            and os.access(service / "api.token", os.R_OK):
+        return service
+    return own
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -79,7 +90,9 @@ class Home:
         except FileNotFoundError:
             pass
         token = secrets.token_urlsafe(32)
-        write_private(self.api_token, token.encode() + b"\n")
+        # A home its owner opened to a group (the service's 0750) shares the token with it.
+        shared = self.path.stat().st_mode & 0o050 == 0o050
+        write_private(self.api_token, token.encode() + b"\n", 0o640 if shared else 0o600)
         return token
 
     def write_api_json(self, url: str) -> None:
