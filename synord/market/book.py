@@ -1,6 +1,6 @@
 """This node's share of the order book.
 
-Orders are keyed by (side, peer, order id).  Per resource class, asks are
+Orders are keyed by (side, peer, order id), held per peer.  Per resource class, asks are
 kept sorted by (price, ts) and bids by (-max_price, ts): iterating a side is
 price-time priority, and `matching` stops as soon as prices run past the
 bid's limit.  Memory is bounded in two ways:
@@ -132,12 +132,13 @@ def _shape(a: Ask) -> tuple:
 
 
 class _Peer:
-    """What one peer holds in the book: its order count and its asks (quotas)."""
-    __slots__ = ("orders", "asks")
+    """One peer's orders, by id: the book's key is (side, peer, id), held as
+    two small dicts per peer rather than a tuple per order."""
+    __slots__ = ("asks", "bids")
 
     def __init__(self) -> None:
-        self.orders = 0
-        self.asks: list[Ask] = []  # at most max_asks_per_peer
+        self.asks: dict[str, Ask] = {}  # at most max_asks_per_peer
+        self.bids: dict[str, Bid] = {}
 
 
 class _ClassBook:
@@ -154,10 +155,6 @@ def _price_key(order: Ask | Bid) -> float:
     return order.price if order.side == "ask" else -order.max_price
 
 
-def _key(order: Ask | Bid) -> tuple[str, str, str]:
-    return (order.side, order.peer, order.id)
-
-
 def _units(order: Ask | Bid) -> float:
     return order.cores if order.resource_class == CPU_CLASS else float(order.gpus)
 
@@ -170,20 +167,20 @@ class OrderBook:
         self.max_asks_per_peer = max_asks_per_peer
         self.max_tombstones = max_tombstones
         self._classes: dict[str, _ClassBook] = {}
-        self._by_key: dict[tuple[str, str, str], Ask | Bid] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._count = 0
         # Expiry in one-second buckets (a list per second, a heap of seconds):
         # a pointer per order instead of a heap tuple.  Replaced or cancelled
         # orders stay in their bucket until it is swept or compacted.
         self._expiry: dict[int, list] = {}
         self._expiry_secs: list[int] = []
         self._expiry_len = 0
-        self._tombstones: OrderedDict[tuple[str, str, str], int] = OrderedDict()
-        self._peers: dict[str, _Peer] = {}
         self._last_sec, self._last_bucket = -1, []  # the bucket the last insert went to
+        self._tombstones: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return self._count
 
     # --- writes -------------------------------------------------------------
 
@@ -191,33 +188,32 @@ class OrderBook:
         """Insert or replace; returns ``added``/``replaced`` or the refusal reason."""
         if order.expires <= now:
             return EXPIRED
-        peer, is_ask, by_key = order.peer, order.side == "ask", self._by_key
-        key = (order.side, peer, order.id)
-        old = by_key.get(key)
+        peer, is_ask = order.peer, order.side == "ask"
+        held = self._peers.get(peer)
+        old = None if held is None else (held.asks if is_ask else held.bids).get(order.id)
         if old is not None and old.seq >= order.seq:
             return STALE
-        if self._tombstones and self._tombstones.get(key, -1) >= order.seq:
+        if self._tombstones and self._tombstones.get((order.side, peer, order.id), -1) >= order.seq:
             return CANCELLED
         if old is not None:
-            self._remove(key)
-        quota = self._peers.get(peer)
-        if old is None and quota is not None and (quota.orders >= self.max_per_peer or (
-                is_ask and len(quota.asks) >= self.max_asks_per_peer)):
+            self._remove(old)
+            held = self._peers.get(peer)
+        elif held is not None and (len(held.asks) + len(held.bids) >= self.max_per_peer or (
+                is_ask and len(held.asks) >= self.max_asks_per_peer)):
             return PEER_QUOTA
-        if len(by_key) >= self.max_orders:
+        if self._count >= self.max_orders:
             if not self._make_room(order, now):
                 return FULL
-            quota = self._peers.get(peer)  # the eviction may have dropped it
+            held = self._peers.get(peer)  # the eviction may have dropped it
         book = self._classes.get(order.resource_class)
         if book is None:
             book = self._classes[order.resource_class] = _ClassBook()
-        if quota is None:
-            quota = self._peers[peer] = _Peer()
-        quota.orders += 1
+        if held is None:
+            held = self._peers[peer] = _Peer()
         # The hot path (insert >= 500k/s, bench_market.py): _Side.add and
         # _Shape.add inlined.
         if is_ask:
-            quota.asks.append(order)
+            held.asks[order.id] = order
             side, p = book.asks, order.price
             shape = (order.runtimes, order.memory, order.cores, order.gpus, order.gpu_class, order.region,
                      order.min_duration_s, order.max_duration_s, order.preemptible)  # = _shape(order)
@@ -230,6 +226,7 @@ class OrderBook:
             elif group.low is not None and p < group.low:
                 group.low, group.at_low = p, 1
         else:
+            held.bids[order.id] = order
             side, p = book.bids, -order.max_price
         side.units += order.cores if order.resource_class == CPU_CLASS else float(order.gpus)  # = _units
         level = side.levels.get(p)
@@ -241,7 +238,7 @@ class OrderBook:
         else:
             insort(level, order, key=_TS)
         side.count += 1
-        by_key[key] = order
+        self._count += 1
         sec = order.expires // 1000
         if sec == self._last_sec:
             self._last_bucket.append(order)
@@ -253,7 +250,7 @@ class OrderBook:
             bucket.append(order)
             self._last_sec, self._last_bucket = sec, bucket
         self._expiry_len += 1
-        if self._expiry_len > 2 * len(by_key) + 1024:
+        if self._expiry_len > 2 * self._count + 1024:
             self._compact_expiry()
         return REPLACED if old is not None else ADDED
 
@@ -272,16 +269,16 @@ class OrderBook:
         self._tombstones.move_to_end(key)
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)
-        order = self._by_key.get(key)
+        order = self.get(*key)
         if order is not None and order.seq <= cancel.seq:
-            self._remove(key)
+            self._remove(order)
             return True
         return False
 
     def expire(self, now: int) -> int:
         """Drop every order whose expiry is <= now; returns how many."""
         dropped = 0
-        secs, by_key = self._expiry_secs, self._by_key
+        secs = self._expiry_secs
         while secs and secs[0] * 1000 <= now:
             sec = secs[0]
             bucket = self._expiry.pop(sec)
@@ -290,8 +287,8 @@ class OrderBook:
             for o in bucket:
                 if o.expires > now:
                     later.append(o)
-                elif by_key.get(_key(o)) is o:
-                    self._remove(_key(o))
+                elif self._holds(o):
+                    self._remove(o)
                     dropped += 1
             self._expiry_len -= len(bucket) - len(later)
             if later:  # the second ``now`` falls in: the rest waits
@@ -301,9 +298,9 @@ class OrderBook:
         return dropped
 
     def remove(self, side: str, peer: str, order_id: str) -> bool:
-        key = (side, peer, order_id)
-        if key in self._by_key:
-            self._remove(key)
+        order = self.get(side, peer, order_id)
+        if order is not None:
+            self._remove(order)
             return True
         return False
 
@@ -314,12 +311,16 @@ class OrderBook:
             book = self._classes[resource_class] = _ClassBook()
         book.last_trade = Trade(price, units, ts, agreement_id)
 
-    def _remove(self, key: tuple[str, str, str]) -> None:
-        order = self._by_key.pop(key)
-        peer = order.peer
-        quota = self._peers[peer]
+    def _holds(self, order: Ask | Bid) -> bool:
+        """Is this very order (not a replaced or cancelled copy) in the book?"""
+        return self.get(order.side, order.peer, order.id) is order
+
+    def _remove(self, order: Ask | Bid) -> None:
+        """Take out an order the book holds."""
+        held = self._peers[order.peer]
         book = self._classes[order.resource_class]
         if order.side == "ask":
+            del held.asks[order.id]
             side = book.asks
             side.remove(order.price, order)
             shape = _shape(order)
@@ -327,17 +328,17 @@ class OrderBook:
             group.remove(order.price)
             if not group.count:
                 del book.shapes[shape]
-            quota.asks.remove(order)
         else:
+            del held.bids[order.id]
             side = book.bids
             side.remove(-order.max_price, order)
         side.units -= _units(order)
-        quota.orders -= 1
-        if not quota.orders:
-            del self._peers[peer]
+        self._count -= 1
+        if not held.asks and not held.bids:
+            del self._peers[order.peer]
 
     def _make_room(self, order: Ask | Bid, now: int) -> bool:
-        if self.expire(now) and len(self._by_key) < self.max_orders:
+        if self.expire(now) and self._count < self.max_orders:
             return True
         sides = [(s.count, name, kind, s) for name, b in self._classes.items()
                  for kind, s in (("ask", b.asks), ("bid", b.bids)) if s.count]
@@ -348,17 +349,18 @@ class OrderBook:
         if name == order.resource_class and kind == order.side and (
                 (_price_key(order), order.ts) >= (worst_p, victim.ts)):
             return False  # the newcomer would be the one to go (it comes last on equal price and time)
-        self._remove(_key(victim))
+        self._remove(victim)
         self.evicted += 1
         return True
 
     def _compact_expiry(self) -> None:
         self._expiry, self._last_sec = {}, -1
-        for o in self._by_key.values():
-            self._expiry.setdefault(o.expires // 1000, []).append(o)
+        for held in self._peers.values():
+            for o in chain(held.asks.values(), held.bids.values()):
+                self._expiry.setdefault(o.expires // 1000, []).append(o)
         self._expiry_secs = list(self._expiry)
         heapq.heapify(self._expiry_secs)
-        self._expiry_len = len(self._by_key)
+        self._expiry_len = self._count
 
     @staticmethod
     def _cheapest(book: _ClassBook, shape: tuple) -> tuple[float, int]:
@@ -383,7 +385,7 @@ class OrderBook:
                 todo += (2 * i + 1, 2 * i + 2)
                 for o in self._expiry[secs[i]]:
                     if (o.expires <= now and o.side == "ask" and o.resource_class == resource_class
-                            and self._by_key.get(_key(o)) is o):
+                            and self._holds(o)):
                         yield o
 
     # --- reads --------------------------------------------------------------
@@ -392,7 +394,8 @@ class OrderBook:
         return sorted(self._classes)
 
     def get(self, side: str, peer: str, order_id: str) -> Ask | Bid | None:
-        return self._by_key.get((side, peer, order_id))
+        held = self._peers.get(peer)
+        return None if held is None else (held.asks if side == "ask" else held.bids).get(order_id)
 
     def asks(self, resource_class: str) -> Iterator[Ask]:
         """Asks of a class in price-time order (may include not-yet-purged expired ones)."""
@@ -460,27 +463,26 @@ class OrderBook:
         book = self._classes.get(bid.resource_class)
         if book is None or bid.min_reputation > 0 or 256 < len(book.shapes) > book.asks.count // 4:
             return None  # many shapes of few asks each: the scan is as quick
-        cls = bid.resource_class
-        special = {id(a): a for a in self._expired_asks(cls, now)}
-        for peer in own:
-            special.update((id(a), a) for a in getattr(self._peers.get(peer), "asks", ()) if a.resource_class == cls)
-        held: dict[tuple, list[Ask]] = {}
-        for a in special.values():
-            held.setdefault(_shape(a), []).append(a)
-        excluded = dict.fromkeys(CONSTRAINTS, 0)
+        reasons = {}
         for shape, group in book.shapes.items():
-            skip = held.get(shape, [])
-            if group.count == len(skip):
-                continue
-            reason = first_failed(group.probe, bid, now, UNKNOWN)
+            reason = reasons[shape] = first_failed(group.probe, bid, now, UNKNOWN)
             if reason is None:
                 if group.low is None:
                     group.low, group.at_low = self._cheapest(book, shape)
                 if group.low <= bid.max_price:
-                    return None  # some member might pass (all of them, unless `skip` holds the cheap ones)
-                reason = "price"
-            excluded[reason] += group.count - len(skip)
+                    return None  # some member might pass
+                reasons[shape] = "price"
+        cls = bid.resource_class
+        special = {id(a): a for a in self._expired_asks(cls, now)}
+        for peer in own:
+            held = self._peers.get(peer)
+            if held is not None:
+                special.update((id(a), a) for a in held.asks.values() if a.resource_class == cls)
+        excluded = dict.fromkeys(CONSTRAINTS, 0)
+        for shape, group in book.shapes.items():
+            excluded[reasons[shape]] += group.count
         for a in special.values():
+            excluded[reasons[_shape(a)]] -= 1
             excluded[first_failed(a, bid, now, UNKNOWN, own)] += 1
         return MatchResult(bid, [], book.asks.count, excluded)
 
