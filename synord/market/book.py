@@ -71,16 +71,7 @@ class _Side:
         self.units = 0.0
         self.count = 0
 
-    def add(self, p: float, order: Ask | Bid) -> None:
-        level = self.levels.get(p)
-        if level is None:
-            self.levels[p] = [order]
-            self.prices.add(p)
-        elif level[-1].ts <= order.ts:
-            level.append(order)  # equal times keep arrival order, as a sequence number would
-        else:
-            insort(level, order, key=_TS)
-        self.count += 1
+    # add() is inlined in OrderBook.add (the hot path)
 
     def remove(self, p: float, order: Ask | Bid) -> None:
         level = self.levels[p]
@@ -210,8 +201,8 @@ class OrderBook:
             book = self._classes[order.resource_class] = _ClassBook()
         if held is None:
             held = self._peers[peer] = _Peer()
-        # The hot path (insert >= 500k/s, bench_market.py): _Side.add and
-        # _Shape.add inlined.
+        # The hot path (insert >= 500k/s, bench_market.py): adding to the
+        # shape and to the side's price level is inlined here.
         if is_ask:
             held.asks[order.id] = order
             side, p = book.asks, order.price
@@ -234,7 +225,7 @@ class OrderBook:
             side.levels[p] = [order]
             side.prices.add(p)
         elif level[-1].ts <= order.ts:
-            level.append(order)  # equal times keep arrival order
+            level.append(order)  # equal times keep arrival order, as a sequence number would
         else:
             insort(level, order, key=_TS)
         side.count += 1
