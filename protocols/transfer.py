@@ -68,8 +68,7 @@ message_type("blob.offer", _check_offer)
 message_type("blob.grant", _check_grant)
 
 
-def _hash_file(f, digest) -> None:
-    f.seek(0)
+def _hash_into(f, digest) -> None:
     while block := f.read(1 << 20):
         digest.update(block)
 
@@ -79,8 +78,8 @@ async def _store_blob(stream: FramedStream, f, digest, left: int) -> OSError | N
     the writes, if any (the bytes are still read, so the sender hears why).
 
     Disk writes and hashing run in a worker thread (both release the GIL), one
-    block behind the network reads: a receiver otherwise spends a third of its
-    time on them with the connection idle (bench/bench_transfer.py)."""
+    block behind the network reads: they were a quarter of a receiver's CPU,
+    spent with the connection idle (bench/bench_transfer.py)."""
     failed: OSError | None = None
 
     def write(block: bytes) -> None:
@@ -118,8 +117,7 @@ async def _store_blob(stream: FramedStream, f, digest, left: int) -> OSError | N
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+        _hash_into(f, h)
     return h.hexdigest()
 
 
@@ -240,7 +238,8 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
     digest = hashlib.sha256()
     with open(part, "ab+", buffering=0) as f:
         if have:  # resuming: the bytes already held count towards the digest
-            await trio.to_thread.run_sync(_hash_file, f, digest)
+            f.seek(0)
+            await trio.to_thread.run_sync(_hash_into, f, digest)
         failed = await _store_blob(stream, f, digest, left)
     if failed is not None:
         part.unlink(missing_ok=True)
