@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from itertools import product
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,34 @@ def _name(body: dict, key: str, optional: bool = False) -> str | None:
     if not isinstance(v, str) or not _NAME_RE.match(v):
         raise OrderError(f"{key} must match {_NAME_RE.pattern}")
     return v
+
+
+def _interned(v: str | None) -> str | None:
+    """One copy of a repeated name (peer, class, region): a book holds
+    100 000 orders from a few thousand peers."""
+    return v if v is None else sys.intern(v)
+
+
+# One copy of each repeated number of an ask (its cores, memory, price...): a
+# decoded body holds a fresh object per field, a book 100 000 asks of a few
+# hundred distinct values.  Bounded per field: junk values only fill the table.
+_SHARED_MAX = 4096
+_SHARED: dict[str, dict] = {k: {} for k in ("cores", "memory", "price", "load", "min_duration_s",
+                                            "max_duration_s")}
+
+
+def _shared(key: str, v: Any) -> Any:
+    table = _SHARED[key]
+    got = table.get(v)
+    if got is None:
+        if len(table) < _SHARED_MAX:
+            table[v] = v
+        return v
+    return got
+
+
+# every valid runtimes tuple, so that orders share one copy of theirs
+_RUNTIME_TUPLES = {t: t for n in range(1, len(RUNTIMES) + 1) for t in product(RUNTIMES, repeat=n)}
 
 
 def _ident(body: dict, key: str = "id") -> str:
@@ -159,19 +189,20 @@ class Ask:
         rts = _req(b, "runtimes")
         if not isinstance(rts, list) or not 1 <= len(rts) <= len(RUNTIMES):
             raise OrderError(f"runtimes must be a list of 1..{len(RUNTIMES)} names")
-        runtimes = tuple(_runtime(r, "runtimes") for r in rts)
+        runtimes = _RUNTIME_TUPLES[tuple(_runtime(r, "runtimes") for r in rts)]
         ask = cls(
-            id=_ident(b), seq=_int(b, "seq", 0, 2**63 - 1), resource_class=_name(b, "class"),
-            cores=_num(b, "cores", 0.0, MAX_CORES), memory=_int(b, "memory", 0, MAX_MEMORY),
-            price=_num(b, "price", 0.0, MAX_PRICE), expires=_int(b, "expires", 0, 2**63 - 1),
+            id=_ident(b), seq=_int(b, "seq", 0, 2**63 - 1), resource_class=_interned(_name(b, "class")),
+            cores=_shared("cores", _num(b, "cores", 0.0, MAX_CORES)),
+            memory=_shared("memory", _int(b, "memory", 0, MAX_MEMORY)),
+            price=_shared("price", _num(b, "price", 0.0, MAX_PRICE)), expires=_int(b, "expires", 0, 2**63 - 1),
             runtimes=runtimes, gpus=_int(b, "gpus", 0, MAX_GPUS, 0),
-            gpu_class=_name(b, "gpu_class", optional=True),
-            min_duration_s=_int(b, "min_duration_s", 0, MAX_DURATION_S, 0),
-            max_duration_s=_int(b, "max_duration_s", 1, MAX_DURATION_S, MAX_DURATION_S),
-            preemptible=_bool(b, "preemptible", False), region=_name(b, "region", optional=True),
-            load=_num(b, "load", 0.0, 1.0, 0.0),
+            gpu_class=_interned(_name(b, "gpu_class", optional=True)),
+            min_duration_s=_shared("min_duration_s", _int(b, "min_duration_s", 0, MAX_DURATION_S, 0)),
+            max_duration_s=_shared("max_duration_s", _int(b, "max_duration_s", 1, MAX_DURATION_S, MAX_DURATION_S)),
+            preemptible=_bool(b, "preemptible", False), region=_interned(_name(b, "region", optional=True)),
+            load=_shared("load", _num(b, "load", 0.0, 1.0, 0.0)),
             perf=None if b.get("perf") is None else _num(b, "perf", 0.0, 1e12),
-            peer=peer, ts=ts,
+            peer=_interned(peer), ts=ts,
         )
         if ask.min_duration_s > ask.max_duration_s:
             raise OrderError("min_duration_s > max_duration_s")

@@ -12,7 +12,9 @@ Every setting here comes from measurements in shared/notes/py-libp2p.md:
   reach-all latency is bound by total CPU per message (duplicates included),
   N=30 p50 65 -> 53 ms (bench/bench_gossip.py);
 - pubsub and router services start before ``host.run``;
-- subscriptions are drained promptly into our own channels.
+- subscriptions are drained promptly into our own channels;
+- TCP is read in 256 KiB gulps and yamux frames fit one Noise message
+  (bench/bench_transfer.py: CPU per MiB received 12.7 -> 9.6 ms).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIP_V10, PROTOCOL_ID_V11, 
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
+from libp2p.io.trio import TrioTCPStream
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
+from libp2p.stream_muxer.yamux import yamux as _libp2p_yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp import tcp as _libp2p_tcp
 
@@ -74,6 +79,41 @@ async def _exclusive_listeners(host: str | None, port: int) -> list[trio.SocketL
 _libp2p_tcp._open_reuseport_listeners = _exclusive_listeners
 # Its listen() also logs each failure as a bare line of its own; `_check_listening` says it once.
 logging.getLogger(_libp2p_tcp.__name__).setLevel(logging.CRITICAL)
+
+
+class _BufferedTCPStream(TrioTCPStream):
+    """A TCP stream read in gulps.  Noise asks for its 2-byte length, then for
+    up to 65535 bytes: several recv(2) calls and trips through trio's scheduler
+    per 64 KiB (bench/bench_transfer.py).  One recv of up to 256 KiB serves
+    them from memory."""
+
+    GULP = 256 * 1024
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._rbuf, self._rpos = b"", 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        if n == 0:
+            return b""
+        if self._rpos < len(self._rbuf):
+            end = len(self._rbuf) if n is None else min(len(self._rbuf), self._rpos + n)
+            out = self._rbuf[self._rpos:end]
+            self._rpos = end
+            return out
+        data = await super().read(self.GULP if n is None else max(n, self.GULP))
+        if n is None or len(data) <= n:
+            return data
+        self._rbuf, self._rpos = data, n
+        return data[:n]
+
+
+# libp2p builds its TCP streams from these module globals.
+_libp2p_tcp.TrioTCPStream = _BufferedTCPStream
+# A yamux data frame of 64 KiB plus its 12-byte header is 29 bytes too long for
+# one Noise message: each went out as two (two encryptions, two writes, two
+# reads).  Frames that fit one Noise message halve that work.
+_libp2p_yamux.MAX_MESSAGE_SIZE = NOISE_MAX_PLAINTEXT
 
 
 class _RawStream:

@@ -68,11 +68,56 @@ message_type("blob.offer", _check_offer)
 message_type("blob.grant", _check_grant)
 
 
+def _hash_into(f, digest) -> None:
+    while block := f.read(1 << 20):
+        digest.update(block)
+
+
+async def _store_blob(stream: FramedStream, f, digest, left: int) -> OSError | None:
+    """Read ``left`` raw bytes into ``f`` and ``digest``; the error that stopped
+    the writes, if any (the bytes are still read, so the sender hears why).
+
+    Disk writes and hashing run in a worker thread (both release the GIL), one
+    block behind the network reads: they were a quarter of a receiver's CPU,
+    spent with the connection idle (bench/bench_transfer.py)."""
+    failed: OSError | None = None
+
+    def write(block: bytes) -> None:
+        nonlocal failed
+        digest.update(block)
+        if failed is None:
+            try:
+                f.write(block)
+            except OSError as exc:  # our disk is full: keep reading
+                failed = exc
+
+    send, receive = trio.open_memory_channel(2)  # blocks in flight: bounded memory
+
+    async def writer() -> None:
+        async with receive:
+            async for block in receive:
+                await trio.to_thread.run_sync(write, block)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        async with send:
+            while left:
+                block = await stream.read_raw(min(left, CHUNK))
+                await PACER.take(len(block))
+                left -= len(block)
+                await send.send(block)
+    if failed is None:
+        try:
+            await trio.to_thread.run_sync(os.fsync, f.fileno())
+        except OSError as exc:
+            failed = exc
+    return failed
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+        _hash_into(f, h)
     return h.hexdigest()
 
 
@@ -190,27 +235,17 @@ async def _receive_locked(stream: FramedStream, store: BlobStore, offer: dict) -
     left = head.get("blob") if isinstance(head, dict) else None
     if left != size - have:
         raise TransferError(f"expected {size - have} bytes, sender announced {left!r}", "bad_header")
-    failed: OSError | None = None
-    with open(part, "ab", buffering=0) as f:
-        while left:
-            block = await stream.read_raw(min(left, CHUNK))
-            await PACER.take(len(block))
-            left -= len(block)
-            if failed is None:
-                try:
-                    f.write(block)
-                except OSError as exc:  # our disk is full: read the rest so the sender hears why
-                    failed = exc
-        if failed is None:
-            try:
-                os.fsync(f.fileno())
-            except OSError as exc:
-                failed = exc
+    digest = hashlib.sha256()
+    with open(part, "ab+", buffering=0) as f:
+        if have:  # resuming: the bytes already held count towards the digest
+            f.seek(0)
+            await trio.to_thread.run_sync(_hash_into, f, digest)
+        failed = await _store_blob(stream, f, digest, left)
     if failed is not None:
         part.unlink(missing_ok=True)
         await stream.send({"error": f"provider storage full: {failed.strerror or failed}"})
         raise TransferError(f"cannot store the blob: {failed.strerror or failed}", "storage-full") from failed
-    actual = sha256_of(part)
+    actual = digest.hexdigest()
     if actual != sha:
         part.unlink(missing_ok=True)
         await stream.send({"error": f"sha256 mismatch: offered {sha}, received {actual}"})

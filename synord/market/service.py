@@ -39,7 +39,7 @@ from ..store import from_json_safe, json_safe
 from .backoff import Backoff
 from .book import FULL, PEER_QUOTA, OrderBook
 from .ledger import Ledger
-from .matching import Candidate, match
+from .matching import Candidate
 from .negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
 from .port import Needs, PlacementRejected
 from .pricing import PricingPolicy, derive_asks
@@ -304,7 +304,7 @@ class MarketService:
 
     def _match(self, needs: Needs, exclude: tuple[str, ...] = ()):
         bid, now, busy = self._bid(needs), now_ms(), self.consumer.busy()
-        return match(bid, self.book.asks(needs.resource_class), now=now,
+        return self.book.match(bid, now,  # the book's indexes answer a bid nothing can serve
                      peer_info=lambda p: self._peer_info(p, busy, now), exclude_peers=(self.peer_id, *exclude),
                      shortlist=8, per_peer=self.candidates_per_peer,
                      skip_peer=lambda p: self.backoff.blocked(p, now))
