@@ -344,16 +344,8 @@ class ConsumerJobs(TaskClient):
         try:
             with self.store.tx() as conn:
                 for job in dirty:
-                    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM job_output WHERE job_id = ?",
-                                       (job.id,)).fetchone()[0]
-                    for s, data in job.pending_output:
-                        seq += 1
-                        conn.execute("INSERT INTO job_output(job_id, seq, stream, data) VALUES (?, ?, ?, ?)",
-                                     (job.id, seq, s, data))
-                for job in (self.jobs[i] for i in self._unsaved):
-                    self._write_job(conn, job)
-                    conn.executemany("INSERT OR REPLACE INTO job_history(job_id, seq, entry) VALUES (?, ?, ?)",
-                                     [(job.id, n, json.dumps(e)) for n, e in enumerate(job.history, 1)])
+                    self.jobstore.append_output(conn, job.id, job.pending_output)
+                self.jobstore.write_deferred(conn, (self.jobs[i] for i in self._unsaved))
         except sqlite3.Error as exc:
             if self.storage is None or not self.storage.failed("job output", exc):
                 raise

@@ -17,7 +17,7 @@ from protocols.identity import Identity
 from protocols.shell import EXEC_TYPE, MAX_STDIN_FRAME, OPEN_TIMEOUT_S, SHELL_PROTOCOL, exec_body, terminal_size
 from protocols.tasks import TaskSpecError
 
-from ..api import ApiError
+from ..errors import Busy, Conflict, Forbidden, Gone, Invalid, NotFound, Unavailable, Unsupported
 
 
 class ExecError(Exception):
@@ -118,8 +118,9 @@ async def open_exec(mesh, identity: Identity, provider: str, job_id: str, argv: 
 
 # ---- consumer side, for the control API ------------------------------------------------
 
-_HTTP_STATUS = {"forbidden": 403, "no_task": 404, "not_running": 409, "unsupported": 501,
-                "busy": 429, "bad_request": 400, "unreachable": 502}
+# The provider's refusal codes (protocols.shell) as domain errors.
+_REFUSAL = {"forbidden": Forbidden, "no_task": NotFound, "not_running": Conflict, "unsupported": Unsupported,
+            "busy": Busy, "bad_request": Invalid, "unreachable": Unavailable}
 
 
 class ConsumerExec:
@@ -141,31 +142,31 @@ class ConsumerExec:
     def _check(body: dict) -> tuple[list[str], dict[str, str], str | None, bool, tuple[int, int] | None]:
         argv = body.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
-            raise ApiError(400, "argv must be a non-empty list of strings (the command and its arguments)")
+            raise Invalid("argv must be a non-empty list of strings (the command and its arguments)")
         env = body.get("env") or {}
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise ApiError(400, "env must be a map of strings")
+            raise Invalid("env must be a map of strings")
         stdin = body.get("stdin")
         if stdin is not None and not isinstance(stdin, str):
-            raise ApiError(400, "stdin must be a string")
+            raise Invalid("stdin must be a string")
         interactive = body.get("interactive", False)
         if not isinstance(interactive, bool):
-            raise ApiError(400, "interactive must be a bool")
+            raise Invalid("interactive must be a bool")
         tty = None if body.get("tty") is None else _api_terminal_size(body["tty"], "tty")
         return argv, env, stdin, interactive or tty is not None, tty
 
     async def start(self, job_id: str, body: dict) -> AsyncIterator[bytes]:
-        """Open the session (errors become ApiError before anything streams); NDJSON lines after."""
+        """Open the session (errors are raised before anything streams); NDJSON lines after."""
         import json
         import uuid
         argv, env, stdin, interactive, tty = self._check(body)
         job = self.consumer_jobs._get(job_id)  # 404 for a job this node did not submit
         if job.state != "running" or not job.provider:
-            raise ApiError(409, f"job {job_id} is not running ({job.state})")
+            raise Conflict(f"job {job_id} is not running ({job.state})")
         try:
             client = await open_exec(self.mesh, self.identity, job.provider, job_id, argv, env, tty=tty)
         except ExecError as exc:
-            raise ApiError(_HTTP_STATUS.get(exc.code, 502), str(exc)) from None
+            raise _REFUSAL.get(exc.code, Unavailable)(str(exc)) from None
         sid = None
         try:
             if interactive:
@@ -205,10 +206,10 @@ class ConsumerExec:
     async def stdin(self, sid: str, body: dict) -> dict:
         client = self.sessions.get(sid)
         if client is None:
-            raise ApiError(404, f"no exec session {sid} (it has ended)")
+            raise NotFound(f"no exec session {sid} (it has ended)")
         data = body.get("data")
         if data is not None and not isinstance(data, str):
-            raise ApiError(400, "data must be a string")
+            raise Invalid("data must be a string")
         size = None if body.get("resize") is None else _api_terminal_size(body["resize"], "resize")
         try:
             if size:
@@ -218,11 +219,11 @@ class ConsumerExec:
             if body.get("eof"):
                 await client.close_stdin()
         except ExecError as exc:
-            raise ApiError(400, str(exc)) from None
+            raise Invalid(str(exc)) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ApiError(410, f"exec session {sid} has ended ({type(exc).__name__})") from None
+            raise Gone(f"exec session {sid} has ended ({type(exc).__name__})") from None
         except Exception as exc:  # the mesh stream broke in its own way
-            raise ApiError(410, f"exec session {sid} has ended ({type(exc).__name__}: {exc})") from None
+            raise Gone(f"exec session {sid} has ended ({type(exc).__name__}: {exc})") from None
         return {"ok": True}
 
 
@@ -232,4 +233,4 @@ def _api_terminal_size(value: Any, name: str) -> tuple[int, int]:
             raise TaskSpecError("expected {rows, cols}")
         return terminal_size([value["rows"], value["cols"]])
     except TaskSpecError as exc:
-        raise ApiError(400, f"{name}: {exc}") from None
+        raise Invalid(f"{name}: {exc}") from None

@@ -324,10 +324,7 @@ class ProviderJobs(TaskServer):
             st = task.execution.status
             state = "checkpointed" if task.handed_back else ("succeeded" if st.code == 0 and not st.reason else "failed")
             try:
-                with self.store.tx() as conn:
-                    conn.execute("UPDATE jobs SET state = ?, exit_code = ?, error = ?, updated = ? WHERE id = ? "
-                                 "AND role = 'provider'",
-                                 (state, st.code, task.execution.error or st.reason, time.time(), task.key))
+                self.taskstore.record_end(task.key, state, st.code, task.execution.error or st.reason)
             except sqlite3.Error as exc:  # a full disk: the task still ends and settles
                 log.warning("task end not recorded", extra={"job": task.key, "error": str(exc)})
             self._settle(task)

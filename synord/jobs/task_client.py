@@ -35,7 +35,7 @@ from protocols.transfer import sha256_of
 
 from .. import humanize as hz
 from ..metrics import observe_placement
-from ..store import json_safe
+from . import agreements
 from .placement import DEFAULT_BANDWIDTH_BPS
 
 if TYPE_CHECKING:
@@ -144,13 +144,8 @@ class TaskClient:
         plan = ho.restore_plan(mode, ck, peer, intact)
         if plan.push:
             await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
-        body = {"job_id": job.id, "agreement_id": terms.aid.hex(), "kind": job.runtime,
-                "artifact_sha256": job.spec["sha256"], "args": job.spec["args"],
-                "env": job.spec["env"], "limits": job.spec["limits"],
-                "checkpointable": job.spec["checkpointable"],
-                "checkpoint_interval_s": self.checkpoint_interval_s if job.spec["checkpointable"] else 0,
-                "restore": plan.restore}
-        body["progress"] = True  # we read progress frames before the reply
+        # progress: we read progress frames before the reply
+        body = job.jobspec.task_start(job.id, terms.aid.hex(), self.checkpoint_interval_s, plan.restore)
         stream = await self.mesh.open_stream(peer, TASK_PROTOCOL)
         self._progress(job, "starting", note=f"starting on {_short(peer)}")
         try:
@@ -174,7 +169,7 @@ class TaskClient:
         job.spec.pop("restore_mode", None)
         # Where to find the provider again if we restart mid-job.
         job.spec["provider_addrs"] = self.mesh.dialable_addrs(peer)
-        self.store.kv_set(f"terms:{terms.aid.hex()}", json_safe(terms.to_body()))  # for re-attach
+        agreements.remember(self.store, terms)  # for re-attach
         self._add_history(job, entry)
         self._set_state(job, "running", provider=peer)
         observe_placement(job.created, entry["mode"])
