@@ -59,7 +59,7 @@ def gpu_units(devices: list[dict], root: str | Path = "/") -> list[dict]:
             out.append({"id": d["uuid"], "class": gpu_class(d), "vendor": "nvidia",
                         "memory_bytes": d.get("memory_bytes"), "compute_capability": d.get("compute_capability"),
                         "cdi": f"nvidia.com/gpu={d['uuid']}", "minor": d.get("minor_number"),
-                        "index": d.get("index")})
+                        "index": d.get("index"), "power_limit_w": d.get("power_limit_w")})
         elif vendor in ("AMD", "Intel") and d.get("pci_bus_id"):
             render = render_node(root, d["pci_bus_id"])
             if render is None:

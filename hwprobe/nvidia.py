@@ -206,3 +206,21 @@ def refresh(devices: list[dict]) -> None:
             if d.get("uuid") and uuid is not None and _text(uuid) != d["uuid"]:
                 continue  # device order changed (hot-plug, reset): wait for a full probe
             d.update(_dynamic(s, h))
+
+
+def sample(indexes: dict[str, int]) -> dict[str, dict]:
+    """Utilisation, memory used and power of the devices ``{uuid: index}`` now (one NVML
+    session); a device whose UUID no longer sits at its index is left out."""
+    out: dict[str, dict] = {}
+    with _Session() as s:
+        if s.nv is None:
+            return out
+        for uuid, index in indexes.items():
+            h = s.get("nvmlDeviceGetHandleByIndex", index)
+            if h is None:
+                continue
+            got = s.get("nvmlDeviceGetUUID", h)
+            if got is not None and _text(got) != uuid and not uuid.startswith("MIG-"):
+                continue
+            out[uuid] = _dynamic(s, h)
+    return out

@@ -275,11 +275,16 @@ class Node:
             depreciation_per_gpu_hour=c["pricing.depreciation_per_gpu_hour"], margin=c["pricing.margin"],
             protocol_fee=c["pricing.protocol_fee"], preemptible_discount=c["pricing.preemptible_discount"],
             region=c["node.region"] or None)
+        from .gpu_devices import GpuNode
+        self.gpu = GpuNode(self.store, self.gpu_units, c["gpu.cdi_dirs"], c["gpu.dev_root"],
+                           c["gpu.meter_interval_s"])
+        self.gpu.allocator.release_all()  # a previous life's tasks are gone: so is their hold on GPUs
+        await nursery.start(self.gpu.meter.run)
         self.market = MarketService(
             self.identity, self.store, self.mesh.mesh, offer=self.market_offer,
             # The market checks pause/enable itself; every other reason comes in the offer.
             contributing=lambda: self.config["contributor.enabled"] and not self.paused, policy=policy,
-            classes=lambda: hwprobe.resource_classes(self.profile),
+            classes=lambda: hwprobe.resource_classes(self.profile) + ["gpu"],  # GPU asks: one topic, any node may bid
             preemptible=c["contributor.preemptible"], min_price=c["pricing.min_price"],
             allow_peers=c["market.allow_peers"], deny_peers=c["market.deny_peers"],
             on_agreement=lambda terms: self.provider_jobs.agreement_made(terms),
@@ -287,12 +292,13 @@ class Node:
             spend_period_s=c["market.spend_period_s"], max_asks_per_peer=c["market.max_asks_per_peer"],
             candidates_per_peer=c["market.candidates_per_peer"],
             parallel_proposals=c["market.parallel_proposals"], hedge_s=c["market.hedge_s"],
-            backoff_s=c["market.backoff_s"])
+            backoff_s=c["market.backoff_s"], devices=self.gpu.allocator)
         self.provider_jobs = ProviderJobs(
             self.identity, self.store, self.home, self.runtimes,
-            on_finished=lambda terms, outcome, usage: self.market.provider_settle(
-                terms, usage.cpu_s, usage.peak_memory_bytes, outcome),
+            on_finished=self._task_finished,
             heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])
+        self.provider_jobs.gpu = self.gpu
+        self._gpu_nursery = nursery
         self.provider_jobs.register(self.mesh.mesh)
         await nursery.start(self.provider_jobs.run)
         await nursery.start(self.market.run)
@@ -313,6 +319,17 @@ class Node:
         nursery.start_soon(run_sampler, self)
         self._stop_hooks.append(self._hand_back_on_stop)
 
+    def _task_finished(self, terms, outcome: str, usage) -> None:
+        if terms.devices:  # its GPU totals first (a last NVML sample), then the receipt
+            self._gpu_nursery.start_soon(self.gpu.settle, terms, outcome, usage, self.market.provider_settle)
+        else:
+            self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome)
+
+    def gpu_units(self) -> list[dict]:
+        """This host's GPUs as allocatable units (hwprobe.gpu_units)."""
+        from hwprobe.gpu_units import gpu_units
+        return gpu_units(self.profile.devices, self.profile.sysfs_root) if self.profile is not None else []
+
     def market_offer(self) -> dict:
         """What the market may sell now: the contributor's share of this host, and the sandboxes."""
         off = self._offerable()
@@ -324,6 +341,13 @@ class Node:
         load = (host.get("load") or {}).get("load1")
         off["load"] = min(1.0, load / max(1.0, off.get("cpus") or 1.0)) if load is not None else 0.0
         off["runtimes"] = sorted(self.runtimes)
+        units = self.gpu_units()
+        if units and off.get("gpus"):  # GPUs by class of unit (MIG instances count one each)
+            from .gpu_devices import offer_classes
+            allowed = len(units) if off["gpus"] >= len([d for d in self.profile.devices if d.get("kind") == "gpu"]) \
+                else off["gpus"]
+            off["gpu_classes"] = offer_classes(units, allowed)
+            off["gpus"] = sum(c["count"] for c in off["gpu_classes"])
         return off
 
     def _offerable(self) -> dict:

@@ -34,6 +34,11 @@ def _history_schema(conn: sqlite3.Connection) -> None:
     _exec_script(conn, SCHEMA)
 
 
+def _gpu_schema(conn: sqlite3.Connection) -> None:
+    from .gpu_devices import SCHEMA  # the GPU allocator owns its table
+    _exec_script(conn, SCHEMA)
+
+
 MIGRATIONS: list[Migration] = [
     # 1: generic durable settings (pause state, counters...)
     """
@@ -88,6 +93,8 @@ MIGRATIONS: list[Migration] = [
         AND NOT EXISTS (SELECT 1 FROM jobs AS o WHERE o.id = json_extract(jobs.spec, '$.agreement_id'));
     CREATE INDEX jobs_provider_peer_job ON jobs(consumer, peer_job) WHERE role = 'provider';
     """,
+    # 6: which GPU unit is held by which agreement (synord.gpu_devices)
+    _gpu_schema,
 ]
 
 

@@ -37,6 +37,7 @@ from runtimes.base import KINDS, SpecError, infer_kind
 from .. import humanize as hz
 from ..api import ApiError
 from ..metrics import observe_placement
+from ..gpu_request import gpu_request
 from ..store import Store, from_json_safe, json_safe
 from .migration import Displaced, Slot, Thresholds, assign_optimal, decide_mode
 
@@ -71,6 +72,8 @@ class Needs:
     gpus: int = 0
     gpu_class: str | None = None
     resource_class: str = "cpu"
+    gpu_memory: int | None = None  # bytes on each GPU
+    cuda: str | None = None  # least CUDA compute capability
 
 
 class Market(Protocol):
@@ -342,6 +345,7 @@ class ConsumerJobs:
         if req.get("timeout_s"):
             limits["timeout_s"] = float(req["timeout_s"])
         check_limits(limits)
+        gpu = gpu_request(req, kind)  # a GPU on a sandbox that cannot take one: refused here
         max_price = req.get("max_price")
         if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
             raise ValueError("max_price must be a non-negative number")
@@ -353,13 +357,17 @@ class ConsumerJobs:
         checkpointable = bool(req.get("checkpointable")) or kind in ("wasm", "microvm")
         return {"kind": kind, "artifact": str(path), "sha256": sha, "args": args, "env": env,
                 "limits": limits, "max_price": max_price, "checkpointable": checkpointable,
-                "checkpoint": None}
+                "checkpoint": None, "gpu": gpu}
 
     def _needs(self, job: ConsumerJob) -> Needs:
         lim = job.spec["limits"]
         duration = int(lim.get("timeout_s") or 3600)
+        gpu = job.spec.get("gpu") or {}
         return Needs(runtime=job.runtime, cores=lim["cpus"], memory=lim["memory_bytes"],
-                     max_price=job.spec.get("max_price"), duration_s=max(60, duration + 60))
+                     max_price=job.spec.get("max_price"), duration_s=max(60, duration + 60),
+                     gpus=gpu.get("gpus", 0), gpu_class=gpu.get("gpu_class"),
+                     resource_class="gpu" if gpu else "cpu", gpu_memory=gpu.get("gpu_memory"),
+                     cuda=gpu.get("cuda"))
 
     # ---- the drive loop -------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ class ProviderTask:
 class ProviderJobs:
     storage = None  # synord.storage_health.StorageHealth, set by the node
     cache = None  # synord.blobcache.BlobCache over self.blobs, set by the node
+    gpu = None  # synord.gpu_devices.GpuNode, set by the node
 
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
                  on_finished: Callable[[Terms, str, Any], None],
@@ -394,6 +395,14 @@ class ProviderJobs:
                         workdir=workdir / "sandbox", checkpointable=bool(body.get("checkpointable")),
                         task_id=workdir.name)
         spec.workdir.mkdir()
+        if terms.devices:  # the GPUs the agreement names, injected through CDI
+            if self.gpu is None or body["kind"] != "container":
+                raise TaskRefused("no_devices", "this provider cannot give devices to that sandbox")
+            try:
+                spec.devices = self.gpu.task_devices(terms.devices)
+            except ValueError as exc:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise TaskRefused("device_unavailable", f"device injection failed: {exc}") from None
         restore_dir = None
         start_offsets = None
         if csha is not None:
@@ -420,6 +429,8 @@ class ProviderJobs:
         self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
         for blob in (sha, csha):  # from now on the running task pins them, and only while it runs
             self._received_for.pop(blob, None)
+        if terms.devices:
+            self.gpu.metering(task.key, terms.devices)
         await self._nursery.start(self._run_task, task)
         if execution.done.is_set() and execution.error:
             raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")

@@ -1,0 +1,211 @@
+"""Provider side: which GPU (by UUID) belongs to which agreement.
+
+Every device unit (hwprobe.gpu_units) is held by at most one reservation: the
+table's primary key is the unit id, so a unit can never be in two tasks, and
+a check-and-take runs inside one SQLite transaction on the daemon's single
+trio thread (a racing second proposal finds the unit taken and is told
+"capacity").  The reservation is keyed like the market's capacity
+reservation (``consumer/nid``) and made in the same admission step, so the
+agreement the provider signs names exactly the devices it holds.
+
+Released on every exit path: the negotiation ends (rejected, expired,
+lease ended after the task finished, failed, was cancelled or migrated away:
+`release`) and, after a crash, when the daemon starts again (`release_all`:
+a provider's tasks do not survive its restart, so neither do their devices).
+
+Also here: the CDI edits that inject a reservation's devices into the task
+(`CDIDevices`), from the spec files in the configured directories or, for
+NVIDIA GPUs with no spec, one generated from NVML and the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from runtimes import cdi
+
+from .market.reservations import InsufficientCapacity
+
+log = logging.getLogger("synord.gpu")
+
+SCHEMA = """
+CREATE TABLE gpu_allocations (
+    unit TEXT PRIMARY KEY,      -- device unit id: GPU-/MIG- UUID, or PCI bus id
+    holder TEXT NOT NULL,       -- consumer/nid of the negotiation that holds it
+    created REAL NOT NULL
+);
+CREATE INDEX gpu_allocations_holder ON gpu_allocations(holder);
+"""
+
+
+def _cc(v: str | None) -> tuple[int, int] | None:
+    try:
+        major, minor = str(v).split(".", 1)
+        return int(major), int(minor)
+    except (TypeError, ValueError):
+        return None
+
+
+def unit_fits(unit: dict, gpu_class: str | None = None, memory: int | None = None,
+              cuda_capability: str | None = None) -> str | None:
+    """Name of the constraint ``unit`` fails (class, memory, cuda), or None."""
+    if gpu_class is not None and unit.get("class") != gpu_class:
+        return "class"
+    if memory and (unit.get("memory_bytes") or 0) < memory:
+        return "memory"
+    if cuda_capability:
+        have, need = _cc(unit.get("compute_capability")), _cc(cuda_capability)
+        if have is None or need is None or have < need:
+            return "cuda"
+    return None
+
+
+class GpuAllocator:
+    def __init__(self, store, units: Callable[[], list[dict]]):
+        self.store = store
+        self.units = units  # the host's device units now (hwprobe.gpu_units)
+
+    def held(self) -> dict[str, str]:
+        return dict(self.store.conn.execute("SELECT unit, holder FROM gpu_allocations").fetchall())
+
+    def free_units(self, gpu_class: str | None = None) -> list[dict]:
+        taken = self.held()
+        return [u for u in self.units() if u["id"] not in taken and unit_fits(u, gpu_class) is None]
+
+    def reserve(self, holder: str, n: int, gpu_class: str | None = None, memory: int | None = None,
+                cuda_capability: str | None = None) -> tuple[str, ...]:
+        """Take ``n`` free units that fit, atomically; InsufficientCapacity("gpus") if there are fewer."""
+        if n <= 0:
+            return ()
+        with self.store.tx() as conn:
+            taken = {r[0] for r in conn.execute("SELECT unit FROM gpu_allocations")}
+            mine = [r[0] for r in conn.execute("SELECT unit FROM gpu_allocations WHERE holder = ?", (holder,))]
+            if mine:
+                return tuple(sorted(mine))  # the same negotiation asking again
+            fit = [u["id"] for u in self.units()
+                   if u["id"] not in taken and unit_fits(u, gpu_class, memory, cuda_capability) is None]
+            if len(fit) < n:
+                raise InsufficientCapacity("gpus", n, len(fit))
+            now = time.time()
+            conn.executemany("INSERT INTO gpu_allocations(unit, holder, created) VALUES (?, ?, ?)",
+                             [(u, holder, now) for u in fit[:n]])
+        return tuple(fit[:n])
+
+    def release(self, holder: str) -> int:
+        with self.store.tx() as conn:
+            n = conn.execute("DELETE FROM gpu_allocations WHERE holder = ?", (holder,)).rowcount
+        if n:
+            log.info("devices released", extra={"holder": holder[:24], "count": n})
+        return n
+
+    def release_all(self) -> int:
+        """At start: the previous life's tasks are gone, and with them their claim on devices."""
+        with self.store.tx() as conn:
+            n = conn.execute("DELETE FROM gpu_allocations").rowcount
+        if n:
+            log.warning("devices of a previous run released", extra={"count": n})
+        return n
+
+    def to_json(self) -> dict:
+        held = self.held()
+        return {"units": [{**{k: u.get(k) for k in ("id", "class", "vendor", "memory_bytes",
+                                                      "compute_capability", "cdi")},
+                           "held_by": held.get(u["id"])} for u in self.units()]}
+
+
+class CDIDevices:
+    """CDI edits for a set of device units: spec files first, generated specs otherwise."""
+
+    def __init__(self, dirs, units: Callable[[], list[dict]], dev_root: str = "/dev"):
+        self.dirs = list(dirs)
+        self.units = units
+        self.dev_root = dev_root
+
+    def registry(self) -> cdi.Registry:
+        units = self.units()
+        generated = []
+        nv = [u for u in units if u["vendor"] == "nvidia"]
+        if nv:
+            spec = cdi.nvidia_spec([{"uuid": u["id"], "minor": u.get("minor"), "index": u.get("index")}
+                                    for u in nv], self.dev_root)
+            if spec is not None:
+                generated.append(spec)
+        for vendor in ("amd", "intel"):
+            mine = {u["cdi"].split("=", 1)[1]: u["nodes"] for u in units if u["vendor"] == vendor}
+            if mine and (spec := cdi.dri_spec(f"{vendor}.com/gpu", mine, self.dev_root)) is not None:
+                generated.append(spec)
+        reg = cdi.Registry(self.dirs, extra=generated)
+        for err in reg.errors:
+            log.warning("CDI spec ignored", extra={"error": err})
+        return reg
+
+    def edits(self, unit_ids: tuple[str, ...]) -> dict:
+        """The container edits for ``unit_ids`` (raises cdi.CDIError when one cannot be injected)."""
+        by_id = {u["id"]: u for u in self.units()}
+        missing = [u for u in unit_ids if u not in by_id]
+        if missing:
+            raise cdi.CDIError(f"device {missing[0]} is not on this host any more")
+        units = [by_id[u] for u in unit_ids]
+        e = self.registry().resolve([u["cdi"] for u in units])
+        ids = ",".join(u["id"] for u in units if u["vendor"] == "nvidia")
+        if ids:  # what CUDA and the NVIDIA tools read to pick devices
+            e.env += [f"NVIDIA_VISIBLE_DEVICES={ids}", f"CUDA_VISIBLE_DEVICES={ids}"]
+        return e.to_json()
+
+
+# Sandboxes that can take a device unit: containers through CDI. (microVMs take
+# GPUs only through VFIO passthrough: runtimes.vfio, not offered by this path.)
+DEVICE_RUNTIMES = ("container",)
+
+
+def offer_classes(units: list[dict], allowed: int) -> list[dict]:
+    """The GPU part of the offer: per class, how many units, the least memory and CUDA
+    capability among them, and the power they may draw (for the price)."""
+    out: dict[str, dict] = {}
+    for u in units[:max(0, allowed)]:
+        c = out.setdefault(u["class"], {"class": u["class"], "count": 0, "memory": None, "cuda": None,
+                                        "watts": None, "runtimes": list(DEVICE_RUNTIMES)})
+        c["count"] += 1
+        if u.get("memory_bytes"):
+            c["memory"] = u["memory_bytes"] if c["memory"] is None else min(c["memory"], u["memory_bytes"])
+        cc = u.get("compute_capability")
+        if cc and (c["cuda"] is None or _cc(cc) < _cc(c["cuda"])):
+            c["cuda"] = cc
+        if u.get("power_limit_w"):
+            c["watts"] = max(c["watts"] or 0.0, float(u["power_limit_w"]))
+    return list(out.values())
+
+
+class GpuNode:
+    """The node's GPU side in one place: units, allocation, CDI injection, metering."""
+
+    def __init__(self, store, units: Callable[[], list[dict]], cdi_dirs, dev_root: str = "/dev",
+                 meter_interval_s: float = 1.0):
+        from .gpu_meter import GpuMeter
+        self.units = units
+        self.allocator = GpuAllocator(store, units)
+        self.cdi = CDIDevices(cdi_dirs, units, dev_root)
+        self.meter = GpuMeter(meter_interval_s)
+
+    def task_devices(self, unit_ids: tuple[str, ...]) -> dict:
+        """CDI edits for a task's agreed units (ValueError when they cannot be injected)."""
+        return self.cdi.edits(unit_ids)  # cdi.CDIError is a ValueError
+
+    def metering(self, key: str, unit_ids: tuple[str, ...]) -> None:
+        """The task under agreement ``key`` (hex) starts: meter its NVIDIA units."""
+        by_id = {u["id"]: u for u in self.units()}
+        nv = {u: by_id[u]["index"] for u in unit_ids if u in by_id and by_id[u]["vendor"] == "nvidia"
+              and by_id[u].get("index") is not None}
+        if nv:
+            self.meter.start(key, nv)
+
+    async def settle(self, terms, outcome: str, usage, settle: Callable) -> None:
+        """The task ended: its GPU totals, then the market's settle (which ends the
+        lease and so releases the devices)."""
+        totals = None
+        try:
+            totals = await self.meter.finish(terms.aid.hex())
+        finally:
+            settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome, totals)
