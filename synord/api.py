@@ -153,6 +153,9 @@ def build_app(node: "Node", token: str):
     async def ledger(request: Request):
         return await call(node.ledger_json)
 
+    async def gpu(request: Request):
+        return await call(node.gpu.to_json)
+
     async def limits(request: Request):
         return await call(node.limits_json)
 
@@ -231,6 +234,7 @@ def build_app(node: "Node", token: str):
         Route("/v1/probe", probe),
         Route("/v1/book", book),
         Route("/v1/ledger", ledger),
+        Route("/v1/gpu", gpu),
         Route("/v1/limits", limits),
         Route("/v1/limits", set_limits, methods=["POST"]),
         Route("/v1/idle", idle, methods=["POST"]),

@@ -284,7 +284,8 @@ class Node:
             self.identity, self.store, self.mesh.mesh, offer=self.market_offer,
             # The market checks pause/enable itself; every other reason comes in the offer.
             contributing=lambda: self.config["contributor.enabled"] and not self.paused, policy=policy,
-            classes=lambda: hwprobe.resource_classes(self.profile) + ["gpu"],  # GPU asks: one topic, any node may bid
+            # Order topics are per kind ("gpu"; the model is the order's gpu_class): any node may bid.
+            classes=lambda: sorted({c.split(".")[0] for c in hwprobe.resource_classes(self.profile)} | {"gpu"}),
             preemptible=c["contributor.preemptible"], min_price=c["pricing.min_price"],
             allow_peers=c["market.allow_peers"], deny_peers=c["market.deny_peers"],
             on_agreement=lambda terms: self.provider_jobs.agreement_made(terms),

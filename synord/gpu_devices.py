@@ -189,6 +189,10 @@ class GpuNode:
         self.cdi = CDIDevices(cdi_dirs, units, dev_root)
         self.meter = GpuMeter(meter_interval_s)
 
+    def to_json(self) -> dict:
+        """``GET /v1/gpu``: every unit and who holds it, and the metered tasks."""
+        return {**self.allocator.to_json(), "metering": {k: m.totals() for k, m in self.meter.meters.items()}}
+
     def task_devices(self, unit_ids: tuple[str, ...]) -> dict:
         """CDI edits for a task's agreed units (ValueError when they cannot be injected)."""
         return self.cdi.edits(unit_ids)  # cdi.CDIError is a ValueError

@@ -533,6 +533,8 @@ class ConsumerJobs:
         entry = {"provider": peer, "start": time.time(), "end": None,
                  "mode": mode or "initial", "checkpoint_bytes": ck["bytes"] if restore else 0,
                  "agreement": terms.aid.hex(), "price": terms.price}
+        if terms.devices:
+            entry["devices"] = list(terms.devices)  # the GPUs the provider agreed to give
         if route:
             entry["checkpoint_route"] = route
         if job.state == "migrating":
