@@ -214,6 +214,8 @@ def _local_probe(bench: bool) -> dict:
             runtimes[kind] = get_runtime(kind).available().to_json()
         except Exception as exc:
             runtimes[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+    from runtimes import vfio
+    vfio.annotate(runtimes)
     return hwprobe.probe(bench=bench, runtimes=runtimes).to_json()
 
 

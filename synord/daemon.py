@@ -550,6 +550,8 @@ class Node:
                 runtimes[kind] = get_runtime(kind).available().to_json()
             except Exception as exc:  # a broken runtime module must not stop the node
                 runtimes[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+        from runtimes import vfio
+        vfio.annotate(runtimes)  # GPUs reach microVMs only by VFIO passthrough: whether, and why not
         profile.runtimes = runtimes
         profile.limits = self.contributor_limits().to_json()
         # Signals and the offer under our contributor limits (cheap, in-process).
