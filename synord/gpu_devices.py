@@ -62,10 +62,18 @@ def unit_fits(unit: dict, gpu_class: str | None = None, memory: int | None = Non
     return None
 
 
+def holder_of(terms) -> str:
+    """The reservation key of an agreement: the market's (Provider._key: consumer/nid)."""
+    return f"{terms.consumer}/{terms.nid.hex()}"
+
+
 class GpuAllocator:
     def __init__(self, store, units: Callable[[], list[dict]]):
         self.store = store
         self.units = units  # the host's device units now (hwprobe.gpu_units)
+        # Holders whose task runs: their lease may end first (a silent consumer), but the
+        # devices stay theirs until the task itself has ended (`task_ended`).
+        self.running: set[str] = set()
 
     def held(self) -> dict[str, str]:
         return dict(self.store.conn.execute("SELECT unit, holder FROM gpu_allocations").fetchall())
@@ -94,11 +102,21 @@ class GpuAllocator:
         return tuple(fit[:n])
 
     def release(self, holder: str) -> int:
+        if holder in self.running:
+            log.info("lease ended while its task runs: devices kept until it ends", extra={"holder": holder[:24]})
+            return 0
         with self.store.tx() as conn:
             n = conn.execute("DELETE FROM gpu_allocations WHERE holder = ?", (holder,)).rowcount
         if n:
             log.info("devices released", extra={"holder": holder[:24], "count": n})
         return n
+
+    def task_started(self, holder: str) -> None:
+        self.running.add(holder)
+
+    def task_ended(self, holder: str) -> int:
+        self.running.discard(holder)
+        return self.release(holder)
 
     def release_all(self) -> int:
         """At start: the previous life's tasks are gone, and with them their claim on devices."""
@@ -197,8 +215,13 @@ class GpuNode:
         """CDI edits for a task's agreed units (ValueError when they cannot be injected)."""
         return self.cdi.edits(unit_ids)  # cdi.CDIError is a ValueError
 
+    def task_started(self, terms) -> None:
+        """The task under ``terms`` starts: its devices are held until it ends; meter them."""
+        self.allocator.task_started(holder_of(terms))
+        self.metering(terms.aid.hex(), terms.devices)
+
     def metering(self, key: str, unit_ids: tuple[str, ...]) -> None:
-        """The task under agreement ``key`` (hex) starts: meter its NVIDIA units."""
+        """Meter the NVIDIA units of the task under agreement ``key`` (hex)."""
         by_id = {u["id"]: u for u in self.units()}
         nv = {u: by_id[u]["index"] for u in unit_ids if u in by_id and by_id[u]["vendor"] == "nvidia"
               and by_id[u].get("index") is not None}
@@ -212,4 +235,7 @@ class GpuNode:
         try:
             totals = await self.meter.finish(terms.aid.hex())
         finally:
-            settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome, totals)
+            try:
+                settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome, totals)
+            finally:
+                self.allocator.task_ended(holder_of(terms))

@@ -43,6 +43,11 @@ def test_allocation_is_exclusive_and_released(tmp_path):
     assert alloc.reserve("c3/n3", 1) == ("GPU-c",)  # any class: what is left
     assert alloc.release("c1/n1") == 1
     assert alloc.reserve("c4/n4", 1, "h100") == first
+    # A running task keeps its devices even when its lease ends first (a silent consumer).
+    alloc.task_started("c4/n4")
+    assert alloc.release("c4/n4") == 0 and alloc.held()["GPU-a"] == "c4/n4"
+    assert alloc.task_ended("c4/n4") == 1 and "GPU-a" not in alloc.held()
+    alloc.reserve("c4/n4", 1, "h100")
     # Persisted: a new allocator over the same store sees the holds; release_all clears them.
     again = GpuAllocator(Store(tmp_path / "state.db"), units)
     assert set(again.held()) == {"GPU-a", "GPU-b", "GPU-c"}

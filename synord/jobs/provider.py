@@ -430,7 +430,7 @@ class ProviderJobs:
         for blob in (sha, csha):  # from now on the running task pins them, and only while it runs
             self._received_for.pop(blob, None)
         if terms.devices:
-            self.gpu.metering(task.key, terms.devices)
+            self.gpu.task_started(terms)  # held until the task ends, and metered
         await self._nursery.start(self._run_task, task)
         if execution.done.is_set() and execution.error:
             raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")
