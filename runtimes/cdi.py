@@ -103,6 +103,7 @@ class Spec:
     devices: dict[str, dict]  # name -> containerEdits
     edits: dict | None  # spec-wide containerEdits
     source: str
+    priority: int = 0  # its directory's rank (later wins); generated specs rank below every file
 
 
 def _load_text(path: Path) -> dict:
@@ -164,7 +165,7 @@ class Registry:
             self._add(s, -1)
 
     def _add(self, spec: Spec, prio: int) -> None:
-        spec._prio = prio  # type: ignore[attr-defined]
+        spec.priority = prio
         self.specs.setdefault(spec.kind, []).append(spec)
 
     def kinds(self) -> list[str]:
@@ -187,8 +188,8 @@ class Registry:
         found = [s for s in self.specs.get(kind, []) if name in s.devices]
         if not found:
             raise CDIError(f"unresolvable CDI device {qualified}")
-        top = max(s._prio for s in found)  # type: ignore[attr-defined]
-        best = [s for s in found if s._prio == top]  # type: ignore[attr-defined]
+        top = max(s.priority for s in found)
+        best = [s for s in found if s.priority == top]
         if len(best) > 1:
             raise CDIError(f"CDI device {qualified} is defined by {best[0].source} and {best[1].source}")
         return best[0], name

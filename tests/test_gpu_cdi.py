@@ -81,6 +81,11 @@ def test_later_directory_wins_and_bad_files_cost_only_themselves(tmp_path):
     assert len(reg.errors) == 2 and any("unsupported cdiVersion" in e for e in reg.errors)
     assert reg.resolve([f"nvidia.com/gpu={GPU0}"]).env == ["FROM=run"]
     assert reg.has(f"nvidia.com/gpu={GPU1}")  # only in /etc/cdi: still there
+    # Two specs of one directory naming the same device: a conflict, that device refused.
+    (tmp_path / "etc" / "other.json").write_text(json.dumps({"cdiVersion": "0.6.0", "kind": "nvidia.com/gpu",
+                                                             "devices": [{"name": GPU1}]}))
+    with pytest.raises(cdi.CDIError, match="is defined by"):
+        cdi.Registry([tmp_path / "etc", run]).resolve([f"nvidia.com/gpu={GPU1}"])
     with pytest.raises(cdi.CDIError, match="unresolvable"):
         reg.resolve(["nvidia.com/gpu=GPU-nope"])
     with pytest.raises(cdi.CDIError, match="not a qualified"):

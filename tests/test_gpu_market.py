@@ -193,3 +193,36 @@ def test_meter_integrates_utilisation_power_and_peak_memory():
     m.add({"GPU-a": {"utilization_percent": None, "power_w": None, "memory_used_bytes": None}}, 103.0)
     t = m.totals()
     assert t["gpu_s"] == 3.0 and t["gpu_energy_j"] == 600.0 and t["gpu_peak_memory"] == 3 << 30
+
+
+# ---- negotiation: the very devices, reserved with the agreement ------------------------------------------
+
+def test_racing_consumers_for_the_last_gpu_one_agreement_naming_it(tmp_path):
+    from protocols.envelope import decode, now_ms
+    from protocols.identity import Identity
+    from synord.market.negotiator import Consumer, Provider
+    from synord.market.reservations import CapacityPool
+    from test_negotiation import TO, deliver
+
+    alloc = GpuAllocator(Store(tmp_path / "state.db"), lambda: units()[:2])
+    alloc.reserve("someone/else", 1, "h100")  # GPU-a is taken already: one H100 left
+    pool = CapacityPool({"cpus": 64.0, "memory_bytes": 1 << 40, "gpus": 4})
+    prov = Provider(P_ID, pool, timeouts=TO, devices=alloc)
+    # The ask still says 2 (published before GPU-a was taken): only the allocator knows better.
+    prov.offer(ask("g", peer=P_ID.peer_id, cls="gpu", gpus=2, gpu_class="h100", cores=64.0, memory=1 << 40,
+                   runtimes=("container",), expires=now_ms() + 3_600_000, max_duration_s=86_400))
+    consumers = [Consumer(Identity.generate(), timeouts=TO) for _ in range(3)]
+    parties = {P_ID.peer_id: prov, **{c.peer_id: c for c in consumers}}
+    need = dict(resource_class="gpu", gpus=1, gpu_class="h100", cores=1.0, runtime="container")
+    proposals = [s for c in consumers for s in c.place(bid(**need), [prov.asks["g"]])]
+    answers = [a for s in proposals for a in prov.receive(s.envelope.encode())]
+    assert sorted(a.envelope.type for a in answers) == ["agreement", "reject", "reject"]
+    (agreement,) = [decode(a.envelope.encode()).body for a in answers if a.envelope.type == "agreement"]
+    assert agreement["terms"]["resources"]["devices"] == ["GPU-b"]
+    rejects = [decode(a.envelope.encode()).body for a in answers if a.envelope.type == "reject"]
+    assert all(r["reason"] == "capacity" and "insufficient gpus" in r["detail"] for r in rejects)
+    deliver(answers, parties)
+    (m,) = [m for m in prov.negotiations.values() if m.terms is not None]
+    assert alloc.held()["GPU-b"] == f"{m.consumer}/{m.nid.hex()}"
+    deliver(prov.end(m.consumer, m.nid, "completed"), parties)  # the lease ends: the device comes back
+    assert "GPU-b" not in alloc.held() and alloc.held()["GPU-a"] == "someone/else"

@@ -299,7 +299,7 @@ class MarketService:
                    max_price=float(needs.max_price if needs.max_price is not None else self.max_price),
                    duration_s=int(needs.duration_s), deadline=now + 60_000, expires=now + 60_000,
                    gpus=needs.gpus, gpu_class=needs.gpu_class, peer=self.peer_id, ts=now,
-                   gpu_memory=getattr(needs, "gpu_memory", None), cuda=getattr(needs, "cuda", None))
+                   gpu_memory=needs.gpu_memory, cuda=needs.cuda)
 
     def _peer_info(self, peer: str, busy=None, now: int | None = None) -> PeerInfo:
         return PeerInfo(reputation=self.ledger.reputation(peer),
