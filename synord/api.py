@@ -154,7 +154,7 @@ def build_app(node: "Node", token: str):
         return await call(node.ledger_json)
 
     async def gpu(request: Request):
-        return await call(node.gpu.to_json)
+        return await call(lambda: node.gpu.to_json() if node.gpu is not None else {"units": []})
 
     async def limits(request: Request):
         return await call(node.limits_json)

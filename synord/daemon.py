@@ -123,6 +123,7 @@ class Node:
         self.mesh = None  # MeshService once started
         self.market = None  # MarketService
         self.provider_jobs = None  # ProviderJobs
+        self.gpu = None  # synord.gpu_devices.GpuNode
         self.consumer_jobs = None  # ConsumerJobs
         self.consumer_exec = None  # jobs.shell.ConsumerExec, on the first exec
         self.runtimes: dict = {}  # kind -> Runtime, those available and enabled here
@@ -342,7 +343,7 @@ class Node:
         load = (host.get("load") or {}).get("load1")
         off["load"] = min(1.0, load / max(1.0, off.get("cpus") or 1.0)) if load is not None else 0.0
         off["runtimes"] = sorted(self.runtimes)
-        units = self.gpu_units()
+        units = self.gpu.units() if self.gpu is not None else []  # only what CDI can inject
         if units and off.get("gpus"):  # GPUs by class of unit (MIG instances count one each)
             from .gpu_devices import offer_classes
             allowed = len(units) if off["gpus"] >= len([d for d in self.profile.devices if d.get("kind") == "gpu"]) \

@@ -136,10 +136,20 @@ class GpuAllocator:
 class CDIDevices:
     """CDI edits for a set of device units: spec files first, generated specs otherwise."""
 
+    CACHE_S = 5.0  # spec files rarely change; offers and admissions ask often
+
     def __init__(self, dirs, units: Callable[[], list[dict]], dev_root: str = "/dev"):
         self.dirs = list(dirs)
         self.units = units
         self.dev_root = dev_root
+        self._cached: tuple[float, cdi.Registry] | None = None
+
+    def injectable(self, units: list[dict]) -> list[dict]:
+        """The units a CDI spec (file or generated) can inject: only these are offered."""
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] > self.CACHE_S:
+            self._cached = (now, self.registry())
+        return [u for u in units if self._cached[1].has(u["cdi"])]
 
     def registry(self) -> cdi.Registry:
         units = self.units()
@@ -202,14 +212,22 @@ class GpuNode:
     def __init__(self, store, units: Callable[[], list[dict]], cdi_dirs, dev_root: str = "/dev",
                  meter_interval_s: float = 1.0):
         from .gpu_meter import GpuMeter
-        self.units = units
-        self.allocator = GpuAllocator(store, units)
+        self.host_units = units  # every GPU unit the probe found
         self.cdi = CDIDevices(cdi_dirs, units, dev_root)
+        self.allocator = GpuAllocator(store, self.units)
         self.meter = GpuMeter(meter_interval_s)
 
+    def units(self) -> list[dict]:
+        """The units offered and allocated: those that can be injected into a task."""
+        return self.cdi.injectable(self.host_units())
+
     def to_json(self) -> dict:
-        """``GET /v1/gpu``: every unit and who holds it, and the metered tasks."""
-        return {**self.allocator.to_json(), "metering": {k: m.totals() for k, m in self.meter.meters.items()}}
+        """``GET /v1/gpu``: the offered units and who holds them, the ones that cannot be
+        injected (no CDI spec and none could be generated), and the metered tasks."""
+        offered = {u["id"] for u in self.units()}
+        return {**self.allocator.to_json(),
+                "not_injectable": [u["id"] for u in self.host_units() if u["id"] not in offered],
+                "metering": {k: m.totals() for k, m in self.meter.meters.items()}}
 
     def task_devices(self, unit_ids: tuple[str, ...]) -> dict:
         """CDI edits for a task's agreed units (ValueError when they cannot be injected)."""

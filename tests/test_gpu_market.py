@@ -226,3 +226,20 @@ def test_racing_consumers_for_the_last_gpu_one_agreement_naming_it(tmp_path):
     assert alloc.held()["GPU-b"] == f"{m.consumer}/{m.nid.hex()}"
     deliver(prov.end(m.consumer, m.nid, "completed"), parties)  # the lease ends: the device comes back
     assert "GPU-b" not in alloc.held() and alloc.held()["GPU-a"] == "someone/else"
+
+
+def test_only_injectable_units_are_offered(tmp_path):
+    from synord.gpu_devices import GpuNode
+    from test_gpu_cdi import GPU0, stand_ins, write_spec
+    host = [dict(H100, id=GPU0, index=0, minor=0, cdi=f"nvidia.com/gpu={GPU0}"),
+            dict(H100, id="GPU-nospec", index=1, minor=1, cdi="nvidia.com/gpu=GPU-nospec")]
+    dev = stand_ins(tmp_path / "dev")
+    write_spec(tmp_path / "cdi", dev, tmp_path / "lib")
+    # No spec names GPU-nospec and none can be generated (no /dev/nvidiactl under dev_root).
+    node = GpuNode(Store(tmp_path / "state.db"), lambda: host, [tmp_path / "cdi"], dev_root=str(tmp_path / "none"))
+    assert [u["id"] for u in node.units()] == [GPU0]
+    assert node.to_json()["not_injectable"] == ["GPU-nospec"]
+    with pytest.raises(InsufficientCapacity):
+        node.allocator.reserve("c/n", 2)
+    edits = node.task_devices((GPU0,))
+    assert f"CUDA_VISIBLE_DEVICES={GPU0}" in edits["env"] and edits["deviceNodes"][-1]["path"] == "/dev/nvidia0"
