@@ -149,7 +149,16 @@ class CDIDevices:
         now = time.monotonic()
         if self._cached is None or now - self._cached[0] > self.CACHE_S:
             self._cached = (now, self.registry())
-        return [u for u in units if self._cached[1].has(u["cdi"])]
+        return [u for u in units if self._name(u, self._cached[1]) is not None]
+
+    @staticmethod
+    def _name(unit: dict, reg: cdi.Registry) -> str | None:
+        """The name a spec gives ``unit``: by UUID, else the names of nvidia-ctk's other
+        ``--device-name-strategy`` choices (``index`` "0", ``type-index`` "gpu0")."""
+        names = [unit["cdi"]]
+        if unit["vendor"] == "nvidia" and unit.get("index") is not None and not unit["id"].startswith("MIG-"):
+            names += [f"nvidia.com/gpu={unit['index']}", f"nvidia.com/gpu=gpu{unit['index']}"]
+        return next((n for n in names if reg.has(n)), None)
 
     def registry(self) -> cdi.Registry:
         units = self.units()
@@ -176,7 +185,8 @@ class CDIDevices:
         if missing:
             raise cdi.CDIError(f"device {missing[0]} is not on this host any more")
         units = [by_id[u] for u in unit_ids]
-        e = self.registry().resolve([u["cdi"] for u in units])
+        reg = self.registry()
+        e = reg.resolve([self._name(u, reg) or u["cdi"] for u in units])
         ids = ",".join(u["id"] for u in units if u["vendor"] == "nvidia")
         if ids:  # what CUDA and the NVIDIA tools read to pick devices
             e.env += [f"NVIDIA_VISIBLE_DEVICES={ids}", f"CUDA_VISIBLE_DEVICES={ids}"]

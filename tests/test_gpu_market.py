@@ -243,3 +243,20 @@ def test_only_injectable_units_are_offered(tmp_path):
         node.allocator.reserve("c/n", 2)
     edits = node.task_devices((GPU0,))
     assert f"CUDA_VISIBLE_DEVICES={GPU0}" in edits["env"] and edits["deviceNodes"][-1]["path"] == "/dev/nvidia0"
+
+
+def test_a_spec_naming_gpus_by_index_like_nvidia_ctk_default(tmp_path):
+    import yaml
+    from synord.gpu_devices import GpuNode
+    from test_gpu_cdi import GPU0, GPU1, stand_ins
+    dev = stand_ins(tmp_path / "dev")
+    (tmp_path / "cdi").mkdir()
+    (tmp_path / "cdi/nvidia.yaml").write_text(yaml.safe_dump({"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
+        "devices": [{"name": str(i), "containerEdits": {"deviceNodes": [
+            {"path": f"/dev/nvidia{i}", "hostPath": str(dev / f"nvidia{i}")}]}} for i in (0, 1)]
+        + [{"name": "all", "containerEdits": {}}]}))
+    host = [dict(H100, id=g, index=i, minor=i, cdi=f"nvidia.com/gpu={g}") for i, g in enumerate((GPU0, GPU1))]
+    node = GpuNode(Store(tmp_path / "state.db"), lambda: host, [tmp_path / "cdi"], dev_root=str(tmp_path / "none"))
+    assert [u["id"] for u in node.units()] == [GPU0, GPU1]
+    assert node.task_devices((GPU1,))["deviceNodes"] == [
+        {"path": "/dev/nvidia1", "hostPath": str(dev / "nvidia1")}]
