@@ -8,10 +8,12 @@ trio thread (a racing second proposal finds the unit taken and is told
 reservation (``consumer/nid``) and made in the same admission step, so the
 agreement the provider signs names exactly the devices it holds.
 
-Released on every exit path: the negotiation ends (rejected, expired,
-lease ended after the task finished, failed, was cancelled or migrated away:
-`release`) and, after a crash, when the daemon starts again (`release_all`:
-a provider's tasks do not survive its restart, so neither do their devices).
+Released on every exit path: the negotiation ends without a task (rejected,
+expired, abandoned: `release`), the task ends (succeeded, failed, cancelled,
+handed over to another provider: `task_ended`; a lease that ends first does
+not free the devices of a task still running), and, after a crash, when the
+daemon starts again (`release_all`: a provider's tasks do not survive its
+restart, so neither do their devices).
 
 Also here: the CDI edits that inject a reservation's devices into the task
 (`CDIDevices`), from the spec files in the configured directories or, for
@@ -24,6 +26,7 @@ import logging
 import time
 from typing import Callable
 
+from protocols.orders import cuda_tuple
 from runtimes import cdi
 
 from .market.reservations import InsufficientCapacity
@@ -42,9 +45,8 @@ CREATE INDEX gpu_allocations_holder ON gpu_allocations(holder);
 
 def _cc(v: str | None) -> tuple[int, int] | None:
     try:
-        major, minor = str(v).split(".", 1)
-        return int(major), int(minor)
-    except (TypeError, ValueError):
+        return cuda_tuple(v)
+    except ValueError:  # not MAJOR.MINOR
         return None
 
 
