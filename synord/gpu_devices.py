@@ -26,7 +26,6 @@ import logging
 import time
 from typing import Callable
 
-from protocols.orders import cuda_tuple
 from runtimes import cdi
 
 from .market.reservations import InsufficientCapacity
@@ -44,9 +43,12 @@ CREATE INDEX gpu_allocations_holder ON gpu_allocations(holder);
 
 
 def _cc(v: str | None) -> tuple[int, int] | None:
+    # Not protocols.orders.cuda_tuple: this module stays importable without the wire stack
+    # (bench/gpu_check.sh runs it in a venv with only trio, psutil, nvidia-ml-py, pyyaml).
     try:
-        return cuda_tuple(v)
-    except ValueError:  # not MAJOR.MINOR
+        major, minor = str(v).split(".", 1)
+        return int(major), int(minor)
+    except (TypeError, ValueError):
         return None
 
 

@@ -80,14 +80,23 @@ def main() -> int:
         return 1
     if shutil.which("nvidia-modprobe") and not Path("/dev/nvidia-uvm").exists():
         subprocess.run(["nvidia-modprobe", "-u", "-c=0"], check=False)  # CUDA needs the UVM node
+    import os
     from runtimes import cdi
     from synord.gpu_devices import CDIDevices
     unit = units[0]
-    devs = CDIDevices(cdi.DEFAULT_DIRS, lambda: units)
+    # GPU_CHECK_CDI_DIRS: more spec directories (a dry run with stand-in devices)
+    dirs = list(cdi.DEFAULT_DIRS) + [d for d in os.environ.get("GPU_CHECK_CDI_DIRS", "").split(":") if d]
+    devs = CDIDevices(dirs, lambda: units)
     reg = devs.registry()
     files = [s.source for ss in reg.specs.values() for s in ss]
-    say(f"== CDI: {unit['cdi']} from {', '.join(sorted(set(files)))}")
-    edits = devs.edits((unit["id"],))
+    say(f"== CDI: {unit['cdi']} from {', '.join(sorted(set(files))) or 'nothing'}")
+    for err in reg.errors:
+        say(f"  spec ignored: {err}")
+    try:
+        edits = devs.edits((unit["id"],))
+    except cdi.CDIError as exc:
+        say(f"the GPU cannot be injected: {exc} (no CDI spec names it, and no /dev/nvidiactl to generate one)")
+        return 3
     say(f"  device nodes: {[n['path'] for n in edits['deviceNodes']]}")
     say(f"  read-only mounts: {len(edits['mounts'])} (e.g. {[m['containerPath'] for m in edits['mounts'][:3]]})")
     say(f"  env: {[e for e in edits['env'] if 'VISIBLE' in e]}")
