@@ -300,7 +300,6 @@ class Node:
             on_finished=self._task_finished,
             heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])
         self.provider_jobs.gpu = self.gpu
-        self._gpu_nursery = nursery
         self.provider_jobs.register(self.mesh.mesh)
         await nursery.start(self.provider_jobs.run)
         await nursery.start(self.market.run)
@@ -322,8 +321,8 @@ class Node:
         self._stop_hooks.append(self._hand_back_on_stop)
 
     def _task_finished(self, terms, outcome: str, usage) -> None:
-        if terms.devices:  # its GPU totals first (a last NVML sample), then the receipt
-            self._gpu_nursery.start_soon(self.gpu.settle, terms, outcome, usage, self.market.provider_settle)
+        if terms.devices:  # the receipt with its GPU totals, then the devices are free
+            self.gpu.settle(terms, outcome, usage, self.market.provider_settle)
         else:
             self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome)
 

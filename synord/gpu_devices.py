@@ -260,14 +260,10 @@ class GpuNode:
         if nv:
             self.meter.start(key, nv)
 
-    async def settle(self, terms, outcome: str, usage, settle: Callable) -> None:
-        """The task ended: its GPU totals, then the market's settle (which ends the
-        lease and so releases the devices)."""
-        totals = None
+    def settle(self, terms, outcome: str, usage, settle: Callable) -> None:
+        """The task under ``terms`` ended: the market's settle with its GPU totals (the
+        receipt), then its devices are free."""
         try:
-            totals = await self.meter.finish(terms.aid.hex())
+            settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome, self.meter.stop(terms.aid.hex()))
         finally:
-            try:
-                settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome, totals)
-            finally:
-                self.allocator.task_ended(holder_of(terms))
+            self.allocator.task_ended(holder_of(terms))

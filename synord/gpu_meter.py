@@ -79,9 +79,8 @@ class GpuMeter:
         self.meters[key] = Meter(dict(devices))
         self._wake.set()
 
-    async def finish(self, key: str) -> dict | None:
-        """The task ended: a last sample, then its totals (None if it was never metered)."""
-        if key not in self.meters:
-            return None
-        await self._sample(key)
-        return self.meters.pop(key).totals()
+    def stop(self, key: str) -> dict | None:
+        """The task ended: its totals up to the last sample (None if it was never metered).
+        No last sample here: settling must not wait on NVML (nor be lost to a stopping node)."""
+        m = self.meters.pop(key, None)
+        return m.totals() if m is not None else None
