@@ -50,7 +50,10 @@ def gpu_mesh(tmp_path_factory):
                  "meter_interval_s = 0.2\n[contributor]\ncpu_share = 1.0\n")
     with DaemonCluster(base / "homes") as cluster:
         # Placement gives up soon: a refusal ("capacity") or no match shows in the job's error.
-        consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[jobs]\nplacement_timeout_s = 20.0\n")
+        # An H100 hour costs more than the default max price (1.0 per unit-hour), more so as
+        # our own bids raise demand: this consumer pays up to 20.
+        consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[jobs]\nplacement_timeout_s = 20.0\n"
+                                 "[market]\nmax_price = 20.0\n")
         prov = cluster.start("gpu", bootstrap=consumer.p2p_addrs(), config=prov_conf, env=env)
 
         def gpu_asks():
@@ -71,7 +74,7 @@ def test_gpu_job_travels_the_mesh_and_is_metered(gpu_mesh):
                     "--gpu-memory", "40G", "--cuda-capability", "8.0", str(BUSYBOX_DIR), "--",
                     "sh", "-c", SCRIPT.format(s=1))
     j = wait_job(consumer, job_id)
-    assert j["state"] == "succeeded", j
+    assert j["state"] == "succeeded", (j["error"], j["events"])
     lines = output(consumer, job_id).splitlines()
     (visible,) = [l.split("=", 1)[1] for l in lines if l.startswith("vis=")]
     assert visible in (GPU0, GPU1)
@@ -148,3 +151,28 @@ def test_devices_come_back_after_kill_9_and_restart(gpu_mesh):
     units = prov.get("/v1/gpu")["units"]
     assert {u["id"] for u in units} == {GPU0, GPU1} and not any(u["held_by"] for u in units)
     consumer.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_preempted_gpu_task_moves_and_its_devices_come_back(gpu_mesh):
+    """Migration is an exit path too: the first provider's devices are free again once
+    the task has moved, and the new leg names its own devices."""
+    cluster, consumer, _, env, conf, gpu_asks = gpu_mesh
+    second = cluster.start("gpu2", bootstrap=consumer.p2p_addrs(), config=conf, env=env)
+    try:
+        wait_for(lambda: len({a["peer"] for a in gpu_asks()}) == 2, 60, what="both GPU providers' asks")
+        job_id = submit(consumer, "--runtime", "container", "--gpus", "1", str(BUSYBOX_DIR), "--",
+                        "sh", "-c", SCRIPT.format(s=10))
+        wait_for(lambda: "vis=" in output(consumer, job_id), 60, what="the GPU job running")
+        first_peer = job(consumer, job_id)["provider"]
+        live = [d for d in cluster.daemons if d.proc.poll() is None and d.name.startswith("gpu")]
+        first = next(d for d in live if d.status()["peer_id"] == first_peer)
+        assert first.post("/v1/preempt", {"grace_s": 3, "reason": "owner is back"})["tasks_notified"] == 1
+        j = wait_job(consumer, job_id, timeout=120)
+        assert j["state"] == "succeeded", (j["error"], j["events"])
+        legs = j["history"]
+        assert len(legs) >= 2 and legs[0]["provider"] == first_peer and legs[0]["ended"] == "preempted", legs
+        assert all(len(leg["devices"]) == 1 for leg in legs)
+        wait_for(lambda: not any(u["held_by"] for u in first.get("/v1/gpu")["units"]), 20,
+                 what="the first provider's devices released")
+    finally:
+        second.stop()
