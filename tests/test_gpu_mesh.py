@@ -52,7 +52,7 @@ def gpu_mesh(tmp_path_factory):
         # Placement gives up soon: a refusal ("capacity") or no match shows in the job's error.
         # An H100 hour costs more than the default max price (1.0 per unit-hour), more so as
         # our own bids raise demand: this consumer pays up to 20.
-        consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[jobs]\nplacement_timeout_s = 20.0\n"
+        consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[jobs]\nplacement_timeout_s = 8.0\n"
                                  "[market]\nmax_price = 20.0\n")
         prov = cluster.start("gpu", bootstrap=consumer.p2p_addrs(), config=prov_conf, env=env)
 
@@ -96,9 +96,9 @@ def test_gpu_job_travels_the_mesh_and_is_metered(gpu_mesh):
 def test_concurrent_gpu_tasks_never_share_and_a_third_is_told_capacity(gpu_mesh):
     _, consumer, prov, _, _, _ = gpu_mesh
     a = submit(consumer, "--runtime", "container", "--gpus", "1", str(BUSYBOX_DIR), "--",
-               "sh", "-c", SCRIPT.format(s=40))
+               "sh", "-c", SCRIPT.format(s=20))
     b = submit(consumer, "--runtime", "container", "--gpus", "1", str(BUSYBOX_DIR), "--",
-               "sh", "-c", SCRIPT.format(s=40))
+               "sh", "-c", SCRIPT.format(s=20))
     for x in (a, b):
         wait_for(lambda: "vis=" in output(consumer, x), 60, what=f"job {x} running")
     held = {u["id"]: u["held_by"] for u in prov.get("/v1/gpu")["units"]}
