@@ -47,6 +47,10 @@ class CDIError(ValueError):
     pass
 
 
+def _abs(p) -> bool:
+    return isinstance(p, str) and p.startswith("/") and ".." not in p.split("/")
+
+
 @dataclass
 class Edits:
     """Merged containerEdits (spec level, then device level)."""
@@ -68,12 +72,12 @@ class Edits:
                 raise CDIError(f"{where}: env entries are KEY=VALUE strings")
             self.env.append(e)
         for d in raw.get("deviceNodes") or []:
-            if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not d["path"].startswith("/"):
-                raise CDIError(f"{where}: a device node needs an absolute path")
+            if not isinstance(d, dict) or not _abs(d.get("path")) or ("hostPath" in d and not _abs(d["hostPath"])):
+                raise CDIError(f"{where}: a device node needs an absolute path (and hostPath)")
             self.device_nodes.append(dict(d))
         for m in raw.get("mounts") or []:
-            if not isinstance(m, dict) or not all(isinstance(m.get(k), str) for k in ("hostPath", "containerPath")):
-                raise CDIError(f"{where}: a mount needs hostPath and containerPath")
+            if not isinstance(m, dict) or not all(_abs(m.get(k)) for k in ("hostPath", "containerPath")):
+                raise CDIError(f"{where}: a mount needs absolute hostPath and containerPath")
             self.mounts.append(dict(m))
         for h in raw.get("hooks") or []:
             if not isinstance(h, dict) or h.get("hookName") not in _HOOKS or not isinstance(h.get("path"), str):

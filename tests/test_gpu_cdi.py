@@ -98,6 +98,8 @@ def test_later_directory_wins_and_bad_files_cost_only_themselves(tmp_path):
     ({"cdiVersion": "0.6.0", "kind": "a.com/b", "devices": [{"name": "a", "containerEdits": {
         "deviceNodes": [{"path": "dev/x"}]}}]}, "absolute path"),
     ({"cdiVersion": "0.6.0", "kind": "a.com/b", "devices": [{"name": "a", "containerEdits": {
+        "mounts": [{"hostPath": "/lib/x", "containerPath": "/../etc/x"}]}}]}, "absolute hostPath"),
+    ({"cdiVersion": "0.6.0", "kind": "a.com/b", "devices": [{"name": "a", "containerEdits": {
         "hooks": [{"hookName": "whenever", "path": "/x"}]}}]}, "hookName"),
     ({"cdiVersion": "0.7.0", "kind": "a.com/b", "devices": [{"name": "a", "containerEdits": {
         "intelRdt": {"closID": "x"}}}]}, "intelRdt"),
