@@ -133,6 +133,7 @@ def _device(s: _Session, index: int, driver: str | None) -> dict | None:
         "throughput": tp,
         "index": index,
         "uuid": _text(uuid) if uuid is not None else None,
+        "minor_number": s.get("nvmlDeviceGetMinorNumber", h),  # its /dev/nvidiaN
         "pci_bus_id": bus_id,
         "pci_id": pci_id,
         "known": entry["model"] if entry else None,
@@ -152,7 +153,27 @@ def _device(s: _Session, index: int, driver: str | None) -> dict | None:
         "usable": True,
     }
     dev.update(_dynamic(s, h))
+    if mig is not None and mig[0]:
+        dev["mig_devices"] = _mig_devices(s, h)
     return dev
+
+
+def _mig_devices(s: _Session, h) -> list[dict]:
+    """The MIG instances of a GPU in MIG mode (their profile from the name NVML gives
+    them, "... MIG 1g.10gb"); empty slots answer NotFound and are skipped."""
+    out = []
+    for i in range(s.get("nvmlDeviceGetMaxMigDeviceCount", h) or 0):
+        m = s.get("nvmlDeviceGetMigDeviceHandleByIndex", h, i)
+        if m is None:
+            continue
+        name = s.get("nvmlDeviceGetName", m)
+        name = _text(name) if name is not None else ""
+        uuid = s.get("nvmlDeviceGetUUID", m)
+        mem = s.get("nvmlDeviceGetMemoryInfo", m)
+        out.append({"uuid": _text(uuid) if uuid is not None else None,
+                    "profile": name.rsplit(" MIG ", 1)[1] if " MIG " in name else None,
+                    "memory_bytes": mem.total if mem is not None else None})
+    return out
 
 
 def probe_nvidia() -> tuple[list[dict], str | None]:
@@ -185,3 +206,21 @@ def refresh(devices: list[dict]) -> None:
             if d.get("uuid") and uuid is not None and _text(uuid) != d["uuid"]:
                 continue  # device order changed (hot-plug, reset): wait for a full probe
             d.update(_dynamic(s, h))
+
+
+def sample(indexes: dict[str, int]) -> dict[str, dict]:
+    """Utilisation, memory used and power of the devices ``{uuid: index}`` now (one NVML
+    session); a device whose UUID no longer sits at its index is left out."""
+    out: dict[str, dict] = {}
+    with _Session() as s:
+        if s.nv is None:
+            return out
+        for uuid, index in indexes.items():
+            h = s.get("nvmlDeviceGetHandleByIndex", index)
+            if h is None:
+                continue
+            got = s.get("nvmlDeviceGetUUID", h)
+            if got is not None and _text(got) != uuid and not uuid.startswith("MIG-"):
+                continue
+            out[uuid] = _dynamic(s, h)
+    return out

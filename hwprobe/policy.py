@@ -393,6 +393,10 @@ def resource_classes(profile) -> list[str]:
             add("cpu")
         elif kind == "opencl":
             add("opencl")
+        elif kind == "gpu" and (d.get("mig_mode") or {}).get("current") and d.get("mig_devices"):
+            from .gpu_units import mig_class  # MIG instances are units (and classes) of their own
+            for m in d["mig_devices"]:
+                add(f"gpu.{mig_class(d, m.get('profile') or 'mig')}")
         elif kind == "gpu":
             add(f"gpu.{d['slug']}" if d.get("tier") == "datacenter" and d.get("slug") else "gpu.consumer")
         elif kind:

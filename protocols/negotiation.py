@@ -124,6 +124,17 @@ def _str(b: dict, key: str, max_len: int = 64, optional: bool = False) -> str | 
     return _get(b, key, (str,), lambda v: 0 < len(v) <= max_len)
 
 
+def _devices(res: dict) -> tuple[str, ...]:
+    """Device ids in an agreement: one per agreed GPU, each a short token."""
+    v = res.get("devices")
+    if v is None:
+        return ()
+    if not isinstance(v, list) or len(v) != res.get("gpus") or len(set(map(str, v))) != len(v) or not all(
+            isinstance(d, str) and 0 < len(d) <= 64 and d.isprintable() and "/" not in d for d in v):
+        raise BodyError("devices must list one distinct id (<= 64 characters) per agreed GPU")
+    return tuple(v)
+
+
 def _nid(b: dict, key: str = "nid") -> bytes:
     return _get(b, key, (bytes,), lambda v: len(v) == NID_LEN)
 
@@ -232,12 +243,18 @@ class Terms:
     heartbeat_ms: int
     created: int       # unix ms
     expires: int       # lease end, unix ms
+    # The provider's device units (GPU UUIDs) reserved for this agreement; absent
+    # (and so not in the signed body) when it has none.
+    devices: tuple[str, ...] = ()
 
     def to_body(self) -> dict:
+        res = {"class": self.resource_class, "cores": float(self.cores), "memory": self.memory,
+               "gpus": self.gpus, "gpu_class": self.gpu_class}
+        if self.devices:
+            res["devices"] = list(self.devices)
         return {"aid": self.aid, "nid": self.nid, "consumer": self.consumer, "provider": self.provider,
                 "ask": {"id": self.ask_id, "seq": self.ask_seq}, "bid": {"id": self.bid_id, "seq": self.bid_seq},
-                "resources": {"class": self.resource_class, "cores": float(self.cores), "memory": self.memory,
-                              "gpus": self.gpus, "gpu_class": self.gpu_class},
+                "resources": res,
                 "runtime": self.runtime, "price": float(self.price), "units": float(self.units),
                 "duration_s": self.duration_s, "heartbeat_ms": self.heartbeat_ms,
                 "created": self.created, "expires": self.expires}
@@ -251,7 +268,7 @@ class Terms:
                    _f(res, "cores", MAX_CORES), _u(res, "memory", MAX_MEMORY), _u(res, "gpus", MAX_GPUS),
                    _str(res, "gpu_class", 32, optional=True), _str(b, "runtime"), _f(b, "price", MAX_PRICE),
                    _f(b, "units", MAX_CORES + MAX_GPUS), _u(b, "duration_s", MAX_DURATION_S),
-                   _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"))
+                   _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"), _devices(res))
 
     def signing_input(self) -> bytes:
         return AGREEMENT_DOMAIN + canonical(self.to_body())

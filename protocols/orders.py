@@ -123,6 +123,37 @@ def _runtime(v: Any, key: str) -> str:
     return v
 
 
+_CUDA_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
+
+
+def _opt_int(body: dict, key: str, hi: int) -> int | None:
+    return None if body.get(key) is None else _int(body, key, 0, hi)
+
+
+def _cuda(body: dict) -> str | None:
+    v = body.get("cuda")
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _CUDA_RE.match(v):
+        raise OrderError("cuda must be a compute capability MAJOR.MINOR")
+    return v
+
+
+def cuda_tuple(v: str | None) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    major, minor = v.split(".")
+    return int(major), int(minor)
+
+
+def _put_gpu_extras(b: dict, gpu_memory: int | None, cuda: str | None) -> None:
+    # Optional GPU fields go on the wire only when set: older peers never see them.
+    if gpu_memory is not None:
+        b["gpu_memory"] = gpu_memory
+    if cuda is not None:
+        b["cuda"] = cuda
+
+
 def _envelope_body(body: Any) -> dict:
     if not isinstance(body, dict):
         raise OrderError("body must be a map")
@@ -160,6 +191,8 @@ class Ask:
     region: str | None = None
     load: float = 0.0          # provider utilisation 0..1 when announced
     perf: float | None = None  # measured throughput per unit, relative (1.0 = reference)
+    gpu_memory: int | None = None  # bytes on each offered device (the least of them)
+    cuda: str | None = None        # CUDA compute capability of the devices ("9.0"), NVIDIA only
     peer: str = ""
     ts: int = 0
 
@@ -181,6 +214,7 @@ class Ask:
             b["region"] = self.region
         if self.perf is not None:
             b["perf"] = float(self.perf)
+        _put_gpu_extras(b, self.gpu_memory, self.cuda)
         return b
 
     @classmethod
@@ -203,6 +237,7 @@ class Ask:
             load=_shared("load", _num(b, "load", 0.0, 1.0, 0.0)),
             perf=None if b.get("perf") is None else _num(b, "perf", 0.0, 1e12),
             peer=_interned(peer), ts=ts,
+            gpu_memory=_opt_int(b, "gpu_memory", MAX_MEMORY), cuda=_cuda(b),
         )
         if ask.min_duration_s > ask.max_duration_s:
             raise OrderError("min_duration_s > max_duration_s")
@@ -230,6 +265,8 @@ class Bid:
     region: str | None = None
     min_reputation: float = 0.0
     preemptible_ok: bool = True
+    gpu_memory: int | None = None  # bytes needed on each device
+    cuda: str | None = None        # least CUDA compute capability ("8.0")
     peer: str = ""
     ts: int = 0
 
@@ -250,6 +287,7 @@ class Bid:
             b["gpu_class"] = self.gpu_class
         if self.region is not None:
             b["region"] = self.region
+        _put_gpu_extras(b, self.gpu_memory, self.cuda)
         return b
 
     @classmethod
@@ -265,7 +303,8 @@ class Bid:
             gpus=_int(b, "gpus", 0, MAX_GPUS, 0), gpu_class=_name(b, "gpu_class", optional=True),
             priority=_int(b, "priority", 0, 9, 0), region=_name(b, "region", optional=True),
             min_reputation=_num(b, "min_reputation", 0.0, 1.0, 0.0),
-            preemptible_ok=_bool(b, "preemptible_ok", True), peer=peer, ts=ts,
+            preemptible_ok=_bool(b, "preemptible_ok", True),
+            gpu_memory=_opt_int(b, "gpu_memory", MAX_MEMORY), cuda=_cuda(b), peer=peer, ts=ts,
         )
         if bid.units <= 0:
             raise OrderError(f"a bid of class {bid.resource_class!r} must need at least one unit")

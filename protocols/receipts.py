@@ -36,6 +36,9 @@ class ReceiptError(ValueError):
         self.slug = slug  # stable reason for the refusal counter (never peer text)
 
 
+GPU_FIELDS = ("gpu_s", "gpu_peak_memory", "gpu_energy_j")
+
+
 def amount_for(price: float, units: float, wall_s: float) -> float:
     return price * units * wall_s / 3600.0
 
@@ -54,12 +57,22 @@ class Receipt:
     outcome: str      # completed | failed | abandoned | cancelled | preempted
     started: int      # unix ms
     ended: int        # unix ms
+    # GPU metering (NVML), present only for agreements with GPUs; absent fields keep
+    # the body (and so the signing input) of a CPU receipt unchanged.
+    gpu_s: float | None = None            # busy device-seconds: sum of utilisation x time
+    gpu_peak_memory: int | None = None    # bytes, the most the task's devices held at once
+    gpu_energy_j: float | None = None     # joules drawn by the task's devices
 
     def to_body(self) -> dict:
-        return {"aid": self.aid, "provider": self.provider, "consumer": self.consumer,
-                "cpu_s": float(self.cpu_s), "peak_memory": self.peak_memory, "wall_s": float(self.wall_s),
-                "price": float(self.price), "units": float(self.units), "amount": float(self.amount),
-                "outcome": self.outcome, "started": self.started, "ended": self.ended}
+        b = {"aid": self.aid, "provider": self.provider, "consumer": self.consumer,
+             "cpu_s": float(self.cpu_s), "peak_memory": self.peak_memory, "wall_s": float(self.wall_s),
+             "price": float(self.price), "units": float(self.units), "amount": float(self.amount),
+             "outcome": self.outcome, "started": self.started, "ended": self.ended}
+        for k in GPU_FIELDS:
+            v = getattr(self, k)
+            if v is not None:
+                b[k] = v if k == "gpu_peak_memory" else float(v)
+        return b
 
     @classmethod
     def from_body(cls, body: Any) -> "Receipt":
@@ -72,6 +85,7 @@ class Receipt:
                 ("amount", "amount"), ("outcome", "outcome"), ("started", "started"), ("ended", "ended"))})
         except KeyError as exc:
             raise BodyError(f"missing field {exc.args[0]!r}") from None
+        r = replace(r, **{k: body[k] for k in GPU_FIELDS if body.get(k) is not None})
         r.validate()
         return r
 
@@ -90,6 +104,13 @@ class Receipt:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise BodyError(f"{k} must be an integer >= 0")
+        for k in GPU_FIELDS:
+            v = getattr(self, k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                    or (k == "gpu_peak_memory" and not isinstance(v, int)):
+                raise BodyError(f"{k} must be a finite number >= 0")
         if self.outcome not in OUTCOMES:
             raise BodyError(f"outcome must be one of {', '.join(OUTCOMES)}")
         if self.ended < self.started:
@@ -124,13 +145,17 @@ class SignedReceipt:
 
 
 def issue(identity: Identity, terms: Terms, *, cpu_s: float, peak_memory: int, started: int,
-          ended: int, outcome: str = "completed") -> SignedReceipt:
+          ended: int, outcome: str = "completed", gpu: dict | None = None) -> SignedReceipt:
     """Provider: meter -> receipt signed with the provider key."""
     if identity.peer_id != terms.provider:
         raise ReceiptError("only the agreement's provider issues its receipt")
     wall_s = max(0, ended - started) / 1000.0
     r = Receipt(terms.aid, terms.provider, terms.consumer, float(cpu_s), int(peak_memory), wall_s,
                 terms.price, terms.units, amount_for(terms.price, terms.units, wall_s), outcome, started, ended)
+    if gpu and terms.gpus:  # ``gpu``: synord.gpu_meter's totals, keyed like GPU_FIELDS
+        r = replace(r, gpu_s=round(min(float(gpu.get("gpu_s", 0.0)), wall_s * terms.gpus), 3),
+                    gpu_peak_memory=int(gpu.get("gpu_peak_memory", 0)),
+                    gpu_energy_j=round(float(gpu.get("gpu_energy_j", 0.0)), 3))
     r.validate()
     return SignedReceipt(r, identity.sign(r.signing_input()))
 
@@ -176,6 +201,10 @@ def check_against(sr: SignedReceipt, terms: Terms, observed: Observed | None = N
     # Cannot bill more than the agreed duration (+ one heartbeat of slack).
     if r.wall_s > terms.duration_s + terms.heartbeat_ms / 1000.0:
         raise ReceiptError("wall time longer than the agreed duration", "duration")
+    if not terms.gpus and any(getattr(r, k) is not None for k in GPU_FIELDS):
+        raise ReceiptError("GPU usage on an agreement without GPUs", "gpu")
+    if r.gpu_s is not None and r.gpu_s > r.wall_s * terms.gpus * (1 + TIME_TOLERANCE) + 1e-9:
+        raise ReceiptError("more busy GPU-seconds than devices x wall time", "gpu")
     if observed is not None:
         bound = observed.wall_ms * (1 + TIME_TOLERANCE) + max(TIME_SLACK_MS, terms.heartbeat_ms)
         if r.wall_s * 1000 > bound:

@@ -90,6 +90,7 @@ class TaskSpec:
     workdir: Path | None = None  # scratch dir for bundles/rootfs; the runtime makes one if None
     checkpointable: bool = False  # container: run under runsc so it can migrate
     task_id: str = ""
+    devices: dict | None = None  # CDI container edits of the allocated devices (runtimes.cdi.Edits.to_json)
 
 
 @dataclass

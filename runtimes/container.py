@@ -38,7 +38,7 @@ import trio
 from . import cgroups, oci, reaper, seccomp
 
 from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
-                   RuntimeError_, TerminalSize,
+                   Mount, RuntimeError_, TerminalSize,
                    Runtime, SpecError, SupervisedSandbox, TaskSpec, Unavailable, Usage,
                    child_env)
 from .digests import checkpoint_digest, verify_artifact
@@ -159,6 +159,8 @@ class ContainerRuntime(Runtime):
             sb = ContainerSandbox(self, spec, engine, workdir, rootfs, own_workdir)
             sb.state_dir.mkdir(parents=True, exist_ok=True)
             sb.config = bundle_config(spec, conf, args, rootfs, engine[0], sb.cgroup.container_path)
+            if spec.devices:
+                _inject_devices(sb.config, spec.devices, rootfs, engine[0])
             (workdir / "config.json").write_text(json.dumps(sb.config))
             for m in spec.mounts:  # mount points must exist before the root turns read-only
                 _ensure_mountpoint(rootfs, m)
@@ -290,6 +292,22 @@ def bundle_config(spec: TaskSpec, conf: oci.ImageConfig, args: list[str], rootfs
         "mounts": mounts,
         "linux": linux,
     }
+
+
+def _inject_devices(config: dict, devices: dict, rootfs: Path, engine: str) -> None:
+    """The allocated devices' CDI edits (runtimes.cdi): nodes, device cgroup, mounts, env, hooks."""
+    from . import cdi
+    if engine == "runsc":
+        raise SpecError("devices cannot be given to a checkpointable (gVisor) container")
+    try:
+        edits = cdi.Edits.from_json(devices)
+        cdi.apply(config, edits)
+    except cdi.CDIError as exc:
+        raise SpecError(f"device injection: {exc}") from None
+    for m in edits.mounts:  # targets must exist before the root turns read-only
+        if not m["containerPath"].startswith("/") or ".." in m["containerPath"].split("/"):
+            raise SpecError(f"device mount target {m['containerPath']!r} must be absolute without '..'")
+        _ensure_mountpoint(rootfs, Mount(Path(m["hostPath"]), m["containerPath"]))
 
 
 def _ensure_mountpoint(rootfs: Path, m) -> None:

@@ -104,7 +104,7 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 # Numeric fields of API bodies: (lowest, highest); JSON admits NaN and 1e308, we do not.
 SUBMIT_NUMBERS = {"cpus": (0.0, 1024.0), "memory_bytes": (0, 1 << 44), "timeout_s": (0.0, 366 * 86400.0),
-                  "max_price": (0.0, 1e12)}
+                  "max_price": (0.0, 1e12), "gpus": (0, 1024), "gpu_memory": (1, 1 << 50)}
 LIMIT_NUMBERS = {"cpu_share": (0.0, 1.0), "memory_share": (0.0, 1.0), "gpu_share": (0.0, 1.0),
                  "idle_after_s": (0, 366 * 86400), "min_battery_percent": (0, 100)}
 
@@ -173,6 +173,9 @@ def build_app(node: "Node", token: str):
 
     async def ledger(request: Request):
         return await call(node.market.ledger_json)
+
+    async def gpu(request: Request):
+        return await call(lambda: node.gpu.to_json() if node.gpu is not None else {"units": []})
 
     async def limits(request: Request):
         return await call(node.contributor.limits_json)
@@ -255,6 +258,7 @@ def build_app(node: "Node", token: str):
         Route("/v1/probe", probe),
         Route("/v1/book", book),
         Route("/v1/ledger", ledger),
+        Route("/v1/gpu", gpu),
         Route("/v1/limits", limits),
         Route("/v1/limits", set_limits, methods=["POST"]),
         Route("/v1/idle", idle, methods=["POST"]),

@@ -449,6 +449,9 @@ def cmd_run(args) -> int:
             "env": dict(args.env)}
     if args.image_ref:
         spec["image_ref"] = args.image_ref
+    if args.gpus:
+        spec.update(gpus=args.gpus, gpu_class=args.gpu_class, gpu_memory=args.gpu_memory,
+                    cuda_capability=args.cuda_capability)
     client = _client(args)
     job = client.post("/v1/jobs", spec)
     if args.detach:
@@ -717,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--detach", action="store_true")
     r.add_argument("--checkpointable", action="store_true",
                    help="run so the task can migrate (wasm ABI v1, runsc, microvm)")
+    r.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the task gets (container runtime)")
+    r.add_argument("--gpu-class", metavar="CLASS", help="GPU class, e.g. h100, a100, consumer, h100-1g-10gb")
+    r.add_argument("--gpu-memory", type=parse_size, metavar="SIZE", help="memory needed on each GPU")
+    r.add_argument("--cuda-capability", metavar="X.Y", help="least CUDA compute capability")
     task_flags(r)
     sb = sub.add_parser("sandbox", help="try this host's sandboxes locally, without the mesh")
     sbsub = sb.add_subparsers(dest="sandbox_command", metavar="COMMAND", parser_class=_Parser)

@@ -70,6 +70,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "preemption_grace_s": (10.0, "float", "grace period sent with a preemption notice"),
         "placement_timeout_s": (30.0, "float", "keep trying to place a task this long before failing it"),
     },
+    "gpu": {
+        "cdi_dirs": (["/etc/cdi", "/var/run/cdi"], "list[str]",
+                     "CDI spec directories (later wins); NVIDIA GPUs without a spec get one generated from NVML"),
+        "dev_root": ("/dev", "str", "where the host's device nodes are (for generated CDI specs)"),
+        "meter_interval_s": (1.0, "float", "sample a GPU task's devices through NVML this often"),
+    },
     "history": {
         "interval_s": (60.0, "float", "sample utilisation and earnings this often (dashboard charts)"),
         "keep_days": (30.0, "float", "drop samples older than this"),

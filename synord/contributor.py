@@ -173,6 +173,14 @@ class Contributor:
         load = (host.get("load") or {}).get("load1")
         off["load"] = min(1.0, load / max(1.0, off.get("cpus") or 1.0)) if load is not None else 0.0
         off["runtimes"] = sorted(self.node.runtimes)
+        gpu = self.node.gpu
+        units = gpu.units() if gpu is not None else []  # only what CDI can inject
+        if units and off.get("gpus"):  # GPUs by class of unit (MIG instances count one each)
+            from .gpu_devices import offer_classes
+            allowed = len(units) if off["gpus"] >= len([d for d in profile.devices if d.get("kind") == "gpu"]) \
+                else off["gpus"]
+            off["gpu_classes"] = offer_classes(units, allowed)
+            off["gpus"] = sum(c["count"] for c in off["gpu_classes"])
         return off
 
     # ---- acting on it ----------------------------------------------------------------------

@@ -121,6 +121,7 @@ class Node:
         self.mesh = None  # MeshService once started
         self.market = None  # MarketService
         self.provider_jobs = None  # ProviderJobs
+        self.gpu = None  # synord.gpu_devices.GpuNode
         self.consumer_jobs = None  # ConsumerJobs
         self.jobs = None  # jobs.local.LocalJobs: both sides, as the API sees them
         self.contributor = Contributor(self)  # the owner's policy: limits, pause, the decision
@@ -270,12 +271,18 @@ class Node:
             depreciation_per_gpu_hour=c["pricing.depreciation_per_gpu_hour"], margin=c["pricing.margin"],
             protocol_fee=c["pricing.protocol_fee"], preemptible_discount=c["pricing.preemptible_discount"],
             region=c["node.region"] or None)
+        from .gpu_devices import GpuNode
+        self.gpu = GpuNode(self.store, self.gpu_units, c["gpu.cdi_dirs"], c["gpu.dev_root"],
+                           c["gpu.meter_interval_s"])
+        self.gpu.allocator.release_all()  # a previous life's tasks are gone: so is their hold on GPUs
+        await nursery.start(self.gpu.meter.run)
         self.market = MarketService(
             self.identity, self.store, self.mesh.mesh, offer=self.contributor.market_offer,
             # The market checks pause/enable itself; every other reason comes in the offer.
             contributing=lambda: self.config["contributor.enabled"] and not self.contributor.paused,
             policy=policy,
-            classes=lambda: hwprobe.resource_classes(self.profile),
+            # Order topics are per kind ("gpu"; the model is the order's gpu_class): any node may bid.
+            classes=lambda: sorted({c.split(".")[0] for c in hwprobe.resource_classes(self.profile)} | {"gpu"}),
             preemptible=c["contributor.preemptible"], min_price=c["pricing.min_price"],
             allow_peers=c["market.allow_peers"], deny_peers=c["market.deny_peers"],
             on_agreement=lambda terms: self.provider_jobs.agreement_made(terms),
@@ -283,12 +290,12 @@ class Node:
             spend_period_s=c["market.spend_period_s"], max_asks_per_peer=c["market.max_asks_per_peer"],
             candidates_per_peer=c["market.candidates_per_peer"],
             parallel_proposals=c["market.parallel_proposals"], hedge_s=c["market.hedge_s"],
-            backoff_s=c["market.backoff_s"])
+            backoff_s=c["market.backoff_s"], devices=self.gpu.allocator)
         self.provider_jobs = ProviderJobs(
             self.identity, self.store, self.home, self.runtimes,
-            on_finished=lambda terms, outcome, usage: self.market.provider_settle(
-                terms, usage.cpu_s, usage.peak_memory_bytes, outcome),
+            on_finished=self._task_finished,
             heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])
+        self.provider_jobs.gpu = self.gpu
         self.provider_jobs.register(self.mesh.mesh)
         await nursery.start(self.provider_jobs.run)
         await nursery.start(self.market.run)
@@ -310,6 +317,17 @@ class Node:
         from .history import run_sampler
         nursery.start_soon(run_sampler, self)
         self._stop_hooks.append(self.contributor.hand_back_on_stop)
+
+    def _task_finished(self, terms, outcome: str, usage) -> None:
+        if terms.devices:  # the receipt with its GPU totals, then the devices are free
+            self.gpu.settle(terms, outcome, usage, self.market.provider_settle)
+        else:
+            self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome)
+
+    def gpu_units(self) -> list[dict]:
+        """This host's GPUs as allocatable units (hwprobe.gpu_units)."""
+        from hwprobe.gpu_units import gpu_units
+        return gpu_units(self.profile.devices, self.profile.sysfs_root) if self.profile is not None else []
 
     # ---- storage -----------------------------------------------------------------------
 

@@ -4,7 +4,7 @@
 ``user_version == i`` to ``i + 1``; never edit one, add the next). Each step
 is the owner's: the job tables (synord.jobs.jobstore), the market ledger
 (synord.market.ledger), the dashboard history (synord.history), the
-provider's rows (synord.jobs.taskstore). The store imports this list; the
+provider's rows (synord.jobs.taskstore), the GPU allocations (synord.gpu_devices). The store imports this list; the
 owners never import the store, so the dependency points one way.
 """
 
@@ -13,10 +13,11 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
+from .gpu_devices import SCHEMA as GPU_SCHEMA
 from .history import SCHEMA as HISTORY_SCHEMA
 from .jobs.jobstore import SCHEMA as JOBS_SCHEMA
 from .jobs.taskstore import REKEY_BY_AGREEMENT
-from .market.ledger import SCHEMA as LEDGER_SCHEMA
+from .market.ledger import GPU_COLUMN as LEDGER_GPU_COLUMN, SCHEMA as LEDGER_SCHEMA
 
 Migration = str | Callable[[sqlite3.Connection], None]
 
@@ -37,4 +38,8 @@ MIGRATIONS: list[Migration] = [
     HISTORY_SCHEMA,
     # 5: provider rows keyed by the agreement id the provider signed
     REKEY_BY_AGREEMENT,
+    # 6: which GPU unit is held by which agreement (synord.gpu_devices)
+    GPU_SCHEMA,
+    # 7: a receipt's GPU metering
+    LEDGER_GPU_COLUMN,
 ]

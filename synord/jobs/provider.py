@@ -76,6 +76,7 @@ class ProviderTask:
 class ProviderJobs(TaskServer):
     storage = None  # synord.storage_health.StorageHealth, set by the node
     cache = None  # synord.blobcache.BlobCache over self.blobs, set by the node
+    gpu = None  # synord.gpu_devices.GpuNode, set by the node
 
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
                  on_finished: Callable[[Terms, str, Any], None],
@@ -290,6 +291,14 @@ class ProviderJobs(TaskServer):
         workdir.mkdir(parents=True)
         spec = JobSpec.from_task_start(body).task_spec(self.blobs.path(sha), workdir / "sandbox", workdir.name)
         spec.workdir.mkdir()
+        if terms.devices:  # the GPUs the agreement names, injected through CDI
+            if self.gpu is None or body["kind"] != "container":
+                raise TaskRefused("no_devices", "this provider cannot give devices to that sandbox")
+            try:
+                spec.devices = self.gpu.task_devices(terms.devices)
+            except ValueError as exc:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise TaskRefused("device_unavailable", f"device injection failed: {exc}") from None
         restore_dir = None
         start_offsets = None
         if csha is not None:
@@ -310,6 +319,8 @@ class ProviderJobs(TaskServer):
         self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
         for blob in (sha, csha):  # from now on the running task pins them, and only while it runs
             self._received_for.pop(blob, None)
+        if terms.devices:
+            self.gpu.task_started(terms)  # held until the task ends, and metered
         await self._nursery.start(self._run_task, task)
         if execution.done.is_set() and execution.error:
             raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")

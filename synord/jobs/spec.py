@@ -47,6 +47,9 @@ class JobSpec:
     # Consumer side only (never on the wire): where the artefact came from, the price cap.
     artifact: str | None = None
     max_price: float | None = None
+    # GPUs asked for (synord.gpu_request): {gpus, gpu_class, gpu_memory, cuda}; None: none.
+    # Consumer side: the market places them; the agreement names the devices.
+    gpu: dict | None = None
 
     # ---- what each party makes of it -------------------------------------------------------
 
@@ -62,8 +65,12 @@ class JobSpec:
     def needs(self) -> Needs:
         """What the market places: the capacity, held a minute past the task's timeout."""
         duration = int(self.timeout_s or DEFAULT_TIMEOUT_S)
+        gpu = self.gpu or {}
         return Needs(runtime=self.kind, cores=self.cpus, memory=self.memory_bytes,
-                     max_price=self.max_price, duration_s=max(LEASE_SLACK_S, duration + LEASE_SLACK_S))
+                     max_price=self.max_price, duration_s=max(LEASE_SLACK_S, duration + LEASE_SLACK_S),
+                     gpus=gpu.get("gpus", 0), gpu_class=gpu.get("gpu_class"),
+                     resource_class="gpu" if gpu else "cpu", gpu_memory=gpu.get("gpu_memory"),
+                     cuda=gpu.get("cuda"))
 
     def task_start(self, job_id: str, agreement_id: str, checkpoint_interval_s: float,
                    restore: dict | None, progress: bool = True) -> dict:
@@ -98,7 +105,8 @@ class JobSpec:
     def to_stored(self) -> dict:
         return {"kind": self.kind, "artifact": self.artifact, "sha256": self.sha256,
                 "args": list(self.args), "env": dict(self.env), "limits": self.limits(),
-                "max_price": self.max_price, "checkpointable": self.checkpointable}
+                "max_price": self.max_price, "checkpointable": self.checkpointable,
+                **({"gpu": self.gpu} if self.gpu else {})}
 
     @classmethod
     def from_stored(cls, d: dict) -> "JobSpec":
@@ -107,7 +115,7 @@ class JobSpec:
                    env=tuple((d.get("env") or {}).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(d.get("checkpointable")),
-                   artifact=d.get("artifact"), max_price=d.get("max_price"))
+                   artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None)
 
     def __getitem__(self, key: str) -> Any:
         """The stored form's keys (``spec["limits"]["cpus"]``): for code not yet moved to the fields."""

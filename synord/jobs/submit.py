@@ -20,6 +20,7 @@ from runtimes.artifacts import infer_kind
 from runtimes.base import SpecError
 
 from ..errors import Invalid
+from ..gpu_request import gpu_request
 from .spec import DEFAULT_MEMORY, JobSpec
 
 
@@ -78,6 +79,7 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
     if req.get("timeout_s"):
         limits["timeout_s"] = float(req["timeout_s"])
     check_limits(limits)
+    gpu = gpu_request(req, kind)  # a GPU on a sandbox that cannot take one: refused here
     max_price = req.get("max_price")
     if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
         raise ValueError("max_price must be a non-negative number")
@@ -89,4 +91,4 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
     return JobSpec(kind=kind, sha256=sha, args=tuple(args), env=tuple(env.items()), cpus=limits["cpus"],
                    memory_bytes=memory, timeout_s=limits.get("timeout_s"),
                    checkpointable=bool(req.get("checkpointable")) or kind in ("wasm", "microvm"),
-                   artifact=str(path), max_price=max_price)
+                   artifact=str(path), max_price=max_price, gpu=gpu)

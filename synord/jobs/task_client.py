@@ -159,6 +159,8 @@ class TaskClient:
         entry = {"provider": peer, "start": time.time(), "end": None,
                  "mode": plan.mode, "checkpoint_bytes": ck["bytes"] if plan.restore else 0,
                  "agreement": terms.aid.hex(), "price": terms.price}
+        if terms.devices:
+            entry["devices"] = list(terms.devices)  # the GPUs the provider agreed to give
         if plan.route:
             entry["checkpoint_route"] = plan.route
         if job.state == "migrating":

@@ -15,6 +15,7 @@ long record dominates the prior).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Any
 
@@ -53,8 +54,14 @@ GOOD = ("completed",)
 BAD = ("failed", "abandoned", "no_answer")  # cancelled / preempted with notice count for nobody
 
 
+# A receipt's GPU metering (JSON), part of what both parties signed (store migration 7).
+GPU_COLUMN = "ALTER TABLE market_receipts ADD COLUMN gpu TEXT"
+
+
 def init_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    if "gpu" not in {r[1] for r in conn.execute("PRAGMA table_info(market_receipts)")}:
+        conn.execute(GPU_COLUMN)  # a ledger made without the store's migrations (tests)
 
 
 class Ledger:
@@ -73,9 +80,13 @@ class Ledger:
             raise ReceiptError("receipt names neither party as this node")
         with self.conn:
             cur = self.conn.execute(
-                "INSERT OR IGNORE INTO market_receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO market_receipts(aid, provider, consumer, cpu_s, peak_memory, wall_s, price, "
+                "units, amount, outcome, started, ended, psig, csig) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.aid, r.provider, r.consumer, r.cpu_s, r.peak_memory, r.wall_s, r.price, r.units,
                  r.amount, r.outcome, r.started, r.ended, sr.psig, sr.csig))
+            if cur.rowcount and r.gpu_s is not None:
+                self.conn.execute("UPDATE market_receipts SET gpu = ? WHERE aid = ?", (json.dumps(
+                    {"gpu_s": r.gpu_s, "gpu_peak_memory": r.gpu_peak_memory, "gpu_energy_j": r.gpu_energy_j}), r.aid))
             if cur.rowcount:
                 # A signed receipt supersedes a local observation of the same agreement.
                 self.conn.execute("INSERT OR REPLACE INTO market_outcomes VALUES (?,?,?,?,?)",
@@ -126,15 +137,16 @@ class Ledger:
     def receipts(self, limit: int = 1000) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT aid, provider, consumer, cpu_s, peak_memory, wall_s, price, units, amount, outcome, "
-            "started, ended, psig, csig FROM market_receipts ORDER BY ended DESC LIMIT ?", (limit,)).fetchall()
+            "started, ended, psig, csig, gpu FROM market_receipts ORDER BY ended DESC LIMIT ?", (limit,)).fetchall()
         keys = ("agreement_id", "provider", "consumer", "cpu_s", "peak_memory", "wall_s", "price", "units",
-                "amount", "outcome", "started", "ended", "provider_sig", "consumer_sig")
+                "amount", "outcome", "started", "ended", "provider_sig", "consumer_sig", "gpu")
         out = []
         for row in rows:
             d = dict(zip(keys, row))
             for k in ("agreement_id", "provider_sig", "consumer_sig"):
                 d[k] = bytes(d[k]).hex()
             d["role"] = "provider" if d["provider"] == self.peer_id else "consumer"
+            d["gpu"] = json.loads(d["gpu"]) if d["gpu"] else None
             out.append(d)
         return out
 

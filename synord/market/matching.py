@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from protocols.orders import Ask, Bid
+from protocols.orders import Ask, Bid, cuda_tuple
 
 from .router import UNKNOWN, PeerInfo, PeerLookup, Router
 
-CONSTRAINTS = ("expired", "own", "runtime", "memory", "cores", "accelerator", "region",
+CONSTRAINTS = ("expired", "own", "runtime", "memory", "cores", "accelerator", "gpu_memory", "cuda", "region",
                "reputation", "duration", "preemptible", "price")
 
 
@@ -68,6 +68,8 @@ def _need(bid: Bid, name: str) -> str:
         "runtime": f"need runtime {bid.runtime}", "memory": f"need {bid.memory} bytes",
         "cores": f"need {bid.cores:g} cores",
         "accelerator": f"need {bid.gpus} x {bid.gpu_class or 'any'} accelerator",
+        "gpu_memory": f"need {bid.gpu_memory} bytes on each GPU",
+        "cuda": f"need CUDA compute capability >= {bid.cuda}",
         "region": f"need region {bid.region}", "reputation": f"need reputation >= {bid.min_reputation:g}",
         "duration": f"need {bid.duration_s}s", "preemptible": "bid refuses preemptible asks",
         "price": f"max {bid.max_price:g} per unit-hour",
@@ -90,6 +92,10 @@ def first_failed(ask: Ask, bid: Bid, now: int, info: PeerInfo, own: frozenset[st
         return "cores"
     if bid.gpus > 0 and (ask.gpus < bid.gpus or (bid.gpu_class is not None and ask.gpu_class != bid.gpu_class)):
         return "accelerator"
+    if bid.gpus > 0 and bid.gpu_memory and (ask.gpu_memory or 0) < bid.gpu_memory:
+        return "gpu_memory"
+    if bid.gpus > 0 and bid.cuda and (ask.cuda is None or cuda_tuple(ask.cuda) < cuda_tuple(bid.cuda)):
+        return "cuda"
     if bid.region is not None and ask.region != bid.region:
         return "region"
     if bid.min_reputation > 0 and (0.5 if info.reputation is None else info.reputation) < bid.min_reputation:

@@ -108,9 +108,10 @@ class Provider(_Party):
                  on_end: Callable[[Negotiation], None] | None = None,
                  on_receipt: Callable[[SignedReceipt], None] | None = None,
                  on_receipt_issued: Callable[[SignedReceipt, int], None] | None = None,
-                 on_receipt_closed: Callable[[bytes], None] | None = None):
+                 on_receipt_closed: Callable[[bytes], None] | None = None, devices=None):
         super().__init__(identity, clock, timeouts, validator)
         self.pool = pool
+        self.devices = devices  # synord.gpu_devices.GpuAllocator: GPUs by UUID, or None
         self.on_receipt = on_receipt  # e.g. Ledger.record, with both signatures
         self.on_receipt_issued = on_receipt_issued  # e.g. keep it until acknowledged
         self.on_receipt_closed = on_receipt_closed  # acknowledged or given up: aid
@@ -203,17 +204,24 @@ class Provider(_Party):
                     raise
             except InsufficientCapacity as exc:
                 reason, detail = "capacity", str(exc)
+        ask = self.asks.get(p.ask_id)
+        devices: tuple[str, ...] = ()
+        if reason is None and p.gpus and self.devices is not None:
+            try:  # the very devices, held in the same step as the capacity
+                devices = self.devices.reserve(self._key(m), p.gpus, ask.gpu_class)
+            except InsufficientCapacity as exc:
+                reason, detail = "capacity", str(exc)
         if reason is not None:
             return self._reject(m, consumer, reason, detail, now)
         m.send(Reserve(), now)
-        ask = self.asks[p.ask_id]
         terms = Terms(
             aid=os.urandom(16), nid=p.nid, consumer=consumer, provider=self.peer_id,
             ask_id=p.ask_id, ask_seq=p.ask_seq, bid_id=p.bid_id, bid_seq=p.bid_seq,
             resource_class=p.resource_class, cores=p.cores, memory=p.memory, gpus=p.gpus,
             gpu_class=ask.gpu_class if p.gpus else None, runtime=p.runtime, price=ask.price,
             units=_units(p), duration_s=p.duration_s,
-            heartbeat_ms=self.timeouts.heartbeat_ms, created=now, expires=now + p.duration_s * 1000)
+            heartbeat_ms=self.timeouts.heartbeat_ms, created=now, expires=now + p.duration_s * 1000,
+            devices=devices)
         agreement = Agreement(terms, terms.sign(self.identity))
         m.send(agreement, now)
         return [self._seal(consumer, agreement)]
@@ -300,7 +308,7 @@ class Provider(_Party):
         return [self._seal(consumer, ev)]
 
     def settle(self, consumer: str, nid: bytes, *, cpu_s: float, peak_memory: int,
-               outcome: str = "completed", reason: str = "") -> list[Send]:
+               outcome: str = "completed", reason: str = "", gpu: dict | None = None) -> list[Send]:
         """The run is over: end the lease (if still on) and send the signed receipt.
         Metering (cpu_s, peak_memory) comes from the runtime."""
         m = self.negotiations.get((consumer, nid)) or next(
@@ -310,7 +318,7 @@ class Provider(_Party):
         out = self.end(consumer, nid, outcome, reason) if not m.done else []
         now = self.clock()
         sr = issue(self.identity, m.terms, cpu_s=cpu_s, peak_memory=peak_memory,
-                   started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome)
+                   started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome, gpu=gpu)
         self._unacked[sr.receipt.aid] = sr
         self._delivery.issue(sr.receipt.aid, now)
         if self.on_receipt_issued:
@@ -355,6 +363,8 @@ class Provider(_Party):
     def _release(self, m: Negotiation) -> None:
         key = self._key(m)
         self.pool.release(key)
+        if self.devices is not None:
+            self.devices.release(key)
         if m.proposal is not None and m.proposal.ask_id in self._ask_pools:
             self._ask_pools[m.proposal.ask_id].release(key)
 

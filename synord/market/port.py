@@ -38,6 +38,8 @@ class Needs:
     gpus: int = 0
     gpu_class: str | None = None
     resource_class: str = "cpu"
+    gpu_memory: int | None = None  # bytes on each GPU
+    cuda: str | None = None  # least CUDA compute capability
 
 
 class Market(Protocol):

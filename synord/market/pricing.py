@@ -57,17 +57,45 @@ def demand_multiplier(policy: PricingPolicy, ask_units: float, bid_units: float)
     return min(policy.demand_max, max(policy.demand_min, raw))
 
 
-def unit_cost(policy: PricingPolicy, resource_class: str, memory_gib_per_unit: float) -> float:
+# A GPU class's wear is priced by what the device is worth to a buyer: its
+# peak FP16 (tensor) throughput from the known-device table, relative to a
+# reference card of 100 TFLOPS (RTX 3090/4090-class), within [0.25, 20].
+REFERENCE_FP16_GFLOPS = 100_000.0
+CLASS_FACTOR_RANGE = (0.25, 20.0)
+
+
+def gpu_class_factor(gpu_class: str | None) -> float:
+    """Depreciation multiplier of a GPU class (`hwprobe.gpu_units` names; MIG classes
+    ``h100-1g-10gb`` pay their share of the parent by the slice count)."""
+    from hwprobe import known
+    if not gpu_class or gpu_class == "consumer":
+        return 1.0
+    slug, _, mig = gpu_class.partition("-")
+    entry = next((e for e in known.table() if e["slug"] == gpu_class and e["kind"] == "gpu"), None) or \
+        next((e for e in known.table() if e["slug"] == slug and e["kind"] == "gpu"), None)
+    if entry is None or not entry.get("fp16_gflops"):
+        return 1.0
+    f = entry["fp16_gflops"] / REFERENCE_FP16_GFLOPS
+    if mig and entry["slug"] != gpu_class and mig[:1].isdigit() and mig[1:2] == "g":
+        f *= int(mig[0]) / 7.0  # a MIG slice: g of the GPU's 7 compute slices
+    lo, hi = CLASS_FACTOR_RANGE
+    return min(hi, max(lo, f))
+
+
+def unit_cost(policy: PricingPolicy, resource_class: str, memory_gib_per_unit: float,
+              gpu_class: str | None = None, watts: float | None = None) -> float:
     if resource_class == CPU_CLASS:
         power, dep = policy.watts_per_core, policy.depreciation_per_core_hour
     else:
-        power, dep = policy.watts_per_gpu, policy.depreciation_per_gpu_hour
+        power = policy.watts_per_gpu if watts is None else watts
+        dep = policy.depreciation_per_gpu_hour * gpu_class_factor(gpu_class)
     return power / 1000.0 * policy.electricity_per_kwh + dep + memory_gib_per_unit * policy.depreciation_per_gib_hour
 
 
 def unit_price(policy: PricingPolicy, resource_class: str, memory_gib_per_unit: float,
-               demand: float = 1.0, preemptible: bool = False) -> float:
-    p = unit_cost(policy, resource_class, memory_gib_per_unit) * (1 + policy.margin) * demand
+               demand: float = 1.0, preemptible: bool = False, gpu_class: str | None = None,
+               watts: float | None = None) -> float:
+    p = unit_cost(policy, resource_class, memory_gib_per_unit, gpu_class, watts) * (1 + policy.margin) * demand
     p *= 1 + policy.protocol_fee
     if preemptible:
         p *= 1 - policy.preemptible_discount
@@ -96,13 +124,22 @@ def derive_asks(capacity: dict, policy: PricingPolicy, *, now: int, seq: int | N
                   min_duration_s=policy.min_duration_s, max_duration_s=policy.max_duration_s,
                   preemptible=preemptible, region=policy.region, load=load, perf=perf)
     asks = []
-    for cls, n_units, cores, n_gpus, gpu_class in (
-            (CPU_CLASS, cpus, cpus, 0, None),
-            ("gpu", float(gpus), cpus, gpus, capacity.get("gpu_class"))):
+    rows = [(CPU_CLASS, cpus, cpus, 0, None, {})]
+    if capacity.get("gpu_classes"):  # one ask per class of device units (synord.gpu_devices.offer_classes)
+        rows += [("gpu", float(c["count"]), cpus, int(c["count"]), c["class"], c)
+                 for c in capacity["gpu_classes"]]
+    else:
+        rows.append(("gpu", float(gpus), cpus, gpus, capacity.get("gpu_class"), {}))
+    for cls, n_units, cores, n_gpus, gpu_class, extra in rows:
         if n_units <= 0:
             continue
         sup, dem = supply_demand(cls) if supply_demand else (0.0, 0.0)
-        price = unit_price(policy, cls, memory / GIB / n_units, demand_multiplier(policy, sup, dem), preemptible)
-        asks.append(Ask(id=f"{id_prefix}{cls}", resource_class=cls, cores=cores, gpus=n_gpus,
-                        gpu_class=gpu_class, price=round(price, 9), **common))
+        price = unit_price(policy, cls, memory / GIB / n_units, demand_multiplier(policy, sup, dem), preemptible,
+                           gpu_class=gpu_class, watts=extra.get("watts"))
+        ask_id = f"{id_prefix}{cls}" if not extra else f"{id_prefix}{cls}:{gpu_class}"
+        fields = dict(common, runtimes=tuple(r for r in extra.get("runtimes", runtimes) if r in runtimes))
+        if not fields["runtimes"]:
+            continue  # no sandbox here can take these devices
+        asks.append(Ask(id=ask_id, resource_class=cls, cores=cores, gpus=n_gpus, gpu_class=gpu_class,
+                        price=round(price, 9), gpu_memory=extra.get("memory"), cuda=extra.get("cuda"), **fields))
     return asks

@@ -62,7 +62,7 @@ class MarketService:
                  on_agreement: Callable[[Terms], None] | None = None, max_price: float = 1.0,
                  spend_cap: float = 10.0, spend_period_s: float = 86_400.0, max_asks_per_peer: int = 16,
                  candidates_per_peer: int = 1, parallel_proposals: int = 2, hedge_s: float = 1.0,
-                 backoff_s: float = 5.0):
+                 backoff_s: float = 5.0, devices=None):
         self.identity = identity
         self.peer_id = identity.peer_id
         self.store = store
@@ -88,7 +88,7 @@ class MarketService:
         self.provider = Provider(identity, self.pool, timeouts=self.timeouts, validator=self.validator,
                                  admission=self._admission, on_agreement=self._on_agreement,
                                  on_receipt=self._record, on_receipt_issued=self._keep_receipt,
-                                 on_receipt_closed=self._drop_receipt)
+                                 on_receipt_closed=self._drop_receipt, devices=devices)
         self._resume_receipts()
         for aid, ended, amount in self.ledger.paid_since(now_ms() - self.spending.period_ms):
             self.spending.settle(aid, amount, ended)
@@ -237,11 +237,13 @@ class MarketService:
         if self.on_agreement:
             self.on_agreement(negotiation.terms)
 
-    def provider_settle(self, terms: Terms, cpu_s: float, peak_memory: int, outcome: str) -> None:
-        """The task under ``terms`` ended: end the lease, release, send the signed receipt."""
+    def provider_settle(self, terms: Terms, cpu_s: float, peak_memory: int, outcome: str,
+                        gpu: dict | None = None) -> None:
+        """The task under ``terms`` ended: end the lease, release, send the signed receipt
+        (``gpu``: synord.gpu_meter's totals for its devices)."""
         try:
             sends = self.provider.settle(terms.consumer, terms.nid, cpu_s=cpu_s,
-                                         peak_memory=peak_memory, outcome=outcome)
+                                         peak_memory=peak_memory, outcome=outcome, gpu=gpu)
         except KeyError:
             log.warning("no agreement to settle", extra={"aid": terms.aid.hex()})
             return
@@ -296,7 +298,8 @@ class MarketService:
                    cores=float(needs.cores), memory=int(needs.memory), runtime=needs.runtime,
                    max_price=float(needs.max_price if needs.max_price is not None else self.max_price),
                    duration_s=int(needs.duration_s), deadline=now + 60_000, expires=now + 60_000,
-                   gpus=needs.gpus, gpu_class=needs.gpu_class, peer=self.peer_id, ts=now)
+                   gpus=needs.gpus, gpu_class=needs.gpu_class, peer=self.peer_id, ts=now,
+                   gpu_memory=needs.gpu_memory, cuda=needs.cuda)
 
     def _peer_info(self, peer: str, busy=None, now: int | None = None) -> PeerInfo:
         return PeerInfo(reputation=self.ledger.reputation(peer),

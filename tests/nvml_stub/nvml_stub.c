@@ -5,6 +5,9 @@
  *   nogpu         init works, zero devices
  *   h100          one H100 SXM5 80GB (default)
  *   notsupported  an H100 whose every optional field says NOT_SUPPORTED
+ *   two           two H100s (distinct UUIDs, minors 0 and 1, bus 0x18 / 0x2a);
+ *                 NVML_STUB_MEM_USED_MB and NVML_STUB_UTIL set what they report in use
+ *   mig           one H100 in MIG mode with two 1g.10gb instances (MIG-… UUIDs)
  * Built with -DOLD_DRIVER it lacks nvmlDeviceGetNumGpuCores and
  * nvmlDeviceGetMemoryBusWidth (pynvml then raises FunctionNotFound).
  * With NVML_STUB_LOG set, init and shutdown calls are appended to that file
@@ -36,7 +39,8 @@ typedef struct {
     unsigned long long memorySizeMB;
 } nvmlDeviceAttributes_t;
 
-static struct { int index; } dev0 = {0};
+static struct { int index; } devs[2] = {{0}, {1}}, migs[2] = {{10}, {11}};
+#define IDX(d) (((struct { int index; } *)(d))->index)
 static int inited = 0;
 
 static const char *mode(void) {
@@ -88,38 +92,42 @@ nvmlReturn_t nvmlSystemGetDriverVersion(char *buf, unsigned int len) {
 }
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
     if (!inited) return UNINIT;
-    *count = is("nogpu") ? 0 : 1;
+    *count = is("nogpu") ? 0 : is("two") ? 2 : 1;
     return OK;
 }
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int i, nvmlDevice_t *d) {
     if (!inited) return UNINIT;
-    if (is("nogpu") || i != 0) return INVALID;
-    *d = (nvmlDevice_t)&dev0;
+    if (is("nogpu") || i >= (is("two") ? 2u : 1u)) return INVALID;
+    *d = (nvmlDevice_t)&devs[i];
     return OK;
 }
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned int len) {
-    (void)d; if (!inited) return UNINIT;
-    strncpy(buf, "NVIDIA H100 80GB HBM3", len);
+    if (!inited) return UNINIT;
+    strncpy(buf, IDX(d) >= 10 ? "NVIDIA H100 80GB HBM3 MIG 1g.10gb" : "NVIDIA H100 80GB HBM3", len);
     return OK;
 }
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *buf, unsigned int len) {
-    (void)d; OPTIONAL_FIELD();
-    strncpy(buf, "GPU-5f2c7c1e-0000-1111-2222-333344445555", len);
+    OPTIONAL_FIELD();
+    strncpy(buf, IDX(d) == 10 ? "MIG-aaaa0000-0000-1111-2222-333344445555"
+               : IDX(d) == 11 ? "MIG-bbbb0000-0000-1111-2222-333344445555"
+               : IDX(d) ? "GPU-5f2c7c1e-0000-1111-2222-666677778888"
+                        : "GPU-5f2c7c1e-0000-1111-2222-333344445555", len);
     return OK;
 }
 nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
     (void)d; OPTIONAL_FIELD();
     memset(p, 0, sizeof *p);
-    p->bus = 0x18;
+    p->bus = IDX(d) ? 0x2a : 0x18;
     p->pciDeviceId = 0x233010DE;  /* device 0x2330, vendor 0x10de */
-    strcpy(p->busIdLegacy, "0000:18:00.0");
-    strcpy(p->busId, "00000000:18:00.0");
+    strcpy(p->busIdLegacy, IDX(d) ? "0000:2a:00.0" : "0000:18:00.0");
+    strcpy(p->busId, IDX(d) ? "00000000:2a:00.0" : "00000000:18:00.0");
     return OK;
 }
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
-    (void)d; OPTIONAL_FIELD();
-    m->total = 85520809984ULL;
-    m->used = 1048576ULL * 600;
+    OPTIONAL_FIELD();
+    m->total = IDX(d) >= 10 ? 10200547328ULL : 85520809984ULL;
+    const char *u = getenv("NVML_STUB_MEM_USED_MB");
+    m->used = 1048576ULL * (u ? strtoull(u, NULL, 10) : 600);
     m->free = m->total - m->used;
     return OK;
 }
@@ -159,7 +167,16 @@ nvmlReturn_t nvmlDeviceGetCurrPcieLinkWidth(nvmlDevice_t d, unsigned int *w) {
     (void)d; OPTIONAL_FIELD(); *w = 16; return OK;
 }
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned int *cur, unsigned int *pending) {
-    (void)d; OPTIONAL_FIELD(); *cur = 0; *pending = 0; return OK;
+    (void)d; OPTIONAL_FIELD(); *cur = *pending = is("mig") ? 1 : 0; return OK;
+}
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t d, unsigned int *n) {
+    (void)d; OPTIONAL_FIELD(); *n = is("mig") ? 7 : 0; return OK;
+}
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t d, unsigned int i, nvmlDevice_t *mig) {
+    (void)d; OPTIONAL_FIELD();
+    if (!is("mig") || i >= 2) return 6;  /* NVML_ERROR_NOT_FOUND: an empty slot */
+    *mig = (nvmlDevice_t)&migs[i];
+    return OK;
 }
 nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t d, nvmlDeviceAttributes_t *a) {
     /* Real drivers answer this for MIG handles only. */
@@ -173,3 +190,6 @@ nvmlReturn_t nvmlDeviceGetMemoryBusWidth(nvmlDevice_t d, unsigned int *bits) {
     (void)d; OPTIONAL_FIELD(); *bits = 5120; return OK;
 }
 #endif
+nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t d, unsigned int *minor) {
+    OPTIONAL_FIELD(); *minor = (unsigned)IDX(d); return OK;
+}
