@@ -50,5 +50,7 @@ def available_all(enabled: Iterable[str] | None = None) -> dict[str, dict]:
             out[kind] = get_runtime(kind).available().to_json()
         except Exception as exc:
             out[kind] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-    from . import vfio
-    return vfio.annotate(out)  # whether a microVM could take a GPU, and why not
+    if "microvm" in on:  # whether a microVM could take a GPU, and why not
+        from . import vfio
+        vfio.annotate(out)
+    return out

@@ -164,7 +164,7 @@ def test_dri_spec_for_amd_needs_every_node(tmp_path):
 
 @pytest.fixture(scope="module")
 def crun_image(tmp_path_factory):
-    from runtimes import oci
+    from runtimes import oci_build as oci
     from runtimes.base import SpecError
     from runtimes.container import ContainerRuntime
     rt = ContainerRuntime()
