@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
 
-from runtimes import cgroups, oci_build  # noqa: E402
-from runtimes.base import TaskSpec, child_env  # noqa: E402
-from runtimes.container import ContainerRuntime  # noqa: E402
+from synord.runtimes import cgroups, oci_build  # noqa: E402
+from synord.runtimes.base import TaskSpec, child_env  # noqa: E402
+from synord.runtimes.container import ContainerRuntime  # noqa: E402
 
 
 async def ours(rt: ContainerRuntime, image: Path, work: Path, n: int) -> tuple[list[float], list[float], object]:

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from runtimes.base import TaskSpec  # noqa: E402
-from runtimes.container import ContainerRuntime  # noqa: E402
-from runtimes.microvm import MicroVMRuntime  # noqa: E402
+from synord.runtimes.base import TaskSpec  # noqa: E402
+from synord.runtimes.container import ContainerRuntime  # noqa: E402
+from synord.runtimes.microvm import MicroVMRuntime  # noqa: E402
 
 MiB = 1 << 20
 

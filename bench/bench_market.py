@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an installed copy
 
-from protocols.envelope import decode, pack_body, seal, unpack_body
-from protocols.identity import Identity
-from protocols.orders import Ask, Bid
+from synord.protocols.envelope import decode, pack_body, seal, unpack_body
+from synord.protocols.identity import Identity
+from synord.protocols.orders import Ask, Bid
 from synord.market.book import OrderBook
 from synord.market.matching import first_failed
 from synord.market.router import UNKNOWN

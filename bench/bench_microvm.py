@@ -27,9 +27,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtimes.base import TaskSpec  # noqa: E402
-from runtimes.microvm import MicroVMRuntime  # noqa: E402
-from runtimes.oci_build import build_busybox_image  # noqa: E402
+from synord.runtimes.base import TaskSpec  # noqa: E402
+from synord.runtimes.microvm import MicroVMRuntime  # noqa: E402
+from synord.runtimes.oci_build import build_busybox_image  # noqa: E402
 
 
 async def ours(rt: MicroVMRuntime, image: Path) -> tuple[float, float, bytes]:

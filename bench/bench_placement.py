@@ -31,9 +31,9 @@ from pathlib import Path
 
 import trio
 
-from protocols.identity import Identity
-from protocols.mesh import MeshConfig, protocol_id
-from protocols.p2p import create_mesh
+from synord.protocols.identity import Identity
+from synord.protocols.mesh import MeshConfig, protocol_id
+from synord.protocols.p2p import create_mesh
 from synord.market.port import Needs
 from synord.market.pricing import PricingPolicy
 from synord.market.service import MarketService

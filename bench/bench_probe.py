@@ -15,8 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import hwprobe  # noqa: E402
-from hwprobe import bench as hb  # noqa: E402
+from synord import hwprobe  # noqa: E402
+from synord.hwprobe import bench as hb  # noqa: E402
 
 
 def timed_subprocess(args: list[str], runs: int = 3) -> float:
@@ -41,10 +41,10 @@ def main() -> None:
     print("hwprobe timings (best of 3 for processes, median of 5 in-process)")
     base = timed_subprocess(["-c", "pass"])
     print(f"  baseline: python start-up                  {base * 1000:8.1f} ms")
-    imp = timed_subprocess(["-c", "import hwprobe, pyopencl, pynvml"])
+    imp = timed_subprocess(["-c", "import pyopencl, pynvml; from synord import hwprobe"])
     print(f"  baseline: import hwprobe+pyopencl+pynvml   {imp * 1000:8.1f} ms")
-    cold = timed_subprocess(["-m", "hwprobe", "--json"])
-    print(f"  python -m hwprobe --json (whole process)   {cold * 1000:8.1f} ms   target < 2000 ms")
+    cold = timed_subprocess(["-m", "synord.hwprobe", "--json"])
+    print(f"  python -m synord.hwprobe --json (whole process)   {cold * 1000:8.1f} ms   target < 2000 ms")
     warm = median_time(lambda: hwprobe.probe())
     print(f"  probe() in a running process               {warm * 1000:8.1f} ms")
     prof = hwprobe.probe()

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from adversarial.hostile import HostilePeer  # noqa: E402
-from protocols.framing import MAX_FRAME  # noqa: E402
-from protocols.mesh import MeshError  # noqa: E402
+from synord.protocols.framing import MAX_FRAME  # noqa: E402
+from synord.protocols.mesh import MeshError  # noqa: E402
 from synord.localmesh import DaemonCluster  # noqa: E402
 
 MIB = 1024 * 1024

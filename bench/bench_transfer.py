@@ -1,6 +1,6 @@
 """Artefact transfer throughput against raw AEAD-encrypted TCP, same box, same run.
 
-* ours: `protocols.transfer` (send_file -> receive_file) over a real libp2p
+* ours: `synord.protocols.transfer` (send_file -> receive_file) over a real libp2p
   connection (TCP, Noise, yamux) between two processes, each its own
   `Libp2pMesh`: the receiver stores the blob (disk, sha256, fsync) as a
   provider does.  Timed from the offer to the receiver's "ok".
@@ -97,19 +97,19 @@ def raw_send(port: int, path: Path) -> tuple[float, float, float]:
     return dt, cpu, their_cpu
 
 
-# --- ours: protocols.transfer over libp2p ------------------------------------
+# --- ours: synord.protocols.transfer over libp2p ------------------------------------
 
 def _mesh(identity):
-    from protocols.mesh import MeshConfig, create_mesh
+    from synord.protocols.mesh import MeshConfig, create_mesh
     return create_mesh(identity, MeshConfig(listen=["/ip4/127.0.0.1/tcp/0"], mdns=False, peer_exchange=False))
 
 
 def ours_receiver(addr_file: str, store_dir: str, cpu_file: str) -> None:
     import trio
 
-    from protocols.envelope import EnvelopeValidator
-    from protocols.identity import Identity
-    from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, receive_file
+    from synord.protocols.envelope import EnvelopeValidator
+    from synord.protocols.identity import Identity
+    from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, receive_file
 
     async def main() -> None:
         mesh = _mesh(Identity.generate())
@@ -140,9 +140,9 @@ def ours_send(addr: str, path: Path, sha: str, rounds: int, cpu_file: Path) -> l
     """(seconds, sender CPU s, receiver CPU s) for each transfer."""
     import trio
 
-    from protocols.envelope import seal
-    from protocols.identity import Identity
-    from protocols.transfer import TRANSFER_PROTOCOL, send_file
+    from synord.protocols.envelope import seal
+    from synord.protocols.identity import Identity
+    from synord.protocols.transfer import TRANSFER_PROTOCOL, send_file
 
     async def main() -> list[tuple[float, float, float]]:
         ident = Identity.generate()
@@ -202,7 +202,7 @@ def main() -> None:
         role, *rest = args.role
         return raw_receiver(*rest) if role == "raw" else ours_receiver(*rest)
 
-    from protocols.transfer import sha256_of
+    from synord.protocols.transfer import sha256_of
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         blob = Path(tmp) / "blob"
         with open(blob, "wb") as f:

@@ -34,8 +34,8 @@ import wasmtime
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from runtimes.base import TaskSpec  # noqa: E402
-from runtimes.wasm import WasmRuntime  # noqa: E402
+from synord.runtimes.base import TaskSpec  # noqa: E402
+from synord.runtimes.wasm import WasmRuntime  # noqa: E402
 
 MODULE = ROOT / "tests" / "assets" / "build" / "wasm" / "probe.wasm"
 

@@ -4,7 +4,7 @@
 #   1. `synord probe --json` with the real NVML,
 #   2. a real CUDA workload (bench/gpu_check/cuda_check.c: dlopen libcuda.so.1, JIT an
 #      embedded PTX kernel, run it, check every result) inside a crun container, the GPU
-#      injected by synord's own CDI path (synord.gpu_devices -> runtimes.cdi -> runtimes.container),
+#      injected by synord's own CDI path (synord.gpu_devices -> synord.runtimes.cdi -> synord.runtimes.container),
 # and prints what it saw. Needs bench/gpu_check/carry/ from bench/gpu_check_prepare.sh.
 # Exit 0: CUDA OK in the container; 1: no NVIDIA driver/GPU; 2: set-up problem; 3: the check failed.
 set -u

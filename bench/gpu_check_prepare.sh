@@ -34,7 +34,7 @@ gcc -O2 -Wall -o "$CARRY/build/cuda_check" bench/gpu_check/cuda_check.c -ldl
 import subprocess, sys
 from pathlib import Path
 sys.path.insert(0, ".")
-from runtimes import oci_build as oci
+from synord.runtimes import oci_build as oci
 carry = Path(sys.argv[1])
 prog = carry / "build" / "cuda_check"
 files = {"/cuda/cuda_check": prog.read_bytes()}

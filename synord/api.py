@@ -27,7 +27,7 @@ from starlette.routing import Route
 from .dashboard import FILES as DASHBOARD_FILES, response as dashboard_response
 from .errors import (Busy, Conflict, DomainError, Forbidden, Gone, InsufficientStorage, Invalid, NotFound,
                      Unavailable, Unsupported)
-from protocols.refusals import REFUSALS
+from synord.protocols.refusals import REFUSALS
 
 if TYPE_CHECKING:
     from .daemon import Node

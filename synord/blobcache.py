@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from protocols.transfer import BlobStore
+from synord.protocols.transfer import BlobStore
 
 from .storage_health import fmt_bytes
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from protocols.kinds import RUNTIME_KINDS
+from synord.protocols.kinds import RUNTIME_KINDS
 
 from . import __version__
 from . import humanize as hz
@@ -69,7 +69,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 # ---- commands ---------------------------------------------------------------
 
 def cmd_init(args) -> int:
-    from protocols.identity import load_or_create
+    from synord.protocols.identity import load_or_create
     from .config import default_toml
     home = Home(args.home)
     home.ensure()
@@ -203,8 +203,8 @@ def cmd_probe(args) -> int:
 
 
 def _local_probe(bench: bool) -> dict:
-    import hwprobe
-    from runtimes import available_all
+    from synord import hwprobe
+    from synord.runtimes import available_all
     return hwprobe.probe(bench=bench, runtimes=available_all()).to_json()
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwprobe.policy import PREFERENCES as _PREFERENCES, ContributorLimits
-from protocols.kinds import RUNTIME_KINDS
+from synord.hwprobe.policy import PREFERENCES as _PREFERENCES, ContributorLimits
+from synord.protocols.kinds import RUNTIME_KINDS
 
 # section -> key -> (default, type, help). Types: "str", "int", "float", "bool", "list[str]".
 SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
@@ -32,7 +32,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     },
     "contributor": {
         "enabled": (True, "bool", "offer this machine's capacity to the mesh"),
-        # Every preference (hwprobe.policy.PREFERENCES): also `synord limits` and the limits API.
+        # Every preference (synord.hwprobe.policy.PREFERENCES): also `synord limits` and the limits API.
         **{key: (p.default, p.toml_type, p.help) for key, p in _PREFERENCES.items()},
         "preemptible": (False, "bool", "sell capacity as preemptible (cheaper; desktops)"),
     },

@@ -6,7 +6,7 @@ the desktop session's idle report, the usage counters (task cache size,
 bytes transferred today) and the CPU throttle given to running containers.
 
 It makes THE one decision "is this node contributing, and if not why"
-(`contribution`, hwprobe.policy.decide) that status, limits, the dashboard,
+(`contribution`, synord.hwprobe.policy.decide) that status, limits, the dashboard,
 the metrics and the asks all read; it watches that decision and preempts
 running work when it turns to "hand back"; it answers the API's limits, idle,
 pause, resume and preempt operations.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from protocols.refusals import REFUSALS
+from synord.protocols.refusals import REFUSALS
 
 from .errors import Invalid
 
@@ -43,7 +43,7 @@ class Contributor:
         self.node = node
         self.config = node.config
         self.store = node.store
-        self.usage = None  # hwprobe.policy.Usage: task cache size and today's transfers
+        self.usage = None  # synord.hwprobe.policy.Usage: task cache size and today's transfers
         self.limits_changed = trio.Event()  # wakes the policy watcher
         self._throttled: dict[str, float] = {}  # job id -> cores its cgroup was last given
         self._session_idle: tuple[float, float] | None = None  # (idle_s, monotonic when reported)
@@ -59,7 +59,7 @@ class Contributor:
     def limits_json(self) -> dict:
         """Every preference with its value, type, help and whether this machine can
         evaluate it (the dashboard renders its editor from this), and the decision."""
-        from hwprobe.policy import PREFERENCES, evaluability
+        from synord.hwprobe.policy import PREFERENCES, evaluability
         lim = self.limits()
         decision = self.contribution()
         overrides = self.store.kv_get("contributor_limits", {})
@@ -83,9 +83,9 @@ class Contributor:
     async def set_limits(self, body: dict) -> dict:
         """Change contributor limits live (dashboard, tray, `synord limits set`); persisted.
         Work the new limits forbid is handed back at once."""
-        import hwprobe
-        from hwprobe.policy import PREFERENCES, coerce
-        from protocols.pacing import PACER
+        from synord import hwprobe
+        from synord.hwprobe.policy import PREFERENCES, coerce
+        from synord.protocols.pacing import PACER
 
         from .config import contributor_limits
         unknown = set(body) - set(PREFERENCES)
@@ -113,7 +113,7 @@ class Contributor:
     def signals(self):
         """The last probed contributor signals, with the desktop session's idle time
         (reported by the tray, POST /v1/idle) where the daemon sees none itself."""
-        import hwprobe
+        from synord import hwprobe
         profile = self.node.profile
         sig = hwprobe.ContributorSignals.from_json((profile.signals if profile else None) or {})
         if sig.hour_of_day is None:  # not probed yet
@@ -139,8 +139,8 @@ class Contributor:
 
     def contribution(self):
         """THE answer to "is this node contributing, and if not why": status, limits,
-        the dashboard, the metrics and the asks all read it (hwprobe.policy.decide)."""
-        from hwprobe.policy import decide
+        the dashboard, the metrics and the asks all read it (synord.hwprobe.policy.decide)."""
+        from synord.hwprobe.policy import decide
         d = decide(self.limits(), self.signals(), self.usage,
                    enabled=self.config["contributor.enabled"], paused=self.paused)
         storage = self.node.storage
@@ -154,8 +154,8 @@ class Contributor:
         return self.contribution().contributing
 
     def offerable(self) -> dict:
-        """The profile's offer under the one contribution decision (hwprobe.policy.decide)."""
-        import hwprobe
+        """The profile's offer under the one contribution decision (synord.hwprobe.policy.decide)."""
+        from synord import hwprobe
         if self.node.profile is None:
             return {}
         return hwprobe.offerable(self.node.profile, self.limits(), self.signals(), self.usage,
@@ -188,8 +188,8 @@ class Contributor:
     async def measure_usage(self) -> None:
         """Task cache size and bytes transferred today, for disk_limit_bytes and
         daily_transfer_bytes (a walk of a few directories, off the event loop)."""
-        from hwprobe.policy import Usage
-        from hwprobe.signals import disk_usage
+        from synord.hwprobe.policy import Usage
+        from synord.hwprobe.signals import disk_usage
         h = self.node.home
         while True:
             t = time.localtime()

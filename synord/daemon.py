@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from protocols.identity import Identity, load as load_identity
+from synord.protocols.identity import Identity, load as load_identity
 
 from . import __version__
 from .api import serve as serve_api
@@ -130,7 +130,7 @@ class Node:
         self.metrics_registry = registry_for(self)
         self._stopping = trio.Event()
         self._outer: trio.Nursery | None = None  # outlives the components: the container reaper
-        self._reaper = None  # runtimes.anchored.AnchoredProcess
+        self._reaper = None  # synord.runtimes.anchored.AnchoredProcess
         # Awaited in order on graceful stop (jobs hand their tasks back first).
         self._stop_hooks: list = []
 
@@ -189,19 +189,19 @@ class Node:
             raise StartupError(f"{setting} {listen}: {(err.strerror or str(err)).lower()}") from None
 
     async def _start_reaper(self) -> None:
-        """Containers must not outlive us (runtimes.reaper): sweep what a previous
+        """Containers must not outlive us (synord.runtimes.reaper): sweep what a previous
         life left, then keep a reaper that sweeps again if we die."""
         import sys
 
-        from runtimes import reaper
-        from runtimes.anchored import spawn
-        from runtimes.base import child_env
+        from synord.runtimes import reaper
+        from synord.runtimes.anchored import spawn
+        from synord.runtimes.base import child_env
         registry = self.home.path / "containers"
         swept = await trio.to_thread.run_sync(reaper.sweep, registry)
         if swept:
             log.warning("removed containers a previous run left behind", extra={"count": len(swept)})
         assert self._outer is not None
-        self._reaper = await spawn(self._outer, [sys.executable, "-m", "runtimes.reaper", str(registry)],
+        self._reaper = await spawn(self._outer, [sys.executable, "-m", "synord.runtimes.reaper", str(registry)],
                                    env=child_env(), death_signal=signal.SIGTERM)
         self.runtimes["container"].registry = registry
 
@@ -242,15 +242,15 @@ class Node:
 
     async def _start_components(self, nursery: trio.Nursery) -> None:
         """Start the mesh, market and jobs components (each owns its own tasks)."""
-        from runtimes import get_runtime
+        from synord.runtimes import get_runtime
 
         from .jobs.consumer import ConsumerJobs
         from .jobs.provider import ProviderJobs
         from .market.pricing import PricingPolicy
         from .market.service import MarketService
         from .mesh_service import MeshService
-        from protocols.streamlimits import StreamLimits
-        import hwprobe
+        from synord.protocols.streamlimits import StreamLimits
+        from synord import hwprobe
 
         c = self.config
         self.mesh = MeshService(
@@ -310,7 +310,7 @@ class Node:
         self.provider_jobs.storage = self.consumer_jobs.storage = self.storage
         self.provider_jobs.cache = self.cache
         await nursery.start(self.consumer_jobs.run)
-        from protocols.pacing import PACER
+        from synord.protocols.pacing import PACER
         PACER.rate = self.contributor.limits().bandwidth_bytes_per_s  # one cap for every transfer
         nursery.start_soon(self.contributor.measure_usage)
         nursery.start_soon(self.contributor.watch_policy)
@@ -325,8 +325,8 @@ class Node:
             self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome)
 
     def gpu_units(self) -> list[dict]:
-        """This host's GPUs as allocatable units (hwprobe.gpu_units)."""
-        from hwprobe.gpu_units import gpu_units
+        """This host's GPUs as allocatable units (synord.hwprobe.gpu_units)."""
+        from synord.hwprobe.gpu_units import gpu_units
         return gpu_units(self.profile.devices, self.profile.sysfs_root) if self.profile is not None else []
 
     # ---- storage -----------------------------------------------------------------------
@@ -376,11 +376,11 @@ class Node:
         import json
         import sys
 
-        import hwprobe
-        from runtimes import available_all
-        from runtimes.base import child_env
+        from synord import hwprobe
+        from synord.runtimes import available_all
+        from synord.runtimes.base import child_env
 
-        res = await trio.run_process([sys.executable, "-m", "hwprobe", "--json"]
+        res = await trio.run_process([sys.executable, "-m", "synord.hwprobe", "--json"]
                                      + (["--bench"] if bench else []),
                                      capture_stdout=True, capture_stderr=True, check=False,
                                      env=child_env())
@@ -397,7 +397,7 @@ class Node:
         return profile
 
     async def _refresh_profile(self) -> None:
-        import hwprobe
+        from synord import hwprobe
         while True:
             await trio.sleep(5)
             profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, self.profile)
@@ -438,7 +438,7 @@ def run(home: Home, config: Config) -> int:
     """Run the node until it stops; 0 after a graceful stop, 1 after a failure.
     A start-up mistake (home in use or unwritable, busy or foreign address) exits
     with one line naming the setting, before api.json is written."""
-    from protocols.mesh import MeshError
+    from synord.protocols.mesh import MeshError
     try:
         lock = lock_home(home)
     except StartupError as exc:

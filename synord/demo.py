@@ -6,7 +6,7 @@ asks are in the consumer's book, the consumer places three tasks through the
 book, one per sandbox kind, with artefacts built here and now:
 
 - wasm: a module assembled from WAT that sums squares in a loop;
-- container: a busybox OCI image (built with ``runtimes.oci``) running a script;
+- container: a busybox OCI image (built with ``synord.runtimes.oci``) running a script;
 - microvm: the same image booted as a real Linux guest.
 
 For each task it prints where it went (provider, agreement, price), its output
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocols.kinds import RUNTIME_KINDS as KINDS
+from synord.protocols.kinds import RUNTIME_KINDS as KINDS
 
 from .localmesh import DaemonCluster, DaemonProcess, wait_for
 
@@ -133,7 +133,7 @@ def _build_artefacts(work: Path) -> tuple[Path | None, Path | None, str]:
     work.mkdir(parents=True, exist_ok=True)
     wasm = work / "sum.wasm"
     wasm.write_bytes(bytes(wasmtime.wat2wasm(SUM_WAT)))
-    from runtimes.oci_build import build_busybox_image
+    from synord.runtimes.oci_build import build_busybox_image
     image = work / "hello-image"
     try:
         digest = build_busybox_image(image, files={"/work/hello.sh": HELLO_SH},

@@ -1,6 +1,6 @@
 """Provider side: which GPU (by UUID) belongs to which agreement.
 
-Every device unit (hwprobe.gpu_units) is held by at most one reservation: the
+Every device unit (synord.hwprobe.gpu_units) is held by at most one reservation: the
 table's primary key is the unit id, so a unit can never be in two tasks, and
 a check-and-take runs inside one SQLite transaction on the daemon's single
 trio thread (a racing second proposal finds the unit taken and is told
@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Callable
 
-from runtimes import cdi
+from synord.runtimes import cdi
 
 from .market.reservations import InsufficientCapacity
 
@@ -43,7 +43,7 @@ CREATE INDEX gpu_allocations_holder ON gpu_allocations(holder);
 
 
 def _cc(v: str | None) -> tuple[int, int] | None:
-    # Not protocols.orders.cuda_tuple: this module stays importable without the wire stack
+    # Not synord.protocols.orders.cuda_tuple: this module stays importable without the wire stack
     # (bench/gpu_check.sh runs it in a venv with only trio, psutil, nvidia-ml-py, pyyaml).
     try:
         major, minor = str(v).split(".", 1)
@@ -74,7 +74,7 @@ def holder_of(terms) -> str:
 class GpuAllocator:
     def __init__(self, store, units: Callable[[], list[dict]]):
         self.store = store
-        self.units = units  # the host's device units now (hwprobe.gpu_units)
+        self.units = units  # the host's device units now (synord.hwprobe.gpu_units)
         # Holders whose task runs: their lease may end first (a silent consumer), but the
         # devices stay theirs until the task itself has ended (`task_ended`).
         self.running: set[str] = set()
@@ -198,7 +198,7 @@ class CDIDevices:
 
 
 # Sandboxes that can take a device unit: containers through CDI. (microVMs take
-# GPUs only through VFIO passthrough: runtimes.vfio, not offered by this path.)
+# GPUs only through VFIO passthrough: synord.runtimes.vfio, not offered by this path.)
 DEVICE_RUNTIMES = ("container",)
 
 

@@ -3,11 +3,11 @@
 Per task: busy GPU-seconds (each sample's utilisation x the time since the
 previous one, summed over its devices), the peak memory its devices held at
 once, and the energy they drew (power x time).  The totals go into the usage
-receipt (protocols.receipts: gpu_s, gpu_peak_memory, gpu_energy_j).
+receipt (synord.protocols.receipts: gpu_s, gpu_peak_memory, gpu_energy_j).
 
 The devices are the task's alone (synord.gpu_devices), so device-level NVML
 counters are the task's usage.  NVML calls block: each round runs in a worker
-thread (hwprobe.nvidia.sample).  MIG instances have no utilisation counters of
+thread (synord.hwprobe.nvidia.sample).  MIG instances have no utilisation counters of
 their own in NVML; they are sampled through their parent (an upper bound).
 """
 
@@ -65,7 +65,7 @@ class GpuMeter:
         m = self.meters.get(key)
         if m is None:
             return
-        from hwprobe import nvidia
+        from synord.hwprobe import nvidia
         try:
             with trio.fail_after(10):  # a hung driver must not stall the loop for ever
                 readings = await trio.to_thread.run_sync(nvidia.sample, dict(m.devices), abandon_on_cancel=True)

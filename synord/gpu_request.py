@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 
-from protocols.orders import MAX_GPUS, MAX_MEMORY
+from synord.protocols.orders import MAX_GPUS, MAX_MEMORY
 
-# Sandboxes that can be given a device: containers through CDI (runtimes.cdi).
+# Sandboxes that can be given a device: containers through CDI (synord.runtimes.cdi).
 DEVICE_KINDS = ("container",)
 _CLASS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _CUDA_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")

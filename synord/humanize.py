@@ -82,7 +82,7 @@ def amount(x: float | None) -> str:
     return "-" if x is None else f"{number(x)} {CURRENCY}"
 
 
-NO_MAX_PRICE = 1e9  # protocols.orders.MAX_PRICE: what a bid without --max-price carries
+NO_MAX_PRICE = 1e9  # synord.protocols.orders.MAX_PRICE: what a bid without --max-price carries
 
 
 def price(p: float | None) -> str:

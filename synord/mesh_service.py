@@ -19,10 +19,10 @@ from typing import Any
 import msgpack
 import trio
 
-from protocols import caps, topics
-from protocols.envelope import MAX_ENVELOPE_BYTES, Envelope, EnvelopeValidator
-from protocols.identity import Identity
-from protocols.mesh import Mesh, MeshConfig, envelope_validator, protocol_id
+from synord.protocols import caps, topics
+from synord.protocols.envelope import MAX_ENVELOPE_BYTES, Envelope, EnvelopeValidator
+from synord.protocols.identity import Identity
+from synord.protocols.mesh import Mesh, MeshConfig, envelope_validator, protocol_id
 
 log = logging.getLogger("synord.mesh")
 
@@ -70,7 +70,7 @@ class MeshService:
         self.announce_interval_s = announce_interval_s
         self.expiry_s = 3 * announce_interval_s
         if mesh is None:
-            from protocols.p2p import create_mesh  # heavy (libp2p): only when a mesh starts
+            from synord.protocols.p2p import create_mesh  # heavy (libp2p): only when a mesh starts
         self.mesh = mesh or create_mesh(identity, MeshConfig(
             listen=list(listen), bootstrap=list(bootstrap or []), mdns=mdns, **mesh_options))
         self.validator = EnvelopeValidator()

@@ -20,8 +20,8 @@ from prometheus_client import Counter as CounterMetric
 from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from protocols.pacing import PACER
-from protocols.refusals import REFUSALS
+from synord.protocols.pacing import PACER
+from synord.protocols.refusals import REFUSALS
 
 if TYPE_CHECKING:
     from .daemon import Node

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import trio
 
-from runtimes import get_runtime
-from runtimes.artifacts import infer_kind
-from runtimes.base import Limits, RuntimeError_, TaskSpec
+from synord.runtimes import get_runtime
+from synord.runtimes.artifacts import infer_kind
+from synord.runtimes.base import Limits, RuntimeError_, TaskSpec
 
 
 def run_local(args) -> int:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
 
-from protocols.identity import Identity  # noqa: E402
+from synord.protocols.identity import Identity  # noqa: E402
 from synord.mesh_service import MeshService  # noqa: E402
 
 

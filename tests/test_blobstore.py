@@ -2,7 +2,7 @@
 
 import threading
 
-from protocols.transfer import BlobStore, sha256_of
+from synord.protocols.transfer import BlobStore, sha256_of
 
 
 def test_concurrent_imports_of_one_file(tmp_path):

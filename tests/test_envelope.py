@@ -3,10 +3,10 @@
 import msgpack
 import pytest
 
-from protocols import caps  # registers "caps"
-from protocols.envelope import (MAX_ENVELOPE_BYTES, Envelope, EnvelopeValidator, Rejected, decode,
+from synord.protocols import caps  # registers "caps"
+from synord.protocols.envelope import (MAX_ENVELOPE_BYTES, Envelope, EnvelopeValidator, Rejected, decode,
                                 message_type, seal, signing_input)
-from protocols.identity import Identity
+from synord.protocols.identity import Identity
 
 NOW = 1_800_000_000_000
 message_type("test.note", lambda body: None if isinstance(body, dict) and "x" in body

@@ -26,8 +26,8 @@ import time
 import pytest
 import trio
 
-from runtimes.base import ExecUnsupported, LogChunk, Sandbox, TaskSpec
-from runtimes.container import ContainerRuntime
+from synord.runtimes.base import ExecUnsupported, LogChunk, Sandbox, TaskSpec
+from synord.runtimes.container import ContainerRuntime
 
 from daemons import ROOT, wait_for
 from sandbox_helpers import split_output
@@ -63,7 +63,7 @@ async def test_exec_is_unsupported_by_default():
 
 
 async def test_wasm_says_exec_is_unsupported():
-    from runtimes.wasm import WasmSandbox
+    from synord.runtimes.wasm import WasmSandbox
     assert not WasmSandbox.supports_exec
     with pytest.raises(ExecUnsupported, match="not supported"):
         async with Sandbox.exec(object.__new__(WasmSandbox), ["true"]):
@@ -71,8 +71,8 @@ async def test_wasm_says_exec_is_unsupported():
 
 
 def test_shell_exec_requests_with_a_terminal_are_checked():
-    from protocols.shell import check_exec, exec_body, terminal_size
-    from protocols.tasks import TaskSpecError
+    from synord.protocols.shell import check_exec, exec_body, terminal_size
+    from synord.protocols.tasks import TaskSpecError
     assert exec_body("j1", ["sh"], tty=(24, 80))["tty"] == {"rows": 24, "cols": 80}
     assert terminal_size([50, 120]) == (50, 120)
     for tty in [{"rows": 0, "cols": 80}, {"rows": 24, "cols": 1001}, {"rows": True, "cols": 80},
@@ -85,8 +85,8 @@ def test_shell_exec_requests_with_a_terminal_are_checked():
 
 
 def test_exec_channel_frames_and_start_requests():
-    from runtimes.base import SpecError
-    from runtimes.guest_exec import FrameSplitter, encode_frame, start_payload
+    from synord.runtimes.base import SpecError
+    from synord.runtimes.guest_exec import FrameSplitter, encode_frame, start_payload
     wire = b"boot noise" + encode_frame(b"o", b"\x01abc") + encode_frame(b"H") + encode_frame(b"x", b"\x010")
     for cut in range(len(wire) + 1):  # any split across reads gives the same items
         sp = FrameSplitter()
@@ -176,7 +176,7 @@ async def test_runsc_container_exec(tmp_path):
 @needs_containers
 @pytest.mark.parametrize("engine", ["crun", "runc", "runsc"])
 async def test_container_exec_on_a_terminal(tmp_path, engine):
-    from runtimes.base import TerminalSize
+    from synord.runtimes.base import TerminalSize
     if not shutil.which(engine):
         pytest.skip(f"this machine has no {engine} on PATH")
     rt = ContainerRuntime(engine=engine) if engine != "runsc" else RT
@@ -226,8 +226,8 @@ async def test_container_exec_on_a_terminal(tmp_path, engine):
 
 @pytest.fixture(scope="module")
 def vm_image(tmp_path_factory):
-    from runtimes.microvm import MicroVMRuntime
-    from runtimes.oci_build import build_busybox_image
+    from synord.runtimes.microvm import MicroVMRuntime
+    from synord.runtimes.oci_build import build_busybox_image
     avail = MicroVMRuntime().available()
     if not avail.available:
         pytest.skip(f"microVMs unavailable: {avail.reason}")
@@ -239,7 +239,7 @@ def vm_image(tmp_path_factory):
 
 @pytest.mark.slow
 async def test_microvm_exec_over_the_guest_exec_channel(vm_image):
-    from runtimes.microvm import MicroVMRuntime
+    from synord.runtimes.microvm import MicroVMRuntime
     sb = await MicroVMRuntime().prepare(TaskSpec(kind="microvm", artifact=vm_image))
     async with trio.open_nursery() as n:
         await sb.start(n)
@@ -297,7 +297,7 @@ async def test_microvm_exec_over_the_guest_exec_channel(vm_image):
 
 @pytest.mark.slow
 async def test_microvm_exec_after_a_restore(vm_image, tmp_path):
-    from runtimes.microvm import MicroVMRuntime
+    from synord.runtimes.microvm import MicroVMRuntime
     rt = MicroVMRuntime()
     spec = TaskSpec(kind="microvm", artifact=vm_image)
     sb = await rt.prepare(spec)
@@ -484,7 +484,7 @@ def test_a_consumer_that_goes_away_aborts_the_command(mesh):
 
 INTRUDER = textwrap.dedent("""
     import json, sys, trio
-    from protocols.identity import Identity
+    from synord.protocols.identity import Identity
     from synord.mesh_service import MeshService
     from synord.jobs.exec_client import ExecError, open_exec
 

@@ -16,7 +16,7 @@ import pytest
 
 from daemons import ROOT, SYNORD
 
-from protocols.identity import Identity, peer_id_from_public_key, public_key_from_peer_id, verify
+from synord.protocols.identity import Identity, peer_id_from_public_key, public_key_from_peer_id, verify
 
 
 def synord(*args, home=None, **kw):

@@ -1,4 +1,4 @@
-"""CDI specs (runtimes.cdi) and device injection into real crun containers.
+"""CDI specs (synord.runtimes.cdi) and device injection into real crun containers.
 
 GPU stand-ins are character devices made with mknod under GPU names in a temp
 dir: ``nvidia0`` with /dev/kmsg's numbers (1:11, opened write-only: harmless)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes import cdi
+from synord.runtimes import cdi
 
 GPU0, GPU1 = "GPU-5f2c7c1e-0000-1111-2222-333344445555", "GPU-5f2c7c1e-0000-1111-2222-666677778888"
 
@@ -164,9 +164,9 @@ def test_dri_spec_for_amd_needs_every_node(tmp_path):
 
 @pytest.fixture(scope="module")
 def crun_image(tmp_path_factory):
-    from runtimes import oci_build as oci
-    from runtimes.base import SpecError
-    from runtimes.container import ContainerRuntime
+    from synord.runtimes import oci_build as oci
+    from synord.runtimes.base import SpecError
+    from synord.runtimes.container import ContainerRuntime
     rt = ContainerRuntime()
     av = rt.available()
     if not av.available:
@@ -190,7 +190,7 @@ cat /usr/lib/libcuda.so.1; echo "vis=$NVIDIA_VISIBLE_DEVICES cuda=$CUDA_VISIBLE_
 
 
 async def run_with_devices(rt, image, tmp_path, names, extra_edits=None):
-    from runtimes.base import TaskSpec
+    from synord.runtimes.base import TaskSpec
     from sandbox_helpers import run_to_end
     reg = cdi.Registry([tmp_path / "cdi"])
     edits = reg.resolve(names)
@@ -230,7 +230,7 @@ async def test_other_allocation_gets_the_other_device(crun_image, tmp_path):
 
 
 async def test_devices_refused_for_checkpointable_containers(crun_image, tmp_path):
-    from runtimes.base import SpecError, TaskSpec
+    from synord.runtimes.base import SpecError, TaskSpec
     rt, image = crun_image
     import shutil
     if not shutil.which("runsc"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import pytest
 
-from protocols.negotiation import BodyError, Terms
-from protocols.orders import Ask, Bid, OrderError
-from protocols.receipts import ReceiptError, SignedReceipt, check_against, countersign, issue
+from synord.protocols.negotiation import BodyError, Terms
+from synord.protocols.orders import Ask, Bid, OrderError
+from synord.protocols.receipts import ReceiptError, SignedReceipt, check_against, countersign, issue
 from synord.gpu_devices import GpuAllocator, offer_classes, unit_fits
 from synord.gpu_meter import Meter
 from synord.gpu_request import gpu_request
@@ -198,8 +198,8 @@ def test_meter_integrates_utilisation_power_and_peak_memory():
 # ---- negotiation: the very devices, reserved with the agreement ------------------------------------------
 
 def test_racing_consumers_for_the_last_gpu_one_agreement_naming_it(tmp_path):
-    from protocols.envelope import decode, now_ms
-    from protocols.identity import Identity
+    from synord.protocols.envelope import decode, now_ms
+    from synord.protocols.identity import Identity
     from synord.market.negotiator import Consumer, Provider
     from synord.market.reservations import CapacityPool
     from test_negotiation import TO, deliver

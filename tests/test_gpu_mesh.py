@@ -25,7 +25,7 @@ STUB_SRC = Path(__file__).parent / "nvml_stub" / "nvml_stub.c"
 
 
 def _needs():
-    from runtimes.container import ContainerRuntime
+    from synord.runtimes.container import ContainerRuntime
     av = ContainerRuntime().available()
     if not av.available:
         pytest.skip(f"containers unavailable: {av.reason}")

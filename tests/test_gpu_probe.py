@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hwprobe import gpu_units
-from runtimes import vfio
+from synord.hwprobe import gpu_units
+from synord.runtimes import vfio
 
 from test_hwprobe_nvml import run, stub_dirs  # noqa: F401 (fixture)
 from test_hwprobe_sysfs import base_machine, pci, write
 
-UNITS = ("import json, hwprobe, hwprobe.gpu_units as u; p = hwprobe.probe(); "
+UNITS = ("import json, synord.hwprobe.gpu_units as u; from synord import hwprobe; p = hwprobe.probe(); "
          "print(json.dumps({'units': u.gpu_units(p.devices), 'classes': hwprobe.resource_classes(p)}))")
 
 
@@ -44,7 +44,7 @@ def test_amd_and_intel_units_from_sysfs(tmp_path):
     intel = pci(root, "0000:03:00.0", "8086", "56a0", "0x030000", "i915")
     write(intel / "drm/renderD129/dev", "226:129")
     pci(root, "0000:04:00.0", "8086", "56a0", "0x030000", "i915")  # no render node: not offered
-    from hwprobe import sysfs
+    from synord.hwprobe import sysfs
     units = {u["id"]: u for u in gpu_units.gpu_units(sysfs.probe_pci(root), root)}
     assert set(units) == {"0000:c1:00.0", "0000:03:00.0"}
     assert units["0000:c1:00.0"]["nodes"] == ["/dev/kfd", "/dev/dri/renderD128"]

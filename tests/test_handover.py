@@ -1,8 +1,8 @@
-"""The migration hand-over machine (protocols.handover), fed events: no sockets, no sleeps."""
+"""The migration hand-over machine (synord.protocols.handover), fed events: no sockets, no sleeps."""
 
 import pytest
 
-from protocols import handover as ho
+from synord.protocols import handover as ho
 
 MB = 1 << 20
 

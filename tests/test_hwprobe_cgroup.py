@@ -3,8 +3,8 @@ host profile and the offer respect them."""
 
 from pathlib import Path
 
-import hwprobe
-from hwprobe.cgroup import read_limits
+from synord import hwprobe
+from synord.hwprobe.cgroup import read_limits
 
 MEMINFO = "MemTotal:       16384000 kB\nMemAvailable:   12000000 kB\n"
 CPUINFO = "".join(f"processor\t: {i}\nmodel name\t: Test CPU\ncpu MHz\t\t: 1000\nphysical id\t: 0\ncore id\t\t: {i}\n\n"

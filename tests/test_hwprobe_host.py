@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hwprobe.host import probe_host
+from synord.hwprobe.host import probe_host
 
 
 def write(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 STUB_SRC = Path(__file__).parent / "nvml_stub" / "nvml_stub.c"
 REPO = Path(__file__).resolve().parent.parent
 
-PROBE = "import json, hwprobe.nvidia as n; d, r = n.probe_nvidia(); print(json.dumps({'devices': d, 'reason': r}))"
+PROBE = "import json, synord.hwprobe.nvidia as n; d, r = n.probe_nvidia(); print(json.dumps({'devices': d, 'reason': r}))"
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +109,14 @@ def test_library_that_fails_to_load():
 
 
 def test_full_probe_with_stub_gpu(stub_dirs):
-    prof = run(None, stub_dirs["current"], "h100", args=["-m", "hwprobe", "--json"])
+    prof = run(None, stub_dirs["current"], "h100", args=["-m", "synord.hwprobe", "--json"])
     gpus = [d for d in prof["devices"] if d["kind"] == "gpu"]
     assert [g["model"] for g in gpus] == ["NVIDIA H100 80GB HBM3"]
     assert prof["offerable"]["gpus"] == 1
 
 
 def test_refresh_reads_new_utilisation(stub_dirs):
-    code = ("import os, json, hwprobe\n"
+    code = ("import os, json; from synord import hwprobe\n"
             "p = hwprobe.probe()\n"
             "os.environ['NVML_STUB_UTIL'] = '93'\n"
             "q = hwprobe.refresh_dynamic(p)\n"

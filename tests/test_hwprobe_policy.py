@@ -3,9 +3,9 @@ market resource classes."""
 
 import pytest
 
-from hwprobe import CapabilityProfile, ContributorLimits, ContributorSignals, offerable, resource_classes
-from hwprobe import known
-from hwprobe.policy import PREFERENCES, Usage, coerce, decide, evaluability, parse_weekly
+from synord.hwprobe import CapabilityProfile, ContributorLimits, ContributorSignals, offerable, resource_classes
+from synord.hwprobe import known
+from synord.hwprobe.policy import PREFERENCES, Usage, coerce, decide, evaluability, parse_weekly
 
 
 def signals(**kw) -> ContributorSignals:

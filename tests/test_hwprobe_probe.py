@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import hwprobe
-from hwprobe import bench, opencl
+from synord import hwprobe
+from synord.hwprobe import bench, opencl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def test_numpy_sgemm_benchmark():
 
 def test_full_probe_in_subprocess_prints_valid_json():
     env = {k: v for k, v in os.environ.items() if k not in ("NVML_STUB_MODE",)}
-    p = subprocess.run([sys.executable, "-m", "hwprobe", "--json"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "synord.hwprobe", "--json"], capture_output=True, text=True,
                        timeout=60, cwd=REPO, env=env)
     assert p.returncode == 0, p.stderr
     prof = json.loads(p.stdout)
@@ -65,7 +65,7 @@ def test_full_probe_in_subprocess_prints_valid_json():
     assert host["logical_cores"] == os.cpu_count()
     assert {"cpus", "memory_bytes", "gpus", "opencl_devices", "allowed", "why_not"} == set(prof["offerable"])
     # Human output works too.
-    p = subprocess.run([sys.executable, "-m", "hwprobe"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    p = subprocess.run([sys.executable, "-m", "synord.hwprobe"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert p.returncode == 0 and "resource classes: cpu" in p.stdout
 
 

@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from hwprobe.signals import ContributorSignals, read_signals
+from synord.hwprobe.signals import ContributorSignals, read_signals
 
 
 def write(path: Path, text: str) -> None:
@@ -83,7 +83,7 @@ def test_cpu_of_our_own_children_is_not_other_load():
     import subprocess
     import sys
 
-    from hwprobe.signals import _own_cpu_s
+    from synord.hwprobe.signals import _own_cpu_s
 
     def mine() -> float:
         t = os.times()

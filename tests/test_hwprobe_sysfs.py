@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import hwprobe
-from hwprobe import sysfs
+from synord import hwprobe
+from synord.hwprobe import sysfs
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel

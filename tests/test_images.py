@@ -1,4 +1,4 @@
-"""Images accepted (runtimes.oci.check_image, the one check consumers and providers
+"""Images accepted (synord.runtimes.oci.check_image, the one check consumers and providers
 call): gzip and zstd layers, OCI layout / oci-archive / docker-archive, a tag or
 digest to pick, the host's platform from an index. Images are built here (our
 builder, the `zstd` tool, skopeo); the end-to-end cases run through real daemons."""
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from runtimes import oci, oci_build
-from runtimes.artifacts import check_artifact
-from runtimes.base import SpecError
+from synord.runtimes import oci, oci_build
+from synord.runtimes.artifacts import check_artifact
+from synord.runtimes.base import SpecError
 
 from jobs_helpers import start_mesh, wait_job
 
@@ -158,7 +158,7 @@ def test_the_hosts_platform_is_picked_from_an_index(tmp_path):
 # ---- through real daemons ------------------------------------------------------------
 
 def _container_runtime_or_skip() -> None:
-    from runtimes import get_runtime
+    from synord.runtimes import get_runtime
     av = get_runtime("container").available()
     if not av.available:
         pytest.skip(f"no container runtime here: {av.reason}")

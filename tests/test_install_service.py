@@ -84,7 +84,7 @@ def test_install_then_upgrade_without_systemd(tmp_path, user):
 
     # The installed package finds its guest kernel (not in a checkout: cwd is elsewhere).
     py = venv / "bin" / "python"
-    guest = subprocess.run([str(py), "-c", "from runtimes.microvm import MicroVMRuntime as M; "
+    guest = subprocess.run([str(py), "-c", "from synord.runtimes.microvm import MicroVMRuntime as M; "
                             "print(M().guest_dir)"], capture_output=True, text=True, cwd=tmp_path)
     assert guest.returncode == 0, guest.stderr
     assert Path(guest.stdout.strip()) == venv / "share" / "synord" / "guest"

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from protocols.tasks import check_start
+from synord.protocols.tasks import check_start
 from synord.errors import (Busy, Conflict, Forbidden, Gone, InsufficientStorage, Invalid, NotFound, Unavailable,
                            Unsupported)
 from synord.jobs.spec import JobSpec, RunState, SpecView, from_stored, stored
@@ -55,7 +55,7 @@ def test_the_task_start_body_is_the_wire_shape_and_reads_back_on_the_provider():
                     "limits": {"cpus": 0.5, "memory_bytes": 64 << 20, "timeout_s": 30.0},
                     "checkpointable": True, "checkpoint_interval_s": 10.0, "restore": restore,
                     "progress": True}
-    check_start(msgpack.unpackb(msgpack.packb(body)))  # what protocols.tasks accepts
+    check_start(msgpack.unpackb(msgpack.packb(body)))  # what synord.protocols.tasks accepts
     theirs = JobSpec.from_task_start(body)
     assert theirs == dataclasses.replace(spec, artifact=None, max_price=None)  # consumer-only fields stay home
     ts = theirs.task_spec(Path("/blobs") / SHA, Path("/work/x/sandbox"), "x")

@@ -158,7 +158,7 @@ def test_no_import_circles():
 def test_lower_layers_never_import_synord():
     bad = sorted(f"{m} -> {d}" for m, ds in import_graph().items() if m.split(".")[0] in LOWER
                  for d in ds if d.split(".")[0] == "synord")
-    assert not bad, "protocols/runtimes/hwprobe import synord:\n" + "\n".join(bad)
+    assert not bad, "synord/protocols/runtimes/hwprobe import synord:\n" + "\n".join(bad)
 
 
 def test_the_checker_sees_function_level_imports_and_skips_type_checking():

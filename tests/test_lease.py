@@ -1,11 +1,11 @@
-"""The agreement's one lease (protocols.lease), and the negotiation feeding it:
+"""The agreement's one lease (synord.protocols.lease), and the negotiation feeding it:
 events in, states out; no sockets, no sleeps."""
 
 import pytest
 
-from protocols.identity import Identity
-from protocols.lease import NEGOTIATION, TASK, Lease, LeaseError, LeaseState
-from protocols.negotiation import (CONSUMER, PROVIDER, Agreement, Countersign, Heartbeat, Negotiation,
+from synord.protocols.identity import Identity
+from synord.protocols.lease import NEGOTIATION, TASK, Lease, LeaseError, LeaseState
+from synord.protocols.negotiation import (CONSUMER, PROVIDER, Agreement, Countersign, Heartbeat, Negotiation,
                                    Propose, State, Terms)
 
 
@@ -91,7 +91,7 @@ def test_the_job_paths_tighter_limit_applies_to_the_negotiation_too():
 
 
 def test_an_end_ends_the_lease():
-    from protocols.negotiation import End
+    from synord.protocols.negotiation import End
     c, nid = _active_pair()
     c.receive(End(nid, "completed"), 100)
     assert c.lease.state is LeaseState.ENDED

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from protocols.receipts import ReceiptError, countersign, issue
+from synord.protocols.receipts import ReceiptError, countersign, issue
 from synord.market.ledger import Ledger, init_schema
 
 from test_negotiation import C_ID, P_ID, T0, X_ID, terms

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from protocols.envelope import EnvelopeValidator, decode, seal
-from protocols.identity import Identity
-from protocols.orders import Ask, Bid, Cancel, OrderError, order_from_envelope
+from synord.protocols.envelope import EnvelopeValidator, decode, seal
+from synord.protocols.identity import Identity
+from synord.protocols.orders import Ask, Bid, Cancel, OrderError, order_from_envelope
 from synord.market.book import OrderBook
 
 NOW = 1_700_000_000_000

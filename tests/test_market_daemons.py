@@ -153,9 +153,9 @@ def test_busy_provider_refuses_and_the_job_lands_on_the_next(cluster):
 @asynccontextmanager
 async def market_peer(bootstrap: str):
     """An in-process consumer `MarketService` on its own libp2p host, dialled into the mesh."""
-    from protocols.identity import Identity
-    from protocols.mesh import MeshConfig
-    from protocols.p2p import create_mesh
+    from synord.protocols.identity import Identity
+    from synord.protocols.mesh import MeshConfig
+    from synord.protocols.p2p import create_mesh
     from synord.market.pricing import PricingPolicy
     from synord.market.service import MarketService
     from synord.store import Store
@@ -223,12 +223,12 @@ def test_denied_consumer_gets_a_clear_reason(cluster):
 # ---- (e) bad order gossip never enters the book ------------------------------------------------
 
 async def test_bad_order_gossip_never_enters_the_book(cluster):
-    from protocols.envelope import now_ms, seal
-    from protocols.identity import Identity
-    from protocols.mesh import MeshConfig
-    from protocols.p2p import create_mesh
-    from protocols.orders import Ask, Cancel
-    from protocols.topics import orders as orders_topic
+    from synord.protocols.envelope import now_ms, seal
+    from synord.protocols.identity import Identity
+    from synord.protocols.mesh import MeshConfig
+    from synord.protocols.p2p import create_mesh
+    from synord.protocols.orders import Ask, Cancel
+    from synord.protocols.topics import orders as orders_topic
 
     d = await in_thread(cluster.start, "d", config=CONSUMER_ONLY + "[log]\nlevel = \"debug\"\n")
     boot = (await in_thread(d.p2p_addrs))[0]

@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from protocols.envelope import decode, now_ms, seal
-from protocols.identity import Identity
-from protocols.negotiation import Agreement, Propose, Terms
-from protocols.receipts import issue
-from protocols.refusals import REFUSALS
+from synord.protocols.envelope import decode, now_ms, seal
+from synord.protocols.identity import Identity
+from synord.protocols.negotiation import Agreement, Propose, Terms
+from synord.protocols.receipts import issue
+from synord.protocols.refusals import REFUSALS
 from synord.market.book import PEER_QUOTA, OrderBook
 from synord.market.matching import match
 from synord.market.negotiator import Consumer

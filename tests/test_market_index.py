@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from protocols.orders import Ask, Bid, Cancel
+from synord.protocols.orders import Ask, Bid, Cancel
 from synord.market.book import OrderBook
 from synord.market.matching import match
 from synord.market.router import PeerInfo

@@ -2,7 +2,7 @@
 
 import pytest
 
-from protocols.orders import Ask
+from synord.protocols.orders import Ask
 from synord.market.book import OrderBook
 from synord.market.pricing import GIB, PricingPolicy, demand_multiplier, derive_asks, unit_cost, unit_price
 from synord.market.reservations import CapacityPool, InsufficientCapacity, ReservationError

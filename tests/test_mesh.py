@@ -7,12 +7,12 @@ import pytest
 import trio
 import trio.testing
 
-from protocols import caps, topics
-from protocols.envelope import EnvelopeValidator, seal
-from protocols.framing import FramedStream, FrameError, RemoteError
-from protocols.identity import Identity
-from protocols.mesh import MeshConfig, envelope_validator, protocol_id
-from protocols.p2p import create_mesh
+from synord.protocols import caps, topics
+from synord.protocols.envelope import EnvelopeValidator, seal
+from synord.protocols.framing import FramedStream, FrameError, RemoteError
+from synord.protocols.identity import Identity
+from synord.protocols.mesh import MeshConfig, envelope_validator, protocol_id
+from synord.protocols.p2p import create_mesh
 from synord.mesh_service import MeshService
 
 ECHO = protocol_id("test-echo")

@@ -9,9 +9,9 @@ import pytest
 import trio
 import trio.testing
 
-from protocols.envelope import decode, now_ms, seal
-from protocols.identity import Identity
-from protocols.negotiation import (
+from synord.protocols.envelope import decode, now_ms, seal
+from synord.protocols.identity import Identity
+from synord.protocols.negotiation import (
     CONSUMER, PROVIDER, TRANSITIONS, Agreement, Countersign, End, Heartbeat, Negotiation,
     NegotiationError, Propose, Reject, Reserve, State, Terms, Timeout, Timeouts,
 )

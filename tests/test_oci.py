@@ -1,4 +1,4 @@
-"""OCI image verification and unpacking (runtimes.oci): no container runtime needed."""
+"""OCI image verification and unpacking (synord.runtimes.oci): no container runtime needed."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runtimes import oci, oci_build
-from runtimes.base import SpecError
+from synord.runtimes import oci, oci_build
+from synord.runtimes.base import SpecError
 
 
 def layer(*entries) -> bytes:

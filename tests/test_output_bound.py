@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from runtimes.base import LogBuffer, LogChunk, TaskSpec
+from synord.runtimes.base import LogBuffer, LogChunk, TaskSpec
 from synord.jobs.executor import OutputLog, TaskExecution
 
 MODULE = Path(__file__).parent / "assets" / "build" / "wasm" / "probe.wasm"
@@ -145,7 +145,7 @@ async def test_log_buffer_replays_what_fits_to_a_late_reader():
 @pytest.mark.skipif(not MODULE.exists(), reason="wasm test modules not built (tests/assets/build.sh needs clang)")
 async def test_a_real_task_printing_past_both_bounds_loses_nothing(tmp_path):
     pytest.importorskip("wasmtime")
-    from runtimes.wasm import WasmRuntime
+    from synord.runtimes.wasm import WasmRuntime
     stdin = bytes((i * 7) % 256 for i in range(256)) * 4096  # 1 MiB, echoed back by probe.wasm
     spec = TaskSpec("wasm", MODULE, args=["args"], stdin=stdin, workdir=tmp_path / "sandbox")
     ex = TaskExecution("job", WasmRuntime(cache_dir=tmp_path / "cache", log_limit_bytes=32 << 10), spec)

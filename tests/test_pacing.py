@@ -4,7 +4,7 @@ on trio's virtual clock: no sockets, no real waiting."""
 import trio
 import trio.testing
 
-from protocols.pacing import BURST_S, Pacer
+from synord.protocols.pacing import BURST_S, Pacer
 
 
 def run(fn):

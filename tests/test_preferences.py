@@ -17,7 +17,7 @@ import pytest
 from daemons import DaemonCluster, wait_for
 from jobs_helpers import BUSYBOX_DIR, CONSUMER_ONLY, PROBE_WASM, ensure_assets, providers_in_book, start_mesh
 
-from runtimes.cgroups import ROOT, TOP, cgroup_mode
+from synord.runtimes.cgroups import ROOT, TOP, cgroup_mode
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_status_limits_and_asks_agree_on_contributing(mesh):
 
 
 def test_every_preference_is_listed_typed_and_evaluability_is_reported(mesh):
-    import hwprobe
-    from hwprobe.policy import PREFERENCES
+    from synord import hwprobe
+    from synord.hwprobe.policy import PREFERENCES
     _, provider = mesh
     doc = provider.get("/v1/limits")
     keys = {k["key"]: k for k in doc["keys"]}

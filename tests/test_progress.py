@@ -137,7 +137,7 @@ async def test_a_hostile_providers_progress_frames_are_checked_and_counted(clust
 
 
 def test_a_progress_frame_has_one_shape():
-    from protocols.tasks import TaskSpecError, check_progress
+    from synord.protocols.tasks import TaskSpecError, check_progress
     assert check_progress({"phase": "booting"}) == {"phase": "booting", "done": None, "total": None}
     assert check_progress({"phase": "unpacking", "done": 0, "total": 0})["total"] == 0
     for bad in (None, [], {"phase": "Booting"}, {"phase": "booting", "done": 2, "total": 1},

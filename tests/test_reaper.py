@@ -1,4 +1,4 @@
-"""Containers never outlive the daemon that started them (runtimes.reaper).
+"""Containers never outlive the daemon that started them (synord.runtimes.reaper).
 
 Library level: a registered container is killed, deleted and un-cgrouped by a
 sweep. Daemon level: a provider SIGKILLed with crun and runsc tasks running
@@ -16,9 +16,9 @@ import subprocess
 import pytest
 import trio
 
-from runtimes import reaper
-from runtimes.base import TaskSpec
-from runtimes.container import STATE_ROOT, ContainerRuntime
+from synord.runtimes import reaper
+from synord.runtimes.base import TaskSpec
+from synord.runtimes.container import STATE_ROOT, ContainerRuntime
 
 from daemons import DaemonCluster, wait_for
 
@@ -68,7 +68,7 @@ async def test_sweep_kills_deletes_and_forgets_registered_containers(tmp_path):
 
 
 def test_a_reaper_without_arguments_says_how_to_use_it():
-    res = subprocess.run([shutil.which("python3") or "python3", "-m", "runtimes.reaper"], capture_output=True,
+    res = subprocess.run([shutil.which("python3") or "python3", "-m", "synord.runtimes.reaper"], capture_output=True,
                          text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 2 and "usage" in res.stderr
 
@@ -99,7 +99,7 @@ def test_containers_die_with_a_sigkilled_daemon(tmp_path):
 
 
 def _reaper_pids(registry) -> list[int]:
-    res = subprocess.run(["pgrep", "-f", f"runtimes.reaper {registry}"], capture_output=True, text=True)
+    res = subprocess.run(["pgrep", "-f", f"synord.runtimes.reaper {registry}"], capture_output=True, text=True)
     return [int(p) for p in res.stdout.split()]
 
 

@@ -1,9 +1,9 @@
-"""Receipt delivery (protocols.receipt_delivery): send, resend with back-off,
+"""Receipt delivery (synord.protocols.receipt_delivery): send, resend with back-off,
 ack, give up; and the negotiator driving it.  Events in, no sockets or sleeps."""
 
 import pytest
 
-from protocols.receipt_delivery import (RECEIPT_RESEND_FIRST_MS, RECEIPT_RESEND_FOR_MS, RECEIPT_RESEND_MAX_MS,
+from synord.protocols.receipt_delivery import (RECEIPT_RESEND_FIRST_MS, RECEIPT_RESEND_FOR_MS, RECEIPT_RESEND_MAX_MS,
                                         DeliveryError, ReceiptDeliveries, State, Delivery, Due)
 
 A, B = b"a" * 16, b"b" * 16
@@ -60,7 +60,7 @@ def test_illegal_events():
     with pytest.raises(DeliveryError):
         Delivery().process(Due(0), 1, 1, 1)  # nothing issued
     dv = Delivery()
-    from protocols.receipt_delivery import Issue
+    from synord.protocols.receipt_delivery import Issue
     dv.process(Issue(0), 2000, 60_000, 3_600_000)
     with pytest.raises(DeliveryError, match="not due"):
         dv.process(Due(1), 2000, 60_000, 3_600_000)
@@ -71,9 +71,9 @@ def test_the_negotiator_resends_through_it():
     """The provider party's tick resends an unacknowledged receipt on this schedule."""
     from synord.market.negotiator import Provider
     from synord.market.reservations import CapacityPool
-    from protocols.identity import Identity
-    from protocols.receipts import issue
-    from protocols.negotiation import Terms
+    from synord.protocols.identity import Identity
+    from synord.protocols.receipts import issue
+    from synord.protocols.negotiation import Terms
 
     me, consumer = Identity.generate(), Identity.generate()
     now = [0]

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from protocols.envelope import decode, seal
-from protocols.receipts import (
+from synord.protocols.envelope import decode, seal
+from synord.protocols.receipts import (
     ReceiptError, SignedReceipt, amount_for, check_against, countersign, issue, verify_provider, verify_receipt,
 )
 
@@ -81,7 +81,7 @@ def test_amount_tolerance_is_relative_even_for_tiny_receipts():
 
 
 def test_wall_time_bounded_by_what_the_consumer_observed():
-    from protocols.receipts import Observed
+    from synord.protocols.receipts import Observed
     t = terms(duration_s=3660)
     whole = issue(P_ID, t, cpu_s=0.1, peak_memory=1, started=T0, ended=T0 + 3_660_000)
     check_against(whole, t)  # within the agreed duration: only the observation catches it

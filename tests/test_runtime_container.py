@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtimes import oci_build
-from runtimes.base import (CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec)
-from runtimes.container import ContainerRuntime
+from synord.runtimes import oci_build
+from synord.runtimes.base import (CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec)
+from synord.runtimes.container import ContainerRuntime
 
 from sandbox_helpers import run_to_end
 
@@ -280,7 +280,7 @@ async def test_runc_engine_limits_and_cleanup(image, tmp_path):
 
 
 def test_seccomp_profile_denies_namespace_and_kernel_escapes():
-    from runtimes import seccomp
+    from synord.runtimes import seccomp
     prof = seccomp.profile()
     allowed = {n for r in prof["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" and not r.get("args")
                for n in r["names"]}

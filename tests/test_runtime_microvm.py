@@ -20,11 +20,11 @@ import psutil
 import pytest
 import trio
 
-from runtimes import get_runtime
-from runtimes.base import OUTPUT_OFFSETS_FILE, Limits, SpecError, TaskSpec
-from runtimes.cpio import CpioWriter
-from runtimes.guest_exec import FRAME_MAGIC
-from runtimes.microvm import ConsoleParser, MicroVMRuntime, kernel_cmdline
+from synord.runtimes import get_runtime
+from synord.runtimes.base import OUTPUT_OFFSETS_FILE, Limits, SpecError, TaskSpec
+from synord.runtimes.cpio import CpioWriter
+from synord.runtimes.guest_exec import FRAME_MAGIC
+from synord.runtimes.microvm import ConsoleParser, MicroVMRuntime, kernel_cmdline
 
 from sandbox_helpers import run_to_end
 
@@ -131,7 +131,7 @@ def guest_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def image(guest_dir, tmp_path_factory) -> Path:
-    from runtimes.oci_build import build_busybox_image
+    from synord.runtimes.oci_build import build_busybox_image
     dest = tmp_path_factory.mktemp("img") / "busybox"
     build_busybox_image(dest, entrypoint=["/bin/sh", "-c"], cmd=['echo "hello from $WHO"'],
                         env=["PATH=/bin", "WHO=the image"])
@@ -174,7 +174,7 @@ async def test_args_env_stdin_stderr_exit_code_and_no_network(image):
 
 
 async def test_bad_digest_is_refused_before_boot(image, tmp_path):
-    from runtimes.oci_build import pack_oci_archive
+    from synord.runtimes.oci_build import pack_oci_archive
     tar = tmp_path / "img.tar"
     pack_oci_archive(image, tar)
     with pytest.raises(SpecError, match="sha256 mismatch"):
@@ -252,8 +252,8 @@ async def test_kill_leaves_no_qemu(image, tmp_path):
 DAEMON = """
 import sys, trio
 from pathlib import Path
-from runtimes import get_runtime
-from runtimes.base import TaskSpec
+from synord.runtimes import get_runtime
+from synord.runtimes.base import TaskSpec
 
 async def main():
     sb = await get_runtime("microvm").prepare(

@@ -1,4 +1,4 @@
-"""The runtime registry (runtimes/__init__.py): one list of kinds, one answer to
+"""The runtime registry (synord/runtimes/__init__.py): one list of kinds, one answer to
 "which sandboxes work here", shared by `synord probe` and the daemon."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from protocols import orders, tasks
-from protocols.kinds import RUNTIME_KINDS
-from runtimes import KINDS, available_all, get_runtime
-from runtimes.base import SpecError
+from synord.protocols import orders, tasks
+from synord.protocols.kinds import RUNTIME_KINDS
+from synord.runtimes import KINDS, available_all, get_runtime
+from synord.runtimes.base import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_a_kind_not_enabled_is_reported_off_without_probing_it():
 def test_a_missing_wasmtime_is_a_reason_not_a_crash(tmp_path):
     # A machine whose wasmtime cannot load: a module of that name that fails to import.
     (tmp_path / "wasmtime.py").write_text("raise ImportError('libwasmtime.so: cannot open shared object file')\n")
-    code = "import json, runtimes; print(json.dumps(runtimes.available_all()['wasm']))"
+    code = "import json; from synord import runtimes; print(json.dumps(runtimes.available_all()['wasm']))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
                          env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr

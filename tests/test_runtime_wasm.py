@@ -13,11 +13,11 @@ import msgpack
 import pytest
 import trio
 
-from runtimes.base import CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec, child_env
-from runtimes.digests import checkpoint_digest
+from synord.runtimes.base import CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec, child_env
+from synord.runtimes.digests import checkpoint_digest
 
 wasmtime = pytest.importorskip("wasmtime")
-from runtimes.wasm import WasmRuntime  # noqa: E402
+from synord.runtimes.wasm import WasmRuntime  # noqa: E402
 from sandbox_helpers import run_to_end  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
@@ -337,8 +337,8 @@ async def test_checkpoint_then_restore_in_a_fresh_process(rt, wasm_modules, tmp_
     script = (
         "import json, sys, trio\n"
         "from pathlib import Path\n"
-        "from runtimes.base import TaskSpec\n"
-        "from runtimes.wasm import WasmRuntime\n"
+        "from synord.runtimes.base import TaskSpec\n"
+        "from synord.runtimes.wasm import WasmRuntime\n"
         "async def main():\n"
         "    rt = WasmRuntime()\n"
         "    spec = TaskSpec('wasm', Path(sys.argv[1]), env={'COUNT': sys.argv[3], 'WORK': sys.argv[4]})\n"

@@ -31,7 +31,7 @@ import pytest
 
 from daemons import ROOT, SYNORD, DaemonCluster, DaemonProcess, wait_for
 from jobs_helpers import BUSYBOX_TAR, CONSUMER_ONLY, ensure_assets, providers_in_book, submit, wait_job
-from runtimes import cgroups
+from synord.runtimes import cgroups
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creating a user and delegating a cgroup need root"),

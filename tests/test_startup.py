@@ -46,7 +46,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def _assert_nothing_left(home: Path) -> None:
     assert not (home / "api.json").exists()
-    # the container reaper (runtimes.reaper HOME/containers) went with the daemon
+    # the container reaper (synord.runtimes.reaper HOME/containers) went with the daemon
     assert _processes_mentioning(str(home / "containers")) == []
 
 

@@ -183,7 +183,7 @@ def test_blob_cache_lru_pins_and_disk_room(tmp_path):
     import hashlib
     import time as _time
 
-    from protocols.transfer import BlobStore
+    from synord.protocols.transfer import BlobStore
     from synord.blobcache import BlobCache
     blobs = BlobStore(tmp_path / "artifacts")
     shas = []

@@ -4,9 +4,9 @@ total, bytes charged and released, refusals counted under where="streams"."""
 import pytest
 import trio
 
-from protocols.framing import FramedStream, StreamLimitError
-from protocols.refusals import REFUSALS
-from protocols.streamlimits import Refusal, StreamBudget, StreamGuard, StreamLimits
+from synord.protocols.framing import FramedStream, StreamLimitError
+from synord.protocols.refusals import REFUSALS
+from synord.protocols.streamlimits import Refusal, StreamBudget, StreamGuard, StreamLimits
 
 
 def test_stream_caps_per_peer_and_total_and_slots_given_back():

@@ -1,12 +1,12 @@
-"""The task stream machine (protocols.taskstream), fed frames: no sockets, no sleeps.
+"""The task stream machine (synord.protocols.taskstream), fed frames: no sockets, no sleeps.
 
 Both roles run the same class; each side's frames come out of `send` and go
 into the other side's `receive`, so the tests also pin the wire frames."""
 
 import pytest
 
-from protocols import taskstream as ts
-from protocols.framing import CHUNK
+from synord.protocols import taskstream as ts
+from synord.protocols.framing import CHUNK
 
 SHA = "ab" * 32
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from protocols.envelope import seal
-from protocols.identity import Identity
-from protocols.negotiation import Terms
+from synord.protocols.envelope import seal
+from synord.protocols.identity import Identity
+from synord.protocols.negotiation import Terms
 from synord.home import Home
 from synord.jobs.provider import ProviderJobs
 from synord.store import Store

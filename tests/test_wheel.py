@@ -42,14 +42,14 @@ def test_wheel_installs_only_synord(wheel):
         assert z.read(top_level).decode().split() == ["synord"]
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"synord"}
-    for data in ("hwprobe/known_devices.json", "runtimes/reaper.py"):  # (rename_packages.sh: under synord/)
+    for data in ("synord/hwprobe/known_devices.json", "synord/runtimes/reaper.py"):  # (rename_packages.sh: under synord/)
         assert data in names
 
 
 def test_installed_wheel_probes_and_runs_a_daemon(venv, tmp_path):
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
     py, synord = venv / "bin" / "python", venv / "bin" / "synord"
-    where = subprocess.run([str(py), "-c", "import synord, runtimes.reaper as r; print(r.__file__)"],
+    where = subprocess.run([str(py), "-c", "import synord, synord.runtimes.reaper as r; print(r.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path, env=env)
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(venv)
@@ -99,9 +99,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_lower_layers_never_import_the_rest_of_synord():
-    import hwprobe
-    import protocols
-    import runtimes
+    from synord import hwprobe
+    from synord import protocols
+    from synord import runtimes
     bad = [f"{f}:{line} imports {name}"
            for pkg in (protocols, runtimes, hwprobe)
            for f in Path(pkg.__file__).parent.rglob("*.py")

@@ -41,8 +41,8 @@ def probe() -> dict:
 
 
 async def run_container(image: Path, devices: dict | None, env: dict) -> tuple[int, str]:
-    from runtimes.base import Limits, TaskSpec
-    from runtimes.container import ContainerRuntime
+    from synord.runtimes.base import Limits, TaskSpec
+    from synord.runtimes.container import ContainerRuntime
     rt = ContainerRuntime(engine="crun")
     av = rt.available()
     if not av.available:
@@ -69,7 +69,7 @@ def main() -> int:
     image = carry / "image"
     t0 = time.monotonic()
     prof = probe()
-    from hwprobe.gpu_units import gpu_units
+    from synord.hwprobe.gpu_units import gpu_units
     units = [u for u in gpu_units(prof["devices"]) if u["vendor"] == "nvidia"]
     if not units:
         say("== the container path without a GPU (crun from the carry, the check program):")
@@ -81,7 +81,7 @@ def main() -> int:
     if shutil.which("nvidia-modprobe") and not Path("/dev/nvidia-uvm").exists():
         subprocess.run(["nvidia-modprobe", "-u", "-c=0"], check=False)  # CUDA needs the UVM node
     import os
-    from runtimes import cdi
+    from synord.runtimes import cdi
     from synord.gpu_devices import CDIDevices
     unit = units[0]
     # GPU_CHECK_CDI_DIRS: more spec directories (a dry run with stand-in devices)

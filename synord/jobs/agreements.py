@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from protocols.negotiation import Terms
+from synord.protocols.negotiation import Terms
 
-from protocols.receipt_delivery import RECEIPT_RESEND_FOR_MS
+from synord.protocols.receipt_delivery import RECEIPT_RESEND_FOR_MS
 from ..store import from_json_safe, json_safe
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from protocols.transfer import sha256_of
+from synord.protocols.transfer import sha256_of
 
 
 class CheckpointError(Exception):

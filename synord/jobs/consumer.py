@@ -28,12 +28,12 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from protocols.envelope import seal
-from protocols.identity import Identity
-from protocols.negotiation import Terms
-from protocols.refusals import REFUSALS
-from protocols.tasks import TaskSpecError, check_progress
-from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file
+from synord.protocols.envelope import seal
+from synord.protocols.identity import Identity
+from synord.protocols.negotiation import Terms
+from synord.protocols.refusals import REFUSALS
+from synord.protocols.tasks import TaskSpecError, check_progress
+from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file
 
 from .. import humanize as hz
 from ..errors import NotFound

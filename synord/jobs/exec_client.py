@@ -1,5 +1,5 @@
 """`synord exec` / `synord shell`, consumer side: `open_exec` dials the job's
-provider over `/synord/shell/1.0.0` (protocols.shell) and returns an
+provider over `/synord/shell/1.0.0` (synord.protocols.shell) and returns an
 `ExecClient` (send stdin, iterate output events, close); `ConsumerExec` is
 what the control API calls.  The provider side is `synord.jobs.exec_service`.
 """
@@ -11,17 +11,17 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from protocols.envelope import seal
-from protocols.framing import FramedStream
-from protocols.identity import Identity
-from protocols.shell import EXEC_TYPE, MAX_STDIN_FRAME, OPEN_TIMEOUT_S, SHELL_PROTOCOL, exec_body, terminal_size
-from protocols.tasks import TaskSpecError
+from synord.protocols.envelope import seal
+from synord.protocols.framing import FramedStream
+from synord.protocols.identity import Identity
+from synord.protocols.shell import EXEC_TYPE, MAX_STDIN_FRAME, OPEN_TIMEOUT_S, SHELL_PROTOCOL, exec_body, terminal_size
+from synord.protocols.tasks import TaskSpecError
 
 from ..errors import Busy, Conflict, Forbidden, Gone, Invalid, NotFound, Unavailable, Unsupported
 
 
 class ExecError(Exception):
-    """The provider refused (``code`` as in protocols.shell) or the stream broke."""
+    """The provider refused (``code`` as in synord.protocols.shell) or the stream broke."""
 
     def __init__(self, message: str, code: str = "failed"):
         super().__init__(message)
@@ -118,7 +118,7 @@ async def open_exec(mesh, identity: Identity, provider: str, job_id: str, argv: 
 
 # ---- consumer side, for the control API ------------------------------------------------
 
-# The provider's refusal codes (protocols.shell) as domain errors.
+# The provider's refusal codes (synord.protocols.shell) as domain errors.
 _REFUSAL = {"forbidden": Forbidden, "no_task": NotFound, "not_running": Conflict, "unsupported": Unsupported,
             "busy": Busy, "bad_request": Invalid, "unreachable": Unavailable}
 

@@ -1,5 +1,5 @@
 """`synord exec` / `synord shell`, provider side: a command inside a running
-task's sandbox, over `/synord/shell/1.0.0` (protocols.shell), for the task's
+task's sandbox, over `/synord/shell/1.0.0` (synord.protocols.shell), for the task's
 owner only.
 
 `ShellService.handle` (registered by `ProviderJobs.register`) checks that the
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, peer_envelope
-from protocols.framing import FramedStream
-from protocols.refusals import REFUSALS
-from protocols.shell import EXEC_TYPE, OPEN_TIMEOUT_S, terminal_size
-from protocols.tasks import TaskSpecError
-from runtimes.base import ExecUnsupported, SpecError, TerminalSize
+from synord.protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, peer_envelope
+from synord.protocols.framing import FramedStream
+from synord.protocols.refusals import REFUSALS
+from synord.protocols.shell import EXEC_TYPE, OPEN_TIMEOUT_S, terminal_size
+from synord.protocols.tasks import TaskSpecError
+from synord.runtimes.base import ExecUnsupported, SpecError, TerminalSize
 
 if TYPE_CHECKING:
     from .provider import ProviderJobs
@@ -54,7 +54,7 @@ class ShellService:
                                 stream.remote_peer, (EXEC_TYPE,))
         except PeerEnvelopeRefused as exc:
             REFUSALS.count("shell", exc.slug)
-            # the wire's error codes (protocols.shell.ERROR_CODES): someone else's signature is "forbidden"
+            # the wire's error codes (synord.protocols.shell.ERROR_CODES): someone else's signature is "forbidden"
             raise ShellRefused("forbidden" if exc.slug == "wrong_signer" else "bad_request", str(exc)) from None
         return env.body
 

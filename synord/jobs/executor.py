@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import trio
 
-from runtimes.base import (OUTPUT_OFFSETS_FILE, CheckpointInfo, ExitStatus, Runtime, Sandbox,
+from synord.runtimes.base import (OUTPUT_OFFSETS_FILE, CheckpointInfo, ExitStatus, Runtime, Sandbox,
                            TaskSpec, Usage)
 
 from ..metrics import observe_sandbox_start

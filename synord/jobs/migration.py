@@ -1,6 +1,6 @@
 """Migration decisions, pure functions (no I/O): which checkpoint mode fits the
 grace period (`decide_mode`, owned by the hand-over machine in
-protocols/handover.py), and which new provider each displaced task goes to.
+synord/protocols/handover.py), and which new provider each displaced task goes to.
 
 Grace-period rule (per task):
     transferable = bandwidth × grace period
@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 # The grace-period rule is part of the hand-over machine; re-exported here for its callers.
-from protocols.handover import Thresholds, decide_mode  # noqa: F401
+from synord.protocols.handover import Thresholds, decide_mode  # noqa: F401
 
 INFEASIBLE = float("inf")  # the task does not fit that slot
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from protocols.negotiation import Terms
+from synord.protocols.negotiation import Terms
 
 from ..market.port import NoPlacement, PlacementRejected
 from .migration import Displaced, Slot, assign_optimal

@@ -23,14 +23,14 @@ from typing import Any, Callable
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, Rejected, peer_envelope
-from protocols.framing import FramedStream
-from protocols.identity import Identity
-from protocols.negotiation import Terms
-from protocols.shell import SHELL_PROTOCOL
-from protocols.tasks import TASK_PROTOCOL
-from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
-from runtimes.base import Runtime
+from synord.protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, Rejected, peer_envelope
+from synord.protocols.framing import FramedStream
+from synord.protocols.identity import Identity
+from synord.protocols.negotiation import Terms
+from synord.protocols.shell import SHELL_PROTOCOL
+from synord.protocols.tasks import TASK_PROTOCOL
+from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
+from synord.runtimes.base import Runtime
 
 from ..store import Store
 from . import output as ndjson
@@ -240,7 +240,7 @@ class ProviderJobs(TaskServer):
 
     def _agreed_terms(self, consumer: str, body: dict) -> Terms:
         """The agreement ``consumer`` signed with us for this task.start, on its terms."""
-        # the id was checked as 32 hex digits by protocols.tasks
+        # the id was checked as 32 hex digits by synord.protocols.tasks
         terms = self.pending_terms.get(bytes.fromhex(body["agreement_id"]))  # told by the market
         if terms is None:
             raise TaskRefused("no_agreement", "no active agreement for this task")
@@ -270,8 +270,8 @@ class ProviderJobs(TaskServer):
         if not self.blobs.has(sha):
             raise TaskRefused("no_artifact", "artefact not transferred (send it on /synord/transfer first)")
         if body["kind"] in ("container", "microvm"):  # the consumer's pre-check, again: same function
-            from runtimes.base import SpecError
-            from runtimes.oci import check_image
+            from synord.runtimes.base import SpecError
+            from synord.runtimes.oci import check_image
             on_phase("verifying")
             try:
                 await trio.to_thread.run_sync(check_image, self.blobs.path(sha))

@@ -14,7 +14,7 @@ The journey of the need, one type all the way:
 Every wire and stored shape is produced and read here, next to the type:
 `to_stored`/`from_stored` (the `jobs.spec` column, unchanged since migration 2,
 so old rows read back), `task_start`/`from_task_start` (the `task.start`
-body, byte-compatible with protocols.tasks). `RunState` is stored in the same
+body, byte-compatible with synord.protocols.tasks). `RunState` is stored in the same
 JSON column (its keys never collide with the spec's).
 """
 
@@ -74,7 +74,7 @@ class JobSpec:
 
     def task_start(self, job_id: str, agreement_id: str, checkpoint_interval_s: float,
                    restore: dict | None, progress: bool = True) -> dict:
-        """The `task.start` body (protocols.tasks), keys in their wire order."""
+        """The `task.start` body (synord.protocols.tasks), keys in their wire order."""
         return {"job_id": job_id, "agreement_id": agreement_id, "kind": self.kind,
                 "artifact_sha256": self.sha256, "args": list(self.args), "env": dict(self.env),
                 "limits": self.limits(), "checkpointable": self.checkpointable,
@@ -83,7 +83,7 @@ class JobSpec:
 
     @classmethod
     def from_task_start(cls, body: dict) -> "JobSpec":
-        """The provider's reading of a `task.start` body already checked by protocols.tasks.check_start."""
+        """The provider's reading of a `task.start` body already checked by synord.protocols.tasks.check_start."""
         lim = body.get("limits", {})
         return cls(kind=body["kind"], sha256=body["artifact_sha256"], args=tuple(body.get("args", [])),
                    env=tuple(dict(body.get("env", {})).items()), cpus=float(lim.get("cpus", 1.0)),
@@ -92,7 +92,7 @@ class JobSpec:
 
     def task_spec(self, artifact: Path, workdir: Path, task_id: str):
         """The sandbox's `TaskSpec` for this job, its artefact at ``artifact``."""
-        from runtimes.base import Limits, TaskSpec
+        from synord.runtimes.base import Limits, TaskSpec
         limits = Limits(cpus=self.cpus, memory_bytes=self.memory_bytes, timeout_s=self.timeout_s)
         if self.pids is not None:
             limits = replace(limits, pids=self.pids)

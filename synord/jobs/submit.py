@@ -13,11 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from protocols.tasks import TaskSpecError, check_args_env, check_limits
-from protocols.transfer import BlobStore
-from runtimes import KINDS
-from runtimes.artifacts import infer_kind
-from runtimes.base import SpecError
+from synord.protocols.tasks import TaskSpecError, check_args_env, check_limits
+from synord.protocols.transfer import BlobStore
+from synord.runtimes import KINDS
+from synord.runtimes.artifacts import infer_kind
+from synord.runtimes.base import SpecError
 
 from ..errors import Invalid
 from ..gpu_request import gpu_request
@@ -51,7 +51,7 @@ def _validate(req: dict, home, blobs: BlobStore) -> JobSpec:
 
 def _export_image(kind: str, path: Path, ref, home) -> Path | None:
     """A picked tag/digest or a docker-archive travels as a one-image OCI layout."""
-    from runtimes import oci
+    from synord.runtimes import oci
     if kind not in ("container", "microvm"):
         return None
     if ref is not None and not isinstance(ref, str):
@@ -69,8 +69,8 @@ def _export_image(kind: str, path: Path, ref, home) -> Path | None:
 
 
 def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobStore) -> JobSpec:
-    from runtimes.artifacts import check_artifact, ship_form
-    check_artifact(kind, image)  # not wasm / refused image (runtimes.oci.check_image): refused here
+    from synord.runtimes.artifacts import check_artifact, ship_form
+    check_artifact(kind, image)  # not wasm / refused image (synord.runtimes.oci.check_image): refused here
     args = [str(a) for a in req.get("args") or []]
     env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
     check_args_env(args, env)

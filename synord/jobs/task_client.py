@@ -1,7 +1,7 @@
 """The consumer's task-stream client: a thin trio driver between one open
-task stream and the machines that decide (protocols.taskstream: which frame
-is legal and what it means; protocols.lease: is the provider still there;
-protocols.handover: how a preempted task moves).
+task stream and the machines that decide (synord.protocols.taskstream: which frame
+is legal and what it means; synord.protocols.lease: is the provider still there;
+synord.protocols.handover: how a preempted task moves).
 
 It starts a task on an agreed provider (`_launch`), re-attaches after our
 restart (`_attach`), reads the stream until the task exits or moves
@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from protocols import handover as ho
-from protocols import taskstream as ts
-from protocols.envelope import now_ms, seal
-from protocols.framing import CHUNK, FramedStream
-from protocols.lease import TASK, Lease
-from protocols.negotiation import Terms
-from protocols.refusals import REFUSALS
-from protocols.tasks import TASK_PROTOCOL
-from protocols.transfer import sha256_of
+from synord.protocols import handover as ho
+from synord.protocols import taskstream as ts
+from synord.protocols.envelope import now_ms, seal
+from synord.protocols.framing import CHUNK, FramedStream
+from synord.protocols.lease import TASK, Lease
+from synord.protocols.negotiation import Terms
+from synord.protocols.refusals import REFUSALS
+from synord.protocols.tasks import TASK_PROTOCOL
+from synord.protocols.transfer import sha256_of
 
 from .. import humanize as hz
 from ..metrics import observe_placement

@@ -1,8 +1,8 @@
 """The provider's task-stream server: a thin trio driver between one
-attached consumer and the task stream machine (protocols.taskstream), which
+attached consumer and the task stream machine (synord.protocols.taskstream), which
 says which frame may go out when and what a consumer frame means.
 
-`handle_task` checks the opening envelope (protocols.envelope.peer_envelope),
+`handle_task` checks the opening envelope (synord.protocols.envelope.peer_envelope),
 starts the task (`ProviderJobs._start_checked`) or finds the consumer's own
 task again (task.attach), and then serves it: output from the consumer's
 offsets on, heartbeats, the preemption notice, periodic and stop checkpoints
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from protocols import taskstream as ts
-from protocols.envelope import PeerEnvelopeRefused, peer_envelope, seal
-from protocols.framing import CHUNK, FrameError, FramedStream
-from protocols.mesh import MeshError
-from protocols.refusals import REFUSALS
-from protocols.transfer import TRANSFER_PROTOCOL, send_file
+from synord.protocols import taskstream as ts
+from synord.protocols.envelope import PeerEnvelopeRefused, peer_envelope, seal
+from synord.protocols.framing import CHUNK, FrameError, FramedStream
+from synord.protocols.mesh import MeshError
+from synord.protocols.refusals import REFUSALS
+from synord.protocols.transfer import TRANSFER_PROTOCOL, send_file
 
 from .checkpoints import pack
 

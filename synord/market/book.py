@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator
 
 from sortedcontainers import SortedList
 
-from protocols.orders import CPU_CLASS, Ask, Bid, Cancel, order_from_envelope
+from synord.protocols.orders import CPU_CLASS, Ask, Bid, Cancel, order_from_envelope
 
 from .matching import CONSTRAINTS, MatchResult, first_failed, match as _match
 from .router import UNKNOWN

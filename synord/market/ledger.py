@@ -19,7 +19,7 @@ import json
 import sqlite3
 from typing import Any
 
-from protocols.receipts import ReceiptError, SignedReceipt, verify_receipt
+from synord.protocols.receipts import ReceiptError, SignedReceipt, verify_receipt
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS market_receipts (

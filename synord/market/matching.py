@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from protocols.orders import Ask, Bid, cuda_tuple
+from synord.protocols.orders import Ask, Bid, cuda_tuple
 
 from .router import UNKNOWN, PeerInfo, PeerLookup, Router
 

@@ -1,4 +1,4 @@
-"""The two parties of a negotiation, driving `protocols.negotiation`.
+"""The two parties of a negotiation, driving `synord.protocols.negotiation`.
 
 `Provider` and `Consumer` take envelopes (or raw bytes) and return the
 envelopes to send as `Send(to, envelope)`; the daemon only moves bytes over
@@ -23,20 +23,20 @@ from typing import Callable, Iterable
 
 import trio
 
-from protocols.envelope import Envelope, EnvelopeValidator, Rejected, now_ms, seal
-from protocols.identity import Identity
-from protocols.negotiation import (
+from synord.protocols.envelope import Envelope, EnvelopeValidator, Rejected, now_ms, seal
+from synord.protocols.identity import Identity
+from synord.protocols.negotiation import (
     CONSUMER, PROVIDER, Agreement, BodyError, Countersign, End, Negotiation,
     NegotiationError, Propose, Reject, Reserve, State, Terms, Timeouts, event_from_envelope,
 )
-from protocols.orders import Ask, Bid
-from protocols.receipt_delivery import (  # noqa: F401 (the constants: re-exported)
+from synord.protocols.orders import Ask, Bid
+from synord.protocols.receipt_delivery import (  # noqa: F401 (the constants: re-exported)
     RECEIPT_RESEND_FIRST_MS, RECEIPT_RESEND_FOR_MS, RECEIPT_RESEND_MAX_MS, ReceiptDeliveries,
 )
-from protocols.receipts import (
+from synord.protocols.receipts import (
     Observed, ReceiptAck, ReceiptError, SignedReceipt, countersign as countersign_receipt, issue, verify_receipt,
 )
-from protocols.refusals import REFUSALS
+from synord.protocols.refusals import REFUSALS
 
 from .backoff import Backoff
 
@@ -53,7 +53,7 @@ REASONS = ("not_our_ask", "unknown_ask", "stale_ask", "ask_expired", "runtime", 
 MESSAGE_TTL_MS = 30_000
 MAX_SETTLING = 10_000  # agreements kept for receipts after their lease ended
 # A receipt the consumer has not acknowledged (it was down, or the message was
-# lost) goes out again: the schedule is protocols/receipt_delivery.py's.
+# lost) goes out again: the schedule is synord/protocols/receipt_delivery.py's.
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocols.negotiation import Terms
+from synord.protocols.negotiation import Terms
 
 if TYPE_CHECKING:
-    from protocols.lease import Lease
+    from synord.protocols.lease import Lease
 
 
 class NoPlacement(Exception):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocols.orders import CPU_CLASS, Ask, RUNTIMES
+from synord.protocols.orders import CPU_CLASS, Ask, RUNTIMES
 
 GIB = 1 << 30
 
@@ -65,9 +65,9 @@ CLASS_FACTOR_RANGE = (0.25, 20.0)
 
 
 def gpu_class_factor(gpu_class: str | None) -> float:
-    """Depreciation multiplier of a GPU class (`hwprobe.gpu_units` names; MIG classes
+    """Depreciation multiplier of a GPU class (`synord.hwprobe.gpu_units` names; MIG classes
     ``h100-1g-10gb`` pay their share of the parent by the slice count)."""
-    from hwprobe import known
+    from synord.hwprobe import known
     if not gpu_class or gpu_class == "consumer":
         return 1.0
     slug, _, mig = gpu_class.partition("-")

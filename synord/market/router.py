@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable
 
-from protocols.orders import Ask, Bid
+from synord.protocols.orders import Ask, Bid
 
 
 @dataclass(frozen=True)

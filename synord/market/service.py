@@ -25,15 +25,15 @@ from typing import Callable
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, now_ms, seal
-from protocols.framing import FramedStream
-from protocols.identity import b58decode
-from protocols.mesh import envelope_validator
-from protocols.negotiation import NegotiationError, Terms, Timeouts
-from protocols.orders import Ask, Bid, Cancel
-from protocols.receipts import SignedReceipt
-from protocols.refusals import REFUSALS
-from protocols.topics import orders as orders_topic
+from synord.protocols.envelope import EnvelopeValidator, now_ms, seal
+from synord.protocols.framing import FramedStream
+from synord.protocols.identity import b58decode
+from synord.protocols.mesh import envelope_validator
+from synord.protocols.negotiation import NegotiationError, Terms, Timeouts
+from synord.protocols.orders import Ask, Bid, Cancel
+from synord.protocols.receipts import SignedReceipt
+from synord.protocols.refusals import REFUSALS
+from synord.protocols.topics import orders as orders_topic
 
 from ..store import from_json_safe, json_safe
 from .backoff import Backoff
@@ -66,7 +66,7 @@ class MarketService:
         self.identity = identity
         self.peer_id = identity.peer_id
         self.store = store
-        self.mesh = mesh  # protocols.mesh.Mesh
+        self.mesh = mesh  # synord.protocols.mesh.Mesh
         self.offer = offer
         self.contributing = contributing
         self.policy = policy
@@ -385,7 +385,7 @@ class MarketService:
         await self._send_all(sends, "provider")
 
     def lease(self, terms: Terms):
-        """Consumer: the agreement's one lease (protocols.lease), held by its negotiation
+        """Consumer: the agreement's one lease (synord.protocols.lease), held by its negotiation
         while the placement is on; the job path feeds it task frames and asks it."""
         pl = self.consumer.placements.get(self._bid_of.get(terms.aid, ""))
         m = pl.negotiation if pl is not None else None

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from protocols.negotiation import Terms
-from protocols.receipts import amount_for
+from synord.protocols.negotiation import Terms
+from synord.protocols.receipts import amount_for
 
 
 def worst_case(terms: Terms) -> float:

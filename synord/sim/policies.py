@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from protocols.orders import Ask, Bid
+from synord.protocols.orders import Ask, Bid
 from synord.jobs.migration import INFEASIBLE, assign_greedy, assign_optimal
 from synord.market.matching import match
 from synord.market.router import PeerInfo, Router

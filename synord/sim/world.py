@@ -175,7 +175,7 @@ class Simulation:
         return tasks
 
     def _build_pool(self) -> None:
-        from hwprobe import known
+        from synord.hwprobe import known
         s, rng = self.s, self.world_rng
         ref = known.match(s.reference_model) if s.reference_model else None
         self.groups: dict[str, Group] = {}

@@ -1,6 +1,6 @@
 """A hostile peer for attacking real daemons through the wire, built on our own
-protocol modules (`protocols.p2p` host with Noise + yamux, `protocols.identity`,
-`protocols.envelope`, `protocols.framing`, the negotiation machine through
+protocol modules (`synord.protocols.p2p` host with Noise + yamux, `synord.protocols.identity`,
+`synord.protocols.envelope`, `synord.protocols.framing`, the negotiation machine through
 `synord.market.negotiator.Consumer`), so that it speaks exactly what an honest
 peer speaks, and then breaks whatever rule a test wants broken.
 
@@ -20,7 +20,7 @@ API (all methods are coroutines unless marked *sync*):
     async context manager: a libp2p host on 127.0.0.1 (no mDNS, no peer
     exchange, no bootstrap) subscribed to the order topics of ``classes``; it
     answers /synord/negotiate/1.0.0 like a consumer would. ``.identity``,
-    ``.peer_id``, ``.mesh`` (the `protocols.mesh.Mesh`) are public.
+    ``.peer_id``, ``.mesh`` (the `synord.protocols.mesh.Mesh`) are public.
 ``connect(multiaddr) -> peer_id``
     dial a daemon (full multiaddr with /p2p/<id>).
 ``open(peer, protocol) -> FramedStream``
@@ -34,7 +34,7 @@ API (all methods are coroutines unless marked *sync*):
 ``seal(type_, body, identity=None, ttl_ms=..., now=None) -> bytes`` *sync*
     an encoded envelope of any type and any body, signed by us (or by
     ``identity``: impersonation attempts). No body check: the receiver's job.
-``ask_of(provider, resource_class="cpu", timeout=30) -> protocols.orders.Ask``
+``ask_of(provider, resource_class="cpu", timeout=30) -> synord.protocols.orders.Ask``
     the provider's latest public ask heard on gossip.
 ``obtain_agreement(provider, ask=None, *, runtime="wasm", cores=0.5, memory=64 MiB,
                    duration_s=600, max_price=None, timeout=20) -> Terms``
@@ -44,7 +44,7 @@ API (all methods are coroutines unless marked *sync*):
     `AgreementRefused` with the provider's reason.
 ``upload(provider, data_or_path, kind="artifact", job_id="", grant=None) -> sha256``
     offer and send a blob on /synord/transfer/1.0.0; raises
-    `protocols.transfer.TransferError` with the receiver's refusal.
+    `synord.protocols.transfer.TransferError` with the receiver's refusal.
 ``task_body(terms, sha256, job_id=None, **fields) -> dict`` *sync*
     a task.start body that matches ``terms``; override any field.
 ``task_start(provider, body, identity=None) -> (stream, first_reply)``
@@ -85,16 +85,16 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from protocols.envelope import EnvelopeValidator, now_ms, seal as seal_envelope
-from protocols.framing import FramedStream
-from protocols.identity import Identity, b58decode
-from protocols.mesh import MeshConfig, envelope_validator
-from protocols.p2p import create_mesh
-from protocols.negotiation import Terms
-from protocols.orders import Ask, Bid
-from protocols.tasks import TASK_PROTOCOL
-from protocols.topics import orders as orders_topic
-from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file, send_file
+from synord.protocols.envelope import EnvelopeValidator, now_ms, seal as seal_envelope
+from synord.protocols.framing import FramedStream
+from synord.protocols.identity import Identity, b58decode
+from synord.protocols.mesh import MeshConfig, envelope_validator
+from synord.protocols.p2p import create_mesh
+from synord.protocols.negotiation import Terms
+from synord.protocols.orders import Ask, Bid
+from synord.protocols.tasks import TASK_PROTOCOL
+from synord.protocols.topics import orders as orders_topic
+from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file, send_file
 from synord.market.negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
 from synord.market.reservations import CapacityPool
 
@@ -274,7 +274,7 @@ class HostilePeer:
 
     async def upload(self, provider: str, data: bytes | Path, kind: str = "artifact", job_id: str = "",
                      grant: bytes | None = None, timeout: float = 30.0) -> str:
-        from protocols.transfer import sha256_of
+        from synord.protocols.transfer import sha256_of
         path = Path(data) if isinstance(data, (str, Path)) else None
         tmp = None
         if path is None:

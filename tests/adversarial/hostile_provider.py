@@ -25,14 +25,14 @@ from typing import Any
 
 import trio
 
-from protocols.envelope import decode, now_ms, seal as seal_envelope
-from protocols.framing import FramedStream
-from protocols.negotiation import Agreement, Propose, Terms
-from protocols.orders import Ask
-from protocols.receipts import SignedReceipt
-from protocols.tasks import TASK_PROTOCOL
-from protocols.topics import orders as orders_topic
-from protocols.transfer import TRANSFER_PROTOCOL, BlobStore, receive_file
+from synord.protocols.envelope import decode, now_ms, seal as seal_envelope
+from synord.protocols.framing import FramedStream
+from synord.protocols.negotiation import Agreement, Propose, Terms
+from synord.protocols.orders import Ask
+from synord.protocols.receipts import SignedReceipt
+from synord.protocols.tasks import TASK_PROTOCOL
+from synord.protocols.topics import orders as orders_topic
+from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, receive_file
 from synord.market.negotiator import NEGOTIATE_PROTOCOL, Provider, Send, run_timers
 from synord.market.reservations import CapacityPool
 

@@ -20,20 +20,20 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import protocols.caps  # noqa: F401  (registers its message type)
-import protocols.shell  # noqa: F401
-import protocols.tasks  # noqa: F401
-from protocols.envelope import (Envelope, EnvelopeError, EnvelopeValidator, Rejected, body_checker, decode,
+import synord.protocols.caps  # noqa: F401  (registers its message type)
+import synord.protocols.shell  # noqa: F401
+import synord.protocols.tasks  # noqa: F401
+from synord.protocols.envelope import (Envelope, EnvelopeError, EnvelopeValidator, Rejected, body_checker, decode,
                                 registered_types, seal)
-from protocols.framing import FrameError, FramedStream, RemoteError, StreamLimitError
-from protocols.identity import Identity
-from protocols.mesh import parse_px_reply
-from protocols.orders import Cancel
-from protocols.negotiation import Countersign, End, Heartbeat, Reject
-from protocols.receipts import ReceiptAck
-from protocols.shell import exec_body, terminal_size
-from protocols.streamlimits import StreamBudget, StreamGuard, StreamLimits
-from protocols.transfer import BlobStore, TransferError, receive_file
+from synord.protocols.framing import FrameError, FramedStream, RemoteError, StreamLimitError
+from synord.protocols.identity import Identity
+from synord.protocols.mesh import parse_px_reply
+from synord.protocols.orders import Cancel
+from synord.protocols.negotiation import Countersign, End, Heartbeat, Reject
+from synord.protocols.receipts import ReceiptAck
+from synord.protocols.shell import exec_body, terminal_size
+from synord.protocols.streamlimits import StreamBudget, StreamGuard, StreamLimits
+from synord.protocols.transfer import BlobStore, TransferError, receive_file
 from synord.mesh_service import parse_sync_reply
 
 from test_market_book import ask as mk_ask, bid as mk_bid

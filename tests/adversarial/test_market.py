@@ -15,7 +15,7 @@ from adversarial.hostile_provider import HostileProvider
 from adversarial.hostile import in_thread, refused
 from daemons import wait_for
 from jobs_helpers import CONSUMER_ONLY, PROBE_WASM, ensure_assets, job, providers_in_book, submit, wait_job
-from protocols.receipts import SignedReceipt, issue
+from synord.protocols.receipts import SignedReceipt, issue
 
 
 def peer(d) -> str:

@@ -203,10 +203,10 @@ async def test_disk_filling_during_an_upload_is_answered_not_a_closed_stream(tmp
     import trio
     import trio.testing
 
-    from protocols.envelope import EnvelopeValidator, seal
-    from protocols.framing import FramedStream
-    from protocols.identity import Identity
-    from protocols.transfer import BlobStore, TransferError, receive_file, send_file
+    from synord.protocols.envelope import EnvelopeValidator, seal
+    from synord.protocols.framing import FramedStream
+    from synord.protocols.identity import Identity
+    from synord.protocols.transfer import BlobStore, TransferError, receive_file, send_file
     from test_mesh import _Mem  # a trio in-memory byte stream as our framing's ByteStream
 
     sender = Identity.generate()

@@ -20,8 +20,8 @@ import pytest
 import trio
 
 from adversarial.hostile import HostilePeer
-from protocols.framing import MAX_FRAME
-from protocols.mesh import MeshError
+from synord.protocols.framing import MAX_FRAME
+from synord.protocols.mesh import MeshError
 
 FIRST_S, IDLE_S, FRAME_S = 2.0, 1.5, 1.5
 CONFIG = f"""

@@ -177,7 +177,7 @@ async def test_a_task_starts_only_under_its_consumers_agreement_on_its_terms(pro
 
 
 async def test_garbage_on_the_task_stream_is_refused_and_counted(provider):
-    from protocols.tasks import TASK_PROTOCOL
+    from synord.protocols.tasks import TASK_PROTOCOL
     async with HostilePeer.running() as evil:
         pid = await evil.connect((await in_thread(provider.p2p_addrs))[0])
         before = await in_thread(refusals, provider)

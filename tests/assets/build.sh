@@ -46,7 +46,7 @@ build_images() {
         PYTHONPATH="$HERE/../.." "$py" - "$dir" "$out/$name" <<'PY'
 import sys
 from pathlib import Path
-from runtimes.oci_build import build_busybox_image, pack_oci_archive
+from synord.runtimes.oci_build import build_busybox_image, pack_oci_archive
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
 files = {"/" + p.relative_to(src).as_posix(): p.read_bytes() for p in sorted(src.rglob("*")) if p.is_file()}
 digest = build_busybox_image(dest, files=files)

@@ -9,7 +9,7 @@ registry of what was left behind:
 
 * ``sweep(dir)``, run by the daemon at start: the previous life's leftovers
   (killed, deleted, their cgroups removed);
-* a reaper process, ``python -m runtimes.reaper DIR``, that the daemon starts
+* a reaper process, ``python -m synord.runtimes.reaper DIR``, that the daemon starts
   with a parent-death signal of SIGTERM (see anchored.py): when the daemon dies
   for any reason it sweeps the registry and exits.
 """
@@ -77,7 +77,7 @@ def sweep(registry: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m runtimes.reaper REGISTRY_DIR", file=sys.stderr)
+        print("usage: python -m synord.runtimes.reaper REGISTRY_DIR", file=sys.stderr)
         return 2
     registry = Path(argv[1])
     done = False

@@ -1,6 +1,6 @@
 """One process-wide bandwidth cap for task transfers (the contributor's
 `bandwidth_bytes_per_s`): a token bucket every send and receive loop of
-protocols.transfer draws from, so the cap holds for all transfers together.
+synord.protocols.transfer draws from, so the cap holds for all transfers together.
 
     PACER.rate = 1 << 20     # bytes per second; 0 = no cap (the default)
     await PACER.take(len(block))

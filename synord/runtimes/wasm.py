@@ -547,7 +547,7 @@ class WasmSandbox(Sandbox):
         if self.memory_export is None:
             raise CheckpointUnsupported(
                 f"{Path(self.spec.artifact).name} does not implement the step ABI "
-                f"(export {abi.STEP_EXPORT}); see runtimes/WASM_ABI.md")
+                f"(export {abi.STEP_EXPORT}); see synord/runtimes/WASM_ABI.md")
         if not self._started:
             raise RuntimeError_("sandbox not started")
         req = _CheckpointRequest(Path(dest), leave_running)

@@ -420,7 +420,7 @@ class Negotiation:
     outcome: str | None = None
     reason: str = ""
     next_heartbeat: int | None = None
-    lease: Lease | None = None  # the agreement's one lease (protocols.lease), from the countersign on
+    lease: Lease | None = None  # the agreement's one lease (synord.protocols.lease), from the countersign on
     _sent_hb: int = 0
     _seen_hb: int = -1
 

@@ -1,6 +1,6 @@
 """Our mesh interface: what the daemon needs from a libp2p stack, and no more.
 
-Everything above this module talks to `Mesh`; `protocols.p2p.Libp2pMesh` is
+Everything above this module talks to `Mesh`; `synord.protocols.p2p.Libp2pMesh` is
 the py-libp2p implementation.  Another backend (e.g. the go-libp2p daemon)
 can replace it by implementing the same methods.  No libp2p import here: the
 CLI imports this module and must start fast.
@@ -11,7 +11,7 @@ Conventions:
 - a topic validator is ``fn(data, origin_peer_id) -> value | None``: None
   rejects (the message is neither delivered nor forwarded), anything else
   accepts and travels with the delivered `GossipMessage` as ``value``;
-- stream protocols speak `protocols.framing` (length-prefixed msgpack frames
+- stream protocols speak `synord.protocols.framing` (length-prefixed msgpack frames
   and chunked blobs); request/response is one blob each way.
 """
 
@@ -125,7 +125,7 @@ class Mesh(abc.ABC):
     @abc.abstractmethod
     def set_handler(self, protocol: str, handler: StreamHandler, idle_deadline: bool = True) -> None:
         """Serve ``protocol`` with ``handler``, under ``config.streams`` (see
-        `protocols.streamlimits`); ``idle_deadline=False`` for protocols whose
+        `synord.protocols.streamlimits`); ``idle_deadline=False`` for protocols whose
         peer may stay quiet between frames once its first frame was accepted."""
 
     @abc.abstractmethod

@@ -6,7 +6,7 @@ arrived so far.  A hostile peer can open many streams and stall each one
 before its first frame or in the middle of one (a header declaring 4 MiB, a
 few bytes sent): without limits each such stream waits forever and pins what
 it buffered.  So, once for every protocol (the mesh backend applies this when
-it hands a stream to a handler, and `protocols.framing` when it reads):
+it hands a stream to a handler, and `synord.protocols.framing` when it reads):
 
 - a stream must deliver its first frame within ``first_frame_s`` and each
   later frame header within ``idle_s`` of the previous frame (``None`` for

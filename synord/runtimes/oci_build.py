@@ -3,7 +3,7 @@ the demo and the microVM guest, and the ``oci-archive`` tarball a consumer ships
 
 Outputs are byte-for-byte reproducible (sorted entries, mtime 0, fixed gzip
 header), so the same inputs always give the same content address. Reading and
-unpacking images from others is `runtimes.oci`, which trusts nothing.
+unpacking images from others is `synord.runtimes.oci`, which trusts nothing.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Theory of operation
 An agreement has ONE lease, and this is the one place that decides it is
 lost.  Two sources say the peer is alive, and both feed the same lease:
 
-    NEGOTIATION  a heartbeat on /synord/negotiate (protocols.negotiation),
+    NEGOTIATION  a heartbeat on /synord/negotiate (synord.protocols.negotiation),
                  every ``heartbeat_ms`` of the agreed terms, both directions;
-    TASK         any frame on the task stream (protocols.taskstream): output,
+    TASK         any frame on the task stream (synord.protocols.taskstream): output,
                  ``{"hb": ms}`` heartbeats, checkpoints, progress.
 
     LIVE  --heard(source, now)--> LIVE           deadline = now + timeout_ms

@@ -1,4 +1,4 @@
-"""`python -m hwprobe [--json] [--bench] [--root DIR]`: print this machine's profile."""
+"""`python -m synord.hwprobe [--json] [--bench] [--root DIR]`: print this machine's profile."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _human(p) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hwprobe", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m synord.hwprobe", description=__doc__)
     ap.add_argument("--json", action="store_true", help="print the profile as JSON")
     ap.add_argument("--bench", action="store_true", help="also measure throughput (a few seconds)")
     ap.add_argument("--root", default="/", help="filesystem root to read /proc and /sys from (tests)")

@@ -1,14 +1,14 @@
 """OCI container sandbox: crun (preferred) or runc; gVisor runsc for checkpointable tasks.
 
 prepare: verify the image (every blob against its digest), unpack it with
-`runtimes.oci` (cached by manifest digest when the runtime has a cache dir),
+`synord.runtimes.oci` (cached by manifest digest when the runtime has a cache dir),
 write an OCI bundle whose config grants nothing by default: no capabilities,
 noNewPrivileges, read-only root, tmpfs /tmp, own pid/net/ipc/uts/mount
 namespaces (the net namespace has only ``lo`` unless ``spec.network``),
 seccomp, and only the mounts the spec names.
 
 start: ``<rt> run`` in the foreground with stdout/stderr on pipes, inside a
-per-task parent cgroup that carries the limits (see `runtimes.cgroups` for
+per-task parent cgroup that carries the limits (see `synord.runtimes.cgroups` for
 why the parent and not the container's own cgroup).
 
 Theory of teardown: SIGKILL of ``<rt> run`` would leave the container
@@ -83,7 +83,7 @@ class ContainerRuntime(Runtime):
         self.state_root = Path(state_root) if state_root else STATE_ROOT
         self._engine: tuple[str, str] | None = None  # (name, path)
         self._reason = ""
-        # where running containers are registered for the reaper (runtimes.reaper);
+        # where running containers are registered for the reaper (synord.runtimes.reaper);
         # the daemon sets it, plain library use leaves it off
         self.registry: Path | None = None
 
@@ -263,7 +263,7 @@ def bundle_config(spec: TaskSpec, conf: oci.ImageConfig, args: list[str], rootfs
         namespaces.append({"type": "cgroup"})
     linux: dict = {
         "namespaces": namespaces,
-        # Limits live on our parent cgroup (runtimes.cgroups); the container's own stays unlimited
+        # Limits live on our parent cgroup (synord.runtimes.cgroups); the container's own stays unlimited
         # so that OOM/pids events are recorded where we can still read them after exit.
         "resources": {"devices": [{"allow": False, "access": "rwm"}]},
         "maskedPaths": MASKED,
@@ -295,7 +295,7 @@ def bundle_config(spec: TaskSpec, conf: oci.ImageConfig, args: list[str], rootfs
 
 
 def _inject_devices(config: dict, devices: dict, rootfs: Path, engine: str) -> None:
-    """The allocated devices' CDI edits (runtimes.cdi): nodes, device cgroup, mounts, env, hooks."""
+    """The allocated devices' CDI edits (synord.runtimes.cdi): nodes, device cgroup, mounts, env, hooks."""
     from . import cdi
     if engine == "runsc":
         raise SpecError("devices cannot be given to a checkpointable (gVisor) container")

@@ -29,7 +29,7 @@ to the peer; data is not signed chunk by chunk):
                                                              ask for a checkpoint now
 
 Which frame may come when, and what each must contain, is the state machine
-in protocols/taskstream.py (docs/WIRE.md §13).
+in synord/protocols/taskstream.py (docs/WIRE.md §13).
 
 The stream ends after the exit frame. The usage receipt travels on the
 negotiation protocol, where the agreement lives (signed by the provider,

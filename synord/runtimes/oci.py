@@ -26,7 +26,7 @@ resolves to this host's platform (`host_platform`).
 The unpacking is our own (tarfile) rather than umoci's so verification and
 refusal happen in one pass and in-process; umoci/skopeo only appear in the test
 asset builder. Building images of our own (tests, demo, the microVM guest, the
-oci-archive a consumer ships) is `runtimes.oci_build`.
+oci-archive a consumer ships) is `synord.runtimes.oci_build`.
 """
 
 from __future__ import annotations
@@ -670,7 +670,7 @@ def _apply_layer(stream: IO[bytes], root: Path, layer: str) -> None:
 
 def _chown(target: Path, m: tarfile.TarInfo, rootful: bool) -> None:
     # Rootless (the service user), everything stays ours: the container's user
-    # namespace maps the image's user onto us (runtimes.container.rootless_mappings).
+    # namespace maps the image's user onto us (synord.runtimes.container.rootless_mappings).
     if rootful:
         os.lchown(target, m.uid, m.gid)
 

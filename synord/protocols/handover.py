@@ -4,7 +4,7 @@
 Theory of operation
 -------------------
 A provider whose owner wants the machine back sends a preemption notice on
-the task stream (`protocols.taskstream.Preempt`: grace period, deadline).
+the task stream (`synord.protocols.taskstream.Preempt`: grace period, deadline).
 The consumer decides how the task moves (`decide_mode`: is there time to
 move a fresh checkpoint, or only the last one it holds, or nothing?), asks
 for a stop-checkpoint or cancels, and restores the task elsewhere:

@@ -73,7 +73,7 @@ class ByteStream(Protocol):
 class FramedStream:
     """Frames and blobs over a ByteStream. Not safe for concurrent readers.
 
-    With a ``guard`` (see `protocols.streamlimits`) every wait for the peer has
+    With a ``guard`` (see `synord.protocols.streamlimits`) every wait for the peer has
     a deadline and every byte held for an unfinished frame is charged to the
     node's budget; a late or over-budget peer gets its stream reset and the
     reader a `StreamLimitError`.  Bytes are kept as they arrive, never

@@ -18,7 +18,7 @@ from .base import SpecError
 
 WASM_MAGIC = b"\0asm"
 # Caps on what a task may ship: a module is read whole into memory; an image
-# travels as one blob (protocols.transfer.MAX_BLOB_BYTES is the wire's limit).
+# travels as one blob (synord.protocols.transfer.MAX_BLOB_BYTES is the wire's limit).
 MAX_WASM_BYTES = 256 << 20
 MAX_IMAGE_BYTES = 16 << 30
 

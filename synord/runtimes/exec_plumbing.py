@@ -1,7 +1,7 @@
 """A command beside a running container task (``<runtime> exec``): its output
 on host pipes or on a pseudo-terminal the runtime hands over its console socket.
 
-The interface (`ExecProcess`, `TerminalSize`) is in `runtimes.base`; this is
+The interface (`ExecProcess`, `TerminalSize`) is in `synord.runtimes.base`; this is
 the host-process plumbing behind it, used by the container sandbox.
 """
 

@@ -2,7 +2,7 @@
 
 Life of a task in a sandbox:
 
-    rt = runtimes.get_runtime("wasm")   # a Runtime (the registry: runtimes/__init__.py)
+    rt = runtimes.get_runtime("wasm")   # a Runtime (the registry: synord/runtimes/__init__.py)
     rt.available()                      # Availability(available, reason)
     sb = await rt.prepare(spec)         # verify artefact, unpack, build bundle
     await sb.start(nursery)             # background work lives in the caller's nursery
@@ -90,7 +90,7 @@ class TaskSpec:
     workdir: Path | None = None  # scratch dir for bundles/rootfs; the runtime makes one if None
     checkpointable: bool = False  # container: run under runsc so it can migrate
     task_id: str = ""
-    devices: dict | None = None  # CDI container edits of the allocated devices (runtimes.cdi.Edits.to_json)
+    devices: dict | None = None  # CDI container edits of the allocated devices (synord.runtimes.cdi.Edits.to_json)
 
 
 @dataclass

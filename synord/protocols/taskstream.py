@@ -10,7 +10,7 @@ sides: a side feeds it what it sends (`send`, which returns the wire frame)
 and what it receives (`receive`, which returns a typed event or a `Refused`).
 An event is checked against the table of the role that *emitted* it, so a
 provider cannot send a consumer's frame and vice versa.  No sockets, no
-clocks: heartbeats carry the sender's ``now_ms``; liveness is `protocols.lease`.
+clocks: heartbeats carry the sender's ``now_ms``; liveness is `synord.protocols.lease`.
 
     consumer: Open (task.start / task.attach envelope) -----> IDLE -> OPENING
     provider: Progress {phase, done, total}* (start only) --> OPENING -> OPENING

@@ -1,4 +1,4 @@
-"""The py-libp2p (0.8.1) implementation of `protocols.mesh.Mesh`.
+"""The py-libp2p (0.8.1) implementation of `synord.protocols.mesh.Mesh`.
 
 Every setting here comes from measurements in shared/notes/py-libp2p.md:
 - Noise is the only security transport (the library default also offers
@@ -631,7 +631,7 @@ class Libp2pMesh(Mesh):
 
 
 def create_mesh(identity: Identity, config: MeshConfig) -> Mesh:
-    """The default backend (py-libp2p). It lives here, not in protocols.mesh, so the
+    """The default backend (py-libp2p). It lives here, not in synord.protocols.mesh, so the
     interface module never imports its (heavy) implementation: callers that want
     one import this module when they start a mesh."""
     return Libp2pMesh(identity, config)

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 When a task under an agreement ends, its provider signs a receipt
-(protocols.receipts) and sends it to the consumer on /synord/negotiate.  The
+(synord.protocols.receipts) and sends it to the consumer on /synord/negotiate.  The
 consumer countersigns it and answers `receipt_ack`.  Messages get lost and
 consumers restart, so an unacknowledged receipt goes out again, with
 back-off, for a bounded time; then the provider gives up (the ledger keeps
@@ -19,7 +19,7 @@ its own half).  One `Delivery` per agreement id:
 `ReceiptDeliveries.tick(now)` returns what to (re)send and what was given up;
 the negotiator seals and sends, and persists (it owns the receipts, not the
 schedule).  An ack for an aid we do not track is the caller's refusal to
-count; the signature check of an ack is the caller's (protocols.receipts).
+count; the signature check of an ack is the caller's (synord.protocols.receipts).
 No sockets, no clocks.
 """
 

@@ -145,7 +145,7 @@ def parse_weekly(text: str) -> dict[int, tuple[int, int]]:
 @dataclasses.dataclass
 class ContributorLimits:
     """The preferences as `decide` reads them. Defaults here mean "no limit"
-    (a bare `hwprobe.probe`); config.toml's defaults are in PREFERENCES."""
+    (a bare `synord.hwprobe.probe`); config.toml's defaults are in PREFERENCES."""
     cpu_share: float = 1.0          # fraction of the usable CPUs
     memory_share: float = 0.8       # fraction of usable memory while in use (the OS keeps the rest)
     gpu_share: float = 1.0          # fraction of whole GPUs (rounded down)

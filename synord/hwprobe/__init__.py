@@ -1,12 +1,12 @@
 """hwprobe: what this machine can compute, and how much of it a contributor
 offers right now.
 
-    profile = hwprobe.probe(bench=False, runtimes={...}, limits=ContributorLimits(...))
+    profile = synord.hwprobe.probe(bench=False, runtimes={...}, limits=ContributorLimits(...))
     profile.to_json()                 # what `synord probe --json` prints
     profile = hwprobe.refresh_dynamic(profile)   # every few seconds
     hwprobe.resource_classes(profile) # ["cpu", "opencl", "gpu.h100"]
 
-This package never imports synord, protocols or runtimes.
+This package never imports the rest of synord (only synord.hwprobe itself).
 """
 
 from .policy import ContributorLimits, offerable, resource_classes

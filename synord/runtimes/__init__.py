@@ -1,4 +1,4 @@
-"""Sandboxes behind one interface (`runtimes.base`): wasm (wasmtime), container
+"""Sandboxes behind one interface (`synord.runtimes.base`): wasm (wasmtime), container
 (OCI via crun/runc, runsc for checkpointable tasks), microvm (Firecracker when
 present, QEMU microvm otherwise). Nothing here imports `synord`.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Iterable
 
-from protocols.kinds import RUNTIME_KINDS as KINDS
+from synord.protocols.kinds import RUNTIME_KINDS as KINDS
 
 if TYPE_CHECKING:
     from .base import Runtime
