@@ -100,7 +100,8 @@ def raw_send(port: int, path: Path) -> tuple[float, float, float]:
 # --- ours: synord.protocols.transfer over libp2p ------------------------------------
 
 def _mesh(identity):
-    from synord.protocols.mesh import MeshConfig, create_mesh
+    from synord.protocols.mesh import MeshConfig
+    from synord.protocols.p2p import create_mesh
     return create_mesh(identity, MeshConfig(listen=["/ip4/127.0.0.1/tcp/0"], mdns=False, peer_exchange=False))
 
 
