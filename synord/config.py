@@ -75,6 +75,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
                      "CDI spec directories (later wins); NVIDIA GPUs without a spec get one generated from NVML"),
         "dev_root": ("/dev", "str", "where the host's device nodes are (for generated CDI specs)"),
         "meter_interval_s": (1.0, "float", "sample a GPU task's devices through NVML this often"),
+        "sysfs_root": ("/", "str", "root of the sysfs (and dev/vfio) where GPUs bound to vfio-pci are found"
+                       " for microVMs (tests use a fake tree)"),
     },
     "history": {
         "interval_s": (60.0, "float", "sample utilisation and earnings this often (dashboard charts)"),
