@@ -1,0 +1,127 @@
+"""GPUs bound to vfio-pci, passed through to microVMs — without the hardware.
+
+A fake sysfs tree (tests/test_gpu_probe.py's) holds an H100 on vfio-pci in a clean
+IOMMU group 13. Units, allocation and asks are checked without daemons; the argv the
+microVM runtime builds is handed to the real QEMU, which accepts the machine and the
+device and fails only when it opens the (absent) host device; and a GPU microVM job
+crosses a mesh of real daemons: the agreement names the PCI unit, the task fails
+cleanly because /dev/vfio/13 cannot be opened here, and the device is free again.
+Nothing here boots a guest with a GPU: that needs an IOMMU and a real device."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from synord.gpu_devices import GpuAllocator, GpuNode, offer_classes
+from synord.gpu_request import gpu_request
+from synord.hwprobe.gpu_units import vfio_units
+from synord.market.matching import match
+from synord.market.pricing import PricingPolicy, derive_asks
+from synord.market.reservations import InsufficientCapacity
+from synord.runtimes import vfio
+from synord.runtimes.base import Limits, SpecError, TaskSpec, Unavailable
+from synord.runtimes.microvm import Machine, MicroVMRuntime
+from synord.store import Store
+
+from test_gpu_market import H100, units as cdi_units
+from test_gpu_probe import _vfio_tree
+from test_market_book import NOW, bid
+
+BUS = "0000:01:00.0"
+
+
+def _units(tmp_path):
+    return vfio_units(vfio.passthrough_gpus(_vfio_tree(tmp_path))[0])
+
+
+def test_a_vfio_gpu_is_a_microvm_unit_by_pci_bus_id(tmp_path):
+    (u,) = _units(tmp_path)
+    assert (u["id"], u["class"], u["vendor"], u["memory_bytes"]) == (BUS, "h100", "nvidia", 80 << 30)
+    assert u["runtimes"] == ["microvm"] and u["vfio"] == {"pci_bus_id": BUS, "iommu_group": "13"}
+    assert u["compute_capability"] is None  # NVML cannot see it: no CUDA capability is claimed
+
+
+def test_container_and_microvm_units_are_allocated_apart(tmp_path):
+    both = cdi_units()[:1] + _units(tmp_path)  # GPU-a (CDI, container) and the VFIO H100
+    alloc = GpuAllocator(Store(tmp_path / "state.db"), lambda: both)
+    assert alloc.reserve("c1/n1", 1, "h100", runtime="microvm") == (BUS,)
+    with pytest.raises(InsufficientCapacity):
+        alloc.reserve("c2/n2", 1, "h100", runtime="microvm")  # one device never in two tasks
+    assert alloc.reserve("c3/n3", 1, "h100", runtime="container") == ("GPU-a",)
+    assert alloc.task_ended("c1/n1") == 1 and alloc.reserve("c2/n2", 1, runtime="microvm") == (BUS,)
+
+
+def test_vfio_units_get_an_ask_of_their_own_that_only_microvm_bids_match(tmp_path):
+    both = cdi_units()[:1] + _units(tmp_path)
+    classes = offer_classes(both, len(both))
+    asks = derive_asks({"cpus": 4.0, "memory_bytes": 16 << 30, "runtimes": ["container", "microvm", "wasm"],
+                        "gpu_classes": classes}, PricingPolicy(), now=NOW)
+    by_id = {a.id: a for a in asks if a.resource_class == "gpu"}
+    assert set(by_id) == {"gpu:h100", "gpu:h100:microvm"}
+    assert by_id["gpu:h100"].runtimes == ("container",) and by_id["gpu:h100:microvm"].runtimes == ("microvm",)
+    asks = [dataclasses.replace(a, peer="P1") for a in asks]
+    for runtime, want in (("microvm", "gpu:h100:microvm"), ("container", "gpu:h100")):
+        b = bid(resource_class="gpu", gpus=1, gpu_class="h100", runtime=runtime, memory=4 << 30, max_price=1e6)
+        res = match(b, asks, now=NOW)
+        assert [c.ask.id for c in res.candidates] == [want]
+
+
+def test_task_devices_for_a_microvm_are_the_vfio_groups(tmp_path):
+    node = GpuNode(Store(tmp_path / "state.db"), lambda: [], [], vfio_units=lambda: _units(tmp_path / "t"))
+    assert node.task_devices((BUS,), "microvm") == {"vfio": [{"pci_bus_id": BUS, "iommu_group": "13"}]}
+    with pytest.raises(ValueError, match="cannot be given to a container"):
+        node.task_devices((BUS,), "container")
+
+
+def test_a_gpu_microvm_is_asked_with_enough_memory_and_does_not_checkpoint():
+    with pytest.raises(ValueError, match="--memory 4G or more"):
+        gpu_request({"gpus": 1, "memory_bytes": 1 << 30}, "microvm")
+    assert gpu_request({"gpus": 1, "memory_bytes": 4 << 30}, "microvm")["gpus"] == 1
+
+
+def _machine(gpus):
+    rt = MicroVMRuntime()
+    if not rt.kernel.is_file() or not shutil.which("qemu-system-x86_64"):
+        pytest.skip("no guest kernel or no qemu-system-x86_64")
+    return Machine(vmm="qemu", binary=shutil.which("qemu-system-x86_64"), accel="tcg", kernel=rt.kernel,
+                   initramfs=rt.base_cpio, mem_mib=4096, smp=1, cmdline="console=ttyS0", vfio=gpus)
+
+
+def test_qemu_takes_the_argv_and_fails_only_at_the_host_device(tmp_path):
+    gpus = [{"pci_bus_id": BUS, "iommu_group": "13"}]
+    argv = _machine(gpus).qemu_argv(None)
+    assert argv[argv.index("-M") + 1] == "microvm,pcie=on"
+    assert argv[argv.index("-device") + 1] == f"vfio-pci,host={BUS}"
+    assert _machine([]).qemu_argv(None)[2] == "microvm"  # no GPU: the machine is unchanged
+    # The real QEMU parses the machine and the device and fails opening the host device
+    # (none here); plain `-M microvm` would have "No 'PCI' bus" for it.
+    res = subprocess.run(argv + ["-S"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"vfio-pci,host={BUS}" in res.stderr and "no such host device" in res.stderr, res.stderr
+    plain = [a if a != "microvm,pcie=on" else "microvm" for a in argv]
+    res = subprocess.run(plain + ["-S"], capture_output=True, text=True, timeout=60)
+    assert "No 'PCI' bus found for device 'vfio-pci'" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("devices,memory,err,msg", [
+    ({"vfio": [{"pci_bus_id": BUS, "iommu_group": "13"}]}, 1 << 30, SpecError, "4096 MiB"),
+    ({"vfio": [{"pci_bus_id": "0000:01:00.0,x-evil=on", "iommu_group": "13"}]}, 4 << 30, SpecError, "pci_bus_id"),
+    ({"cdi": {}}, 4 << 30, SpecError, "only by VFIO"),
+    ({"vfio": [{"pci_bus_id": BUS, "iommu_group": "913"}]}, 4 << 30, Unavailable, "cannot open /dev/vfio/913"),
+])
+def test_the_runtime_refuses_what_it_cannot_pass_through(tmp_path, devices, memory, err, msg):
+    if Path("/dev/vfio/913").exists():
+        pytest.skip("this host has an IOMMU group 913")
+    rt = MicroVMRuntime()
+    if not rt.available().available:
+        pytest.skip(f"microvm unavailable: {rt.available().reason}")
+    spec = TaskSpec(kind="microvm", artifact=tmp_path / "none.tar", devices=devices,
+                    limits=Limits(memory_bytes=memory))
+    with pytest.raises(err, match=msg):
+        trio.run(rt.prepare, spec)
