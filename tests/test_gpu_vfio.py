@@ -125,3 +125,43 @@ def test_the_runtime_refuses_what_it_cannot_pass_through(tmp_path, devices, memo
                     limits=Limits(memory_bytes=memory))
     with pytest.raises(err, match=msg):
         trio.run(rt.prepare, spec)
+
+
+# ---- the mesh: real daemons, the provider's sysfs is the fake tree ---------------------------------
+
+def test_gpu_microvm_job_gets_the_pci_unit_and_fails_cleanly_without_the_device(tmp_path):
+    from daemons import DaemonCluster, wait_for
+    from jobs_helpers import BUSYBOX_TAR, CONSUMER_ONLY, ensure_assets, submit, wait_job
+    av = MicroVMRuntime().available()
+    if not av.available:
+        pytest.skip(f"microvm unavailable: {av.reason}")
+    if Path("/dev/vfio/13").exists():
+        pytest.skip("this host has a real IOMMU group 13")
+    ensure_assets()
+    root = _vfio_tree(tmp_path)
+    prov_conf = (f"[gpu]\nsysfs_root = \"{root}\"\ncdi_dirs = []\n[runtimes]\nenabled = [\"microvm\"]\n"
+                 "[contributor]\ncpu_share = 1.0\n")
+    with DaemonCluster(tmp_path / "homes") as cluster:
+        consumer = cluster.start("consumer", config=CONSUMER_ONLY + "[jobs]\nplacement_timeout_s = 8.0\n"
+                                 "[market]\nmax_price = 20.0\n")
+        prov = cluster.start("vfio", bootstrap=consumer.p2p_addrs(), config=prov_conf)
+        probe = prov.get("/v1/probe")["runtimes"]["microvm"]["gpu"]
+        assert probe == {"available": True, "reason": None, "devices": [BUS]}
+        (unit,) = prov.get("/v1/gpu")["units"]
+        assert (unit["id"], unit["class"], unit["runtimes"], unit["held_by"]) == (BUS, "h100", ["microvm"], None)
+
+        def ask():
+            return [a for a in consumer.get("/v1/book")["classes"].get("gpu", {}).get("asks", [])
+                    if a.get("gpu_class") == "h100"]
+        (a,) = wait_for(ask, 60, what="the provider's microVM H100 ask in the consumer's book")
+        assert a["runtimes"] == ["microvm"] and a["gpus"] == 1
+        # A container bid does not match a GPU only a microVM can take.
+        c = submit(consumer, "--runtime", "container", "--gpus", "1", str(BUSYBOX_TAR), "--", "true")
+        assert "runtime excluded 1" in wait_job(consumer, c, timeout=60)["error"]
+        job_id = submit(consumer, "--runtime", "microvm", "--gpus", "1", "--gpu-class", "h100",
+                        "--memory", "4G", str(BUSYBOX_TAR), "--", "true")
+        j = wait_job(consumer, job_id, timeout=90)
+        # The provider built the task's devices from the agreement (which named the PCI unit),
+        # then refused to start QEMU on a group node it cannot open: a failed start, no leg.
+        assert j["state"] == "failed" and f"cannot open /dev/vfio/13 for {BUS}" in j["error"], j
+        wait_for(lambda: prov.get("/v1/gpu")["units"][0]["held_by"] is None, 20, what="the device released")
