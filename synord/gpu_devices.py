@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 from synord.runtimes import cdi
@@ -172,8 +173,10 @@ class CDIDevices:
         generated = []
         nv = [u for u in units if u["vendor"] == "nvidia"]
         if nv:
-            spec = cdi.nvidia_spec([{"uuid": u["id"], "minor": u.get("minor"), "index": u.get("index")}
-                                    for u in nv], self.dev_root)
+            # A MIG instance's capability minors are read from the proc/ beside dev_root (the host's /proc).
+            spec = cdi.nvidia_spec([{"uuid": u["id"], "minor": u.get("minor"), "index": u.get("index"),
+                                     "gi": u.get("gi"), "ci": u.get("ci")} for u in nv], self.dev_root,
+                                   proc_root=Path(self.dev_root).parent / "proc")
             if spec is not None:
                 generated.append(spec)
         for vendor in ("amd", "intel"):

@@ -54,7 +54,8 @@ def gpu_units(devices: list[dict], root: str | Path = "/") -> list[dict]:
                                     "vendor": "nvidia", "memory_bytes": m.get("memory_bytes"),
                                     "compute_capability": d.get("compute_capability"),
                                     "cdi": f"nvidia.com/gpu={m['uuid']}", "parent": d.get("uuid"),
-                                    "minor": d.get("minor_number"), "index": d.get("index")})
+                                    "minor": d.get("minor_number"), "index": d.get("index"),
+                                    "gi": m.get("gi"), "ci": m.get("ci")})
                 continue
             if not d.get("uuid"):
                 continue  # an unnamed device cannot be allocated by name
