@@ -283,12 +283,14 @@ class GpuNode:
         self.metering(terms.aid.hex(), terms.devices)
 
     def metering(self, key: str, unit_ids: tuple[str, ...]) -> None:
-        """Meter the NVIDIA units of the task under agreement ``key`` (hex)."""
+        """Meter the NVIDIA (NVML) and AMD (sysfs) units of the task under agreement ``key`` (hex)."""
         by_id = {u["id"]: u for u in self.units()}
         nv = {u: by_id[u]["index"] for u in unit_ids if u in by_id and by_id[u]["vendor"] == "nvidia"
-              and by_id[u].get("index") is not None}
-        if nv:
-            self.meter.start(key, nv)
+              and by_id[u].get("index") is not None and not by_id[u].get("vfio")}
+        amd = {u: by_id[u]["sysfs"] for u in unit_ids if u in by_id and by_id[u]["vendor"] == "amd"
+               and by_id[u].get("sysfs") and not by_id[u].get("vfio")}
+        if nv or amd:
+            self.meter.start(key, nv, amd)
 
     def settle(self, terms, outcome: str, usage, settle: Callable) -> None:
         """The task under ``terms`` ended: the market's settle with its GPU totals (the

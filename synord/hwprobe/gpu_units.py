@@ -71,7 +71,9 @@ def gpu_units(devices: list[dict], root: str | Path = "/") -> list[dict]:
             name = d["pci_bus_id"].replace(":", "-")
             out.append({"id": d["pci_bus_id"], "class": gpu_class(d), "vendor": vendor.lower(),
                         "memory_bytes": d.get("memory_bytes"), "compute_capability": None,
-                        "cdi": f"{vendor.lower()}.com/gpu={name}", "nodes": nodes})
+                        "cdi": f"{vendor.lower()}.com/gpu={name}", "nodes": nodes,
+                        # where its counters are (amdgpu: metered from sysfs, synord.gpu_meter)
+                        "sysfs": str(Path(root) / "sys/bus/pci/devices" / d["pci_bus_id"])})
     return out
 
 
