@@ -111,15 +111,20 @@ def group_node(group: str) -> str:
     return f"/dev/vfio/{group}"
 
 
+CONTAINER_NODE = "/dev/vfio/vfio"  # the VFIO container QEMU 7.2 opens beside the group
+
+
 def check_openable(devices: list[dict]) -> str | None:
-    """Why QEMU could not take ``devices`` (the group node missing, not readable and
-    writable by this user, or held by another process), or None."""
-    for d in devices:
-        node = group_node(d["iommu_group"])
+    """Why QEMU could not take ``devices`` (a group node or the VFIO container missing,
+    not readable and writable by this user, or a group held by another process), or None."""
+    if not devices:
+        return None
+    nodes = [(group_node(d["iommu_group"]), d["pci_bus_id"]) for d in devices]
+    for node, bus in nodes + [(CONTAINER_NODE, devices[0]["pci_bus_id"])]:
         try:
             fd = os.open(node, os.O_RDWR)  # a group opens once: busy if another VM holds it
         except OSError as exc:
-            return (f"cannot open {node} for {d['pci_bus_id']}: {exc.strerror}"
+            return (f"cannot open {node} for {bus}: {exc.strerror}"
                     " (the service user needs read-write access to it: see README, GPU section)")
         os.close(fd)
     return None
