@@ -349,9 +349,9 @@ def nvidia_spec(gpus: list[dict], dev_root: str | Path = "/dev", libs: list[str]
             continue
         edits = {"deviceNodes": [{"path": f"/dev/nvidia{int(g['minor'])}", "hostPath": str(node)}]}
         if g["uuid"].startswith("MIG-"):
-            caps = [mig_cap_minor(proc_root, int(g["minor"]), g.get("gi"))] if g.get("gi") is not None else [None]
-            caps += [mig_cap_minor(proc_root, int(g["minor"]), g.get("gi"), g.get("ci"))] \
-                if g.get("ci") is not None else [None]
+            gi, ci, minor = g.get("gi"), g.get("ci"), int(g["minor"])
+            caps = [] if gi is None or ci is None else \
+                [mig_cap_minor(proc_root, minor, gi), mig_cap_minor(proc_root, minor, gi, ci)]
             nodes = [dev / "nvidia-caps" / f"nvidia-cap{c}" for c in caps if c is not None]
             if len(nodes) != 2 or not all(n.exists() for n in nodes):
                 continue
