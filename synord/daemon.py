@@ -331,7 +331,7 @@ class Node:
 
     def vfio_units(self) -> list[dict]:
         """GPUs bound to vfio-pci that a microVM here can take (synord.runtimes.vfio)."""
-        if "microvm" not in self.runtimes:
+        if "microvm" not in self.runtimes or self.runtimes["microvm"].passthrough_unavailable():
             return []
         from synord.hwprobe.gpu_units import vfio_units
         from synord.runtimes import vfio

@@ -294,6 +294,14 @@ class MicroVMRuntime(Runtime):
             return Availability(False, str(e))
         return Availability(True, note or f"{vmm} with {accel}")
 
+    def passthrough_unavailable(self) -> str | None:
+        """Why a GPU cannot be passed through here (no QEMU: Firecracker has no PCI), or None."""
+        try:
+            self._select(pci=True)
+        except Unavailable as exc:
+            return str(exc)
+        return None
+
     async def prepare(self, spec: TaskSpec) -> "MicroVMSandbox":
         gpus = _vfio_devices(spec)
         vmm, binary, accel, _ = self._select(pci=bool(gpus))
