@@ -6,7 +6,9 @@ microVM runtime builds is handed to the real QEMU, which accepts the machine and
 device and fails only when it opens the (absent) host device; and a GPU microVM job
 crosses a mesh of real daemons: the agreement names the PCI unit, the task fails
 cleanly because /dev/vfio/13 cannot be opened here, and the device is free again.
-Nothing here boots a guest with a GPU: that needs an IOMMU and a real device."""
+Last, the guest boots on the very machine a GPU task gets, with an emulated PCI device
+where the GPU would be, and enumerates it. Nothing here boots a guest with a real GPU:
+that needs an IOMMU and a device bound to vfio-pci."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from synord.runtimes.base import Limits, SpecError, TaskSpec, Unavailable
 from synord.runtimes.microvm import Machine, MicroVMRuntime
 from synord.store import Store
 
-from test_gpu_market import H100, units as cdi_units
+from test_gpu_market import units as cdi_units
 from test_gpu_probe import _vfio_tree
 from test_market_book import NOW, bid
 
@@ -165,3 +167,36 @@ def test_gpu_microvm_job_gets_the_pci_unit_and_fails_cleanly_without_the_device(
         # then refused to start QEMU on a group node it cannot open: a failed start, no leg.
         assert j["state"] == "failed" and f"cannot open /dev/vfio/13 for {BUS}" in j["error"], j
         wait_for(lambda: prov.get("/v1/gpu")["units"][0]["held_by"] is None, 20, what="the device released")
+
+
+# ---- the guest: does it see a device on the microvm machine's PCIe bus? ------------------------------
+
+class _StandInMachine(Machine):
+    """The machine a GPU task gets, with QEMU's emulated ``pci-testdev`` (1b36:0005) where
+    the host's GPU would be: no IOMMU here, so the only stand-in is an emulated device."""
+
+    def qemu_argv(self, *args, **kwargs):
+        argv = super().qemu_argv(*args, **kwargs)
+        argv[argv.index(f"vfio-pci,host={BUS}")] = "pci-testdev"
+        return argv
+
+
+@pytest.mark.slow
+async def test_the_guest_enumerates_a_device_on_the_microvm_pcie_bus(tmp_path):
+    from jobs_helpers import BUSYBOX_TAR, ensure_assets
+    from sandbox_helpers import run_to_end
+    rt = MicroVMRuntime()
+    if not rt.available().available:
+        pytest.skip(f"microvm unavailable: {rt.available().reason}")
+    ensure_assets()
+    script = "for d in /sys/bus/pci/devices/*; do echo $(cat $d/vendor):$(cat $d/device); done"
+    sb = await rt.prepare(TaskSpec(kind="microvm", artifact=BUSYBOX_TAR, args=["sh", "-c", script],
+                                   limits=Limits(memory_bytes=4 << 30), workdir=tmp_path / "vm"))
+    m = sb.machine
+    sb.machine = _StandInMachine(vmm=m.vmm, binary=m.binary, accel=m.accel, kernel=m.kernel,
+                                 initramfs=m.initramfs, mem_mib=m.mem_mib, smp=m.smp, cmdline=m.cmdline,
+                                 exec_channel=m.exec_channel, vfio=[{"pci_bus_id": BUS, "iommu_group": "13"}])
+    assert "microvm,pcie=on" in sb.machine.qemu_argv(sb._qmp_path, None, sb._exec_path)
+    status, out, err = await run_to_end(sb)
+    assert status.code == 0, (status, err, sb.diagnostics[-2000:])
+    assert "0x1b36:0x0005" in out.decode().split(), out  # the stand-in, enumerated by the guest kernel
