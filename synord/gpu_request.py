@@ -30,11 +30,6 @@ def gpu_request(req: dict, kind: str) -> dict | None:
     if kind not in DEVICE_KINDS:
         why = "a WASM sandbox cannot be given devices" if kind == "wasm" else f"{kind} cannot take devices"
         raise ValueError(f"a GPU task needs the container or microvm runtime: {why}")
-    if kind == "microvm":
-        from synord.runtimes.vfio import MIN_MEMORY_MIB
-        if int(req.get("memory_bytes") or 0) < MIN_MEMORY_MIB << 20:
-            raise ValueError(f"a GPU microVM needs --memory {MIN_MEMORY_MIB >> 10}G or more: the microVM's"
-                             " 64-bit PCIe window, where a GPU's large BARs go, exists only above 4 GiB of RAM")
     cls = req.get("gpu_class") or None
     if cls is not None:
         cls = str(cls).removeprefix("gpu.")  # `synord book` shows gpu.<class>

@@ -168,7 +168,7 @@ def test_receipt_carries_gpu_metering_signed():
 
 @pytest.mark.parametrize("req,kind,msg", [
     ({"gpus": 1}, "wasm", "WASM sandbox cannot be given devices"),
-    ({"gpus": 1}, "microvm", "--memory 4G or more"),  # a GPU microVM: tests/test_gpu_vfio.py
+    ({"gpus": 1}, "runc", "runc cannot take devices"),  # microVMs take VFIO GPUs: tests/test_gpu_vfio.py
     ({"gpu_class": "h100"}, "container", "needs --gpus"),
     ({"gpus": 1.5}, "container", "integer"),
     ({"gpus": 1, "gpu_class": "H100!"}, "container", "class name"),

@@ -49,6 +49,23 @@ def test_a_vfio_gpu_is_a_microvm_unit_by_pci_bus_id(tmp_path):
     assert u["compute_capability"] is None  # NVML cannot see it: no CUDA capability is claimed
 
 
+def _resource(bar1_bytes: int) -> str:
+    """sysfs `resource` of an H100-like card: BAR0 16 MiB (32-bit), BAR1 and BAR3 64-bit prefetchable."""
+    rows = [(0xd8000000, 16 << 20, 0x40200), (0, 0, 0), (0xc000000000, bar1_bytes, 0x14220c), (0, 0, 0),
+            (0xe000000000, 32 << 20, 0x14220c), (0, 0, 0), (0, 0, 0)]
+    return "".join(f"0x{s:016x} 0x{(s + n - 1) if n else 0:016x} 0x{f:016x}\n" for s, n, f in rows)
+
+
+def test_a_gpu_whose_bars_exceed_the_microvm_window_is_not_offered(tmp_path):
+    root = _vfio_tree(tmp_path)
+    res = root / "sys/bus/pci/devices" / BUS / "resource"
+    res.write_text(_resource(128 << 30))  # an 80 GB card: BAR1 128 GiB, fits the 256 GiB window
+    assert [g["pci_bus_id"] for g in vfio.passthrough_gpus(root)[0]] == [BUS]
+    res.write_text(_resource(256 << 30))  # a 141 GB card: BAR1 256 GiB + BAR3 does not
+    gpus, why = vfio.passthrough_gpus(root)
+    assert gpus == [] and "its BARs need 256.03 GiB, more than the microvm machine's 256 GiB" in why
+
+
 def test_container_and_microvm_units_are_allocated_apart(tmp_path):
     both = cdi_units()[:1] + _units(tmp_path)  # GPU-a (CDI, container) and the VFIO H100
     alloc = GpuAllocator(Store(tmp_path / "state.db"), lambda: both)
@@ -81,10 +98,9 @@ def test_task_devices_for_a_microvm_are_the_vfio_groups(tmp_path):
         node.task_devices((BUS,), "container")
 
 
-def test_a_gpu_microvm_is_asked_with_enough_memory_and_does_not_checkpoint():
-    with pytest.raises(ValueError, match="--memory 4G or more"):
-        gpu_request({"gpus": 1, "memory_bytes": 1 << 30}, "microvm")
-    assert gpu_request({"gpus": 1, "memory_bytes": 4 << 30}, "microvm")["gpus"] == 1
+def test_a_microvm_may_ask_for_a_gpu():
+    assert gpu_request({"gpus": 1, "gpu_class": "h100"}, "microvm") == {
+        "gpus": 1, "gpu_class": "h100", "gpu_memory": None, "cuda": None}
 
 
 def _machine(gpus):
@@ -112,7 +128,6 @@ def test_qemu_takes_the_argv_and_fails_only_at_the_host_device(tmp_path):
 
 
 @pytest.mark.parametrize("devices,memory,err,msg", [
-    ({"vfio": [{"pci_bus_id": BUS, "iommu_group": "13"}]}, 1 << 30, SpecError, "4096 MiB"),
     ({"vfio": [{"pci_bus_id": "0000:01:00.0,x-evil=on", "iommu_group": "13"}]}, 4 << 30, SpecError, "pci_bus_id"),
     ({"cdi": {}}, 4 << 30, SpecError, "only by VFIO"),
     ({"vfio": [{"pci_bus_id": BUS, "iommu_group": "913"}]}, 4 << 30, Unavailable, "cannot open /dev/vfio/913"),

@@ -309,12 +309,8 @@ class MicroVMRuntime(Runtime):
             raise SpecError("microvm tasks get no network")
         if spec.mounts:
             raise SpecError("microvm tasks cannot mount host paths (the guest has no shared fs)")
-        if gpus:
-            if spec.limits.memory_bytes < vfio.MIN_MEMORY_MIB << 20:
-                raise SpecError(f"a GPU microVM needs {vfio.MIN_MEMORY_MIB} MiB of memory or more"
-                                " (the 64-bit PCIe window exists only above 4 GiB of guest RAM)")
-            if why := await trio.to_thread.run_sync(vfio.check_openable, gpus):
-                raise Unavailable(why)
+        if gpus and (why := await trio.to_thread.run_sync(vfio.check_openable, gpus)):
+            raise Unavailable(why)
         verify_artifact(spec.artifact, spec.sha256)
         workdir, owned = _workdir(spec)
         try:
