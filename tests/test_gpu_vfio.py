@@ -176,7 +176,7 @@ def test_gpu_microvm_job_gets_the_pci_unit_and_fails_cleanly_without_the_device(
         c = submit(consumer, "--runtime", "container", "--gpus", "1", str(BUSYBOX_TAR), "--", "true")
         assert "runtime excluded 1" in wait_job(consumer, c, timeout=60)["error"]
         job_id = submit(consumer, "--runtime", "microvm", "--gpus", "1", "--gpu-class", "h100",
-                        "--memory", "4G", str(BUSYBOX_TAR), "--", "true")
+                        str(BUSYBOX_TAR), "--", "true")
         j = wait_job(consumer, job_id, timeout=90)
         # The provider built the task's devices from the agreement (which named the PCI unit),
         # then refused to start QEMU on a group node it cannot open: a failed start, no leg.
