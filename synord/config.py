@@ -73,8 +73,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
     "gpu": {
         "cdi_dirs": (["/etc/cdi", "/var/run/cdi"], "list[str]",
                      "CDI spec directories (later wins); NVIDIA GPUs without a spec get one generated from NVML"),
-        "dev_root": ("/dev", "str", "where the host's device nodes are (for generated CDI specs)"),
+        "dev_root": ("/dev", "str", "where the host's device nodes are (for generated CDI specs; MIG capability"
+                    " minors are read from the proc/ beside it)"),
         "meter_interval_s": (1.0, "float", "sample a GPU task's devices through NVML this often"),
+        "sysfs_root": ("/", "str", "root of the sysfs (and dev/vfio) where GPUs bound to vfio-pci are found"
+                       " for microVMs (tests use a fake tree)"),
     },
     "history": {
         "interval_s": (60.0, "float", "sample utilisation and earnings this often (dashboard charts)"),

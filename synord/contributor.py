@@ -174,13 +174,21 @@ class Contributor:
         off["load"] = min(1.0, load / max(1.0, off.get("cpus") or 1.0)) if load is not None else 0.0
         off["runtimes"] = sorted(self.node.runtimes)
         gpu = self.node.gpu
-        units = gpu.units() if gpu is not None else []  # only what CDI can inject
+        units = gpu.units() if gpu is not None else []  # only what CDI can inject, and VFIO GPUs
+        vfio = [u for u in units if u.get("vfio")]  # microVM passthrough: not in the probe's GPU count
+        units = [u for u in units if not u.get("vfio")]
         if units and off.get("gpus"):  # GPUs by class of unit (MIG instances count one each)
             from .gpu_devices import offer_classes
             allowed = len(units) if off["gpus"] >= len([d for d in profile.devices if d.get("kind") == "gpu"]) \
                 else off["gpus"]
             off["gpu_classes"] = offer_classes(units, allowed)
             off["gpus"] = sum(c["count"] for c in off["gpu_classes"])
+        if vfio and off.get("allowed", True):  # the same share of them, under the same decision
+            from .gpu_devices import offer_classes
+            share = self.limits().gpu_share if self.contribution().gpus_allowed else 0.0
+            if n := math.floor(len(vfio) * share + 1e-9):
+                off["gpu_classes"] = off.get("gpu_classes", []) + offer_classes(vfio, n)
+                off["gpus"] = sum(c["count"] for c in off["gpu_classes"])
         return off
 
     # ---- acting on it ----------------------------------------------------------------------

@@ -273,7 +273,7 @@ class Node:
             region=c["node.region"] or None)
         from .gpu_devices import GpuNode
         self.gpu = GpuNode(self.store, self.gpu_units, c["gpu.cdi_dirs"], c["gpu.dev_root"],
-                           c["gpu.meter_interval_s"])
+                           c["gpu.meter_interval_s"], vfio_units=self.vfio_units)
         self.gpu.allocator.release_all()  # a previous life's tasks are gone: so is their hold on GPUs
         await nursery.start(self.gpu.meter.run)
         self.market = MarketService(
@@ -328,6 +328,14 @@ class Node:
         """This host's GPUs as allocatable units (synord.hwprobe.gpu_units)."""
         from synord.hwprobe.gpu_units import gpu_units
         return gpu_units(self.profile.devices, self.profile.sysfs_root) if self.profile is not None else []
+
+    def vfio_units(self) -> list[dict]:
+        """GPUs bound to vfio-pci that a microVM here can take (synord.runtimes.vfio)."""
+        if "microvm" not in self.runtimes or self.runtimes["microvm"].passthrough_unavailable():
+            return []
+        from synord.hwprobe.gpu_units import vfio_units
+        from synord.runtimes import vfio
+        return vfio_units(vfio.passthrough_gpus(self.config["gpu.sysfs_root"])[0])
 
     # ---- storage -----------------------------------------------------------------------
 
@@ -389,6 +397,9 @@ class Node:
                                + res.stderr.decode(errors="replace").strip()[-500:])
         profile = hwprobe.CapabilityProfile.from_json(json.loads(res.stdout))
         profile.runtimes = available_all(self.config["runtimes.enabled"])
+        if "microvm" in self.config["runtimes.enabled"]:  # the microVM's GPU answer from [gpu] sysfs_root
+            from synord.runtimes import vfio
+            vfio.annotate(profile.runtimes, self.config["gpu.sysfs_root"])
         profile.limits = self.contributor.limits().to_json()
         # Signals and the offer under our contributor limits (cheap, in-process).
         profile = await trio.to_thread.run_sync(hwprobe.refresh_dynamic, profile)

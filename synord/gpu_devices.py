@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 from synord.runtimes import cdi
@@ -87,8 +88,10 @@ class GpuAllocator:
         return [u for u in self.units() if u["id"] not in taken and unit_fits(u, gpu_class) is None]
 
     def reserve(self, holder: str, n: int, gpu_class: str | None = None, memory: int | None = None,
-                cuda_capability: str | None = None) -> tuple[str, ...]:
-        """Take ``n`` free units that fit, atomically; InsufficientCapacity("gpus") if there are fewer."""
+                cuda_capability: str | None = None, runtime: str | None = None) -> tuple[str, ...]:
+        """Take ``n`` free units that fit (and that the sandbox ``runtime`` can take: a
+        container's units by CDI, a microVM's by VFIO), atomically;
+        InsufficientCapacity("gpus") if there are fewer."""
         if n <= 0:
             return ()
         with self.store.tx() as conn:
@@ -97,7 +100,8 @@ class GpuAllocator:
             if mine:
                 return tuple(sorted(mine))  # the same negotiation asking again
             fit = [u["id"] for u in self.units()
-                   if u["id"] not in taken and unit_fits(u, gpu_class, memory, cuda_capability) is None]
+                   if u["id"] not in taken and unit_fits(u, gpu_class, memory, cuda_capability) is None
+                   and (runtime is None or runtime in unit_runtimes(u))]
             if len(fit) < n:
                 raise InsufficientCapacity("gpus", n, len(fit))
             now = time.time()
@@ -134,7 +138,7 @@ class GpuAllocator:
         held = self.held()
         return {"units": [{**{k: u.get(k) for k in ("id", "class", "vendor", "memory_bytes",
                                                       "compute_capability", "cdi")},
-                           "held_by": held.get(u["id"])} for u in self.units()]}
+                           "runtimes": unit_runtimes(u), "held_by": held.get(u["id"])} for u in self.units()]}
 
 
 class CDIDevices:
@@ -169,8 +173,10 @@ class CDIDevices:
         generated = []
         nv = [u for u in units if u["vendor"] == "nvidia"]
         if nv:
-            spec = cdi.nvidia_spec([{"uuid": u["id"], "minor": u.get("minor"), "index": u.get("index")}
-                                    for u in nv], self.dev_root)
+            # A MIG instance's capability minors are read from the proc/ beside dev_root (the host's /proc).
+            spec = cdi.nvidia_spec([{"uuid": u["id"], "minor": u.get("minor"), "index": u.get("index"),
+                                     "gi": u.get("gi"), "ci": u.get("ci")} for u in nv], self.dev_root,
+                                   proc_root=Path(self.dev_root).parent / "proc")
             if spec is not None:
                 generated.append(spec)
         for vendor in ("amd", "intel"):
@@ -197,18 +203,26 @@ class CDIDevices:
         return e.to_json()
 
 
-# Sandboxes that can take a device unit: containers through CDI. (microVMs take
-# GPUs only through VFIO passthrough: synord.runtimes.vfio, not offered by this path.)
+# Sandboxes that can take a device unit: containers through CDI. A GPU bound to vfio-pci
+# is a unit of its own that only a microVM takes (synord.runtimes.vfio; its "runtimes").
 DEVICE_RUNTIMES = ("container",)
 
 
+def unit_runtimes(unit: dict) -> list[str]:
+    return list(unit.get("runtimes") or DEVICE_RUNTIMES)
+
+
 def offer_classes(units: list[dict], allowed: int) -> list[dict]:
-    """The GPU part of the offer: per class, how many units, the least memory and CUDA
-    capability among them, and the power they may draw (for the price)."""
-    out: dict[str, dict] = {}
+    """The GPU part of the offer: per class and sandbox, how many units, the least memory
+    and CUDA capability among them, and the power they may draw (for the price). VFIO
+    units get an ask of their own (``ask_key``): a bid for a container must not match them."""
+    out: dict[tuple, dict] = {}
     for u in units[:max(0, allowed)]:
-        c = out.setdefault(u["class"], {"class": u["class"], "count": 0, "memory": None, "cuda": None,
-                                        "watts": None, "runtimes": list(DEVICE_RUNTIMES)})
+        rts = unit_runtimes(u)
+        key = (u["class"], tuple(rts))
+        c = out.setdefault(key, {"class": u["class"], "count": 0, "memory": None, "cuda": None,
+                                 "watts": None, "runtimes": rts,
+                                 **({} if rts == list(DEVICE_RUNTIMES) else {"ask_key": f"{u['class']}:{'+'.join(rts)}"})})
         c["count"] += 1
         if u.get("memory_bytes"):
             c["memory"] = u["memory_bytes"] if c["memory"] is None else min(c["memory"], u["memory_bytes"])
@@ -223,17 +237,25 @@ def offer_classes(units: list[dict], allowed: int) -> list[dict]:
 class GpuNode:
     """The node's GPU side in one place: units, allocation, CDI injection, metering."""
 
+    VFIO_CACHE_S = 5.0  # a sysfs walk; offers and admissions ask often
+
     def __init__(self, store, units: Callable[[], list[dict]], cdi_dirs, dev_root: str = "/dev",
-                 meter_interval_s: float = 1.0):
+                 meter_interval_s: float = 1.0, vfio_units: Callable[[], list[dict]] = list):
         from .gpu_meter import GpuMeter
         self.host_units = units  # every GPU unit the probe found
+        self.vfio_host_units = vfio_units  # GPUs bound to vfio-pci, for microVMs (none: [])
+        self._vfio_cached: tuple[float, list[dict]] | None = None
         self.cdi = CDIDevices(cdi_dirs, units, dev_root)
         self.allocator = GpuAllocator(store, self.units)
         self.meter = GpuMeter(meter_interval_s)
 
     def units(self) -> list[dict]:
-        """The units offered and allocated: those that can be injected into a task."""
-        return self.cdi.injectable(self.host_units())
+        """The units offered and allocated: those that can be injected into a task
+        (containers by CDI), then those a microVM can take (VFIO)."""
+        now = time.monotonic()
+        if self._vfio_cached is None or now - self._vfio_cached[0] > self.VFIO_CACHE_S:
+            self._vfio_cached = (now, self.vfio_host_units())
+        return self.cdi.injectable(self.host_units()) + self._vfio_cached[1]
 
     def to_json(self) -> dict:
         """``GET /v1/gpu``: the offered units and who holds them, the ones that cannot be
@@ -243,8 +265,16 @@ class GpuNode:
                 "not_injectable": [u["id"] for u in self.host_units() if u["id"] not in offered],
                 "metering": {k: m.totals() for k, m in self.meter.meters.items()}}
 
-    def task_devices(self, unit_ids: tuple[str, ...]) -> dict:
-        """CDI edits for a task's agreed units (ValueError when they cannot be injected)."""
+    def task_devices(self, unit_ids: tuple[str, ...], kind: str = "container") -> dict:
+        """TaskSpec.devices for a task's agreed units: CDI edits for a container,
+        ``{"vfio": [{pci_bus_id, iommu_group}]}`` for a microVM (ValueError when they
+        cannot be given to that sandbox)."""
+        by_id = {u["id"]: u for u in self.units()}
+        wrong = [u for u in unit_ids if u not in by_id or kind not in unit_runtimes(by_id[u])]
+        if wrong:
+            raise ValueError(f"device {wrong[0]} cannot be given to a {kind} (gone, or another sandbox's unit)")
+        if kind == "microvm":
+            return {"vfio": [dict(by_id[u]["vfio"]) for u in unit_ids]}
         return self.cdi.edits(unit_ids)  # cdi.CDIError is a ValueError
 
     def task_started(self, terms) -> None:
@@ -253,12 +283,14 @@ class GpuNode:
         self.metering(terms.aid.hex(), terms.devices)
 
     def metering(self, key: str, unit_ids: tuple[str, ...]) -> None:
-        """Meter the NVIDIA units of the task under agreement ``key`` (hex)."""
+        """Meter the NVIDIA (NVML) and AMD (sysfs) units of the task under agreement ``key`` (hex)."""
         by_id = {u["id"]: u for u in self.units()}
         nv = {u: by_id[u]["index"] for u in unit_ids if u in by_id and by_id[u]["vendor"] == "nvidia"
-              and by_id[u].get("index") is not None}
-        if nv:
-            self.meter.start(key, nv)
+              and by_id[u].get("index") is not None and not by_id[u].get("vfio")}
+        amd = {u: by_id[u]["sysfs"] for u in unit_ids if u in by_id and by_id[u]["vendor"] == "amd"
+               and by_id[u].get("sysfs") and not by_id[u].get("vfio")}
+        if nv or amd:
+            self.meter.start(key, nv, amd)
 
     def settle(self, terms, outcome: str, usage, settle: Callable) -> None:
         """The task under ``terms`` ended: the market's settle with its GPU totals (the

@@ -8,7 +8,9 @@ receipt (synord.protocols.receipts: gpu_s, gpu_peak_memory, gpu_energy_j).
 The devices are the task's alone (synord.gpu_devices), so device-level NVML
 counters are the task's usage.  NVML calls block: each round runs in a worker
 thread (synord.hwprobe.nvidia.sample).  MIG instances have no utilisation counters of
-their own in NVML; they are sampled through their parent (an upper bound).
+their own in NVML; they are sampled through their parent (an upper bound).  AMD GPUs
+(amdgpu) are sampled from sysfs instead (synord.hwprobe.sysfs.sample_amd); Intel GPUs
+have no such counters there and are not metered, nor are GPUs passed to a microVM.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger("synord.gpu")
 @dataclass
 class Meter:
     devices: dict[str, int]  # uuid -> NVML index (of the parent for MIG)
+    amd: dict[str, str] = field(default_factory=dict)  # PCI bus id -> its sysfs device dir
     last: float = field(default_factory=time.monotonic)
     gpu_s: float = 0.0
     energy_j: float = 0.0
@@ -65,18 +68,22 @@ class GpuMeter:
         m = self.meters.get(key)
         if m is None:
             return
-        from synord.hwprobe import nvidia
+        from synord.hwprobe import nvidia, sysfs
         try:
             with trio.fail_after(10):  # a hung driver must not stall the loop for ever
-                readings = await trio.to_thread.run_sync(nvidia.sample, dict(m.devices), abandon_on_cancel=True)
+                readings = await trio.to_thread.run_sync(nvidia.sample, dict(m.devices), abandon_on_cancel=True) \
+                    if m.devices else {}
+                if m.amd:
+                    readings.update(await trio.to_thread.run_sync(sysfs.sample_amd, dict(m.amd),
+                                                                  abandon_on_cancel=True))
         except (trio.TooSlowError, OSError) as exc:
             log.warning("GPU sample failed", extra={"error": str(exc)})
             return
         m.add(readings, time.monotonic())
 
-    def start(self, key: str, devices: dict[str, int]) -> None:
-        """A task with ``devices`` starts: metered from now, first sample at once."""
-        self.meters[key] = Meter(dict(devices))
+    def start(self, key: str, devices: dict[str, int], amd: dict[str, str] | None = None) -> None:
+        """A task with ``devices`` (NVML) and ``amd`` (sysfs) starts: metered from now, first sample at once."""
+        self.meters[key] = Meter(dict(devices), amd=dict(amd or {}))
         self._wake.set()
 
     def stop(self, key: str) -> dict | None:

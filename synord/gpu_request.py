@@ -9,8 +9,9 @@ import re
 
 from synord.protocols.orders import MAX_GPUS, MAX_MEMORY
 
-# Sandboxes that can be given a device: containers through CDI (synord.runtimes.cdi).
-DEVICE_KINDS = ("container",)
+# Sandboxes that can be given a device: containers through CDI (synord.runtimes.cdi),
+# microVMs a whole GPU bound to vfio-pci (synord.runtimes.vfio).
+DEVICE_KINDS = ("container", "microvm")
 _CLASS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _CUDA_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
 
@@ -27,9 +28,8 @@ def gpu_request(req: dict, kind: str) -> dict | None:
             raise ValueError(f"{extras[0]} needs --gpus N")
         return None
     if kind not in DEVICE_KINDS:
-        why = ("a WASM sandbox cannot be given devices" if kind == "wasm" else
-               "microVMs get GPUs only by VFIO passthrough, which this mesh does not place yet")
-        raise ValueError(f"a GPU task needs the container runtime: {why}")
+        why = "a WASM sandbox cannot be given devices" if kind == "wasm" else f"{kind} cannot take devices"
+        raise ValueError(f"a GPU task needs the container or microvm runtime: {why}")
     cls = req.get("gpu_class") or None
     if cls is not None:
         cls = str(cls).removeprefix("gpu.")  # `synord book` shows gpu.<class>

@@ -150,6 +150,26 @@ def test_nvidia_spec_generated_from_nvml_and_linker_cache(tmp_path):
     assert cdi.nvidia_spec([{"uuid": GPU0, "minor": 0}], dev_root=tmp_path / "empty", libs=[]) is None
 
 
+def test_mig_instance_gets_its_parent_and_its_two_capability_nodes(tmp_path):
+    dev = stand_ins(tmp_path / "dev")
+    (dev / "nvidia-caps").mkdir()
+    for n in (66, 67):
+        (dev / "nvidia-caps" / f"nvidia-cap{n}").write_text("")
+    caps = tmp_path / "proc/driver/nvidia/capabilities/gpu0/mig"
+    (caps / "gi7/ci0").mkdir(parents=True)
+    (caps / "gi7/access").write_text("DeviceFileMinor: 66\nDeviceFileMode: 292\nDeviceFileModify: 1\n")
+    (caps / "gi7/ci0/access").write_text("DeviceFileMinor: 67\nDeviceFileMode: 292\nDeviceFileModify: 1\n")
+    mig_a, mig_b = "MIG-aaaa0000-0000-1111-2222-333344445555", "MIG-bbbb0000-0000-1111-2222-333344445555"
+    spec = cdi.nvidia_spec([{"uuid": mig_a, "minor": 0, "index": 0, "gi": 7, "ci": 0},
+                            {"uuid": mig_b, "minor": 0, "index": 0, "gi": 8, "ci": 0}],  # no caps for gi8
+                           dev_root=dev, libs=[], bins_root=tmp_path, proc_root=tmp_path / "proc")
+    assert sorted(spec.devices) == [mig_a]  # not by index: that names the whole GPU
+    e = cdi.Registry([], extra=[spec]).resolve([f"nvidia.com/gpu={mig_a}"])
+    assert [n["path"] for n in e.device_nodes] == [
+        "/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap66", "/dev/nvidia-caps/nvidia-cap67"]
+    assert e.device_nodes[-1]["hostPath"] == str(dev / "nvidia-caps/nvidia-cap67")
+
+
 def test_dri_spec_for_amd_needs_every_node(tmp_path):
     dev = tmp_path / "dev"
     (dev / "dri").mkdir(parents=True)

@@ -168,7 +168,7 @@ def test_receipt_carries_gpu_metering_signed():
 
 @pytest.mark.parametrize("req,kind,msg", [
     ({"gpus": 1}, "wasm", "WASM sandbox cannot be given devices"),
-    ({"gpus": 1}, "microvm", "VFIO"),
+    ({"gpus": 1}, "runc", "runc cannot take devices"),  # microVMs take VFIO GPUs: tests/test_gpu_vfio.py
     ({"gpu_class": "h100"}, "container", "needs --gpus"),
     ({"gpus": 1.5}, "container", "integer"),
     ({"gpus": 1, "gpu_class": "H100!"}, "container", "class name"),
@@ -260,3 +260,33 @@ def test_a_spec_naming_gpus_by_index_like_nvidia_ctk_default(tmp_path):
     assert [u["id"] for u in node.units()] == [GPU0, GPU1]
     assert node.task_devices((GPU1,))["deviceNodes"] == [
         {"path": "/dev/nvidia1", "hostPath": str(dev / "nvidia1")}]
+
+
+def test_amd_units_are_metered_from_sysfs(tmp_path):
+    """amdgpu's own counters (no NVML): busy percent, VRAM used, hwmon power in microwatts."""
+    import trio
+
+    from synord.gpu_devices import GpuNode
+    from synord.hwprobe import gpu_units as gu, sysfs
+    from test_hwprobe_sysfs import base_machine, pci, write
+    root = base_machine(tmp_path)
+    amd = pci(root, "0000:c1:00.0", "1002", "74a1", "0x038000", "amdgpu",
+              mem_info_vram_total=str(192 * 2**30), mem_info_vram_used=str(3 << 30), gpu_busy_percent="60")
+    write(amd / "drm/renderD128/dev", "226:128")
+    write(amd / "hwmon/hwmon3/power1_average", "450000000")
+    dev = tmp_path / "dev"
+    (dev / "dri").mkdir(parents=True)
+    for n in ("kfd", "dri/renderD128"):
+        (dev / n).write_text("")
+    host_units = gu.gpu_units(sysfs.probe_pci(root), root)
+    node = GpuNode(Store(tmp_path / "state.db"), lambda: host_units, [], dev_root=str(dev))
+    assert [u["id"] for u in node.units()] == ["0000:c1:00.0"]
+    node.metering("aid", ("0000:c1:00.0",))
+    trio.run(node.meter._sample, "aid")
+    m = node.meter.meters["aid"]
+    assert m.amd == {"0000:c1:00.0": str(amd)} and m.devices == {}
+    assert m.samples == 1 and m.peak_memory == 3 << 30
+    assert sysfs.sample_amd(m.amd) == {"0000:c1:00.0": {"utilization_percent": 60, "memory_used_bytes": 3 << 30,
+                                                         "power_w": 450.0}}
+    m.add(sysfs.sample_amd(m.amd), m.last + 2.0)  # two more seconds at 60 % and 450 W
+    assert m.totals()["gpu_s"] >= 1.2 and m.totals()["gpu_energy_j"] >= 900.0

@@ -26,9 +26,9 @@ def test_two_gpus_are_two_units_by_uuid(stub_dirs):  # noqa: F811
 
 def test_mig_instances_are_units_and_classes_of_their_own(stub_dirs):  # noqa: F811
     out = run(UNITS, stub_dirs["current"], "mig")
-    assert [(u["id"], u["class"], u["memory_bytes"]) for u in out["units"]] == [
-        ("MIG-aaaa0000-0000-1111-2222-333344445555", "h100-1g-10gb", 10200547328),
-        ("MIG-bbbb0000-0000-1111-2222-333344445555", "h100-1g-10gb", 10200547328)]
+    assert [(u["id"], u["class"], u["memory_bytes"], u["gi"], u["ci"]) for u in out["units"]] == [
+        ("MIG-aaaa0000-0000-1111-2222-333344445555", "h100-1g-10gb", 10200547328, 7, 0),
+        ("MIG-bbbb0000-0000-1111-2222-333344445555", "h100-1g-10gb", 10200547328, 8, 0)]
     assert "gpu.h100-1g-10gb" in out["classes"] and "gpu.h100" not in out["classes"]
 
 

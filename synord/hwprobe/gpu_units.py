@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from . import known
+
 _CLASS_RE = re.compile(r"[^a-z0-9_-]+")
 
 
@@ -52,7 +54,8 @@ def gpu_units(devices: list[dict], root: str | Path = "/") -> list[dict]:
                                     "vendor": "nvidia", "memory_bytes": m.get("memory_bytes"),
                                     "compute_capability": d.get("compute_capability"),
                                     "cdi": f"nvidia.com/gpu={m['uuid']}", "parent": d.get("uuid"),
-                                    "minor": d.get("minor_number"), "index": d.get("index")})
+                                    "minor": d.get("minor_number"), "index": d.get("index"),
+                                    "gi": m.get("gi"), "ci": m.get("ci")})
                 continue
             if not d.get("uuid"):
                 continue  # an unnamed device cannot be allocated by name
@@ -68,5 +71,28 @@ def gpu_units(devices: list[dict], root: str | Path = "/") -> list[dict]:
             name = d["pci_bus_id"].replace(":", "-")
             out.append({"id": d["pci_bus_id"], "class": gpu_class(d), "vendor": vendor.lower(),
                         "memory_bytes": d.get("memory_bytes"), "compute_capability": None,
-                        "cdi": f"{vendor.lower()}.com/gpu={name}", "nodes": nodes})
+                        "cdi": f"{vendor.lower()}.com/gpu={name}", "nodes": nodes,
+                        # where its counters are (amdgpu: metered from sysfs, synord.gpu_meter)
+                        "sysfs": str(Path(root) / "sys/bus/pci/devices" / d["pci_bus_id"])})
+    return out
+
+
+_VENDORS = {"0x10de": "nvidia", "0x1002": "amd", "0x8086": "intel"}
+
+
+def vfio_units(passthrough: list[dict]) -> list[dict]:
+    """Units for GPUs bound to ``vfio-pci`` (synord.runtimes.vfio.passthrough_gpus): a
+    microVM takes them whole, by PCI bus id. They are other units than a container's:
+    the host has no /dev/nvidiaN for them and NVML does not see them, so their class
+    and memory come from the known-device table by PCI id, and nothing meters them."""
+    out = []
+    for g in passthrough:
+        vendor = (g.get("vendor") or "").lower()
+        pci_id = f"{vendor[2:]}:{(g.get('device') or '')[2:].lower()}"
+        entry = known.match(None, pci_id)
+        d = {"tier": entry["tier"], "slug": entry["slug"]} if entry else {}
+        out.append({"id": g["pci_bus_id"], "class": gpu_class(d), "vendor": _VENDORS.get(vendor, vendor),
+                    "memory_bytes": (entry or {}).get("memory_bytes"), "compute_capability": None,
+                    "cdi": None, "runtimes": ["microvm"],
+                    "vfio": {"pci_bus_id": g["pci_bus_id"], "iommu_group": g["iommu_group"]}})
     return out

@@ -172,7 +172,9 @@ def _mig_devices(s: _Session, h) -> list[dict]:
         mem = s.get("nvmlDeviceGetMemoryInfo", m)
         out.append({"uuid": _text(uuid) if uuid is not None else None,
                     "profile": name.rsplit(" MIG ", 1)[1] if " MIG " in name else None,
-                    "memory_bytes": mem.total if mem is not None else None})
+                    "memory_bytes": mem.total if mem is not None else None,
+                    # GPU / compute instance ids: which /dev/nvidia-caps nodes grant it (CDI)
+                    "gi": s.get("nvmlDeviceGetGpuInstanceId", m), "ci": s.get("nvmlDeviceGetComputeInstanceId", m)})
     return out
 
 

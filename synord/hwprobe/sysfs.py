@@ -198,3 +198,24 @@ def refresh(devices: list[dict], root: str | Path = "/") -> None:
             total, used = _int(dev / "mem_info_vram_total"), _int(dev / "mem_info_vram_used")
             if total is not None and used is not None:
                 d["memory_free_bytes"] = total - used
+
+
+def sample_amd(devices: dict[str, str]) -> dict[str, dict]:
+    """Utilisation, VRAM used and power of amdgpu devices ``{unit id: sysfs device dir}``
+    now (``gpu_busy_percent``, ``mem_info_vram_used``, hwmon ``power1_average`` or
+    ``power1_input`` in microwatts); a device whose counters are gone is left out."""
+    out: dict[str, dict] = {}
+    for unit, path in devices.items():
+        dev = Path(path)
+        busy, used = _int(dev / "gpu_busy_percent"), _int(dev / "mem_info_vram_used")
+        if busy is None and used is None:
+            continue
+        power = None
+        for hw in sorted((dev / "hwmon").glob("hwmon*")):
+            uw = _int(hw / "power1_average")
+            uw = _int(hw / "power1_input") if uw is None else uw
+            if uw is not None:
+                power = uw / 1e6
+                break
+        out[unit] = {"utilization_percent": busy, "memory_used_bytes": used, "power_w": power}
+    return out

@@ -291,11 +291,11 @@ class ProviderJobs(TaskServer):
         workdir.mkdir(parents=True)
         spec = JobSpec.from_task_start(body).task_spec(self.blobs.path(sha), workdir / "sandbox", workdir.name)
         spec.workdir.mkdir()
-        if terms.devices:  # the GPUs the agreement names, injected through CDI
-            if self.gpu is None or body["kind"] != "container":
+        if terms.devices:  # the GPUs the agreement names: CDI for a container, VFIO for a microVM
+            if self.gpu is None or body["kind"] not in ("container", "microvm"):
                 raise TaskRefused("no_devices", "this provider cannot give devices to that sandbox")
             try:
-                spec.devices = self.gpu.task_devices(terms.devices)
+                spec.devices = self.gpu.task_devices(terms.devices, body["kind"])
             except ValueError as exc:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise TaskRefused("device_unavailable", f"device injection failed: {exc}") from None

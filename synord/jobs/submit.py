@@ -90,5 +90,7 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
         shipped.unlink(missing_ok=True)
     return JobSpec(kind=kind, sha256=sha, args=tuple(args), env=tuple(env.items()), cpus=limits["cpus"],
                    memory_bytes=memory, timeout_s=limits.get("timeout_s"),
-                   checkpointable=bool(req.get("checkpointable")) or kind in ("wasm", "microvm"),
+                   # A passed-through GPU (VFIO) blocks QEMU's migration: such a microVM cannot checkpoint.
+                   checkpointable=(bool(req.get("checkpointable")) or kind in ("wasm", "microvm"))
+                   and not (gpu and kind == "microvm"),
                    artifact=str(path), max_price=max_price, gpu=gpu)

@@ -157,12 +157,18 @@ class TaskServer:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the start goes on; the consumer hears of it or re-attaches
 
+        refused = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             try:
-                return await self._start_checked(peer, body, phase)
+                task = await self._start_checked(peer, body, phase)
+            except TaskRefused as exc:
+                refused = exc  # raised below, out of the nursery: not wrapped in an exception group
             finally:
                 send_ch.close()  # the pump sends what is queued, then ends: "started" comes after
+        if refused is not None:
+            raise refused
+        return task
 
     # ---- one attached consumer ------------------------------------------------------
 

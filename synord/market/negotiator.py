@@ -208,7 +208,7 @@ class Provider(_Party):
         devices: tuple[str, ...] = ()
         if reason is None and p.gpus and self.devices is not None:
             try:  # the very devices, held in the same step as the capacity
-                devices = self.devices.reserve(self._key(m), p.gpus, ask.gpu_class)
+                devices = self.devices.reserve(self._key(m), p.gpus, ask.gpu_class, runtime=p.runtime)
             except InsufficientCapacity as exc:
                 reason, detail = "capacity", str(exc)
         if reason is not None:

@@ -136,7 +136,7 @@ def derive_asks(capacity: dict, policy: PricingPolicy, *, now: int, seq: int | N
         sup, dem = supply_demand(cls) if supply_demand else (0.0, 0.0)
         price = unit_price(policy, cls, memory / GIB / n_units, demand_multiplier(policy, sup, dem), preemptible,
                            gpu_class=gpu_class, watts=extra.get("watts"))
-        ask_id = f"{id_prefix}{cls}" if not extra else f"{id_prefix}{cls}:{gpu_class}"
+        ask_id = f"{id_prefix}{cls}" if not extra else f"{id_prefix}{cls}:{extra.get('ask_key') or gpu_class}"
         fields = dict(common, runtimes=tuple(r for r in extra.get("runtimes", runtimes) if r in runtimes))
         if not fields["runtimes"]:
             continue  # no sandbox here can take these devices

@@ -90,7 +90,9 @@ class TaskSpec:
     workdir: Path | None = None  # scratch dir for bundles/rootfs; the runtime makes one if None
     checkpointable: bool = False  # container: run under runsc so it can migrate
     task_id: str = ""
-    devices: dict | None = None  # CDI container edits of the allocated devices (synord.runtimes.cdi.Edits.to_json)
+    # The allocated devices: a container's CDI edits (synord.runtimes.cdi.Edits.to_json), a
+    # microVM's {"vfio": [{pci_bus_id, iommu_group}]} (synord.runtimes.vfio).
+    devices: dict | None = None
 
 
 @dataclass

@@ -304,10 +304,28 @@ def ldconfig_libs(names=NVIDIA_LIBS, ldconfig_output: str | None = None) -> list
     return sorted(found.values())
 
 
+def mig_cap_minor(proc_root: str | Path, minor: int, gi: int, ci: int | None = None) -> int | None:
+    """The ``/dev/nvidia-caps/nvidia-cap<N>`` minor that grants a MIG GPU instance (``ci``
+    None) or compute instance, from ``/proc/driver/nvidia/capabilities`` (what nvidia-ctk reads)."""
+    path = Path(proc_root) / f"driver/nvidia/capabilities/gpu{minor}/mig/gi{gi}"
+    path = (path / f"ci{ci}" if ci is not None else path) / "access"
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "DeviceFileMinor":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def nvidia_spec(gpus: list[dict], dev_root: str | Path = "/dev", libs: list[str] | None = None,
-                bins_root: str | Path = "/usr/bin") -> Spec | None:
-    """The ``nvidia.com/gpu`` spec for ``gpus`` (dicts with ``uuid`` and ``minor``), or None
-    when the host lacks the control device nodes.  Devices are named by UUID and by index."""
+                bins_root: str | Path = "/usr/bin", proc_root: str | Path = "/proc") -> Spec | None:
+    """The ``nvidia.com/gpu`` spec for ``gpus`` (dicts with ``uuid`` and ``minor``; a MIG
+    instance also ``gi`` and ``ci``), or None when the host lacks the control device nodes.
+    Devices are named by UUID and by index. A MIG instance gets its parent's node and the
+    two capability nodes that grant its GPU and compute instance, as nvidia-ctk does; one
+    whose capability nodes cannot be found is left out (it would be unusable)."""
     dev = Path(dev_root)
     if not (dev / "nvidiactl").exists():
         return None
@@ -330,6 +348,16 @@ def nvidia_spec(gpus: list[dict], dev_root: str | Path = "/dev", libs: list[str]
         if not node.exists():
             continue
         edits = {"deviceNodes": [{"path": f"/dev/nvidia{int(g['minor'])}", "hostPath": str(node)}]}
+        if g["uuid"].startswith("MIG-"):
+            gi, ci, minor = g.get("gi"), g.get("ci"), int(g["minor"])
+            caps = [] if gi is None or ci is None else \
+                [mig_cap_minor(proc_root, minor, gi), mig_cap_minor(proc_root, minor, gi, ci)]
+            nodes = [dev / "nvidia-caps" / f"nvidia-cap{c}" for c in caps if c is not None]
+            if len(nodes) != 2 or not all(n.exists() for n in nodes):
+                continue
+            edits["deviceNodes"] += [{"path": f"/dev/nvidia-caps/{n.name}", "hostPath": str(n)} for n in nodes]
+            devices[g["uuid"]] = edits
+            continue  # a MIG instance is named by its UUID only
         devices[g["uuid"]] = edits
         if g.get("index") is not None:
             devices[str(g["index"])] = edits

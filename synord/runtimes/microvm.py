@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -46,6 +47,7 @@ from .anchored import AnchoredProcess, spawn
 from .cpio import CpioWriter
 from .guest_exec import ExecChannel, FrameSplitter, encode_frame
 from .qmp import QMP, QMPError
+from . import vfio
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ CHECKPOINT_VERSION = 1
 RESTORE_TIMEOUT_S = 60.0
 MIGRATE_TIMEOUT_S = 120.0
 _STDERR_KEEP = 64 * 1024
+# A PCI bus id as sysfs names it: it goes into a QEMU option string, so nothing else may.
+_BUS_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 # --------------------------------------------------------------------------
@@ -183,17 +187,21 @@ class Machine:
     part of the machine, so a restore repeats whatever the checkpoint had."""
 
     def __init__(self, *, vmm: str, binary: str, accel: str, kernel: Path, initramfs: Path,
-                 mem_mib: int, smp: int, cmdline: str, exec_channel: bool = False) -> None:
+                 mem_mib: int, smp: int, cmdline: str, exec_channel: bool = False,
+                 vfio: list[dict] | None = None) -> None:
         self.vmm, self.binary, self.accel = vmm, binary, accel
         self.kernel, self.initramfs = Path(kernel), Path(initramfs)
         self.mem_mib, self.smp, self.cmdline = mem_mib, smp, cmdline
         self.exec_channel = exec_channel and vmm == "qemu"
+        self.vfio = list(vfio or [])  # GPUs passed through ({pci_bus_id, iommu_group}): QEMU only
 
     def qemu_argv(self, qmp_socket: Path | None, incoming: str | None = None,
                   exec_socket: Path | None = None) -> list[str]:
         """``incoming``: a shell command that writes the saved state to stdout."""
         accel = "kvm" if self.accel == "kvm" else "tcg,tb-size=64"
-        argv = [self.binary, "-M", "microvm", "-accel", accel]
+        # A passed-through GPU needs the microvm machine's PCIe host bridge (synord.runtimes.vfio).
+        argv = [self.binary, "-M", f"microvm,{vfio.MICROVM_MACHINE_OPTS}" if self.vfio else "microvm",
+                "-accel", accel]
         if self.accel == "kvm":
             argv += ["-cpu", "host"]
         argv += ["-m", str(self.mem_mib), "-smp", str(self.smp),
@@ -208,6 +216,7 @@ class Machine:
                 raise ValueError("this machine has an exec channel: give its socket")
             argv += ["-chardev", f"socket,id=exec,path={exec_socket},server=on,wait=off",
                      "-device", "isa-serial,chardev=exec,iobase=0x2f8,irq=3"]
+        argv += vfio.qemu_args(self.vfio)
         if incoming is not None:
             argv += ["-S", "-incoming", f"exec:{incoming}"]
         return argv
@@ -255,15 +264,16 @@ class MicroVMRuntime(Runtime):
     def base_cpio(self) -> Path:
         return self.guest_dir / "base.cpio"
 
-    def _select(self) -> tuple[str, str, str, str]:
-        """(vmm, binary, accel, note) or raise Unavailable."""
+    def _select(self, pci: bool = False) -> tuple[str, str, str, str]:
+        """(vmm, binary, accel, note) or raise Unavailable. ``pci``: the machine takes a
+        PCI device (VFIO), which Firecracker cannot: QEMU."""
         if not (self.kernel.is_file() and self.base_cpio.is_file()):
             raise Unavailable("guest kernel not built: run packaging/guest/build.sh"
                               f" (looked in {self.guest_dir})")
         mode = _accel_mode()
         kvm_ok, kvm_why = kvm_usable()
         fc = shutil.which("firecracker")
-        if fc and kvm_ok and mode != "tcg" and os.environ.get("SYNORD_MICROVM_VMM", "") != "qemu":
+        if fc and kvm_ok and mode != "tcg" and os.environ.get("SYNORD_MICROVM_VMM", "") != "qemu" and not pci:
             return "firecracker", fc, "kvm", ""
         qemu = shutil.which("qemu-system-x86_64")
         if not qemu:
@@ -284,12 +294,23 @@ class MicroVMRuntime(Runtime):
             return Availability(False, str(e))
         return Availability(True, note or f"{vmm} with {accel}")
 
+    def passthrough_unavailable(self) -> str | None:
+        """Why a GPU cannot be passed through here (no QEMU: Firecracker has no PCI), or None."""
+        try:
+            self._select(pci=True)
+        except Unavailable as exc:
+            return str(exc)
+        return None
+
     async def prepare(self, spec: TaskSpec) -> "MicroVMSandbox":
-        vmm, binary, accel, _ = self._select()
+        gpus = _vfio_devices(spec)
+        vmm, binary, accel, _ = self._select(pci=bool(gpus))
         if spec.network:
             raise SpecError("microvm tasks get no network")
         if spec.mounts:
             raise SpecError("microvm tasks cannot mount host paths (the guest has no shared fs)")
+        if gpus and (why := await trio.to_thread.run_sync(vfio.check_openable, gpus)):
+            raise Unavailable(why)
         verify_artifact(spec.artifact, spec.sha256)
         workdir, owned = _workdir(spec)
         try:
@@ -306,7 +327,7 @@ class MicroVMRuntime(Runtime):
         machine = Machine(vmm=vmm, binary=binary, accel=accel, kernel=self.kernel,
                           initramfs=initramfs, mem_mib=mem_mib,
                           smp=max(1, math.ceil(spec.limits.cpus)), cmdline=kernel_cmdline(vmm, accel),
-                          exec_channel=True)
+                          exec_channel=True, vfio=gpus)
         return MicroVMSandbox(spec, machine, workdir, owned)
 
     def _build_initramfs(self, spec: TaskSpec, workdir: Path, dest: Path) -> None:
@@ -397,6 +418,19 @@ class MicroVMRuntime(Runtime):
             raise SpecError("checkpoint meta.json: console_pending is not base64") from None
         return MicroVMSandbox(spec, machine, workdir, owned, incoming=incoming,
                               console_pending=pending)
+
+
+def _vfio_devices(spec: TaskSpec) -> list[dict]:
+    """The GPUs ``spec`` passes through; a microVM takes devices only by VFIO."""
+    if not spec.devices:
+        return []
+    if set(spec.devices) != {"vfio"} or not isinstance(spec.devices["vfio"], list):
+        raise SpecError("a microVM takes devices only by VFIO passthrough (no CDI edits)")
+    for d in spec.devices["vfio"]:
+        if not (isinstance(d, dict) and _BUS_ID.match(str(d.get("pci_bus_id")))
+                and str(d.get("iommu_group")).isdigit()):
+            raise SpecError("a VFIO device is {pci_bus_id, iommu_group}")
+    return [dict(d) for d in spec.devices["vfio"]]
 
 
 def _workdir(spec: TaskSpec) -> tuple[Path, bool]:
@@ -678,6 +712,8 @@ class MicroVMSandbox(SupervisedSandbox):
     async def checkpoint(self, dest: Path, leave_running: bool = False) -> CheckpointInfo:
         if self._proc is None or self._done.is_set():
             raise CheckpointUnsupported("the microVM is not running")
+        if self.machine.vfio:  # QEMU refuses to migrate a VFIO device that has no migration driver
+            raise CheckpointUnsupported("a microVM with a passed-through GPU cannot be checkpointed")
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         compression = "zstd" if shutil.which("zstd") else None

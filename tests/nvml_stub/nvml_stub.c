@@ -178,6 +178,13 @@ nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t d, unsigned int i,
     *mig = (nvmlDevice_t)&migs[i];
     return OK;
 }
+/* MIG handles: GPU instance 7 and 8, compute instance 0 (nvidia-caps minors come from /proc). */
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t d, unsigned int *id) {
+    OPTIONAL_FIELD(); if (IDX(d) < 10) return NOTSUP; *id = IDX(d) == 10 ? 7 : 8; return OK;
+}
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t d, unsigned int *id) {
+    OPTIONAL_FIELD(); if (IDX(d) < 10) return NOTSUP; *id = 0; return OK;
+}
 nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t d, nvmlDeviceAttributes_t *a) {
     /* Real drivers answer this for MIG handles only. */
     (void)d; (void)a; if (!inited) return UNINIT; return NOTSUP;
