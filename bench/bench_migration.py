@@ -116,7 +116,23 @@ STATE_WAT = """
 """
 
 
-def bench_migrate(rounds: int) -> None:
+def _log_events(daemons: dict, since: float, until: float) -> list[tuple[float, str, str]]:
+    """(time, daemon, line) of every log line the daemons wrote between since and until
+    (logfmt lines start with ts=...Z, millisecond resolution)."""
+    import calendar
+    out = []
+    for name, d in daemons.items():
+        for line in d.log().splitlines():
+            if not line.startswith("ts="):
+                continue
+            stamp = line[3:line.index(" ")]
+            t = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + int(stamp[20:23]) / 1000
+            if since - 0.002 <= t <= until + 0.002:
+                out.append((t, name, line[line.index(" ") + 1:]))
+    return sorted(out)
+
+
+def bench_migrate(rounds: int, timeline: bool = False) -> None:
     import wasmtime
     from daemons import DaemonCluster, wait_for
     from jobs_helpers import job, providers_in_book, start_mesh, submit
@@ -138,6 +154,10 @@ def bench_migrate(rounds: int) -> None:
                               and len(x["history"]) == 2 and x, 120, what="running elsewhere")
                 leg = j2["history"][1]
                 results.append((leg["start"] - t0, leg["checkpoint_bytes"]))
+                if timeline:
+                    names = {"consumer": consumer, **{("src" if p is src else "dst"): p for p in provs}}
+                    for t, name, line in _log_events(names, t0, leg["start"]):
+                        print(f"      {(t - t0) * 1000:7.0f} ms {name:8s} {line[:150]}")
                 consumer.cli("cancel", job_id)
                 src.post("/v1/resume")
                 wait_for(lambda: providers_in_book(consumer) >= set(ids), 30, what="asks back")
@@ -151,11 +171,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["assign", "migrate"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--timeline", action="store_true", help="print the daemons' log lines per round")
     a = ap.parse_args()
     if a.only in (None, "assign"):
         bench_assign(a.rounds)
     if a.only in (None, "migrate"):
-        bench_migrate(a.rounds)
+        bench_migrate(a.rounds, a.timeline)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the blob transfer protocol and be verified on arrival."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -15,11 +16,27 @@ class CheckpointError(Exception):
     pass
 
 
+class _HashingWriter:
+    """A file that hashes what is written to it: the tar's sha256 without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.h, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 def pack(directory: Path, dest_tar: Path) -> tuple[str, int]:
     """Tar ``directory`` (sorted names, zeroed times/owners); returns (sha256, size)."""
     directory = Path(directory)
     tmp = dest_tar.with_name(dest_tar.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with open(tmp, "wb") as raw, tarfile.open(fileobj=(out := _HashingWriter(raw)), mode="w",
+                                              format=tarfile.PAX_FORMAT) as tar:
         for p in sorted(directory.rglob("*")):
             if p.is_symlink() or not (p.is_file() or p.is_dir()):
                 continue  # checkpoints are plain files and directories
@@ -33,7 +50,7 @@ def pack(directory: Path, dest_tar: Path) -> tuple[str, int]:
             else:
                 tar.addfile(info)
     os.replace(tmp, dest_tar)
-    return sha256_of(dest_tar), dest_tar.stat().st_size
+    return out.h.hexdigest(), out.size
 
 
 def unpack(tar_path: Path, dest: Path, expected_sha: str | None = None) -> Path:
