@@ -10,7 +10,6 @@ import tarfile
 from pathlib import Path
 
 
-
 class CheckpointError(Exception):
     pass
 
