@@ -11,31 +11,17 @@ from pathlib import Path
 
 import trio
 
-from synord.protocols.identity import Identity
-from synord.protocols.mesh import MeshConfig
 from synord.protocols.negotiation import State
-from synord.protocols.p2p import create_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from bench_placement import NEEDS, market  # noqa: E402  (the bench's two-service set-up)
+from bench_placement import NEEDS, two_markets  # noqa: E402  (the bench's two-service set-up)
 
 ROUNDS = 10  # 8 proposals at once per round: 240 messages, far beyond the 20 a new peer may send unpaced
 
 
 def test_a_burst_of_negotiations_is_paced_not_dropped(tmp_path):
     async def main():
-        cfg = MeshConfig(listen=["/ip4/127.0.0.1/tcp/0"], mdns=False, peer_exchange=False)
-        pm, cm = create_mesh(Identity.generate(), cfg), create_mesh(Identity.generate(), cfg)
-        prov = market(tmp_path, "provider", pm, True)
-        cons = market(tmp_path, "consumer", cm, False)
-        async with trio.open_nursery() as nursery:
-            for svc in (pm, cm, prov, cons):
-                await nursery.start(svc.run)
-            await cm.dial(pm.listen_addrs()[0])
-            with trio.fail_after(30):  # the ask reaches the consumer's book over gossip
-                while not cons.candidates(NEEDS):
-                    await trio.sleep(0.05)
-            cand = cons.candidates(NEEDS)[0]
+        async with two_markets(tmp_path) as (_, _, prov, cons, cand):
             agreed = []
 
             async def one():
@@ -54,5 +40,4 @@ def test_a_burst_of_negotiations_is_paced_not_dropped(tmp_path):
             # released by the consumer's end message, not by a lease running out
             assert all(m.state is State.ENDED and m.reason == "test round over" for m in ended)
             assert prov.validator.rejected["rate_limited"] == 0
-            nursery.cancel_scope.cancel()
     trio.run(main)
