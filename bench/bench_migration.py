@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import argparse
+import calendar
+import shlex
 import statistics
 import sys
 import tempfile
@@ -124,7 +126,6 @@ STATE_WAT = """
 def _log_events(daemons: dict, since: float, until: float) -> list[tuple[float, str, str]]:
     """(time, daemon, line) of every log line the daemons wrote between since and until
     (logfmt lines start with ts=...Z, millisecond resolution)."""
-    import calendar
     out = []
     for name, d in daemons.items():
         for line in d.log().splitlines():
@@ -139,7 +140,6 @@ def _log_events(daemons: dict, since: float, until: float) -> list[tuple[float, 
 
 def _field(line: str, key: str) -> str | None:
     """One logfmt field's value (quoted values may hold spaces)."""
-    import shlex
     try:
         parts = shlex.split(line)
     except ValueError:
