@@ -52,6 +52,7 @@ class Placement:
         self.jobs = jobs  # the consumer driver: the market, the job's state, `_launch`
         self._displaced: list[_Displacement] = []
         self._batch_open = False
+        self._batch_full = trio.Event()  # set when every displaced job has joined the batch
 
     async def place(self, job: "ConsumerJob", exclude: tuple[str, ...], preferred: Any = None) -> "Session":
         """Propose to the ranked candidates (the market hedges: a silent one does not
@@ -129,12 +130,25 @@ class Placement:
         self._displaced.append(entry)
         if not self._batch_open:
             self._batch_open = True
+            self._batch_full = trio.Event()
             self.jobs._nursery.start_soon(self._assign_batch)
+        if self._all_displaced_joined():
+            self._batch_full.set()
         await entry.done.wait()
         return entry.candidate
 
+    def _all_displaced_joined(self) -> bool:
+        """Every job of ours still running on a provider that displaced one is in the
+        batch: nothing more to wait for (a lone job is assigned at once)."""
+        left = {p for e in self._displaced for p in e.exclude}
+        joined = {e.job.id for e in self._displaced}
+        return not any(j.state == "running" and j.provider in left and j.id not in joined
+                       for j in self.jobs.jobs.values())
+
     async def _assign_batch(self) -> None:
-        await trio.sleep(BATCH_WINDOW_S)  # notices from one provider arrive together
+        # Notices from one provider arrive together: wait for the others, at most the window.
+        with trio.move_on_after(BATCH_WINDOW_S):
+            await self._batch_full.wait()
         batch, self._displaced, self._batch_open = self._displaced, [], False
         try:
             self._assign(batch)

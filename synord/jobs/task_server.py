@@ -254,10 +254,15 @@ class TaskServer:
         task.checkpoints_taken += 1
         n = task.checkpoints_taken
         ckdir = task.workdir / f"ckpt-{n}"
+        t0 = time.monotonic()
         info, offsets = await ex.checkpoint(ckdir, leave_running=not stop)
+        t1 = time.monotonic()
         tar = task.workdir / f"ckpt-{n}.tar"
         sha, size = await trio.to_thread.run_sync(pack, ckdir, tar)
         shutil.rmtree(ckdir, ignore_errors=True)
+        log.info("checkpoint taken", extra={"job": task.job_id, "bytes": size, "final": stop,
+                                            "snapshot_s": round(t1 - t0, 3),
+                                            "pack_s": round(time.monotonic() - t1, 3)})
         if stop:
             task.handed_back = True
         if push is not None and await self._push_direct(task, push, tar, sha, size):

@@ -31,6 +31,7 @@ from synord.protocols.identity import b58decode
 from synord.protocols.mesh import envelope_validator
 from synord.protocols.negotiation import NegotiationError, Terms, Timeouts
 from synord.protocols.orders import Ask, Bid, Cancel
+from synord.protocols.pacing import Pacer
 from synord.protocols.receipts import SignedReceipt
 from synord.protocols.refusals import REFUSALS
 from synord.protocols.topics import orders as orders_topic
@@ -102,6 +103,7 @@ class MarketService:
         self._bid_of: dict[bytes, str] = {}  # agreement id -> bid id (consumer side)
         self._out: dict[str, FramedStream] = {}
         self._out_lock: dict[str, trio.Lock] = {}
+        self._paced: dict[bytes, list] = {}  # peer -> [its negotiation message pacer, open streams]
         self._our_asks: list[Ask] = []
         self._subscribed: set[str] = set()
         self._republish = trio.Event()
@@ -448,20 +450,29 @@ class MarketService:
             peer_bytes = b58decode(peer)
         except Exception:
             return
+        # A peer over its message rate is slowed down (we stop reading its stream),
+        # not dropped as gossip is: a lost end or countersign would hold capacity
+        # until the lease times out, a lost proposal would cost it a backoff.
+        paced = self._paced.setdefault(peer_bytes, [Pacer(int(self.validator.rate_per_peer)), 0])
+        paced[1] += 1
         try:
             while True:
                 frame = await stream.receive()
                 if not isinstance(frame, dict) or not isinstance(frame.get("env"), bytes):
                     continue
+                await paced[0].take(1)
                 if frame.get("to") == "provider":
-                    await self._send_all(self.provider.receive(frame["env"], peer_bytes), "consumer")
+                    await self._send_all(self.provider.receive(frame["env"]), "consumer")
                 else:
-                    await self._send_all(self.consumer.receive(frame["env"], peer_bytes), "provider")
+                    await self._send_all(self.consumer.receive(frame["env"]), "provider")
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception as exc:
             log.info("negotiation stream failed", extra={"peer": peer[:16], "error": str(exc)})
         finally:
+            paced[1] -= 1
+            if paced[1] == 0:
+                self._paced.pop(peer_bytes, None)
             with trio.move_on_after(1):
                 await stream.close()
 

@@ -271,7 +271,12 @@ class Terms:
                    _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"), _devices(res))
 
     def signing_input(self) -> bytes:
-        return AGREEMENT_DOMAIN + canonical(self.to_body())
+        # Kept on the (frozen) object: the same terms are signed and verified in turn.
+        cached = self.__dict__.get("_signing_input")
+        if cached is None:
+            cached = AGREEMENT_DOMAIN + canonical(self.to_body())
+            object.__setattr__(self, "_signing_input", cached)
+        return cached
 
     def sign(self, identity: Identity) -> bytes:
         return identity.sign(self.signing_input())
@@ -492,7 +497,9 @@ class Negotiation:
                 fail("proposal addressed to another provider")
         elif isinstance(event, Agreement):
             t, p = event.terms, self.proposal
-            if not verify(self.provider, t.signing_input(), event.psig):
+            # Signatures are checked on what a peer sent; ours we just made (a
+            # verify costs as much as the rest of the negotiation's CPU).
+            if role != self.role and not verify(self.provider, t.signing_input(), event.psig):
                 fail("bad provider signature")
             if t.consumer != self.consumer or t.provider != self.provider:
                 fail("agreement parties differ from the negotiation")
@@ -513,7 +520,7 @@ class Negotiation:
             t = self.terms
             if event.aid != t.aid:
                 fail("countersign for another agreement")
-            if not verify(self.consumer, t.signing_input(), event.csig):
+            if role != self.role and not verify(self.consumer, t.signing_input(), event.csig):
                 fail("bad consumer signature")
         elif isinstance(event, Heartbeat):
             last = self._sent_hb if role == self.role else self._seen_hb
