@@ -332,12 +332,13 @@ class Node:
     # ---- storage -----------------------------------------------------------------------
 
     async def _watch_storage(self) -> None:
-        """Free space and the cache limit, every second: evict what is unused, say when full."""
+        """Free space and the cache limit, every second near the floor (less often with
+        room to spare): evict what is unused, say when full."""
         while True:
             self.storage.check()
             if self.cache is not None:
                 self.cache.make_room(0, self.storage.free_bytes, self.storage.min_free_bytes)
-            await trio.sleep(1.0)
+            await trio.sleep(self.storage.next_check_s())
 
     def _storage_changed(self, ok: bool) -> None:
         if self.market is not None:

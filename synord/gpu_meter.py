@@ -14,6 +14,7 @@ their own in NVML; they are sampled through their parent (an upper bound).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -55,7 +56,8 @@ class GpuMeter:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            with trio.move_on_after(self.interval_s):
+            # no metered task: sleep until one starts (no wakeups on an idle node)
+            with trio.move_on_after(self.interval_s if self.meters else math.inf):
                 await self._wake.wait()
             self._wake = trio.Event()
             for key in list(self.meters):
