@@ -224,6 +224,19 @@ class _LeanGossipSub(GossipSub):
             rpc.ClearField("senderRecord")  # the RPC is built per publish: safe to edit
         super().send_rpc(peer_id, rpc, priority)
 
+    def mesh_heartbeat(self):
+        """py-libp2p 0.8.1 bug: pruning an over-full mesh (> degree_high) does not put
+        the pruned peer in backoff here, as the spec and go-libp2p (``prunePeer`` ->
+        ``addBackoff``) do.  So when our mesh later drops below degree_low we GRAFT a
+        peer we pruned seconds ago; it received our PRUNE and takes the GRAFT for a
+        flood ("GRAFT flood detected", 280-480 a run at N=30), prunes us back and the
+        mesh churns.  Back off from every peer we prune, as the spec says."""
+        to_graft, to_prune = super().mesh_heartbeat()
+        for peer, pruned_topics in to_prune.items():
+            for topic in pruned_topics:
+                self._add_back_off(peer, topic, False)
+        return to_graft, to_prune
+
 
 class Libp2pMesh(Mesh):
     def __init__(self, identity: Identity, config: MeshConfig | None = None):
