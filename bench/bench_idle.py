@@ -188,7 +188,7 @@ def run_size(n: int, settle: float, window: float, tmp: Path) -> dict:
         for d in cluster.daemons:
             d.wait_ready(timeout=60 + 2 * n)
         time.sleep(settle)
-        conns = [len(d.get("/v1/peers").get("peers", [])) if n > 1 else 0 for d in cluster.daemons]
+        conns = [sum(1 for p in d.get("/v1/peers") if p.get("connected")) for d in cluster.daemons]
         row["connections_mean"] = round(statistics.mean(conns), 1)
         res = measure({d.name: d.pid for d in cluster.daemons}, window)
         row["synord"] = summary(res)

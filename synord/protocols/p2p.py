@@ -61,6 +61,7 @@ from .streamlimits import StreamBudget, StreamGuard
 log = logging.getLogger("synord.mesh")
 
 PEERSTORE_TTL_S = 3600
+PX_MAX_STRETCH = 16  # a settled node's periodic peer exchange: every px_interval_s x this at most
 
 _listen_errors: dict[int, str] = {}  # port -> why binding it failed last
 
@@ -560,15 +561,24 @@ class Libp2pMesh(Mesh):
         return msgpack.packb(peers, use_bin_type=True)
 
     async def _px_loop(self) -> None:
-        """Ask newly connected peers (and, periodically, a few others) whom they know."""
+        """Ask newly connected peers (and, periodically, a few others) whom they know.
+        The periodic round doubles its interval (up to PX_MAX_STRETCH times) while our
+        connections stay the same, and asks no one when we have target_peers: an idle,
+        settled node would otherwise open 0.3 streams a second for nothing new."""
+        interval, last_count = self.config.px_interval_s, -1
         async with trio.open_nursery() as nursery:
             while True:
                 targets: list[str] = []
-                with trio.move_on_after(self.config.px_interval_s):
+                with trio.move_on_after(interval * random.uniform(0.8, 1.2)):
                     targets.append(await self._px_queue_recv.receive())
                 if not targets:
                     connected = self.connected_peers()
-                    targets = random.sample(connected, min(3, len(connected)))
+                    if len(connected) == last_count:
+                        interval = min(interval * 2, self.config.px_interval_s * PX_MAX_STRETCH)
+                    else:
+                        interval, last_count = self.config.px_interval_s, len(connected)
+                    if len(connected) < self.config.target_peers:
+                        targets = random.sample(connected, min(3, len(connected)))
                 for peer in targets:
                     nursery.start_soon(self._exchange_with, peer)
 
