@@ -20,6 +20,7 @@ Every setting here comes from measurements in shared/notes/py-libp2p.md:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
@@ -39,6 +40,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.network.config import ConnectionConfig
 from libp2p.host.ping import ID as PING_ID, PING_LENGTH
+from libp2p.io.utils import read_exactly
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -61,6 +63,7 @@ from .streamlimits import StreamBudget, StreamGuard
 log = logging.getLogger("synord.mesh")
 
 PEERSTORE_TTL_S = 3600
+PING_IDLE_S = 10.0  # an inbound ping stream silent this long is closed (as the library does)
 PX_MAX_STRETCH = 16  # a settled node's periodic peer exchange: every px_interval_s x this at most
 
 _listen_errors: dict[int, str] = {}  # port -> why binding it failed last
@@ -279,6 +282,8 @@ class Libp2pMesh(Mesh):
         self.dropped_messages = 0
         self.stream_budget = StreamBudget(cfg.streams)
         self.host.get_network().register_notifee(_Notifee(self))
+        self._pinged_at: dict[str, float] = {}  # peer -> when it last pinged us
+        self.host.set_stream_handler(PING_ID, self._answer_pings)
         if cfg.peer_exchange:
             self.set_request_handler(PX_PROTOCOL, self._serve_px, max_request=1024)
 
@@ -478,17 +483,42 @@ class Libp2pMesh(Mesh):
         return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol, guard=guard)
 
     # -- health: drop frozen peers --------------------------------------------
+    async def _answer_pings(self, stream) -> None:
+        """/ipfs/ping/1.0.0, as the library answers it, but noting when each peer
+        last pinged us: a peer that pings us is alive, and need not be pinged back."""
+        peer = stream.muxed_conn.peer_id.to_base58()
+        try:
+            while True:
+                # the library's handler gives up after 10 s without a ping too
+                with trio.move_on_after(PING_IDLE_S):
+                    payload = await read_exactly(stream, PING_LENGTH)
+                    self._pinged_at[peer] = trio.current_time()
+                    await stream.write(payload)
+                    continue
+                return
+        except Exception:  # EOF, reset, a short read: the pinger opens a new stream
+            pass
+        finally:
+            await _discard(stream)
+
     async def _watch_peer(self, pid: ID) -> None:
         """Ping a connected peer every interval on one long-lived /ipfs/ping/1.0.0
         stream (a new stream per ping cost ~1 core on a 30-node test mesh);
         disconnect after ``ping_misses`` misses in a row: a SIGSTOPped peer
-        keeps its TCP connection open forever otherwise."""
+        keeps its TCP connection open forever otherwise.  Skip the ping while the
+        peer pings us (it is alive): both sides of a link pinged, now mostly one."""
         cfg, stream, misses = self.config, None, 0
+        peer = pid.to_base58()
         try:
             while True:
-                await trio.sleep(cfg.health_interval_s)
+                # jittered, so the two ends of a link fall out of step and one stays quiet
+                await trio.sleep(cfg.health_interval_s * random.uniform(0.8, 1.2))
                 if not self.host.get_network().get_connections(pid):
                     return
+                if trio.current_time() - self._pinged_at.get(peer, -math.inf) < 1.5 * cfg.health_interval_s:
+                    misses = 0
+                    stream = await _discard(stream)  # idle, the peer's handler would drop it
+                    continue
                 ok = False
                 with trio.move_on_after(cfg.ping_timeout_s):
                     try:
@@ -519,7 +549,8 @@ class Libp2pMesh(Mesh):
                             log.debug("disconnect %s: %s", pid, exc)
                     return
         finally:
-            self._watched.discard(pid.to_base58())
+            self._watched.discard(peer)
+            self._pinged_at.pop(peer, None)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await _discard(stream)
 
