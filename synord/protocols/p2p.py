@@ -499,6 +499,7 @@ class Libp2pMesh(Mesh):
         except Exception:  # EOF, reset, a short read: the pinger opens a new stream
             pass
         finally:
+            self._pinged_at.pop(peer, None)  # no entries left behind by peers that come and go
             await _discard(stream)
 
     async def _watch_peer(self, pid: ID) -> None:
