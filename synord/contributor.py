@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("synord.contributor")
 
 SESSION_IDLE_TTL_S = 120.0  # a session idle report counts this long (the tray re-reports every few s)
+USAGE_WALK_SHARE = 100  # measure_usage sleeps this many times as long as its walk took
 MAX_GRACE_S = 86400  # a preemption notice longer than a day is not a notice
 
 
@@ -202,13 +203,16 @@ class Contributor:
         while True:
             t = time.localtime()
             midnight = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
+            started = time.monotonic()
             cache, _ = await trio.to_thread.run_sync(disk_usage, [h.work], 0.0)
             blobs, today = await trio.to_thread.run_sync(disk_usage, [h.artifacts, h.checkpoints], midnight)
+            took = time.monotonic() - started
             was = self.usage
             self.usage = Usage(cache_bytes=cache + blobs, transferred_today_bytes=today)
             if was is None:
                 self.limits_changed.set()
-            await trio.sleep(5)
+            # every 5 s, or rarer when a big cache makes the walk slow: at most ~1 % of a core
+            await trio.sleep(max(5.0, USAGE_WALK_SHARE * took))
 
     async def watch_policy(self) -> None:
         """Contributor limits turning false (user back, battery, hours) preempt running work;

@@ -16,6 +16,7 @@ have no such counters there and are not metered, nor are GPUs passed to a microV
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -58,7 +59,8 @@ class GpuMeter:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            with trio.move_on_after(self.interval_s):
+            # no metered task: sleep until one starts (no wakeups on an idle node)
+            with trio.move_on_after(self.interval_s if self.meters else math.inf):
                 await self._wake.wait()
             self._wake = trio.Event()
             for key in list(self.meters):

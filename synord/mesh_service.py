@@ -5,12 +5,17 @@ A peer is in the table while we are connected to it or while its signed
 direct disconnect removes it at once; a later announcement with a higher seq
 brings it back.  Announcements go out on start, on
 `notify_profile_changed()`, shortly after a new connection (so a newcomer
-learns us without waiting for the period), and every ``announce_interval_s``.
+learns us without waiting for the period), and every ``period_s()``:
+``announce_interval_s``, stretched in proportion to the peers we know beyond
+PEERS_PER_INTERVAL, so each node hears a bounded number of refreshes per second
+however large the mesh (every node receives every announcement: with a fixed
+period the idle cost per node grew with N).  The expiry stretches alike.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +33,7 @@ log = logging.getLogger("synord.mesh")
 
 CAPS_SYNC = protocol_id("caps")  # /synord/caps/1.0.0
 SYNC_MAX = 1024
+PEERS_PER_INTERVAL = 10  # refreshes heard per announce_interval_s at most, on average
 
 
 def parse_sync_reply(reply: bytes) -> list[bytes]:
@@ -68,7 +74,6 @@ class MeshService:
         self.profile_provider = profile_provider
         self.offer_provider = offer_provider
         self.announce_interval_s = announce_interval_s
-        self.expiry_s = 3 * announce_interval_s
         if mesh is None:
             from synord.protocols.p2p import create_mesh  # heavy (libp2p): only when a mesh starts
         self.mesh = mesh or create_mesh(identity, MeshConfig(
@@ -97,6 +102,15 @@ class MeshService:
     def rejected_counts(self) -> dict[str, int]:
         return dict(self.validator.rejected)
 
+    def period_s(self) -> float:
+        """The refresh period: grows with the mesh (every node hears every refresh)."""
+        return self.announce_interval_s * max(1.0, len(self._peers) / PEERS_PER_INTERVAL)
+
+    @property
+    def expiry_s(self) -> float:
+        # 3 periods: a peer that knows somewhat more peers than we do refreshes less often
+        return 3 * self.period_s()
+
     def notify_profile_changed(self) -> None:
         self._announce_now.set()
 
@@ -123,7 +137,7 @@ class MeshService:
                 await self.announce()
             except Exception as exc:  # a bad profile must not stop the node; try again later
                 log.warning("caps announcement failed: %s: %s", type(exc).__name__, exc)
-            with trio.move_on_after(self.announce_interval_s):
+            with trio.move_on_after(self.period_s() * random.uniform(0.9, 1.0)):  # spread out
                 await self._announce_now.wait()
             self._announce_now = trio.Event()
             await trio.sleep(1.0)  # coalesce bursts of profile changes

@@ -27,6 +27,9 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 _SQLITE_DISK = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CORRUPT", "SQLITE_NOTADB")
 
 
+FILL_RATE = 512 * 2**20  # bytes/s: a fast local disk filling up, for next_check_s
+
+
 def storage_error(exc: BaseException) -> str | None:
     """A short reason when ``exc`` is the disk (or the store on it) failing us, else None."""
     while exc is not None:
@@ -107,6 +110,15 @@ class StorageHealth:
                 self.failure = None
         self._transition(was_ok)
         return self.ok
+
+    def next_check_s(self, fastest: float = 1.0, slowest: float = 10.0) -> float:
+        """When to look again: soon while failing or near the floor, rarely with room to
+        spare (the time the headroom lasts at FILL_RATE; write paths report failures
+        at once anyway), so an idle node does not statvfs every second."""
+        if not self.ok or self.free_bytes is None:
+            return fastest
+        headroom = self.free_bytes - self.min_free_bytes
+        return max(fastest, min(slowest, headroom / FILL_RATE))
 
     def _transition(self, was_ok: bool) -> None:
         if was_ok == self.ok:

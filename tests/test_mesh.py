@@ -246,3 +246,14 @@ async def test_mesh_service_peer_table():
                     timeout=30, what="stopped peer dropped")
         assert s0.rejected_counts() == {}
         n.cancel_scope.cancel()
+
+
+def test_caps_refresh_period_grows_with_the_mesh():
+    """Every node hears every refresh: the period stretches with the peers known, so
+    each node hears about PEERS_PER_INTERVAL refreshes per announce_interval_s."""
+    from synord.mesh_service import PEERS_PER_INTERVAL, PeerEntry
+    s = MeshService(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], [], mdns=False, announce_interval_s=30)
+    assert s.period_s() == 30 and s.expiry_s == 90
+    for i in range(4 * PEERS_PER_INTERVAL):
+        s._peers[f"p{i}"] = PeerEntry(f"p{i}")
+    assert s.period_s() == 4 * 30 and s.expiry_s == 3 * 4 * 30

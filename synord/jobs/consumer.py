@@ -48,6 +48,7 @@ from .task_client import FLUSH_INTERVAL_S, Session, TaskClient, _printable, _sho
 
 log = logging.getLogger("synord.jobs.consumer")
 
+FLUSH_RETRY_S = 1.0  # the flusher's period with no output (deferred rows of a full disk)
 MAX_EVENTS = 64  # notices kept per job (in memory: they narrate, the history records)
 
 
@@ -128,6 +129,7 @@ class ConsumerJobs(TaskClient):
         self.placement = Placement(self)
         self._unsaved = self.jobstore.unsaved  # jobs whose row or history a full disk refused
         self._held = 0  # bytes of output not yet committed
+        self._output_arrived = trio.Event()  # wakes the flusher: an idle node must not poll
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -331,10 +333,19 @@ class ConsumerJobs(TaskClient):
 
 
     async def _flusher(self) -> None:
-        """Commit received output in small batches (one fsync per batch, not per line)."""
+        """Commit received output in small batches (one fsync per batch, not per line).
+        Asleep while nothing arrives (it woke 50 times a second on an idle node); rows a
+        full disk refused are retried each FLUSH_RETRY_S."""
         while True:
-            await trio.sleep(FLUSH_INTERVAL_S)
+            with trio.move_on_after(FLUSH_RETRY_S):
+                await self._output_arrived.wait()
+                self._output_arrived = trio.Event()
+                await trio.sleep(FLUSH_INTERVAL_S)  # what arrives meanwhile joins the batch
             self._flush_all()
+
+    def _output(self, job: ConsumerJob, event) -> None:
+        super()._output(job, event)
+        self._output_arrived.set()
 
     def _flush_all(self) -> None:
         """Commit held output and deferred job rows; on a full disk keep them for the next try."""

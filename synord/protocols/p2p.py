@@ -20,6 +20,7 @@ Every setting here comes from measurements in shared/notes/py-libp2p.md:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
@@ -39,6 +40,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.network.config import ConnectionConfig
 from libp2p.host.ping import ID as PING_ID, PING_LENGTH
+from libp2p.io.utils import read_exactly
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -61,6 +63,8 @@ from .streamlimits import StreamBudget, StreamGuard
 log = logging.getLogger("synord.mesh")
 
 PEERSTORE_TTL_S = 3600
+PING_IDLE_S = 10.0  # an inbound ping stream silent this long is closed (as the library does)
+PX_MAX_STRETCH = 16  # a settled node's periodic peer exchange: every px_interval_s x this at most
 
 _listen_errors: dict[int, str] = {}  # port -> why binding it failed last
 
@@ -224,6 +228,19 @@ class _LeanGossipSub(GossipSub):
             rpc.ClearField("senderRecord")  # the RPC is built per publish: safe to edit
         super().send_rpc(peer_id, rpc, priority)
 
+    def mesh_heartbeat(self):
+        """py-libp2p 0.8.1 bug: pruning an over-full mesh (> degree_high) does not put
+        the pruned peer in backoff here, as the spec and go-libp2p (``prunePeer`` ->
+        ``addBackoff``) do.  So when our mesh later drops below degree_low we GRAFT a
+        peer we pruned seconds ago; it received our PRUNE and takes the GRAFT for a
+        flood ("GRAFT flood detected", 280-480 a run at N=30), prunes us back and the
+        mesh churns.  Back off from every peer we prune, as the spec says."""
+        to_graft, to_prune = super().mesh_heartbeat()
+        for peer, pruned_topics in to_prune.items():
+            for topic in pruned_topics:
+                self._add_back_off(peer, topic, False)
+        return to_graft, to_prune
+
 
 class Libp2pMesh(Mesh):
     def __init__(self, identity: Identity, config: MeshConfig | None = None):
@@ -265,6 +282,8 @@ class Libp2pMesh(Mesh):
         self.dropped_messages = 0
         self.stream_budget = StreamBudget(cfg.streams)
         self.host.get_network().register_notifee(_Notifee(self))
+        self._pinged_at: dict[str, float] = {}  # peer -> when it last pinged us
+        self.host.set_stream_handler(PING_ID, self._answer_pings)
         if cfg.peer_exchange:
             self.set_request_handler(PX_PROTOCOL, self._serve_px, max_request=1024)
 
@@ -464,17 +483,43 @@ class Libp2pMesh(Mesh):
         return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol, guard=guard)
 
     # -- health: drop frozen peers --------------------------------------------
+    async def _answer_pings(self, stream) -> None:
+        """/ipfs/ping/1.0.0, as the library answers it, but noting when each peer
+        last pinged us: a peer that pings us is alive, and need not be pinged back."""
+        peer = stream.muxed_conn.peer_id.to_base58()
+        try:
+            while True:
+                # the library's handler gives up after 10 s without a ping too
+                with trio.move_on_after(PING_IDLE_S):
+                    payload = await read_exactly(stream, PING_LENGTH)
+                    self._pinged_at[peer] = trio.current_time()
+                    await stream.write(payload)
+                    continue
+                return
+        except Exception:  # EOF, reset, a short read: the pinger opens a new stream
+            pass
+        finally:
+            self._pinged_at.pop(peer, None)  # no entries left behind by peers that come and go
+            await _discard(stream)
+
     async def _watch_peer(self, pid: ID) -> None:
         """Ping a connected peer every interval on one long-lived /ipfs/ping/1.0.0
         stream (a new stream per ping cost ~1 core on a 30-node test mesh);
         disconnect after ``ping_misses`` misses in a row: a SIGSTOPped peer
-        keeps its TCP connection open forever otherwise."""
+        keeps its TCP connection open forever otherwise.  Skip the ping while the
+        peer pings us (it is alive): both sides of a link pinged, now mostly one."""
         cfg, stream, misses = self.config, None, 0
+        peer = pid.to_base58()
         try:
             while True:
-                await trio.sleep(cfg.health_interval_s)
+                # jittered, so the two ends of a link fall out of step and one stays quiet
+                await trio.sleep(cfg.health_interval_s * random.uniform(0.8, 1.2))
                 if not self.host.get_network().get_connections(pid):
                     return
+                if trio.current_time() - self._pinged_at.get(peer, -math.inf) < 1.5 * cfg.health_interval_s:
+                    misses = 0
+                    stream = await _discard(stream)  # idle, the peer's handler would drop it
+                    continue
                 ok = False
                 with trio.move_on_after(cfg.ping_timeout_s):
                     try:
@@ -505,7 +550,8 @@ class Libp2pMesh(Mesh):
                             log.debug("disconnect %s: %s", pid, exc)
                     return
         finally:
-            self._watched.discard(pid.to_base58())
+            self._watched.discard(peer)
+            self._pinged_at.pop(peer, None)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await _discard(stream)
 
@@ -547,15 +593,24 @@ class Libp2pMesh(Mesh):
         return msgpack.packb(peers, use_bin_type=True)
 
     async def _px_loop(self) -> None:
-        """Ask newly connected peers (and, periodically, a few others) whom they know."""
+        """Ask newly connected peers (and, periodically, a few others) whom they know.
+        The periodic round doubles its interval (up to PX_MAX_STRETCH times) while our
+        connections stay the same, and asks no one when we have target_peers: an idle,
+        settled node would otherwise open 0.3 streams a second for nothing new."""
+        interval, last_count = self.config.px_interval_s, -1
         async with trio.open_nursery() as nursery:
             while True:
                 targets: list[str] = []
-                with trio.move_on_after(self.config.px_interval_s):
+                with trio.move_on_after(interval * random.uniform(0.8, 1.2)):
                     targets.append(await self._px_queue_recv.receive())
                 if not targets:
                     connected = self.connected_peers()
-                    targets = random.sample(connected, min(3, len(connected)))
+                    if len(connected) == last_count:
+                        interval = min(interval * 2, self.config.px_interval_s * PX_MAX_STRETCH)
+                    else:
+                        interval, last_count = self.config.px_interval_s, len(connected)
+                    if len(connected) < self.config.target_peers:
+                        targets = random.sample(connected, min(3, len(connected)))
                 for peer in targets:
                     nursery.start_soon(self._exchange_with, peer)
 
