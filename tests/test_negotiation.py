@@ -467,3 +467,18 @@ def test_countersign_after_the_deadline_is_late_not_a_crash():
     t[0] += TO.countersign_ms  # the countersign arrives exactly at the deadline, before any tick
     assert prov.receive(cs.envelope.encode()) == []
     assert prov.dropped["late"] == 1 and len(prov.pool) == 0 and prov.finished[-1].state is State.EXPIRED
+
+
+def test_a_full_provider_whose_price_rose_says_it_is_full():
+    # Its price rises with its load; a proposal matched at the old price reaches it when it
+    # has no room: "capacity" (the consumer backs off it), not "price".
+    prov = make_provider(price=1.0)
+    prov.pool.set_capacity({"cpus": 0, "memory_bytes": 0})
+    (out,) = prov.receive(seal(C_ID, "propose", proposal(ask_price=0.5).to_body()).encode())
+    assert decode(out.envelope.encode()).body["reason"] == "capacity"
+    # With room, a risen price is refused as such, and nothing stays reserved.
+    prov.pool.set_capacity({"cpus": 4.0, "memory_bytes": 16 << 30})
+    (out,) = prov.receive(seal(C_ID, "propose", proposal(nid=b"m" * 16, ask_price=0.5).to_body()).encode())
+    body = decode(out.envelope.encode()).body
+    assert body["reason"] == "price" and "rose" in body["detail"]
+    assert len(prov.pool) == 0 and not prov.negotiations

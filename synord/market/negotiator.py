@@ -211,6 +211,10 @@ class Provider(_Party):
                 devices = self.devices.reserve(self._key(m), p.gpus, ask.gpu_class, runtime=p.runtime)
             except InsufficientCapacity as exc:
                 reason, detail = "capacity", str(exc)
+        if reason is None and p.ask_price is not None and ask.price > p.ask_price:
+            # The consumer countersigns no more than the ask it matched. Checked after the
+            # capacity: a full provider (whose price also rose with its load) says it is full.
+            reason, detail = "price", f"ask price rose to {ask.price:g} (matched at {p.ask_price:g})"
         if reason is not None:
             return self._reject(m, consumer, reason, detail, now)
         m.send(Reserve(), now)
@@ -245,9 +249,6 @@ class Provider(_Party):
             return "runtime", f"{p.runtime} not offered (offered: {', '.join(ask.runtimes)})"
         if ask.price > p.max_price:
             return "price", f"ask price {ask.price:g} > max {p.max_price:g}"
-        if p.ask_price is not None and ask.price > p.ask_price:
-            # The consumer countersigns no more than the ask it matched.
-            return "price", f"ask price rose to {ask.price:g} (matched at {p.ask_price:g})"
         if p.cores > ask.cores or p.memory > ask.memory or p.gpus > ask.gpus:
             return "exceeds_ask", "need exceeds the ask's quantity"
         if p.gpus and p.gpu_class is not None and p.gpu_class != ask.gpu_class:
