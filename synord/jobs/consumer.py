@@ -31,8 +31,6 @@ import trio
 from synord.protocols.envelope import seal
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import Terms
-from synord.protocols.refusals import REFUSALS
-from synord.protocols.tasks import TaskSpecError, check_progress
 from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file
 
 from .. import humanize as hz
@@ -200,16 +198,6 @@ class ConsumerJobs(TaskClient):
         del job.events[:-MAX_EVENTS]
         log.info("job notice", extra={"job": job.id, "notice": text})
         job.notify()
-
-    def _provider_progress(self, job: ConsumerJob, peer: str, frame: Any) -> None:
-        """A progress frame from the provider starting our task: peer input, checked;
-        garbage is counted and ignored (the start goes on)."""
-        try:
-            p = check_progress(frame)
-        except TaskSpecError:
-            REFUSALS.count("task_output", "bad_progress_frame")
-            return
-        self._progress(job, p["phase"], p["done"], p["total"], note=f"{_short(peer)}: {p['phase']}")
 
     # ---- submission (everything checked before anything is reserved) ------------------
 

@@ -127,8 +127,8 @@ class TaskClient:
                 if event.slug != "bad_progress_frame":  # a bad progress frame is only a lost notice
                     raise LaunchRefused(event.detail)
             elif isinstance(event, ts.Progress):
-                self._provider_progress(job, peer, {"phase": event.phase, "done": event.done,
-                                                    "total": event.total})
+                # already checked by the machine (protocols.tasks.check_progress)
+                self._progress(job, event.phase, event.done, event.total, note=f"{_short(peer)}: {event.phase}")
             elif isinstance(event, ts.Error):
                 raise LaunchRefused(event.text)
             elif isinstance(event, ts.Started):
