@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from synord.jobs.migration import (INFEASIBLE, Displaced, Slot, Thresholds, assign_greedy,
-                                   assign_optimal, cost, cost_matrix, decide_mode)
+from synord.jobs.migration import INFEASIBLE, Displaced, Slot, assign_greedy, assign_optimal, cost, cost_matrix
+from synord.protocols.handover import Thresholds, decide_mode
 
 MiB = 1 << 20
 

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 import trio
 
 from synord.protocols.envelope import seal
+from synord.protocols.handover import Thresholds
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import Terms
 from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file
@@ -39,7 +40,6 @@ from ..market.port import Market, Needs, NoPlacement
 from ..store import Store
 from . import agreements, output as ndjson, submit as submission
 from .jobstore import JobStore
-from .migration import Thresholds
 from .placement import Placement
 from .spec import TERMINAL, JobSpec, RunState, SpecView, from_stored, stored
 from .task_client import FLUSH_INTERVAL_S, Session, TaskClient, _printable, _short

@@ -36,9 +36,6 @@ class _Numpy:
 
 np = _Numpy()
 
-# The grace-period rule is part of the hand-over machine; re-exported here for its callers.
-from synord.protocols.handover import Thresholds, decide_mode  # noqa: F401
-
 INFEASIBLE = float("inf")  # the task does not fit that slot
 
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from synord.jobs.migration import Displaced, Slot, cost_matrix, decide_mode, INFEASIBLE
+from synord.jobs.migration import Displaced, Slot, cost_matrix, INFEASIBLE
+from synord.protocols.handover import decide_mode
 from synord.market import pricing
 
 from .accounting import Ledger
