@@ -103,6 +103,8 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if getattr(args, "job", None):  # `synord status JOB`: one job (a service's period, restarts, volumes)
+        return cmd_job(argparse.Namespace(**{**vars(args), "id": args.job}))
     data = _client(args).get("/v1/status")
     _emit(args, data, lambda d: "\n".join([
         f"peer id      {d['peer_id']}",
@@ -447,6 +449,10 @@ def cmd_run(args) -> int:
             "cpus": args.cpus, "memory_bytes": args.memory, "max_price": args.max_price,
             "timeout_s": args.timeout, "checkpointable": args.checkpointable,
             "env": dict(args.env)}
+    if args.service:
+        spec["service"] = _service_request(args)
+    elif args.volume or args.health_cmd or args.health_tcp:
+        raise CliError("--volume and --health-* need --service")
     if args.image_ref:
         spec["image_ref"] = args.image_ref
     if args.gpus:
@@ -476,6 +482,23 @@ def cmd_run(args) -> int:
     if code is None:
         code = final.get("exit_code")
     return 1 if code is None else int(code)
+
+
+def _service_request(args) -> dict:
+    """--service and its options as the request's ``service`` map (checked by the daemon)."""
+    import shlex
+    from .protocols.servicespec import VolumeError, parse_arg
+    try:
+        volumes = [parse_arg(v) for v in args.volume]
+    except VolumeError as exc:
+        raise CliError(f"--volume: {exc}") from None
+    health = None
+    if args.health_cmd and args.health_tcp:
+        raise CliError("--health-cmd and --health-tcp: pick one")
+    if args.health_cmd or args.health_tcp:
+        health = {"interval_s": args.health_interval, "retries": args.health_retries}
+        health.update({"cmd": shlex.split(args.health_cmd)} if args.health_cmd else {"tcp": args.health_tcp})
+    return {"period_s": args.period, "volumes": volumes, "health": health}
 
 
 def _say_if_waiting(client, job_id: str, within_s: float = 0.8) -> str | None:
@@ -662,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
     d.add_argument("--api", metavar="HOST:PORT|unix:PATH")
     d.add_argument("--no-mdns", action="store_true")
-    add("status", cmd_status, "node status")
+    add("status", cmd_status, "node status (or one job's: synord status JOB)").add_argument(
+        "job", nargs="?", metavar="JOB")
     add("peers", cmd_peers, "known peers and their capabilities")
     add("doctor", cmd_doctor, "checks of this node (storage, state store, runtimes) with the reason when not ok")
     pr = add("probe", cmd_probe, "this machine's capability profile")
@@ -724,6 +748,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpu-class", metavar="CLASS", help="GPU class, e.g. h100, a100, consumer, h100-1g-10gb")
     r.add_argument("--gpu-memory", type=parse_size, metavar="SIZE", help="memory needed on each GPU")
     r.add_argument("--cuda-capability", metavar="X.Y", help="least CUDA compute capability")
+    r.add_argument("--service", action="store_true",
+                   help="a long-running service (container or microvm): up until cancelled, renewed per period")
+    r.add_argument("--period", type=float, default=60.0, metavar="S", help="service renewal/billing period")
+    r.add_argument("--volume", action="append", default=[], metavar="NAME:/PATH",
+                   help="named volume kept on the provider, mounted at PATH (repeatable)")
+    r.add_argument("--health-cmd", metavar="CMD", help="health check: a command run inside the sandbox")
+    r.add_argument("--health-tcp", type=int, metavar="PORT", help="health check: TCP connect to PORT inside")
+    r.add_argument("--health-interval", type=float, default=5.0, metavar="S")
+    r.add_argument("--health-retries", type=int, default=3, metavar="N",
+                   help="failures in a row before the service is restarted")
     task_flags(r)
     sb = sub.add_parser("sandbox", help="try this host's sandboxes locally, without the mesh")
     sbsub = sb.add_subparsers(dest="sandbox_command", metavar="COMMAND", parser_class=_Parser)

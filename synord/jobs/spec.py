@@ -50,6 +50,8 @@ class JobSpec:
     # GPUs asked for (synord.gpu_request): {gpus, gpu_class, gpu_memory, cuda}; None: none.
     # Consumer side: the market places them; the agreement names the devices.
     gpu: dict | None = None
+    # A long-running service (synord.protocols.servicespec: {period_s, volumes, health}); None: a task.
+    service: dict | None = None
 
     # ---- what each party makes of it -------------------------------------------------------
 
@@ -79,7 +81,8 @@ class JobSpec:
                 "artifact_sha256": self.sha256, "args": list(self.args), "env": dict(self.env),
                 "limits": self.limits(), "checkpointable": self.checkpointable,
                 "checkpoint_interval_s": checkpoint_interval_s if self.checkpointable else 0,
-                "restore": restore, "progress": progress}
+                "restore": restore, "progress": progress,
+                **({"service": self.service} if self.service else {})}
 
     @classmethod
     def from_task_start(cls, body: dict) -> "JobSpec":
@@ -88,7 +91,8 @@ class JobSpec:
         return cls(kind=body["kind"], sha256=body["artifact_sha256"], args=tuple(body.get("args", [])),
                    env=tuple(dict(body.get("env", {})).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
-                   pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")))
+                   pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")),
+                   service=body.get("service") or None)
 
     def task_spec(self, artifact: Path, workdir: Path, task_id: str):
         """The sandbox's `TaskSpec` for this job, its artefact at ``artifact``."""
@@ -106,7 +110,7 @@ class JobSpec:
         return {"kind": self.kind, "artifact": self.artifact, "sha256": self.sha256,
                 "args": list(self.args), "env": dict(self.env), "limits": self.limits(),
                 "max_price": self.max_price, "checkpointable": self.checkpointable,
-                **({"gpu": self.gpu} if self.gpu else {})}
+                **({"gpu": self.gpu} if self.gpu else {}), **({"service": self.service} if self.service else {})}
 
     @classmethod
     def from_stored(cls, d: dict) -> "JobSpec":
@@ -115,7 +119,8 @@ class JobSpec:
                    env=tuple((d.get("env") or {}).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(d.get("checkpointable")),
-                   artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None)
+                   artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None,
+                   service=d.get("service") or None)
 
     def __getitem__(self, key: str) -> Any:
         """The stored form's keys (``spec["limits"]["cpus"]``): for code not yet moved to the fields."""

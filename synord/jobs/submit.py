@@ -93,4 +93,17 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
                    # A passed-through GPU (VFIO) blocks QEMU's migration: such a microVM cannot checkpoint.
                    checkpointable=(bool(req.get("checkpointable")) or kind in ("wasm", "microvm"))
                    and not (gpu and kind == "microvm"),
-                   artifact=str(path), max_price=max_price, gpu=gpu)
+                   artifact=str(path), max_price=max_price, gpu=gpu, service=_service(req, kind))
+
+
+def _service(req: dict, kind: str) -> dict | None:
+    """``service`` of the request (synord.protocols.servicespec), checked; None for a task."""
+    from synord.protocols.servicespec import check_service
+    if req.get("service") is None:
+        return None
+    if kind == "wasm":
+        raise ValueError("a service runs in a container or a microVM: wasm tasks run to an exit")
+    service = check_service(req["service"])
+    if kind == "microvm" and service["volumes"]:
+        raise ValueError("microVM services cannot have volumes yet (the guest has no shared filesystem)")
+    return service

@@ -309,24 +309,43 @@ class Provider(_Party):
         return [self._seal(consumer, ev)]
 
     def settle(self, consumer: str, nid: bytes, *, cpu_s: float, peak_memory: int,
-               outcome: str = "completed", reason: str = "", gpu: dict | None = None) -> list[Send]:
+               outcome: str = "completed", reason: str = "", gpu: dict | None = None,
+               started: int | None = None) -> list[Send]:
         """The run is over: end the lease (if still on) and send the signed receipt.
-        Metering (cpu_s, peak_memory) comes from the runtime."""
+        Metering (cpu_s, peak_memory) comes from the runtime. ``started``: where the
+        bill starts when periods before it were billed already (a service)."""
         m = self.negotiations.get((consumer, nid)) or next(
             (f for f in reversed(self.finished) if (f.consumer, f.nid) == (consumer, nid)), None)
         if m is None or m.terms is None or m.csig is None:
             raise KeyError("no countersigned agreement for this negotiation")
         out = self.end(consumer, nid, outcome, reason) if not m.done else []
         now = self.clock()
+        ended = min(now, m.terms.expires)
         sr = issue(self.identity, m.terms, cpu_s=cpu_s, peak_memory=peak_memory,
-                   started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome, gpu=gpu)
+                   started=m.terms.created if started is None else min(started, ended),
+                   ended=ended, outcome=outcome, gpu=gpu)
+        return out + [self._deliver(consumer, sr, now)]
+
+    def bill_period(self, consumer: str, nid: bytes, period: Terms, *, cpu_s: float = 0.0,
+                    peak_memory: int = 0) -> list[Send]:
+        """A service's period is over (synord.protocols.servicelease): its own signed
+        receipt, on ``period`` (the agreement narrowed to that window), lease untouched."""
+        m = self.negotiations.get((consumer, nid))
+        if m is None or m.terms is None or m.csig is None:
+            raise KeyError("no countersigned agreement for this negotiation")
+        sr = issue(self.identity, period, cpu_s=cpu_s, peak_memory=peak_memory,
+                   started=period.created, ended=period.expires, outcome="completed")
+        return [self._deliver(consumer, sr, self.clock())]
+
+    def _deliver(self, consumer: str, sr: SignedReceipt, now: int) -> Send:
+        """Keep a receipt we signed until acknowledged (resent on the delivery schedule)."""
         self._unacked[sr.receipt.aid] = sr
         self._delivery.issue(sr.receipt.aid, now)
         if self.on_receipt_issued:
             self.on_receipt_issued(sr, now)
         while len(self._unacked) > MAX_SETTLING:
             self._close_receipt(self._unacked.popitem(last=False)[0])
-        return out + [Send(consumer, seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now))]
+        return Send(consumer, seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now))
 
     def resume_receipt(self, sr: SignedReceipt, first_sent: int) -> None:
         """A receipt issued before our restart and not yet acknowledged: resend it

@@ -240,14 +240,26 @@ class MarketService:
             self.on_agreement(negotiation.terms)
 
     def provider_settle(self, terms: Terms, cpu_s: float, peak_memory: int, outcome: str,
-                        gpu: dict | None = None) -> None:
+                        gpu: dict | None = None, started: int | None = None) -> None:
         """The task under ``terms`` ended: end the lease, release, send the signed receipt
-        (``gpu``: synord.gpu_meter's totals for its devices)."""
+        (``gpu``: synord.gpu_meter's totals for its devices; ``started``: a service's
+        first unbilled millisecond)."""
         try:
             sends = self.provider.settle(terms.consumer, terms.nid, cpu_s=cpu_s,
-                                         peak_memory=peak_memory, outcome=outcome, gpu=gpu)
+                                         peak_memory=peak_memory, outcome=outcome, gpu=gpu, started=started)
         except KeyError:
             log.warning("no agreement to settle", extra={"aid": terms.aid.hex()})
+            return
+        self._nursery.start_soon(self._send_all, sends, "consumer")
+
+    def provider_bill_period(self, terms: Terms, period: Terms, cpu_s: float = 0.0,
+                             peak_memory: int = 0) -> None:
+        """A service's period under ``terms`` is over: send its own signed receipt."""
+        try:
+            sends = self.provider.bill_period(terms.consumer, terms.nid, period, cpu_s=cpu_s,
+                                              peak_memory=peak_memory)
+        except KeyError:
+            log.warning("no agreement to bill a period of", extra={"aid": terms.aid.hex()})
             return
         self._nursery.start_soon(self._send_all, sends, "consumer")
 

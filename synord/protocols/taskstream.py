@@ -27,6 +27,9 @@ clocks: heartbeats carry the sender's ``now_ms``; liveness is `synord.protocols.
                                                              STREAMING -> EXITED
     consumer: Cancel   {"cancel": true} --------------------> STREAMING | BLOB
     consumer: CheckpointRequest {"checkpoint": {stop[, push_to]}}  STREAMING | BLOB
+    consumer: Renew    {"renew": k} (a service pays period k) --> STREAMING | BLOB
+    provider: ServiceInfo {"service": {restarts, paid, volumes}} --> STREAMING
+              (a service's state: synord.protocols.servicelease; volumes: {name: bytes})
 
 Output offsets: the consumer's machine holds, per stream, how many bytes it
 has (``have``, restored from the store or a checkpoint's offsets).  An
@@ -62,6 +65,8 @@ STREAMS = ("stdout", "stderr")
 MAX_TEXT = 1024  # error / ckpt_error / preempt reason: longer is cut, never trusted
 _SHA = re.compile(r"[0-9a-f]{64}")
 _MAX_OFFSET = 1 << 62
+_MAX_PERIOD = 1 << 20  # a service period or restart count (synord.protocols.servicelease.MAX_PERIODS)
+_VOLUME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # a volume name (synord.protocols.servicespec.NAME_RE)
 
 
 class State(str, enum.Enum):
@@ -149,6 +154,26 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class ServiceInfo:
+    """A service's state as its provider sees it: restarts, the last period paid, volume sizes."""
+    restarts: int
+    paid: int
+    volumes: dict = field(default_factory=dict)
+
+    def frame(self) -> dict:
+        return {"service": {"restarts": self.restarts, "paid": self.paid, "volumes": dict(self.volumes)}}
+
+
+@dataclass(frozen=True)
+class Renew:
+    """The consumer pays the service's period ``period`` (synord.protocols.servicelease)."""
+    period: int
+
+    def frame(self) -> dict:
+        return {"renew": self.period}
+
+
+@dataclass(frozen=True)
 class Preempt:
     grace_s: float
     deadline_ms: int
@@ -233,14 +258,15 @@ S = State
 TRANSITIONS: dict[str, dict[State, dict[type, State]]] = {
     CONSUMER: {
         S.IDLE: {Open: S.OPENING},
-        S.STREAMING: {Cancel: S.STREAMING, CheckpointRequest: S.STREAMING},
-        S.BLOB: {Cancel: S.BLOB, CheckpointRequest: S.BLOB},
+        S.STREAMING: {Cancel: S.STREAMING, CheckpointRequest: S.STREAMING, Renew: S.STREAMING},
+        S.BLOB: {Cancel: S.BLOB, CheckpointRequest: S.BLOB, Renew: S.BLOB},
         S.EXITED: {Cancel: S.EXITED},  # a cancel crossing the exit frame is harmless
     },
     PROVIDER: {
         S.OPENING: {Progress: S.OPENING, Started: S.STREAMING, Error: S.CLOSED},
         S.STREAMING: {Output: S.STREAMING, Heartbeat: S.STREAMING, Preempt: S.STREAMING,
                       Checkpoint: S.STREAMING, CheckpointError: S.STREAMING, Exit: S.EXITED,
+                      ServiceInfo: S.STREAMING,
                       Error: S.CLOSED},
         S.BLOB: {Blob: S.STREAMING},
     },
@@ -276,6 +302,11 @@ def parse(role: str, frame: Any) -> Any:
                                          and isinstance(push.get("addrs", []), list)):
                 push = None  # a broken push request: the checkpoint goes through the consumer
             return CheckpointRequest(bool(req.get("stop")), push)
+        if "renew" in frame:
+            k = frame["renew"]
+            if not _is_int(k) or not 0 < k <= _MAX_PERIOD:
+                return Refused("bad_renewal", "renew must name a period number")
+            return Renew(k)
         return Refused("unknown_frame", "not a consumer task frame")
     if "o" in frame:
         s, off, data = frame.get("o"), frame.get("off"), frame.get("d")
@@ -286,6 +317,16 @@ def parse(role: str, frame: Any) -> Any:
         return Output(s, off, data)
     if "hb" in frame:
         return Heartbeat(frame["hb"] if _is_int(frame["hb"]) else 0)
+    if "service" in frame:
+        info = frame["service"]
+        vols = info.get("volumes", {}) if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and _is_int(info.get("restarts")) and 0 <= info["restarts"] <= _MAX_PERIOD
+                and _is_int(info.get("paid")) and 0 <= info["paid"] <= _MAX_PERIOD
+                and isinstance(vols, dict) and len(vols) <= 8
+                and all(isinstance(k, str) and _VOLUME.fullmatch(k) and _is_int(v) and 0 <= v <= _MAX_OFFSET
+                        for k, v in vols.items())):
+            return Refused("bad_service_frame", "service frame without restarts, paid or volume sizes")
+        return ServiceInfo(info["restarts"], info["paid"], dict(vols))
     if "ckpt" in frame:
         info = frame["ckpt"]
         if not isinstance(info, dict):
