@@ -87,6 +87,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "cache_max_bytes": (8 << 30, "int", "artefact and checkpoint cache limit; least recently used go first"),
         "min_free_bytes": (128 << 20, "int",
                            "below this much free disk the node takes no new work (and says why)"),
+        "volume_quota_bytes": (1 << 30, "int", "most one consumer's service volumes may hold here"),
     },
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
@@ -223,7 +224,7 @@ def validate(cfg: Config) -> None:
         for key, (_d, kind, _h) in keys.items():
             if kind == "float" and not math.isfinite(cfg[f"{section}.{key}"]):
                 fail(f"{section}.{key}", "must be a finite number")
-    for key in ("storage.cache_max_bytes", "storage.min_free_bytes"):
+    for key in ("storage.cache_max_bytes", "storage.min_free_bytes", "storage.volume_quota_bytes"):
         if cfg[key] < 0:
             fail(key, "must not be negative")
     for key in ("jobs.heartbeat_interval_s", "jobs.lease_timeout_s", "node.announce_interval_s"):

@@ -296,6 +296,8 @@ class Node:
             on_finished=self._task_finished,
             heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])
         self.provider_jobs.gpu = self.gpu
+        self.provider_jobs.services.volumes.quota_bytes = c["storage.volume_quota_bytes"]
+        self.provider_jobs.services.on_period = self.market.provider_bill_period
         self.provider_jobs.register(self.mesh.mesh)
         await nursery.start(self.provider_jobs.run)
         await nursery.start(self.market.run)
@@ -322,7 +324,8 @@ class Node:
         if terms.devices:  # the receipt with its GPU totals, then the devices are free
             self.gpu.settle(terms, outcome, usage, self.market.provider_settle)
         else:
-            self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome)
+            self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome,
+                                        started=self.provider_jobs.services.billed_until_aid(terms.aid))
 
     def gpu_units(self) -> list[dict]:
         """This host's GPUs as allocatable units (synord.hwprobe.gpu_units)."""

@@ -37,6 +37,7 @@ from . import output as ndjson
 from .checkpoints import CheckpointError, unpack
 from .exec_service import ShellService
 from .executor import TaskExecution
+from .services import ProviderServices, ServiceSpecError, VolumeError
 from .spec import JobSpec
 from .task_server import TaskRefused, TaskServer, _refuse
 from .taskstore import TaskStore
@@ -66,6 +67,8 @@ class ProviderTask:
     # stop-checkpoint's bytes, since the task ends *because* of that checkpoint.
     ckpt_lock: trio.Lock = field(default_factory=trio.Lock)
     exit_sent: trio.Event = field(default_factory=trio.Event)  # the consumer has heard the end
+    service: Any = None  # a service's synord.jobs.services.ServiceRun; None for a task
+    restarting: bool = False  # a service's sandbox is being replaced (its end is no exit)
 
     @property
     def key(self) -> str:
@@ -98,6 +101,8 @@ class ProviderJobs(TaskServer):
         self._nursery: trio.Nursery | None = None
         self._mesh = None  # set by register(); used to push checkpoints onward
         self._received_for: dict[str, str] = {}  # blob sha -> consumer whose task has not started
+        from ..volumes import Volumes
+        self.services = ProviderServices(Volumes(home.path / "volumes"))
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -299,6 +304,11 @@ class ProviderJobs(TaskServer):
             except ValueError as exc:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise TaskRefused("device_unavailable", f"device injection failed: {exc}") from None
+        try:
+            service = self.services.prepare(consumer, body, spec)
+        except (ServiceSpecError, VolumeError) as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise TaskRefused(exc.slug, f"service refused: {exc}") from None
         restore_dir = None
         start_offsets = None
         if csha is not None:
@@ -322,6 +332,8 @@ class ProviderJobs(TaskServer):
         if terms.devices:
             self.gpu.task_started(terms)  # held until the task ends, and metered
         await self._nursery.start(self._run_task, task)
+        if service is not None and not execution.done.is_set():
+            self.services.start(self._nursery, task, service)
         if execution.done.is_set() and execution.error:
             raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")
         log.info("task started", extra={"job": job_id, "kind": body["kind"],
@@ -331,6 +343,8 @@ class ProviderJobs(TaskServer):
     async def _run_task(self, task: ProviderTask, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
             await task.execution.run(task_status=task_status)
+            while task.restarting:  # a service's failed health check: a fresh sandbox
+                await self.services.rerun(task)
         finally:
             st = task.execution.status
             state = "checkpointed" if task.handed_back else ("succeeded" if st.code == 0 and not st.reason else "failed")

@@ -190,12 +190,14 @@ class TaskServer:
         last_hb = 0.0
         next_ckpt = (trio.current_time() + task.checkpoint_interval_s
                      if task.checkpointable and task.checkpoint_interval_s > 0 else None)
+        service_seen = None
         while True:
+            ex = task.execution  # a service's restart replaces it (synord.jobs.services.rerun)
             changed = ex.output.changed
             # Read before draining: nothing is appended once the execution is done, so
             # the drain below then sends the very last byte (output that arrived while
             # earlier frames were going out included) before the exit frame.
-            ended = ex.done.is_set()
+            ended = ex.done.is_set() and not task.restarting
             for s, off, data in ex.output.since(dict(offsets)):
                 for i in range(0, len(data), CHUNK):
                     await att.send(ts.Output(s, off + i, data[i:i + CHUNK]))  # as att.machine.output() cuts
@@ -210,6 +212,9 @@ class TaskServer:
             if now - last_hb >= self.heartbeat_s:
                 await att.send(ts.Heartbeat(int(time.time() * 1000)))
                 last_hb = now
+                if task.service is not None and service_seen != (info := self.services.info(task)):
+                    await att.send(ts.ServiceInfo(**info))  # restarts, paid period, volume sizes
+                    service_seen = info
             if next_ckpt is not None and now >= next_ckpt and not task.preempt:
                 try:
                     await self._send_checkpoint(att, task, stop=False)
@@ -235,6 +240,8 @@ class TaskServer:
             elif isinstance(event, ts.Cancel):
                 log.info("task cancelled by its consumer", extra={"job": task.job_id})
                 await task.execution.cancel()
+            elif isinstance(event, ts.Renew):
+                self.services.renewed(task, event.period)
             elif isinstance(event, ts.CheckpointRequest):
                 try:
                     await self._send_checkpoint(att, task, stop=event.stop, push=event.push_to)

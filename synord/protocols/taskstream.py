@@ -57,6 +57,8 @@ from typing import Any
 
 from .framing import CHUNK
 from .tasks import TaskSpecError, check_progress
+from .servicelease import MAX_PERIODS as _MAX_PERIOD
+from .servicespec import NAME_RE as _VOLUME
 from .transfer import MAX_BLOB_BYTES
 
 CONSUMER, PROVIDER = "consumer", "provider"
@@ -65,8 +67,6 @@ STREAMS = ("stdout", "stderr")
 MAX_TEXT = 1024  # error / ckpt_error / preempt reason: longer is cut, never trusted
 _SHA = re.compile(r"[0-9a-f]{64}")
 _MAX_OFFSET = 1 << 62
-_MAX_PERIOD = 1 << 20  # a service period or restart count (synord.protocols.servicelease.MAX_PERIODS)
-_VOLUME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # a volume name (synord.protocols.servicespec.NAME_RE)
 
 
 class State(str, enum.Enum):

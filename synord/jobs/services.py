@@ -1,0 +1,236 @@
+"""Provider side of services: a task that stays up, paid and billed per period,
+watched by a health check, restarted in place when the check keeps failing,
+its named volumes mounted from the provider's disk.
+
+The period bookkeeping is `synord.protocols.servicelease.ServiceLease`'s; this
+driver only feeds it the clock and the consumer's renewals, and does what it
+says: bill a period (`on_period`: the market signs and delivers the receipt),
+or stop the service when the paid time is over.  A health-check failure
+``retries`` times in a row sets ``task.restarting`` and kills the sandbox;
+`ProviderJobs._run_task` then runs a fresh sandbox from the same artefact
+(`rerun`), its output numbered on from where the last one stopped, so the
+consumer's stream never sees an exit between the two.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import trio
+
+from synord.protocols.negotiation import Terms
+from synord.protocols.refusals import REFUSALS
+from synord.protocols.servicelease import Bill, ServiceLease, Stop, period_terms
+from synord.protocols.servicespec import ServiceSpecError, VolumeError, check_service
+from synord.runtimes.base import Mount
+
+from ..volumes import Volumes
+from .executor import TaskExecution
+
+if TYPE_CHECKING:
+    from .provider import ProviderTask
+
+log = logging.getLogger("synord.jobs.services")
+
+HEALTH_TIMEOUT_S = 5.0  # one check's deadline
+HEALTH_GRACE_S = 1.0
+CLONE_NEWNET = 0x40000000  # after a (re)start, before the first check
+
+
+@dataclass
+class ServiceRun:
+    """One service on this provider: its spec, lease, health and restarts."""
+    spec: dict
+    lease: ServiceLease
+    restarts: int = 0
+    failures: int = 0  # health-check failures in a row
+    last_health: str | None = None
+    sandboxes: int = 1
+    changed: trio.Event = field(default_factory=trio.Event)  # tell the attached consumer
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class ProviderServices:
+    def __init__(self, volumes: Volumes, on_period: Callable[[Terms, Terms], None] | None = None):
+        self.volumes = volumes
+        self.on_period = on_period  # (agreement, period's terms): the market bills it
+        self.runs: dict[bytes, ServiceRun] = {}  # agreement id -> its service (while the node runs)
+
+    # ---- at task.start ----------------------------------------------------------------
+
+    def prepare(self, consumer: str, body: dict, spec) -> dict | None:
+        """Check a task.start's ``service`` and mount its volumes into the sandbox spec;
+        raises ServiceSpecError / VolumeError (each with its slug) on a bad one."""
+        if body.get("service") is None:
+            return None
+        service = check_service(body["service"])
+        if service["volumes"] and spec.kind != "container":
+            raise VolumeError("volumes are mounted into containers only", "volume_unsupported")
+        self.volumes.check_quota(consumer)
+        for v in service["volumes"]:
+            spec.mounts.append(Mount(self.volumes.path(consumer, v["name"]), v["path"], writable=True))
+        return service
+
+    def start(self, nursery: trio.Nursery, task: "ProviderTask", service: dict) -> None:
+        lease = ServiceLease(task.terms, int(service["period_s"] * 1000))
+        task.service = self.runs[task.terms.aid] = ServiceRun(service, lease)
+        nursery.start_soon(self._supervise, task)
+
+    # ---- renewals and periods -----------------------------------------------------------
+
+    def renewed(self, task: "ProviderTask", k: int) -> None:
+        run = task.service
+        if run is None:
+            REFUSALS.count("service", "not_a_service")
+            return
+        slug = run.lease.renewed(k)
+        if slug is not None:
+            REFUSALS.count("service", slug)
+            log.info("renewal refused", extra={"job": task.job_id, "reason": slug})
+        else:
+            run.poke()
+
+    def billed_until_aid(self, aid: bytes) -> int | None:
+        """Where the final receipt of the service under ``aid`` starts (None: not a service)."""
+        run = self.runs.pop(aid, None)
+        return run.lease.billed_until if run is not None else None
+
+    def info(self, task: "ProviderTask") -> dict:
+        run = task.service
+        names = [v["name"] for v in run.spec["volumes"]]
+        return {"restarts": run.restarts, "paid": run.lease.paid,
+                "volumes": self.volumes.sizes(task.consumer, names)}
+
+    async def _supervise(self, task: "ProviderTask") -> None:
+        run = task.service
+        async with trio.open_nursery() as n:
+            if run.spec["health"]:
+                n.start_soon(self._health_loop, task)
+            while not (task.execution.done.is_set() and not task.restarting):
+                for action in run.lease.tick(int(time.time() * 1000)):
+                    if isinstance(action, Bill) and self.on_period is not None:
+                        self.on_period(task.terms, period_terms(task.terms, run.lease.period_ms, action.period))
+                        log.info("service period billed", extra={"job": task.job_id, "period": action.period})
+                    elif isinstance(action, Stop):
+                        log.info("service stopped", extra={"job": task.job_id, "reason": action.reason})
+                        task.restarting = False
+                        await task.execution.cancel()
+                nxt = run.lease.next_deadline()
+                wait = 1.0 if nxt is None else max(0.05, min(1.0, nxt / 1000 - time.time()))
+                with trio.move_on_after(wait):
+                    await task.execution.done.wait()
+            n.cancel_scope.cancel()
+
+    # ---- health and restarts ----------------------------------------------------------
+
+    async def _health_loop(self, task: "ProviderTask") -> None:
+        run = task.service
+        h = run.spec["health"]
+        await trio.sleep(HEALTH_GRACE_S)
+        while True:
+            await trio.sleep(h["interval_s"])
+            ex = task.execution
+            if ex.done.is_set() or task.restarting or ex.sandbox is None:
+                continue
+            ok, why = await self._check(ex, h)
+            run.last_health = "ok" if ok else why
+            run.failures = 0 if ok else run.failures + 1
+            if run.failures >= h["retries"] and not ex.done.is_set():
+                log.warning("service unhealthy: restarting", extra={"job": task.job_id, "why": why,
+                                                                    "failures": run.failures})
+                task.restarting = True
+                run.failures = 0
+                await ex.cancel()
+
+    async def _check(self, ex: TaskExecution, h: dict) -> tuple[bool, str]:
+        with trio.move_on_after(HEALTH_TIMEOUT_S):
+            try:
+                if "cmd" in h:
+                    async with ex.sandbox.exec(h["cmd"]) as proc:
+                        async for _ in proc.output:
+                            pass
+                        code = await proc.wait()
+                    return code == 0, f"health command exited {code}"
+                pid = _sandbox_pid(ex.sandbox)
+                if pid is None:
+                    return False, "no process in the sandbox"
+                await trio.to_thread.run_sync(_connect_in_netns, pid, h["tcp"])
+                return True, "ok"
+            except Exception as exc:
+                return False, f"{type(exc).__name__}: {exc}"[:200]
+        return False, "health check timed out"
+
+    async def rerun(self, task: "ProviderTask") -> None:
+        """A fresh sandbox for a service whose health check failed: same artefact, mounts
+        and limits; output offsets go on from the old one's end."""
+        old = task.execution
+        run = task.service
+        run.restarts += 1
+        run.sandboxes += 1
+        shutil.rmtree(old.spec.workdir, ignore_errors=True)
+        workdir = task.workdir / f"sandbox-{run.sandboxes}"
+        workdir.mkdir()
+        spec = replace(old.spec, workdir=workdir, mounts=list(old.spec.mounts))
+        task.execution = TaskExecution(task.job_id, old.runtime, spec, start_offsets=dict(old.output.offsets))
+        task.restarting = False
+        old.output.changed.set()  # the writer moves to the new execution
+        run.poke()
+        log.info("service restarted", extra={"job": task.job_id, "restarts": run.restarts})
+        await task.execution.run()
+
+
+def _sandbox_pid(sandbox) -> int | None:
+    """A process inside the sandbox (its cgroup's first), for its network namespace."""
+    cg = getattr(sandbox, "cgroup", None)
+    pids: list[str] = []
+    for d in (cg._dirs() if cg is not None else []):
+        try:
+            pids = Path(d, "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        if pids:
+            break
+    return int(pids[0]) if pids else None
+
+
+def _connect_in_netns(pid: int, port: int) -> None:
+    """A TCP connect to 127.0.0.1:port inside process ``pid``'s network namespace
+    (this thread enters it, and goes back to ours before returning)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def setns(fd: int) -> None:  # os.setns is Python 3.12's
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    theirs = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        setns(theirs)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=HEALTH_TIMEOUT_S):
+                pass
+        finally:
+            setns(own)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ETIMEDOUT):
+            raise ConnectionRefusedError(f"port {port}: {os.strerror(exc.errno)}") from None
+        raise
+    finally:
+        os.close(own)
+        os.close(theirs)
+
+
+__all__ = ["ProviderServices", "ServiceRun", "ServiceSpecError", "VolumeError"]
