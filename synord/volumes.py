@@ -76,7 +76,7 @@ class Volumes:
     def restore(self, consumer: str, name: str, tar: Path, expected_sha: str) -> Path:
         """Replace the volume with the contents of ``tar`` (digest checked first)."""
         d = self.path(consumer, name)
-        tmp = d.with_name(d.name + ".restoring")
+        tmp = self.root / f".restoring-{d.parent.name}-{d.name}"  # outside the consumer's quota
         shutil.rmtree(tmp, ignore_errors=True)
         unpack(tar, tmp, expected_sha=expected_sha)
         self.check_quota(consumer, dir_size(tmp) - dir_size(d))

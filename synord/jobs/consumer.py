@@ -69,6 +69,7 @@ class ConsumerJob:
     progress: dict | None = None  # {phase, done, total}: what the job is doing now
     events: list[dict] = field(default_factory=list)  # notices {t, text, ...}, the last MAX_EVENTS
     runstate: RunState = field(default_factory=RunState)  # what happened to it since: persisted
+    service_view: dict | None = None  # a service's live state (synord.jobs.service_client)
 
     def notify(self) -> None:
         self.changed.set()
@@ -99,7 +100,13 @@ class ConsumerJob:
                 "artifact": self.jobspec.artifact, "args": list(self.jobspec.args),
                 "checkpoint": ({k: self.checkpoint[k] for k in ("sha256", "bytes", "offsets")}
                                if self.checkpoint else None),
-                "progress": self.progress, "events": self.events}
+                "progress": self.progress, "events": self.events,
+                **({"service": _service_json(self)} if self.jobspec.service else {})}
+
+
+def _service_json(job: "ConsumerJob") -> dict:
+    from .service_client import to_json
+    return to_json(job)
 
 
 class ConsumerJobs(TaskClient):

@@ -35,7 +35,7 @@ from synord.protocols.transfer import sha256_of
 
 from .. import humanize as hz
 from ..metrics import observe_placement
-from . import agreements
+from . import agreements, service_client
 from .placement import DEFAULT_BANDWIDTH_BPS
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class Session:
     handover: ho.Handover
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     cancel_sent: bool = False
+    service: Any = None  # a service's synord.protocols.servicelease.ServiceLease (service_client)
+    expected: int = 0  # a service's periods whose receipts the market expects: [0, expected)
 
     @property
     def preempt(self) -> dict | None:
@@ -243,6 +245,8 @@ class TaskClient:
                     continue  # the negotiation heard the provider meanwhile: the lease holds
                 session.lease.heard(TASK, now_ms())
                 event = session.machine.receive(frame)
+                if job.jobspec.service is not None:
+                    await service_client.tick(self.market, job, session)  # renew, expect receipts
                 if isinstance(event, ts.Refused):
                     _refused(event, job.id)
                     if event.fatal:
@@ -261,6 +265,8 @@ class TaskClient:
                         await session.send(ts.Cancel())
                 elif isinstance(event, ts.Preempt):
                     await self._preempted(job, session, event)
+                elif isinstance(event, ts.ServiceInfo) and job.jobspec.service is not None:
+                    service_client.observed(job, event, lambda **f: self._update_history(job, **f))
                 elif isinstance(event, ts.Exit):
                     gap = session.machine.gap()
                     if gap is not None and refetches < OUTPUT_REFETCHES:

@@ -1,0 +1,80 @@
+"""Consumer side of services: renew each period, expect each period's receipt,
+keep what the provider says of the service (restarts, volumes) for `synord
+status JOB`.
+
+Driven from `TaskClient._watch` after every frame (heartbeats come every
+second, so a renewal is never later than that): the period bookkeeping is
+`synord.protocols.servicelease.ServiceLease`'s, the same machine the provider
+runs; this module only sends what it says is due and registers with the
+market the receipts to countersign.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from synord.protocols import taskstream as ts
+from synord.protocols.envelope import now_ms
+from synord.protocols.servicelease import ServiceLease, period_terms
+
+if TYPE_CHECKING:
+    from .consumer import ConsumerJob
+    from .task_client import Session
+
+
+def lease_of(job: "ConsumerJob", session: "Session") -> ServiceLease | None:
+    """The session's service lease (made on first use; None for a task or without terms)."""
+    if job.jobspec.service is None or session.terms is None:
+        return None
+    if session.service is None:
+        session.service = ServiceLease(session.terms, int(job.jobspec.service["period_s"] * 1000))
+    return session.service
+
+
+async def tick(market: Any, job: "ConsumerJob", session: "Session") -> None:
+    """Renew the next period when due; expect the receipt of each period once it started."""
+    lease = lease_of(job, session)
+    if lease is None or job.cancel_requested:
+        return
+    now = now_ms()
+    k = lease.due(now)
+    if k is not None:
+        await session.send(ts.Renew(k))
+        lease.renewed(k)
+    # A period's receipt is countersigned for no more than we saw of it: from its start
+    # (our clock) to the receipt's arrival. The last period is the agreement's own receipt's.
+    while session.expected <= min(lease.current(now), lease.last - 1):
+        market.expect_receipt(period_terms(session.terms, lease.period_ms, session.expected))
+        session.expected += 1
+    job.service_view = {**(job.service_view or {}), **lease.view(now)}
+
+
+def observed(job: "ConsumerJob", info: ts.ServiceInfo, record) -> None:
+    """The provider's word on the service: restarts (into the history), volume sizes."""
+    view = job.service_view or {}
+    if info.restarts != view.get("restarts_here"):
+        record(restarts=info.restarts)  # this placement's history entry
+    volumes = {v["name"]: v for v in job.jobspec.service.get("volumes", [])}
+    job.service_view = {**view, "restarts_here": info.restarts, "provider_paid": info.paid,
+                        "volumes": [{**v, "bytes": info.volumes.get(n)} for n, v in volumes.items()]}
+
+
+def to_json(job: "ConsumerJob") -> dict:
+    """`service` in the job's JSON: state, restarts (all placements), period, renewal, volumes."""
+    view = dict(job.service_view or {})
+    view.pop("provider_paid", None)
+    view.pop("restarts_here", None)
+    spec = job.jobspec.service or {}
+    running = job.state == "running"
+    out = {"state": "running" if running else job.state,
+           "restarts": sum(int(h.get("restarts") or 0) for h in job.history),
+           "placements": len(job.history), "period_s": spec.get("period_s"),
+           "health": spec.get("health"),
+           "volumes": view.pop("volumes", None) or [{**v, "bytes": None} for v in spec.get("volumes", [])]}
+    if running:
+        out.update(view)
+    else:
+        out["next_renewal"] = None
+    out["at"] = time.time()
+    return out
