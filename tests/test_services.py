@@ -1,0 +1,104 @@
+"""Long-running services on real daemons (synord run --service): a busybox container
+stays up past its periods, each period billed with its own doubly-signed receipt;
+cancel stops it and its billing; a failing health check restarts it on the same
+provider with its named volume intact."""
+
+from __future__ import annotations
+
+import pytest
+
+from synord.protocols.servicelease import period_aid
+
+from daemons import DaemonCluster, wait_for
+from jobs_helpers import BUSYBOX_DIR, ensure_assets, job, start_mesh, submit, wait_job
+
+PERIOD = "2"  # seconds: short, so a test sees several periods
+
+
+def _containers():
+    from synord.runtimes.container import ContainerRuntime
+    return ContainerRuntime().available()
+
+
+pytestmark = pytest.mark.skipif(not _containers().available,
+                                reason=f"containers unavailable: {_containers().reason}")
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    ensure_assets()
+    with DaemonCluster(tmp_path_factory.mktemp("services")) as cluster:
+        yield start_mesh(cluster, 1)
+
+
+def receipts(d, aids) -> list[dict]:
+    return [r for r in d.get("/v1/ledger")["receipts"] if r["agreement_id"] in aids]
+
+
+def test_a_service_stays_up_is_billed_per_period_and_cancel_ends_its_billing(mesh):
+    consumer, (prov,) = mesh
+    job_id = submit(consumer, "--service", "--period", PERIOD, "--runtime", "container", str(BUSYBOX_DIR),
+                    "--", "sh", "-c", "while true; do echo tick; sleep 0.5; done")
+    j = wait_job(consumer, job_id, ("running",), 60)
+    aid = bytes.fromhex(j["history"][0]["agreement"])
+    periods = {period_aid(aid, k).hex(): k for k in range(50)}
+    # Past its first period the service still runs, and each period over has its receipt
+    # in both ledgers, countersigned.
+    wait_for(lambda: len(receipts(consumer, periods)) >= 2, 40, what="two period receipts")
+    assert job(consumer, job_id)["state"] == "running"
+    mine = receipts(consumer, periods)
+    assert all(r["consumer_sig"] and r["provider_sig"] and r["amount"] > 0 for r in mine)
+    assert sorted(periods[r["agreement_id"]] for r in mine)[:2] == [0, 1]
+    wait_for(lambda: len(receipts(prov, periods)) >= 2, 20, what="the provider's period receipts")
+    st = consumer.cli("status", job_id, "--json")
+    import json
+    svc = json.loads(st.stdout)["service"]
+    assert svc["state"] == "running" and svc["period_s"] == 2.0 and svc["period"] >= 1
+    assert svc["next_renewal"] is not None and svc["restarts"] == 0
+    # Cancel: the service stops, the agreement's own receipt closes the bill, no period follows.
+    consumer.cli("cancel", job_id)
+    assert wait_job(consumer, job_id, ("cancelled",), 30)["state"] == "cancelled"
+    final = wait_for(lambda: receipts(consumer, {aid.hex()}), 30, what="the agreement's final receipt")
+    assert final[0]["outcome"] == "cancelled"
+    n = len(receipts(consumer, periods))
+    import time
+    time.sleep(2 * float(PERIOD) + 1)  # two more periods' time: nothing more is billed
+    assert len(receipts(consumer, periods)) == n
+    assert len(receipts(prov, periods)) == n
+    assert not [t for t in prov.get("/v1/jobs") if t.get("role") == "provider" and t.get("state") == "running"]
+
+
+def test_a_failing_health_check_restarts_the_service_in_place_with_its_volume(mesh):
+    consumer, (prov,) = mesh
+    # Each start appends a line to the volume; the health check passes while /tmp/ok exists,
+    # which the service removes after a few seconds: it fails, and is restarted.
+    script = ("echo start >> /data/starts; touch /tmp/ok; echo up; sleep 3; rm /tmp/ok; "
+              "while true; do sleep 1; done")
+    job_id = submit(consumer, "--service", "--period", "5", "--volume", "data:/data",
+                    "--health-cmd", "test -f /tmp/ok", "--health-interval", "0.5", "--health-retries", "2",
+                    "--runtime", "container", str(BUSYBOX_DIR), "--", "sh", "-c", script)
+    wait_job(consumer, job_id, ("running",), 60)
+    j = wait_for(lambda: (j := job(consumer, job_id))["service"]["restarts"] >= 2 and j, 60,
+                 what="two restarts after failed health checks")
+    assert j["state"] == "running" and len(j["history"]) == 1  # the same placement, the same provider
+    assert j["provider"] == prov.status()["peer_id"]
+    # The volume outlived the sandboxes: every start left its line there.
+    res = consumer.cli("exec", job_id, "--", "cat", "/data/starts")
+    assert res.stdout.count("start") >= 3
+    vols = wait_for(lambda: (v := job(consumer, job_id)["service"]["volumes"]) and v[0]["bytes"] and v, 20,
+                    what="the volume's size")
+    assert vols[0]["name"] == "data" and vols[0]["path"] == "/data" and vols[0]["bytes"] >= 18
+    # The output kept flowing across restarts, one stream.
+    assert consumer.cli("logs", job_id).stdout.count("up\n") >= 3
+    consumer.cli("cancel", job_id)
+    wait_job(consumer, job_id, ("cancelled",), 30)
+
+
+def test_a_wasm_service_and_a_bad_volume_are_refused_with_one_line(mesh):
+    from jobs_helpers import PROBE_WASM
+    consumer, _ = mesh
+    res = consumer.cli("run", "--service", str(PROBE_WASM), check=False)
+    assert res.returncode != 0 and "wasm" in res.stderr and "Traceback" not in res.stderr
+    res = consumer.cli("run", "--service", "--volume", "../etc:/data", "--runtime", "container",
+                       str(BUSYBOX_DIR), "--", "true", check=False)
+    assert res.returncode != 0 and "volume" in res.stderr and len(res.stderr.strip().splitlines()) == 1
