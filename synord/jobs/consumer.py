@@ -367,6 +367,8 @@ class ConsumerJobs(TaskClient):
         ck = job.checkpoint
         if ck and ck.get("path"):
             Path(ck["path"]).unlink(missing_ok=True)
+        for v in (job.runstate.volumes or {}).values():  # a service's volumes from a hand-over
+            Path(v["path"]).unlink(missing_ok=True)
 
     # ---- API -------------------------------------------------------------------------------
 

@@ -305,7 +305,7 @@ class ProviderJobs(TaskServer):
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise TaskRefused("device_unavailable", f"device injection failed: {exc}") from None
         try:
-            service = self.services.prepare(consumer, body, spec)
+            service = self.services.prepare(consumer, body, spec, self.blobs)
         except (ServiceSpecError, VolumeError) as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise TaskRefused(exc.slug, f"service refused: {exc}") from None

@@ -11,12 +11,18 @@ market the receipts to countersign.
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synord.protocols import taskstream as ts
 from synord.protocols.envelope import now_ms
+from synord.protocols.refusals import REFUSALS
 from synord.protocols.servicelease import ServiceLease, period_terms
+from synord.protocols.transfer import sha256_of
+
+log = logging.getLogger("synord.jobs.consumer")
 
 if TYPE_CHECKING:
     from .consumer import ConsumerJob
@@ -58,6 +64,50 @@ def observed(job: "ConsumerJob", info: ts.ServiceInfo, record) -> None:
     volumes = {v["name"]: v for v in job.jobspec.service.get("volumes", [])}
     job.service_view = {**view, "restarts_here": info.restarts, "provider_paid": info.paid,
                         "volumes": [{**v, "bytes": info.volumes.get(n)} for n, v in volumes.items()]}
+
+
+async def receive_volume(jobs: Any, job: "ConsumerJob", session: "Session", ev: ts.Volume) -> None:
+    """A handed-back service's volume (its blob follows): kept, digest checked, to travel
+    to the next provider with the task.start (`restore`)."""
+    head = session.machine.receive(await session.stream.receive())
+    if not isinstance(head, ts.Blob):
+        raise RuntimeError("volume header without its blob")
+    if ev.name not in {v["name"] for v in job.jobspec.service.get("volumes", [])}:
+        REFUSALS.count(ts.WHERE, "unknown_volume")  # read past it, keep nothing
+    tmp = jobs.ckpt_dir / f"{job.id}-vol-{ev.name}.part"
+    left = ev.size
+    with open(tmp, "wb") as f:
+        while left:
+            block = await session.stream.read_raw(min(left, 1 << 16))
+            session.lease.heard("task", now_ms())
+            left -= len(block)
+            f.write(block)
+    if ev.name not in {v["name"] for v in job.jobspec.service.get("volumes", [])} or sha256_of(tmp) != ev.sha256:
+        tmp.unlink(missing_ok=True)
+        REFUSALS.count(ts.WHERE, "volume_digest")
+        log.warning("volume refused", extra={"job": job.id, "volume": ev.name})
+        return
+    dest = jobs.ckpt_dir / f"{job.id}-vol-{ev.name}-{ev.sha256[:16]}.tar"
+    tmp.replace(dest)
+    vols = dict(job.runstate.volumes or {})
+    old = vols.get(ev.name)
+    vols[ev.name] = {"sha256": ev.sha256, "bytes": ev.size, "path": str(dest)}
+    job.spec["volumes"] = vols
+    jobs._save(job)
+    if old and old.get("path") != str(dest):
+        Path(old["path"]).unlink(missing_ok=True)
+    log.info("volume stored", extra={"job": job.id, "volume": ev.name, "bytes": ev.size})
+
+
+async def ship_volumes(jobs: Any, job: "ConsumerJob", peer: str, body: dict) -> None:
+    """Before a service's task.start elsewhere: its volumes from the last hand-over go
+    first, and the start names them (``service.restore``)."""
+    vols = {n: v for n, v in (job.runstate.volumes or {}).items() if Path(v["path"]).exists()}
+    if not vols or "service" not in body:
+        return
+    for v in vols.values():
+        await jobs._push(peer, Path(v["path"]), v["sha256"], "volume", job)
+    body["service"] = {**body["service"], "restore": {n: v["sha256"] for n, v in vols.items()}}
 
 
 def to_json(job: "ConsumerJob") -> dict:

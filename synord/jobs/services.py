@@ -69,15 +69,25 @@ class ProviderServices:
 
     # ---- at task.start ----------------------------------------------------------------
 
-    def prepare(self, consumer: str, body: dict, spec) -> dict | None:
-        """Check a task.start's ``service`` and mount its volumes into the sandbox spec;
-        raises ServiceSpecError / VolumeError (each with its slug) on a bad one."""
+    def prepare(self, consumer: str, body: dict, spec, blobs) -> dict | None:
+        """Check a task.start's ``service``, restore volumes that travelled with it (from
+        ``blobs``, digest checked) and mount its volumes into the sandbox spec; raises
+        ServiceSpecError / VolumeError (each with its slug) on a bad one."""
         if body.get("service") is None:
             return None
         service = check_service(body["service"])
         if service["volumes"] and spec.kind != "container":
             raise VolumeError("volumes are mounted into containers only", "volume_unsupported")
         self.volumes.check_quota(consumer)
+        for name, sha in service.get("restore", {}).items():
+            if not blobs.has(sha):
+                raise VolumeError(f"volume {name} not transferred", "no_volume")
+            try:
+                self.volumes.restore(consumer, name, blobs.path(sha), sha)
+            except VolumeError:
+                raise
+            except Exception as exc:  # a corrupted tar: refused, never half-unpacked
+                raise VolumeError(f"volume {name} unreadable: {exc}", "bad_volume_blob") from None
         for v in service["volumes"]:
             spec.mounts.append(Mount(self.volumes.path(consumer, v["name"]), v["path"], writable=True))
         return service
@@ -105,6 +115,15 @@ class ProviderServices:
         """Where the final receipt of the service under ``aid`` starts (None: not a service)."""
         run = self.runs.pop(aid, None)
         return run.lease.billed_until if run is not None else None
+
+    async def pack_volumes(self, task: "ProviderTask") -> list[tuple[str, Path, str, int]]:
+        """A handed-back service's volumes as tars in its workdir: (name, tar, sha256, bytes)."""
+        out = []
+        for v in task.service.spec["volumes"]:
+            tar = self.volumes.root / f".out-{task.key}-{v['name']}.tar"  # the workdir goes with the task
+            sha, size = await trio.to_thread.run_sync(self.volumes.pack, task.consumer, v["name"], tar)
+            out.append((v["name"], tar, sha, size))
+        return out
 
     def info(self, task: "ProviderTask") -> dict:
         run = task.service

@@ -134,6 +134,7 @@ class RunState:
     restore_mode: str | None = None  # how the next placement starts: full | partial | restart…
     assignment: dict | None = None  # the batch assignment that chose the next provider (history)
     provider_addrs: list[str] | None = None  # where to find the provider again after our restart
+    volumes: dict | None = None  # a service's volumes from its last hand-over: {name: {sha256, bytes, path}}
 
     def to_stored(self) -> dict:
         out: dict[str, Any] = {"checkpoint": self.checkpoint}  # always there (since migration 2)

@@ -148,6 +148,7 @@ class TaskClient:
             await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
         # progress: we read progress frames before the reply
         body = job.jobspec.task_start(job.id, terms.aid.hex(), self.checkpoint_interval_s, plan.restore)
+        await service_client.ship_volumes(self, job, peer, body)  # a service's volumes travel first
         stream = await self.mesh.open_stream(peer, TASK_PROTOCOL)
         self._progress(job, "starting", note=f"starting on {_short(peer)}")
         try:
@@ -265,6 +266,11 @@ class TaskClient:
                         await session.send(ts.Cancel())
                 elif isinstance(event, ts.Preempt):
                     await self._preempted(job, session, event)
+                elif isinstance(event, ts.Volume):
+                    if job.jobspec.service is None:  # its blob would be read as frames
+                        REFUSALS.count(ts.WHERE, "volume_for_a_task")
+                        return "lost", "the provider broke the task protocol (volume_for_a_task)"
+                    await service_client.receive_volume(self, job, session, event)
                 elif isinstance(event, ts.ServiceInfo) and job.jobspec.service is not None:
                     service_client.observed(job, event, lambda **f: self._update_history(job, **f))
                 elif isinstance(event, ts.Exit):

@@ -311,10 +311,29 @@ class TaskServer:
                                                                   "bytes": size})
         return True
 
+    async def _send_volumes(self, att: Attachment, task: "ProviderTask") -> None:
+        """A service handed back: each named volume as a tar blob, before the exit frame."""
+        try:
+            packed = await self.services.pack_volumes(task)
+        except Exception as exc:  # the service still ends; its next provider starts with empty volumes
+            log.warning("volumes not packed", extra={"job": task.job_id, "error": str(exc)})
+            return
+        for name, tar, sha, size in packed:
+            async with att.lock:
+                await att.stream.send(att.machine.send(ts.Volume(name, sha, size)))
+                await att.stream.send(att.machine.send(ts.Blob(size)))
+                with open(tar, "rb") as f:
+                    while block := f.read(CHUNK):
+                        await att.stream.raw.write(block)
+            tar.unlink(missing_ok=True)
+            log.info("volume sent", extra={"job": task.job_id, "volume": name, "bytes": size})
+
     async def _finish(self, att: Attachment, task: "ProviderTask") -> None:
         ex = task.execution
         async with task.ckpt_lock:
             pass  # a stop-checkpoint in flight goes out first
+        if task.service is not None and task.preempt is not None and task.service.spec["volumes"]:
+            await self._send_volumes(att, task)  # they move with the service
         st = ex.status
         # offsets: where each stream ends, so the consumer knows it has every byte
         await att.send(ts.Exit(st.code, st.reason, st.usage.to_json(), ex.error, task.handed_back,

@@ -4,7 +4,8 @@ stored with the job: the renewal period, named volumes and a health check.
     {"period_s": 60.0,
      "volumes": [{"name": "data", "path": "/data"}],          # at most MAX_VOLUMES
      "health": {"cmd": ["sh", "-c", "test -f /tmp/ok"]       # or "tcp": 8080
-                "interval_s": 5.0, "retries": 3} | null}
+                "interval_s": 5.0, "retries": 3} | null,
+     "restore": {"data": "<sha256>"}}   # task.start only: volumes shipped from the last hand-over
 
 `check_service` is the one check of that map, on both sides: the consumer's
 `--service` options pass through it at submit, the provider runs it on the
@@ -21,6 +22,7 @@ import re
 
 from .servicelease import DEFAULT_PERIOD_S, check_period_s
 
+_SHA = re.compile(r"[0-9a-f]{64}")
 MIN_HEALTH_INTERVAL_S = 0.2
 MAX_HEALTH_RETRIES = 100
 MAX_HEALTH_ARGV = 32
@@ -128,11 +130,19 @@ def check_health(h) -> dict | None:
 
 def check_service(s) -> dict:
     """The normalised service map, or ServiceSpecError / VolumeError (each with a slug)."""
-    if not isinstance(s, dict) or set(s) - {"period_s", "volumes", "health"}:
-        raise ServiceSpecError("service must be a map of period_s, volumes, health")
+    if not isinstance(s, dict) or set(s) - {"period_s", "volumes", "health", "restore"}:
+        raise ServiceSpecError("service must be a map of period_s, volumes, health, restore")
     try:
         period = check_period_s(s.get("period_s", DEFAULT_PERIOD_S))
     except ValueError as exc:
         raise ServiceSpecError(str(exc), "bad_period") from None
-    return {"period_s": period, "volumes": check_list(s.get("volumes", [])),
-            "health": check_health(s.get("health"))}
+    out = {"period_s": period, "volumes": check_list(s.get("volumes", [])),
+           "health": check_health(s.get("health"))}
+    restore = s.get("restore")
+    if restore is not None:
+        names = {v["name"] for v in out["volumes"]}
+        if not isinstance(restore, dict) or not set(restore) <= names or not all(
+                isinstance(v, str) and _SHA.fullmatch(v) for v in restore.values()):
+            raise VolumeError("restore must map the service's volume names to sha256 digests")
+        out["restore"] = dict(restore)
+    return out

@@ -29,6 +29,8 @@ clocks: heartbeats carry the sender's ``now_ms``; liveness is `synord.protocols.
     consumer: CheckpointRequest {"checkpoint": {stop[, push_to]}}  STREAMING | BLOB
     consumer: Renew    {"renew": k} (a service pays period k) --> STREAMING | BLOB
     provider: ServiceInfo {"service": {restarts, paid, volumes}} --> STREAMING
+    provider: Volume   {"volume": {name, sha256, bytes}} ---> STREAMING -> BLOB (a service's named
+              volume as a tar, its bytes follow: sent before the exit frame of a service handed back)
               (a service's state: synord.protocols.servicelease; volumes: {name: bytes})
 
 Output offsets: the consumer's machine holds, per stream, how many bytes it
@@ -165,6 +167,17 @@ class ServiceInfo:
 
 
 @dataclass(frozen=True)
+class Volume:
+    """A service's named volume, packed (synord.volumes), travelling with it: a blob follows."""
+    name: str
+    sha256: str
+    size: int
+
+    def frame(self) -> dict:
+        return {"volume": {"name": self.name, "sha256": self.sha256, "bytes": self.size}}
+
+
+@dataclass(frozen=True)
 class Renew:
     """The consumer pays the service's period ``period`` (synord.protocols.servicelease)."""
     period: int
@@ -266,7 +279,7 @@ TRANSITIONS: dict[str, dict[State, dict[type, State]]] = {
         S.OPENING: {Progress: S.OPENING, Started: S.STREAMING, Error: S.CLOSED},
         S.STREAMING: {Output: S.STREAMING, Heartbeat: S.STREAMING, Preempt: S.STREAMING,
                       Checkpoint: S.STREAMING, CheckpointError: S.STREAMING, Exit: S.EXITED,
-                      ServiceInfo: S.STREAMING,
+                      ServiceInfo: S.STREAMING, Volume: S.STREAMING,
                       Error: S.CLOSED},
         S.BLOB: {Blob: S.STREAMING},
     },
@@ -317,6 +330,14 @@ def parse(role: str, frame: Any) -> Any:
         return Output(s, off, data)
     if "hb" in frame:
         return Heartbeat(frame["hb"] if _is_int(frame["hb"]) else 0)
+    if "volume" in frame:
+        v = frame["volume"]
+        # its name and digest name files here and its size drives a read loop
+        if not (isinstance(v, dict) and isinstance(v.get("name"), str) and _VOLUME.fullmatch(v["name"])
+                and isinstance(v.get("sha256"), str) and _SHA.fullmatch(v["sha256"])
+                and _is_int(v.get("bytes")) and 0 <= v["bytes"] <= MAX_BLOB_BYTES):
+            return Refused("bad_volume_frame", "volume frame without name, digest or size", fatal=True)
+        return Volume(v["name"], v["sha256"], v["bytes"])
     if "service" in frame:
         info = frame["service"]
         vols = info.get("volumes", {}) if isinstance(info, dict) else None
@@ -457,6 +478,8 @@ class TaskStream:
             self.checkpoint = event
             if event.pushed_to is None:
                 new, self.blob_expected = State.BLOB, event.size
+        elif isinstance(event, Volume):
+            new, self.blob_expected = State.BLOB, event.size
         elif isinstance(event, Blob):
             self.blob_expected = None
         elif isinstance(event, Preempt):
