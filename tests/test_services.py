@@ -102,3 +102,25 @@ def test_a_wasm_service_and_a_bad_volume_are_refused_with_one_line(mesh):
     res = consumer.cli("run", "--service", "--volume", "../etc:/data", "--runtime", "container",
                        str(BUSYBOX_DIR), "--", "true", check=False)
     assert res.returncode != 0 and "volume" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_paused_providers_service_moves_with_its_volume_intact(tmp_path):
+    from test_migration import peer, place_on_first
+    ensure_assets()
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 2)
+        # Each start appends to the volume: after the move the first start's line is still there.
+        job_id, first, (second,) = place_on_first(
+            consumer, provs, "--service", "--period", "5", "--volume", "state:/state", "--runtime", "container",
+            str(BUSYBOX_DIR), "--", "sh", "-c", "echo started >> /state/log; while true; do sleep 1; done")
+        wait_for(lambda: "started" in consumer.cli("exec", job_id, "--", "cat", "/state/log").stdout, 30,
+                 what="the first start in the volume")
+        assert first.post("/v1/pause")["tasks_handed_back"] == 1
+        j = wait_for(lambda: (j := job(consumer, job_id))["state"] == "running" and len(j["history"]) == 2
+                     and j, 90, what="the service running on the second provider")
+        assert j["provider"] == peer(second) and j["history"][0]["ended"] == "preempted"
+        res = consumer.cli("exec", job_id, "--", "cat", "/state/log")
+        assert res.stdout == "started\nstarted\n"  # the volume came along, and the service restarted
+        assert "volume sent" in first.log()
+        consumer.cli("cancel", job_id)
+        wait_job(consumer, job_id, ("cancelled",), 30)
