@@ -124,3 +124,36 @@ def test_a_paused_providers_service_moves_with_its_volume_intact(tmp_path):
         assert "volume sent" in first.log()
         consumer.cli("cancel", job_id)
         wait_job(consumer, job_id, ("cancelled",), 30)
+
+
+def test_a_tcp_health_check_connects_inside_the_sandbox_and_restarts_when_the_port_closes(mesh):
+    consumer, (prov,) = mesh
+    # httpd answers on 8080 inside the sandbox's own network namespace for 4 s, then is gone.
+    job_id = submit(consumer, "--service", "--period", "5", "--health-tcp", "8080", "--health-interval", "0.5",
+                    "--health-retries", "2", "--runtime", "container", str(BUSYBOX_DIR), "--", "sh", "-c",
+                    "httpd -f -p 8080 & sleep 4; kill $!; while true; do sleep 1; done")
+    wait_job(consumer, job_id, ("running",), 60)
+    wait_for(lambda: (prov.get(f"/v1/jobs/{job_id}").get("service") or {}).get("health") == "ok", 30,
+             what="a TCP health check that connected")
+    j = wait_for(lambda: (j := job(consumer, job_id))["service"]["restarts"] >= 1 and j, 60,
+                 what="a restart once the port closed")
+    assert j["provider"] == prov.status()["peer_id"] and len(j["history"]) == 1
+    assert "Connection refused" in prov.log()
+    consumer.cli("cancel", job_id)
+    wait_job(consumer, job_id, ("cancelled",), 30)
+
+
+def test_a_killed_providers_service_is_placed_again_elsewhere(tmp_path):
+    from test_migration import peer, place_on_first
+    ensure_assets()
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 2)
+        job_id, first, (second,) = place_on_first(
+            consumer, provs, "--service", "--period", "5", "--runtime", "container", str(BUSYBOX_DIR),
+            "--", "sh", "-c", "while true; do echo alive; sleep 1; done")
+        first.kill()
+        j = wait_for(lambda: (j := job(consumer, job_id))["state"] == "running" and len(j["history"]) == 2
+                     and j, 90, what="the service running again on the second provider")
+        assert j["provider"] == peer(second) and j["history"][0]["ended"] == "lost"
+        consumer.cli("cancel", job_id)
+        wait_job(consumer, job_id, ("cancelled",), 30)

@@ -433,6 +433,9 @@ class ProviderJobs(TaskServer):
                        preempt=task.preempt)
             if not ex.done.is_set():
                 out["state"] = "running"
+            if task.service is not None:  # restarts, the last health check, what is paid
+                out["service"] = {**self.services.info(task), "health": task.service.last_health,
+                                  **task.service.lease.view(int(time.time() * 1000))}
             cg = getattr(ex.sandbox, "cgroup", None)
             if cg is not None and not ex.done.is_set():
                 out["cpu_max"] = cg.cpu_max()

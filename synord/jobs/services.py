@@ -210,17 +210,23 @@ class ProviderServices:
 
 
 def _sandbox_pid(sandbox) -> int | None:
-    """A process inside the sandbox (its cgroup's first), for its network namespace."""
+    """A process inside the sandbox, for its network namespace: the first one in its
+    task cgroup or below it (the container's own cgroup is a child of the task's)."""
     cg = getattr(sandbox, "cgroup", None)
-    pids: list[str] = []
-    for d in (cg._dirs() if cg is not None else []):
-        try:
-            pids = Path(d, "cgroup.procs").read_text().split()
-        except OSError:
-            continue
-        if pids:
-            break
-    return int(pids[0]) if pids else None
+    ours = os.stat("/proc/self/ns/net").st_ino
+    for top in (cg._dirs() if cg is not None else []):
+        for root, _dirs, _files in os.walk(top):
+            try:
+                pids = Path(root, "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            for pid in pids:  # never a process in our own namespace (a runtime helper)
+                try:
+                    if os.stat(f"/proc/{pid}/ns/net").st_ino != ours:
+                        return int(pid)
+                except OSError:
+                    continue
+    return None
 
 
 def _connect_in_netns(pid: int, port: int) -> None:
