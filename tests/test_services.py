@@ -157,3 +157,22 @@ def test_a_killed_providers_service_is_placed_again_elsewhere(tmp_path):
         assert j["provider"] == peer(second) and j["history"][0]["ended"] == "lost"
         consumer.cli("cancel", job_id)
         wait_job(consumer, job_id, ("cancelled",), 30)
+
+
+def test_a_consumer_that_stops_renewing_has_its_service_stopped_at_the_end_of_the_paid_period(mesh):
+    consumer, (prov,) = mesh
+    job_id = submit(consumer, "--service", "--period", "2", "--runtime", "container", str(BUSYBOX_DIR),
+                    "--", "sh", "-c", "while true; do sleep 1; done")
+    wait_job(consumer, job_id, ("running",), 60)
+    paid = prov.get(f"/v1/jobs/{job_id}")["service"]
+    consumer.signal(19)  # SIGSTOP: the consumer renews nothing more
+    try:
+        t = wait_for(lambda: (t := prov.get(f"/v1/jobs/{job_id}"))["state"] != "running" and t, 30,
+                     what="the provider stopping the unpaid service")
+    finally:
+        consumer.signal(18)
+    assert "service stopped" in prov.log() and "not_renewed" in prov.log()
+    assert t["service"]["stopped"] == "not_renewed" and t["service"]["paid_periods"] <= paid["paid_periods"] + 1
+    # Woken, the consumer hears the end (or finds its lease lost and places it again): clean up.
+    consumer.cli("cancel", job_id, check=False)
+    wait_job(consumer, job_id, ("cancelled", "failed"), 60)

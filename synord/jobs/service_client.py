@@ -66,6 +66,19 @@ def observed(job: "ConsumerJob", info: ts.ServiceInfo, record) -> None:
                         "volumes": [{**v, "bytes": info.volumes.get(n)} for n, v in volumes.items()]}
 
 
+def closed(market: Any, job: "ConsumerJob", session: "Session") -> None:
+    """The session ended: periods whose window had not ended get no receipt of their own
+    (the agreement's final receipt bills from the last full period on)."""
+    lease = session.service
+    if lease is None:
+        return
+    now = now_ms()
+    for k in range(session.expected):
+        pt = period_terms(session.terms, lease.period_ms, k)
+        if pt.expires > now:
+            market.forget_receipt(pt)
+
+
 async def receive_volume(jobs: Any, job: "ConsumerJob", session: "Session", ev: ts.Volume) -> None:
     """A handed-back service's volume (its blob follows): kept, digest checked, to travel
     to the next provider with the task.start (`restore`)."""

@@ -106,4 +106,6 @@ def _service(req: dict, kind: str) -> dict | None:
     service = check_service(req["service"])
     if kind == "microvm" and service["volumes"]:
         raise ValueError("microVM services cannot have volumes yet (the guest has no shared filesystem)")
+    if kind == "microvm" and service["health"] and "tcp" in service["health"]:
+        raise ValueError("microVM services take --health-cmd (run through the guest), not --health-tcp")
     return service

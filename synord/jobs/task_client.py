@@ -303,6 +303,7 @@ class TaskClient:
             return "lost", f"{type(exc).__name__}: {exc}"
         finally:
             job.session = None
+            service_client.closed(self.market, job, session)
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await stream.close()

@@ -475,6 +475,14 @@ class Consumer(_Party):
         while len(self._agreed) > MAX_SETTLING:
             self._agreed.popitem(last=False)
 
+    def forget_receipt(self, aid: bytes) -> None:
+        """A receipt we expected will not come (a service's period cut short by its end,
+        which the agreement's own receipt bills): nothing stays committed for it."""
+        if self._agreed.pop(aid, None) is not None:
+            self._observed.pop(aid, None)
+            if self.spending is not None:
+                self.spending.settle(aid, 0.0, self.clock())
+
     def observe_end(self, aid: bytes, at: int) -> None:
         """The job path saw the task end (exit on the task stream, or the lease lost) at ``at``."""
         seen = self._observed.get(aid)

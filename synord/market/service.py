@@ -269,6 +269,10 @@ class MarketService:
         if not self.ledger.has_receipt(terms.aid):
             self.consumer.expect_receipt(terms, ended_ms)
 
+    def forget_receipt(self, terms: Terms) -> None:
+        """Consumer: no receipt will come for ``terms`` (a service's unfinished period)."""
+        self.consumer.forget_receipt(terms.aid)
+
     def observed_end(self, terms: Terms, at_ms: int | None = None) -> None:
         """Consumer: the job path saw the task under ``terms`` end; its receipt may
         bill no longer than the lease we saw."""
