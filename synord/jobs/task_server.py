@@ -84,6 +84,18 @@ class Attachment:
             await self.stream.send(self.machine.send(event))
 
 
+async def _send_blob(att: Attachment, header: Any, tar: Path, size: int) -> None:
+    """A frame announcing a blob (a checkpoint, a volume), its header and its bytes, in one
+    piece on the stream; the file is gone afterwards."""
+    async with att.lock:
+        await att.stream.send(att.machine.send(header))
+        await att.stream.send(att.machine.send(ts.Blob(size)))
+        with open(tar, "rb") as f:
+            while block := f.read(CHUNK):
+                await att.stream.raw.write(block)
+    tar.unlink(missing_ok=True)
+
+
 class TaskServer:
     """The task-stream half of `ProviderJobs` (see the module docstring)."""
 
@@ -277,13 +289,7 @@ class TaskServer:
             await att.send(ts.Checkpoint(sha, size, offsets, stop, push["peer"]))
             tar.unlink(missing_ok=True)
             return
-        async with att.lock:
-            await att.stream.send(att.machine.send(ts.Checkpoint(sha, size, offsets, stop)))
-            await att.stream.send(att.machine.send(ts.Blob(size)))
-            with open(tar, "rb") as f:
-                while block := f.read(CHUNK):
-                    await att.stream.raw.write(block)
-        tar.unlink(missing_ok=True)
+        await _send_blob(att, ts.Checkpoint(sha, size, offsets, stop), tar, size)
         log.info("checkpoint sent", extra={"job": task.job_id, "bytes": size, "final": stop})
 
     async def _push_direct(self, task: "ProviderTask", push: dict, tar: Path, sha: str, size: int) -> bool:
@@ -319,13 +325,7 @@ class TaskServer:
             log.warning("volumes not packed", extra={"job": task.job_id, "error": str(exc)})
             return
         for name, tar, sha, size in packed:
-            async with att.lock:
-                await att.stream.send(att.machine.send(ts.Volume(name, sha, size)))
-                await att.stream.send(att.machine.send(ts.Blob(size)))
-                with open(tar, "rb") as f:
-                    while block := f.read(CHUNK):
-                        await att.stream.raw.write(block)
-            tar.unlink(missing_ok=True)
+            await _send_blob(att, ts.Volume(name, sha, size), tar, size)
             log.info("volume sent", extra={"job": task.job_id, "volume": name, "bytes": size})
 
     async def _finish(self, att: Attachment, task: "ProviderTask") -> None:
