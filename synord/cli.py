@@ -382,6 +382,14 @@ def _job_text(j: dict) -> str:
                   f"provider   {j.get('provider') or '-'}"]
         if j.get("checkpoint"):
             lines.append(f"checkpoint {hz.size(j['checkpoint'].get('bytes'))}")
+    if j.get("service"):  # a long-running service: its period, renewal, restarts, volumes
+        s = j["service"]
+        lines.append(f"service    {s.get('restarts', 0)} restarts; period {s.get('period', '-')} of "
+                     f"{hz.duration(s.get('period_s') or 0)}"
+                     + (f", renews {hz.ago(s['next_renewal'])}" if s.get("next_renewal") else ""))
+        for v in s.get("volumes") or []:
+            lines.append(f"volume     {v['name']} at {v['path']}: "
+                         + (hz.size(v["bytes"]) if v.get("bytes") is not None else "-"))
     if j.get("error"):
         lines.append(f"error      {j['error']}")
     history = j.get("history") or []

@@ -42,6 +42,7 @@ log = logging.getLogger("synord.jobs.services")
 
 HEALTH_TIMEOUT_S = 5.0  # one check's deadline
 HEALTH_GRACE_S = 1.0
+SIZES_EVERY_S = 5.0  # how often a service's volumes are measured (a walk of their trees)
 CLONE_NEWNET = 0x40000000  # after a (re)start, before the first check
 
 
@@ -54,6 +55,8 @@ class ServiceRun:
     failures: int = 0  # health-check failures in a row
     last_health: str | None = None
     sandboxes: int = 1
+    sizes: dict = field(default_factory=dict)  # volume name -> bytes, measured every SIZES_EVERY_S
+    sized_at: float = float("-inf")
     changed: trio.Event = field(default_factory=trio.Event)  # tell the attached consumer
 
     def poke(self) -> None:
@@ -127,9 +130,21 @@ class ProviderServices:
 
     def info(self, task: "ProviderTask") -> dict:
         run = task.service
+        return {"restarts": run.restarts, "paid": run.lease.paid, "volumes": dict(run.sizes)}
+
+    async def _measure(self, task: "ProviderTask") -> str | None:
+        """Refresh the volumes' sizes; the reason to stop when the consumer is over its quota."""
+        run = task.service
+        if not run.spec["volumes"] or trio.current_time() - run.sized_at < SIZES_EVERY_S:
+            return None
+        run.sized_at = trio.current_time()
         names = [v["name"] for v in run.spec["volumes"]]
-        return {"restarts": run.restarts, "paid": run.lease.paid,
-                "volumes": self.volumes.sizes(task.consumer, names)}
+        run.sizes = await trio.to_thread.run_sync(self.volumes.sizes, task.consumer, names)
+        try:
+            await trio.to_thread.run_sync(self.volumes.check_quota, task.consumer)
+        except VolumeError as exc:
+            return str(exc)
+        return None
 
     async def _supervise(self, task: "ProviderTask") -> None:
         run = task.service
@@ -142,14 +157,22 @@ class ProviderServices:
                         self.on_period(task.terms, period_terms(task.terms, run.lease.period_ms, action.period))
                         log.info("service period billed", extra={"job": task.job_id, "period": action.period})
                     elif isinstance(action, Stop):
-                        log.info("service stopped", extra={"job": task.job_id, "reason": action.reason})
-                        task.restarting = False
-                        await task.execution.cancel()
+                        await self._stop(task, action.reason)
+                over = await self._measure(task)
+                if over is not None:
+                    run.lease.stop("volume_quota")
+                    await self._stop(task, "volume_quota", over)
                 nxt = run.lease.next_deadline()
                 wait = 1.0 if nxt is None else max(0.05, min(1.0, nxt / 1000 - time.time()))
                 with trio.move_on_after(wait):
                     await task.execution.done.wait()
             n.cancel_scope.cancel()
+
+    async def _stop(self, task: "ProviderTask", reason: str, detail: str = "") -> None:
+        log.info("service stopped", extra={"job": task.job_id, "reason": reason, "detail": detail})
+        task.restarting = False
+        task.execution.error = f"service stopped: {detail or reason.replace('_', ' ')}"
+        await task.execution.cancel()
 
     # ---- health and restarts ----------------------------------------------------------
 

@@ -430,7 +430,9 @@ class TaskClient:
         self._update_history(job, end=now, ended="exit", exit_code=ex.get("code"),
                              usage=ex.get("usage"))
         if job.cancel_requested or ex.get("reason") == "cancelled":
-            self._set_state(job, "cancelled", exit_code=ex.get("code"))
+            # not ours: the provider says why (a service not renewed, over its volume quota)
+            why = {"error": ex["error"]} if ex.get("error") and not job.cancel_requested else {}
+            self._set_state(job, "cancelled", exit_code=ex.get("code"), **why)
         elif ex.get("code") == 0 and not ex.get("reason"):
             self._set_state(job, "succeeded", exit_code=0)
         else:
