@@ -465,6 +465,7 @@ class ProviderJobs(TaskServer):
         task = self._owned_task(job_id)
         if task is not None and not task.execution.done.is_set():
             log.info("task cancelled by the provider's owner", extra={"job": job_id})
+            task.restarting = False  # a service being restarted stays down
             await task.execution.cancel()
             with trio.move_on_after(10):
                 await task.execution.done.wait()

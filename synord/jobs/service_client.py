@@ -41,8 +41,8 @@ def lease_of(job: "ConsumerJob", session: "Session") -> ServiceLease | None:
 async def tick(market: Any, job: "ConsumerJob", session: "Session") -> None:
     """Renew the next period when due; expect the receipt of each period once it started."""
     lease = lease_of(job, session)
-    if lease is None or job.cancel_requested:
-        return
+    if lease is None or job.cancel_requested or session.machine.state not in (ts.State.STREAMING, ts.State.BLOB):
+        return  # after the exit frame nothing more is renewed (nor may be sent)
     now = now_ms()
     k = lease.due(now)
     if k is not None:

@@ -183,8 +183,8 @@ class ProviderServices:
         while True:
             await trio.sleep(h["interval_s"])
             ex = task.execution
-            if ex.done.is_set() or task.restarting or ex.sandbox is None:
-                continue
+            if ex.done.is_set() or task.restarting or ex.sandbox is None or task.preempt:
+                continue  # no restart while the service is being handed back
             ok, why = await self._check(ex, h)
             run.last_health = "ok" if ok else why
             run.failures = 0 if ok else run.failures + 1

@@ -251,6 +251,7 @@ class TaskServer:
                 REFUSALS.count("task", event.slug)  # a consumer speaks only to cancel or ask
             elif isinstance(event, ts.Cancel):
                 log.info("task cancelled by its consumer", extra={"job": task.job_id})
+                task.restarting = False  # a service being restarted stays down
                 await task.execution.cancel()
             elif isinstance(event, ts.Renew):
                 self.services.renewed(task, event.period)
