@@ -44,8 +44,9 @@ async def tick(market: Any, job: "ConsumerJob", session: "Session") -> None:
     if lease is None or job.cancel_requested or session.machine.state not in (ts.State.STREAMING, ts.State.BLOB):
         return  # after the exit frame nothing more is renewed (nor may be sent)
     now = now_ms()
-    k = lease.due(now)
-    if k is not None:
+    # All that is due at once: after our restart the new lease starts from period 0 and
+    # walks up to the provider's (a renewal it already has is harmless there).
+    while (k := lease.due(now)) is not None:
         await session.send(ts.Renew(k))
         lease.renewed(k)
     # A period's receipt is countersigned for no more than we saw of it: from its start
@@ -56,8 +57,13 @@ async def tick(market: Any, job: "ConsumerJob", session: "Session") -> None:
     job.service_view = {**(job.service_view or {}), **lease.view(now)}
 
 
-def observed(job: "ConsumerJob", info: ts.ServiceInfo, record) -> None:
-    """The provider's word on the service: restarts (into the history), volume sizes."""
+def observed(job: "ConsumerJob", session: "Session", info: ts.ServiceInfo, record) -> None:
+    """The provider's word on the service: restarts (into the history), volume sizes, and
+    what it counts paid (taken only up to the period after ours: it can only spare us a
+    renewal, never make us pay one more)."""
+    lease = lease_of(job, session)
+    if lease is not None:
+        lease.paid = max(lease.paid, min(info.paid, lease.current(now_ms()) + 1, lease.last))
     view = job.service_view or {}
     if info.restarts != view.get("restarts_here"):
         record(restarts=info.restarts)  # this placement's history entry

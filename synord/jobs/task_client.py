@@ -272,7 +272,7 @@ class TaskClient:
                         return "lost", "the provider broke the task protocol (volume_for_a_task)"
                     await service_client.receive_volume(self, job, session, event)
                 elif isinstance(event, ts.ServiceInfo) and job.jobspec.service is not None:
-                    service_client.observed(job, event, lambda **f: self._update_history(job, **f))
+                    service_client.observed(job, session, event, lambda **f: self._update_history(job, **f))
                 elif isinstance(event, ts.Exit):
                     gap = session.machine.gap()
                     if gap is not None and refetches < OUTPUT_REFETCHES:
