@@ -26,10 +26,15 @@ pytestmark = pytest.mark.skipif(not _containers().available,
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
+def cluster_mesh(tmp_path_factory):
     ensure_assets()
     with DaemonCluster(tmp_path_factory.mktemp("services")) as cluster:
-        yield start_mesh(cluster, 1, provider_config=QUOTA)
+        yield cluster, start_mesh(cluster, 1, provider_config=QUOTA)
+
+
+@pytest.fixture
+def mesh(cluster_mesh):
+    return cluster_mesh[1]
 
 
 def receipts(d, aids) -> list[dict]:
@@ -182,3 +187,24 @@ def test_a_service_over_its_volume_quota_is_stopped_and_says_why(mesh):
     j = wait_job(consumer, job_id, ("cancelled", "failed"), 60)
     assert "volume quota exceeded" in (j["error"] or "")
     assert prov.get(f"/v1/jobs/{job_id}")["service"]["stopped"] == "volume_quota"
+
+
+def test_a_consumer_back_from_a_restart_goes_on_renewing_its_service(cluster_mesh):
+    # (last in the module: the consumer daemon is replaced)
+    cluster, (consumer, (prov,)) = cluster_mesh
+    job_id = submit(consumer, "--service", "--period", "6", "--runtime", "container", str(BUSYBOX_DIR),
+                    "--", "sh", "-c", "while true; do sleep 1; done")
+    wait_job(consumer, job_id, ("running",), 60)
+
+    def paid() -> int:
+        return prov.get(f"/v1/jobs/{job_id}")["service"]["paid_periods"]
+    first = paid()
+    wait_for(lambda: paid() > first, 30, what="a renewal")  # just renewed: 1.5 periods paid ahead
+    consumer.kill()  # SIGKILL: nothing graceful
+    consumer = cluster.start("consumer")
+    before = paid()
+    j = wait_for(lambda: paid() > before and job(consumer, job_id), 60, what="a renewal after the restart")
+    assert j["state"] == "running" and len(j["history"]) == 1  # re-attached, not re-placed
+    assert prov.get(f"/v1/jobs/{job_id}")["state"] == "running"
+    consumer.cli("cancel", job_id)
+    wait_job(consumer, job_id, ("cancelled",), 30)
