@@ -189,6 +189,24 @@ def test_a_service_over_its_volume_quota_is_stopped_and_says_why(mesh):
     assert prov.get(f"/v1/jobs/{job_id}")["service"]["stopped"] == "volume_quota"
 
 
+@pytest.mark.slow
+def test_a_microvm_service_is_billed_per_period_and_restarted_by_its_health_command(mesh):
+    from jobs_helpers import BUSYBOX_TAR
+    consumer, (prov,) = mesh
+    job_id = submit(consumer, "--service", "--period", "3", "--health-cmd", "test -f /tmp/ok",
+                    "--health-interval", "1", "--health-retries", "2", "--runtime", "microvm", str(BUSYBOX_TAR),
+                    "--", "sh", "-c", "touch /tmp/ok; sleep 8; rm /tmp/ok; while true; do sleep 1; done")
+    j = wait_job(consumer, job_id, ("running",), 120)
+    aid = bytes.fromhex(j["history"][0]["agreement"])
+    periods = {period_aid(aid, k).hex() for k in range(50)}
+    wait_for(lambda: receipts(consumer, periods), 60, what="a period receipt of the microVM service")
+    j = wait_for(lambda: (j := job(consumer, job_id))["service"]["restarts"] >= 1 and j, 120,
+                 what="a restart of the microVM after its health command failed")
+    assert j["state"] == "running" and len(j["history"]) == 1
+    consumer.cli("cancel", job_id)
+    wait_job(consumer, job_id, ("cancelled",), 60)
+
+
 def test_a_consumer_back_from_a_restart_goes_on_renewing_its_service(cluster_mesh):
     # (last in the module: the consumer daemon is replaced)
     cluster, (consumer, (prov,)) = cluster_mesh
