@@ -57,11 +57,6 @@ class ServiceRun:
     sandboxes: int = 1
     sizes: dict = field(default_factory=dict)  # volume name -> bytes, measured every SIZES_EVERY_S
     sized_at: float = float("-inf")
-    changed: trio.Event = field(default_factory=trio.Event)  # tell the attached consumer
-
-    def poke(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
 
 
 class ProviderServices:
@@ -111,8 +106,6 @@ class ProviderServices:
         if slug is not None:
             REFUSALS.count("service", slug)
             log.info("renewal refused", extra={"job": task.job_id, "reason": slug})
-        else:
-            run.poke()
 
     def billed_until_aid(self, aid: bytes) -> int | None:
         """Where the final receipt of the service under ``aid`` starts (None: not a service)."""
@@ -120,7 +113,7 @@ class ProviderServices:
         return run.lease.billed_until if run is not None else None
 
     async def pack_volumes(self, task: "ProviderTask") -> list[tuple[str, Path, str, int]]:
-        """A handed-back service's volumes as tars in its workdir: (name, tar, sha256, bytes)."""
+        """A handed-back service's volumes as tars beside them: (name, tar, sha256, bytes)."""
         out = []
         for v in task.service.spec["volumes"]:
             tar = self.volumes.root / f".out-{task.key}-{v['name']}.tar"  # the workdir goes with the task
@@ -219,7 +212,7 @@ class ProviderServices:
         old = task.execution
         run = task.service
         run.restarts += 1
-        run.sandboxes += 1
+        run.sandboxes += 1  # each sandbox its own directory: the old one may still be torn down
         shutil.rmtree(old.spec.workdir, ignore_errors=True)
         workdir = task.workdir / f"sandbox-{run.sandboxes}"
         workdir.mkdir()
@@ -227,7 +220,6 @@ class ProviderServices:
         task.execution = TaskExecution(task.job_id, old.runtime, spec, start_offsets=dict(old.output.offsets))
         task.restarting = False
         old.output.changed.set()  # the writer moves to the new execution
-        run.poke()
         log.info("service restarted", extra={"job": task.job_id, "restarts": run.restarts})
         await task.execution.run()
 

@@ -28,16 +28,17 @@ MAX_HEALTH_RETRIES = 100
 MAX_HEALTH_ARGV = 32
 
 
-class VolumeError(ValueError):
-    def __init__(self, message: str, slug: str = "bad_volume"):
-        super().__init__(message)
-        self.slug = slug
-
-
 class ServiceSpecError(ValueError):
-    def __init__(self, message: str, slug: str = "bad_service"):
+    """A service map refused; ``slug``: the counted reason (ours, never the peer's text)."""
+    default_slug = "bad_service"
+
+    def __init__(self, message: str, slug: str | None = None):
         super().__init__(message)
-        self.slug = slug
+        self.slug = slug or self.default_slug
+
+
+class VolumeError(ServiceSpecError):
+    default_slug = "bad_volume"
 
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -45,12 +46,6 @@ MAX_VOLUMES = 4  # per service
 MAX_PATH = 200
 # Where a volume may not go: the sandbox's own system trees and mounts.
 RESERVED = ("/proc", "/sys", "/dev", "/tmp", "/etc", "/bin", "/sbin", "/lib", "/usr")
-
-
-class VolumeError(ValueError):
-    def __init__(self, message: str, slug: str = "bad_volume"):
-        super().__init__(message)
-        self.slug = slug
 
 
 def check_name(name) -> str:
