@@ -371,7 +371,7 @@ class ProviderJobs(TaskServer):
         outcome = ("preempted" if task.handed_back or task.preempt else
                    "cancelled" if st.reason == "cancelled" else
                    "completed" if st.code == 0 and not st.reason else "failed")
-        self.on_finished(task.terms, outcome, st.usage)
+        self.on_finished(task.terms, outcome, self.services.final_usage(task, st.usage))
 
     # ---- preemption ----------------------------------------------------------------------
 

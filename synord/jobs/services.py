@@ -57,12 +57,13 @@ class ServiceRun:
     sandboxes: int = 1
     sizes: dict = field(default_factory=dict)  # volume name -> bytes, measured every SIZES_EVERY_S
     sized_at: float = float("-inf")
+    cpu_billed: float = 0.0  # CPU seconds of the current sandbox already on a period receipt
 
 
 class ProviderServices:
-    def __init__(self, volumes: Volumes, on_period: Callable[[Terms, Terms], None] | None = None):
+    def __init__(self, volumes: Volumes, on_period: Callable[[Terms, Terms, float, int], None] | None = None):
         self.volumes = volumes
-        self.on_period = on_period  # (agreement, period's terms): the market bills it
+        self.on_period = on_period  # (agreement, period's terms, cpu_s, peak memory): the market bills it
         self.runs: dict[bytes, ServiceRun] = {}  # agreement id -> its service (while the node runs)
 
     # ---- at task.start ----------------------------------------------------------------
@@ -121,6 +122,23 @@ class ProviderServices:
             out.append((v["name"], tar, sha, size))
         return out
 
+    def _period_usage(self, task: "ProviderTask") -> tuple[float, int]:
+        """(CPU seconds since the last period's receipt, peak memory) of the current sandbox."""
+        run = task.service
+        cg = getattr(task.execution.sandbox, "cgroup", None)
+        try:
+            cpu, peak = cg.usage() if cg is not None else (run.cpu_billed, 0)
+        except OSError:
+            return 0.0, 0
+        used, run.cpu_billed = max(0.0, cpu - run.cpu_billed), max(run.cpu_billed, cpu)
+        return round(used, 3), peak
+
+    def final_usage(self, task: "ProviderTask", usage):
+        """The usage the agreement's own (last) receipt bills: what no period receipt did."""
+        if task.service is None:
+            return usage
+        return replace(usage, cpu_s=max(0.0, usage.cpu_s - task.service.cpu_billed))
+
     def info(self, task: "ProviderTask") -> dict:
         run = task.service
         return {"restarts": run.restarts, "paid": run.lease.paid, "volumes": dict(run.sizes)}
@@ -147,7 +165,8 @@ class ProviderServices:
             while not (task.execution.done.is_set() and not task.restarting):
                 for action in run.lease.tick(int(time.time() * 1000)):
                     if isinstance(action, Bill) and self.on_period is not None:
-                        self.on_period(task.terms, period_terms(task.terms, run.lease.period_ms, action.period))
+                        self.on_period(task.terms, period_terms(task.terms, run.lease.period_ms, action.period),
+                                       *self._period_usage(task))
                         log.info("service period billed", extra={"job": task.job_id, "period": action.period})
                     elif isinstance(action, Stop):
                         await self._stop(task, action.reason)
@@ -212,6 +231,7 @@ class ProviderServices:
         old = task.execution
         run = task.service
         run.restarts += 1
+        run.cpu_billed = 0.0  # a new cgroup counts from zero (the old one's last seconds go unbilled)
         run.sandboxes += 1  # each sandbox its own directory: the old one may still be torn down
         shutil.rmtree(old.spec.workdir, ignore_errors=True)
         workdir = task.workdir / f"sandbox-{run.sandboxes}"
