@@ -77,7 +77,8 @@ class ProviderServices:
         service = check_service(body["service"])
         if service["volumes"] and spec.kind != "container":
             raise VolumeError("volumes are mounted into containers only", "volume_unsupported")
-        self.volumes.check_quota(consumer)
+        if service["volumes"]:  # a consumer over its quota starts no service with volumes here
+            self.volumes.check_quota(consumer)
         for name, sha in service.get("restore", {}).items():
             if not blobs.has(sha):
                 raise VolumeError(f"volume {name} not transferred", "no_volume")
