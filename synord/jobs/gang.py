@@ -83,23 +83,34 @@ async def reserve(market, needs, size: int, within_s: float, seed: int | None = 
     cands = {c.ask.peer: c for c in market.candidates(needs, shortlist=shortlist)}
     gang = gm.Gang(size, list(cands), deadline=now_ms() + int(within_s * 1000), seed=seed)
     held: dict[str, Terms] = {}
+    asking: dict[str, trio.CancelScope] = {}  # members asked, not answered yet
     send, recv = trio.open_memory_channel(math.inf)
 
     async def ask(peer: str, rnd: int) -> None:
+        scope = asking[peer] = trio.CancelScope()
         try:
-            terms, until = await market.hold(cands[peer], needs)
+            with scope:
+                terms, until = await market.hold(cands[peer], needs)
+            if scope.cancelled_caught:
+                return  # released while asked: market.hold withdrew the proposal
+            send.send_nowait((rnd, peer, terms, until))  # no checkpoint: the hold is never lost
         except HoldRefused as exc:
-            await send.send((rnd, peer, None, exc.reason))
+            send.send_nowait((rnd, peer, None, exc.reason))
         except PlacementRejected:
-            await send.send((rnd, peer, None, "other"))
-        else:
-            await send.send((rnd, peer, terms, until))
+            send.send_nowait((rnd, peer, None, "other"))
+        finally:
+            if asking.get(peer) is scope:
+                del asking[peer]
 
     async def release(peer: str) -> None:
+        scope = asking.pop(peer, None)
+        if scope is not None:
+            scope.cancel()
         terms = held.pop(peer, None)
         if terms is not None:
             await market.release_held(terms, "gang released")
 
+    result: list[Terms] | None = None
     async with trio.open_nursery() as nursery:
         try:
             actions = gang.start(now_ms())
@@ -110,9 +121,10 @@ async def reserve(market, needs, size: int, within_s: float, seed: int | None = 
                     elif isinstance(a, gm.Release):
                         await release(a.peer)
                 if any(isinstance(a, gm.Commit) for a in actions):
-                    return await _commit(market, gang, held), gang
+                    result = await _commit(market, gang, held)
+                    break
                 if gang.done:
-                    raise NoPlacement(f"gang of {size}: {gang.reason}")
+                    break
                 actions = []
                 answer = None
                 with trio.move_on_after(max(0.0, (gang.next_deadline() - now_ms()) / 1000)):
@@ -126,11 +138,21 @@ async def reserve(market, needs, size: int, within_s: float, seed: int | None = 
                     gang.update_candidates([c.ask.peer for c in fresh])
                 actions = gang.tick(now_ms())
         finally:
-            nursery.cancel_scope.cancel()  # asks still in flight: their providers time out
+            nursery.cancel_scope.cancel()  # asks still in flight: market.hold withdraws them
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 if gang.phase is not gm.Phase.COMMITTED:
                     for peer in list(held):
                         await release(peer)
+                    while True:  # holds that arrived after the end
+                        try:
+                            _, _, terms, _ = recv.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        if terms is not None:
+                            await market.release_held(terms, "gang released")
+    if result is None:  # raised out here: not wrapped in the nursery's exception group
+        raise NoPlacement(f"gang of {size}: {gang.reason}")
+    return result, gang
 
 
 async def _answer(market, gang: gm.Gang, held: dict[str, Terms], rnd: int, peer: str,
@@ -142,6 +164,7 @@ async def _answer(market, gang: gm.Gang, held: dict[str, Terms], rnd: int, peer:
         return []
     try:
         if terms is None:
+            log.info("gang member refused", extra={"peer": peer[:16], "reason": what, "round": rnd})
             return gang.refused(peer, what, now_ms())
         held[peer] = terms
         return gang.held(peer, terms.aid, what, now_ms())
@@ -151,7 +174,7 @@ async def _answer(market, gang: gm.Gang, held: dict[str, Terms], rnd: int, peer:
         return []
 
 
-async def _commit(market, gang: gm.Gang, held: dict[str, Terms]) -> list[Terms]:
+async def _commit(market, gang: gm.Gang, held: dict[str, Terms]) -> list[Terms] | None:
     """Countersign every member; a hold that lapsed in between undoes the others."""
     ranked = [held[m.peer] for m in gang.ranked()]
     done: list[Terms] = []
@@ -160,7 +183,7 @@ async def _commit(market, gang: gm.Gang, held: dict[str, Terms]) -> list[Terms]:
             for t in done:
                 await market.abandon(t, "gang member's hold lapsed during the commit")
             gang.phase, gang.reason = gm.Phase.FAILED, "a hold lapsed during the commit"
-            raise NoPlacement(f"gang of {gang.size}: {gang.reason}")
+            return None
         done.append(terms)
     held.clear()
     return ranked

@@ -375,6 +375,10 @@ class MarketService:
             with trio.move_on_after(self.timeouts.propose_ms / 1000 + 1):
                 await done.wait()
             pl: Placement = self.consumer.placements[bid.id]
+        except BaseException:  # the gang let go while we asked: the provider releases at once
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self._send_all(self.consumer.release_held(bid.id, "withdrawn"), "provider")
+            raise
         finally:
             self._waiting.pop(bid.id, None)
         m = pl.negotiation
