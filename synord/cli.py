@@ -402,29 +402,34 @@ def _job_text(j: dict) -> str:
     return "\n".join(lines)
 
 
-_MID_LINE: set = set()  # (member, stream) whose last output ended mid-line
+_PARTIAL: dict = {}  # (member, stream) -> the start of a line not yet ended
 
 
 def _write_output(item: dict) -> None:
     """One NDJSON output line to our stdout or stderr, byte for byte; a gang
-    member's lines each start with its rank (``[0] ``)."""
+    member's output goes out in whole lines, each starting with its rank (``[0] ``),
+    so members' lines never mix (`_flush_partial` writes what never ended)."""
     out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
     out.flush()
     # the daemon decodes with surrogateescape, so any bytes round-trip
     data = item["data"].encode("utf-8", "surrogateescape")
     member = item.get("member")
-    if isinstance(member, int) and data:
+    if isinstance(member, int):
         key, mark = (member, item.get("stream")), f"[{member}] ".encode()
-        lines = data.split(b"\n")
-        last = lines.pop()  # what follows the last newline ("" when it ends one)
-        data = b"".join((b"" if i == 0 and key in _MID_LINE else mark) + ln + b"\n" for i, ln in enumerate(lines))
-        if last:
-            data += (b"" if not lines and key in _MID_LINE else mark) + last
-            _MID_LINE.add(key)
-        else:
-            _MID_LINE.discard(key)
+        lines = (_PARTIAL.pop(key, b"") + data).split(b"\n")
+        if lines[-1]:
+            _PARTIAL[key] = lines[-1]
+        data = b"".join(mark + ln + b"\n" for ln in lines[:-1])
     out.buffer.write(data)
     out.buffer.flush()
+
+
+def _flush_partial() -> None:
+    for (member, stream), rest in sorted(_PARTIAL.items()):
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        out.buffer.write(f"[{member}] ".encode() + rest)
+        out.buffer.flush()
+    _PARTIAL.clear()
 
 
 def _print_output(client, job_id: str, follow: bool, errors: list | None = None,
@@ -436,6 +441,8 @@ def _print_output(client, job_id: str, follow: bool, errors: list | None = None,
             sys.stdout.flush()
         elif "data" in item:
             _write_output(item)
+        if "exit_code" in item:
+            _flush_partial()
         elif "progress" in item:
             sys.stderr.write(f"synord: {item['progress']}\n")
         if "exit_code" in item:

@@ -118,3 +118,22 @@ def test_two_consumers_racing_for_overlapping_gangs_never_deadlock_nor_double_bo
         runs.sort()
         for (s1, e1, g1), (s2, e2, g2) in zip(runs, runs[1:]):
             assert e1 <= s2, f"{provider[:12]} ran {g1} and {g2} at once"
+
+
+def test_a_bad_node_count_is_one_line_and_reserves_nothing(mesh):
+    c1, _, _, _ = mesh
+    before = len(c1.get("/v1/jobs"))
+    for bad in ("0", "17"):
+        res = c1.cli("run", "--nodes", bad, "--runtime", "container", str(BUSYBOX_TAR), "--", "true", check=False)
+        assert res.returncode != 0
+        assert res.stderr.strip().splitlines() == ["synord: bad task: nodes must be an integer from 1 to 16"]
+    assert len(c1.get("/v1/jobs")) == before
+
+
+def test_member_lines_are_marked_and_never_mixed_when_output_arrives_mid_line(capfdbinary):
+    from synord import cli
+    cli._PARTIAL.clear()
+    for member, data in ((0, "a1\na"), (1, "b1\n"), (0, "2 still a2\n"), (1, "b2"), (1, "\nb3")):
+        cli._write_output({"stream": "stdout", "data": data, "member": member})
+    cli._flush_partial()  # the end: a line that never ended still comes out
+    assert capfdbinary.readouterr().out == b"[0] a1\n[1] b1\n[0] a2 still a2\n[1] b2\n[1] b3"

@@ -211,13 +211,15 @@ async def drive(jobs: "ConsumerJobs", parent: "ConsumerJob", resumed: bool) -> N
 
 
 async def _place(jobs: "ConsumerJobs", parent: "ConsumerJob") -> None:
-    from .consumer import ConsumerJob
     size = parent.runstate.gang["size"]
     needs = parent.jobspec.needs()
     jobs._set_state(parent, "negotiating")
     jobs._progress(parent, "placing", 0, size, note=f"reserving {size} providers together")
     await jobs.market.announce_bid(needs, parent.id)
-    terms, gang = await reserve(jobs.market, needs, size, jobs.placement_timeout_s)
+    reserved = await _reserve_unless_cancelled(jobs, parent, needs, size)
+    if reserved is None:
+        return  # cancelled while reserving: everything held was released
+    terms, gang = reserved
     roster = [{"rank": r, "peer": t.provider, "addrs": jobs.mesh.dialable_addrs(t.provider)[:3]}
               for r, t in enumerate(terms)]
     members = []
@@ -225,7 +227,7 @@ async def _place(jobs: "ConsumerJobs", parent: "ConsumerJob") -> None:
         env = roster_env(parent.id, r, roster)
         spec = replace(parent.jobspec, env=tuple((k, v) for k, v in parent.jobspec.env if k not in env)
                        + tuple(env.items()))
-        m = ConsumerJob(id=uuid.uuid4().hex[:16], jobspec=spec)
+        m = type(parent)(id=uuid.uuid4().hex[:16], jobspec=spec)  # a ConsumerJob (no import circle)
         m.runstate.gang = {"parent": parent.id, "rank": r, "size": size}
         jobs.jobs[m.id] = m
         jobs._save(m)
@@ -236,6 +238,28 @@ async def _place(jobs: "ConsumerJobs", parent: "ConsumerJob") -> None:
     jobs._save(parent)
     jobs._notice(parent, f"{size} providers committed together after {gang.rounds} round(s)")
     await _start_all(jobs, parent, members)
+
+
+async def _reserve_unless_cancelled(jobs: "ConsumerJobs", parent: "ConsumerJob", needs, size: int):
+    """`reserve`, given up (releasing what it holds) when the user cancels the gang."""
+    out: dict[str, Any] = {}
+
+    async def watch(scope: trio.CancelScope) -> None:
+        while not parent.cancel_requested:
+            with trio.move_on_after(POLL_S):
+                await parent.changed.wait()
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, nursery.cancel_scope)
+        try:
+            out["ok"] = await reserve(jobs.market, needs, size, jobs.placement_timeout_s)
+        except NoPlacement as exc:  # raised outside the nursery, not as an exception group
+            out["error"] = exc
+        nursery.cancel_scope.cancel()
+    if "error" in out:
+        raise out["error"]
+    return out.get("ok")
 
 
 async def _start_all(jobs: "ConsumerJobs", parent: "ConsumerJob", members: list) -> None:
