@@ -232,7 +232,7 @@ async def _place(jobs: "ConsumerJobs", parent: "ConsumerJob") -> None:
         jobs.jobs[m.id] = m
         jobs._save(m)
         members.append((m, t))
-    parent.runstate.gang = {"size": size, "rounds": gang.rounds,
+    parent.runstate.gang = {"size": size, "rounds": gang.rounds, "refusals": dict(gang.refusals),
                             "members": [{"rank": r, "job": m.id, "provider": t.provider}
                                         for r, (m, t) in enumerate(members)]}
     jobs._save(parent)
