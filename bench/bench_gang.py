@@ -21,41 +21,17 @@ Every agreement is abandoned (untimed) so capacity is free between rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import trio
 
+from bench_placement import NEEDS, market, row  # the same market services, the same figures
 from synord.jobs.gang import reserve
-from synord.market.port import Needs
-from synord.market.pricing import PricingPolicy
-from synord.market.service import MarketService
 from synord.protocols.identity import Identity
 from synord.protocols.mesh import MeshConfig
 from synord.protocols.p2p import create_mesh
-from synord.store import Store
-
-GIB = 1 << 30
-NEEDS = Needs(runtime="wasm", cores=1.0, memory=256 << 20, max_price=None, duration_s=600)
-
-
-def market(tmp: Path, name: str, mesh, providing: bool, on_agreement=None) -> MarketService:
-    offer = {"cpus": 8.0, "memory_bytes": 16 * GIB, "runtimes": ["wasm"]} if providing else {}
-    return MarketService(mesh.identity, Store(tmp / f"{name}.db"), mesh, offer=lambda: offer,
-                         contributing=lambda: providing, policy=PricingPolicy(), classes=lambda: ["cpu"],
-                         on_agreement=on_agreement)
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-def row(name: str, xs: list[float]) -> str:
-    return (f"{name:<44} n={len(xs):<4} p50 {pct(xs, .5) * 1e3:7.2f} ms   p90 {pct(xs, .9) * 1e3:7.2f} ms"
-            f"   mean {statistics.fmean(xs) * 1e3:7.2f} ms")
 
 
 async def bench(rounds: int, sizes: list[int], providers: int) -> dict[str, list[float]]:
