@@ -1,7 +1,8 @@
 """The gang machine (synord.protocols.gang) without sockets: the member table,
 all-or-nothing commit, release at once on a lost race, expiry, idempotent
-retries, and two coordinators racing for shared members under many seeded
-random interleavings (no deadlock, no double booking)."""
+retries, two coordinators racing for shared members under many seeded random
+interleavings (no deadlock, no double booking), and a member's hold on the
+real negotiation parties (held uncountersigned, committed, released, lapsed)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import random
 
 import pytest
 
+from synord.market.negotiator import Consumer
 from synord.protocols import gang as g
+from synord.protocols.envelope import now_ms
+from synord.protocols.identity import Identity
+
+from test_market_book import bid as mk_bid
+from test_negotiation import C_ID, P_ID, TO, deliver, make_provider
 
 A, B, C, D = "peerA", "peerB", "peerC", "peerD"
 AID = [bytes([i]) * 16 for i in range(16)]
@@ -210,3 +217,56 @@ def test_two_coordinators_racing_for_shared_members_never_deadlock_nor_double_bo
         # And never on the same member at once: the loser waited for the winner's run to end.
         x, y = ({m.peer for m in gg.ranked()} for gg in gangs.values())
         assert len(x) == len(y) == 2
+
+
+# ---- a member's hold on the real negotiation parties (no sockets) -------------------------------
+
+def _held(clock=None):
+    prov = make_provider(clock=clock)
+    cons = Consumer(C_ID, timeouts=TO, clock=clock)
+    parties = {P_ID.peer_id: prov, C_ID.peer_id: cons}
+    log = deliver(cons.place(mk_bid(cores=4.0), [prov.asks["a1"]], hold=True), parties)
+    return prov, cons, parties, log
+
+
+def test_a_member_holds_uncountersigned_until_the_gang_commits():
+    prov, cons, parties, log = _held()
+    assert [s.envelope.type for s in log] == ["propose", "agreement"]  # no countersign yet
+    pl = cons.placements["b1"]
+    (m,) = prov.negotiations.values()
+    key = f"{C_ID.peer_id}/{m.nid.hex()}"
+    assert pl.state == "held" and m.state.value == "AGREED"
+    assert prov.pool.free()["cpus"] == 0 and not prov.pool.get(key).committed  # capacity held, not sold
+    log = deliver(cons.commit_held("b1"), parties)
+    assert [s.envelope.type for s in log] == ["countersign"]
+    assert m.state.value == "ACTIVE" and prov.pool.get(key).committed and pl.state == "active"
+
+
+def test_a_released_member_frees_its_capacity_at_once():
+    prov, cons, parties, _ = _held()
+    log = deliver(cons.release_held("b1", "gang released"), parties)
+    assert [s.envelope.type for s in log] == ["reject"]
+    assert len(prov.pool) == 0 and not prov.negotiations and prov.finished[-1].state.value == "REJECTED"
+    assert "b1" not in cons.placements
+    # Another consumer gets the capacity right away.
+    other = Consumer(Identity.generate(), timeouts=TO)
+    parties[other.peer_id] = other
+    deliver(other.place(mk_bid(cores=4.0), [prov.asks["a1"]], hold=True), parties)
+    assert other.placements["b1"].state == "held"
+
+
+def test_a_hold_lapses_on_the_provider_when_no_commit_comes():
+    t = [now_ms()]
+    prov, cons, parties, _ = _held(clock=lambda: t[0])
+    rival = Consumer(Identity.generate(), timeouts=TO, clock=lambda: t[0])
+    parties[rival.peer_id] = rival
+    deliver(rival.place(mk_bid(cores=4.0), [prov.asks["a1"]], hold=True), parties)
+    assert rival.placements["b1"].state == "failed"  # no-wait: refused at once, not queued
+    assert "capacity" in rival.placements["b1"].attempts[0][2]
+    t[0] += TO.countersign_ms  # the consumer vanished: nothing more from it
+    prov.tick(t[0])
+    assert len(prov.pool) == 0 and prov.finished[-1].state.value == "EXPIRED"
+    cons.tick(t[0])
+    assert cons.placements["b1"].state == "expired"
+    with pytest.raises(LookupError):
+        cons.commit_held("b1")  # too late: the gang releases the others instead
