@@ -31,7 +31,7 @@ def mesh(tmp_path_factory):
         for c in (c1, c2):
             wait_for(lambda c=c: providers_in_book(c) >= ids, 40, what="every provider's ask in the book")
         cpus = min(a["cores"] for a in asks_at(c1) if a["peer"] in ids)
-        yield c1, c2, provs, f"{cpus:g}"
+        yield c1, c2, provs, f"{cpus:g}", cluster
 
 
 def _ledger_size(d) -> int:
@@ -39,7 +39,7 @@ def _ledger_size(d) -> int:
 
 
 def test_a_three_node_gang_starts_everywhere_and_every_line_comes_back_marked(mesh):
-    _, c2, provs, cpus = mesh
+    _, c2, provs, cpus, _ = mesh
     script = 'echo "rank=$SYNORD_GANG_RANK size=$SYNORD_GANG_SIZE"; echo "$SYNORD_GANG_MEMBERS"'
     res = c2.cli("run", "--json", "--nodes", "3", "--cpus", cpus, "--runtime", "container", str(BUSYBOX_TAR),
                  "--", "sh", "-c", script, check=False, timeout=180)
@@ -74,7 +74,7 @@ def test_a_three_node_gang_starts_everywhere_and_every_line_comes_back_marked(me
 
 
 def test_one_member_refusing_starts_nothing_charges_nothing_and_frees_the_others_at_once(mesh):
-    c1, _, provs, cpus = mesh
+    c1, _, provs, cpus, _ = mesh
     before = {d: (_ledger_size(d), len(d.get("/v1/jobs")), d.get("/v1/book")["agreements"]) for d in provs}
     c1_receipts = _ledger_size(c1)
     res = c1.cli("run", "--nodes", "3", "--cpus", cpus, "--runtime", "container", str(BUSYBOX_TAR),
@@ -100,7 +100,7 @@ def test_one_member_refusing_starts_nothing_charges_nothing_and_frees_the_others
 
 
 def test_two_consumers_racing_for_overlapping_gangs_never_deadlock_nor_double_book(mesh):
-    c1, c2, provs, cpus = mesh
+    c1, c2, provs, cpus, _ = mesh
     # Each member prints the host's uptime when it starts and when it ends (the one
     # clock every sandbox on this machine shares).
     script = "cut -d' ' -f1 /proc/uptime; sleep 2; cut -d' ' -f1 /proc/uptime"
@@ -123,7 +123,7 @@ def test_two_consumers_racing_for_overlapping_gangs_never_deadlock_nor_double_bo
 
 
 def test_a_bad_node_count_is_one_line_and_reserves_nothing(mesh):
-    c1, _, _, _ = mesh
+    c1 = mesh[0]
     before = len(c1.get("/v1/jobs"))
     for bad in ("0", "17"):
         res = c1.cli("run", "--nodes", bad, "--runtime", "container", str(BUSYBOX_TAR), "--", "true", check=False)
@@ -139,3 +139,18 @@ def test_member_lines_are_marked_and_never_mixed_when_output_arrives_mid_line(ca
         cli._write_output({"stream": "stdout", "data": data, "member": member})
     cli._flush_partial()  # the end: a line that never ended still comes out
     assert capfdbinary.readouterr().out == b"[0] a1\n[1] b1\n[0] a2 still a2\n[1] b2\n[1] b3"
+
+
+def test_a_gang_survives_its_consumer_restarting(mesh):  # last: c2 is a new process after it
+    c1, c2, _, cpus, cluster = mesh
+    gid = submit(c2, "--nodes", "2", "--cpus", cpus, "--runtime", "container", str(BUSYBOX_TAR), "--",
+                 "sh", "-c", "echo start; sleep 4; echo end")
+    wait_for(lambda: c2.cli("logs", gid).stdout.count("start") == 2, 60, what="both members started")
+    c2.kill()  # SIGKILL: nothing graceful
+    c2 = cluster.start("c2", bootstrap=c1.p2p_addrs())  # the same home: its jobs, its identity
+    g = wait_job(c2, gid, timeout=120)
+    assert g["state"] == "succeeded" and g["exit_code"] == 0, g
+    lines = sorted(c2.cli("logs", gid).stdout.splitlines())
+    assert lines == ["[0] end", "[0] start", "[1] end", "[1] start"]  # every line once, marked
+    for m in json.loads(c2.cli("status", gid, "--json").stdout)["members"]:
+        assert len(job(c2, m["job"])["history"]) == 1  # re-attached, not re-placed
