@@ -41,6 +41,7 @@ from synord.protocols.refusals import REFUSALS
 
 from ..errors import Invalid
 from ..market.port import HoldRefused, NoPlacement, PlacementRejected
+from .output import data_line, end_line
 from .spec import TERMINAL
 
 if TYPE_CHECKING:
@@ -341,7 +342,6 @@ def describe(jobs: "ConsumerJobs", job: "ConsumerJob") -> dict:
 
 async def output_lines(jobs: "ConsumerJobs", parent: "ConsumerJob", follow: bool) -> AsyncIterator[bytes]:
     """Every member's output, each line marked with its rank ({"member": r, ...}), then the end."""
-    from .output import end_line
     last: dict[str, int] = {}
     while True:
         changed = parent.changed
@@ -350,8 +350,7 @@ async def output_lines(jobs: "ConsumerJobs", parent: "ConsumerJob", follow: bool
         for m in members:
             for seq, s, data in jobs.jobstore.output_after(m.id, last.get(m.id, 0)):
                 last[m.id], new = seq, True
-                yield (json.dumps({"stream": s, "data": data.decode("utf-8", "surrogateescape"),
-                                   "member": m.runstate.gang["rank"]}) + "\n").encode()
+                yield data_line(s, data, m.runstate.gang["rank"])
         if parent.state in TERMINAL and all(not m.pending_output for m in members) and not new:
             yield end_line(parent.exit_code, parent.state, parent.error)
             return
