@@ -68,6 +68,16 @@ def test_a_hold_that_runs_out_before_the_others_answer_releases_all_and_retries(
     assert gang.held(B, AID[1], 9_000, 4_600) == [g.Release(B)]
 
 
+def test_a_silent_member_ends_the_round_like_a_busy_one():
+    gang = g.Gang(2, [A, B, C], deadline=60_000, seed=6, timing=g.Timing(answer_ms=3_000))
+    gang.start(0)
+    gang.held(A, AID[0], 50_000, 10)
+    assert gang.next_deadline() == 3_000
+    assert gang.tick(3_000) == [g.Release(A)]  # B never answered: A is not kept waiting
+    assert gang.members[B].state is g.State.EXPIRED and gang.refusals == {B: "timeout"}
+    assert gang.tick(gang.wake) == [g.Reserve(A), g.Reserve(C)]  # B goes to the back
+
+
 def test_the_deadline_fails_the_gang_and_releases_what_is_held():
     gang = g.Gang(2, [A, B], deadline=1_000, seed=4)
     gang.start(0)
@@ -151,7 +161,10 @@ class SimMember:
         self.hold, self.booked = None, (gang, now + self.run_ms)
 
 
-def _race(seed: int) -> tuple[dict, dict]:
+def _race(seed: int, loss: float = 0.0) -> tuple[dict, dict]:
+    """Two gangs of 2 over 3 shared one-slot members; every message takes 1-80 ms and,
+    with ``loss``, reserves, answers and releases are lost at that rate (a lost
+    release leaves the hold to lapse; a lost answer leaves the coordinator to give up)."""
     rng = random.Random(seed)
     hold_ms, run_ms = 5_000, 2_000
     members = {p: SimMember(hold_ms, run_ms) for p in (A, B, C)}
@@ -167,6 +180,9 @@ def _race(seed: int) -> tuple[dict, dict]:
 
     def delay() -> int:
         return rng.randint(1, 80)
+
+    def lost() -> bool:
+        return rng.random() < loss
 
     def perform(name: str, actions: list, now: int) -> None:
         gang = gangs[name]
@@ -186,10 +202,13 @@ def _race(seed: int) -> tuple[dict, dict]:
 
                 def arrive(t, m=m, answer=answer):
                     ok = m.reserve(name, t)
-                    at(t + delay(), lambda t2: answer(t2, ok=ok))
-                at(now + delay(), arrive)
+                    if not lost():
+                        at(t + delay(), lambda t2: answer(t2, ok=ok))
+                if not lost():
+                    at(now + delay(), arrive)
             elif isinstance(a, g.Release):
-                at(now + delay(), lambda t, m=m: m.release(name, t))
+                if not lost():
+                    at(now + delay(), lambda t, m=m: m.release(name, t))
             elif isinstance(a, g.Commit):
                 at(now + delay(), lambda t, m=m: m.commit(name, t))
         nd = gang.next_deadline()
@@ -207,10 +226,11 @@ def _race(seed: int) -> tuple[dict, dict]:
     return gangs, members
 
 
+@pytest.mark.parametrize("loss", [0.0, 0.1])
 @pytest.mark.parametrize("seed", range(0, 300, 30))
-def test_two_coordinators_racing_for_shared_members_never_deadlock_nor_double_book(seed):
-    for s in range(seed, seed + 30):  # 300 seeded interleavings in all
-        gangs, members = _race(s)
+def test_two_coordinators_racing_for_shared_members_never_deadlock_nor_double_book(seed, loss):
+    for s in range(seed, seed + 30):  # 300 seeded interleavings in all, with and without lost messages
+        gangs, members = _race(s, loss)
         assert all(m.double_booked == 0 and m.bad_commits == 0 for m in members.values()), s
         # No deadlock: both gangs are placed (one after the other: 3 members, 2 each).
         assert [gg.phase for gg in gangs.values()] == [g.Phase.COMMITTED] * 2, (s, [gg.reason for gg in gangs.values()])

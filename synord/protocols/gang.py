@@ -21,8 +21,10 @@ rules describe the coordinator's view and the provider member's:
     member:      Refused(reason) ------------> ASKED -> REFUSED     (a reject: price, capacity, admission…)
     coordinator: Commit ---------------------> HELD -> COMMITTED    (the countersign)
     coordinator: Release --------------------> ASKED|HELD -> RELEASED (the member frees the capacity at once)
-    local:       Expire(now >= until) -------> ASKED|HELD -> EXPIRED (the provider's own countersign timeout:
-                                                                     a vanished consumer never blocks capacity)
+    local:       Expire ---------------------> ASKED|HELD -> EXPIRED (held: ``until`` is near, the provider's
+                                                                     own countersign timeout, so a vanished
+                                                                     consumer never blocks capacity; asked:
+                                                                     no answer within ``answer_ms``)
 
 Retries are idempotent: a second Held with the same agreement id in HELD, a
 Commit in COMMITTED, a Release of a member already released, refused or
@@ -46,6 +48,8 @@ The coordinator (`Gang`):
   order.  The next round starts after a randomized, growing back-off (seeded
   `random.Random`, so tests replay interleavings), which breaks the symmetry
   of two coordinators that keep colliding.
+- A member silent for ``answer_ms`` (a lost message, a stalled provider) ends
+  the round like a busy one.
 - Once all ``size`` are held, the gang commits only if the earliest hold still
   has ``commit_margin_ms`` to run (the provider's clock started a little before
   ours); else it releases all and tries again.
@@ -160,6 +164,7 @@ class Member:
     state: State = State.IDLE
     aid: bytes | None = None
     until: int | None = None
+    asked_at: int | None = None
     reason: str = ""
 
     def process(self, role: str, event: Any) -> bool:
@@ -200,6 +205,7 @@ class Phase(str, enum.Enum):
 @dataclass(frozen=True)
 class Timing:
     commit_margin_ms: int = 1_000  # the earliest hold must still run this long to commit
+    answer_ms: int = 6_000         # a member silent this long after the ask is given up on
     backoff_ms: int = 200          # first back-off after a lost round (randomized, doubling)
     backoff_max_ms: int = 3_000
 
@@ -283,10 +289,17 @@ class Gang:
         if self.phase is Phase.RESERVING:
             late = [m for m in self.members.values() if m.until is not None and m.state is State.HELD
                     and now >= m.until - self.timing.commit_margin_ms]
-            for m in late:
+            silent = [m for m in self.members.values() if m.state is State.ASKED
+                      and now >= m.asked_at + self.timing.answer_ms]
+            for m in late + silent:
                 m.process(LOCAL, Expire(m.peer))
-            if late:
-                return self._lose_round(now, f"hold of {late[0].peer[:12]} ran out before all were held")
+            for m in silent:  # a lost answer, or a slow provider: others first next round
+                self.refusals[m.peer] = "timeout"
+                self._order.remove(m.peer)
+                self._order.append(m.peer)
+            if late or silent:
+                return self._lose_round(now, f"{(late + silent)[0].peer[:12]}: "
+                                        + ("hold ran out before all were held" if late else "no answer"))
             return self._maybe_commit(now)
         return []
 
@@ -296,6 +309,7 @@ class Gang:
         times = [self.deadline] + ([self.wake] if self.wake is not None else [])
         times += [m.until - self.timing.commit_margin_ms for m in self.members.values()
                   if m.state is State.HELD and m.until is not None]
+        times += [m.asked_at + self.timing.answer_ms for m in self.members.values() if m.state is State.ASKED]
         return min(times)
 
     # --- inside ----------------------------------------------------------------------------
@@ -328,6 +342,7 @@ class Gang:
         out = []
         for m in self.ranked():
             m.process(COORDINATOR, Reserve(m.peer))
+            m.asked_at = now
             out.append(Reserve(m.peer))
         return out
 
