@@ -53,8 +53,9 @@ The coordinator (`Gang`):
 - Once all ``size`` are held, the gang commits only if the earliest hold still
   has ``commit_margin_ms`` to run (the provider's clock started a little before
   ours); else it releases all and tries again.
-- The gang fails when fewer than ``size`` candidates are left, or at
-  ``deadline``.  Members are reserved in sorted peer-id order (a global order:
+- The gang fails when fewer than ``size`` candidates are left that did not
+  refuse for a lasting reason, or at ``deadline``; while enough exist but some
+  are busy (their asks gone from the book for now), it waits.  Members are reserved in sorted peer-id order (a global order:
   two coordinators that pick the same set collide on the same first member).
 
 No sockets, no clocks: callers pass ``now`` (ms) and perform the returned
