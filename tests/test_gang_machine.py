@@ -56,6 +56,28 @@ def test_a_busy_member_goes_to_the_back_and_the_next_round_tries_the_others():
     assert gang.tick(gang.wake) == [g.Reserve(B), g.Reserve(C)]
 
 
+def test_it_waits_while_busy_providers_are_gone_from_the_book_and_fails_only_on_lasting_refusals():
+    gang = g.Gang(2, [A, B, C], deadline=60_000, seed=7)
+    gang.start(0)
+    gang.refused(A, "capacity", 5)
+    gang.update_candidates([B])  # A and C are busy: their asks left the book
+    t = gang.wake
+    assert gang.tick(t) == [] and gang.phase is g.Phase.BACKOFF and "1 of 2" in gang.reason
+    gang.update_candidates([A, B])
+    t = gang.wake
+    assert gang.tick(t) == [g.Reserve(A), g.Reserve(B)]
+    gang.refused(B, "price", t + 1)
+    assert gang.phase is g.Phase.BACKOFF  # A and C are still possible
+    gang.update_candidates([A])
+    t = gang.wake
+    assert gang.tick(t) == [] and gang.phase is g.Phase.BACKOFF
+    gang.update_candidates([A, C])
+    t = gang.wake
+    assert gang.tick(t) == [g.Reserve(A), g.Reserve(C)]
+    assert gang.refused(C, "admission", t + 1) == [g.Release(A)]
+    assert gang.phase is g.Phase.FAILED and "only 1 of 2" in gang.reason
+
+
 def test_a_hold_that_runs_out_before_the_others_answer_releases_all_and_retries():
     gang = g.Gang(2, [A, B], deadline=60_000, seed=3, timing=g.Timing(commit_margin_ms=500))
     gang.start(0)
