@@ -441,8 +441,6 @@ def _print_output(client, job_id: str, follow: bool, errors: list | None = None,
             sys.stdout.flush()
         elif "data" in item:
             _write_output(item)
-        if "exit_code" in item:
-            _flush_partial()
         elif "progress" in item:
             sys.stderr.write(f"synord: {item['progress']}\n")
         if "exit_code" in item:
@@ -454,6 +452,7 @@ def _print_output(client, job_id: str, follow: bool, errors: list | None = None,
             sys.stderr.write(f"synord: job {job_id}: {msg}\n")
             if errors is not None:
                 errors.append(item["error"])
+    _flush_partial()  # a gang member's last line that never ended
     return exit_code
 
 
