@@ -67,3 +67,12 @@ def test_garbage_is_not_an_address_anybody_gets_confused_by():
     assert addrs.scope("/ip4/not-an-ip/tcp/1") == "other"
     assert addrs.ip_of("/tcp/1") is None
     assert addrs.scope("/ip6/::ffff:127.0.0.1/tcp/1") == "loopback"
+
+
+def test_gossiped_addresses_are_public_unless_the_node_only_has_loopback():
+    lo = ["/ip4/127.0.0.1/tcp/1/p2p/A"]
+    home = lo + ["/ip4/192.168.1.10/tcp/1/p2p/A"]
+    public = home + ["/ip4/198.18.0.11/tcp/1/p2p/A"]
+    assert addrs.broadcastable(lo) == lo
+    assert addrs.broadcastable(home) == []
+    assert addrs.broadcastable(public) == public[2:]

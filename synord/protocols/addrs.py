@@ -93,6 +93,16 @@ def tell_about(addrs: list[str], peer_seen_at: str | None, third_seen_at: str | 
             and (scope(a) in (PUBLIC, OTHER) or may_tell(a, third_seen_at))]
 
 
+def broadcastable(mine: list[str]) -> list[str]:
+    """Our addresses for a message every peer reads (gossiped capabilities): the public ones;
+    a node with no public or private address (a loopback test mesh) keeps its loopback ones,
+    the only ones its peers can use."""
+    scopes = {scope(a) for a in mine}
+    if scopes & {PUBLIC, OTHER, PRIVATE}:
+        return [a for a in mine if scope(a) in (PUBLIC, OTHER)]
+    return [a for a in mine if scope(a) == LOOPBACK]
+
+
 def dial_candidates(addrs: list[str]) -> list[str]:
     """The addresses worth dialling: never an unspecified one."""
     return [a for a in addrs if dialable(a)]

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import socket
+import time
 from collections import OrderedDict
 
 # Yamux sends ~3 window updates per data frame otherwise (~20% CPU). Read at call time.
@@ -56,6 +57,7 @@ from libp2p.transport.tcp import tcp as _libp2p_tcp
 
 from . import addrs as addr_policy
 from .framing import FramedStream, StreamLimitError
+from .reachability import Reachability
 from .refusals import REFUSALS
 from .identity import Identity
 from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
@@ -317,6 +319,10 @@ class Libp2pMesh(Mesh):
         self.mdns_addrs: list[str] = []  # what mDNS advertises on the LAN
         self.dials: dict[str, int] = {}  # scope (synord.protocols.addrs) -> dials attempted
         self._guard_dials()
+        from .p2p_autonat import AutoNAT  # needs self.host
+        self.reachability = Reachability()
+        self.autonat = AutoNAT(self, self.reachability)
+        self.relays: list[str] = []  # circuit addresses in use, set by the relay client
         if self.host.get_id().to_base58() != identity.peer_id:
             raise MeshError("libp2p derived a different peer id from our key")
         self.router = _LeanGossipSub(
@@ -353,6 +359,7 @@ class Libp2pMesh(Mesh):
                             nursery.start_soon(self._keep_connected, addr)
                         if self.config.peer_exchange:
                             nursery.start_soon(self._px_loop)
+                        nursery.start_soon(self.autonat.run)
                         for pid in self.host.get_connected_peers():
                             self._start_watch(pid.to_base58())
                         if self.config.mdns:
@@ -407,6 +414,29 @@ class Libp2pMesh(Mesh):
         except Exception:
             return []
         return addr_policy.dial_candidates([str(a) for a in addrs])
+
+    def set_relays(self, addrs: list[str]) -> None:
+        """The relay client's hook: our /p2p-circuit addresses in use (status, doctor)."""
+        self.relays = list(addrs)
+
+    def reachability_json(self) -> dict:
+        """`status --json` reachability and what `doctor` explains it from."""
+        listen = self.listen_addrs()
+        local_ips = [ip for ip in (addr_policy.ip_of(a) for a in listen) if ip]
+        out = self.reachability.to_json(time.time(), local_ips)
+        connected = set(self.connected_peers())
+        out.update({
+            "relays": list(self.relays),
+            "listen_addrs": listen,
+            "mdns": {"enabled": self.config.mdns, "advertised": list(self.mdns_addrs),
+                     "lan_peers": sum(1 for p in connected if addr_policy.scope_of_ip(
+                         self.seen_at(p) or "") == addr_policy.PRIVATE)},
+            "bootstrap": [{"addr": a, "connected": a.rsplit("/p2p/", 1)[-1] in connected}
+                          for a in self.config.bootstrap],
+            "dials": dict(self.dials),
+            "autonat_served": self.autonat.served,
+        })
+        return out
 
     def seen_at(self, peer_id: str) -> str | None:
         """The IP a connected peer's (direct) connection comes from; None if relayed or gone."""
