@@ -32,6 +32,7 @@ def _reach(d) -> dict:
 
 
 def test_autonat_public_anchors_and_homes_behind_cone_and_symmetric_nats(netlab, cluster):
+    t0 = time.monotonic()
     anchor1 = cluster.start("anchor1", netns=netlab.ns("anchor1"), listen=LISTEN)
     a1_boot = [a for a in anchor1.p2p_addrs() if netlab.ip("anchor1") in a]
     anchor2 = cluster.start("anchor2", netns=netlab.ns("anchor2"), listen=LISTEN, bootstrap=a1_boot)
@@ -46,6 +47,7 @@ def test_autonat_public_anchors_and_homes_behind_cone_and_symmetric_nats(netlab,
     for d in (a1, c1):
         wait_for(lambda d=d: _reach(d)["status"] == "private", timeout=90,
                  what=f"{d.name} to learn it is private")
+    print(f"reachability known {time.monotonic() - t0:.1f} s after the first daemon started")
     r1, rc = _reach(a1), _reach(c1)
     # identify's observed addresses: the router's public address, never a private one
     assert r1["observed_addrs"] and all(netlab.public_ip("a1") in a for a in r1["observed_addrs"])

@@ -109,30 +109,40 @@ class AutoNAT(AutoNATService):
                 pass
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        """Dial every candidate at once on a fresh connection; the first that completes the
+        Noise handshake as ``peer_id`` wins (the asker is reachable there)."""
+        won: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            for raw in addrs:
+                nursery.start_soon(self._dial_back, peer_id, raw, won, nursery.cancel_scope)
+        return won[0] if won else None
+
+    async def _dial_back(self, peer_id: ID, raw: bytes, won: list, scope) -> None:
         network = self.host.get_network()
-        for raw in addrs:
+        try:
+            maddr = multiaddr.Multiaddr(raw)
+        except Exception:
+            return
+        text = str(maddr)
+        if not addr_policy.dialable(text) or "/tcp/" not in text:
+            return
+        kind = addr_policy.scope(text)
+        self.mesh.dials[kind] = self.mesh.dials.get(kind, 0) + 1
+        log.debug("dial %s (autonat dial-back)", text)
+        with trio.move_on_after(DIALBACK_TIMEOUT_S):
             try:
-                maddr = multiaddr.Multiaddr(raw)
-            except Exception:
-                continue
-            if not addr_policy.dialable(str(maddr)) or "/tcp/" not in str(maddr):
-                continue
-            self.mesh.dials[addr_policy.scope(str(maddr))] = \
-                self.mesh.dials.get(addr_policy.scope(str(maddr)), 0) + 1
-            log.debug("dial %s (autonat dial-back)", maddr)
-            with trio.move_on_after(DIALBACK_TIMEOUT_S):
+                transport = network.transport_manager.transport_for_dialing(maddr)
+                conn = await transport.dial(maddr)
                 try:
-                    transport = network.transport_manager.transport_for_dialing(maddr)
-                    conn = await transport.dial(maddr)
-                    try:
-                        secured = await network.upgrader.upgrade_security(conn, True, peer_id)
-                        await secured.close()
-                        return bytes(raw)
-                    finally:
+                    secured = await network.upgrader.upgrade_security(conn, True, peer_id)
+                    await secured.close()
+                    won.append(bytes(raw))
+                    scope.cancel()
+                finally:
+                    with trio.CancelScope(shield=True):
                         await conn.close()
-                except Exception as exc:
-                    log.debug("autonat dial-back %s: %s", maddr, exc)
-        return None
+            except Exception as exc:
+                log.debug("autonat dial-back %s: %s", text, exc)
 
     # ---- client
     def our_addrs_for(self, server_ip: str | None) -> list[str]:
@@ -174,17 +184,14 @@ class AutoNAT(AutoNATService):
 
     async def run(self) -> None:
         while True:
-            now = time.time()
-            if self.state.due(now):
-                picked = self.state.pick_servers(self.servers(), now)
-                if picked:
-                    self.state.started_round(now)
-                    async with trio.open_nursery() as nursery:
-                        for server in picked:
-                            nursery.start_soon(self.ask, server)
-                    log.info("reachability %s (%s)", self.state.status(time.time()),
-                             ", ".join(f"{v.server[:12]} {v.result}"
-                                       for v in self.state.votes.values()))
+            picked = self.state.plan(self.servers(), time.time())
+            if picked:
+                async with trio.open_nursery() as nursery:
+                    for server in picked:
+                        nursery.start_soon(self.ask, server)
+                log.info("reachability %s (%s)", self.state.status(time.time()),
+                         ", ".join(f"{v.server[:12]} {v.result}"
+                                   for v in self.state.votes.values()))
             await trio.sleep(TICK_S)
 
 
