@@ -1,6 +1,7 @@
 """Reachability, addresses and LAN discovery on the NAT testbed (tests/netlab.py): real daemons
 inside network namespaces. Needs root (CI has it); skips with the reason otherwise."""
 
+import json
 import time
 
 from daemons import wait_for
@@ -60,13 +61,13 @@ def test_autonat_public_anchors_and_homes_behind_cone_and_symmetric_nats(netlab,
             assert not any("192.168." in a for a in peer.get("addrs", [])), peer
 
     doc = a1.cli("doctor", "--json")
-    import json
     net = {c["name"]: c for c in json.loads(doc.stdout)["checks"] if c["name"].startswith("network.")}
     assert "forward TCP port 4001" in net["network.reachability"]["reason"]
     assert "cone" in net["network.reachability"]["reason"]
     assert "symmetric" in json.loads(c1.cli("doctor", "--json").stdout)["network"]["nat_type"]
     text = a1.cli("doctor").stdout
     assert "network.reachability: private" in text
+    assert "reachable    private (seen at /ip4/198.18.0.1/tcp/" in a1.cli("status").stdout
     pub = json.loads(anchor1.cli("doctor", "--json").stdout)
     assert [c for c in pub["checks"] if c["name"] == "network.reachability"][0]["ok"]
 
