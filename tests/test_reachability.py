@@ -119,3 +119,13 @@ def test_report():
     r.record("s1", OK, 5, "/ip4/198.18.0.11/tcp/4001")
     j = r.to_json(6)
     assert j["status"] == PUBLIC and j["votes"][0]["server"] == "s1" and j["votes_ok"] == 1
+
+
+def test_the_driver_sleeps_until_a_round_can_be_due():
+    r = Reachability(retry_s=10, recheck_s=300, min_votes=1)
+    assert r.wait_s(0) == 10  # nobody asked yet: a connecting peer wakes the driver sooner
+    r.plan({"s1": "198.18.0.11"}, 100)
+    assert r.wait_s(103) == 7
+    r.record("s1", OK, 104)
+    assert r.wait_s(104) == 296
+    assert r.wait_s(1000) == 1.0  # overdue: soon, never a busy loop

@@ -7,6 +7,11 @@ import time
 from daemons import wait_for
 
 LISTEN = "/ip4/0.0.0.0/tcp/4001"
+READY_S = 90  # starting a daemon takes 3 s on an idle 2-core machine, 15+ s on a busy one
+
+
+def _start(cluster, netlab, host, **kw):
+    return cluster.spawn(host, netns=netlab.ns(host), listen=LISTEN, **kw)
 
 
 def _peer_ids(d) -> set[str]:
@@ -14,9 +19,9 @@ def _peer_ids(d) -> set[str]:
 
 
 def test_two_daemons_on_one_home_lan_find_each_other_by_mdns(netlab, cluster):
-    a1 = cluster.spawn("a1", netns=netlab.ns("a1"), listen=LISTEN, mdns=True)
-    a2 = cluster.spawn("a2", netns=netlab.ns("a2"), listen=LISTEN, mdns=True)
-    a1.wait_ready(); a2.wait_ready()
+    a1 = _start(cluster, netlab, "a1", mdns=True)
+    a2 = _start(cluster, netlab, "a2", mdns=True)
+    a1.wait_ready(READY_S); a2.wait_ready(READY_S)
     t0 = time.monotonic()
     id1, id2 = a1.status()["peer_id"], a2.status()["peer_id"]
     wait_for(lambda: id2 in _peer_ids(a1) and id1 in _peer_ids(a2), timeout=30,
@@ -34,13 +39,13 @@ def _reach(d) -> dict:
 
 def test_autonat_public_anchors_and_homes_behind_cone_and_symmetric_nats(netlab, cluster):
     t0 = time.monotonic()
-    anchor1 = cluster.start("anchor1", netns=netlab.ns("anchor1"), listen=LISTEN)
+    anchor1 = _start(cluster, netlab, "anchor1").wait_ready(READY_S)
     a1_boot = [a for a in anchor1.p2p_addrs() if netlab.ip("anchor1") in a]
-    anchor2 = cluster.start("anchor2", netns=netlab.ns("anchor2"), listen=LISTEN, bootstrap=a1_boot)
+    anchor2 = _start(cluster, netlab, "anchor2", bootstrap=a1_boot).wait_ready(READY_S)
     boot = a1_boot + [a for a in anchor2.p2p_addrs() if netlab.ip("anchor2") in a]
-    a1 = cluster.spawn("a1", netns=netlab.ns("a1"), listen=LISTEN, bootstrap=boot)
-    c1 = cluster.spawn("c1", netns=netlab.ns("c1"), listen=LISTEN, bootstrap=boot)
-    a1.wait_ready(); c1.wait_ready()
+    a1 = _start(cluster, netlab, "a1", bootstrap=boot)
+    c1 = _start(cluster, netlab, "c1", bootstrap=boot)
+    a1.wait_ready(READY_S); c1.wait_ready(READY_S)
 
     for d in (anchor1, anchor2):
         wait_for(lambda d=d: _reach(d)["status"] == "public", timeout=90,

@@ -506,6 +506,7 @@ class Libp2pMesh(Mesh):
     def _emit(self, event: PeerEvent) -> None:
         if event.kind == "connected":
             self._start_watch(event.peer_id)
+            self.autonat.peer_connected()
         if event.kind == "connected" and self.config.peer_exchange:
             try:
                 self._px_queue_send.send_nowait(event.peer_id)

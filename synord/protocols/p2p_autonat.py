@@ -32,7 +32,7 @@ DIALBACK_TIMEOUT_S = 5.0  # per address, server side
 QUERY_TIMEOUT_S = 20.0  # client side: a server may try a few addresses
 MAX_DIALBACK_ADDRS = 4  # a request naming more gets the first ones tried
 MAX_REQUEST = 8 * 1024
-TICK_S = 2.0
+IDENTIFY_GRACE_S = 1.0
 
 _RESULTS = {int(Message.OK): OK, int(Message.E_DIAL_ERROR): FAILED,
             int(Message.E_DIAL_REFUSED): REFUSED}
@@ -60,6 +60,7 @@ class AutoNAT(AutoNATService):
         self.mesh = mesh
         self.state = state
         self.served = 0
+        self._connected = trio.Event()
         mesh.host.set_stream_handler(AUTONAT_PROTOCOL_ID, self.handle_stream)
         self._watch_observations()
 
@@ -182,7 +183,12 @@ class AutoNAT(AutoNATService):
             out[pid.to_base58()] = self.mesh.seen_at(pid.to_base58())
         return out
 
+    def peer_connected(self) -> None:
+        """A new connection may be a new server: plan again (after identify)."""
+        self._connected.set()
+
     async def run(self) -> None:
+        # sleeps until a round is due or a peer connects: no polling on an idle node
         while True:
             picked = self.state.plan(self.servers(), time.time())
             if picked:
@@ -192,7 +198,11 @@ class AutoNAT(AutoNATService):
                 log.info("reachability %s (%s)", self.state.status(time.time()),
                          ", ".join(f"{v.server[:12]} {v.result}"
                                    for v in self.state.votes.values()))
-            await trio.sleep(TICK_S)
+            with trio.move_on_after(self.state.wait_s(time.time())):
+                await self._connected.wait()
+            if self._connected.is_set():
+                self._connected = trio.Event()
+                await trio.sleep(IDENTIFY_GRACE_S)  # its protocols are known after identify
 
 
 def _refusal(status, text: str) -> Message:

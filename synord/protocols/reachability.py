@@ -105,6 +105,13 @@ class Reachability:
         (rng or random).shuffle(stale)
         return (fresh + stale)[:self.max_servers]
 
+    def wait_s(self, now: float) -> float:
+        """How long the driver may sleep before ``plan`` can have work (unless a peer connects)."""
+        if self.last_round is None:
+            return self.retry_s
+        wait = self.recheck_s if self.status(now) != UNKNOWN else self.retry_s
+        return max(1.0, self.last_round + wait - now)
+
     def plan(self, candidates: dict[str, str | None], now: float,
              rng: random.Random | None = None) -> list[str]:
         """The servers to ask now (``[]``: nothing to do): a full round when one is due; while
