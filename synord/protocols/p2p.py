@@ -57,11 +57,11 @@ from libp2p.transport.tcp import tcp as _libp2p_tcp
 
 from . import addrs as addr_policy
 from .framing import FramedStream, StreamLimitError
-from .reachability import Reachability
-from .refusals import REFUSALS
 from .identity import Identity
 from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
                    StreamHandler, Validator, parse_px_reply)
+from .reachability import Reachability
+from .refusals import REFUSALS
 from .streamlimits import StreamBudget, StreamGuard
 
 log = logging.getLogger("synord.mesh")
@@ -803,7 +803,10 @@ class Libp2pMesh(Mesh):
         peerDiscovery.register_peer_discovered_handler(on_found)
         mdns = None
         try:
-            mdns = await trio.to_thread.run_sync(self._start_mdns)
+            try:
+                mdns = await trio.to_thread.run_sync(self._start_mdns)
+            except Exception as exc:  # no multicast here (port 5353 taken, no interface)
+                log.warning("mDNS off: %s: %s", type(exc).__name__, exc)
             task_status.started()
             async for info in recv:
                 self._consider(info.peer_id.to_base58(), [str(a) for a in info.addrs])
