@@ -415,6 +415,10 @@ class Libp2pMesh(Mesh):
             return []
         return addr_policy.dial_candidates([str(a) for a in addrs])
 
+    def addrs_to_tell(self, peer_id: str, to: str) -> list[str]:
+        return addr_policy.tell_about(self.dialable_addrs(peer_id), self.seen_at(to),
+                                      self.seen_at(peer_id))
+
     def set_relays(self, addrs: list[str]) -> None:
         """The relay client's hook: our /p2p-circuit addresses in use (status, doctor)."""
         self.relays = list(addrs)
