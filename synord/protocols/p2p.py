@@ -489,6 +489,12 @@ class Libp2pMesh(Mesh):
     async def _connect(self, info: PeerInfo) -> None:
         if info.peer_id == self.host.get_id():
             raise MeshError("refusing to dial ourselves")
+        usable = addr_policy.dial_candidates([str(a) for a in info.addrs])
+        if info.addrs and not usable:  # counted once here, not per library retry
+            REFUSALS.count("dial", "unspecified-address")
+            raise MeshError(f"dial {info.peer_id}: no dialable address in "
+                            f"{[str(a) for a in info.addrs]}")
+        info = PeerInfo(info.peer_id, [multiaddr.Multiaddr(a) for a in usable])
         try:
             with trio.fail_after(self.config.backoff_max_s):
                 await self.host.connect(info)
