@@ -517,6 +517,8 @@ class Libp2pMesh(Mesh):
         if event.kind == "connected":
             self._start_watch(event.peer_id)
             self.autonat.peer_connected()
+        elif event.kind == "disconnected":
+            self.reachability.forget_observer(event.peer_id)  # its view of us is gone with it
         if event.kind == "connected" and self.config.peer_exchange:
             try:
                 self._px_queue_send.send_nowait(event.peer_id)
