@@ -103,8 +103,8 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_status(args) -> int:
-    if getattr(args, "job", None):  # `synord status JOB`: one job (a service's period, restarts, volumes)
-        return cmd_job(argparse.Namespace(**{**vars(args), "id": args.job}))
+    if getattr(args, "id", None):  # `synord status JOB`: one job (a gang lists its members)
+        return cmd_job(args)
     data = _client(args).get("/v1/status")
     _emit(args, data, lambda d: "\n".join([
         f"peer id      {d['peer_id']}",
@@ -114,8 +114,18 @@ def cmd_status(args) -> int:
         f"contributing {hz.yes_no(d['contributing'], d.get('why_not'))}",
         "storage      " + ("ok" if d.get("storage", {}).get("ok", True) else f"NOT OK: {d['storage']['reason']}"),
         "addrs        " + ("\n             ".join(d["addrs"]) or "-"),
+        "reachable    " + _reachable_line(d.get("reachability") or {}),
     ]))
     return 0
+
+
+def _reachable_line(r: dict) -> str:
+    line = r.get("status", "unknown")
+    if r.get("observed_addrs"):
+        line += " (seen at " + ", ".join(r["observed_addrs"]) + ")"
+    if r.get("relays"):
+        line += ", relays: " + ", ".join(r["relays"])
+    return line + ("" if line.startswith("public") else "; `synord doctor` says why")
 
 
 def cmd_doctor(args) -> int:
@@ -132,7 +142,8 @@ def cmd_doctor(args) -> int:
         f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']}" + (f": {c['reason']}" if c.get("reason") else "")
         for c in d["checks"]))
     if not data["ok"]:
-        failed = [c["name"] for c in data["checks"] if not c["ok"] and not c["name"].startswith("runtime.")]
+        failed = [c["name"] for c in data["checks"]
+                  if not c["ok"] and not c["name"].startswith(("runtime.", "network."))]
         raise CliError(f"doctor: not ok: {', '.join(failed)}")
     return 0
 
@@ -410,19 +421,44 @@ def _job_text(j: dict) -> str:
     return "\n".join(lines)
 
 
+_PARTIAL: dict = {}  # (member, stream) -> the start of a line not yet ended
+
+
 def _write_output(item: dict) -> None:
-    """One NDJSON output line to our stdout or stderr, byte for byte."""
+    """One NDJSON output line to our stdout or stderr, byte for byte; a gang
+    member's output goes out in whole lines, each starting with its rank (``[0] ``),
+    so members' lines never mix (`_flush_partial` writes what never ended)."""
     out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
     out.flush()
     # the daemon decodes with surrogateescape, so any bytes round-trip
-    out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
+    data = item["data"].encode("utf-8", "surrogateescape")
+    member = item.get("member")
+    if isinstance(member, int):
+        key, mark = (member, item.get("stream")), f"[{member}] ".encode()
+        lines = (_PARTIAL.pop(key, b"") + data).split(b"\n")
+        if lines[-1]:
+            _PARTIAL[key] = lines[-1]
+        data = b"".join(mark + ln + b"\n" for ln in lines[:-1])
+    out.buffer.write(data)
     out.buffer.flush()
 
 
-def _print_output(client, job_id: str, follow: bool, errors: list | None = None) -> int | None:
+def _flush_partial() -> None:
+    for (member, stream), rest in sorted(_PARTIAL.items()):
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        out.buffer.write(f"[{member}] ".encode() + rest)
+        out.buffer.flush()
+    _PARTIAL.clear()
+
+
+def _print_output(client, job_id: str, follow: bool, errors: list | None = None,
+                  as_json: bool = False) -> int | None:
     exit_code = None
     for item in client.stream(f"/v1/jobs/{job_id}/logs" + ("?follow=1" if follow else "")):
-        if "data" in item:
+        if as_json:  # `run --json`: the NDJSON lines as they come (a gang's carry "member")
+            sys.stdout.write(json.dumps(item) + "\n")
+            sys.stdout.flush()
+        elif "data" in item:
             _write_output(item)
         elif "progress" in item:
             sys.stderr.write(f"synord: {item['progress']}\n")
@@ -435,6 +471,7 @@ def _print_output(client, job_id: str, follow: bool, errors: list | None = None)
             sys.stderr.write(f"synord: job {job_id}: {msg}\n")
             if errors is not None:
                 errors.append(item["error"])
+    _flush_partial()  # a gang member's last line that never ended
     return exit_code
 
 
@@ -463,6 +500,8 @@ def cmd_run(args) -> int:
         raise CliError("--volume and --health-* need --service")
     if args.image_ref:
         spec["image_ref"] = args.image_ref
+    if args.nodes != 1:
+        spec["nodes"] = args.nodes  # a gang: all N start or none (synord.jobs.gang)
     if args.gpus:
         spec.update(gpus=args.gpus, gpu_class=args.gpu_class, gpu_memory=args.gpu_memory,
                     cuda_capability=args.cuda_capability)
@@ -479,7 +518,7 @@ def cmd_run(args) -> int:
         errors.append(_say_if_waiting(client, job["id"]))
         progress.until_running()
         with progress:  # later notices (a migration) while the output streams
-            code = _print_output(client, job["id"], follow=True, errors=errors)
+            code = _print_output(client, job["id"], follow=True, errors=errors, as_json=args.json)
     except KeyboardInterrupt:
         client.post(f"/v1/jobs/{job['id']}/cancel")
         sys.stderr.write(f"synord: job {job['id']} cancelled\n")
@@ -693,10 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
     d.add_argument("--api", metavar="HOST:PORT|unix:PATH")
     d.add_argument("--no-mdns", action="store_true")
-    add("status", cmd_status, "node status (or one job's: synord status JOB)").add_argument(
-        "job", nargs="?", metavar="JOB")
+    st = add("status", cmd_status, "node status (with JOB: that job, as `synord job`)")
+    st.add_argument("id", nargs="?", metavar="JOB")
     add("peers", cmd_peers, "known peers and their capabilities")
-    add("doctor", cmd_doctor, "checks of this node (storage, state store, runtimes) with the reason when not ok")
+    add("doctor", cmd_doctor, "checks of this node (storage, state store, runtimes, network "
+        "reachability) with the reason when not ok")
     pr = add("probe", cmd_probe, "this machine's capability profile")
     pr.add_argument("--bench", action="store_true", help="also measure throughput")
     b = add("book", cmd_book, "this node's share of the order book")
@@ -750,6 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-ref", metavar="TAG|sha256:DIGEST",
                    help="which image of a layout/archive holding several (a tag or a manifest digest)")
     r.add_argument("--detach", action="store_true")
+    r.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="a gang: N tasks on N distinct providers, all started or none "
+                        "(each learns the others from SYNORD_GANG_MEMBERS)")
     r.add_argument("--checkpointable", action="store_true",
                    help="run so the task can migrate (wasm ABI v1, runsc, microvm)")
     r.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the task gets (container runtime)")

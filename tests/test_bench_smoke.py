@@ -17,7 +17,8 @@ BENCH = ROOT / "bench"
 SMOKE_ARGS: dict[str, list[str]] = {
     "bench_container.py": ["-n", "2"],
     "bench_exec.py": ["--rounds", "2"],
-    "bench_gossip.py": ["--sizes", "3", "--msgs", "3"],
+    "bench_gang.py": ["--rounds", "1", "--sizes", "2"],
+    "bench_gossip.py": ["--sizes", "3", "--msgs", "3", "--bare-sizes", "3"],
     "bench_idle.py": ["--sizes", "1,2", "--settle", "1", "--window", "1"],
     "bench_jobs.py": ["-n", "2", "--mib", "8", "--rounds", "1"],
     "bench_market.py": ["--orders", "2000", "--envelopes", "100", "--repeat", "1"],

@@ -135,6 +135,7 @@ class RunState:
     assignment: dict | None = None  # the batch assignment that chose the next provider (history)
     provider_addrs: list[str] | None = None  # where to find the provider again after our restart
     volumes: dict | None = None  # a service's volumes from its last hand-over: {name: {sha256, bytes, path}}
+    gang: dict | None = None  # synord.jobs.gang: a gang's {size, members} or a member's {parent, rank, size}
 
     def to_stored(self) -> dict:
         out: dict[str, Any] = {"checkpoint": self.checkpoint}  # always there (since migration 2)
