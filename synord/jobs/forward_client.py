@@ -89,7 +89,7 @@ _REFUSAL = {"forbidden": Forbidden, "no_task": NotFound, "not_running": Conflict
             "port_not_agreed": Forbidden, "busy": Busy, "bad_request": Invalid, "unreachable": Unavailable}
 
 
-@dataclass
+@dataclass(eq=False)  # each forward is itself (held in a set)
 class Forward:
     job_id: str
     remote: int
