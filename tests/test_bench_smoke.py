@@ -17,6 +17,7 @@ BENCH = ROOT / "bench"
 SMOKE_ARGS: dict[str, list[str]] = {
     "bench_container.py": ["-n", "2"],
     "bench_exec.py": ["--rounds", "2"],
+    "bench_forward.py": ["--smoke"],
     "bench_gossip.py": ["--sizes", "3", "--msgs", "3"],
     "bench_idle.py": ["--sizes", "1,2", "--settle", "1", "--window", "1"],
     "bench_jobs.py": ["-n", "2", "--mib", "8", "--rounds", "1"],
