@@ -12,7 +12,7 @@ Figures: throughput of one GET of a --mib file (MiB/s, best of --rounds), and
 the request/response round trip of a small GET (each on a new connection, as
 busybox httpd closes after one answer: p50/p99 over --requests). No targets.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_forward.py [--mib 64] [--rounds 3] [--requests 200]
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_forward.py [--mib 32] [--rounds 3] [--requests 200]
     ... --smoke: the smallest run that walks every path
 """
 
@@ -57,7 +57,8 @@ def measure(port: int, size: int, rounds: int, requests: int) -> tuple[float, fl
     best = 0.0
     for _ in range(rounds):
         t0 = time.perf_counter()
-        assert get(port, "/big") == size
+        got = get(port, "/big")
+        assert got == size, f"port {port}: {got} of {size} bytes"
         best = max(best, size / MiB / (time.perf_counter() - t0))
     times = []
     for _ in range(requests):
@@ -89,7 +90,7 @@ def wait_answer(port: int, timeout: float = 60) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--mib", type=int, default=32, help="at most 60: the task's /tmp is a 64 MiB tmpfs")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--smoke", action="store_true", help="1 MiB, 1 round, 5 requests")
@@ -117,7 +118,7 @@ def main() -> int:
         direct = subprocess.Popen(["busybox", "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", str(www)])
         fwd = None
         try:
-            with DaemonCluster(Path(tmp) / "mesh") as cluster:
+            with DaemonCluster(Path(os.environ.get("BENCH_DIR") or tmp) / "mesh") as cluster:
                 consumer, _ = start_mesh(cluster, 1)
                 job_id = submit(consumer, "--runtime", "container", "--memory", f"{max(256, 2 * a.mib + 64)}M",
                                 "--port", "8080", str(BUSYBOX_DIR), "--", "sh", "-c", serve)
