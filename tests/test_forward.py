@@ -363,10 +363,24 @@ def _md5_in_log(consumer, job_id: str) -> str:
     return line.split()[0]
 
 
+def _sockets_and_threads(d) -> tuple[int, int]:
+    fds = os.listdir(f"/proc/{d.pid}/fd")
+    socks = sum(1 for fd in fds if _link(f"/proc/{d.pid}/fd/{fd}").startswith("socket:"))
+    return socks, len(os.listdir(f"/proc/{d.pid}/task"))
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
 def test_forward_serves_http_from_inside_the_sandbox(mesh):
     from concurrent.futures import ThreadPoolExecutor
-    consumer, _, _ = mesh
+    consumer, provider, _ = mesh
     job_id = _httpd_job(consumer, "8080")
+    socks, threads = _sockets_and_threads(provider)
     fwd = _Forward(consumer, job_id, "8080")
     try:
         assert fwd.first["listening"] == f"127.0.0.1:{fwd.port}" and fwd.first["remote"] == 8080
@@ -382,6 +396,9 @@ def test_forward_serves_http_from_inside_the_sandbox(mesh):
         assert fwd.close() == 0
     # Stopping `synord forward` closes its listener.
     wait_for(lambda: _refused(fwd.port), 15, what="the local port to close")
+    # The provider kept no socket and no thread of any of those connections.
+    wait_for(lambda: (now := _sockets_and_threads(provider))[0] <= socks and now[1] <= threads, 30,
+             what=f"the provider back to {socks} sockets and {threads} threads")
     consumer.cli("cancel", job_id)
 
 

@@ -38,9 +38,10 @@ IDLE_S = 300.0
 
 
 class ForwardRefused(Exception):
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, counted: bool = False):
         super().__init__(message)
         self.code = code  # one of synord.protocols.forward.ERROR_CODES
+        self.counted = counted  # already counted under a finer reason
 
 
 class ForwardService:
@@ -58,7 +59,8 @@ class ForwardService:
                                 stream.remote_peer, (OPEN_TYPE,))
         except PeerEnvelopeRefused as exc:
             REFUSALS.count("forward", exc.slug)
-            raise ForwardRefused("forbidden" if exc.slug == "wrong_signer" else "bad_request", str(exc)) from None
+            raise ForwardRefused("forbidden" if exc.slug == "wrong_signer" else "bad_request", str(exc),
+                                 counted=True) from None
         return env.body
 
     def _task(self, job_id: str, port: int, peer: str) -> "ProviderTask":
@@ -117,8 +119,13 @@ class ForwardService:
             self.open[key] = self.open.get(key, 0) + 1  # before the await: the limit holds
             try:
                 conn = await self._connect(task, port)
-                channel.accepted()
-                await stream.send({"ok": True})
+                try:
+                    channel.accepted()
+                    await stream.send({"ok": True})
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await conn.aclose()  # the relay owns it only once it starts
+                    raise
                 out = await relay(stream, conn, channel, self.idle_s, "forward", task.execution.done)
                 log.info("forward ended", extra={"job": job_id, "port": port, "how": out.how,
                                                  "sent": out.sent, "received": out.received})
@@ -127,7 +134,8 @@ class ForwardService:
                 if not self.open[key]:
                     del self.open[key]
         except ForwardRefused as exc:
-            REFUSALS.count("forward", exc.code)
+            if not exc.counted:
+                REFUSALS.count("forward", exc.code)
             log.info("forward refused", extra={"peer": peer[:16], "job": job_id, "reason": str(exc)})
             with trio.move_on_after(2):
                 try:
