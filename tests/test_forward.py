@@ -30,6 +30,7 @@ from synord.protocols.ports import MAX_PORTS, check_ports
 from synord.protocols.tasks import TaskSpecError
 
 from daemons import ROOT, wait_for
+from test_mesh import _Mem  # framing's ByteStream over an in-memory trio stream
 
 # ---- the rules, without sockets -----------------------------------------------------------------
 
@@ -180,25 +181,9 @@ async def test_the_relay_moves_bytes_both_ways_and_closes_on_both_eofs():
     from synord.jobs.forward_relay import relay
     from synord.protocols.framing import FramedStream
 
-    class Raw:  # framing's ByteStream over a trio stream
-        def __init__(self, s):
-            self.s = s
-
-        async def read(self, n):
-            return await self.s.receive_some(n)
-
-        async def write(self, data):
-            await self.s.send_all(data)
-
-        async def close(self):
-            await self.s.aclose()
-
-        async def reset(self):
-            await self.s.aclose()
-
     sock_ours, sock_app = trio.testing.memory_stream_pair()
     mesh_ours, mesh_peer = trio.testing.lockstep_stream_pair()
-    ours, peer = FramedStream(Raw(mesh_ours)), FramedStream(Raw(mesh_peer))
+    ours, peer = FramedStream(_Mem(mesh_ours)), FramedStream(_Mem(mesh_peer))
     channel = ForwardChannel(ACCEPTER)
     channel.accepted()
     big = os.urandom(3 * MAX_CHUNK + 17)
@@ -232,24 +217,9 @@ async def test_the_relay_ends_on_a_violation_and_counts_it():
     from synord.protocols.framing import FramedStream
     from synord.protocols.refusals import REFUSALS
 
-    class Raw:
-        def __init__(self, s):
-            self.s = s
-
-        async def read(self, n):
-            return await self.s.receive_some(n)
-
-        async def write(self, data):
-            await self.s.send_all(data)
-
-        async def close(self):
-            await self.s.aclose()
-
-        reset = close
-
     sock_ours, sock_app = trio.testing.memory_stream_pair()
     mesh_ours, mesh_peer = trio.testing.memory_stream_pair()
-    ours, peer = FramedStream(Raw(mesh_ours)), FramedStream(Raw(mesh_peer))
+    ours, peer = FramedStream(_Mem(mesh_ours)), FramedStream(_Mem(mesh_peer))
     channel = ForwardChannel(OPENER)
     channel.receive({"ok": True})
     before = REFUSALS.get("test_relay", "oversize")
@@ -264,27 +234,12 @@ async def test_the_relay_gives_up_on_an_idle_connection():
     from synord.jobs.forward_relay import relay
     from synord.protocols.framing import FramedStream
 
-    class Raw:
-        def __init__(self, s):
-            self.s = s
-
-        async def read(self, n):
-            return await self.s.receive_some(n)
-
-        async def write(self, data):
-            await self.s.send_all(data)
-
-        async def close(self):
-            await self.s.aclose()
-
-        reset = close
-
     sock_ours, _sock_app = trio.testing.memory_stream_pair()
     mesh_ours, _mesh_peer = trio.testing.memory_stream_pair()
     channel = ForwardChannel(OPENER)
     channel.receive({"ok": True})
     with trio.fail_after(10):
-        out = await relay(FramedStream(Raw(mesh_ours)), sock_ours, channel, 0.2, "test")
+        out = await relay(FramedStream(_Mem(mesh_ours)), sock_ours, channel, 0.2, "test")
     assert out.how == "idle"
 
 

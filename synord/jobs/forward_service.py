@@ -28,6 +28,8 @@ from synord.runtimes.base import ForwardUnsupported
 
 from .forward_relay import relay
 
+from .owner import OwnerRefused, owners_running_task
+
 if TYPE_CHECKING:
     from .provider import ProviderJobs, ProviderTask
 
@@ -64,24 +66,15 @@ class ForwardService:
         return env.body
 
     def _task(self, job_id: str, port: int, peer: str) -> "ProviderTask":
-        task = self.jobs.task_of(peer, job_id) or self.jobs.task_named(job_id)
-        if task is None:
-            row = self.jobs.row_of(peer, job_id)
-            if row is not None:
-                raise ForwardRefused("not_running", f"job {job_id} is not running ({row['state']})")
-            raise ForwardRefused("no_task", f"no task {job_id} runs on this provider")
-        if task.consumer != peer:
-            raise ForwardRefused("forbidden", f"permission denied: only the consumer that placed job "
-                                              f"{job_id} may forward to it")
+        try:
+            task = owners_running_task(self.jobs, peer, job_id, "forward to")
+        except OwnerRefused as exc:
+            raise ForwardRefused(exc.code, str(exc)) from None
         if port not in task.terms.ports:
             agreed = ", ".join(map(str, task.terms.ports)) or "none"
             raise ForwardRefused("port_not_agreed", f"port {port} is not exposed by job {job_id} "
                                                     f"(its agreement names: {agreed})")
         ex = task.execution
-        if ex.done.is_set():
-            raise ForwardRefused("not_running", f"job {job_id} is not running (it has finished)")
-        if ex.sandbox is None:
-            raise ForwardRefused("not_running", f"job {job_id} has not started yet")
         if why := ex.sandbox.forward_unsupported():
             raise ForwardRefused("unsupported", f"job {job_id}: {why}")
         if self.open.get(task.key, 0) >= self.max_per_job:

@@ -50,7 +50,7 @@ from .envelope import message_type
 from .identity import Identity, verify
 from .lease import NEGOTIATION, Lease
 from .orders import MAX_CORES, MAX_DURATION_S, MAX_GPUS, MAX_MEMORY, MAX_PRICE, RUNTIMES
-from .ports import check_ports
+from .ports import wire_ports
 
 CONSUMER, PROVIDER = "consumer", "provider"
 AGREEMENT_DOMAIN = b"synord/agreement/1\x00"
@@ -141,12 +141,9 @@ def _ports(b: dict) -> tuple[int, ...]:
     if "ports" not in b:
         return ()
     try:
-        ports = check_ports(b["ports"])
+        return wire_ports(b["ports"])
     except ValueError as exc:
         raise BodyError(str(exc)) from None
-    if not ports or list(ports) != b["ports"]:
-        raise BodyError("ports must be a non-empty, sorted list (absent when none)")
-    return ports
 
 
 def _nid(b: dict, key: str = "nid") -> bytes:

@@ -28,3 +28,12 @@ def check_ports(value: Any) -> tuple[int, ...]:
     if len(set(value)) != len(value):
         raise ValueError("ports must be distinct")
     return tuple(sorted(value))
+
+
+def wire_ports(value: Any) -> tuple[int, ...]:
+    """Ports as a peer sent them (proposal, terms, task.start): one encoding per set,
+    so a non-empty sorted list; ValueError otherwise."""
+    ports = check_ports(value)
+    if not ports or list(ports) != value:
+        raise ValueError("ports must be a non-empty sorted list (absent when none)")
+    return ports

@@ -43,7 +43,7 @@ from typing import Any
 
 from .envelope import message_type
 from .kinds import RUNTIME_KINDS
-from .ports import check_ports
+from .ports import wire_ports
 
 TASK_PROTOCOL = "/synord/task/1.0.0"
 # A job id is the consumer's name for its job: never a path anywhere, but kept
@@ -118,11 +118,9 @@ def check_start(body: Any) -> None:
         raise TaskSpecError("progress must be a bool")
     if "ports" in body:  # the ports the task exposes (synord forward): sorted, absent when none
         try:
-            ports = check_ports(body["ports"])
+            wire_ports(body["ports"])
         except ValueError as exc:
             raise TaskSpecError(str(exc)) from None
-        if not ports or list(ports) != body["ports"]:
-            raise TaskSpecError("ports must be a non-empty sorted list (absent when none)")
     restore = body.get("restore")
     if restore is not None:
         if not isinstance(restore, dict) or not isinstance(restore.get("sha256"), str) \
