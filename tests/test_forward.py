@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -133,6 +134,28 @@ def test_we_cannot_send_what_the_rules_forbid():
     ch.sent_eof()
     with pytest.raises(RuntimeError):
         ch.sent_data(1)
+
+
+async def test_sandboxes_that_cannot_forward_say_so_in_one_line():
+    from pathlib import Path
+    from synord.runtimes.base import ForwardUnsupported, TaskSpec
+    from synord.runtimes.container import ContainerSandbox
+    from synord.runtimes.microvm import MicroVMSandbox
+    from synord.runtimes.wasm import WasmSandbox
+    for cls, kind, engine, message in [
+            (MicroVMSandbox, "microvm", None, "forward to microvm tasks is not supported yet"),
+            (WasmSandbox, "wasm", None, "forward to wasm tasks is not supported yet"),
+            (ContainerSandbox, "container", "runsc",
+             "forward to gVisor (checkpointable) container tasks is not supported yet")]:
+        sb = object.__new__(cls)
+        sb.spec = TaskSpec(kind=kind, artifact=Path("/nonexistent"))
+        sb.engine_name = engine
+        assert sb.forward_unsupported() == message
+        with pytest.raises(ForwardUnsupported, match=re.escape(message)):
+            await sb.connect_port(8080)
+    sb = object.__new__(ContainerSandbox)
+    sb.engine_name = "crun"
+    assert sb.forward_unsupported() is None
 
 
 def _terms(ports=()):
@@ -357,6 +380,13 @@ def test_forward_serves_http_from_inside_the_sandbox(mesh):
     consumer.cli("cancel", job_id)
 
 
+def _closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
 def _refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -376,13 +406,23 @@ def test_cancelling_the_job_ends_its_forwards(mesh):
     assert fwd.port == free
     try:
         wait_for(lambda: _get(fwd.port, "/index.html")[0] == 200, 30, what="httpd through the forward")
-        held = socket.create_connection(("127.0.0.1", fwd.port), timeout=60)  # httpd waits for a request
+        # As many connections as a job may have at once (httpd waits for their requests)...
+        held = [socket.create_connection(("127.0.0.1", fwd.port), timeout=60) for _ in range(16)]
+        for s in held:  # each is through to httpd: it answers a request's first line
+            s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n")
+        # ... and one more, closed at once and said so.
+        extra = socket.create_connection(("127.0.0.1", fwd.port), timeout=60)
+        assert _closed(extra)
+        extra.close()
         consumer.cli("cancel", job_id)
         wait_job(consumer, job_id, states=("cancelled",), timeout=60)
-        assert held.recv(100) == b""  # the held connection is closed, not left hanging
-        held.close()
+        for s in held:  # every held connection is closed (or reset), none left hanging
+            assert _closed(s)
+            s.close()
         assert fwd.proc.wait(timeout=30) == 1  # the CLI says the forward ended
-        assert "no longer running" in fwd.proc.stdout.read()
+        lines = [json.loads(line) for line in fwd.proc.stdout.read().splitlines()]
+        assert {"error": "more than 16 connections at once: one refused"} in lines
+        assert "no longer running" in lines[-1]["ended"]
     finally:
         fwd.close()
     assert _refused(fwd.port)
