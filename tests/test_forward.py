@@ -501,3 +501,39 @@ def test_bad_ports_are_one_line_errors(mesh):
     assert res.returncode != 0 and "a wasm task has no network" in res.stderr
     res = consumer.cli("forward", "nope", "8080", check=False)
     assert res.returncode != 0 and res.stderr.strip() == "synord: no job nope"
+
+
+def test_a_forward_follows_its_job_to_the_next_provider(tmp_path):
+    """The provider is paused: the task restarts on the other one, and the same
+    `synord forward` reaches it there (the old provider closed its connections)."""
+    from daemons import DaemonCluster
+    from jobs_helpers import BUSYBOX_DIR, ensure_assets, job, start_mesh, submit, wait_job
+    avail = _containers()
+    if not avail.available:
+        pytest.skip(f"containers unavailable: {avail.reason}")
+    if os.geteuid() != 0:
+        pytest.skip("forward enters the task's network namespace: needs a root daemon")
+    ensure_assets()
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 2)
+        job_id = submit(consumer, "--runtime", "container", "--port", "8080", str(BUSYBOX_DIR), "--", "sh", "-c",
+                        "mkdir -p /tmp/www && cat /proc/sys/kernel/random/uuid > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www")
+        first_id = wait_job(consumer, job_id, states=("running",), timeout=90)["provider"]
+        first = next(p for p in provs if p.status()["peer_id"] == first_id)
+        fwd = _Forward(consumer, job_id, "8080")
+        try:
+            _, before = wait_for(lambda: (r := _get(fwd.port, "/index.html"))[0] == 200 and r, 30,
+                                 what="httpd through the forward")
+            held = socket.create_connection(("127.0.0.1", fwd.port), timeout=60)
+            assert first.post("/v1/pause")["tasks_handed_back"] == 1
+            wait_for(lambda: (j := job(consumer, job_id))["state"] == "running" and j["provider"] != first_id, 120,
+                     what="the job running on the other provider")
+            assert _closed(held)  # the old provider closed what it carried
+            held.close()
+            _, after = wait_for(lambda: (r := _get(fwd.port, "/index.html"))[0] == 200 and r, 30,
+                                what="httpd through the same forward, on the next provider")
+            assert after != before and len(after) == 37  # another sandbox (its own random id) answers
+            assert fwd.proc.poll() is None
+        finally:
+            fwd.close()
+        consumer.cli("cancel", job_id)

@@ -8,9 +8,11 @@ running the job, which connects to REMOTE inside the sandbox.
 control API calls: `start` checks the job and the port, asks the provider once
 (``check``: refused at once, not at the first connection), listens, and returns
 the NDJSON lines of the forward's life. The forward lasts until the API
-client goes away (`synord forward` is stopped) or the job stops running;
-either closes the listener and every connection it made. The provider side
-is `synord.jobs.forward_service`.
+client goes away (`synord forward` is stopped) or the job ends; either closes
+the listener and every connection it made. A job that moves to another
+provider keeps its forward: connections made while it runs there go there
+(the old provider closed the old ones when the task left it). The provider
+side is `synord.jobs.forward_service`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from synord.protocols.refusals import REFUSALS
 
 from ..errors import Busy, Conflict, Forbidden, Invalid, NotFound, Unavailable, Unsupported
 from .forward_relay import relay
+from .spec import TERMINAL
 
 log = logging.getLogger("synord.jobs.forward")
 
@@ -94,7 +97,6 @@ class Forward:
     job_id: str
     remote: int
     local: int
-    provider: str
     listener: trio.SocketListener
     events: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]
     stop: trio.Event = field(default_factory=trio.Event)  # the listener and every connection end
@@ -154,9 +156,8 @@ class ConsumerForwards:
             raise Invalid(f"port {remote} is not exposed by job {job_id} (its ports: {exposed})")
         if self._nursery is None:
             raise Unavailable("the node is starting")
-        provider = job.provider
         try:
-            stream, _ = await open_forward(self.mesh, self.identity, provider, job_id, remote, check=True)
+            stream, _ = await open_forward(self.mesh, self.identity, job.provider, job_id, remote, check=True)
         except ForwardError as exc:
             raise _REFUSAL.get(exc.code, Unavailable)(str(exc)) from None
         with trio.move_on_after(1):
@@ -168,7 +169,7 @@ class ConsumerForwards:
             raise Conflict(f"cannot listen on 127.0.0.1:{local}: {why}") from None
         listener = listeners[0]
         port = listener.socket.getsockname()[1]
-        fwd = Forward(job_id, remote, port, provider, listener, trio.open_memory_channel(MAX_EVENTS))
+        fwd = Forward(job_id, remote, port, listener, trio.open_memory_channel(MAX_EVENTS))
         self.forwards.add(fwd)
         self._nursery.start_soon(self._serve, fwd, job)
         log.info("forward listening", extra={"job": job_id, "local": port, "remote": remote})
@@ -195,7 +196,7 @@ class ConsumerForwards:
                         continue
                     fwd.connections += 1
                     fwd.opened += 1
-                    nursery.start_soon(self._tunnel, fwd, conn, fwd.opened)
+                    nursery.start_soon(self._tunnel, fwd, job, conn, fwd.opened)
         finally:
             with trio.CancelScope(shield=True):
                 await fwd.listener.aclose()
@@ -203,12 +204,12 @@ class ConsumerForwards:
             await send_events.aclose()
 
     async def _until_stopped(self, fwd: Forward, job, scope: trio.CancelScope) -> None:
-        """Until the job stops running on that provider, or the forward is stopped."""
+        """Until the job ends, or the forward is stopped."""
         async with trio.open_nursery() as watch:
             async def job_ends() -> None:
-                while job.state == "running" and job.provider == fwd.provider:
+                while job.state not in TERMINAL:
                     await job.changed.wait()
-                fwd.emit({"ended": f"job {fwd.job_id} is no longer running there ({job.state})"})
+                fwd.emit({"ended": f"job {fwd.job_id} is no longer running ({job.state})"})
                 watch.cancel_scope.cancel()
 
             async def stopped() -> None:
@@ -219,10 +220,13 @@ class ConsumerForwards:
         fwd.stop.set()
         scope.cancel()
 
-    async def _tunnel(self, fwd: Forward, conn: trio.SocketStream, n: int) -> None:
+    async def _tunnel(self, fwd: Forward, job, conn: trio.SocketStream, n: int) -> None:
         try:
             try:
-                stream, channel = await open_forward(self.mesh, self.identity, fwd.provider, fwd.job_id, fwd.remote)
+                if job.state != "running" or not job.provider:  # between providers, say
+                    raise ForwardError(f"job {fwd.job_id} is not running now ({job.state})")
+                stream, channel = await open_forward(self.mesh, self.identity, job.provider, fwd.job_id,
+                                                     fwd.remote)
             except ForwardError as exc:
                 fwd.emit({"connection": n, "error": str(exc)})
                 with trio.move_on_after(1):
