@@ -119,6 +119,8 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if getattr(args, "id", None):  # `synord status JOB`: one job (a gang lists its members)
+        return cmd_job(args)
     data = _client(args).get("/v1/status")
     _emit(args, data, lambda d: "\n".join([
         f"peer id      {d['peer_id']}",
@@ -416,19 +418,44 @@ def _job_text(j: dict) -> str:
     return "\n".join(lines)
 
 
+_PARTIAL: dict = {}  # (member, stream) -> the start of a line not yet ended
+
+
 def _write_output(item: dict) -> None:
-    """One NDJSON output line to our stdout or stderr, byte for byte."""
+    """One NDJSON output line to our stdout or stderr, byte for byte; a gang
+    member's output goes out in whole lines, each starting with its rank (``[0] ``),
+    so members' lines never mix (`_flush_partial` writes what never ended)."""
     out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
     out.flush()
     # the daemon decodes with surrogateescape, so any bytes round-trip
-    out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
+    data = item["data"].encode("utf-8", "surrogateescape")
+    member = item.get("member")
+    if isinstance(member, int):
+        key, mark = (member, item.get("stream")), f"[{member}] ".encode()
+        lines = (_PARTIAL.pop(key, b"") + data).split(b"\n")
+        if lines[-1]:
+            _PARTIAL[key] = lines[-1]
+        data = b"".join(mark + ln + b"\n" for ln in lines[:-1])
+    out.buffer.write(data)
     out.buffer.flush()
 
 
-def _print_output(client, job_id: str, follow: bool, errors: list | None = None) -> int | None:
+def _flush_partial() -> None:
+    for (member, stream), rest in sorted(_PARTIAL.items()):
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        out.buffer.write(f"[{member}] ".encode() + rest)
+        out.buffer.flush()
+    _PARTIAL.clear()
+
+
+def _print_output(client, job_id: str, follow: bool, errors: list | None = None,
+                  as_json: bool = False) -> int | None:
     exit_code = None
     for item in client.stream(f"/v1/jobs/{job_id}/logs" + ("?follow=1" if follow else "")):
-        if "data" in item:
+        if as_json:  # `run --json`: the NDJSON lines as they come (a gang's carry "member")
+            sys.stdout.write(json.dumps(item) + "\n")
+            sys.stdout.flush()
+        elif "data" in item:
             _write_output(item)
         elif "progress" in item:
             sys.stderr.write(f"synord: {item['progress']}\n")
@@ -441,6 +468,7 @@ def _print_output(client, job_id: str, follow: bool, errors: list | None = None)
             sys.stderr.write(f"synord: job {job_id}: {msg}\n")
             if errors is not None:
                 errors.append(item["error"])
+    _flush_partial()  # a gang member's last line that never ended
     return exit_code
 
 
@@ -467,6 +495,8 @@ def cmd_run(args) -> int:
         spec["image_ref"] = args.image_ref
     if args.ports:
         spec["ports"] = args.ports
+    if args.nodes != 1:
+        spec["nodes"] = args.nodes  # a gang: all N start or none (synord.jobs.gang)
     if args.gpus:
         spec.update(gpus=args.gpus, gpu_class=args.gpu_class, gpu_memory=args.gpu_memory,
                     cuda_capability=args.cuda_capability)
@@ -483,7 +513,7 @@ def cmd_run(args) -> int:
         errors.append(_say_if_waiting(client, job["id"]))
         progress.until_running()
         with progress:  # later notices (a migration) while the output streams
-            code = _print_output(client, job["id"], follow=True, errors=errors)
+            code = _print_output(client, job["id"], follow=True, errors=errors, as_json=args.json)
     except KeyboardInterrupt:
         client.post(f"/v1/jobs/{job['id']}/cancel")
         sys.stderr.write(f"synord: job {job['id']} cancelled\n")
@@ -701,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
     d.add_argument("--api", metavar="HOST:PORT|unix:PATH")
     d.add_argument("--no-mdns", action="store_true")
-    add("status", cmd_status, "node status")
+    st = add("status", cmd_status, "node status (with JOB: that job, as `synord job`)")
+    st.add_argument("id", nargs="?", metavar="JOB")
     add("peers", cmd_peers, "known peers and their capabilities")
     add("doctor", cmd_doctor, "checks of this node (storage, state store, runtimes) with the reason when not ok")
     pr = add("probe", cmd_probe, "this machine's capability profile")
@@ -762,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-ref", metavar="TAG|sha256:DIGEST",
                    help="which image of a layout/archive holding several (a tag or a manifest digest)")
     r.add_argument("--detach", action="store_true")
+    r.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="a gang: N tasks on N distinct providers, all started or none "
+                        "(each learns the others from SYNORD_GANG_MEMBERS)")
     r.add_argument("--checkpointable", action="store_true",
                    help="run so the task can migrate (wasm ABI v1, runsc, microvm)")
     r.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the task gets (container runtime)")

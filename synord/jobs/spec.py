@@ -135,6 +135,7 @@ class RunState:
     restore_mode: str | None = None  # how the next placement starts: full | partial | restart…
     assignment: dict | None = None  # the batch assignment that chose the next provider (history)
     provider_addrs: list[str] | None = None  # where to find the provider again after our restart
+    gang: dict | None = None  # synord.jobs.gang: a gang's {size, members} or a member's {parent, rank, size}
 
     def to_stored(self) -> dict:
         out: dict[str, Any] = {"checkpoint": self.checkpoint}  # always there (since migration 2)

@@ -401,6 +401,7 @@ class Placement:
     live: dict[bytes, tuple[Negotiation, Ask]] = field(default_factory=dict)  # nid -> in flight
     hedge_at: int | None = None
     winner: Ask | None = None
+    hold: bool = False  # a gang member's: agreed but countersigned only with the others (commit_held)
 
     @property
     def current(self) -> Ask | None:
@@ -473,11 +474,14 @@ class Consumer(_Party):
         return Counter(m.provider for nid, pl in self._by_nid.items() if nid in pl.live
                        for m in (pl.live[nid][0],))
 
-    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask],
+    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask], hold: bool = False,
               ports: tuple[int, ...] = ()) -> list[Send]:
-        """Start placing ``bid``: propose to the first candidate (more follow by hedging)."""
+        """Start placing ``bid``: propose to the first candidate (more follow by hedging).
+        ``hold``: stop at the provider's signed agreement (its capacity held until its
+        countersign timeout); `commit_held` countersigns, `release_held` withdraws.
+        ``ports``: the TCP ports the task exposes, proposed and then in the signed terms."""
         asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)
-        pl = Placement(bid, asks, ports=ports)
+        pl = Placement(bid, asks, hold=hold, ports=ports)
         self.placements[bid.id] = pl
         return self._launch(pl, self.clock())
 
@@ -605,6 +609,33 @@ class Consumer(_Party):
             REFUSALS.count("negotiate", "spend_cap")
             pl.attempts.append((m.provider, ask.id, why))
             return [self._withdraw(pl, m, now, "spend_cap", why)] + self._launch(pl, now)
+        if pl.hold:  # a gang member (synord.protocols.gang): countersigned with the others or not at all
+            pl.state, pl.negotiation, pl.winner, pl.hedge_at = "held", m, ask, None
+            if self.on_agreement:
+                self.on_agreement(pl)
+            return []
+        return self._countersign(pl, m, ask, terms, now)
+
+    def commit_held(self, bid_id: str) -> list[Send]:
+        """Countersign a held agreement; LookupError when the hold is gone (expired, ended)."""
+        pl = self.placements.get(bid_id)
+        now = self.clock()
+        m = pl.negotiation if pl is not None and pl.state == "held" else None
+        if m is None or m.check_timeout(now) is not None or m.state is not State.AGREED:
+            raise LookupError("the hold is gone")
+        return self._countersign(pl, m, pl.winner, m.terms, now)
+
+    def release_held(self, bid_id: str, detail: str) -> list[Send]:
+        """Withdraw a held (or still proposed) gang member: its provider releases at once."""
+        pl = self.placements.get(bid_id)
+        if pl is None or pl.state == "negotiating":
+            return self.give_up(bid_id, detail)
+        del self.placements[bid_id]
+        now = self.clock()
+        return [self._withdraw(pl, m, now, "withdrawn", detail) for m, _ in list(pl.live.values())
+                if m.state in (State.PROPOSED, State.AGREED)]
+
+    def _countersign(self, pl: Placement, m: Negotiation, ask: Ask, terms: Terms, now: int) -> list[Send]:
         cs = Countersign(m.nid, terms.aid, terms.sign(self.identity))
         m.send(cs, now)
         pl.state, pl.negotiation, pl.winner, pl.hedge_at = "active", m, ask, None
@@ -688,6 +719,8 @@ class Consumer(_Party):
                             self.on_lost(pl)
                         continue
                     pl.attempts.append((m.provider, ask.id, m.reason))
+                    if pl.state == "held":
+                        pl.state = "expired"  # the gang's commit finds the hold gone
                     if m.reason == "proposal timeout":
                         # Silence costs the next placements nothing: skip it for a while.
                         self._silent(m, now)

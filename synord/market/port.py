@@ -28,6 +28,14 @@ class PlacementRejected(Exception):
     """A candidate said no (the market raises this from negotiate)."""
 
 
+class HoldRefused(PlacementRejected):
+    """A gang member did not hold (``reason``: a slug, never the peer's text)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Needs:
     runtime: str
