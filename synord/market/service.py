@@ -372,7 +372,8 @@ class MarketService:
         bid = self._bid(needs)
         done = self._waiting[bid.id] = trio.Event()
         try:
-            await self._send_all(self.consumer.place(bid, [candidate.ask], hold=True), "provider")
+            await self._send_all(self.consumer.place(bid, [candidate.ask], hold=True, ports=needs.ports),
+                                 "provider")
             with trio.move_on_after(self.timeouts.propose_ms / 1000 + 1):
                 await done.wait()
             pl: Placement = self.consumer.placements[bid.id]
