@@ -501,6 +501,16 @@ def test_bad_ports_are_one_line_errors(mesh):
     assert res.returncode != 0 and "a wasm task has no network" in res.stderr
     res = consumer.cli("forward", "nope", "8080", check=False)
     assert res.returncode != 0 and res.stderr.strip() == "synord: no job nope"
+    # The control API's forward needs the token, as every route does.
+    from urllib.parse import urlsplit
+    url = urlsplit(consumer.client.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("POST", "/v1/jobs/nope/forward", body=b'{"remote": 8080}',
+                     headers={"Host": "127.0.0.1", "Content-Type": "application/json"})
+        assert conn.getresponse().status == 401
+    finally:
+        conn.close()
 
 
 def test_a_forward_follows_its_job_to_the_next_provider(tmp_path):

@@ -33,13 +33,11 @@ from synord.protocols.identity import Identity
 from synord.protocols.refusals import REFUSALS
 
 from ..errors import Busy, Conflict, Forbidden, Invalid, NotFound, Unavailable, Unsupported
-from .forward_relay import relay
+from .forward_relay import IDLE_S, MAX_PER_JOB, relay
 from .spec import TERMINAL
 
 log = logging.getLogger("synord.jobs.forward")
 
-MAX_PER_JOB = 16
-IDLE_S = 300.0
 MAX_EVENTS = 64  # event lines waiting for a slow API client; more are dropped (counted in the next)
 
 

@@ -23,6 +23,10 @@ from synord.protocols.refusals import REFUSALS
 
 log = logging.getLogger("synord.jobs.forward")
 
+# Defaults of config [forward] (both sides): connections one job may have at once, idle timeout.
+MAX_PER_JOB = 16
+IDLE_S = 300.0
+
 
 @dataclass
 class Outcome:

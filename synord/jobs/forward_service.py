@@ -26,7 +26,7 @@ from synord.protocols.framing import FramedStream
 from synord.protocols.refusals import REFUSALS
 from synord.runtimes.base import ForwardUnsupported
 
-from .forward_relay import relay
+from .forward_relay import IDLE_S, MAX_PER_JOB, relay
 
 from .owner import OwnerRefused, owners_running_task
 
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from .provider import ProviderJobs, ProviderTask
 
 log = logging.getLogger("synord.jobs.forward")
-
-MAX_PER_JOB = 16
-IDLE_S = 300.0
 
 
 class ForwardRefused(Exception):
