@@ -451,8 +451,8 @@ INTRUDER = textwrap.dedent("""
 """)
 
 
-def _intrude(provider, job_id: str, port: int, key: str = "") -> dict:
-    res = subprocess.run([sys.executable, "-c", INTRUDER, provider.p2p_addrs()[0], job_id, str(port), key],
+def _intrude(provider, job_id: str, port: int, key: str = "", script: str = INTRUDER) -> dict:
+    res = subprocess.run([sys.executable, "-c", script, provider.p2p_addrs()[0], job_id, str(port), key],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -471,6 +471,30 @@ def test_forward_is_refused_for_a_non_owner(mesh):
     assert answer["ok"] is False and answer["code"] == "forbidden", answer
     assert "only the consumer that placed job" in answer["error"]
     assert refused(provider, "forward", "forbidden") == before + 1
+    consumer.cli("cancel", job_id)
+
+
+# The owner's own key, breaking the protocol once its connection is accepted.
+HOSTILE_OWNER = INTRUDER.replace(
+    'print(json.dumps({"ok": True}))',
+    'await stream.send({"d": b"x" * 70000})\n'
+    '            try:\n'
+    '                print(json.dumps({"ok": True, "after": repr(await stream.receive())}))\n'
+    '            except Exception as exc:\n'
+    '                print(json.dumps({"ok": True, "after": type(exc).__name__}))')
+
+
+def test_an_owner_breaking_the_protocol_is_cut_off_and_counted(mesh):
+    from jobs_helpers import refused
+    consumer, provider, _ = mesh
+    job_id = _httpd_job(consumer, "8080")
+    wait_for(lambda: _intrude(provider, job_id, 8080, str(consumer.home / "identity.key"))["ok"], 30,
+             what="httpd to accept a forwarded connection")
+    before = refused(provider, "forward", "oversize")
+    answer = _intrude(provider, job_id, 8080, str(consumer.home / "identity.key"), HOSTILE_OWNER)
+    assert answer == {"ok": True, "after": "EOFError"}, answer  # the stream is reset, nothing comes back
+    wait_for(lambda: refused(provider, "forward", "oversize") == before + 1, 10, what="the refusal counted")
+    assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"  # the task is untouched
     consumer.cli("cancel", job_id)
 
 
