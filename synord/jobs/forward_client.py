@@ -219,21 +219,21 @@ class ConsumerForwards:
         scope.cancel()
 
     async def _tunnel(self, fwd: Forward, job, conn: trio.SocketStream, n: int) -> None:
+        relayed = False  # from then on the relay closes the connection
         try:
-            try:
-                if job.state != "running" or not job.provider:  # between providers, say
-                    raise ForwardError(f"job {fwd.job_id} is not running now ({job.state})")
-                stream, channel = await open_forward(self.mesh, self.identity, job.provider, fwd.job_id,
-                                                     fwd.remote)
-            except ForwardError as exc:
-                fwd.emit({"connection": n, "error": str(exc)})
-                with trio.move_on_after(1):
-                    await conn.aclose()
-                return
+            if job.state != "running" or not job.provider:  # between providers, say
+                raise ForwardError(f"job {fwd.job_id} is not running now ({job.state})")
+            stream, channel = await open_forward(self.mesh, self.identity, job.provider, fwd.job_id, fwd.remote)
+            relayed = True
             out = await relay(stream, conn, channel, self.idle_s, "forward_client", fwd.stop)
             fwd.emit({"connection": n, "closed": out.how, "sent": out.sent, "received": out.received})
+        except ForwardError as exc:
+            fwd.emit({"connection": n, "error": str(exc)})
         finally:
             fwd.connections -= 1
+            if not relayed:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await conn.aclose()
 
 
 def _line(obj: dict) -> bytes:
