@@ -268,9 +268,15 @@ async def test_the_relay_gives_up_on_an_idle_connection():
 
 # ---- with real daemons ---------------------------------------------------------------------
 
-def _containers():
+def _skip_unless_forwardable() -> None:
+    from jobs_helpers import ensure_assets
     from synord.runtimes.container import ContainerRuntime
-    return ContainerRuntime().available()
+    avail = ContainerRuntime().available()
+    if not avail.available:
+        pytest.skip(f"containers unavailable: {avail.reason}")
+    if os.geteuid() != 0:
+        pytest.skip("forward enters the task's network namespace: needs a root daemon")
+    ensure_assets()
 
 
 HTTPD = ("mkdir -p /tmp/www && echo hello from the sandbox > /tmp/www/index.html && "
@@ -281,13 +287,8 @@ HTTPD = ("mkdir -p /tmp/www && echo hello from the sandbox > /tmp/www/index.html
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     from daemons import DaemonCluster
-    from jobs_helpers import CONSUMER_ONLY, ensure_assets, start_mesh
-    avail = _containers()
-    if not avail.available:
-        pytest.skip(f"containers unavailable: {avail.reason}")
-    if os.geteuid() != 0:
-        pytest.skip("forward enters the task's network namespace: needs a root daemon")
-    ensure_assets()
+    from jobs_helpers import CONSUMER_ONLY, start_mesh
+    _skip_unless_forwardable()
     with DaemonCluster(tmp_path_factory.mktemp("forward")) as cluster:
         consumer, provs = start_mesh(cluster, 1)
         other = cluster.start("other", bootstrap=consumer.p2p_addrs(), config=CONSUMER_ONLY)
@@ -541,13 +542,8 @@ def test_a_forward_follows_its_job_to_the_next_provider(tmp_path):
     """The provider is paused: the task restarts on the other one, and the same
     `synord forward` reaches it there (the old provider closed its connections)."""
     from daemons import DaemonCluster
-    from jobs_helpers import BUSYBOX_DIR, ensure_assets, job, start_mesh, submit, wait_job
-    avail = _containers()
-    if not avail.available:
-        pytest.skip(f"containers unavailable: {avail.reason}")
-    if os.geteuid() != 0:
-        pytest.skip("forward enters the task's network namespace: needs a root daemon")
-    ensure_assets()
+    from jobs_helpers import BUSYBOX_DIR, job, start_mesh, submit, wait_job
+    _skip_unless_forwardable()
     with DaemonCluster(tmp_path) as cluster:
         consumer, provs = start_mesh(cluster, 2)
         job_id = submit(consumer, "--runtime", "container", "--port", "8080", str(BUSYBOX_DIR), "--", "sh", "-c",
