@@ -235,7 +235,13 @@ async def test_the_relay_moves_bytes_both_ways_and_closes_on_both_eofs():
     assert result[0].how == "closed" and (result[0].sent, result[0].received) == (7, len(big))
 
 
-async def test_the_relay_ends_on_a_violation_and_counts_it():
+@pytest.mark.parametrize("frame, slug", [
+    ({"d": b"x" * (MAX_CHUNK + 1)}, "oversize"),   # one byte over: the machine says so
+    ({"d": b"x" * (1 << 20)}, "oversize"),         # far over: refused by its header, never read
+    ({"d": b"x", "more": 1}, "bad_frame"),
+    ({"hello": True}, "unexpected_frame"),
+])
+async def test_the_relay_ends_on_a_violation_and_counts_it(frame, slug):
     from synord.jobs.forward_relay import relay
     from synord.protocols.framing import FramedStream
     from synord.protocols.refusals import REFUSALS
@@ -245,11 +251,11 @@ async def test_the_relay_ends_on_a_violation_and_counts_it():
     ours, peer = FramedStream(_Mem(mesh_ours)), FramedStream(_Mem(mesh_peer))
     channel = ForwardChannel(OPENER)
     channel.receive({"ok": True})
-    before = REFUSALS.get("test_relay", "oversize")
-    await peer.send({"d": b"x" * (MAX_CHUNK + 1)})
+    before = REFUSALS.get("test_relay", slug)
+    await peer.send(frame)
     with trio.fail_after(10):
         out = await relay(ours, sock_ours, channel, 30, "test_relay")
-    assert out.how == "violation" and REFUSALS.get("test_relay", "oversize") == before + 1
+    assert out.how == "violation" and REFUSALS.get("test_relay", slug) == before + 1
     assert await sock_app.receive_some(10) == b""  # the socket side was closed
 
 

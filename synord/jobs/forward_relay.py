@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import trio
 
-from synord.protocols.forward import MAX_CHUNK, Data, Eof, ForwardChannel, ForwardViolation
-from synord.protocols.framing import FramedStream
+from synord.protocols.forward import MAX_CHUNK, MAX_FRAME, Data, Eof, ForwardChannel, ForwardViolation
+from synord.protocols.framing import FrameError, FramedStream
 from synord.protocols.refusals import REFUSALS
 
 log = logging.getLogger("synord.jobs.forward")
@@ -41,6 +41,7 @@ async def relay(stream: FramedStream, conn: trio.abc.HalfCloseableStream, channe
     and ``stream`` (reset unless both sides ended cleanly). Never raises for
     what the peer or the socket did."""
     how = "closed"
+    stream.max_frame = MAX_FRAME  # a peer's frame longer than one chunk is refused before it is read
     idle = trio.CancelScope(deadline=trio.current_time() + idle_s)
 
     def touch() -> None:
@@ -72,10 +73,21 @@ async def relay(stream: FramedStream, conn: trio.abc.HalfCloseableStream, channe
         nonlocal how
         try:
             await direction()
-        except ForwardViolation as exc:
-            REFUSALS.count(where, exc.slug)
-            how = "violation"
-            log.info("forward stream refused", extra={"peer": stream.remote_peer[:16], "reason": exc.slug})
+        except (ForwardViolation, FrameError) as exc:
+            if isinstance(exc, ForwardViolation):
+                slug = exc.slug
+            elif "exceeds" in str(exc):
+                slug = "oversize"
+            elif str(exc).startswith("malformed"):
+                slug = "bad_frame"
+            else:  # the stream ended inside a frame: a broken peer, not a hostile one
+                slug = None
+            if slug is not None:
+                REFUSALS.count(where, slug)
+                how = "violation"
+                log.info("forward stream refused", extra={"peer": stream.remote_peer[:16], "reason": slug})
+            elif how == "closed":
+                how = "aborted"
             scope.cancel()
         except Exception as exc:  # EOF without eof, a reset, a broken socket or stream
             if how == "closed":

@@ -42,6 +42,7 @@ FORWARD_PROTOCOL = "/synord/forward/1"
 OPEN_TYPE = "forward.open"
 OPEN_TIMEOUT_S = 15.0  # the opening request and its answer, each way
 MAX_CHUNK = 64 * 1024  # bytes in one {"d": ...} frame: also what a side reads at once
+MAX_FRAME = MAX_CHUNK + 64  # a frame once relaying, its msgpack map included: a longer one is refused unread
 ERROR_CODES = ("forbidden", "no_task", "not_running", "unsupported", "port_not_agreed", "busy",
                "bad_request", "connection_refused")
 
