@@ -501,7 +501,8 @@ def test_an_owner_breaking_the_protocol_is_cut_off_and_counted(mesh):
     answer = _intrude(provider, job_id, 8080, str(consumer.home / "identity.key"), HOSTILE_OWNER)
     assert answer == {"ok": True, "after": "EOFError"}, answer  # the stream is reset, nothing comes back
     wait_for(lambda: refused(provider, "forward", "oversize") == before + 1, 10, what="the refusal counted")
-    assert consumer.get(f"/v1/jobs/{job_id}")["state"] == "running"  # the task is untouched
+    # (Not asserted: the job's state. A second process speaking with the consumer's own
+    # key replaces the daemon's connection to the provider, which may move the task.)
     consumer.cli("cancel", job_id)
 
 
