@@ -49,6 +49,22 @@ def _env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1..65535")
+    return port
+
+
+def _forward_ports(text: str) -> tuple[int, int]:
+    """[LOCAL:]REMOTE -> (local, remote); local 0 = any free port."""
+    local, _, remote = text.rpartition(":")
+    return (_port(local) if local else 0), _port(remote)
+
+
 def _client(args):
     from .client import ApiClient
     return ApiClient(Home(args.home))
@@ -500,6 +516,8 @@ def cmd_run(args) -> int:
         raise CliError("--volume and --health-* need --service")
     if args.image_ref:
         spec["image_ref"] = args.image_ref
+    if args.ports:
+        spec["ports"] = args.ports
     if args.nodes != 1:
         spec["nodes"] = args.nodes  # a gang: all N start or none (synord.jobs.gang)
     if args.gpus:
@@ -665,6 +683,27 @@ def _exec(args, argv: list[str], interactive: bool, tty: bool = False) -> int:
     return code if 0 <= code <= 255 else (128 + (-code & 0x7F) if code < 0 else 255)
 
 
+def cmd_forward(args) -> int:
+    local, remote = args.ports
+    lines = _client(args).stream(f"/v1/jobs/{args.id}/forward", method="POST",
+                                 body={"remote": remote, "local": local})
+    try:
+        for msg in lines:
+            if args.json:
+                print(json.dumps(msg), flush=True)
+            elif "listening" in msg:
+                print(f"forwarding {msg['listening']} -> job {args.id} port {remote} (Ctrl-C to stop)", flush=True)
+            elif "error" in msg:
+                sys.stderr.write(f"synord: connection {msg.get('connection', '?')}: {msg['error']}\n")
+            if "ended" in msg:
+                if not args.json:
+                    sys.stderr.write(f"synord: forward ended: {msg['ended']}\n")
+                return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_exec(args) -> int:
     return _exec(args, list(args.argv), args.interactive or args.tty, tty=args.tty)
 
@@ -768,6 +807,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", type=_env_pair)
     ex.add_argument("id", metavar="JOB")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+    fw = add("forward", cmd_forward, "reach a TCP port inside a running job's sandbox from 127.0.0.1 "
+             "(until Ctrl-C or the job ends)")
+    fw.add_argument("id", metavar="JOB")
+    fw.add_argument("ports", type=_forward_ports, metavar="[LOCAL:]REMOTE",
+                    help="REMOTE: a port the job exposes (run --port); LOCAL: where to listen (default: any free)")
     sh = add("shell", cmd_shell, "an interactive shell inside a running job's sandbox (on a pseudo-terminal "
              "when ours is one; else commands are read from stdin)", json_flag=False)
     sh.add_argument("--shell", default="/bin/sh", metavar="PATH")
@@ -809,6 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--health-interval", type=float, default=5.0, metavar="S")
     r.add_argument("--health-retries", type=int, default=3, metavar="N",
                    help="failures in a row before the service is restarted")
+    r.add_argument("--port", type=_port, action="append", default=[], dest="ports", metavar="PORT",
+                   help="a TCP port the task listens on, reachable with `synord forward` (repeatable)")
     task_flags(r)
     sb = sub.add_parser("sandbox", help="try this host's sandboxes locally, without the mesh")
     sbsub = sb.add_subparsers(dest="sandbox_command", metavar="COMMAND", parser_class=_Parser)

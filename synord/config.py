@@ -70,6 +70,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "preemption_grace_s": (10.0, "float", "grace period sent with a preemption notice"),
         "placement_timeout_s": (30.0, "float", "keep trying to place a task this long before failing it"),
     },
+    "forward": {
+        "max_connections_per_job": (16, "int", "forwarded TCP connections one job may have at once (synord forward)"),
+        "idle_s": (300.0, "float", "a forwarded connection with no byte either way for this long is closed"),
+    },
     "gpu": {
         "cdi_dirs": (["/etc/cdi", "/var/run/cdi"], "list[str]",
                      "CDI spec directories (later wins); NVIDIA GPUs without a spec get one generated from NVML"),

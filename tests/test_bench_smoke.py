@@ -17,6 +17,7 @@ BENCH = ROOT / "bench"
 SMOKE_ARGS: dict[str, list[str]] = {
     "bench_container.py": ["-n", "2"],
     "bench_exec.py": ["--rounds", "2"],
+    "bench_forward.py": ["--smoke"],
     "bench_gang.py": ["--rounds", "1", "--sizes", "2"],
     "bench_gossip.py": ["--sizes", "3", "--msgs", "3", "--bare-sizes", "3"],
     "bench_idle.py": ["--sizes", "1,2", "--settle", "1", "--window", "1"],

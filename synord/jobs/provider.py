@@ -24,6 +24,7 @@ from typing import Any, Callable
 import trio
 
 from synord.protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, Rejected, peer_envelope
+from synord.protocols.forward import FORWARD_PROTOCOL
 from synord.protocols.framing import FramedStream
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import Terms
@@ -80,6 +81,7 @@ class ProviderJobs(TaskServer):
     storage = None  # synord.storage_health.StorageHealth, set by the node
     cache = None  # synord.blobcache.BlobCache over self.blobs, set by the node
     gpu = None  # synord.gpu_devices.GpuNode, set by the node
+    forward_limits: dict = {}  # ForwardService's max_per_job, idle_s (config [forward]), set by the node
 
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
                  on_finished: Callable[[Terms, str, Any], None],
@@ -122,6 +124,10 @@ class ProviderJobs(TaskServer):
         mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
         self.shell = ShellService(self)
         mesh.set_handler(SHELL_PROTOCOL, self.shell.handle, idle_deadline=False)  # stdin may pause
+        from .forward_service import ForwardService
+        self.forward = ForwardService(self, **self.forward_limits)
+        # a forwarded connection may idle: the service's own idle timeout governs
+        mesh.set_handler(FORWARD_PROTOCOL, self.forward.handle, idle_deadline=False)
 
     def running(self) -> list[ProviderTask]:
         return [t for t in self.tasks.values() if not t.execution.done.is_set()]
@@ -261,6 +267,8 @@ class ProviderJobs(TaskServer):
             raise TaskRefused("terms_mismatch", "limits exceed the agreed resources")
         if spec.timeout_s is not None and spec.timeout_s > terms.duration_s:
             raise TaskRefused("terms_mismatch", "timeout_s exceeds the agreed duration")
+        if spec.ports != terms.ports:
+            raise TaskRefused("terms_mismatch", "the exposed ports differ from the agreed ones")
         return terms
 
     async def _start(self, consumer: str, body: dict,

@@ -52,6 +52,8 @@ class JobSpec:
     gpu: dict | None = None
     # A long-running service (synord.protocols.servicespec: {period_s, volumes, health}); None: a task.
     service: dict | None = None
+    # TCP ports the task exposes (`synord run --port`, sorted): in the agreement and task.start.
+    ports: tuple[int, ...] = ()
 
     # ---- what each party makes of it -------------------------------------------------------
 
@@ -72,7 +74,7 @@ class JobSpec:
                      max_price=self.max_price, duration_s=max(LEASE_SLACK_S, duration + LEASE_SLACK_S),
                      gpus=gpu.get("gpus", 0), gpu_class=gpu.get("gpu_class"),
                      resource_class="gpu" if gpu else "cpu", gpu_memory=gpu.get("gpu_memory"),
-                     cuda=gpu.get("cuda"))
+                     cuda=gpu.get("cuda"), ports=self.ports)
 
     def task_start(self, job_id: str, agreement_id: str, checkpoint_interval_s: float,
                    restore: dict | None, progress: bool = True) -> dict:
@@ -82,7 +84,8 @@ class JobSpec:
                 "limits": self.limits(), "checkpointable": self.checkpointable,
                 "checkpoint_interval_s": checkpoint_interval_s if self.checkpointable else 0,
                 "restore": restore, "progress": progress,
-                **({"service": self.service} if self.service else {})}
+                **({"service": self.service} if self.service else {}),
+                **({"ports": list(self.ports)} if self.ports else {})}
 
     @classmethod
     def from_task_start(cls, body: dict) -> "JobSpec":
@@ -92,7 +95,7 @@ class JobSpec:
                    env=tuple(dict(body.get("env", {})).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")),
-                   service=body.get("service") or None)
+                   service=body.get("service") or None, ports=tuple(body.get("ports") or ()))
 
     def task_spec(self, artifact: Path, workdir: Path, task_id: str):
         """The sandbox's `TaskSpec` for this job, its artefact at ``artifact``."""
@@ -110,7 +113,8 @@ class JobSpec:
         return {"kind": self.kind, "artifact": self.artifact, "sha256": self.sha256,
                 "args": list(self.args), "env": dict(self.env), "limits": self.limits(),
                 "max_price": self.max_price, "checkpointable": self.checkpointable,
-                **({"gpu": self.gpu} if self.gpu else {}), **({"service": self.service} if self.service else {})}
+                **({"gpu": self.gpu} if self.gpu else {}), **({"service": self.service} if self.service else {}),
+                **({"ports": list(self.ports)} if self.ports else {})}
 
     @classmethod
     def from_stored(cls, d: dict) -> "JobSpec":
@@ -120,7 +124,7 @@ class JobSpec:
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(d.get("checkpointable")),
                    artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None,
-                   service=d.get("service") or None)
+                   service=d.get("service") or None, ports=tuple(d.get("ports") or ()))
 
     def __getitem__(self, key: str) -> Any:
         """The stored form's keys (``spec["limits"]["cpus"]``): for code not yet moved to the fields."""

@@ -225,7 +225,7 @@ class Provider(_Party):
             gpu_class=ask.gpu_class if p.gpus else None, runtime=p.runtime, price=ask.price,
             units=_units(p), duration_s=p.duration_s,
             heartbeat_ms=self.timeouts.heartbeat_ms, created=now, expires=now + p.duration_s * 1000,
-            devices=devices)
+            devices=devices, ports=p.ports)
         agreement = Agreement(terms, terms.sign(self.identity))
         m.send(agreement, now)
         return [self._seal(consumer, agreement)]
@@ -416,6 +416,7 @@ class Placement:
     negotiation: Negotiation | None = None  # the agreed one once active
     attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (provider, ask id, outcome)
     state: str = "negotiating"  # negotiating | active | failed | ended | lost
+    ports: tuple[int, ...] = ()  # exposed TCP ports: proposed, then in the agreement's terms
     live: dict[bytes, tuple[Negotiation, Ask]] = field(default_factory=dict)  # nid -> in flight
     hedge_at: int | None = None
     winner: Ask | None = None
@@ -500,12 +501,14 @@ class Consumer(_Party):
         return Counter(m.provider for nid, pl in self._by_nid.items() if nid in pl.live
                        for m in (pl.live[nid][0],))
 
-    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask], hold: bool = False) -> list[Send]:
+    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask], hold: bool = False,
+              ports: tuple[int, ...] = ()) -> list[Send]:
         """Start placing ``bid``: propose to the first candidate (more follow by hedging).
         ``hold``: stop at the provider's signed agreement (its capacity held until its
-        countersign timeout); `commit_held` countersigns, `release_held` withdraws."""
+        countersign timeout); `commit_held` countersigns, `release_held` withdraws.
+        ``ports``: the TCP ports the task exposes, proposed and then in the signed terms."""
         asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)
-        pl = Placement(bid, asks, hold=hold)
+        pl = Placement(bid, asks, hold=hold, ports=ports)
         self.placements[bid.id] = pl
         return self._launch(pl, self.clock())
 
@@ -526,7 +529,8 @@ class Consumer(_Party):
                 continue
             b = pl.bid
             p = Propose(os.urandom(16), ask.peer, ask.id, ask.seq, b.id, b.seq, b.resource_class, b.cores,
-                        b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price)
+                        b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price,
+                        ports=pl.ports)
             m = Negotiation(CONSUMER, p.nid, self.peer_id, ask.peer, self.timeouts)
             m.send(p, now)
             pl.live[p.nid] = (m, ask)

@@ -48,6 +48,7 @@ class Needs:
     resource_class: str = "cpu"
     gpu_memory: int | None = None  # bytes on each GPU
     cuda: str | None = None  # least CUDA compute capability
+    ports: tuple[int, ...] = ()  # TCP ports the task exposes (synord forward): in the signed terms
 
 
 class Market(Protocol):

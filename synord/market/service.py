@@ -354,7 +354,8 @@ class MarketService:
         bid = self._bid(needs)
         done = self._waiting[bid.id] = trio.Event()
         try:
-            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates]), "provider")
+            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates], ports=needs.ports),
+                                 "provider")
             # Bounded: each candidate answers or times out within propose_ms.
             wait = len(candidates) * (self.timeouts.propose_ms / 1000) + 1
             with trio.move_on_after(wait if within_s is None else min(wait, within_s)):
@@ -387,7 +388,8 @@ class MarketService:
         bid = self._bid(needs)
         done = self._waiting[bid.id] = trio.Event()
         try:
-            await self._send_all(self.consumer.place(bid, [candidate.ask], hold=True), "provider")
+            await self._send_all(self.consumer.place(bid, [candidate.ask], hold=True, ports=needs.ports),
+                                 "provider")
             with trio.move_on_after(self.timeouts.propose_ms / 1000 + 1):
                 await done.wait()
             pl: Placement = self.consumer.placements[bid.id]
