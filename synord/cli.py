@@ -380,8 +380,13 @@ def _job_text(j: dict) -> str:
                   f"provider   {j.get('provider') or '-'}"]
         if j.get("checkpoint"):
             lines.append(f"checkpoint {hz.size(j['checkpoint'].get('bytes'))}")
+        if j.get("shard"):
+            lines.append(f"shard      {j['shard']['index']} of job {j['shard']['parent']}"
+                         f" (attempt {j['shard']['attempt'] + 1})")
     if j.get("error"):
         lines.append(f"error      {j['error']}")
+    if j.get("shards"):
+        lines += ["", _shards_text(j)]
     history = j.get("history") or []
     if history:
         short = hz.short_ids(h.get("provider") for h in history)
@@ -398,6 +403,20 @@ def _job_text(j: dict) -> str:
         lines += ["", "placements", hz.table(rows, ["#", "PROVIDER", "MODE", "STARTED", "RAN", "CHECKPOINT",
                                                     "PRICE", "ENDED"], right=(4, 5, 6))]
     return "\n".join(lines)
+
+
+def _shards_text(j: dict) -> str:
+    """A sharded job's shards: where each ran, how often, and its receipts' agreements."""
+    s = j["sharding"]
+    short = hz.short_ids(r.get("provider") for r in j["shards"])
+    rows = [[r["index"], r["job"], r["state"], short.get(r.get("provider"), "-"), hz.size(r.get("input_bytes")),
+             len(r["attempts"]), sum(len(a["placements"]) for a in r["attempts"]),
+             ",".join(p["agreement"][:8] for a in r["attempts"] for p in a["placements"] if p.get("agreement"))
+             or "-"] for r in j["shards"]]
+    head = f"shards     {s['n']} (split {s['split']}, gather {s['gather']}" + (
+        f" into {s['output_dir']})" if s.get("output_dir") else ")")
+    return head + "\n" + hz.table(rows, ["#", "JOB", "STATE", "PROVIDER", "INPUT", "ATTEMPTS", "PLACEMENTS",
+                                         "AGREEMENTS"])
 
 
 def _write_output(item: dict) -> None:
@@ -449,6 +468,13 @@ def cmd_run(args) -> int:
             "env": dict(args.env)}
     if args.image_ref:
         spec["image_ref"] = args.image_ref
+    if args.shards is not None or args.input is not None:  # a sharded job (synord.jobs.shards)
+        if args.input is None:
+            raise CliError("--shards needs --input PATH (the input to split)")
+        spec.update(shards=args.shards or 1, input=str(Path(args.input).resolve()), split=args.split,
+                    gather=args.gather)
+        if args.output_dir:
+            spec["output_dir"] = str(Path(args.output_dir).resolve())
     if args.gpus:
         spec.update(gpus=args.gpus, gpu_class=args.gpu_class, gpu_memory=args.gpu_memory,
                     cuda_capability=args.cuda_capability)
@@ -724,6 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpu-class", metavar="CLASS", help="GPU class, e.g. h100, a100, consumer, h100-1g-10gb")
     r.add_argument("--gpu-memory", type=parse_size, metavar="SIZE", help="memory needed on each GPU")
     r.add_argument("--cuda-capability", metavar="X.Y", help="least CUDA compute capability")
+    r.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="split --input N ways, one task per shard on distinct providers, outputs in order")
+    r.add_argument("--input", metavar="PATH", help="the input of a sharded job (each task reads its shard on stdin)")
+    r.add_argument("--split", choices=("lines", "bytes", "files"), default="lines",
+                   help="how --input is split (files: a directory's files)")
+    r.add_argument("--gather", choices=("concat", "dir"), default="concat",
+                   help="concat: the shards' stdout in order; dir: one file per shard in --output-dir")
+    r.add_argument("--output-dir", metavar="DIR", help="where --gather dir writes shard-0000 … (must be empty)")
     task_flags(r)
     sb = sub.add_parser("sandbox", help="try this host's sandboxes locally, without the mesh")
     sbsub = sb.add_subparsers(dest="sandbox_command", metavar="COMMAND", parser_class=_Parser)

@@ -41,6 +41,7 @@ from ..store import Store
 from . import agreements, output as ndjson, submit as submission
 from .jobstore import JobStore
 from .placement import Placement
+from .shards import Shards
 from .spec import TERMINAL, JobSpec, RunState, SpecView, from_stored, stored
 from .task_client import FLUSH_INTERVAL_S, Session, TaskClient, _printable, _short
 
@@ -125,6 +126,7 @@ class ConsumerJobs(TaskClient):
         self._nursery: trio.Nursery | None = None
         self.jobstore = JobStore(store, identity.peer_id, full=self._disk_full)
         self.placement = Placement(self)
+        self.sharding = Shards(self)  # sharded jobs: a parent and one child job per shard
         self._unsaved = self.jobstore.unsaved  # jobs whose row or history a full disk refused
         self._held = 0  # bytes of output not yet committed
         self._output_arrived = trio.Event()  # wakes the flusher: an idle node must not poll
@@ -138,9 +140,9 @@ class ConsumerJobs(TaskClient):
             nursery.start_soon(self._flusher)
             self._expect_receipts()
             for job in self.jobs.values():
-                if job.state not in TERMINAL:
+                if job.state not in TERMINAL and not job.runstate.shard:  # a shard: its parent drives it
                     log.info("resuming job after restart", extra={"job": job.id, "state": job.state})
-                    nursery.start_soon(self._drive, job, True)
+                    nursery.start_soon(self.sharding.drive if job.runstate.shards else self._drive, job, True)
             task_status.started()
             await trio.sleep_forever()
 
@@ -204,6 +206,8 @@ class ConsumerJobs(TaskClient):
     async def submit(self, req: dict) -> dict:
         # Reading, validating and hashing a big artefact must not stall the daemon.
         spec = await trio.to_thread.run_sync(submission.validate, req, self.home, self.blobs)
+        if req.get("shards") is not None or req.get("input") is not None:
+            return await self.sharding.submit(req, spec)
         job = ConsumerJob(id=uuid.uuid4().hex[:16], jobspec=spec)
         self.jobs[job.id] = job
         self._save(job)
@@ -216,15 +220,14 @@ class ConsumerJobs(TaskClient):
 
     # ---- the drive loop -------------------------------------------------------------------
 
-    async def _drive(self, job: ConsumerJob, resumed: bool) -> None:
-        exclude: tuple[str, ...] = ()
+    async def _drive(self, job: ConsumerJob, resumed: bool, exclude: tuple[str, ...] = (),
+                     preferred: Any = None) -> None:
         try:
             session = None
             if resumed and job.state in ("running", "migrating") and job.provider:
                 session = await self._attach(job)
                 if session is None:
                     await self._lost(job, "provider unreachable after our restart")
-            preferred = None
             while True:
                 if job.cancel_requested:
                     self._set_state(job, "cancelled")
@@ -364,10 +367,11 @@ class ConsumerJobs(TaskClient):
     # ---- API -------------------------------------------------------------------------------
 
     def jobs_json(self) -> list[dict]:
-        return [j.to_json() for j in self.jobs.values()]
+        return [self.sharding.describe(j, j.to_json()) for j in self.jobs.values()]
 
     def job_json(self, job_id: str) -> dict:
-        return self._get(job_id).to_json()
+        job = self._get(job_id)
+        return self.sharding.describe(job, job.to_json())
 
     def placement_json(self, job_id: str) -> dict:
         """Whether the job still waits for a provider, and why (`run` says so at once)."""

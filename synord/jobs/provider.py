@@ -28,7 +28,7 @@ from synord.protocols.framing import FramedStream
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import Terms
 from synord.protocols.shell import SHELL_PROTOCOL
-from synord.protocols.tasks import TASK_PROTOCOL
+from synord.protocols.tasks import MAX_STDIN_BYTES, TASK_PROTOCOL
 from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
 from synord.runtimes.base import Runtime
 
@@ -258,6 +258,18 @@ class ProviderJobs(TaskServer):
             raise TaskRefused("terms_mismatch", "timeout_s exceeds the agreed duration")
         return terms
 
+    async def _stdin_of(self, body: dict) -> bytes | None:
+        """The task's stdin blob (a shard), already verified against its digest on arrival."""
+        sha = body.get("stdin_sha256")  # 64 hex digits: checked by synord.protocols.tasks
+        if sha is None:
+            return None
+        if not self.blobs.has(sha):
+            raise TaskRefused("no_input", "stdin blob not transferred (send it on /synord/transfer first)")
+        path = self.blobs.path(sha)
+        if path.stat().st_size > MAX_STDIN_BYTES:
+            raise TaskRefused("input_too_large", f"stdin blob over {MAX_STDIN_BYTES} bytes")
+        return await trio.to_thread.run_sync(path.read_bytes)
+
     async def _start(self, consumer: str, body: dict,
                      on_phase: Callable[[str], None] | None = None) -> ProviderTask:
         on_phase = on_phase or (lambda phase: None)
@@ -269,6 +281,7 @@ class ProviderJobs(TaskServer):
         sha = body["artifact_sha256"]
         if not self.blobs.has(sha):
             raise TaskRefused("no_artifact", "artefact not transferred (send it on /synord/transfer first)")
+        stdin = await self._stdin_of(body)
         if body["kind"] in ("container", "microvm"):  # the consumer's pre-check, again: same function
             from synord.runtimes.base import SpecError
             from synord.runtimes.oci import check_image
@@ -291,6 +304,7 @@ class ProviderJobs(TaskServer):
         workdir.mkdir(parents=True)
         spec = JobSpec.from_task_start(body).task_spec(self.blobs.path(sha), workdir / "sandbox", workdir.name)
         spec.workdir.mkdir()
+        spec.stdin = stdin
         if terms.devices:  # the GPUs the agreement names: CDI for a container, VFIO for a microVM
             if self.gpu is None or body["kind"] not in ("container", "microvm"):
                 raise TaskRefused("no_devices", "this provider cannot give devices to that sandbox")
@@ -317,7 +331,7 @@ class ProviderJobs(TaskServer):
         self.taskstore.insert(task.key, consumer, job_id, body, now)
         self.tasks[(consumer, job_id)] = task
         self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
-        for blob in (sha, csha):  # from now on the running task pins them, and only while it runs
+        for blob in (sha, csha, body.get("stdin_sha256")):  # from now on the running task pins them, and only while it runs
             self._received_for.pop(blob, None)
         if terms.devices:
             self.gpu.task_started(terms)  # held until the task ends, and metered

@@ -50,6 +50,8 @@ class JobSpec:
     # GPUs asked for (synord.gpu_request): {gpus, gpu_class, gpu_memory, cuda}; None: none.
     # Consumer side: the market places them; the agreement names the devices.
     gpu: dict | None = None
+    # The task's stdin, a blob shipped like the artefact (a shard of a sharded job: synord.jobs.shards).
+    stdin_sha256: str | None = None
 
     # ---- what each party makes of it -------------------------------------------------------
 
@@ -79,7 +81,8 @@ class JobSpec:
                 "artifact_sha256": self.sha256, "args": list(self.args), "env": dict(self.env),
                 "limits": self.limits(), "checkpointable": self.checkpointable,
                 "checkpoint_interval_s": checkpoint_interval_s if self.checkpointable else 0,
-                "restore": restore, "progress": progress}
+                "restore": restore, "progress": progress,
+                **({"stdin_sha256": self.stdin_sha256} if self.stdin_sha256 else {})}
 
     @classmethod
     def from_task_start(cls, body: dict) -> "JobSpec":
@@ -88,7 +91,8 @@ class JobSpec:
         return cls(kind=body["kind"], sha256=body["artifact_sha256"], args=tuple(body.get("args", [])),
                    env=tuple(dict(body.get("env", {})).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
-                   pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")))
+                   pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")),
+                   stdin_sha256=body.get("stdin_sha256"))
 
     def task_spec(self, artifact: Path, workdir: Path, task_id: str):
         """The sandbox's `TaskSpec` for this job, its artefact at ``artifact``."""
@@ -106,7 +110,8 @@ class JobSpec:
         return {"kind": self.kind, "artifact": self.artifact, "sha256": self.sha256,
                 "args": list(self.args), "env": dict(self.env), "limits": self.limits(),
                 "max_price": self.max_price, "checkpointable": self.checkpointable,
-                **({"gpu": self.gpu} if self.gpu else {})}
+                **({"gpu": self.gpu} if self.gpu else {}),
+                **({"stdin_sha256": self.stdin_sha256} if self.stdin_sha256 else {})}
 
     @classmethod
     def from_stored(cls, d: dict) -> "JobSpec":
@@ -115,7 +120,8 @@ class JobSpec:
                    env=tuple((d.get("env") or {}).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(d.get("checkpointable")),
-                   artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None)
+                   artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None,
+                   stdin_sha256=d.get("stdin_sha256"))
 
     def __getitem__(self, key: str) -> Any:
         """The stored form's keys (``spec["limits"]["cpus"]``): for code not yet moved to the fields."""
@@ -129,6 +135,9 @@ class RunState:
     restore_mode: str | None = None  # how the next placement starts: full | partial | restart…
     assignment: dict | None = None  # the batch assignment that chose the next provider (history)
     provider_addrs: list[str] | None = None  # where to find the provider again after our restart
+    # Sharded jobs (synord.jobs.shards): the parent's plan and its shards' job ids; a shard's place.
+    shards: dict | None = None  # parent: {n, split, gather, output_dir, attempts: [[child id, …] per shard]}
+    shard: dict | None = None  # child: {parent, index, attempt}
 
     def to_stored(self) -> dict:
         out: dict[str, Any] = {"checkpoint": self.checkpoint}  # always there (since migration 2)

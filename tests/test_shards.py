@@ -1,0 +1,159 @@
+"""Sharded jobs: split/gather without sockets (including hostile inputs), and on
+real daemons: three shards on three providers, one provider SIGKILLed mid-run,
+its shard re-placed, the others not rerun, the output identical to one task
+on the whole input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from daemons import DaemonCluster, wait_for
+from jobs_helpers import BUSYBOX_DIR, ensure_assets, job, output, start_mesh, wait_job
+from synord.jobs import shards as sh
+from synord.protocols.tasks import TaskSpecError, check_start
+
+INPUT = "".join(f"line {i} of the input, mixed Case {i * 7}\n" for i in range(30)).encode()
+
+
+# ---- split and gather, pure ----------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 30])
+def test_lines_split_into_contiguous_whole_lines_that_concatenate_to_the_input(n):
+    parts = sh.split_lines(INPUT, n)
+    assert len(parts) == n and b"".join(parts) == INPUT
+    assert all(p.endswith(b"\n") for p in parts)
+    counts = [p.count(b"\n") for p in parts]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_a_last_line_without_newline_stays_whole():
+    assert sh.split_lines(b"a\nb\nc", 2) == [b"a\n", b"b\nc"]
+
+
+def test_bytes_split_into_ranges_that_concatenate_to_the_input():
+    data = bytes(range(256)) * 3 + b"x"
+    parts = sh.split_bytes(data, 5)
+    assert b"".join(parts) == data and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_files_split_takes_regular_files_in_name_order(tmp_path):
+    for name, body in [("b", b"2\n"), ("a", b"1\n"), ("d", b"4\n"), ("c", b"3\n")]:
+        (tmp_path / name).write_bytes(body)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "z-link").symlink_to(tmp_path / "a")
+    parts = sh.split(tmp_path, 2, "files")
+    assert parts == [b"1\n2\n", b"3\n4\n"]
+
+
+@pytest.mark.parametrize("n, how, gather, msg", [
+    (0, "lines", "concat", "from 1 to"),
+    (10 ** 9, "lines", "concat", "from 1 to"),
+    (True, "lines", "concat", "integer"),
+    ("3", "lines", "concat", "integer"),
+    (2, "words", "concat", "--split must be"),
+    (2, "lines", "zip", "--gather must be"),
+])
+def test_bad_requests_are_one_line_errors(n, how, gather, msg):
+    with pytest.raises(sh.ShardError, match=msg) as exc:
+        sh.check_request(n, how, gather)
+    assert "\n" not in str(exc.value)
+
+
+def test_hostile_inputs_are_refused_with_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    three = tmp_path / "three"
+    three.write_bytes(b"a\nb\nc\n")
+    (tmp_path / "dir").mkdir()
+    cases = [(empty, 1, "lines", "empty"), (empty, 2, "bytes", "empty"),
+             (three, 4, "lines", "only 3 line"), (three, 7, "bytes", "only 6 byte"),
+             (tmp_path / "dir", 1, "files", "only 0 file"), (three, 1, "files", "needs a directory"),
+             (tmp_path / "dir", 1, "lines", "needs a file"), (tmp_path / "missing", 1, "bytes", "needs a file")]
+    for path, n, how, msg in cases:
+        with pytest.raises(sh.ShardError, match=msg) as exc:
+            sh.split(path, n, how)
+        assert "\n" not in str(exc.value)
+
+
+def test_a_shard_over_the_stdin_limit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sh, "MAX_STDIN_BYTES", 10)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 30)
+    with pytest.raises(sh.ShardError, match="use more shards"):
+        sh.split(big, 2, "bytes")
+    assert len(sh.split(big, 3, "bytes")) == 3
+
+
+def test_concat_gathers_stdout_in_shard_order_then_stderr():
+    outputs = [[("stdout", b"a1"), ("stderr", b"e0"), ("stdout", b"a2")], [("stdout", b"b")], []]
+    assert sh.gather_concat(outputs) == [("stdout", b"a1"), ("stdout", b"a2"), ("stdout", b"b"),
+                                         ("stderr", b"e0")]
+
+
+def test_dir_gathers_one_file_per_shard(tmp_path):
+    outputs = [[("stdout", b"zero\n"), ("stderr", b"warn\n")], [("stdout", b"one\n")], []]
+    rest = sh.gather_dir(outputs, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["shard-0000", "shard-0001", "shard-0002"]
+    assert (tmp_path / "out" / "shard-0001").read_bytes() == b"one\n"
+    assert (tmp_path / "out" / "shard-0002").read_bytes() == b""
+    assert rest == [("stderr", b"warn\n")]
+
+
+def test_task_start_refuses_a_malformed_stdin_digest():
+    body = {"job_id": "j", "agreement_id": "0" * 32, "kind": "wasm", "artifact_sha256": "a" * 64}
+    check_start({**body, "stdin_sha256": "b" * 64})
+    for bad in ("../etc/passwd", "B" * 64, 7, ["x"]):
+        with pytest.raises(TaskSpecError, match="stdin_sha256"):
+            check_start({**body, "stdin_sha256": bad})
+
+
+# ---- real daemons ----------------------------------------------------------------------------
+
+TASK = ["--runtime", "container", "--cpus", "0.25", "--memory", "64M", str(BUSYBOX_DIR), "--",
+        "sh", "-c", "sleep 6; tr a-z A-Z"]
+FAST_LEASE = "[jobs]\nlease_timeout_s = 3.0\n"
+
+
+def _peer(d) -> str:
+    return d.status()["peer_id"]
+
+
+def _submit(consumer, *args: str) -> str:
+    return json.loads(consumer.cli("run", "--detach", "--json", *args).stdout)["id"]
+
+
+def test_a_killed_providers_shard_is_replaced_and_the_output_matches_one_task(tmp_path):
+    ensure_assets()
+    data = tmp_path / "input.txt"
+    data.write_bytes(INPUT)
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 3, jobs_config=FAST_LEASE)
+        by_peer = {_peer(p): p for p in provs}
+        parent = _submit(consumer, "--shards", "3", "--input", str(data), *TASK)
+        j = wait_for(lambda: (j := job(consumer, parent))["shards"] and all(
+            s["state"] == "running" for s in j["shards"]) and j, 60, what="three shards running")
+        where = [s["provider"] for s in j["shards"]]
+        assert len(set(where)) == 3  # assigned together, one per provider
+        assert j["shards"][0]["attempts"][0]["assignment"]["method"] == "kuhn-munkres"
+        victim = by_peer[where[1]]
+        victim.kill()
+        final = wait_job(consumer, parent, timeout=150)
+        assert final["state"] == "succeeded", final
+        assert output(consumer, parent) == INPUT.decode().upper()
+        # Shard 1 moved off the killed provider; shards 0 and 2 ran exactly once, where they were.
+        moved = final["shards"][1]["attempts"][0]["placements"]
+        assert [p["provider"] for p in moved][0] == where[1] and moved[0]["ended"] == "lost"
+        assert len(moved) == 2 and moved[1]["provider"] != where[1] and moved[1]["ended"] == "exit"
+        for i in (0, 2):
+            (only,) = final["shards"][i]["attempts"]
+            assert [p["provider"] for p in only["placements"]] == [where[i]]
+        text = consumer.cli("job", parent).stdout
+        assert "shards     3 (split lines, gather concat)" in text and "PLACEMENTS" in text
+        # The same input as one task on one provider: byte for byte the same output.
+        single = _submit(consumer, "--input", str(data), *TASK)
+        assert wait_job(consumer, single, timeout=90)["state"] == "succeeded"
+        assert output(consumer, single) == output(consumer, parent)
+        assert len(job(consumer, single)["shards"]) == 1
