@@ -468,6 +468,8 @@ def cmd_run(args) -> int:
             "env": dict(args.env)}
     if args.image_ref:
         spec["image_ref"] = args.image_ref
+    if args.priority != "normal" or args.preemptible:  # into the bid and the signed agreement
+        spec.update(priority=args.priority, preemptible=args.preemptible)
     if args.shards is not None or args.input is not None:  # a sharded job (synord.jobs.shards)
         if args.input is None:
             raise CliError("--shards needs --input PATH (the input to split)")
@@ -750,6 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpu-class", metavar="CLASS", help="GPU class, e.g. h100, a100, consumer, h100-1g-10gb")
     r.add_argument("--gpu-memory", type=parse_size, metavar="SIZE", help="memory needed on each GPU")
     r.add_argument("--cuda-capability", metavar="X.Y", help="least CUDA compute capability")
+    r.add_argument("--priority", choices=("high", "normal", "batch"), default="normal",
+                   help="who runs first on a busy provider")
+    r.add_argument("--preemptible", action="store_true",
+                   help="a busy provider may hand the task back (it migrates) for a higher-priority one")
     r.add_argument("--shards", type=int, default=None, metavar="N",
                    help="split --input N ways, one task per shard on distinct providers, outputs in order")
     r.add_argument("--input", metavar="PATH", help="the input of a sharded job (each task reads its shard on stdin)")

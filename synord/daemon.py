@@ -296,6 +296,7 @@ class Node:
             on_finished=self._task_finished,
             heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])
         self.provider_jobs.gpu = self.gpu
+        self.market.provider.displacer = self.provider_jobs  # priorities on a full provider
         self.provider_jobs.register(self.mesh.mesh)
         await nursery.start(self.provider_jobs.run)
         await nursery.start(self.market.run)

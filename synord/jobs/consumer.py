@@ -100,7 +100,8 @@ class ConsumerJob:
                 "artifact": self.jobspec.artifact, "args": list(self.jobspec.args),
                 "checkpoint": ({k: self.checkpoint[k] for k in ("sha256", "bytes", "offsets")}
                                if self.checkpoint else None),
-                "progress": self.progress, "events": self.events}
+                "progress": self.progress, "events": self.events,
+                "priority": self.jobspec.priority, "preemptible": self.jobspec.preemptible}
 
 
 class ConsumerJobs(TaskClient):
@@ -126,7 +127,7 @@ class ConsumerJobs(TaskClient):
         self._nursery: trio.Nursery | None = None
         self.jobstore = JobStore(store, identity.peer_id, full=self._disk_full)
         self.placement = Placement(self)
-        self.sharding = Shards(self)  # sharded jobs: a parent and one child job per shard
+        self.sharding = Shards(self, ConsumerJob)  # sharded jobs: a parent and one child job per shard
         self._unsaved = self.jobstore.unsaved  # jobs whose row or history a full disk refused
         self._held = 0  # bytes of output not yet committed
         self._output_arrived = trio.Event()  # wakes the flusher: an idle node must not poll

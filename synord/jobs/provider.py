@@ -377,9 +377,25 @@ class ProviderJobs(TaskServer):
 
     async def preempt_all(self, reason: str, grace_s: float | None = None) -> int:
         """Notify every consumer with a running task; kill what is left after the grace period."""
+        return self._preempt([t for t in self.running() if t.preempt is None], reason, grace_s)
+
+    # A full provider's market hands back preemptible tasks for a higher priority
+    # (synord.market.negotiator.Provider.displacer, synord.protocols.admission).
+    def _running_under(self, aid: bytes) -> "ProviderTask | None":
+        return next((t for t in self.running() if t.terms.aid == aid and t.preempt is None), None)
+
+    def displaceable(self, aid: bytes) -> bool:
+        return self._running_under(aid) is not None
+
+    def displace(self, aid: bytes, reason: str) -> None:
+        task = self._running_under(aid)
+        if task is not None:
+            self._preempt([task], reason)
+
+    def _preempt(self, tasks: list["ProviderTask"], reason: str, grace_s: float | None = None) -> int:
+        """The preemption notice to each task's consumer (its Handover moves it); killed after the grace."""
         grace = self.preemption_grace_s if grace_s is None else grace_s
         deadline_ms = int((time.time() + grace) * 1000)
-        tasks = [t for t in self.running() if t.preempt is None]
         for t in tasks:
             t.preempt = {"grace_s": grace, "deadline_ms": deadline_ms, "reason": reason}
             t.execution.output.changed.set()  # wake the writer so the notice goes out now

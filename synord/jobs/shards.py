@@ -160,8 +160,9 @@ def gather_dir(outputs: list[list[tuple[str, bytes]]], dest: Path) -> list[tuple
 class Shards:
     """Sharded jobs of one consumer (see the module docstring); driven by `ConsumerJobs`."""
 
-    def __init__(self, jobs: "ConsumerJobs"):
+    def __init__(self, jobs: "ConsumerJobs", job_class: type):
         self.jobs = jobs
+        self.job_class = job_class  # ConsumerJob (passed in: consumer.py imports this module)
 
     # submission: everything checked and persisted before anything is placed
     async def submit(self, req: dict, spec) -> dict:
@@ -179,7 +180,6 @@ class Shards:
 
     def prepare(self, req: dict, spec) -> tuple["ConsumerJob", list["ConsumerJob"]]:
         """The parent and its first children (blocking: splits and hashes; run it in a thread)."""
-        from .consumer import ConsumerJob
         try:
             n, how, gather = check_request(1 if req.get("shards") is None else req.get("shards"), req.get("split") or "lines",
                                            req.get("gather") or "concat")
@@ -191,7 +191,7 @@ class Shards:
             raise Invalid(f"bad task: {exc}") from None
         except OSError as exc:
             raise Invalid(f"bad task: cannot read the input: {exc.strerror or exc}") from None
-        parent = ConsumerJob(id=uuid.uuid4().hex[:16], jobspec=spec)
+        parent = self.job_class(id=uuid.uuid4().hex[:16], jobspec=spec)
         out_dir = None
         if gather == "dir":
             out = req.get("output_dir")
@@ -219,10 +219,8 @@ class Shards:
         finally:
             tmp.unlink(missing_ok=True)
 
-    @staticmethod
-    def _child(parent: "ConsumerJob", spec, index: int, attempt: int) -> "ConsumerJob":
-        from .consumer import ConsumerJob
-        child = ConsumerJob(id=f"{parent.id}-{index}" + (f"r{attempt}" if attempt else ""), jobspec=spec)
+    def _child(self, parent: "ConsumerJob", spec, index: int, attempt: int) -> "ConsumerJob":
+        child = self.job_class(id=f"{parent.id}-{index}" + (f"r{attempt}" if attempt else ""), jobspec=spec)
         child.runstate.shard = {"parent": parent.id, "index": index, "attempt": attempt}
         return child
 

@@ -52,6 +52,9 @@ class JobSpec:
     gpu: dict | None = None
     # The task's stdin, a blob shipped like the artefact (a shard of a sharded job: synord.jobs.shards).
     stdin_sha256: str | None = None
+    # Who runs first on a busy provider (synord.protocols.admission); both go into the agreement.
+    priority: str = "normal"
+    preemptible: bool = False
 
     # ---- what each party makes of it -------------------------------------------------------
 
@@ -72,7 +75,7 @@ class JobSpec:
                      max_price=self.max_price, duration_s=max(LEASE_SLACK_S, duration + LEASE_SLACK_S),
                      gpus=gpu.get("gpus", 0), gpu_class=gpu.get("gpu_class"),
                      resource_class="gpu" if gpu else "cpu", gpu_memory=gpu.get("gpu_memory"),
-                     cuda=gpu.get("cuda"))
+                     cuda=gpu.get("cuda"), priority=self.priority, preemptible=self.preemptible)
 
     def task_start(self, job_id: str, agreement_id: str, checkpoint_interval_s: float,
                    restore: dict | None, progress: bool = True) -> dict:
@@ -111,7 +114,9 @@ class JobSpec:
                 "args": list(self.args), "env": dict(self.env), "limits": self.limits(),
                 "max_price": self.max_price, "checkpointable": self.checkpointable,
                 **({"gpu": self.gpu} if self.gpu else {}),
-                **({"stdin_sha256": self.stdin_sha256} if self.stdin_sha256 else {})}
+                **({"stdin_sha256": self.stdin_sha256} if self.stdin_sha256 else {}),
+                **({"priority": self.priority} if self.priority != "normal" else {}),
+                **({"preemptible": True} if self.preemptible else {})}
 
     @classmethod
     def from_stored(cls, d: dict) -> "JobSpec":
@@ -121,7 +126,8 @@ class JobSpec:
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(d.get("checkpointable")),
                    artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None,
-                   stdin_sha256=d.get("stdin_sha256"))
+                   stdin_sha256=d.get("stdin_sha256"), priority=d.get("priority") or "normal",
+                   preemptible=bool(d.get("preemptible")))
 
     def __getitem__(self, key: str) -> Any:
         """The stored form's keys (``spec["limits"]["cpus"]``): for code not yet moved to the fields."""

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from synord.protocols.admission import check_priority
 from synord.protocols.tasks import TaskSpecError, check_args_env, check_limits
 from synord.protocols.transfer import BlobStore
 from synord.runtimes import KINDS
@@ -83,6 +84,9 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
     max_price = req.get("max_price")
     if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
         raise ValueError("max_price must be a non-negative number")
+    priority = check_priority(req.get("priority") or "normal")  # a PriorityError is a ValueError
+    if not isinstance(req.get("preemptible", False), bool):
+        raise ValueError("preemptible must be true or false")
     # One file on the wire: an image layout directory travels as its oci-archive.
     shipped = ship_form(kind, image, home.artifacts)
     sha = blobs.add_file(shipped)
@@ -93,4 +97,5 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
                    # A passed-through GPU (VFIO) blocks QEMU's migration: such a microVM cannot checkpoint.
                    checkpointable=(bool(req.get("checkpointable")) or kind in ("wasm", "microvm"))
                    and not (gpu and kind == "microvm"),
-                   artifact=str(path), max_price=max_price, gpu=gpu)
+                   artifact=str(path), max_price=max_price, gpu=gpu, priority=priority,
+                   preemptible=bool(req.get("preemptible")))

@@ -9,7 +9,10 @@ ms), so tests drive everything with plain integers or a MockClock.
 Provider admission, in order: the ask is ours and live at the proposed seq,
 runtime, price, quantity within the ask, duration, the contributor-limit
 hook (``admission(consumer, proposal) -> reason | None``), then an atomic reservation
-in the ask's pool *and* the host pool.  Each refusal is a ``reject`` with a
+in the ask's pool *and* the host pool. A full provider asks
+`synord.protocols.admission.decide` whether a higher-priority proposal may take
+the room of running preemptible tasks (``displacer``: which agreements run a
+task, and the preemption notice that hands them back).  Each refusal is a ``reject`` with a
 reason code (`REASONS`) and a human detail.
 """
 
@@ -23,6 +26,7 @@ from typing import Callable, Iterable
 
 import trio
 
+from synord.protocols import admission as adm
 from synord.protocols.envelope import Envelope, EnvelopeValidator, Rejected, now_ms, seal
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import (
@@ -125,6 +129,10 @@ class Provider(_Party):
         self._res_ask: dict[str, str] = {}  # reservation key -> ask id
         self.negotiations: dict[tuple[str, bytes], Negotiation] = {}
         self.finished: list[Negotiation] = []
+        # Set by the node (synord.jobs.provider.ProviderJobs): displaceable(aid) -> bool,
+        # displace(aid, reason) sends the preemption notice. None: nothing is ever displaced.
+        self.displacer = None
+        self._displaced: set[str] = set()  # reservation keys given up for a higher priority
 
     # --- our asks -------------------------------------------------------------
 
@@ -204,6 +212,8 @@ class Provider(_Party):
                     raise
             except InsufficientCapacity as exc:
                 reason, detail = "capacity", str(exc)
+                if self._displace_for(m, p, need, now):
+                    reason, detail = None, ""
         ask = self.asks.get(p.ask_id)
         devices: tuple[str, ...] = ()
         if reason is None and p.gpus and self.devices is not None:
@@ -225,10 +235,52 @@ class Provider(_Party):
             gpu_class=ask.gpu_class if p.gpus else None, runtime=p.runtime, price=ask.price,
             units=_units(p), duration_s=p.duration_s,
             heartbeat_ms=self.timeouts.heartbeat_ms, created=now, expires=now + p.duration_s * 1000,
-            devices=devices)
+            devices=devices, priority=p.priority, preemptible=p.preemptible)
         agreement = Agreement(terms, terms.sign(self.identity))
         m.send(agreement, now)
         return [self._seal(consumer, agreement)]
+
+    def _displace_for(self, m: Negotiation, p: Propose, need: dict, now: int) -> bool:
+        """A full provider: make room for ``p`` by handing back running preemptible tasks
+        of a lower priority (synord.protocols.admission.decide), then reserve. GPUs are
+        never taken from a running task."""
+        if self.displacer is None or p.gpus or p.priority == adm.PRIORITIES[0]:
+            return False
+        ask = self.asks.get(p.ask_id)
+        if p.ask_price is not None and ask.price > p.ask_price:
+            return False  # it would be refused on price: hand nobody back for it
+        pool, ask_pool = self.pool, self._ask_pools[p.ask_id]
+        free_all, free_ask = pool.free(now), ask_pool.free(now)
+        free = {r: min(free_all[r], free_ask[r]) for r in adm.RESOURCES}
+        running = []
+        for o in self.negotiations.values():
+            t, key = o.terms, self._key(o)
+            if (o.state is State.ACTIVE and t is not None and t.ask_id == p.ask_id and not t.gpus
+                    and key not in self._displaced and self.displacer.displaceable(t.aid)):
+                running.append(adm.Running(o, t.priority, t.preemptible,
+                                           {"cpus": t.cores, "memory_bytes": t.memory, "gpus": 0}, t.created))
+        decision = adm.decide(free, need, p.priority, running)
+        if not isinstance(decision, adm.AdmitAfterPreempting):
+            return False
+        for victim in decision.victims:
+            o = victim.key
+            self._displaced.add(self._key(o))
+            pool.release(self._key(o))  # its room is the newcomer's from now: it is being handed back
+            ask_pool.release(self._key(o))
+            self.displacer.displace(o.terms.aid, f"displaced by a {p.priority}-priority task")
+            log.info("preemptible task displaced", extra={"consumer": o.consumer[:16], "aid": o.terms.aid.hex(),
+                                                         "priority": o.terms.priority, "for": p.priority})
+        key = self._key(m)
+        try:
+            ask_pool.reserve(key, need, now, self.timeouts.countersign_ms)
+            try:
+                pool.reserve(key, need, now, self.timeouts.countersign_ms)
+            except InsufficientCapacity:
+                ask_pool.release(key)
+                raise
+        except InsufficientCapacity:
+            return False
+        return True
 
     def _refusal(self, consumer: str, p: Propose, now: int) -> tuple[str | None, str]:
         if p.ask_peer != self.peer_id:
@@ -363,6 +415,7 @@ class Provider(_Party):
 
     def _release(self, m: Negotiation) -> None:
         key = self._key(m)
+        self._displaced.discard(key)
         self.pool.release(key)
         if self.devices is not None:
             self.devices.release(key)
@@ -400,6 +453,8 @@ class Placement:
     live: dict[bytes, tuple[Negotiation, Ask]] = field(default_factory=dict)  # nid -> in flight
     hedge_at: int | None = None
     winner: Ask | None = None
+    priority: str = adm.DEFAULT_PRIORITY  # proposed with every proposal (synord.protocols.admission)
+    preemptible: bool = False
 
     @property
     def current(self) -> Ask | None:
@@ -472,10 +527,11 @@ class Consumer(_Party):
         return Counter(m.provider for nid, pl in self._by_nid.items() if nid in pl.live
                        for m in (pl.live[nid][0],))
 
-    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask]) -> list[Send]:
+    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask], priority: str = adm.DEFAULT_PRIORITY,
+              preemptible: bool = False) -> list[Send]:
         """Start placing ``bid``: propose to the first candidate (more follow by hedging)."""
         asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)
-        pl = Placement(bid, asks)
+        pl = Placement(bid, asks, priority=priority, preemptible=preemptible)
         self.placements[bid.id] = pl
         return self._launch(pl, self.clock())
 
@@ -496,7 +552,8 @@ class Consumer(_Party):
                 continue
             b = pl.bid
             p = Propose(os.urandom(16), ask.peer, ask.id, ask.seq, b.id, b.seq, b.resource_class, b.cores,
-                        b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price)
+                        b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price,
+                        priority=pl.priority, preemptible=pl.preemptible)
             m = Negotiation(CONSUMER, p.nid, self.peer_id, ask.peer, self.timeouts)
             m.send(p, now)
             pl.live[p.nid] = (m, ask)

@@ -40,6 +40,8 @@ class Needs:
     resource_class: str = "cpu"
     gpu_memory: int | None = None  # bytes on each GPU
     cuda: str | None = None  # least CUDA compute capability
+    priority: str = "normal"  # high | normal | batch (synord.protocols.admission), into the agreement
+    preemptible: bool = False  # may be handed back for a higher priority: into the agreement
 
 
 class Market(Protocol):

@@ -338,7 +338,8 @@ class MarketService:
         bid = self._bid(needs)
         done = self._waiting[bid.id] = trio.Event()
         try:
-            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates]), "provider")
+            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates], needs.priority,
+                                                     needs.preemptible), "provider")
             # Bounded: each candidate answers or times out within propose_ms.
             wait = len(candidates) * (self.timeouts.propose_ms / 1000) + 1
             with trio.move_on_after(wait if within_s is None else min(wait, within_s)):

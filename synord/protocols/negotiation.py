@@ -46,6 +46,7 @@ from typing import Any
 
 import msgpack
 
+from .admission import DEFAULT_PRIORITY, PriorityError, check_priority
 from .envelope import message_type
 from .identity import Identity, verify
 from .lease import NEGOTIATION, Lease
@@ -135,6 +136,24 @@ def _devices(res: dict) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _priority(b: dict) -> tuple[str, bool]:
+    """(priority, preemptible): absent means normal and not preemptible (synord.protocols.admission)."""
+    try:
+        priority = check_priority(b.get("priority", DEFAULT_PRIORITY))
+    except PriorityError as exc:
+        raise BodyError(str(exc)) from None
+    preemptible = b.get("preemptible", False)
+    if not isinstance(preemptible, bool):
+        raise BodyError("preemptible has the wrong type")
+    return priority, preemptible
+
+
+def _priority_body(priority: str, preemptible: bool) -> dict:
+    """Only what differs from the default travels (and is signed): older bodies stay valid."""
+    return {**({"priority": priority} if priority != DEFAULT_PRIORITY else {}),
+            **({"preemptible": True} if preemptible else {})}
+
+
 def _nid(b: dict, key: str = "nid") -> bytes:
     return _get(b, key, (bytes,), lambda v: len(v) == NID_LEN)
 
@@ -170,6 +189,8 @@ class Propose:
     gpus: int = 0
     gpu_class: str | None = None
     ask_price: float | None = None  # the price of the ask the consumer matched (optional)
+    priority: str = DEFAULT_PRIORITY  # who runs first on a busy provider (synord.protocols.admission)
+    preemptible: bool = False  # may be handed back to make room for a higher priority
 
     type = "propose"
 
@@ -179,7 +200,8 @@ class Propose:
                 "cores": float(self.cores), "memory": self.memory, "runtime": self.runtime,
                 "max_price": float(self.max_price), "duration_s": self.duration_s, "gpus": self.gpus,
                 "gpu_class": self.gpu_class,
-                **({} if self.ask_price is None else {"ask_price": float(self.ask_price)})}
+                **({} if self.ask_price is None else {"ask_price": float(self.ask_price)}),
+                **_priority_body(self.priority, self.preemptible)}
 
     @classmethod
     def from_body(cls, body: Any) -> "Propose":
@@ -187,11 +209,13 @@ class Propose:
         runtime = _str(b, "runtime")
         if runtime not in RUNTIMES:
             raise BodyError(f"unknown runtime {runtime!r}")
+        priority, preemptible = _priority(b)
         return cls(_nid(b), _str(b, "ask_peer"), _str(b, "ask_id"), _u(b, "ask_seq"), _str(b, "bid_id"),
                    _u(b, "bid_seq"), _str(b, "class", 32), _f(b, "cores", MAX_CORES), _u(b, "memory", MAX_MEMORY),
                    runtime, _f(b, "max_price", MAX_PRICE), _u(b, "duration_s", MAX_DURATION_S),
                    _u(b, "gpus", MAX_GPUS), _str(b, "gpu_class", 32, optional=True),
-                   None if b.get("ask_price") is None else _f(b, "ask_price", MAX_PRICE))
+                   None if b.get("ask_price") is None else _f(b, "ask_price", MAX_PRICE),
+                   priority, preemptible)
 
 
 @dataclass(frozen=True)
@@ -246,6 +270,9 @@ class Terms:
     # The provider's device units (GPU UUIDs) reserved for this agreement; absent
     # (and so not in the signed body) when it has none.
     devices: tuple[str, ...] = ()
+    # Who runs first on a busy provider (synord.protocols.admission); signed only when not the default.
+    priority: str = DEFAULT_PRIORITY
+    preemptible: bool = False
 
     def to_body(self) -> dict:
         res = {"class": self.resource_class, "cores": float(self.cores), "memory": self.memory,
@@ -257,7 +284,8 @@ class Terms:
                 "resources": res,
                 "runtime": self.runtime, "price": float(self.price), "units": float(self.units),
                 "duration_s": self.duration_s, "heartbeat_ms": self.heartbeat_ms,
-                "created": self.created, "expires": self.expires}
+                "created": self.created, "expires": self.expires,
+                **_priority_body(self.priority, self.preemptible)}
 
     @classmethod
     def from_body(cls, body: Any) -> "Terms":
@@ -268,7 +296,8 @@ class Terms:
                    _f(res, "cores", MAX_CORES), _u(res, "memory", MAX_MEMORY), _u(res, "gpus", MAX_GPUS),
                    _str(res, "gpu_class", 32, optional=True), _str(b, "runtime"), _f(b, "price", MAX_PRICE),
                    _f(b, "units", MAX_CORES + MAX_GPUS), _u(b, "duration_s", MAX_DURATION_S),
-                   _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"), _devices(res))
+                   _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"), _devices(res),
+                   *_priority(b))
 
     def signing_input(self) -> bytes:
         # Kept on the (frozen) object: the same terms are signed and verified in turn.
@@ -513,6 +542,8 @@ class Negotiation:
                 ("price", t.price <= p.max_price and (p.ask_price is None or t.price <= p.ask_price)),
                 ("duration", t.duration_s >= p.duration_s),
                 ("heartbeat", t.heartbeat_ms > 0),
+                # Signed as asked: a provider may not make a task preemptible, nor demote it.
+                ("priority", (t.priority, t.preemptible) == (p.priority, p.preemptible)),
             ) if not ok]
             if mismatch:
                 fail("terms differ from the proposal: " + ", ".join(mismatch))
