@@ -157,3 +157,32 @@ def test_a_killed_providers_shard_is_replaced_and_the_output_matches_one_task(tm
         assert wait_job(consumer, single, timeout=90)["state"] == "succeeded"
         assert output(consumer, single) == output(consumer, parent)
         assert len(job(consumer, single)["shards"]) == 1
+
+
+def test_a_consumer_restart_resumes_the_shards_and_a_failing_shard_fails_the_job_once(tmp_path):
+    from jobs_helpers import PROBE_WASM
+    ensure_assets()
+    data = tmp_path / "input.txt"
+    data.write_bytes(INPUT)
+    with DaemonCluster(tmp_path) as cluster:
+        consumer, provs = start_mesh(cluster, 2)
+        parent = _submit(consumer, "--shards", "2", "--input", str(data), *TASK)
+        wait_for(lambda: all(s["state"] == "running" for s in job(consumer, parent)["shards"]), 60,
+                 what="both shards running")
+        consumer.kill()  # SIGKILL: nothing graceful
+        consumer = cluster.start("consumer")
+        final = wait_job(consumer, parent, timeout=120)
+        assert final["state"] == "succeeded" and output(consumer, parent) == INPUT.decode().upper()
+        for s in final["shards"]:  # re-attached where they ran: one attempt, one placement each
+            (only,) = s["attempts"]
+            assert len(only["placements"]) == 1 and only["state"] == "succeeded"
+        # A shard whose task always fails runs MAX_ATTEMPTS times, away from where it failed
+        # while there is elsewhere; then the job fails, once, naming the shard.
+        bad = _submit(consumer, "--shards", "2", "--input", str(data), str(PROBE_WASM), "--", "exit", "3")
+        failed = wait_job(consumer, bad, timeout=120)
+        assert failed["state"] == "failed" and "after 3 attempts" in failed["error"], failed["error"]
+        worst = max(failed["shards"], key=lambda s: len(s["attempts"]))
+        assert len(worst["attempts"]) == sh.MAX_ATTEMPTS
+        first, second = (a["placements"][0]["provider"] for a in worst["attempts"][:2])
+        assert first != second  # the retry went to the other provider
+        assert all(job(consumer, s["job"])["state"] in ("failed", "cancelled") for s in failed["shards"])
