@@ -180,7 +180,7 @@ def test_a_consumer_restart_resumes_the_shards_and_a_failing_shard_fails_the_job
         # while there is elsewhere; then the job fails, once, naming the shard.
         bad = _submit(consumer, "--shards", "2", "--input", str(data), str(PROBE_WASM), "--", "exit", "3")
         failed = wait_job(consumer, bad, timeout=120)
-        assert failed["state"] == "failed" and "after 3 attempts" in failed["error"], failed["error"]
+        assert failed["state"] == "failed" and "after 3 attempt(s): exit 3" in failed["error"], failed["error"]
         worst = max(failed["shards"], key=lambda s: len(s["attempts"]))
         assert len(worst["attempts"]) == sh.MAX_ATTEMPTS
         first, second = (a["placements"][0]["provider"] for a in worst["attempts"][:2])

@@ -181,8 +181,8 @@ class Shards:
     def prepare(self, req: dict, spec) -> tuple["ConsumerJob", list["ConsumerJob"]]:
         """The parent and its first children (blocking: splits and hashes; run it in a thread)."""
         try:
-            n, how, gather = check_request(1 if req.get("shards") is None else req.get("shards"), req.get("split") or "lines",
-                                           req.get("gather") or "concat")
+            n = 1 if req.get("shards") is None else req.get("shards")  # --input alone: one task
+            n, how, gather = check_request(n, req.get("split") or "lines", req.get("gather") or "concat")
             raw = req.get("input")
             if not isinstance(raw, str) or not Path(raw).is_absolute():
                 raise ShardError("--input must be an absolute path on this node")
@@ -261,14 +261,15 @@ class Shards:
                         if retry is None:
                             await self._cancel_all(parent)
                             i = child.runstate.shard["index"]
+                            runs = len(parent.runstate.shards["attempts"][i])
                             jobs._set_state(parent, "failed", exit_code=child.exit_code,
-                                            error=f"shard {i} {child.state} after {MAX_ATTEMPTS} attempts: "
+                                            error=f"shard {i} {child.state} after {runs} attempt(s): "
                                                   f"{child.error or 'exit ' + str(child.exit_code)}")
                             break
                         nursery.start_soon(self._run, retry[0], False, retry[1], None, send)
                     self._progress(parent)
                     if all(c.state == "succeeded" for c in self.children(parent)):
-                        await trio.to_thread.run_sync(self._gather, parent)
+                        self._gather(parent)
                         break
                 nursery.cancel_scope.cancel()
         except Exception as exc:
@@ -350,17 +351,24 @@ class Shards:
         parent.notify()
 
     def _gather(self, parent: "ConsumerJob") -> None:
-        """The outputs in shard order and the parent's success, in one transaction (blocking)."""
+        """The outputs in shard order and the parent's success, in one transaction."""
         jobs, plan = self.jobs, parent.runstate.shards
-        outputs = [[(s, d) for _, s, d in jobs.jobstore.output_after(c.id, 0)] for c in self.children(parent)]
+        # What is stored, then what a full disk still holds in memory: every byte, in order.
+        outputs = [[(s, d) for _, s, d in jobs.jobstore.output_after(c.id, 0)] + list(c.pending_output)
+                   for c in self.children(parent)]
         if plan["gather"] == "dir":
             chunks = gather_dir(outputs, Path(plan["output_dir"]))
         else:
             chunks = gather_concat(outputs)
-        parent.state, parent.exit_code, parent.progress = "succeeded", 0, None
-        with jobs.store.tx() as conn:
-            jobs.jobstore.append_output(conn, parent.id, chunks)
-            jobs.jobstore.write(conn, parent)
+        parent.state, parent.exit_code = "succeeded", 0
+        try:
+            with jobs.store.tx() as conn:
+                jobs.jobstore.append_output(conn, parent.id, chunks)
+                jobs.jobstore.write(conn, parent)
+        except BaseException:
+            parent.state, parent.exit_code = "running", None  # not gathered: the caller fails the job
+            raise
+        parent.progress = None
         parent.notify()
         log.info("sharded job gathered", extra={"job": parent.id, "shards": plan["n"], "gather": plan["gather"]})
 
