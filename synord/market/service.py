@@ -25,6 +25,7 @@ from typing import Callable
 
 import trio
 
+from synord.protocols.admission import RANK
 from synord.protocols.envelope import EnvelopeValidator, now_ms, seal
 from synord.protocols.framing import FramedStream
 from synord.protocols.identity import b58decode
@@ -301,7 +302,8 @@ class MarketService:
                    max_price=float(needs.max_price if needs.max_price is not None else self.max_price),
                    duration_s=int(needs.duration_s), deadline=now + 60_000, expires=now + 60_000,
                    gpus=needs.gpus, gpu_class=needs.gpu_class, peer=self.peer_id, ts=now,
-                   gpu_memory=needs.gpu_memory, cuda=needs.cuda)
+                   gpu_memory=needs.gpu_memory, cuda=needs.cuda,
+                   priority=RANK[needs.priority])  # batch 0, normal 1, high 2 (gossiped; the proposal names it)
 
     def _peer_info(self, peer: str, busy=None, now: int | None = None) -> PeerInfo:
         return PeerInfo(reputation=self.ledger.reputation(peer),
