@@ -159,7 +159,7 @@ def test_a_killed_providers_shard_is_replaced_and_the_output_matches_one_task(tm
         assert len(job(consumer, single)["shards"]) == 1
 
 
-def test_a_consumer_restart_resumes_the_shards_and_a_failing_shard_fails_the_job_once(tmp_path):
+def test_restart_resumes_shards_a_failing_shard_fails_the_job_once_cancel_reaches_every_shard(tmp_path):
     from jobs_helpers import PROBE_WASM
     ensure_assets()
     data = tmp_path / "input.txt"
@@ -186,3 +186,11 @@ def test_a_consumer_restart_resumes_the_shards_and_a_failing_shard_fails_the_job
         first, second = (a["placements"][0]["provider"] for a in worst["attempts"][:2])
         assert first != second  # the retry went to the other provider
         assert all(job(consumer, s["job"])["state"] in ("failed", "cancelled") for s in failed["shards"])
+        # Cancelling the job cancels every shard, and the job ends cancelled, once.
+        slow = _submit(consumer, "--shards", "2", "--input", str(data), *TASK[:-1], "sleep 60")
+        wait_for(lambda: all(s["state"] == "running" for s in job(consumer, slow)["shards"]), 60,
+                 what="both slow shards running")
+        consumer.cli("cancel", slow)
+        assert wait_job(consumer, slow, timeout=60)["state"] == "cancelled"
+        assert all(wait_job(consumer, s["job"], timeout=30)["state"] == "cancelled"
+                   for s in job(consumer, slow)["shards"])
