@@ -159,7 +159,7 @@ def test_a_killed_providers_shard_is_replaced_and_the_output_matches_one_task(tm
         assert len(job(consumer, single)["shards"]) == 1
 
 
-def test_restart_resumes_shards_a_failing_shard_fails_the_job_once_cancel_reaches_every_shard(tmp_path):
+def test_sharded_jobs_survive_a_consumer_restart_fail_once_cancel_whole_and_gather_into_a_dir(tmp_path):
     from jobs_helpers import PROBE_WASM
     ensure_assets()
     data = tmp_path / "input.txt"
@@ -194,3 +194,14 @@ def test_restart_resumes_shards_a_failing_shard_fails_the_job_once_cancel_reache
         assert wait_job(consumer, slow, timeout=60)["state"] == "cancelled"
         assert all(wait_job(consumer, s["job"], timeout=30)["state"] == "cancelled"
                    for s in job(consumer, slow)["shards"])
+        # A directory split by files, gathered one file per shard.
+        src = tmp_path / "in"
+        src.mkdir()
+        for name, body in [("a", b"alpha\n"), ("b", b"beta\n"), ("c", b"gamma\n")]:
+            (src / name).write_bytes(body)
+        out = tmp_path / "out"
+        by_files = _submit(consumer, "--shards", "2", "--input", str(src), "--split", "files", "--gather", "dir",
+                           "--output-dir", str(out), *TASK[:-1], "tr a-z A-Z")
+        assert wait_job(consumer, by_files, timeout=90)["state"] == "succeeded"
+        assert sorted(os.listdir(out)) == ["shard-0000", "shard-0001"]
+        assert (out / "shard-0000").read_bytes() == b"ALPHA\n" and (out / "shard-0001").read_bytes() == b"BETA\nGAMMA\n"
