@@ -473,8 +473,8 @@ def cmd_run(args) -> int:
     if args.shards is not None or args.input is not None:  # a sharded job (synord.jobs.shards)
         if args.input is None:
             raise CliError("--shards needs --input PATH (the input to split)")
-        spec.update(shards=args.shards or 1, input=str(Path(args.input).resolve()), split=args.split,
-                    gather=args.gather)
+        spec.update(shards=1 if args.shards is None else args.shards, input=str(Path(args.input).resolve()),
+                    split=args.split, gather=args.gather)
         if args.output_dir:
             spec["output_dir"] = str(Path(args.output_dir).resolve())
     if args.gpus:

@@ -205,3 +205,14 @@ def test_sharded_jobs_survive_a_consumer_restart_fail_once_cancel_whole_and_gath
         assert wait_job(consumer, by_files, timeout=90)["state"] == "succeeded"
         assert sorted(os.listdir(out)) == ["shard-0000", "shard-0001"]
         assert (out / "shard-0000").read_bytes() == b"ALPHA\n" and (out / "shard-0001").read_bytes() == b"BETA\nGAMMA\n"
+        # Bad input is one line from the CLI, and nothing is submitted.
+        before = len(consumer.get("/v1/jobs"))
+        three = tmp_path / "three"
+        three.write_bytes(b"a\nb\nc\n")
+        for args, said in [(["--shards", "9", "--input", str(three)], "only 3 line"),
+                           (["--shards", "0", "--input", str(three)], "from 1 to 256"),
+                           (["--shards", "2"], "--shards needs --input"),
+                           (["--shards", "2", "--input", str(tmp_path / "nope")], "needs a file")]:
+            res = consumer.cli("run", *args, *TASK, check=False)
+            assert res.returncode != 0 and said in res.stderr and res.stderr.count("\n") == 1, res.stderr
+        assert len(consumer.get("/v1/jobs")) == before
