@@ -9,8 +9,7 @@ import dataclasses
 import pytest
 
 from synord.protocols import admission as adm
-from synord.protocols.envelope import decode, seal
-from synord.protocols.negotiation import Agreement, BodyError, NegotiationError, Propose, Terms
+from synord.protocols.negotiation import BodyError, NegotiationError, Propose, Terms
 from synord.market.negotiator import Consumer
 
 from test_market_book import bid as mk_bid

@@ -331,7 +331,7 @@ class ProviderJobs(TaskServer):
         self.taskstore.insert(task.key, consumer, job_id, body, now)
         self.tasks[(consumer, job_id)] = task
         self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
-        for blob in (sha, csha, body.get("stdin_sha256")):  # from now on the running task pins them, and only while it runs
+        for blob in (sha, csha, body.get("stdin_sha256")):  # pinned by the running task, only while it runs
             self._received_for.pop(blob, None)
         if terms.devices:
             self.gpu.task_started(terms)  # held until the task ends, and metered
