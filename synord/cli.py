@@ -412,11 +412,12 @@ def _shards_text(j: dict) -> str:
     rows = [[r["index"], r["job"], r["state"], short.get(r.get("provider"), "-"), hz.size(r.get("input_bytes")),
              len(r["attempts"]), sum(len(a["placements"]) for a in r["attempts"]),
              ",".join(p["agreement"][:8] for a in r["attempts"] for p in a["placements"] if p.get("agreement"))
-             or "-"] for r in j["shards"]]
+             or "-", hz.amount(sum(x["amount"] for a in r["attempts"] for x in a.get("receipts") or []))]
+            for r in j["shards"]]
     head = f"shards     {s['n']} (split {s['split']}, gather {s['gather']}" + (
         f" into {s['output_dir']})" if s.get("output_dir") else ")")
     return head + "\n" + hz.table(rows, ["#", "JOB", "STATE", "PROVIDER", "INPUT", "ATTEMPTS", "PLACEMENTS",
-                                         "AGREEMENTS"])
+                                         "AGREEMENTS", "PAID"])
 
 
 def _write_output(item: dict) -> None:

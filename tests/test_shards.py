@@ -150,8 +150,14 @@ def test_a_killed_providers_shard_is_replaced_and_the_output_matches_one_task(tm
         for i in (0, 2):
             (only,) = final["shards"][i]["attempts"]
             assert [p["provider"] for p in only["placements"]] == [where[i]]
+        # Every placement that ran to its end has its countersigned receipt, shown per shard.
+        def receipts(i):
+            return [r for a in job(consumer, parent)["shards"][i]["attempts"] for r in a["receipts"]]
+        wait_for(lambda: all(len(receipts(i)) == 1 for i in range(3)), 60, what="a receipt per finished leg")
+        assert all(receipts(i)[0]["outcome"] == "completed" for i in range(3))
+        assert receipts(1)[0]["agreement_id"] == moved[1]["agreement"]
         text = consumer.cli("job", parent).stdout
-        assert "shards     3 (split lines, gather concat)" in text and "PLACEMENTS" in text
+        assert "shards     3 (split lines, gather concat)" in text and "PAID" in text and " CRD" in text
         # The same input as one task on one provider: byte for byte the same output.
         single = _submit(consumer, "--input", str(data), *TASK)
         assert wait_job(consumer, single, timeout=90)["state"] == "succeeded"

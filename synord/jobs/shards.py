@@ -373,6 +373,15 @@ class Shards:
         log.info("sharded job gathered", extra={"job": parent.id, "shards": plan["n"], "gather": plan["gather"]})
 
     # what status shows
+    def _receipts(self, job: "ConsumerJob") -> list[dict]:
+        """The usage receipts of a shard's placements that have arrived: what each leg cost."""
+        out = []
+        for leg in job.history:
+            r = leg.get("agreement") and self.jobs.market.receipt(bytes.fromhex(leg["agreement"]))
+            if r:
+                out.append({k: r[k] for k in ("agreement_id", "provider", "outcome", "amount", "cpu_s", "wall_s")})
+        return out
+
     def describe(self, job: "ConsumerJob", out: dict) -> dict:
         """``out`` (the job's JSON) with its shards (a parent) or its place (a child)."""
         plan = job.runstate.shards
@@ -388,7 +397,7 @@ class Shards:
             rows.append({"index": i, "job": last.id, "state": last.state, "provider": last.provider,
                          "exit_code": last.exit_code, "error": last.error, "input_bytes": plan["bytes"][i],
                          "attempts": [{"job": k.id, "state": k.state, "placements": k.history,
-                                       "assignment": k.runstate.assignment}
+                                       "assignment": k.runstate.assignment, "receipts": self._receipts(k)}
                                       for k in kids]})
         out["shards"] = rows
         return out

@@ -252,6 +252,10 @@ class MarketService:
             return
         self._nursery.start_soon(self._send_all, sends, "consumer")
 
+    def receipt(self, aid: bytes) -> dict | None:
+        """The countersigned usage receipt of one of our agreements, once it has arrived."""
+        return self.ledger.receipt(aid)
+
     def expect_receipt(self, terms: Terms, ended_ms: int | None = None) -> None:
         """After our restart: agreements whose receipt we have not countersigned yet
         (``ended_ms``: when we saw that task end, if we did)."""
