@@ -113,7 +113,7 @@ def test_task_start_refuses_a_malformed_stdin_digest():
 # ---- real daemons ----------------------------------------------------------------------------
 
 TASK = ["--runtime", "container", "--cpus", "0.25", "--memory", "64M", str(BUSYBOX_DIR), "--",
-        "sh", "-c", "sleep 6; tr a-z A-Z"]
+        "sh", "-c", "sleep 10; tr a-z A-Z"]  # long enough to see all shards running, even on a busy machine
 FAST_LEASE = "[jobs]\nlease_timeout_s = 3.0\n"
 
 
