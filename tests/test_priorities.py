@@ -9,7 +9,7 @@ from daemons import DaemonCluster, wait_for
 from jobs_helpers import (COUNTER_WASM, asks_at, ensure_assets, job, output, providers_in_book, reference_run,
                           start_mesh, submit, wait_job)
 
-ENV = ["-e", "COUNT=60", "-e", "WORK=30000000"]
+ENV = ["-e", "COUNT=120", "-e", "WORK=30000000"]  # ~6 s of CPU: still running when the high job comes
 
 
 def _peer(d) -> str:
