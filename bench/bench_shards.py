@@ -25,11 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from synord.localmesh import DaemonCluster, wait_for  # noqa: E402
+from synord.localmesh import SYNORD, DaemonCluster, wait_for  # noqa: E402  (the daemons' own command)
 
 BUSYBOX = ROOT / "tests" / "assets" / "build" / "images" / "busybox"
-SYNORD_BIN = Path(sys.executable).with_name("synord")
-SYNORD = [str(SYNORD_BIN)] if SYNORD_BIN.exists() else [sys.executable, "-m", "synord.cli"]
 
 
 def make_input(path: Path, mib: int) -> bytes:
