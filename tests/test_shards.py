@@ -102,6 +102,19 @@ def test_dir_gathers_one_file_per_shard(tmp_path):
     assert rest == [("stderr", b"warn\n")]
 
 
+def test_the_parent_retries_a_failed_shard_then_fails_and_gathers_once_all_succeeded():
+    attempts = [["j-0"], ["j-1", "j-1r1"]]
+    states = {"j-0": "running", "j-1": "failed", "j-1r1": "succeeded"}
+    assert sh.next_step(attempts, states, "j-1", 1) == sh.IGNORE  # an older attempt
+    assert sh.next_step(attempts, states, "j-1r1", 1) == sh.WAIT  # shard 0 still runs
+    assert sh.next_step(attempts, {**states, "j-0": "succeeded"}, "j-0", 0) == sh.GATHER
+    assert sh.next_step(attempts, {**states, "j-0": "failed"}, "j-0", 0) == sh.RETRY
+    assert sh.next_step(attempts, {**states, "j-0": "cancelled"}, "j-0", 0, cancelled=True) == sh.FAIL
+    out = [["j-0", "j-0r1", "j-0r2"], ["j-1"]]
+    assert sh.next_step(out, {"j-0r2": "failed", "j-1": "succeeded"}, "j-0r2", 0) == sh.FAIL
+    assert len(out[0]) == sh.MAX_ATTEMPTS
+
+
 def test_task_start_refuses_a_malformed_stdin_digest():
     body = {"job_id": "j", "agreement_id": "0" * 32, "kind": "wasm", "artifact_sha256": "a" * 64}
     check_start({**body, "stdin_sha256": "b" * 64})

@@ -155,6 +155,29 @@ def gather_dir(outputs: list[list[tuple[str, bytes]]], dest: Path) -> list[tuple
     return [(s, d) for chunks in outputs for s, d in chunks if s == "stderr"]
 
 
+# ---- what the parent does when a shard's job ends (pure) --------------------------------------------
+
+IGNORE, WAIT, RETRY, FAIL, GATHER = "ignore", "wait", "retry", "fail", "gather"
+
+
+def next_step(attempts: list[list[str]], states: dict[str, str], ended: str, index: int,
+              cancelled: bool = False) -> str:
+    """The parent's move when job ``ended`` (an attempt of shard ``index``) has ended:
+
+    IGNORE  an older attempt (a newer one runs)
+    RETRY   it did not succeed and the shard has attempts left (and nobody cancelled it)
+    FAIL    it did not succeed and the shard is out of attempts, or it was cancelled
+    GATHER  every shard's latest attempt succeeded
+    WAIT    it succeeded; others still run
+
+    ``attempts``: job ids per shard, oldest first; ``states``: job id -> state."""
+    if attempts[index][-1] != ended:
+        return IGNORE
+    if states[ended] != "succeeded":
+        return RETRY if not cancelled and len(attempts[index]) < MAX_ATTEMPTS else FAIL
+    return GATHER if all(states[a[-1]] == "succeeded" for a in attempts) else WAIT
+
+
 # ---- the driver ----------------------------------------------------------------------------------
 
 class Shards:
@@ -254,21 +277,19 @@ class Shards:
                         jobs._set_state(parent, "cancelled")
                         break
                     child = jobs.jobs[msg]
-                    if child.id != parent.runstate.shards["attempts"][child.runstate.shard["index"]][-1]:
-                        continue  # an older attempt
-                    if child.state != "succeeded":
-                        retry = self._retry(parent, child)
-                        if retry is None:
-                            await self._cancel_all(parent)
-                            i = child.runstate.shard["index"]
-                            runs = len(parent.runstate.shards["attempts"][i])
-                            jobs._set_state(parent, "failed", exit_code=child.exit_code,
-                                            error=f"shard {i} {child.state} after {runs} attempt(s): "
-                                                  f"{child.error or 'exit ' + str(child.exit_code)}")
-                            break
-                        nursery.start_soon(self._run, retry[0], False, retry[1], None, send)
+                    i, attempts = child.runstate.shard["index"], parent.runstate.shards["attempts"]
+                    step = next_step(attempts, {a: jobs.jobs[a].state for s in attempts for a in s}, child.id, i,
+                                     cancelled=parent.cancel_requested or child.cancel_requested)
+                    if step == RETRY:
+                        nursery.start_soon(self._run, *self._retry(parent, child), None, send)
+                    elif step == FAIL:
+                        await self._cancel_all(parent)
+                        jobs._set_state(parent, "failed", exit_code=child.exit_code,
+                                        error=f"shard {i} {child.state} after {len(attempts[i])} attempt(s): "
+                                              f"{child.error or 'exit ' + str(child.exit_code)}")
+                        break
                     self._progress(parent)
-                    if all(c.state == "succeeded" for c in self.children(parent)):
+                    if step == GATHER:
                         self._gather(parent)
                         break
                 nursery.cancel_scope.cancel()
@@ -294,12 +315,10 @@ class Shards:
                 if c.state not in TERMINAL:
                     n.start_soon(self.jobs.cancel, c.id)
 
-    def _retry(self, parent: "ConsumerJob", failed: "ConsumerJob") -> tuple["ConsumerJob", tuple] | None:
-        """The shard's next attempt, away from the providers it failed on; None: none left."""
+    def _retry(self, parent: "ConsumerJob", failed: "ConsumerJob") -> tuple["ConsumerJob", bool, tuple]:
+        """The shard's next attempt (job, resumed, exclude), away from the providers it failed on."""
         i = failed.runstate.shard["index"]
         attempts = parent.runstate.shards["attempts"][i]
-        if parent.cancel_requested or failed.cancel_requested or len(attempts) >= MAX_ATTEMPTS:
-            return None
         tried = tuple({h["provider"] for a in attempts for h in self.jobs.jobs[a].history if h.get("provider")})
         needs = failed.jobspec.needs()
         exclude = tried if self.jobs.market.candidates(needs, tried) else ()  # nowhere else: anywhere
@@ -313,7 +332,7 @@ class Shards:
         log.info("shard re-placed after a failure", extra={"job": parent.id, "shard": i,
                                                           "attempt": len(attempts) - 1})
         jobs._notice(parent, f"shard {i} {failed.state}: running it again elsewhere", shard=i)
-        return child, exclude
+        return child, False, exclude
 
     def assign_distinct(self, children: list["ConsumerJob"]) -> dict[str, Any]:
         """The children matched and assigned together, at most one per provider (the
