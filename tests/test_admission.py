@@ -138,3 +138,32 @@ def test_a_full_provider_displaces_only_a_preemptible_lower_priority_agreement()
     assert prov.pool.free()["cpus"] == 0.0  # the newcomer holds the victim's room, not more
     # The normal task was not preemptible: the high one is refused, nothing else displaced.
     assert high.state == "failed" and len(tasks.notices) == 1
+
+
+def test_the_victim_is_handed_back_only_once_the_newcomer_binds():
+    from synord.protocols.identity import Identity
+    from synord.market.negotiator import Provider
+    from synord.market.reservations import CapacityPool
+    from synord.protocols.envelope import now_ms
+    from synord.protocols.negotiation import Timeouts
+    from test_market_book import ask as mk_ask
+    tasks = Tasks()
+    slow_hb = Timeouts(propose_ms=1000, countersign_ms=2000, heartbeat_ms=60_000, missed_heartbeats=3)
+    prov = Provider(P_ID, CapacityPool({"cpus": 4.0, "memory_bytes": 16 << 30}), timeouts=slow_hb)
+    prov.offer(mk_ask("a1", cores=4.0, price=1.0, expires=now_ms() + 3_600_000, max_duration_s=86_400))
+    prov.displacer = tasks
+    victim, _ = _agree(prov, tasks, Consumer(C_ID, timeouts=slow_hb), "batch", True, "b1")
+    key = f"{C_ID.peer_id}/{victim.negotiation.nid.hex()}"
+    # A high-priority proposal is answered with an agreement, but never countersigned.
+    newcomer = Consumer(Identity.generate(), timeouts=slow_hb)
+    (propose,) = newcomer.place(mk_bid("b2", cores=4.0), [prov.asks["a1"]], "high", False)
+    (answer,) = prov.receive(propose.envelope.encode())
+    assert answer.envelope.type == "agreement" and not tasks.notices
+    assert prov.pool.get(key) is None  # its room is held for the newcomer meanwhile
+    prov.tick(now_ms() + slow_hb.countersign_ms + 100)  # the countersign deadline passes
+    assert not tasks.notices and prov.pool.get(key).committed  # it keeps running, its room back
+    assert prov.pool.free()["cpus"] == 0.0
+    # A newcomer that binds: only now the notice goes out.
+    bound, _ = _agree(prov, tasks, Consumer(Identity.generate(), timeouts=slow_hb), "high", False, "b3")
+    assert bound.state == "active"
+    assert tasks.notices == [(victim.negotiation.terms.aid, "displaced by a high-priority task")]

@@ -133,6 +133,7 @@ class Provider(_Party):
         # displace(aid, reason) sends the preemption notice. None: nothing is ever displaced.
         self.displacer = None
         self._displaced: set[str] = set()  # reservation keys given up for a higher priority
+        self._displacing: dict[str, list[Negotiation]] = {}  # newcomer key -> the agreements it displaces
 
     # --- our asks -------------------------------------------------------------
 
@@ -186,6 +187,8 @@ class Provider(_Party):
         if isinstance(ev, Countersign):
             self.pool.commit(self._key(m), m.terms.expires)
             self._ask_pools[m.terms.ask_id].commit(self._key(m), m.terms.expires)
+            for o in self._displacing.pop(self._key(m), []):  # the newcomer is bound: hand them back now
+                self._hand_back(o, m.terms.priority)
             if self.on_agreement:
                 self.on_agreement(m)
         self._reap(m)
@@ -262,14 +265,11 @@ class Provider(_Party):
         decision = adm.decide(free, need, p.priority, running)
         if not isinstance(decision, adm.AdmitAfterPreempting):
             return False
-        for victim in decision.victims:
-            o = victim.key
+        victims = [v.key for v in decision.victims]
+        for o in victims:  # their room is the newcomer's; they are handed back once it countersigns
             self._displaced.add(self._key(o))
-            pool.release(self._key(o))  # its room is the newcomer's from now: it is being handed back
+            pool.release(self._key(o))
             ask_pool.release(self._key(o))
-            self.displacer.displace(o.terms.aid, f"displaced by a {p.priority}-priority task")
-            log.info("preemptible task displaced", extra={"consumer": o.consumer[:16], "aid": o.terms.aid.hex(),
-                                                         "priority": o.terms.priority, "for": p.priority})
         key = self._key(m)
         try:
             ask_pool.reserve(key, need, now, self.timeouts.countersign_ms)
@@ -279,8 +279,37 @@ class Provider(_Party):
                 ask_pool.release(key)
                 raise
         except InsufficientCapacity:
+            self._restore(victims, now)
             return False
+        self._displacing[key] = victims
         return True
+
+    def _hand_back(self, o: Negotiation, priority: str) -> None:
+        self.displacer.displace(o.terms.aid, f"displaced by a {priority}-priority task")
+        log.info("preemptible task displaced", extra={"consumer": o.consumer[:16], "aid": o.terms.aid.hex(),
+                                                     "priority": o.terms.priority, "for": priority})
+
+    def _restore(self, victims: list[Negotiation], now: int) -> None:
+        """The newcomer did not bind (rejected, withdrawn, expired): its victims keep running
+        and get their room back; one whose room went meanwhile is handed back after all."""
+        for o in victims:
+            if o.state is not State.ACTIVE:
+                continue
+            key, t = self._key(o), o.terms
+            need = {"cpus": t.cores, "memory_bytes": t.memory, "gpus": 0}
+            try:
+                self._ask_pools[t.ask_id].reserve(key, need, now, 1)
+                try:
+                    self.pool.reserve(key, need, now, 1)
+                except InsufficientCapacity:
+                    self._ask_pools[t.ask_id].release(key)
+                    raise
+            except InsufficientCapacity:
+                self._hand_back(o, "higher")
+                continue
+            self._ask_pools[t.ask_id].commit(key, t.expires)
+            self.pool.commit(key, t.expires)
+            self._displaced.discard(key)
 
     def _refusal(self, consumer: str, p: Propose, now: int) -> tuple[str | None, str]:
         if p.ask_peer != self.peer_id:
@@ -416,11 +445,14 @@ class Provider(_Party):
     def _release(self, m: Negotiation) -> None:
         key = self._key(m)
         self._displaced.discard(key)
+        victims = self._displacing.pop(key, None)
         self.pool.release(key)
         if self.devices is not None:
             self.devices.release(key)
         if m.proposal is not None and m.proposal.ask_id in self._ask_pools:
             self._ask_pools[m.proposal.ask_id].release(key)
+        if victims:  # released before it bound: they stay where they run
+            self._restore(victims, self.clock())
 
     def _reap(self, m: Negotiation) -> None:
         if m.done:
