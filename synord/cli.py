@@ -409,6 +409,9 @@ def _job_text(j: dict) -> str:
                   f"provider   {j.get('provider') or '-'}"]
         if j.get("checkpoint"):
             lines.append(f"checkpoint {hz.size(j['checkpoint'].get('bytes'))}")
+        if j.get("shard"):
+            lines.append(f"shard      {j['shard']['index']} of job {j['shard']['parent']}"
+                         f" (attempt {j['shard']['attempt'] + 1})")
     if j.get("service"):  # a long-running service: its period, renewal, restarts, volumes
         s = j["service"]
         lines.append(f"service    {s.get('restarts', 0)} restarts; period {s.get('period', '-')} of "
@@ -419,6 +422,8 @@ def _job_text(j: dict) -> str:
                          + (hz.size(v["bytes"]) if v.get("bytes") is not None else "-"))
     if j.get("error"):
         lines.append(f"error      {j['error']}")
+    if j.get("shards"):
+        lines += ["", _shards_text(j)]
     history = j.get("history") or []
     if history:
         short = hz.short_ids(h.get("provider") for h in history)
@@ -435,6 +440,21 @@ def _job_text(j: dict) -> str:
         lines += ["", "placements", hz.table(rows, ["#", "PROVIDER", "MODE", "STARTED", "RAN", "CHECKPOINT",
                                                     "PRICE", "ENDED"], right=(4, 5, 6))]
     return "\n".join(lines)
+
+
+def _shards_text(j: dict) -> str:
+    """A sharded job's shards: where each ran, how often, and its receipts' agreements."""
+    s = j["sharding"]
+    short = hz.short_ids(r.get("provider") for r in j["shards"])
+    rows = [[r["index"], r["job"], r["state"], short.get(r.get("provider"), "-"), hz.size(r.get("input_bytes")),
+             len(r["attempts"]), sum(len(a["placements"]) for a in r["attempts"]),
+             ",".join(p["agreement"][:8] for a in r["attempts"] for p in a["placements"] if p.get("agreement"))
+             or "-", hz.amount(sum(x["amount"] for a in r["attempts"] for x in a.get("receipts") or []))]
+            for r in j["shards"]]
+    head = f"shards     {s['n']} (split {s['split']}, gather {s['gather']}" + (
+        f" into {s['output_dir']})" if s.get("output_dir") else ")")
+    return head + "\n" + hz.table(rows, ["#", "JOB", "STATE", "PROVIDER", "INPUT", "ATTEMPTS", "PLACEMENTS",
+                                         "AGREEMENTS", "PAID"])
 
 
 _PARTIAL: dict = {}  # (member, stream) -> the start of a line not yet ended
@@ -520,6 +540,15 @@ def cmd_run(args) -> int:
         spec["ports"] = args.ports
     if args.nodes != 1:
         spec["nodes"] = args.nodes  # a gang: all N start or none (synord.jobs.gang)
+    if args.priority != "normal" or args.preemptible:  # into the bid and the signed agreement
+        spec.update(priority=args.priority, preemptible=args.preemptible)
+    if args.shards is not None or args.input is not None:  # a sharded job (synord.jobs.shards)
+        if args.input is None:
+            raise CliError("--shards needs --input PATH (the input to split)")
+        spec.update(shards=1 if args.shards is None else args.shards, input=str(Path(args.input).resolve()),
+                    split=args.split, gather=args.gather)
+        if args.output_dir:
+            spec["output_dir"] = str(Path(args.output_dir).resolve())
     if args.gpus:
         spec.update(gpus=args.gpus, gpu_class=args.gpu_class, gpu_memory=args.gpu_memory,
                     cuda_capability=args.cuda_capability)
@@ -855,6 +884,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failures in a row before the service is restarted")
     r.add_argument("--port", type=_port, action="append", default=[], dest="ports", metavar="PORT",
                    help="a TCP port the task listens on, reachable with `synord forward` (repeatable)")
+    r.add_argument("--priority", choices=("high", "normal", "batch"), default="normal",
+                   help="who runs first on a busy provider")
+    r.add_argument("--preemptible", action="store_true",
+                   help="a busy provider may hand the task back (it migrates) for a higher-priority one")
+    r.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="split --input N ways, one task per shard on distinct providers, outputs in order")
+    r.add_argument("--input", metavar="PATH", help="the input of a sharded job (each task reads its shard on stdin)")
+    r.add_argument("--split", choices=("lines", "bytes", "files"), default="lines",
+                   help="how --input is split (files: a directory's files)")
+    r.add_argument("--gather", choices=("concat", "dir"), default="concat",
+                   help="concat: the shards' stdout in order; dir: one file per shard in --output-dir")
+    r.add_argument("--output-dir", metavar="DIR", help="where --gather dir writes shard-0000 … (must be empty)")
     task_flags(r)
     sb = sub.add_parser("sandbox", help="try this host's sandboxes locally, without the mesh")
     sbsub = sb.add_subparsers(dest="sandbox_command", metavar="COMMAND", parser_class=_Parser)

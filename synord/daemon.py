@@ -300,6 +300,7 @@ class Node:
         self.provider_jobs.services.on_period = self.market.provider_bill_period
         self.provider_jobs.forward_limits = {"max_per_job": c["forward.max_connections_per_job"],
                                              "idle_s": c["forward.idle_s"]}
+        self.market.provider.displacer = self.provider_jobs  # priorities on a full provider
         self.provider_jobs.register(self.mesh.mesh)
         await nursery.start(self.provider_jobs.run)
         await nursery.start(self.market.run)

@@ -32,6 +32,7 @@ SMOKE_ARGS: dict[str, list[str]] = {
     "bench_transfer.py": ["--mib", "2", "--rounds", "1"],
     "sim_to_real.py": ["--count", "4", "--work", "2000000"],
     "bench_run_waiting.py": ["-n", "1"],
+    "bench_shards.py": ["--smoke"],
     "bench_wasm.py": ["-n", "5"],
 }
 

@@ -42,6 +42,7 @@ from ..store import Store
 from . import agreements, gang as gangs, output as ndjson, submit as submission
 from .jobstore import JobStore
 from .placement import Placement
+from .shards import Shards
 from .spec import TERMINAL, JobSpec, RunState, SpecView, from_stored, stored
 from .task_client import FLUSH_INTERVAL_S, Session, TaskClient, _printable, _short
 
@@ -102,6 +103,7 @@ class ConsumerJob:
                 "checkpoint": ({k: self.checkpoint[k] for k in ("sha256", "bytes", "offsets")}
                                if self.checkpoint else None),
                 "progress": self.progress, "events": self.events,
+                "priority": self.jobspec.priority, "preemptible": self.jobspec.preemptible,
                 **({"gang": self.runstate.gang} if self.runstate.gang else {}),
                 **({"service": _service_json(self)} if self.jobspec.service else {})}
 
@@ -134,6 +136,7 @@ class ConsumerJobs(TaskClient):
         self._nursery: trio.Nursery | None = None
         self.jobstore = JobStore(store, identity.peer_id, full=self._disk_full)
         self.placement = Placement(self)
+        self.sharding = Shards(self, ConsumerJob)  # sharded jobs: a parent and one child job per shard
         self._unsaved = self.jobstore.unsaved  # jobs whose row or history a full disk refused
         self._held = 0  # bytes of output not yet committed
         self._output_arrived = trio.Event()  # wakes the flusher: an idle node must not poll
@@ -147,7 +150,7 @@ class ConsumerJobs(TaskClient):
             nursery.start_soon(self._flusher)
             self._expect_receipts()
             for job in self.jobs.values():
-                if job.state not in TERMINAL:
+                if job.state not in TERMINAL and not job.runstate.shard:  # a shard: its parent drives it
                     log.info("resuming job after restart", extra={"job": job.id, "state": job.state})
                     nursery.start_soon(self._driver(job), job, True)
             task_status.started()
@@ -214,6 +217,8 @@ class ConsumerJobs(TaskClient):
         nodes = gangs.nodes_of(req)  # a gang (--nodes N): synord.jobs.gang
         # Reading, validating and hashing a big artefact must not stall the daemon.
         spec = await trio.to_thread.run_sync(submission.validate, req, self.home, self.blobs)
+        if req.get("shards") is not None or req.get("input") is not None:
+            return await self.sharding.submit(req, spec)
         job = ConsumerJob(id=uuid.uuid4().hex[:16], jobspec=spec)
         if nodes:
             job.runstate.gang = {"size": nodes}
@@ -229,18 +234,21 @@ class ConsumerJobs(TaskClient):
     # ---- the drive loop -------------------------------------------------------------------
 
     def _driver(self, job: ConsumerJob):
-        """What drives the job: a gang's parent follows its members (synord.jobs.gang)."""
+        """What drives the job: a sharded job's parent follows its shards (synord.jobs.shards),
+        a gang's parent its members (synord.jobs.gang)."""
+        if job.runstate.shards:
+            return self.sharding.drive
         return functools.partial(gangs.drive, self) if gangs.is_parent(job) else self._drive
 
-    async def _drive(self, job: ConsumerJob, resumed: bool, session: Session | None = None) -> None:
-        """``session``: the task already started (a gang member), watched from here on."""
-        exclude: tuple[str, ...] = ()
+    async def _drive(self, job: ConsumerJob, resumed: bool, session: Session | None = None,
+                     exclude: tuple[str, ...] = (), preferred: Any = None) -> None:
+        """``session``: the task already started (a gang member), watched from here on;
+        ``exclude``/``preferred``: providers to avoid / to try first (a re-placed shard)."""
         try:
             if resumed and job.state in ("running", "migrating") and job.provider:
                 session = await self._attach(job)
                 if session is None:
                     await self._lost(job, "provider unreachable after our restart")
-            preferred = None
             while True:
                 if job.cancel_requested:
                     self._set_state(job, "cancelled")
@@ -382,10 +390,11 @@ class ConsumerJobs(TaskClient):
     # ---- API -------------------------------------------------------------------------------
 
     def jobs_json(self) -> list[dict]:
-        return [j.to_json() for j in self.jobs.values()]
+        return [self.sharding.describe(j, j.to_json()) for j in self.jobs.values()]
 
     def job_json(self, job_id: str) -> dict:
-        return gangs.describe(self, self._get(job_id))
+        job = self._get(job_id)
+        return self.sharding.describe(job, gangs.describe(self, job))
 
     def placement_json(self, job_id: str) -> dict:
         """Whether the job still waits for a provider, and why (`run` says so at once)."""

@@ -29,7 +29,7 @@ from synord.protocols.framing import FramedStream
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import Terms
 from synord.protocols.shell import SHELL_PROTOCOL
-from synord.protocols.tasks import TASK_PROTOCOL
+from synord.protocols.tasks import MAX_STDIN_BYTES, TASK_PROTOCOL
 from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, TransferError, receive_file
 from synord.runtimes.base import Runtime
 
@@ -271,6 +271,18 @@ class ProviderJobs(TaskServer):
             raise TaskRefused("terms_mismatch", "the exposed ports differ from the agreed ones")
         return terms
 
+    async def _stdin_of(self, body: dict) -> bytes | None:
+        """The task's stdin blob (a shard), already verified against its digest on arrival."""
+        sha = body.get("stdin_sha256")  # 64 hex digits: checked by synord.protocols.tasks
+        if sha is None:
+            return None
+        if not self.blobs.has(sha):
+            raise TaskRefused("no_input", "stdin blob not transferred (send it on /synord/transfer first)")
+        path = self.blobs.path(sha)
+        if path.stat().st_size > MAX_STDIN_BYTES:
+            raise TaskRefused("input_too_large", f"stdin blob over {MAX_STDIN_BYTES} bytes")
+        return await trio.to_thread.run_sync(path.read_bytes)
+
     async def _start(self, consumer: str, body: dict,
                      on_phase: Callable[[str], None] | None = None) -> ProviderTask:
         on_phase = on_phase or (lambda phase: None)
@@ -282,6 +294,7 @@ class ProviderJobs(TaskServer):
         sha = body["artifact_sha256"]
         if not self.blobs.has(sha):
             raise TaskRefused("no_artifact", "artefact not transferred (send it on /synord/transfer first)")
+        stdin = await self._stdin_of(body)
         if body["kind"] in ("container", "microvm"):  # the consumer's pre-check, again: same function
             from synord.runtimes.base import SpecError
             from synord.runtimes.oci import check_image
@@ -304,6 +317,7 @@ class ProviderJobs(TaskServer):
         workdir.mkdir(parents=True)
         spec = JobSpec.from_task_start(body).task_spec(self.blobs.path(sha), workdir / "sandbox", workdir.name)
         spec.workdir.mkdir()
+        spec.stdin = stdin
         if terms.devices:  # the GPUs the agreement names: CDI for a container, VFIO for a microVM
             if self.gpu is None or body["kind"] not in ("container", "microvm"):
                 raise TaskRefused("no_devices", "this provider cannot give devices to that sandbox")
@@ -335,7 +349,7 @@ class ProviderJobs(TaskServer):
         self.taskstore.insert(task.key, consumer, job_id, body, now)
         self.tasks[(consumer, job_id)] = task
         self.pending_terms.pop(terms.aid, None)  # one task per agreement (no await since the last check)
-        for blob in (sha, csha):  # from now on the running task pins them, and only while it runs
+        for blob in (sha, csha, body.get("stdin_sha256")):  # pinned by the running task, only while it runs
             self._received_for.pop(blob, None)
         if terms.devices:
             self.gpu.task_started(terms)  # held until the task ends, and metered
@@ -385,9 +399,25 @@ class ProviderJobs(TaskServer):
 
     async def preempt_all(self, reason: str, grace_s: float | None = None) -> int:
         """Notify every consumer with a running task; kill what is left after the grace period."""
+        return self._preempt([t for t in self.running() if t.preempt is None], reason, grace_s)
+
+    # A full provider's market hands back preemptible tasks for a higher priority
+    # (synord.market.negotiator.Provider.displacer, synord.protocols.admission).
+    def _running_under(self, aid: bytes) -> "ProviderTask | None":
+        return next((t for t in self.running() if t.terms.aid == aid and t.preempt is None), None)
+
+    def displaceable(self, aid: bytes) -> bool:
+        return self._running_under(aid) is not None
+
+    def displace(self, aid: bytes, reason: str) -> None:
+        task = self._running_under(aid)
+        if task is not None:
+            self._preempt([task], reason)
+
+    def _preempt(self, tasks: list["ProviderTask"], reason: str, grace_s: float | None = None) -> int:
+        """The preemption notice to each task's consumer (its Handover moves it); killed after the grace."""
         grace = self.preemption_grace_s if grace_s is None else grace_s
         deadline_ms = int((time.time() + grace) * 1000)
-        tasks = [t for t in self.running() if t.preempt is None]
         for t in tasks:
             t.preempt = {"grace_s": grace, "deadline_ms": deadline_ms, "reason": reason}
             t.execution.output.changed.set()  # wake the writer so the notice goes out now

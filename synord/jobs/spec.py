@@ -54,6 +54,11 @@ class JobSpec:
     service: dict | None = None
     # TCP ports the task exposes (`synord run --port`, sorted): in the agreement and task.start.
     ports: tuple[int, ...] = ()
+    # The task's stdin, a blob shipped like the artefact (a shard of a sharded job: synord.jobs.shards).
+    stdin_sha256: str | None = None
+    # Who runs first on a busy provider (synord.protocols.admission); both go into the agreement.
+    priority: str = "normal"
+    preemptible: bool = False
 
     # ---- what each party makes of it -------------------------------------------------------
 
@@ -74,7 +79,8 @@ class JobSpec:
                      max_price=self.max_price, duration_s=max(LEASE_SLACK_S, duration + LEASE_SLACK_S),
                      gpus=gpu.get("gpus", 0), gpu_class=gpu.get("gpu_class"),
                      resource_class="gpu" if gpu else "cpu", gpu_memory=gpu.get("gpu_memory"),
-                     cuda=gpu.get("cuda"), ports=self.ports)
+                     cuda=gpu.get("cuda"), ports=self.ports, priority=self.priority,
+                     preemptible=self.preemptible)
 
     def task_start(self, job_id: str, agreement_id: str, checkpoint_interval_s: float,
                    restore: dict | None, progress: bool = True) -> dict:
@@ -85,7 +91,8 @@ class JobSpec:
                 "checkpoint_interval_s": checkpoint_interval_s if self.checkpointable else 0,
                 "restore": restore, "progress": progress,
                 **({"service": self.service} if self.service else {}),
-                **({"ports": list(self.ports)} if self.ports else {})}
+                **({"ports": list(self.ports)} if self.ports else {}),
+                **({"stdin_sha256": self.stdin_sha256} if self.stdin_sha256 else {})}
 
     @classmethod
     def from_task_start(cls, body: dict) -> "JobSpec":
@@ -95,7 +102,8 @@ class JobSpec:
                    env=tuple(dict(body.get("env", {})).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")),
-                   service=body.get("service") or None, ports=tuple(body.get("ports") or ()))
+                   service=body.get("service") or None, ports=tuple(body.get("ports") or ()),
+                   stdin_sha256=body.get("stdin_sha256"))
 
     def task_spec(self, artifact: Path, workdir: Path, task_id: str):
         """The sandbox's `TaskSpec` for this job, its artefact at ``artifact``."""
@@ -114,7 +122,10 @@ class JobSpec:
                 "args": list(self.args), "env": dict(self.env), "limits": self.limits(),
                 "max_price": self.max_price, "checkpointable": self.checkpointable,
                 **({"gpu": self.gpu} if self.gpu else {}), **({"service": self.service} if self.service else {}),
-                **({"ports": list(self.ports)} if self.ports else {})}
+                **({"ports": list(self.ports)} if self.ports else {}),
+                **({"stdin_sha256": self.stdin_sha256} if self.stdin_sha256 else {}),
+                **({"priority": self.priority} if self.priority != "normal" else {}),
+                **({"preemptible": True} if self.preemptible else {})}
 
     @classmethod
     def from_stored(cls, d: dict) -> "JobSpec":
@@ -124,7 +135,9 @@ class JobSpec:
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(d.get("checkpointable")),
                    artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None,
-                   service=d.get("service") or None, ports=tuple(d.get("ports") or ()))
+                   service=d.get("service") or None, ports=tuple(d.get("ports") or ()),
+                   stdin_sha256=d.get("stdin_sha256"), priority=d.get("priority") or "normal",
+                   preemptible=bool(d.get("preemptible")))
 
     def __getitem__(self, key: str) -> Any:
         """The stored form's keys (``spec["limits"]["cpus"]``): for code not yet moved to the fields."""
@@ -140,6 +153,9 @@ class RunState:
     provider_addrs: list[str] | None = None  # where to find the provider again after our restart
     volumes: dict | None = None  # a service's volumes from its last hand-over: {name: {sha256, bytes, path}}
     gang: dict | None = None  # synord.jobs.gang: a gang's {size, members} or a member's {parent, rank, size}
+    # Sharded jobs (synord.jobs.shards): the parent's plan and its shards' job ids; a shard's place.
+    shards: dict | None = None  # parent: {n, split, gather, output_dir, attempts: [[child id, …] per shard]}
+    shard: dict | None = None  # child: {parent, index, attempt}
 
     def to_stored(self) -> dict:
         out: dict[str, Any] = {"checkpoint": self.checkpoint}  # always there (since migration 2)

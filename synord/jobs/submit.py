@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from synord.protocols.ports import check_ports
+from synord.protocols.admission import check_priority
 from synord.protocols.tasks import TaskSpecError, check_args_env, check_limits
 from synord.protocols.transfer import BlobStore
 from synord.runtimes import KINDS
@@ -87,6 +88,9 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
     ports = check_ports(req.get("ports"))  # ValueError says what is wrong
     if ports and kind == "wasm":
         raise ValueError("ports need a container or microvm task (a wasm task has no network)")
+    priority = check_priority(req.get("priority") or "normal")  # a PriorityError is a ValueError
+    if not isinstance(req.get("preemptible", False), bool):
+        raise ValueError("preemptible must be true or false")
     # One file on the wire: an image layout directory travels as its oci-archive.
     shipped = ship_form(kind, image, home.artifacts)
     sha = blobs.add_file(shipped)
@@ -98,7 +102,7 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
                    checkpointable=(bool(req.get("checkpointable")) or kind in ("wasm", "microvm"))
                    and not (gpu and kind == "microvm"),
                    artifact=str(path), max_price=max_price, gpu=gpu, service=_service(req, kind),
-                   ports=ports)
+                   ports=ports, priority=priority, preemptible=bool(req.get("preemptible")))
 
 
 def _service(req: dict, kind: str) -> dict | None:

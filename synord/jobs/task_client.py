@@ -139,6 +139,9 @@ class TaskClient:
     async def _launch(self, job: "ConsumerJob", terms: Terms) -> Session:
         peer = terms.provider
         await self._push(peer, self.blobs.path(job.spec["sha256"]), job.spec["sha256"], "artifact", job)
+        if job.jobspec.stdin_sha256:  # a shard: the task's stdin travels like the artefact
+            await self._push(peer, self.blobs.path(job.jobspec.stdin_sha256), job.jobspec.stdin_sha256,
+                             "input", job)
         mode = job.spec.get("restore_mode") if job.state == "migrating" else None
         ck = job.checkpoint
         intact = bool(ck and ck.get("path") and ck.get("at_provider") != peer

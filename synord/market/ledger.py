@@ -135,9 +135,17 @@ class Ledger:
         return (good + 1.0) / (good + bad + 2.0)
 
     def receipts(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._receipts("ORDER BY ended DESC LIMIT ?", (limit,))
+
+    def receipt(self, aid: bytes) -> dict[str, Any] | None:
+        """One agreement's receipt (as `receipts` shows it), or None while it has not arrived."""
+        found = self._receipts("WHERE aid = ?", (aid,))
+        return found[0] if found else None
+
+    def _receipts(self, tail: str, params: tuple) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT aid, provider, consumer, cpu_s, peak_memory, wall_s, price, units, amount, outcome, "
-            "started, ended, psig, csig, gpu FROM market_receipts ORDER BY ended DESC LIMIT ?", (limit,)).fetchall()
+            "started, ended, psig, csig, gpu FROM market_receipts " + tail, params).fetchall()
         keys = ("agreement_id", "provider", "consumer", "cpu_s", "peak_memory", "wall_s", "price", "units",
                 "amount", "outcome", "started", "ended", "provider_sig", "consumer_sig", "gpu")
         out = []

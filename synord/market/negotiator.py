@@ -9,7 +9,10 @@ ms), so tests drive everything with plain integers or a MockClock.
 Provider admission, in order: the ask is ours and live at the proposed seq,
 runtime, price, quantity within the ask, duration, the contributor-limit
 hook (``admission(consumer, proposal) -> reason | None``), then an atomic reservation
-in the ask's pool *and* the host pool.  Each refusal is a ``reject`` with a
+in the ask's pool *and* the host pool. A full provider asks
+`synord.protocols.admission.decide` whether a higher-priority proposal may take
+the room of running preemptible tasks (``displacer``: which agreements run a
+task, and the preemption notice that hands them back).  Each refusal is a ``reject`` with a
 reason code (`REASONS`) and a human detail.
 """
 
@@ -23,6 +26,7 @@ from typing import Callable, Iterable
 
 import trio
 
+from synord.protocols import admission as adm
 from synord.protocols.envelope import Envelope, EnvelopeValidator, Rejected, now_ms, seal
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import (
@@ -125,6 +129,11 @@ class Provider(_Party):
         self._res_ask: dict[str, str] = {}  # reservation key -> ask id
         self.negotiations: dict[tuple[str, bytes], Negotiation] = {}
         self.finished: list[Negotiation] = []
+        # Set by the node (synord.jobs.provider.ProviderJobs): displaceable(aid) -> bool,
+        # displace(aid, reason) sends the preemption notice. None: nothing is ever displaced.
+        self.displacer = None
+        self._displaced: set[str] = set()  # reservation keys given up for a higher priority
+        self._displacing: dict[str, list[Negotiation]] = {}  # newcomer key -> the agreements it displaces
 
     # --- our asks -------------------------------------------------------------
 
@@ -178,6 +187,8 @@ class Provider(_Party):
         if isinstance(ev, Countersign):
             self.pool.commit(self._key(m), m.terms.expires)
             self._ask_pools[m.terms.ask_id].commit(self._key(m), m.terms.expires)
+            for o in self._displacing.pop(self._key(m), []):  # the newcomer is bound: hand them back now
+                self._hand_back(o, m.terms.priority)
             if self.on_agreement:
                 self.on_agreement(m)
         self._reap(m)
@@ -204,6 +215,8 @@ class Provider(_Party):
                     raise
             except InsufficientCapacity as exc:
                 reason, detail = "capacity", str(exc)
+                if self._displace_for(m, p, need, now):
+                    reason, detail = None, ""
         ask = self.asks.get(p.ask_id)
         devices: tuple[str, ...] = ()
         if reason is None and p.gpus and self.devices is not None:
@@ -225,10 +238,78 @@ class Provider(_Party):
             gpu_class=ask.gpu_class if p.gpus else None, runtime=p.runtime, price=ask.price,
             units=_units(p), duration_s=p.duration_s,
             heartbeat_ms=self.timeouts.heartbeat_ms, created=now, expires=now + p.duration_s * 1000,
-            devices=devices, ports=p.ports)
+            devices=devices, ports=p.ports, priority=p.priority, preemptible=p.preemptible)
         agreement = Agreement(terms, terms.sign(self.identity))
         m.send(agreement, now)
         return [self._seal(consumer, agreement)]
+
+    def _displace_for(self, m: Negotiation, p: Propose, need: dict, now: int) -> bool:
+        """A full provider: make room for ``p`` by handing back running preemptible tasks
+        of a lower priority (synord.protocols.admission.decide), then reserve. GPUs are
+        never taken from a running task."""
+        if self.displacer is None or p.gpus or p.priority == adm.PRIORITIES[0]:
+            return False
+        ask = self.asks.get(p.ask_id)
+        if p.ask_price is not None and ask.price > p.ask_price:
+            return False  # it would be refused on price: hand nobody back for it
+        pool, ask_pool = self.pool, self._ask_pools[p.ask_id]
+        free_all, free_ask = pool.free(now), ask_pool.free(now)
+        free = {r: min(free_all[r], free_ask[r]) for r in adm.RESOURCES}
+        running = []
+        for o in self.negotiations.values():
+            t, key = o.terms, self._key(o)
+            if (o.state is State.ACTIVE and t is not None and t.ask_id == p.ask_id and not t.gpus
+                    and key not in self._displaced and self.displacer.displaceable(t.aid)):
+                running.append(adm.Running(o, t.priority, t.preemptible,
+                                           {"cpus": t.cores, "memory_bytes": t.memory, "gpus": 0}, t.created))
+        decision = adm.decide(free, need, p.priority, running)
+        if not isinstance(decision, adm.AdmitAfterPreempting):
+            return False
+        victims = [v.key for v in decision.victims]
+        for o in victims:  # their room is the newcomer's; they are handed back once it countersigns
+            self._displaced.add(self._key(o))
+            pool.release(self._key(o))
+            ask_pool.release(self._key(o))
+        key = self._key(m)
+        try:
+            ask_pool.reserve(key, need, now, self.timeouts.countersign_ms)
+            try:
+                pool.reserve(key, need, now, self.timeouts.countersign_ms)
+            except InsufficientCapacity:
+                ask_pool.release(key)
+                raise
+        except InsufficientCapacity:
+            self._restore(victims, now)
+            return False
+        self._displacing[key] = victims
+        return True
+
+    def _hand_back(self, o: Negotiation, priority: str) -> None:
+        self.displacer.displace(o.terms.aid, f"displaced by a {priority}-priority task")
+        log.info("preemptible task displaced", extra={"consumer": o.consumer[:16], "aid": o.terms.aid.hex(),
+                                                     "priority": o.terms.priority, "for": priority})
+
+    def _restore(self, victims: list[Negotiation], now: int) -> None:
+        """The newcomer did not bind (rejected, withdrawn, expired): its victims keep running
+        and get their room back; one whose room went meanwhile is handed back after all."""
+        for o in victims:
+            if o.state is not State.ACTIVE:
+                continue
+            key, t = self._key(o), o.terms
+            need = {"cpus": t.cores, "memory_bytes": t.memory, "gpus": 0}
+            try:
+                self._ask_pools[t.ask_id].reserve(key, need, now, 1)
+                try:
+                    self.pool.reserve(key, need, now, 1)
+                except InsufficientCapacity:
+                    self._ask_pools[t.ask_id].release(key)
+                    raise
+            except InsufficientCapacity:
+                self._hand_back(o, "higher")
+                continue
+            self._ask_pools[t.ask_id].commit(key, t.expires)
+            self.pool.commit(key, t.expires)
+            self._displaced.discard(key)
 
     def _refusal(self, consumer: str, p: Propose, now: int) -> tuple[str | None, str]:
         if p.ask_peer != self.peer_id:
@@ -382,11 +463,15 @@ class Provider(_Party):
 
     def _release(self, m: Negotiation) -> None:
         key = self._key(m)
+        self._displaced.discard(key)
+        victims = self._displacing.pop(key, None)
         self.pool.release(key)
         if self.devices is not None:
             self.devices.release(key)
         if m.proposal is not None and m.proposal.ask_id in self._ask_pools:
             self._ask_pools[m.proposal.ask_id].release(key)
+        if victims:  # released before it bound: they stay where they run
+            self._restore(victims, self.clock())
 
     def _reap(self, m: Negotiation) -> None:
         if m.done:
@@ -421,6 +506,8 @@ class Placement:
     hedge_at: int | None = None
     winner: Ask | None = None
     hold: bool = False  # a gang member's: agreed but countersigned only with the others (commit_held)
+    priority: str = adm.DEFAULT_PRIORITY  # proposed with every proposal (synord.protocols.admission)
+    preemptible: bool = False
 
     @property
     def current(self) -> Ask | None:
@@ -502,13 +589,15 @@ class Consumer(_Party):
                        for m in (pl.live[nid][0],))
 
     def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask], hold: bool = False,
-              ports: tuple[int, ...] = ()) -> list[Send]:
+              ports: tuple[int, ...] = (), priority: str = adm.DEFAULT_PRIORITY,
+              preemptible: bool = False) -> list[Send]:
         """Start placing ``bid``: propose to the first candidate (more follow by hedging).
         ``hold``: stop at the provider's signed agreement (its capacity held until its
         countersign timeout); `commit_held` countersigns, `release_held` withdraws.
-        ``ports``: the TCP ports the task exposes, proposed and then in the signed terms."""
+        ``ports``: the TCP ports the task exposes, proposed and then in the signed terms;
+        ``priority``/``preemptible``: proposed, then signed (synord.protocols.admission)."""
         asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)
-        pl = Placement(bid, asks, hold=hold, ports=ports)
+        pl = Placement(bid, asks, hold=hold, ports=ports, priority=priority, preemptible=preemptible)
         self.placements[bid.id] = pl
         return self._launch(pl, self.clock())
 
@@ -530,7 +619,7 @@ class Consumer(_Party):
             b = pl.bid
             p = Propose(os.urandom(16), ask.peer, ask.id, ask.seq, b.id, b.seq, b.resource_class, b.cores,
                         b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price,
-                        ports=pl.ports)
+                        ports=pl.ports, priority=pl.priority, preemptible=pl.preemptible)
             m = Negotiation(CONSUMER, p.nid, self.peer_id, ask.peer, self.timeouts)
             m.send(p, now)
             pl.live[p.nid] = (m, ask)

@@ -49,6 +49,8 @@ class Needs:
     gpu_memory: int | None = None  # bytes on each GPU
     cuda: str | None = None  # least CUDA compute capability
     ports: tuple[int, ...] = ()  # TCP ports the task exposes (synord forward): in the signed terms
+    priority: str = "normal"  # high | normal | batch (synord.protocols.admission), into the agreement
+    preemptible: bool = False  # may be handed back for a higher priority: into the agreement
 
 
 class Market(Protocol):
@@ -65,3 +67,4 @@ class Market(Protocol):
     def lease(self, terms: Terms) -> "Lease | None": ...
     def expect_receipt(self, terms: Terms, ended_ms: int | None = None) -> None: ...
     def forget_receipt(self, terms: Terms) -> None: ...  # a service period cut short (jobs.service_client)
+    def receipt(self, aid: bytes) -> dict | None: ...

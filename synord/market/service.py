@@ -25,6 +25,7 @@ from typing import Callable
 
 import trio
 
+from synord.protocols.admission import RANK
 from synord.protocols.envelope import EnvelopeValidator, now_ms, seal
 from synord.protocols.framing import FramedStream
 from synord.protocols.identity import b58decode
@@ -263,6 +264,10 @@ class MarketService:
             return
         self._nursery.start_soon(self._send_all, sends, "consumer")
 
+    def receipt(self, aid: bytes) -> dict | None:
+        """The countersigned usage receipt of one of our agreements, once it has arrived."""
+        return self.ledger.receipt(aid)
+
     def expect_receipt(self, terms: Terms, ended_ms: int | None = None) -> None:
         """After our restart: agreements whose receipt we have not countersigned yet
         (``ended_ms``: when we saw that task end, if we did)."""
@@ -317,7 +322,8 @@ class MarketService:
                    max_price=float(needs.max_price if needs.max_price is not None else self.max_price),
                    duration_s=int(needs.duration_s), deadline=now + 60_000, expires=now + 60_000,
                    gpus=needs.gpus, gpu_class=needs.gpu_class, peer=self.peer_id, ts=now,
-                   gpu_memory=needs.gpu_memory, cuda=needs.cuda)
+                   gpu_memory=needs.gpu_memory, cuda=needs.cuda,
+                   priority=RANK[needs.priority])  # batch 0, normal 1, high 2 (gossiped; the proposal names it)
 
     def _peer_info(self, peer: str, busy=None, now: int | None = None) -> PeerInfo:
         return PeerInfo(reputation=self.ledger.reputation(peer),
@@ -354,7 +360,8 @@ class MarketService:
         bid = self._bid(needs)
         done = self._waiting[bid.id] = trio.Event()
         try:
-            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates], ports=needs.ports),
+            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates], ports=needs.ports,
+                                                     priority=needs.priority, preemptible=needs.preemptible),
                                  "provider")
             # Bounded: each candidate answers or times out within propose_ms.
             wait = len(candidates) * (self.timeouts.propose_ms / 1000) + 1

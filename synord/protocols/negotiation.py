@@ -46,6 +46,7 @@ from typing import Any
 
 import msgpack
 
+from .admission import DEFAULT_PRIORITY, PriorityError, check_priority
 from .envelope import message_type
 from .identity import Identity, verify
 from .lease import NEGOTIATION, Lease
@@ -146,6 +147,24 @@ def _ports(b: dict) -> tuple[int, ...]:
         raise BodyError(str(exc)) from None
 
 
+def _priority(b: dict) -> tuple[str, bool]:
+    """(priority, preemptible): absent means normal and not preemptible (synord.protocols.admission)."""
+    try:
+        priority = check_priority(b.get("priority", DEFAULT_PRIORITY))
+    except PriorityError as exc:
+        raise BodyError(str(exc)) from None
+    preemptible = b.get("preemptible", False)
+    if not isinstance(preemptible, bool):
+        raise BodyError("preemptible has the wrong type")
+    return priority, preemptible
+
+
+def _priority_body(priority: str, preemptible: bool) -> dict:
+    """Only what differs from the default travels (and is signed): older bodies stay valid."""
+    return {**({"priority": priority} if priority != DEFAULT_PRIORITY else {}),
+            **({"preemptible": True} if preemptible else {})}
+
+
 def _nid(b: dict, key: str = "nid") -> bytes:
     return _get(b, key, (bytes,), lambda v: len(v) == NID_LEN)
 
@@ -182,6 +201,8 @@ class Propose:
     gpu_class: str | None = None
     ask_price: float | None = None  # the price of the ask the consumer matched (optional)
     ports: tuple[int, ...] = ()  # TCP ports the task exposes (synord.protocols.ports); absent when none
+    priority: str = DEFAULT_PRIORITY  # who runs first on a busy provider (synord.protocols.admission)
+    preemptible: bool = False  # may be handed back to make room for a higher priority
 
     type = "propose"
 
@@ -192,7 +213,8 @@ class Propose:
                 "max_price": float(self.max_price), "duration_s": self.duration_s, "gpus": self.gpus,
                 "gpu_class": self.gpu_class,
                 **({} if self.ask_price is None else {"ask_price": float(self.ask_price)}),
-                **({"ports": list(self.ports)} if self.ports else {})}
+                **({"ports": list(self.ports)} if self.ports else {}),
+                **_priority_body(self.priority, self.preemptible)}
 
     @classmethod
     def from_body(cls, body: Any) -> "Propose":
@@ -200,11 +222,13 @@ class Propose:
         runtime = _str(b, "runtime")
         if runtime not in RUNTIMES:
             raise BodyError(f"unknown runtime {runtime!r}")
+        priority, preemptible = _priority(b)
         return cls(_nid(b), _str(b, "ask_peer"), _str(b, "ask_id"), _u(b, "ask_seq"), _str(b, "bid_id"),
                    _u(b, "bid_seq"), _str(b, "class", 32), _f(b, "cores", MAX_CORES), _u(b, "memory", MAX_MEMORY),
                    runtime, _f(b, "max_price", MAX_PRICE), _u(b, "duration_s", MAX_DURATION_S),
                    _u(b, "gpus", MAX_GPUS), _str(b, "gpu_class", 32, optional=True),
-                   None if b.get("ask_price") is None else _f(b, "ask_price", MAX_PRICE), _ports(b))
+                   None if b.get("ask_price") is None else _f(b, "ask_price", MAX_PRICE), _ports(b),
+                   priority, preemptible)
 
 
 @dataclass(frozen=True)
@@ -261,6 +285,9 @@ class Terms:
     devices: tuple[str, ...] = ()
     # The TCP ports the consumer may forward to (synord forward); absent when none.
     ports: tuple[int, ...] = ()
+    # Who runs first on a busy provider (synord.protocols.admission); signed only when not the default.
+    priority: str = DEFAULT_PRIORITY
+    preemptible: bool = False
 
     def to_body(self) -> dict:
         res = {"class": self.resource_class, "cores": float(self.cores), "memory": self.memory,
@@ -273,7 +300,8 @@ class Terms:
                 "runtime": self.runtime, "price": float(self.price), "units": float(self.units),
                 "duration_s": self.duration_s, "heartbeat_ms": self.heartbeat_ms,
                 "created": self.created, "expires": self.expires,
-                **({"ports": list(self.ports)} if self.ports else {})}
+                **({"ports": list(self.ports)} if self.ports else {}),
+                **_priority_body(self.priority, self.preemptible)}
 
     @classmethod
     def from_body(cls, body: Any) -> "Terms":
@@ -285,7 +313,7 @@ class Terms:
                    _str(res, "gpu_class", 32, optional=True), _str(b, "runtime"), _f(b, "price", MAX_PRICE),
                    _f(b, "units", MAX_CORES + MAX_GPUS), _u(b, "duration_s", MAX_DURATION_S),
                    _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"), _devices(res),
-                   _ports(b))
+                   _ports(b), *_priority(b))
 
     def signing_input(self) -> bytes:
         # Kept on the (frozen) object: the same terms are signed and verified in turn.
@@ -531,6 +559,8 @@ class Negotiation:
                 ("duration", t.duration_s >= p.duration_s),
                 ("heartbeat", t.heartbeat_ms > 0),
                 ("ports", t.ports == p.ports),
+                # Signed as asked: a provider may not make a task preemptible, nor demote it.
+                ("priority", (t.priority, t.preemptible) == (p.priority, p.preemptible)),
             ) if not ok]
             if mismatch:
                 fail("terms differ from the proposal: " + ", ".join(mismatch))

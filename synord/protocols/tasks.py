@@ -8,7 +8,9 @@ Opening message (consumer → provider), a signed envelope in a frame
                 limits: {cpus, memory_bytes, timeout_s, pids},
                 checkpointable, checkpoint_interval_s,
                 restore: null | {sha256, offsets: {stdout, stderr}},
-                progress: bool}        opt-in: the consumer reads progress frames
+                progress: bool,        opt-in: the consumer reads progress frames
+                [stdin_sha256]}        optional: a blob (sent on /synord/transfer first,
+                                       at most MAX_STDIN_BYTES) the task reads as its stdin
   task.attach  {job_id, offsets: {stdout, stderr}}
 
 Then plain frames on the authenticated stream (the Noise session binds them
@@ -53,6 +55,7 @@ AID_RE = re.compile(r"^[0-9a-f]{32}$")  # an agreement id (16 bytes), lowercase 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_ARGS = 256
 MAX_ARG_LEN = 4096
+MAX_STDIN_BYTES = 64 << 20  # a task's stdin blob (a shard): the provider holds it in memory
 
 
 class TaskSpecError(ValueError):
@@ -121,6 +124,9 @@ def check_start(body: Any) -> None:
             wire_ports(body["ports"])
         except ValueError as exc:
             raise TaskSpecError(str(exc)) from None
+    stdin = body.get("stdin_sha256")
+    if stdin is not None and (not isinstance(stdin, str) or not _SHA_RE.fullmatch(stdin)):
+        raise TaskSpecError("stdin_sha256 must be 64 hex digits")
     restore = body.get("restore")
     if restore is not None:
         if not isinstance(restore, dict) or not isinstance(restore.get("sha256"), str) \
