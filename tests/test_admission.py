@@ -110,7 +110,8 @@ class Tasks:
 
 def _agree(prov, tasks, consumer, priority, preemptible, bid_id):
     parties = {P_ID.peer_id: prov, consumer.peer_id: consumer}
-    log = deliver(consumer.place(mk_bid(bid_id, cores=4.0), [prov.asks["a1"]], priority, preemptible), parties)
+    log = deliver(consumer.place(mk_bid(bid_id, cores=4.0), [prov.asks["a1"]],
+                                    priority=priority, preemptible=preemptible), parties)
     pl = consumer.placements[bid_id]
     if pl.state == "active":
         tasks.running.add(pl.negotiation.terms.aid)
