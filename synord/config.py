@@ -104,6 +104,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "max_buffered_per_peer": (16 * 1024 * 1024, "int", "bytes of unfinished frames held per peer"),
         "max_buffered_total": (128 * 1024 * 1024, "int", "bytes of unfinished frames held in total"),
     },
+    "dht": {
+        "mode": ("auto", "str", "Kademlia DHT: auto (server when reachable, client behind NAT), "
+                                "server, client or off"),
+    },
 }
 
 _LEVELS = {"debug", "info", "warning", "error"}
@@ -237,6 +241,8 @@ def validate(cfg: Config) -> None:
     for key, value in cfg.values["streams"].items():
         if not 0 < value < float("inf"):  # also refuses nan
             fail(f"streams.{key}", "must be a positive finite number")
+    if cfg["dht.mode"] not in ("auto", "server", "client", "off"):
+        fail("dht.mode", f"must be auto, server, client or off, not {cfg['dht.mode']!r}")
 
 
 def contributor_limits(section: dict, overrides: dict | None = None) -> ContributorLimits:

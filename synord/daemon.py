@@ -257,7 +257,7 @@ class Node:
             self.identity, c["node.listen"], c["node.bootstrap"], mdns=c["node.mdns"],
             profile_provider=lambda: self.profile.to_json() if self.profile is not None else None,
             announce_interval_s=c["node.announce_interval_s"],
-            streams=StreamLimits(**c.values["streams"]))
+            streams=StreamLimits(**c.values["streams"]), dht=c["dht.mode"])
         await nursery.start(self.mesh.run)
 
         self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()
@@ -440,6 +440,7 @@ class Node:
             "metrics": self.metrics_url,
             "home": str(self.home.path),
             "storage": self.storage_json(),
+            "dht": self.mesh.mesh.dht_json() if self.mesh else {"mode": "off"},
         }
 
     async def probe_json(self, bench: bool = False) -> dict:
