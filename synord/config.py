@@ -23,6 +23,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "listen": (["/ip4/0.0.0.0/tcp/4001"], "list[str]", "libp2p listen multiaddrs"),
         "bootstrap": ([], "list[str]", "bootstrap peers, full multiaddrs with /p2p/<id>"),
         "mdns": (True, "bool", "discover peers on the LAN with mDNS"),
+        "peer_exchange": (True, "bool", "ask connected peers whom they know (the DHT finds peers without it)"),
         "announce_interval_s": (30.0, "float", "re-announce capabilities this often"),
         "region": ("", "str", "free-form region label used by consumers' constraints"),
     },

@@ -192,3 +192,32 @@ async def test_a_peer_of_ipfs_dht_never_joins_and_refuses_ours():
         with pytest.raises(Exception):
             await ipfs.host.new_stream(ID.from_base58(ours.peer_id), [kad.IPFS_PROTOCOL])
         nursery.cancel_scope.cancel()
+
+
+# -- real daemons ------------------------------------------------------------------------
+
+PX_OFF = "[node]\npeer_exchange = false\n"
+
+
+def test_a_consumer_places_on_a_provider_it_knows_only_by_id(cluster):
+    """provider - middle - consumer, no peer exchange: the provider's asks reach the
+    consumer by gossip through the middle, the consumer has no address for it, and
+    finds one in the DHT to negotiate, run the task and get its receipt."""
+    from daemons import wait_for
+    from jobs_helpers import CONSUMER_ONLY, PROBE_WASM, ensure_assets, providers_in_book, submit, wait_job
+    ensure_assets()
+    prov = cluster.start("provider", config=PX_OFF)
+    mid = cluster.start("middle", bootstrap=prov.p2p_addrs(), config=PX_OFF + CONSUMER_ONLY)
+    cons = cluster.start("consumer", bootstrap=mid.p2p_addrs(), config=PX_OFF + CONSUMER_ONLY)
+    pid = prov.status()["peer_id"]
+    wait_for(lambda: pid in providers_in_book(cons), 40, what="the provider's ask at the consumer")
+    assert not any(p["peer_id"] == pid and p["connected"] for p in cons.get("/v1/peers"))
+    assert cons.status()["dht"]["lookups"]["find_peer"] == 0
+
+    job_id = submit(cons, str(PROBE_WASM), "--", "hello")
+    assert wait_job(cons, job_id)["state"] == "succeeded"
+    assert cons.status()["dht"]["lookups"]["find_peer"] >= 1
+    assert any(p["peer_id"] == pid and p["connected"] for p in cons.get("/v1/peers"))
+    wait_for(lambda: cons.get("/v1/ledger")["receipts"], 30, what="the receipt at the consumer")
+    assert {d.status()["dht"]["mode"] for d in (prov, mid, cons)} == {"server"}
+    assert prov.status()["dht"]["providing"] == 1  # its class, "cpu"
