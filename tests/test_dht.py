@@ -221,3 +221,37 @@ def test_a_consumer_places_on_a_provider_it_knows_only_by_id(cluster):
     wait_for(lambda: cons.get("/v1/ledger")["receipts"], 30, what="the receipt at the consumer")
     assert {d.status()["dht"]["mode"] for d in (prov, mid, cons)} == {"server"}
     assert prov.status()["dht"]["providing"] == 1  # its class, "cpu"
+
+
+async def test_a_consumer_finds_the_providers_of_a_class_in_the_dht(cluster, tmp_path):
+    """The consumer and the provider daemon share only a DHT-only anchor (no market, no
+    order topic): the consumer's bid finds no ask, so it looks the class up in the DHT,
+    dials the provider, and hears its ask."""
+    from daemons import wait_for
+    from jobs_helpers import ensure_assets
+    from synord.market.port import Needs
+    from synord.market.pricing import PricingPolicy
+    from synord.market.service import MarketService
+    from synord.protocols.p2p import create_mesh
+    from synord.store import Store
+    ensure_assets()
+    async with trio.open_nursery() as nursery:
+        anchor = await _start(nursery, create_mesh(Identity.generate(), cfg()))
+        boot = anchor.listen_addrs()
+        prov = await trio.to_thread.run_sync(lambda: cluster.start("provider", bootstrap=boot, config=PX_OFF))
+        pid = (await trio.to_thread.run_sync(prov.status))["peer_id"]
+        await until(lambda: anchor.dht.provider_store.get_providers(kad.class_key("cpu")), 40,
+                    what="the provider's class record at the anchor")
+
+        mesh = await _start(nursery, create_mesh(Identity.generate(), cfg(bootstrap=boot)))
+        svc = MarketService(mesh.identity, Store(tmp_path / "state.db"), mesh, offer=dict,
+                            contributing=lambda: False, policy=PricingPolicy(), classes=lambda: ["cpu"])
+        await nursery.start(svc.run)
+        needs = Needs(runtime="wasm", cores=0.5, memory=64 << 20, max_price=None, duration_s=600)
+        await until(lambda: anchor.peer_id in mesh.connected_peers(), what="consumer at the anchor")
+        assert svc.candidates(needs) == [] and pid not in mesh.connected_peers()
+        await svc.announce_bid(needs, "bid-1")
+        await until(lambda: [c for c in svc.candidates(needs) if c.ask.peer == pid], 30,
+                    what="the provider's ask at the consumer")
+        assert mesh.dht.lookups["find_providers"] == 1
+        nursery.cancel_scope.cancel()
