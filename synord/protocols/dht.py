@@ -55,10 +55,6 @@ def _refuse(reasons) -> None:
         REFUSALS.count("dht", why)
 
 
-def _strip_p2p(addr: str) -> str:
-    return addr.split("/p2p/", 1)[0] if "/p2p/" in addr and "/p2p-circuit" not in addr else addr
-
-
 class _CheckedPeerstore:
     """The peerstore as the DHT sees it: addresses learnt from DHT answers are
     checked before they are kept (and so before anything dials them)."""
@@ -88,7 +84,9 @@ class _DHTHost:
         self._peerstore = _CheckedPeerstore(host.get_peerstore())
 
     def get_addrs(self) -> list[multiaddr.Multiaddr]:
-        kept, _ = sanitize_addrs(_strip_p2p(a) for a in self._advertised())
+        # the same texts as the host's own where those are fine: the signed peer record
+        # is cached by its address set, and two differing sets would re-sign it each time
+        kept, _ = sanitize_addrs(self._advertised())
         return [multiaddr.Multiaddr(a) for a in kept]
 
     def get_peerstore(self):
@@ -136,6 +134,7 @@ class SynordDHT(KadDHT):
         self._provided: dict[bytes, float] = {}  # key -> when it is provided next
         self._retry: dict[bytes, float] = {}
         self._wake = trio.Event()
+        self._joined = False
         self.lookups = {"find_peer": 0, "find_providers": 0, "provide": 0}
 
     @property
@@ -192,14 +191,21 @@ class SynordDHT(KadDHT):
     async def peer_connected(self, peer_id: str) -> None:
         """A new connection: once identify says it serves the synord DHT, it joins our
         routing table (the library checks the protocol; peers of IPFS's DHT never do)."""
-        pid = ID.from_base58(peer_id)
+        pid, added = ID.from_base58(peer_id), False
         with trio.move_on_after(IDENTIFY_WAIT_S):
             while not self._protocols(pid):
                 await trio.sleep(0.1)
             try:
-                await self.add_peer(pid)
+                added = await self.add_peer(pid)
             except Exception as exc:  # a peer gone meanwhile
                 log.debug("dht add_peer %s: %s", peer_id[:16], exc)
+                return
+        if added and not self._joined:
+            # Kademlia's join: look ourselves up, so that the peers closest to us learn
+            # of us and we of them (the library refreshes only every 10 minutes)
+            self._joined = True
+            with trio.move_on_after(LOOKUP_S):
+                await self.peer_routing.find_closest_peers_network(self.local_peer_id.to_bytes())
 
     async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
         """The library takes "it opened a DHT stream to us" for proof of server mode,
