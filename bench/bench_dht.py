@@ -49,12 +49,17 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def _say(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
 def _summary(ms: list[float], ok: int, n: int) -> dict:
     return {"samples": n, "ok": ok, "p50_ms": _pct(ms, 0.5), "p99_ms": _pct(ms, 0.99),
             "mean_ms": statistics.fmean(ms) if ms else None}
 
 
-async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: int) -> dict:
+async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: int,
+                   px: bool = False, dht: str = "server") -> dict:
     from libp2p.peer.id import ID
     from synord.protocols import kad
     from synord.protocols.identity import Identity
@@ -71,14 +76,28 @@ async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: 
         for i in range(n):
             boot = [meshes[j].listen_addrs()[0] for j in rng.sample(range(i), min(2, i))]
             m = create_mesh(Identity.generate(), MeshConfig(
-                listen=["/ip4/127.0.0.1/tcp/0"], mdns=False, peer_exchange=False, bootstrap=boot,
-                dht="server"))
+                listen=["/ip4/127.0.0.1/tcp/0"], mdns=False, peer_exchange=px, bootstrap=boot,
+                dht=dht))
             m.set_request_handler(ECHO, echo, max_request=1024)
             await nursery.start(m.run)
             meshes.append(m)
-        await trio.sleep(settle_s)  # bootstrap links, identify, each node's join lookup
+        # bootstrap links, identify, each node's join lookup, and the dials they set off:
+        # settled when the number of connections holds still for settle_s (at most 180 s)
+        _say(f"{n} nodes started; settling")
+        last, still_since, t_start = -1, trio.current_time(), trio.current_time()
+        while trio.current_time() - still_since < settle_s and trio.current_time() - t_start < 180:
+            total = sum(len(m.connected_peers()) for m in meshes)
+            if total != last:
+                last, still_since = total, trio.current_time()
+            await trio.sleep(0.5)
+        settled_s = trio.current_time() - t_start
         conns = [len(m.connected_peers()) for m in meshes]
-        table = [m.dht.routing_table.size() for m in meshes]
+        table = [m.dht.routing_table.size() if m.dht else 0 for m in meshes]
+        if dht == "off":  # only the discovery comparison: no lookups to measure
+            nursery.cancel_scope.cancel()
+            return {"nodes": n, "px": px, "dht": dht, "settled_s": trio.current_time() - t_start,
+                    "connections_per_node": {"min": min(conns), "mean": statistics.fmean(conns),
+                                             "max": max(conns)}}
 
         def unconnected_pair() -> tuple:
             for _ in range(1000):
@@ -95,6 +114,7 @@ async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: 
                     await a.host.disconnect(pid)
             a.host.get_peerstore().clear_addrs(pid)
 
+        _say(f"connections per node: mean {statistics.fmean(conns):.1f}; find_peer")
         # -- find_peer ---------------------------------------------------------------
         fp_ms, fp_ok = [], 0
         for _ in range(samples):
@@ -106,6 +126,7 @@ async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: 
             fp_ms.append((time.perf_counter() - t0) * 1000)
             fp_ok += any(x.startswith(want + "/") or x == want for x in found)
 
+        _say("find_providers")
         # -- find_providers ------------------------------------------------------------
         provs = rng.sample(meshes, providers)
         keys = {p.peer_id: kad.class_key(f"bench-{i}") for i, p in enumerate(provs)}
@@ -126,6 +147,7 @@ async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: 
             pr_ms.append((time.perf_counter() - t0) * 1000)
             pr_ok += any(p == prov.peer_id for p, _ in found)
 
+        _say("baseline")
         # -- baseline: dial + one round trip ------------------------------------------------
         bl_ms, bl_ok = [], 0
         for _ in range(samples):
@@ -140,7 +162,8 @@ async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: 
             bl_ms.append((time.perf_counter() - t0) * 1000)
         nursery.cancel_scope.cancel()
 
-    return {"nodes": n, "kind": "Libp2pMesh instances in one process (not full daemons)",
+    return {"nodes": n, "px": px, "dht": dht, "kind": "Libp2pMesh instances in one process (not full daemons)",
+            "settled_s": settled_s,
             "connections_per_node": {"min": min(conns), "mean": statistics.fmean(conns), "max": max(conns)},
             "routing_table": {"min": min(table), "mean": statistics.fmean(table)},
             "find_peer": _summary(fp_ms, fp_ok, samples),
@@ -148,9 +171,9 @@ async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: 
             "baseline_dial_rtt": _summary(bl_ms, bl_ok, samples)}
 
 
-def measure(nodes: int = 30, samples: int = 40, providers: int = 3, settle_s: float = 8.0,
-            seed: int = 1) -> dict:
-    return trio.run(_measure, nodes, samples, providers, settle_s, seed)
+def measure(nodes: int = 30, samples: int = 40, providers: int = 3, settle_s: float = 5.0,
+            seed: int = 1, px: bool = False, dht: str = "server") -> dict:
+    return trio.run(_measure, nodes, samples, providers, settle_s, seed, px, dht)
 
 
 def _fmt(v) -> str:
@@ -162,20 +185,30 @@ def main() -> None:
     ap.add_argument("-n", "--nodes", type=int, default=30)
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--providers", type=int, default=3)
-    ap.add_argument("--settle", type=float, default=8.0)
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="settled once the connection count holds still this long")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--px", action="store_true", help="peer exchange on too (off by default)")
+    ap.add_argument("--no-dht", action="store_true",
+                    help="DHT off (with --px: today's discovery; prints connections only)")
     ap.add_argument("--smoke", action="store_true", help="a few nodes and samples (CI)")
     args = ap.parse_args()
     if args.smoke:
-        args.nodes, args.samples, args.providers, args.settle = 6, 3, 1, 2.0
+        args.nodes, args.samples, args.providers, args.settle = 6, 3, 1, 1.0
     logging.disable(logging.ERROR)  # the library logs every dropped connection at ERROR
-    res = measure(args.nodes, args.samples, args.providers, args.settle, args.seed)
+    res = measure(args.nodes, args.samples, args.providers, args.settle, args.seed, args.px,
+                  "off" if args.no_dht else "server")
     if args.json:
         print(json.dumps(res, indent=2))
         return
-    c, t = res["connections_per_node"], res["routing_table"]
-    print(f"DHT: {res['nodes']} nodes ({res['kind']}); connections per node "
+    c = res["connections_per_node"]
+    if args.no_dht:
+        print(f"discovery without DHT ({res['nodes']} nodes, peer exchange {'on' if args.px else 'off'}): "
+              f"settled in {res['settled_s']:.0f} s; connections per node {c['min']}/{c['mean']:.1f}/{c['max']}")
+        return
+    t = res["routing_table"]
+    print(f"DHT: {res['nodes']} nodes ({res['kind']}, peer exchange {'on' if args.px else 'off'}), settled in {res['settled_s']:.0f} s; connections per node "
           f"{c['min']}/{c['mean']:.1f}/{c['max']} (min/mean/max), routing table min {t['min']} mean {t['mean']:.1f}")
     print(f"{'operation':<22}{'ok':>8}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
     for name in ("find_peer", "find_providers", "baseline_dial_rtt"):

@@ -355,7 +355,7 @@ class MarketService:
         await self._publish(needs.resource_class, env.encode())
         cls, now = needs.resource_class, trio.current_time()
         if (not self.candidates(needs) and self._nursery is not None
-                and now - self._dht_asked.get(cls, -DHT_FIND_EVERY_S) >= DHT_FIND_EVERY_S):
+                and (cls not in self._dht_asked or now - self._dht_asked[cls] >= DHT_FIND_EVERY_S)):
             self._dht_asked[cls] = now  # not subscribed until now, or no one heard: ask the DHT
             self._nursery.start_soon(self._find_class_providers, cls)
 

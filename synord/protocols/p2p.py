@@ -66,6 +66,7 @@ log = logging.getLogger("synord.mesh")
 
 PEERSTORE_TTL_S = 3600
 PING_IDLE_S = 10.0  # an inbound ping stream silent this long is closed (as the library does)
+MOVED_LOOKUP_S = 8.0  # a stream to a peer not at its known addresses: DHT lookup + dial, at most
 PX_MAX_STRETCH = 16  # a settled node's periodic peer exchange: every px_interval_s x this at most
 
 _listen_errors: dict[int, str] = {}  # port -> why binding it failed last
@@ -490,7 +491,11 @@ class Libp2pMesh(Mesh):
         except Exception as exc:
             # not connected and its known addresses failed: it may have moved (e.g. a
             # consumer restarted elsewhere before its receipt came): ask the DHT, once
-            if self.dht is None or peer_id in self.connected_peers() or not await self.reach_moved(peer_id):
+            moved = False
+            if self.dht is not None and peer_id not in self.connected_peers():
+                with trio.move_on_after(MOVED_LOOKUP_S):
+                    moved = await self.reach_moved(peer_id)
+            if not moved:
                 raise MeshError(f"open {protocol} to {peer_id[:16]}: {type(exc).__name__}: {exc}") from None
             try:
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
