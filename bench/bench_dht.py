@@ -5,7 +5,9 @@ py-libp2p hosts, Noise, yamux, GossipSub, the synord DHT in server mode) in ONE
 process on loopback, not N full daemons (30 daemons do not fit in 2 cores beside
 anything else).  All share one trio loop, so a lookup's latency includes the other
 nodes' work.  Peer exchange is off: node i is bootstrapped to two random earlier
-nodes, so a lookup has to walk the DHT rather than ask a neighbour.
+nodes, so a lookup has to walk the DHT rather than ask a neighbour.  Health pings
+are off (hourly): with 30 nodes on one CPU-starved loop, 5 s ping deadlines were
+missed, connections dropped and redialled, and the mesh never settled.
 
 Per sample:
 * find_peer: a random node looks up a random node it is not connected to, its
@@ -77,7 +79,7 @@ async def _measure(n: int, samples: int, providers: int, settle_s: float, seed: 
             boot = [meshes[j].listen_addrs()[0] for j in rng.sample(range(i), min(2, i))]
             m = create_mesh(Identity.generate(), MeshConfig(
                 listen=["/ip4/127.0.0.1/tcp/0"], mdns=False, peer_exchange=px, bootstrap=boot,
-                dht=dht))
+                dht=dht, health_interval_s=3600.0))  # see the module doc
             m.set_request_handler(ECHO, echo, max_request=1024)
             await nursery.start(m.run)
             meshes.append(m)

@@ -375,8 +375,13 @@ class Node:
         for kind, av in sorted((self.profile.runtimes if self.profile else {}).items()):
             checks.append({"name": f"runtime.{kind}", "ok": bool(av.get("available")),
                            "reason": av.get("reason")})
-        return {"ok": all(c["ok"] for c in checks if not c["name"].startswith("runtime.")),
-                "checks": checks}
+        network = self.mesh.mesh.reachability_json() if self.mesh else {}
+        if self.mesh:
+            from synord.netdoctor import network_checks
+            checks += network_checks(network)  # they explain; they do not fail the doctor
+        return {"ok": all(c["ok"] for c in checks
+                          if not c["name"].startswith(("runtime.", "network."))),
+                "checks": checks, "network": network}
 
     # ---- capability profile ------------------------------------------------------
 
@@ -442,6 +447,8 @@ class Node:
             "home": str(self.home.path),
             "storage": self.storage_json(),
             "dht": self.mesh.mesh.dht_json() if self.mesh else {"mode": "off"},
+            "reachability": self.mesh.mesh.reachability_json() if self.mesh else {
+                "status": "unknown", "observed_addrs": [], "relays": []},
         }
 
     async def probe_json(self, bench: bool = False) -> dict:

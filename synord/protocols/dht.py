@@ -20,9 +20,11 @@ can never join IPFS's DHT nor answer it.  What else is ours:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import random
+from collections import OrderedDict
 
 import multiaddr
 import trio
@@ -36,6 +38,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 
+from . import addrs as addr_policy
 from .kad import (INBOUND_STREAM_S, LOOKUP_S, MAX_PROVIDER_KEYS, PROTOCOL, RECORD_TTL_S, REPROVIDE_S,
                   sanitize_addrs)
 from .refusals import REFUSALS
@@ -46,6 +49,10 @@ for _module in (_common, _kad_dht, _peer_routing, _provider_store, _value_store)
     _module.PROTOCOL_ID = TProtocol(PROTOCOL)
 _provider_store.PROVIDER_RECORD_EXPIRATION_INTERVAL = RECORD_TTL_S
 
+SEEN_MAX = 10_000  # peers whose last connection address we remember
+# Where the peer whose DHT request we are answering connects from (None: unknown, e.g.
+# relayed); unset (False) while we run our own lookups.  Set per inbound stream task.
+_ASKER: contextvars.ContextVar = contextvars.ContextVar("synord_dht_asker", default=False)
 IDENTIFY_WAIT_S = 5.0  # how long a new connection may take to tell us its protocols
 REPROVIDE_RETRY_S = 5.0  # a provide that reached no one is retried, doubling up to REPROVIDE_S
 
@@ -71,6 +78,11 @@ class _CheckedPeerstore:
     def add_addr(self, peer_id, addr, ttl: int = 0) -> None:
         self.add_addrs(peer_id, [addr], ttl)
 
+    def get_peer_record(self, peer_id):
+        """None while answering a peer: a third party's signed record lists every address
+        it has, private ones included, which the asker may not be told."""
+        return None if _ASKER.get() is not False else self._ps.get_peer_record(peer_id)
+
     def __getattr__(self, name):
         return getattr(self._ps, name)
 
@@ -84,9 +96,10 @@ class _DHTHost:
         self._peerstore = _CheckedPeerstore(host.get_peerstore())
 
     def get_addrs(self) -> list[multiaddr.Multiaddr]:
-        # the same texts as the host's own where those are fine: the signed peer record
-        # is cached by its address set, and two differing sets would re-sign it each time
-        kept, _ = sanitize_addrs(self._advertised())
+        # what every peer may read (provider and signed peer records travel on): public and
+        # relay addresses; a loopback test mesh's loopback ones.  The same texts as the
+        # host's own: the signed peer record is cached by its address set
+        kept, _ = sanitize_addrs(addr_policy.broadcastable(self._advertised()))
         return [multiaddr.Multiaddr(a) for a in kept]
 
     def get_peerstore(self):
@@ -97,7 +110,25 @@ class _DHTHost:
 
 
 class _BoundedProviderStore(ProviderStore):
-    """Provider records others give us: checked addresses, bounded key count."""
+    """Provider records others give us: checked addresses, bounded key count; in answers,
+    only the addresses the asker may be told (synord.protocols.addrs)."""
+
+    def __init__(self, *args, seen=None, **kw):
+        super().__init__(*args, **kw)
+        self._seen = seen or (lambda peer: None)
+
+    def get_providers(self, key: bytes) -> list[PeerInfo]:
+        found = super().get_providers(key)
+        asker = _ASKER.get()
+        if asker is False:  # our own lookup: we dial what we find (dials are guarded)
+            return found
+        out = []
+        for info in found:
+            told = addr_policy.tell_about([str(a) for a in info.addrs], asker,
+                                          self._seen(info.peer_id.to_base58()))
+            if told:
+                out.append(PeerInfo(info.peer_id, [multiaddr.Multiaddr(a) for a in told]))
+        return out
 
     def add_provider(self, key: bytes, provider: PeerInfo) -> None:
         if not provider or not provider.peer_id:
@@ -122,13 +153,16 @@ class SynordDHT(KadDHT):
     ``mode`` is "server" or "client"; ``advertised()`` lists our dialable addresses;
     ``budget`` (a `StreamBudget`) bounds inbound streams per peer and in total."""
 
-    def __init__(self, host, mode: str, advertised, budget=None):
+    def __init__(self, host, mode: str, advertised, budget=None, seen_at=None):
         view = _DHTHost(host, advertised)
         super().__init__(view, DHTMode.SERVER if mode == "server" else DHTMode.CLIENT,
                          enable_random_walk=False,
                          validator=NamespacedValidator({}, strict_validation=True),
                          validator_changed=True, strict_validation=True)
-        self.provider_store = _BoundedProviderStore(host=view, peer_routing=self.peer_routing)
+        self._seen_at = seen_at or (lambda peer: None)
+        self._last_seen: OrderedDict[str, str] = OrderedDict()  # peer -> IP of its last connection
+        self.provider_store = _BoundedProviderStore(host=view, peer_routing=self.peer_routing,
+                                                    seen=self.seen)
         self._real_host = host
         self._budget = budget
         self._provided: dict[bytes, float] = {}  # key -> when it is provided next
@@ -136,6 +170,17 @@ class SynordDHT(KadDHT):
         self._wake = trio.Event()
         self._joined = False
         self.lookups = {"find_peer": 0, "find_providers": 0, "provide": 0}
+
+    def seen(self, peer_id: str) -> str | None:
+        """Where ``peer_id`` connects (or last connected) from: what it may be told about."""
+        ip = self._seen_at(peer_id)
+        if ip is not None:
+            self._last_seen[peer_id] = ip
+            self._last_seen.move_to_end(peer_id)
+            while len(self._last_seen) > SEEN_MAX:
+                self._last_seen.popitem(last=False)
+            return ip
+        return self._last_seen.get(peer_id)
 
     @property
     def mode_name(self) -> str:
@@ -158,6 +203,7 @@ class SynordDHT(KadDHT):
             REFUSALS.count("dht", "busy")  # the library resets it
         if self._budget is not None and self._budget.open_stream(peer) is not None:
             return await self._reset(stream)  # counted by the budget
+        _ASKER.set(self.seen(peer))  # this task's: the answers are filtered for it
         try:
             with trio.move_on_after(INBOUND_STREAM_S) as scope:
                 await super().handle_stream(stream)
@@ -177,14 +223,22 @@ class SynordDHT(KadDHT):
                 pass
 
     def _add_closer_peers_to_response(self, response, closest_peers, exclude_peer_id=None) -> None:
-        """As the library's, but never handing out an address we would not dial."""
+        """As the library's, but handing out only addresses we would dial and the asker
+        may be told (no private address learnt on another LAN, synord.protocols.addrs)."""
         super()._add_closer_peers_to_response(response, closest_peers, exclude_peer_id)
+        asker = self.seen(exclude_peer_id.to_base58()) if exclude_peer_id is not None else None
+        me = self.local_peer_id.to_base58()
         for peer in response.closerPeers:
             try:
                 addrs = [multiaddr.Multiaddr(a) for a in peer.addrs]
+                pid = ID(peer.id).to_base58()
             except Exception:
-                addrs = []
+                addrs, pid = [], ""
             kept, _ = sanitize_addrs(addrs)
+            kept = (addr_policy.tell(kept, asker) if pid == me
+                    else addr_policy.tell_about(kept, asker, self.seen(pid)))
+            if len(kept) != len(peer.addrs):
+                peer.ClearField("signedRecord")  # it lists them all
             del peer.addrs[:]
             peer.addrs.extend(multiaddr.Multiaddr(a).to_bytes() for a in kept)
 
@@ -192,6 +246,7 @@ class SynordDHT(KadDHT):
         """A new connection: once identify says it serves the synord DHT, it joins our
         routing table (the library checks the protocol; peers of IPFS's DHT never do)."""
         pid, added = ID.from_base58(peer_id), False
+        self.seen(peer_id)  # remembered for answers about it after it disconnects
         with trio.move_on_after(IDENTIFY_WAIT_S):
             while not self._protocols(pid):
                 await trio.sleep(0.1)
