@@ -29,6 +29,7 @@ def test_class_key_is_a_sha256_multihash_per_class():
     ("/ip4/198.51.100.2/tcp/4001/p2p/12D3KooWRelay/p2p-circuit", None),
     ("/ip4/0.0.0.0/tcp/4001", "unspecified-address"),
     ("/ip6/::/tcp/4001", "unspecified-address"),
+    ("/ip4/0.1.2.3/tcp/4001", "unspecified-address"),
     ("/ip4/224.0.0.251/tcp/5353", "multicast-address"),
     ("/ip4/255.255.255.255/tcp/1", "multicast-address"),
     ("/ip4/10.0.0.1/tcp/0", "bad-port"),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
+from . import addrs as addr_policy
+
 PROTOCOL = "/synord/kad/1.0.0"
 IPFS_PROTOCOL = "/ipfs/kad/1.0.0"  # what the library speaks by default; we never do
 
@@ -67,7 +69,7 @@ def check_addr(text: str) -> str | None:
             return "bad-address"
         if (ip.version == 4) != (parts[0] == "ip4"):
             return "bad-address"
-        if ip.is_unspecified:
+        if addr_policy.scope_of_ip(parts[1]) == addr_policy.UNSPECIFIED:  # 0.0.0.0/8, ::
             return "unspecified-address"
         if ip.is_multicast or (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255")):
             return "multicast-address"
@@ -97,14 +99,6 @@ def sanitize_addrs(addrs) -> tuple[list[str], list[str]]:
     return kept, refused
 
 
-def _is_private(text: str) -> bool:
-    """Not routable on the internet: RFC 1918, carrier-grade NAT, link-local, ..."""
-    try:
-        return not ipaddress.ip_address(text).is_global
-    except ValueError:
-        return False
-
-
 def choose_mode(setting: str, reachability: str = "unknown", local_ips: list[str] | None = None) -> str:
     """server / client / off, from ``[dht] mode`` and what we know of our reachability.
 
@@ -120,7 +114,7 @@ def choose_mode(setting: str, reachability: str = "unknown", local_ips: list[str
         return "server"
     if reachability == "private":
         return "client"
-    outside = [ip for ip in (local_ips or []) if not ipaddress.ip_address(ip).is_loopback]
-    if outside and all(_is_private(ip) for ip in outside):
+    scopes = {addr_policy.scope_of_ip(ip) for ip in (local_ips or [])} - {addr_policy.LOOPBACK}
+    if scopes and scopes <= {addr_policy.PRIVATE, addr_policy.LINK_LOCAL, addr_policy.UNSPECIFIED}:
         return "client"
     return "server"
