@@ -53,7 +53,7 @@ SEEN_MAX = 10_000  # peers whose last connection address we remember
 # Where the peer whose DHT request we are answering connects from (None: unknown, e.g.
 # relayed); unset (False) while we run our own lookups.  Set per inbound stream task.
 _ASKER: contextvars.ContextVar = contextvars.ContextVar("synord_dht_asker", default=False)
-IDENTIFY_WAIT_S = 5.0  # how long a new connection may take to tell us its protocols
+IDENTIFY_WAIT_S = 30.0  # how long a new connection may take to tell us its protocols (a busy node)
 REPROVIDE_RETRY_S = 5.0  # a provide that reached no one is retried, doubling up to REPROVIDE_S
 
 
@@ -248,8 +248,10 @@ class SynordDHT(KadDHT):
         pid, added = ID.from_base58(peer_id), False
         self.seen(peer_id)  # remembered for answers about it after it disconnects
         with trio.move_on_after(IDENTIFY_WAIT_S):
+            wait = 0.05
             while not self._protocols(pid):
-                await trio.sleep(0.1)
+                await trio.sleep(wait)
+                wait = min(2 * wait, 1.0)
             try:
                 added = await self.add_peer(pid)
             except Exception as exc:  # a peer gone meanwhile
@@ -269,6 +271,12 @@ class SynordDHT(KadDHT):
             return False
         return await self.routing_table.add_peer(peer_id)
 
+    def _known_addrs(self, pid: ID) -> list:
+        try:
+            return self._real_host.get_peerstore().addrs(pid)
+        except Exception:  # not in the peerstore
+            return []
+
     def _protocols(self, pid: ID) -> list[str]:
         try:
             return self._real_host.get_peerstore().get_protocols(pid) or []
@@ -284,8 +292,17 @@ class SynordDHT(KadDHT):
         if not self._real_host.get_network().get_connections(pid):
             self._real_host.get_peerstore().clear_addrs(pid)  # they failed us: learn them anew
         with trio.move_on_after(LOOKUP_S):
-            await self.peer_routing.find_closest_peers_network(pid.to_bytes())
-        kept, _ = sanitize_addrs(self._real_host.get_peerstore().addrs(pid))
+            async with trio.open_nursery() as nursery:
+                async def lookup() -> None:
+                    await self.peer_routing.find_closest_peers_network(pid.to_bytes())
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(lookup)
+                # the lookup walks on to the closest peers; we are done once one answer
+                # named the target with an address
+                while not self._known_addrs(pid):
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+        kept, _ = sanitize_addrs(self._known_addrs(pid))
         return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in kept]
 
     async def find_providers_of(self, key: bytes, count: int = 20) -> list[tuple[str, list[str]]]:
