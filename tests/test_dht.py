@@ -124,6 +124,7 @@ async def _start(nursery, mesh):
 
 async def test_line_of_three_finds_a_peer_and_a_class_provider_through_the_middle():
     """a - b - c, no peer exchange: c learns a's address and a's class from the DHT."""
+    from multiaddr import Multiaddr
     from synord.protocols.p2p import create_mesh
     async with trio.open_nursery() as nursery:
         a = await _start(nursery, create_mesh(Identity.generate(), cfg()))
@@ -142,6 +143,16 @@ async def test_line_of_three_finds_a_peer_and_a_class_provider_through_the_middl
         assert all(x.endswith(f"/p2p/{a.peer_id}") for x in addrs)
         assert await c.reach(a.peer_id, [])  # no address given: found through the DHT
         assert a.peer_id in c.connected_peers()
+
+        # a stream to a peer whose known addresses fail (a receipt to a consumer that
+        # moved, a negotiation with a provider known from its ask) asks the DHT too
+        async def echo(peer, payload):
+            return payload
+        a.set_request_handler("/synord/test-echo/1.0.0", echo)
+        await c.host.disconnect(a_id)
+        c.host.get_peerstore().clear_addrs(a_id)
+        c.host.get_peerstore().add_addrs(a_id, [Multiaddr("/ip4/127.0.0.1/tcp/1")], 60)  # stale
+        assert await c.request(a.peer_id, "/synord/test-echo/1.0.0", b"hi", timeout=20) == b"hi"
 
         key = kad.class_key("gpu-h200")
         a.provide(key)

@@ -303,6 +303,11 @@ class SynordDHT(KadDHT):
                     await trio.sleep(0.02)
                 nursery.cancel_scope.cancel()
         kept, _ = sanitize_addrs(self._known_addrs(pid))
+        if kept:  # new addresses: the swarm's "recently failed all addresses" no longer holds
+            try:
+                self._real_host.get_network().unblock_peer(pid)
+            except Exception:  # a swarm without the negative cache
+                pass
         return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in kept]
 
     async def find_providers_of(self, key: bytes, count: int = 20) -> list[tuple[str, list[str]]]:
