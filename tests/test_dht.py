@@ -172,7 +172,7 @@ async def test_a_client_mode_node_is_in_no_routing_table_and_still_finds_provide
         home = await _start(nursery, create_mesh(Identity.generate(),
                                                  cfg(dht="client", bootstrap=[b.listen_addrs()[0]])))
         assert home.dht_json()["mode"] == "client"
-        await until(lambda: a.dht.routing_table.size() == 1 and home.dht.routing_table.size() == 1,
+        await until(lambda: a.dht.routing_table.size() == 1 and home.dht.routing_table.size() >= 1,
                     what="routing tables")
         key = kad.class_key("cpu")
         a.provide(key)

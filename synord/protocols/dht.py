@@ -32,7 +32,9 @@ from libp2p.custom_types import TProtocol
 from libp2p.kad_dht import common as _common, kad_dht as _kad_dht, peer_routing as _peer_routing
 from libp2p.kad_dht import provider_store as _provider_store, value_store as _value_store
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, QUERY_TIMEOUT
 from libp2p.kad_dht.provider_store import ProviderStore
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator
@@ -145,6 +147,43 @@ class _BoundedProviderStore(ProviderStore):
 
     def _save(self) -> None:  # records live in memory: providers re-provide after our restart
         pass
+
+    async def find_providers(self, key: bytes, count: int = 20) -> list[PeerInfo]:
+        """GET_PROVIDERS to the closest peers we know, round after round towards the key,
+        stopping at the first round that found any.  The library's walks the whole way to
+        the key's k closest peers first (FIND_NODE rounds), then asks them: 2.3 s p50 at 30
+        nodes (bench/bench_dht.py).  It is the fallback when ours finds nothing."""
+        local = self.get_providers(key)
+        if local:
+            return local[:count]
+        me = self.local_peer_id
+        seeds = (self.peer_routing.routing_table.find_local_closest_peers(key, BUCKET_SIZE)
+                 or list(self.host.get_connected_peers()))
+        candidates, queried = sort_peer_ids_by_distance(key, seeds), {me}
+        found: dict[str, PeerInfo] = {}
+        while candidates and not found:
+            batch, closer = [p for p in candidates[:ALPHA] if p not in queried], []
+            queried.update(batch)
+
+            async def ask(peer: ID) -> None:
+                with trio.move_on_after(QUERY_TIMEOUT):
+                    providers, more = await self._get_providers_from_peer_with_closers(peer, key)
+                    closer.extend(more)
+                    for info in providers:
+                        kept, refused = sanitize_addrs(info.addrs)
+                        _refuse(refused)
+                        if kept and info.peer_id != me:
+                            found[info.peer_id.to_base58()] = PeerInfo(
+                                info.peer_id, [multiaddr.Multiaddr(a) for a in kept])
+
+            async with trio.open_nursery() as nursery:
+                for peer in batch:
+                    nursery.start_soon(ask, peer)
+            rest = [p for p in dict.fromkeys(candidates[ALPHA:] + closer) if p not in queried]
+            candidates = sort_peer_ids_by_distance(key, rest)
+        if not found:
+            return await super().find_providers(key, count)
+        return list(found.values())[:count]
 
 
 class SynordDHT(KadDHT):
