@@ -8,8 +8,13 @@ constant, another value), so this process speaks ``/synord/kad/1.0.0`` only and
 can never join IPFS's DHT nor answer it.  What else is ours:
 
 - the DHT sees the host through `_DHTHost`: the addresses it advertises (in
-  provider records and signed peer records) are our dialable ones, never
-  ``/ip4/0.0.0.0``, and every address peers hand it for the peerstore is checked;
+  provider records and signed peer records, which anyone may read) are the
+  broadcastable ones (`synord.protocols.addrs`: public and relay addresses, never
+  ``/ip4/0.0.0.0``), and every address peers hand it for the peerstore is checked;
+- an answer tells the asker only what it may be told about each peer (no private
+  address learnt on another LAN), and carries no third party's signed record;
+- find_peer stops at the first answer that names the target; find_providers asks
+  the closest known peers first (the library's full walk is its fallback);
 - provider records others store with us are checked and bounded
   (`_BoundedProviderStore`), and expire after ``RECORD_TTL_S``; we re-provide our
   keys every ``REPROVIDE_S`` (the library's own schedule is 22 h);
