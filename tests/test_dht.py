@@ -270,3 +270,48 @@ async def test_a_consumer_finds_the_providers_of_a_class_in_the_dht(cluster, tmp
                     what="the provider's ask at the consumer")
         assert mesh.dht.lookups["find_providers"] == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_hostile_provider_records_and_silent_streams_are_refused_and_counted(monkeypatch):
+    """Over the wire: an ADD_PROVIDER naming only 0.0.0.0 is not stored (counted), one
+    naming another peer as provider is not stored (the library's check), and a DHT
+    stream that goes silent is reset at its deadline (counted)."""
+    import varint
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+    from synord.protocols import dht
+    from synord.protocols.p2p import create_mesh
+    monkeypatch.setattr(dht, "INBOUND_STREAM_S", 1.0)
+
+    async def send(stream, key: bytes, provider_id: bytes, addrs: list[str]) -> None:
+        msg = Message()
+        msg.type = Message.MessageType.ADD_PROVIDER
+        msg.key = key
+        prov = msg.providerPeers.add()
+        prov.id = provider_id
+        prov.addrs.extend(Multiaddr(a).to_bytes() for a in addrs)
+        raw = msg.SerializeToString()
+        await stream.write(varint.encode(len(raw)) + raw)
+
+    async with trio.open_nursery() as nursery:
+        ours = await _start(nursery, create_mesh(Identity.generate(), cfg()))
+        evil = await _start(nursery, create_mesh(Identity.generate(), cfg(dht="off",
+                                                                          bootstrap=[ours.listen_addrs()[0]])))
+        await until(lambda: ours.peer_id in evil.connected_peers(), what="connected")
+        store, key = ours.dht.provider_store, kad.class_key("cpu")
+        before = _refusals("no-address"), _refusals("stream-deadline")
+        stream = await evil.host.new_stream(ID.from_base58(ours.peer_id), [kad.PROTOCOL])
+        await send(stream, key, evil.host.get_id().to_bytes(), ["/ip4/0.0.0.0/tcp/4001"])
+        someone_else = ID.from_base58(Identity.generate().peer_id).to_bytes()
+        await send(stream, key, someone_else, ["/ip4/127.0.0.1/tcp/4001"])
+        await until(lambda: _refusals("no-address") == before[0] + 1, what="the 0.0.0.0 record refused")
+        assert store.get_providers(key) == []
+        # the stream stays open, silent: reset at the deadline
+        await until(lambda: _refusals("stream-deadline") == before[1] + 1, timeout=10, what="deadline")
+        with trio.fail_after(5):  # stuck (not reset) fails the test
+            with pytest.raises(Exception):
+                await send(stream, key, evil.host.get_id().to_bytes(), ["/ip4/127.0.0.1/tcp/4001"])
+                await stream.read(1)  # reset by ours
+        assert store.get_providers(key) == []
+        nursery.cancel_scope.cancel()
