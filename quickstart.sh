@@ -68,7 +68,8 @@ case "${1:-}" in
     setup
     shift
     # -p no:cacheprovider: CI runs from a read-only-friendly clean clone
-    exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
+    # --durations: the slowest tests, to keep CI under 20 minutes on 2 cores
+    exec .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=30 "$@"
     ;;
   setup)
     setup

@@ -230,6 +230,15 @@ def build_app(node: "Node", token: str):
             return JSONResponse({"error": err.message}, status_code=err.status)
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
+    async def forward(request: Request):
+        # NDJSON: {"listening", "local", "remote", "job"}, then per connection {"connection", ...}, {"ended"}
+        try:
+            stream = await node.jobs.forward_job(request.path_params["job_id"], await body_of(request))
+        except (ApiError, DomainError) as exc:
+            err = http_error(exc)
+            return JSONResponse({"error": err.message}, status_code=err.status)
+        return StreamingResponse(stream, media_type="application/x-ndjson")
+
     async def exec_stdin(request: Request):  # body {"data": text?, "eof": bool?}
         return await call(node.jobs.exec_stdin, request.path_params["session"], request=request)
 
@@ -273,6 +282,7 @@ def build_app(node: "Node", token: str):
         Route("/v1/jobs/{job_id}/logs", logs),
         Route("/v1/jobs/{job_id}/exec", exec_, methods=["POST"]),
         Route("/v1/exec/{session}/stdin", exec_stdin, methods=["POST"]),
+        Route("/v1/jobs/{job_id}/forward", forward, methods=["POST"]),
         Route("/metrics", metrics),
     ]
     return GuardMiddleware(Starlette(routes=routes), token)

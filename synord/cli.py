@@ -49,6 +49,22 @@ def _env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1..65535")
+    return port
+
+
+def _forward_ports(text: str) -> tuple[int, int]:
+    """[LOCAL:]REMOTE -> (local, remote); local 0 = any free port."""
+    local, _, remote = text.rpartition(":")
+    return (_port(local) if local else 0), _port(remote)
+
+
 def _client(args):
     from .client import ApiClient
     return ApiClient(Home(args.home))
@@ -103,6 +119,8 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if getattr(args, "id", None):  # `synord status JOB`: one job (a gang lists its members)
+        return cmd_job(args)
     data = _client(args).get("/v1/status")
     _emit(args, data, lambda d: "\n".join([
         f"peer id      {d['peer_id']}",
@@ -391,6 +409,14 @@ def _job_text(j: dict) -> str:
                   f"provider   {j.get('provider') or '-'}"]
         if j.get("checkpoint"):
             lines.append(f"checkpoint {hz.size(j['checkpoint'].get('bytes'))}")
+    if j.get("service"):  # a long-running service: its period, renewal, restarts, volumes
+        s = j["service"]
+        lines.append(f"service    {s.get('restarts', 0)} restarts; period {s.get('period', '-')} of "
+                     f"{hz.duration(s.get('period_s') or 0)}"
+                     + (f", renews {hz.ago(s['next_renewal'])}" if s.get("next_renewal") else ""))
+        for v in s.get("volumes") or []:
+            lines.append(f"volume     {v['name']} at {v['path']}: "
+                         + (hz.size(v["bytes"]) if v.get("bytes") is not None else "-"))
     if j.get("error"):
         lines.append(f"error      {j['error']}")
     history = j.get("history") or []
@@ -411,19 +437,44 @@ def _job_text(j: dict) -> str:
     return "\n".join(lines)
 
 
+_PARTIAL: dict = {}  # (member, stream) -> the start of a line not yet ended
+
+
 def _write_output(item: dict) -> None:
-    """One NDJSON output line to our stdout or stderr, byte for byte."""
+    """One NDJSON output line to our stdout or stderr, byte for byte; a gang
+    member's output goes out in whole lines, each starting with its rank (``[0] ``),
+    so members' lines never mix (`_flush_partial` writes what never ended)."""
     out = sys.stdout if item.get("stream") == "stdout" else sys.stderr
     out.flush()
     # the daemon decodes with surrogateescape, so any bytes round-trip
-    out.buffer.write(item["data"].encode("utf-8", "surrogateescape"))
+    data = item["data"].encode("utf-8", "surrogateescape")
+    member = item.get("member")
+    if isinstance(member, int):
+        key, mark = (member, item.get("stream")), f"[{member}] ".encode()
+        lines = (_PARTIAL.pop(key, b"") + data).split(b"\n")
+        if lines[-1]:
+            _PARTIAL[key] = lines[-1]
+        data = b"".join(mark + ln + b"\n" for ln in lines[:-1])
+    out.buffer.write(data)
     out.buffer.flush()
 
 
-def _print_output(client, job_id: str, follow: bool, errors: list | None = None) -> int | None:
+def _flush_partial() -> None:
+    for (member, stream), rest in sorted(_PARTIAL.items()):
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        out.buffer.write(f"[{member}] ".encode() + rest)
+        out.buffer.flush()
+    _PARTIAL.clear()
+
+
+def _print_output(client, job_id: str, follow: bool, errors: list | None = None,
+                  as_json: bool = False) -> int | None:
     exit_code = None
     for item in client.stream(f"/v1/jobs/{job_id}/logs" + ("?follow=1" if follow else "")):
-        if "data" in item:
+        if as_json:  # `run --json`: the NDJSON lines as they come (a gang's carry "member")
+            sys.stdout.write(json.dumps(item) + "\n")
+            sys.stdout.flush()
+        elif "data" in item:
             _write_output(item)
         elif "progress" in item:
             sys.stderr.write(f"synord: {item['progress']}\n")
@@ -436,6 +487,7 @@ def _print_output(client, job_id: str, follow: bool, errors: list | None = None)
             sys.stderr.write(f"synord: job {job_id}: {msg}\n")
             if errors is not None:
                 errors.append(item["error"])
+    _flush_partial()  # a gang member's last line that never ended
     return exit_code
 
 
@@ -458,8 +510,16 @@ def cmd_run(args) -> int:
             "cpus": args.cpus, "memory_bytes": args.memory, "max_price": args.max_price,
             "timeout_s": args.timeout, "checkpointable": args.checkpointable,
             "env": dict(args.env)}
+    if args.service:
+        spec["service"] = _service_request(args)
+    elif args.volume or args.health_cmd or args.health_tcp:
+        raise CliError("--volume and --health-* need --service")
     if args.image_ref:
         spec["image_ref"] = args.image_ref
+    if args.ports:
+        spec["ports"] = args.ports
+    if args.nodes != 1:
+        spec["nodes"] = args.nodes  # a gang: all N start or none (synord.jobs.gang)
     if args.gpus:
         spec.update(gpus=args.gpus, gpu_class=args.gpu_class, gpu_memory=args.gpu_memory,
                     cuda_capability=args.cuda_capability)
@@ -476,7 +536,7 @@ def cmd_run(args) -> int:
         errors.append(_say_if_waiting(client, job["id"]))
         progress.until_running()
         with progress:  # later notices (a migration) while the output streams
-            code = _print_output(client, job["id"], follow=True, errors=errors)
+            code = _print_output(client, job["id"], follow=True, errors=errors, as_json=args.json)
     except KeyboardInterrupt:
         client.post(f"/v1/jobs/{job['id']}/cancel")
         sys.stderr.write(f"synord: job {job['id']} cancelled\n")
@@ -487,6 +547,23 @@ def cmd_run(args) -> int:
     if code is None:
         code = final.get("exit_code")
     return 1 if code is None else int(code)
+
+
+def _service_request(args) -> dict:
+    """--service and its options as the request's ``service`` map (checked by the daemon)."""
+    import shlex
+    from .protocols.servicespec import VolumeError, parse_arg
+    try:
+        volumes = [parse_arg(v) for v in args.volume]
+    except VolumeError as exc:
+        raise CliError(f"--volume: {exc}") from None
+    health = None
+    if args.health_cmd and args.health_tcp:
+        raise CliError("--health-cmd and --health-tcp: pick one")
+    if args.health_cmd or args.health_tcp:
+        health = {"interval_s": args.health_interval, "retries": args.health_retries}
+        health.update({"cmd": shlex.split(args.health_cmd)} if args.health_cmd else {"tcp": args.health_tcp})
+    return {"period_s": args.period, "volumes": volumes, "health": health}
 
 
 def _say_if_waiting(client, job_id: str, within_s: float = 0.8) -> str | None:
@@ -606,6 +683,27 @@ def _exec(args, argv: list[str], interactive: bool, tty: bool = False) -> int:
     return code if 0 <= code <= 255 else (128 + (-code & 0x7F) if code < 0 else 255)
 
 
+def cmd_forward(args) -> int:
+    local, remote = args.ports
+    lines = _client(args).stream(f"/v1/jobs/{args.id}/forward", method="POST",
+                                 body={"remote": remote, "local": local})
+    try:
+        for msg in lines:
+            if args.json:
+                print(json.dumps(msg), flush=True)
+            elif "listening" in msg:
+                print(f"forwarding {msg['listening']} -> job {args.id} port {remote} (Ctrl-C to stop)", flush=True)
+            elif "error" in msg:
+                sys.stderr.write(f"synord: connection {msg.get('connection', '?')}: {msg['error']}\n")
+            if "ended" in msg:
+                if not args.json:
+                    sys.stderr.write(f"synord: forward ended: {msg['ended']}\n")
+                return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_exec(args) -> int:
     return _exec(args, list(args.argv), args.interactive or args.tty, tty=args.tty)
 
@@ -673,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
     d.add_argument("--api", metavar="HOST:PORT|unix:PATH")
     d.add_argument("--no-mdns", action="store_true")
-    add("status", cmd_status, "node status")
+    st = add("status", cmd_status, "node status (with JOB: that job, as `synord job`)")
+    st.add_argument("id", nargs="?", metavar="JOB")
     add("peers", cmd_peers, "known peers and their capabilities")
     add("doctor", cmd_doctor, "checks of this node (storage, state store, runtimes, network "
         "reachability) with the reason when not ok")
@@ -708,6 +807,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", type=_env_pair)
     ex.add_argument("id", metavar="JOB")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+    fw = add("forward", cmd_forward, "reach a TCP port inside a running job's sandbox from 127.0.0.1 "
+             "(until Ctrl-C or the job ends)")
+    fw.add_argument("id", metavar="JOB")
+    fw.add_argument("ports", type=_forward_ports, metavar="[LOCAL:]REMOTE",
+                    help="REMOTE: a port the job exposes (run --port); LOCAL: where to listen (default: any free)")
     sh = add("shell", cmd_shell, "an interactive shell inside a running job's sandbox (on a pseudo-terminal "
              "when ours is one; else commands are read from stdin)", json_flag=False)
     sh.add_argument("--shell", default="/bin/sh", metavar="PATH")
@@ -730,12 +834,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-ref", metavar="TAG|sha256:DIGEST",
                    help="which image of a layout/archive holding several (a tag or a manifest digest)")
     r.add_argument("--detach", action="store_true")
+    r.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="a gang: N tasks on N distinct providers, all started or none "
+                        "(each learns the others from SYNORD_GANG_MEMBERS)")
     r.add_argument("--checkpointable", action="store_true",
                    help="run so the task can migrate (wasm ABI v1, runsc, microvm)")
     r.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the task gets (container runtime)")
     r.add_argument("--gpu-class", metavar="CLASS", help="GPU class, e.g. h100, a100, consumer, h100-1g-10gb")
     r.add_argument("--gpu-memory", type=parse_size, metavar="SIZE", help="memory needed on each GPU")
     r.add_argument("--cuda-capability", metavar="X.Y", help="least CUDA compute capability")
+    r.add_argument("--service", action="store_true",
+                   help="a long-running service (container or microvm): up until cancelled, renewed per period")
+    r.add_argument("--period", type=float, default=60.0, metavar="S", help="service renewal/billing period")
+    r.add_argument("--volume", action="append", default=[], metavar="NAME:/PATH",
+                   help="named volume kept on the provider, mounted at PATH (repeatable)")
+    r.add_argument("--health-cmd", metavar="CMD", help="health check: a command run inside the sandbox")
+    r.add_argument("--health-tcp", type=int, metavar="PORT", help="health check: TCP connect to PORT inside")
+    r.add_argument("--health-interval", type=float, default=5.0, metavar="S")
+    r.add_argument("--health-retries", type=int, default=3, metavar="N",
+                   help="failures in a row before the service is restarted")
+    r.add_argument("--port", type=_port, action="append", default=[], dest="ports", metavar="PORT",
+                   help="a TCP port the task listens on, reachable with `synord forward` (repeatable)")
     task_flags(r)
     sb = sub.add_parser("sandbox", help="try this host's sandboxes locally, without the mesh")
     sbsub = sb.add_subparsers(dest="sandbox_command", metavar="COMMAND", parser_class=_Parser)

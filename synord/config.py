@@ -71,6 +71,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "preemption_grace_s": (10.0, "float", "grace period sent with a preemption notice"),
         "placement_timeout_s": (30.0, "float", "keep trying to place a task this long before failing it"),
     },
+    "forward": {
+        "max_connections_per_job": (16, "int", "forwarded TCP connections one job may have at once (synord forward)"),
+        "idle_s": (300.0, "float", "a forwarded connection with no byte either way for this long is closed"),
+    },
     "gpu": {
         "cdi_dirs": (["/etc/cdi", "/var/run/cdi"], "list[str]",
                      "CDI spec directories (later wins); NVIDIA GPUs without a spec get one generated from NVML"),
@@ -88,6 +92,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "cache_max_bytes": (8 << 30, "int", "artefact and checkpoint cache limit; least recently used go first"),
         "min_free_bytes": (128 << 20, "int",
                            "below this much free disk the node takes no new work (and says why)"),
+        "volume_quota_bytes": (1 << 30, "int", "most one consumer's service volumes may hold here"),
     },
     "log": {
         "level": ("info", "str", "debug, info, warning or error"),
@@ -228,7 +233,7 @@ def validate(cfg: Config) -> None:
         for key, (_d, kind, _h) in keys.items():
             if kind == "float" and not math.isfinite(cfg[f"{section}.{key}"]):
                 fail(f"{section}.{key}", "must be a finite number")
-    for key in ("storage.cache_max_bytes", "storage.min_free_bytes"):
+    for key in ("storage.cache_max_bytes", "storage.min_free_bytes", "storage.volume_quota_bytes"):
         if cfg[key] < 0:
             fail(key, "must not be negative")
     for key in ("jobs.heartbeat_interval_s", "jobs.lease_timeout_s", "node.announce_interval_s"):

@@ -297,6 +297,10 @@ class Node:
             on_finished=self._task_finished,
             heartbeat_s=c["jobs.heartbeat_interval_s"], preemption_grace_s=c["jobs.preemption_grace_s"])
         self.provider_jobs.gpu = self.gpu
+        self.provider_jobs.services.volumes.quota_bytes = c["storage.volume_quota_bytes"]
+        self.provider_jobs.services.on_period = self.market.provider_bill_period
+        self.provider_jobs.forward_limits = {"max_per_job": c["forward.max_connections_per_job"],
+                                             "idle_s": c["forward.idle_s"]}
         self.provider_jobs.register(self.mesh.mesh)
         await nursery.start(self.provider_jobs.run)
         await nursery.start(self.market.run)
@@ -307,6 +311,10 @@ class Node:
         from .blobcache import BlobCache
         from .jobs.local import LocalJobs
         self.jobs = LocalJobs(self.consumer_jobs, self.provider_jobs, self.storage, self.mesh.mesh, self.identity)
+        from .jobs.forward_client import ConsumerForwards
+        self.jobs.forwards = ConsumerForwards(self.consumer_jobs, self.mesh.mesh, self.identity,
+                                              c["forward.max_connections_per_job"], c["forward.idle_s"])
+        await nursery.start(self.jobs.forwards.run)
         self.cache = BlobCache(self.provider_jobs.blobs, c["storage.cache_max_bytes"], self.jobs.pinned_blobs)
         self.provider_jobs.storage = self.consumer_jobs.storage = self.storage
         self.provider_jobs.cache = self.cache
@@ -323,7 +331,8 @@ class Node:
         if terms.devices:  # the receipt with its GPU totals, then the devices are free
             self.gpu.settle(terms, outcome, usage, self.market.provider_settle)
         else:
-            self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome)
+            self.market.provider_settle(terms, usage.cpu_s, usage.peak_memory_bytes, outcome,
+                                        started=self.provider_jobs.services.billed_until_aid(terms.aid))
 
     def gpu_units(self) -> list[dict]:
         """This host's GPUs as allocatable units (synord.hwprobe.gpu_units)."""

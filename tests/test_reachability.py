@@ -43,6 +43,8 @@ def test_the_latest_vote_per_server_counts_and_old_votes_expire():
     r.record("s1", OK, 50); r.record("s2", OK, 50)  # the router got a port forward
     assert r.status(51) == PUBLIC
     assert r.status(151) == UNKNOWN  # stale: ask again
+    r.record("s3", ERROR, 200)
+    assert set(r.votes) == {"s3"}  # expired votes are dropped, not kept forever
 
 
 def test_unknown_result_is_a_bug_not_a_vote():

@@ -2,12 +2,13 @@
 answers there on a fresh connection; requests for someone else are refused and counted."""
 
 import multiaddr
+import pytest
 import trio
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 
 from synord.protocols.identity import Identity
-from synord.protocols.mesh import MeshConfig
+from synord.protocols.mesh import MeshConfig, MeshError
 from synord.protocols.p2p import create_mesh
 from synord.protocols.refusals import REFUSALS
 
@@ -52,4 +53,18 @@ async def test_dial_back_is_a_fresh_connection_to_the_asker_only():
             del b.autonat.host.get_id
         assert status == Message.E_BAD_REQUEST
         assert REFUSALS.get("autonat", "bad-request") == before + 1
+        n.cancel_scope.cancel()
+
+
+async def test_nobody_dials_an_unspecified_address():
+    a = create_mesh(Identity.generate(), cfg())
+    async with trio.open_nursery() as n:
+        await n.start(a.run)
+        before = REFUSALS.get("dial", "unspecified-address")
+        other = Identity.generate().peer_id
+        with pytest.raises(MeshError, match="no dialable address"):
+            await a.dial(f"/ip4/0.0.0.0/tcp/4001/p2p/{other}")
+        assert REFUSALS.get("dial", "unspecified-address") == before + 1
+        assert a.reachability_json()["dials"].get("unspecified", 0) == 0
+        assert all("0.0.0.0" not in x for x in a.listen_addrs())
         n.cancel_scope.cancel()

@@ -39,10 +39,10 @@ def _reach(d) -> dict:
 
 def test_autonat_public_anchors_and_homes_behind_cone_and_symmetric_nats(netlab, cluster):
     t0 = time.monotonic()
-    anchor1 = _start(cluster, netlab, "anchor1").wait_ready(READY_S)
-    a1_boot = [a for a in anchor1.p2p_addrs() if netlab.ip("anchor1") in a]
-    anchor2 = _start(cluster, netlab, "anchor2", bootstrap=a1_boot).wait_ready(READY_S)
-    boot = a1_boot + [a for a in anchor2.p2p_addrs() if netlab.ip("anchor2") in a]
+    anchor1, anchor2 = _start(cluster, netlab, "anchor1"), _start(cluster, netlab, "anchor2")
+    anchor1.wait_ready(READY_S); anchor2.wait_ready(READY_S)
+    # the homes bootstrap from both anchors; each anchor's servers are then the two homes
+    boot = [a for d in (anchor1, anchor2) for a in d.p2p_addrs() if netlab.ip(d.name) in a]
     a1 = _start(cluster, netlab, "a1", bootstrap=boot)
     c1 = _start(cluster, netlab, "c1", bootstrap=boot)
     a1.wait_ready(READY_S); c1.wait_ready(READY_S)

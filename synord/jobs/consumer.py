@@ -17,6 +17,7 @@ the state store. Output is stored by per-stream byte offset, so a re-attach
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
@@ -38,7 +39,7 @@ from .. import humanize as hz
 from ..errors import NotFound
 from ..market.port import Market, Needs, NoPlacement
 from ..store import Store
-from . import agreements, output as ndjson, submit as submission
+from . import agreements, gang as gangs, output as ndjson, submit as submission
 from .jobstore import JobStore
 from .placement import Placement
 from .spec import TERMINAL, JobSpec, RunState, SpecView, from_stored, stored
@@ -69,6 +70,7 @@ class ConsumerJob:
     progress: dict | None = None  # {phase, done, total}: what the job is doing now
     events: list[dict] = field(default_factory=list)  # notices {t, text, ...}, the last MAX_EVENTS
     runstate: RunState = field(default_factory=RunState)  # what happened to it since: persisted
+    service_view: dict | None = None  # a service's live state (synord.jobs.service_client)
 
     def notify(self) -> None:
         self.changed.set()
@@ -99,7 +101,14 @@ class ConsumerJob:
                 "artifact": self.jobspec.artifact, "args": list(self.jobspec.args),
                 "checkpoint": ({k: self.checkpoint[k] for k in ("sha256", "bytes", "offsets")}
                                if self.checkpoint else None),
-                "progress": self.progress, "events": self.events}
+                "progress": self.progress, "events": self.events,
+                **({"gang": self.runstate.gang} if self.runstate.gang else {}),
+                **({"service": _service_json(self)} if self.jobspec.service else {})}
+
+
+def _service_json(job: "ConsumerJob") -> dict:
+    from .service_client import to_json
+    return to_json(job)
 
 
 class ConsumerJobs(TaskClient):
@@ -140,7 +149,7 @@ class ConsumerJobs(TaskClient):
             for job in self.jobs.values():
                 if job.state not in TERMINAL:
                     log.info("resuming job after restart", extra={"job": job.id, "state": job.state})
-                    nursery.start_soon(self._drive, job, True)
+                    nursery.start_soon(self._driver(job), job, True)
             task_status.started()
             await trio.sleep_forever()
 
@@ -202,13 +211,16 @@ class ConsumerJobs(TaskClient):
     # ---- submission (everything checked before anything is reserved) ------------------
 
     async def submit(self, req: dict) -> dict:
+        nodes = gangs.nodes_of(req)  # a gang (--nodes N): synord.jobs.gang
         # Reading, validating and hashing a big artefact must not stall the daemon.
         spec = await trio.to_thread.run_sync(submission.validate, req, self.home, self.blobs)
         job = ConsumerJob(id=uuid.uuid4().hex[:16], jobspec=spec)
+        if nodes:
+            job.runstate.gang = {"size": nodes}
         self.jobs[job.id] = job
         self._save(job)
         log.info("job submitted", extra={"job": job.id, "runtime": job.runtime})
-        self._nursery.start_soon(self._drive, job, False)
+        self._nursery.start_soon(self._driver(job), job, False)
         return job.to_json()
 
     def _needs(self, job: ConsumerJob) -> Needs:
@@ -216,10 +228,14 @@ class ConsumerJobs(TaskClient):
 
     # ---- the drive loop -------------------------------------------------------------------
 
-    async def _drive(self, job: ConsumerJob, resumed: bool) -> None:
+    def _driver(self, job: ConsumerJob):
+        """What drives the job: a gang's parent follows its members (synord.jobs.gang)."""
+        return functools.partial(gangs.drive, self) if gangs.is_parent(job) else self._drive
+
+    async def _drive(self, job: ConsumerJob, resumed: bool, session: Session | None = None) -> None:
+        """``session``: the task already started (a gang member), watched from here on."""
         exclude: tuple[str, ...] = ()
         try:
-            session = None
             if resumed and job.state in ("running", "migrating") and job.provider:
                 session = await self._attach(job)
                 if session is None:
@@ -360,6 +376,8 @@ class ConsumerJobs(TaskClient):
         ck = job.checkpoint
         if ck and ck.get("path"):
             Path(ck["path"]).unlink(missing_ok=True)
+        for v in (job.runstate.volumes or {}).values():  # a service's volumes from a hand-over
+            Path(v["path"]).unlink(missing_ok=True)
 
     # ---- API -------------------------------------------------------------------------------
 
@@ -367,7 +385,7 @@ class ConsumerJobs(TaskClient):
         return [j.to_json() for j in self.jobs.values()]
 
     def job_json(self, job_id: str) -> dict:
-        return self._get(job_id).to_json()
+        return gangs.describe(self, self._get(job_id))
 
     def placement_json(self, job_id: str) -> dict:
         """Whether the job still waits for a provider, and why (`run` says so at once)."""
@@ -404,6 +422,9 @@ class ConsumerJobs(TaskClient):
 
     def output(self, job_id: str, follow: bool) -> AsyncIterator[bytes]:
         """NDJSON lines of the job's output (synord.jobs.output); NotFound at once."""
-        return ndjson.consumer_lines(self._get(job_id), self.jobstore, follow)
+        job = self._get(job_id)
+        if gangs.is_parent(job):
+            return gangs.output_lines(self, job, follow)
+        return ndjson.consumer_lines(job, self.jobstore, follow)
 
 

@@ -24,6 +24,8 @@ from synord.protocols.shell import EXEC_TYPE, OPEN_TIMEOUT_S, terminal_size
 from synord.protocols.tasks import TaskSpecError
 from synord.runtimes.base import ExecUnsupported, SpecError, TerminalSize
 
+from .owner import OwnerRefused, owners_running_task
+
 if TYPE_CHECKING:
     from .provider import ProviderJobs
 
@@ -59,22 +61,11 @@ class ShellService:
         return env.body
 
     def _task(self, job_id: str, peer: str):
-        task = self.jobs.task_of(peer, job_id) or self.jobs.task_named(job_id)
-        if task is None:
-            row = self.jobs.row_of(peer, job_id)
-            if row is not None:
-                raise ShellRefused("not_running", f"job {job_id} is not running ({row['state']})")
-            raise ShellRefused("no_task", f"no task {job_id} runs on this provider")
-        if task.consumer != peer:
-            raise ShellRefused("forbidden", f"permission denied: only the consumer that placed job "
-                                            f"{job_id} may exec into it")
+        try:
+            task = owners_running_task(self.jobs, peer, job_id, "exec into")
+        except OwnerRefused as exc:
+            raise ShellRefused(exc.code, str(exc)) from None
         ex = task.execution
-        if ex.done.is_set():
-            st = ex.status
-            how = f"exited with code {st.code}" if st is not None else "ended"
-            raise ShellRefused("not_running", f"job {job_id} is not running (it has finished: {how})")
-        if ex.sandbox is None:
-            raise ShellRefused("not_running", f"job {job_id} has not started yet")
         if not ex.sandbox.supports_exec:
             raise ShellRefused("unsupported", f"exec is not supported for {ex.spec.kind} tasks yet")
         if self.sessions.get(job_id, 0) >= self.max_sessions:

@@ -27,6 +27,7 @@ class LocalJobs:
         self.mesh = mesh
         self.identity = identity
         self.exec = None  # jobs.exec_client.ConsumerExec, on the first exec
+        self.forwards = None  # jobs.forward_client.ConsumerForwards, set by the node
 
     def _provided(self, job_id: str) -> bool:
         return job_id not in self.consumer.jobs and self.provider.task_json(job_id) is not None
@@ -60,6 +61,13 @@ class LocalJobs:
         if self._provided(job_id):
             return self.provider.task_output(job_id, follow)
         return self.consumer.output(job_id, follow)  # NotFound before the stream starts
+
+    async def forward_job(self, job_id: str, body: dict):
+        """NDJSON lines of a `synord forward` (synord.jobs.forward_client)."""
+        if self.forwards is None:
+            from ..errors import Unavailable
+            raise Unavailable("the node is starting")
+        return await self.forwards.start(job_id, body)
 
     def placement_json(self, job_id: str) -> dict:
         return self.consumer.placement_json(job_id)

@@ -1,6 +1,6 @@
 """A job's output as the API streams it: NDJSON lines, then its end.
 
-    {"stream": "stdout"|"stderr", "data": text}*   in the order received
+    {"stream": "stdout"|"stderr", "data": text[, "member": rank]}*   in the order received
     {"exit_code": int | null, "state": str[, "error": text]}   once the job has ended
 
 The consumer's jobs stream what the job store holds (`consumer_lines`); the
@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 FOLLOW_POLL_S = 1.0  # a follower looks again at least this often (the job's event may be missed)
 
 
-def data_line(stream: str, data: bytes) -> bytes:
-    return (json.dumps({"stream": stream, "data": data.decode("utf-8", "surrogateescape")}) + "\n").encode()
+def data_line(stream: str, data: bytes, member: int | None = None) -> bytes:
+    """``member``: a gang member's rank (synord.jobs.gang), which marks its lines."""
+    line: dict[str, Any] = {"stream": stream, "data": data.decode("utf-8", "surrogateescape")}
+    if member is not None:
+        line["member"] = member
+    return (json.dumps(line) + "\n").encode()
 
 
 def end_line(exit_code: int | None, state: str | None, error: str | None) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import trio
 
 from synord.protocols.envelope import EnvelopeValidator, PeerEnvelopeRefused, Rejected, peer_envelope
+from synord.protocols.forward import FORWARD_PROTOCOL
 from synord.protocols.framing import FramedStream
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import Terms
@@ -37,6 +38,7 @@ from . import output as ndjson
 from .checkpoints import CheckpointError, unpack
 from .exec_service import ShellService
 from .executor import TaskExecution
+from .services import ProviderServices, ServiceSpecError, VolumeError
 from .spec import JobSpec
 from .task_server import TaskRefused, TaskServer, _refuse
 from .taskstore import TaskStore
@@ -66,6 +68,8 @@ class ProviderTask:
     # stop-checkpoint's bytes, since the task ends *because* of that checkpoint.
     ckpt_lock: trio.Lock = field(default_factory=trio.Lock)
     exit_sent: trio.Event = field(default_factory=trio.Event)  # the consumer has heard the end
+    service: Any = None  # a service's synord.jobs.services.ServiceRun; None for a task
+    restarting: bool = False  # a service's sandbox is being replaced (its end is no exit)
 
     @property
     def key(self) -> str:
@@ -77,6 +81,7 @@ class ProviderJobs(TaskServer):
     storage = None  # synord.storage_health.StorageHealth, set by the node
     cache = None  # synord.blobcache.BlobCache over self.blobs, set by the node
     gpu = None  # synord.gpu_devices.GpuNode, set by the node
+    forward_limits: dict = {}  # ForwardService's max_per_job, idle_s (config [forward]), set by the node
 
     def __init__(self, identity: Identity, store: Store, home, runtimes: dict[str, Runtime],
                  on_finished: Callable[[Terms, str, Any], None],
@@ -98,6 +103,8 @@ class ProviderJobs(TaskServer):
         self._nursery: trio.Nursery | None = None
         self._mesh = None  # set by register(); used to push checkpoints onward
         self._received_for: dict[str, str] = {}  # blob sha -> consumer whose task has not started
+        from ..volumes import Volumes
+        self.services = ProviderServices(Volumes(home.path / "volumes"))
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -117,6 +124,10 @@ class ProviderJobs(TaskServer):
         mesh.set_handler(TRANSFER_PROTOCOL, self.handle_transfer)
         self.shell = ShellService(self)
         mesh.set_handler(SHELL_PROTOCOL, self.shell.handle, idle_deadline=False)  # stdin may pause
+        from .forward_service import ForwardService
+        self.forward = ForwardService(self, **self.forward_limits)
+        # a forwarded connection may idle: the service's own idle timeout governs
+        mesh.set_handler(FORWARD_PROTOCOL, self.forward.handle, idle_deadline=False)
 
     def running(self) -> list[ProviderTask]:
         return [t for t in self.tasks.values() if not t.execution.done.is_set()]
@@ -256,6 +267,8 @@ class ProviderJobs(TaskServer):
             raise TaskRefused("terms_mismatch", "limits exceed the agreed resources")
         if spec.timeout_s is not None and spec.timeout_s > terms.duration_s:
             raise TaskRefused("terms_mismatch", "timeout_s exceeds the agreed duration")
+        if spec.ports != terms.ports:
+            raise TaskRefused("terms_mismatch", "the exposed ports differ from the agreed ones")
         return terms
 
     async def _start(self, consumer: str, body: dict,
@@ -299,6 +312,11 @@ class ProviderJobs(TaskServer):
             except ValueError as exc:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise TaskRefused("device_unavailable", f"device injection failed: {exc}") from None
+        try:
+            service = self.services.prepare(consumer, body, spec, self.blobs)
+        except (ServiceSpecError, VolumeError) as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise TaskRefused(exc.slug, f"service refused: {exc}") from None
         restore_dir = None
         start_offsets = None
         if csha is not None:
@@ -322,6 +340,8 @@ class ProviderJobs(TaskServer):
         if terms.devices:
             self.gpu.task_started(terms)  # held until the task ends, and metered
         await self._nursery.start(self._run_task, task)
+        if service is not None and not execution.done.is_set():
+            self.services.start(self._nursery, task, service)
         if execution.done.is_set() and execution.error:
             raise TaskRefused("sandbox_failed", f"the sandbox did not start: {execution.error}")
         log.info("task started", extra={"job": job_id, "kind": body["kind"],
@@ -331,6 +351,8 @@ class ProviderJobs(TaskServer):
     async def _run_task(self, task: ProviderTask, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
             await task.execution.run(task_status=task_status)
+            while task.restarting:  # a service's failed health check: a fresh sandbox
+                await self.services.rerun(task)
         finally:
             st = task.execution.status
             state = "checkpointed" if task.handed_back else ("succeeded" if st.code == 0 and not st.reason else "failed")
@@ -357,7 +379,7 @@ class ProviderJobs(TaskServer):
         outcome = ("preempted" if task.handed_back or task.preempt else
                    "cancelled" if st.reason == "cancelled" else
                    "completed" if st.code == 0 and not st.reason else "failed")
-        self.on_finished(task.terms, outcome, st.usage)
+        self.on_finished(task.terms, outcome, self.services.final_usage(task, st.usage))
 
     # ---- preemption ----------------------------------------------------------------------
 
@@ -419,6 +441,9 @@ class ProviderJobs(TaskServer):
                        preempt=task.preempt)
             if not ex.done.is_set():
                 out["state"] = "running"
+            if task.service is not None:  # restarts, the last health check, what is paid
+                out["service"] = {**self.services.info(task), "health": task.service.last_health,
+                                  **task.service.lease.view(int(time.time() * 1000))}
             cg = getattr(ex.sandbox, "cgroup", None)
             if cg is not None and not ex.done.is_set():
                 out["cpu_max"] = cg.cpu_max()
@@ -448,6 +473,7 @@ class ProviderJobs(TaskServer):
         task = self._owned_task(job_id)
         if task is not None and not task.execution.done.is_set():
             log.info("task cancelled by the provider's owner", extra={"job": job_id})
+            task.restarting = False  # a service being restarted stays down
             await task.execution.cancel()
             with trio.move_on_after(10):
                 await task.execution.done.wait()

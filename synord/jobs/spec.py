@@ -50,6 +50,10 @@ class JobSpec:
     # GPUs asked for (synord.gpu_request): {gpus, gpu_class, gpu_memory, cuda}; None: none.
     # Consumer side: the market places them; the agreement names the devices.
     gpu: dict | None = None
+    # A long-running service (synord.protocols.servicespec: {period_s, volumes, health}); None: a task.
+    service: dict | None = None
+    # TCP ports the task exposes (`synord run --port`, sorted): in the agreement and task.start.
+    ports: tuple[int, ...] = ()
 
     # ---- what each party makes of it -------------------------------------------------------
 
@@ -70,7 +74,7 @@ class JobSpec:
                      max_price=self.max_price, duration_s=max(LEASE_SLACK_S, duration + LEASE_SLACK_S),
                      gpus=gpu.get("gpus", 0), gpu_class=gpu.get("gpu_class"),
                      resource_class="gpu" if gpu else "cpu", gpu_memory=gpu.get("gpu_memory"),
-                     cuda=gpu.get("cuda"))
+                     cuda=gpu.get("cuda"), ports=self.ports)
 
     def task_start(self, job_id: str, agreement_id: str, checkpoint_interval_s: float,
                    restore: dict | None, progress: bool = True) -> dict:
@@ -79,7 +83,9 @@ class JobSpec:
                 "artifact_sha256": self.sha256, "args": list(self.args), "env": dict(self.env),
                 "limits": self.limits(), "checkpointable": self.checkpointable,
                 "checkpoint_interval_s": checkpoint_interval_s if self.checkpointable else 0,
-                "restore": restore, "progress": progress}
+                "restore": restore, "progress": progress,
+                **({"service": self.service} if self.service else {}),
+                **({"ports": list(self.ports)} if self.ports else {})}
 
     @classmethod
     def from_task_start(cls, body: dict) -> "JobSpec":
@@ -88,7 +94,8 @@ class JobSpec:
         return cls(kind=body["kind"], sha256=body["artifact_sha256"], args=tuple(body.get("args", [])),
                    env=tuple(dict(body.get("env", {})).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
-                   pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")))
+                   pids=lim.get("pids"), checkpointable=bool(body.get("checkpointable")),
+                   service=body.get("service") or None, ports=tuple(body.get("ports") or ()))
 
     def task_spec(self, artifact: Path, workdir: Path, task_id: str):
         """The sandbox's `TaskSpec` for this job, its artefact at ``artifact``."""
@@ -106,7 +113,8 @@ class JobSpec:
         return {"kind": self.kind, "artifact": self.artifact, "sha256": self.sha256,
                 "args": list(self.args), "env": dict(self.env), "limits": self.limits(),
                 "max_price": self.max_price, "checkpointable": self.checkpointable,
-                **({"gpu": self.gpu} if self.gpu else {})}
+                **({"gpu": self.gpu} if self.gpu else {}), **({"service": self.service} if self.service else {}),
+                **({"ports": list(self.ports)} if self.ports else {})}
 
     @classmethod
     def from_stored(cls, d: dict) -> "JobSpec":
@@ -115,7 +123,8 @@ class JobSpec:
                    env=tuple((d.get("env") or {}).items()), cpus=float(lim.get("cpus", 1.0)),
                    memory_bytes=int(lim.get("memory_bytes", DEFAULT_MEMORY)), timeout_s=lim.get("timeout_s"),
                    pids=lim.get("pids"), checkpointable=bool(d.get("checkpointable")),
-                   artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None)
+                   artifact=d.get("artifact"), max_price=d.get("max_price"), gpu=d.get("gpu") or None,
+                   service=d.get("service") or None, ports=tuple(d.get("ports") or ()))
 
     def __getitem__(self, key: str) -> Any:
         """The stored form's keys (``spec["limits"]["cpus"]``): for code not yet moved to the fields."""
@@ -129,6 +138,8 @@ class RunState:
     restore_mode: str | None = None  # how the next placement starts: full | partial | restart…
     assignment: dict | None = None  # the batch assignment that chose the next provider (history)
     provider_addrs: list[str] | None = None  # where to find the provider again after our restart
+    volumes: dict | None = None  # a service's volumes from its last hand-over: {name: {sha256, bytes, path}}
+    gang: dict | None = None  # synord.jobs.gang: a gang's {size, members} or a member's {parent, rank, size}
 
     def to_stored(self) -> dict:
         out: dict[str, Any] = {"checkpoint": self.checkpoint}  # always there (since migration 2)

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from synord.protocols.ports import check_ports
 from synord.protocols.tasks import TaskSpecError, check_args_env, check_limits
 from synord.protocols.transfer import BlobStore
 from synord.runtimes import KINDS
@@ -83,6 +84,9 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
     max_price = req.get("max_price")
     if max_price is not None and (not isinstance(max_price, (int, float)) or max_price < 0):
         raise ValueError("max_price must be a non-negative number")
+    ports = check_ports(req.get("ports"))  # ValueError says what is wrong
+    if ports and kind == "wasm":
+        raise ValueError("ports need a container or microvm task (a wasm task has no network)")
     # One file on the wire: an image layout directory travels as its oci-archive.
     shipped = ship_form(kind, image, home.artifacts)
     sha = blobs.add_file(shipped)
@@ -93,4 +97,20 @@ def _validated(req: dict, kind: str, path: Path, image: Path, home, blobs: BlobS
                    # A passed-through GPU (VFIO) blocks QEMU's migration: such a microVM cannot checkpoint.
                    checkpointable=(bool(req.get("checkpointable")) or kind in ("wasm", "microvm"))
                    and not (gpu and kind == "microvm"),
-                   artifact=str(path), max_price=max_price, gpu=gpu)
+                   artifact=str(path), max_price=max_price, gpu=gpu, service=_service(req, kind),
+                   ports=ports)
+
+
+def _service(req: dict, kind: str) -> dict | None:
+    """``service`` of the request (synord.protocols.servicespec), checked; None for a task."""
+    from synord.protocols.servicespec import check_service
+    if req.get("service") is None:
+        return None
+    if kind == "wasm":
+        raise ValueError("a service runs in a container or a microVM: wasm tasks run to an exit")
+    service = check_service(req["service"])
+    if kind == "microvm" and service["volumes"]:
+        raise ValueError("microVM services cannot have volumes yet (the guest has no shared filesystem)")
+    if kind == "microvm" and service["health"] and "tcp" in service["health"]:
+        raise ValueError("microVM services take --health-cmd (run through the guest), not --health-tcp")
+    return service

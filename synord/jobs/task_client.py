@@ -35,7 +35,7 @@ from synord.protocols.transfer import sha256_of
 
 from .. import humanize as hz
 from ..metrics import observe_placement
-from . import agreements
+from . import agreements, service_client
 from .placement import DEFAULT_BANDWIDTH_BPS
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class Session:
     handover: ho.Handover
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     cancel_sent: bool = False
+    service: Any = None  # a service's synord.protocols.servicelease.ServiceLease (service_client)
+    expected: int = 0  # a service's periods whose receipts the market expects: [0, expected)
 
     @property
     def preempt(self) -> dict | None:
@@ -146,6 +148,7 @@ class TaskClient:
             await self._push(peer, Path(ck["path"]), ck["sha256"], "checkpoint", job)
         # progress: we read progress frames before the reply
         body = job.jobspec.task_start(job.id, terms.aid.hex(), self.checkpoint_interval_s, plan.restore)
+        await service_client.ship_volumes(self, job, peer, body)  # a service's volumes travel first
         stream = await self.mesh.open_stream(peer, TASK_PROTOCOL)
         self._progress(job, "starting", note=f"starting on {_short(peer)}")
         try:
@@ -243,6 +246,8 @@ class TaskClient:
                     continue  # the negotiation heard the provider meanwhile: the lease holds
                 session.lease.heard(TASK, now_ms())
                 event = session.machine.receive(frame)
+                if job.jobspec.service is not None:
+                    await service_client.tick(self.market, job, session)  # renew, expect receipts
                 if isinstance(event, ts.Refused):
                     _refused(event, job.id)
                     if event.fatal:
@@ -261,6 +266,13 @@ class TaskClient:
                         await session.send(ts.Cancel())
                 elif isinstance(event, ts.Preempt):
                     await self._preempted(job, session, event)
+                elif isinstance(event, ts.Volume):
+                    if job.jobspec.service is None:  # its blob would be read as frames
+                        REFUSALS.count(ts.WHERE, "volume_for_a_task")
+                        return "lost", "the provider broke the task protocol (volume_for_a_task)"
+                    await service_client.receive_volume(self, job, session, event)
+                elif isinstance(event, ts.ServiceInfo) and job.jobspec.service is not None:
+                    service_client.observed(job, session, event, lambda **f: self._update_history(job, **f))
                 elif isinstance(event, ts.Exit):
                     gap = session.machine.gap()
                     if gap is not None and refetches < OUTPUT_REFETCHES:
@@ -291,6 +303,7 @@ class TaskClient:
             return "lost", f"{type(exc).__name__}: {exc}"
         finally:
             job.session = None
+            service_client.closed(self.market, job, session)
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await stream.close()
@@ -395,7 +408,7 @@ class TaskClient:
                 grant = seal(self.identity, "blob.grant", {"job_id": job.id, "from": session.provider,
                                                            "to": nxt.provider}, ttl_ms=120_000)
                 push_to = {"peer": nxt.provider, "grant": grant.encode(),
-                           "addrs": self.mesh.dialable_addrs(nxt.provider)}
+                           "addrs": self.mesh.addrs_to_tell(nxt.provider, to=session.provider)}
             session.handover.send(ho.RequestStop(nxt.provider if nxt is not None else None))
             await session.send(ts.CheckpointRequest(True, push_to))
         else:
@@ -417,7 +430,9 @@ class TaskClient:
         self._update_history(job, end=now, ended="exit", exit_code=ex.get("code"),
                              usage=ex.get("usage"))
         if job.cancel_requested or ex.get("reason") == "cancelled":
-            self._set_state(job, "cancelled", exit_code=ex.get("code"))
+            # not ours: the provider says why (a service not renewed, over its volume quota)
+            why = {"error": ex["error"]} if ex.get("error") and not job.cancel_requested else {}
+            self._set_state(job, "cancelled", exit_code=ex.get("code"), **why)
         elif ex.get("code") == 0 and not ex.get("reason"):
             self._set_state(job, "succeeded", exit_code=0)
         else:

@@ -84,6 +84,18 @@ class Attachment:
             await self.stream.send(self.machine.send(event))
 
 
+async def _send_blob(att: Attachment, header: Any, tar: Path, size: int) -> None:
+    """A frame announcing a blob (a checkpoint, a volume), its header and its bytes, in one
+    piece on the stream; the file is gone afterwards."""
+    async with att.lock:
+        await att.stream.send(att.machine.send(header))
+        await att.stream.send(att.machine.send(ts.Blob(size)))
+        with open(tar, "rb") as f:
+            while block := f.read(CHUNK):
+                await att.stream.raw.write(block)
+    tar.unlink(missing_ok=True)
+
+
 class TaskServer:
     """The task-stream half of `ProviderJobs` (see the module docstring)."""
 
@@ -190,12 +202,14 @@ class TaskServer:
         last_hb = 0.0
         next_ckpt = (trio.current_time() + task.checkpoint_interval_s
                      if task.checkpointable and task.checkpoint_interval_s > 0 else None)
+        service_seen = None
         while True:
+            ex = task.execution  # a service's restart replaces it (synord.jobs.services.rerun)
             changed = ex.output.changed
             # Read before draining: nothing is appended once the execution is done, so
             # the drain below then sends the very last byte (output that arrived while
             # earlier frames were going out included) before the exit frame.
-            ended = ex.done.is_set()
+            ended = ex.done.is_set() and not task.restarting
             for s, off, data in ex.output.since(dict(offsets)):
                 for i in range(0, len(data), CHUNK):
                     await att.send(ts.Output(s, off + i, data[i:i + CHUNK]))  # as att.machine.output() cuts
@@ -210,6 +224,9 @@ class TaskServer:
             if now - last_hb >= self.heartbeat_s:
                 await att.send(ts.Heartbeat(int(time.time() * 1000)))
                 last_hb = now
+                if task.service is not None and service_seen != (info := self.services.info(task)):
+                    await att.send(ts.ServiceInfo(**info))  # restarts, paid period, volume sizes
+                    service_seen = info
             if next_ckpt is not None and now >= next_ckpt and not task.preempt:
                 try:
                     await self._send_checkpoint(att, task, stop=False)
@@ -234,7 +251,10 @@ class TaskServer:
                 REFUSALS.count("task", event.slug)  # a consumer speaks only to cancel or ask
             elif isinstance(event, ts.Cancel):
                 log.info("task cancelled by its consumer", extra={"job": task.job_id})
+                task.restarting = False  # a service being restarted stays down
                 await task.execution.cancel()
+            elif isinstance(event, ts.Renew):
+                self.services.renewed(task, event.period)
             elif isinstance(event, ts.CheckpointRequest):
                 try:
                     await self._send_checkpoint(att, task, stop=event.stop, push=event.push_to)
@@ -270,13 +290,7 @@ class TaskServer:
             await att.send(ts.Checkpoint(sha, size, offsets, stop, push["peer"]))
             tar.unlink(missing_ok=True)
             return
-        async with att.lock:
-            await att.stream.send(att.machine.send(ts.Checkpoint(sha, size, offsets, stop)))
-            await att.stream.send(att.machine.send(ts.Blob(size)))
-            with open(tar, "rb") as f:
-                while block := f.read(CHUNK):
-                    await att.stream.raw.write(block)
-        tar.unlink(missing_ok=True)
+        await _send_blob(att, ts.Checkpoint(sha, size, offsets, stop), tar, size)
         log.info("checkpoint sent", extra={"job": task.job_id, "bytes": size, "final": stop})
 
     async def _push_direct(self, task: "ProviderTask", push: dict, tar: Path, sha: str, size: int) -> bool:
@@ -304,10 +318,23 @@ class TaskServer:
                                                                   "bytes": size})
         return True
 
+    async def _send_volumes(self, att: Attachment, task: "ProviderTask") -> None:
+        """A service handed back: each named volume as a tar blob, before the exit frame."""
+        try:
+            packed = await self.services.pack_volumes(task)
+        except Exception as exc:  # the service still ends; its next provider starts with empty volumes
+            log.warning("volumes not packed", extra={"job": task.job_id, "error": str(exc)})
+            return
+        for name, tar, sha, size in packed:
+            await _send_blob(att, ts.Volume(name, sha, size), tar, size)
+            log.info("volume sent", extra={"job": task.job_id, "volume": name, "bytes": size})
+
     async def _finish(self, att: Attachment, task: "ProviderTask") -> None:
         ex = task.execution
         async with task.ckpt_lock:
             pass  # a stop-checkpoint in flight goes out first
+        if task.service is not None and task.preempt is not None and task.service.spec["volumes"]:
+            await self._send_volumes(att, task)  # they move with the service
         st = ex.status
         # offsets: where each stream ends, so the consumer knows it has every byte
         await att.send(ts.Exit(st.code, st.reason, st.usage.to_json(), ex.error, task.handed_back,

@@ -225,7 +225,7 @@ class Provider(_Party):
             gpu_class=ask.gpu_class if p.gpus else None, runtime=p.runtime, price=ask.price,
             units=_units(p), duration_s=p.duration_s,
             heartbeat_ms=self.timeouts.heartbeat_ms, created=now, expires=now + p.duration_s * 1000,
-            devices=devices)
+            devices=devices, ports=p.ports)
         agreement = Agreement(terms, terms.sign(self.identity))
         m.send(agreement, now)
         return [self._seal(consumer, agreement)]
@@ -309,24 +309,43 @@ class Provider(_Party):
         return [self._seal(consumer, ev)]
 
     def settle(self, consumer: str, nid: bytes, *, cpu_s: float, peak_memory: int,
-               outcome: str = "completed", reason: str = "", gpu: dict | None = None) -> list[Send]:
+               outcome: str = "completed", reason: str = "", gpu: dict | None = None,
+               started: int | None = None) -> list[Send]:
         """The run is over: end the lease (if still on) and send the signed receipt.
-        Metering (cpu_s, peak_memory) comes from the runtime."""
+        Metering (cpu_s, peak_memory) comes from the runtime. ``started``: where the
+        bill starts when periods before it were billed already (a service)."""
         m = self.negotiations.get((consumer, nid)) or next(
             (f for f in reversed(self.finished) if (f.consumer, f.nid) == (consumer, nid)), None)
         if m is None or m.terms is None or m.csig is None:
             raise KeyError("no countersigned agreement for this negotiation")
         out = self.end(consumer, nid, outcome, reason) if not m.done else []
         now = self.clock()
+        ended = min(now, m.terms.expires)
         sr = issue(self.identity, m.terms, cpu_s=cpu_s, peak_memory=peak_memory,
-                   started=m.terms.created, ended=min(now, m.terms.expires), outcome=outcome, gpu=gpu)
+                   started=m.terms.created if started is None else min(started, ended),
+                   ended=ended, outcome=outcome, gpu=gpu)
+        return out + [self._deliver(consumer, sr, now)]
+
+    def bill_period(self, consumer: str, nid: bytes, period: Terms, *, cpu_s: float = 0.0,
+                    peak_memory: int = 0) -> list[Send]:
+        """A service's period is over (synord.protocols.servicelease): its own signed
+        receipt, on ``period`` (the agreement narrowed to that window), lease untouched."""
+        m = self.negotiations.get((consumer, nid))
+        if m is None or m.terms is None or m.csig is None:
+            raise KeyError("no countersigned agreement for this negotiation")
+        sr = issue(self.identity, period, cpu_s=cpu_s, peak_memory=peak_memory,
+                   started=period.created, ended=period.expires, outcome="completed")
+        return [self._deliver(consumer, sr, self.clock())]
+
+    def _deliver(self, consumer: str, sr: SignedReceipt, now: int) -> Send:
+        """Keep a receipt we signed until acknowledged (resent on the delivery schedule)."""
         self._unacked[sr.receipt.aid] = sr
         self._delivery.issue(sr.receipt.aid, now)
         if self.on_receipt_issued:
             self.on_receipt_issued(sr, now)
         while len(self._unacked) > MAX_SETTLING:
             self._close_receipt(self._unacked.popitem(last=False)[0])
-        return out + [Send(consumer, seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now))]
+        return Send(consumer, seal(self.identity, "receipt", sr.to_body(), MESSAGE_TTL_MS, now=now))
 
     def resume_receipt(self, sr: SignedReceipt, first_sent: int) -> None:
         """A receipt issued before our restart and not yet acknowledged: resend it
@@ -397,9 +416,11 @@ class Placement:
     negotiation: Negotiation | None = None  # the agreed one once active
     attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (provider, ask id, outcome)
     state: str = "negotiating"  # negotiating | active | failed | ended | lost
+    ports: tuple[int, ...] = ()  # exposed TCP ports: proposed, then in the agreement's terms
     live: dict[bytes, tuple[Negotiation, Ask]] = field(default_factory=dict)  # nid -> in flight
     hedge_at: int | None = None
     winner: Ask | None = None
+    hold: bool = False  # a gang member's: agreed but countersigned only with the others (commit_held)
 
     @property
     def current(self) -> Ask | None:
@@ -456,6 +477,14 @@ class Consumer(_Party):
         while len(self._agreed) > MAX_SETTLING:
             self._agreed.popitem(last=False)
 
+    def forget_receipt(self, aid: bytes) -> None:
+        """A receipt we expected will not come (a service's period cut short by its end,
+        which the agreement's own receipt bills): nothing stays committed for it."""
+        if self._agreed.pop(aid, None) is not None:
+            self._observed.pop(aid, None)
+            if self.spending is not None:
+                self.spending.settle(aid, 0.0, self.clock())
+
     def observe_end(self, aid: bytes, at: int) -> None:
         """The job path saw the task end (exit on the task stream, or the lease lost) at ``at``."""
         seen = self._observed.get(aid)
@@ -472,10 +501,14 @@ class Consumer(_Party):
         return Counter(m.provider for nid, pl in self._by_nid.items() if nid in pl.live
                        for m in (pl.live[nid][0],))
 
-    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask]) -> list[Send]:
-        """Start placing ``bid``: propose to the first candidate (more follow by hedging)."""
+    def place(self, bid: Bid, candidates: MatchResult | Iterable[Ask], hold: bool = False,
+              ports: tuple[int, ...] = ()) -> list[Send]:
+        """Start placing ``bid``: propose to the first candidate (more follow by hedging).
+        ``hold``: stop at the provider's signed agreement (its capacity held until its
+        countersign timeout); `commit_held` countersigns, `release_held` withdraws.
+        ``ports``: the TCP ports the task exposes, proposed and then in the signed terms."""
         asks = [c.ask for c in candidates.candidates] if isinstance(candidates, MatchResult) else list(candidates)
-        pl = Placement(bid, asks)
+        pl = Placement(bid, asks, hold=hold, ports=ports)
         self.placements[bid.id] = pl
         return self._launch(pl, self.clock())
 
@@ -496,7 +529,8 @@ class Consumer(_Party):
                 continue
             b = pl.bid
             p = Propose(os.urandom(16), ask.peer, ask.id, ask.seq, b.id, b.seq, b.resource_class, b.cores,
-                        b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price)
+                        b.memory, b.runtime, b.max_price, b.duration_s, b.gpus, b.gpu_class, ask_price=ask.price,
+                        ports=pl.ports)
             m = Negotiation(CONSUMER, p.nid, self.peer_id, ask.peer, self.timeouts)
             m.send(p, now)
             pl.live[p.nid] = (m, ask)
@@ -602,6 +636,33 @@ class Consumer(_Party):
             REFUSALS.count("negotiate", "spend_cap")
             pl.attempts.append((m.provider, ask.id, why))
             return [self._withdraw(pl, m, now, "spend_cap", why)] + self._launch(pl, now)
+        if pl.hold:  # a gang member (synord.protocols.gang): countersigned with the others or not at all
+            pl.state, pl.negotiation, pl.winner, pl.hedge_at = "held", m, ask, None
+            if self.on_agreement:
+                self.on_agreement(pl)
+            return []
+        return self._countersign(pl, m, ask, terms, now)
+
+    def commit_held(self, bid_id: str) -> list[Send]:
+        """Countersign a held agreement; LookupError when the hold is gone (expired, ended)."""
+        pl = self.placements.get(bid_id)
+        now = self.clock()
+        m = pl.negotiation if pl is not None and pl.state == "held" else None
+        if m is None or m.check_timeout(now) is not None or m.state is not State.AGREED:
+            raise LookupError("the hold is gone")
+        return self._countersign(pl, m, pl.winner, m.terms, now)
+
+    def release_held(self, bid_id: str, detail: str) -> list[Send]:
+        """Withdraw a held (or still proposed) gang member: its provider releases at once."""
+        pl = self.placements.get(bid_id)
+        if pl is None or pl.state == "negotiating":
+            return self.give_up(bid_id, detail)
+        del self.placements[bid_id]
+        now = self.clock()
+        return [self._withdraw(pl, m, now, "withdrawn", detail) for m, _ in list(pl.live.values())
+                if m.state in (State.PROPOSED, State.AGREED)]
+
+    def _countersign(self, pl: Placement, m: Negotiation, ask: Ask, terms: Terms, now: int) -> list[Send]:
         cs = Countersign(m.nid, terms.aid, terms.sign(self.identity))
         m.send(cs, now)
         pl.state, pl.negotiation, pl.winner, pl.hedge_at = "active", m, ask, None
@@ -685,6 +746,8 @@ class Consumer(_Party):
                             self.on_lost(pl)
                         continue
                     pl.attempts.append((m.provider, ask.id, m.reason))
+                    if pl.state == "held":
+                        pl.state = "expired"  # the gang's commit finds the hold gone
                     if m.reason == "proposal timeout":
                         # Silence costs the next placements nothing: skip it for a while.
                         self._silent(m, now)

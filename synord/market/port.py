@@ -28,6 +28,14 @@ class PlacementRejected(Exception):
     """A candidate said no (the market raises this from negotiate)."""
 
 
+class HoldRefused(PlacementRejected):
+    """A gang member did not hold (``reason``: a slug, never the peer's text)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Needs:
     runtime: str
@@ -40,6 +48,7 @@ class Needs:
     resource_class: str = "cpu"
     gpu_memory: int | None = None  # bytes on each GPU
     cuda: str | None = None  # least CUDA compute capability
+    ports: tuple[int, ...] = ()  # TCP ports the task exposes (synord forward): in the signed terms
 
 
 class Market(Protocol):
@@ -55,3 +64,4 @@ class Market(Protocol):
     def lease_done(self, terms: Terms) -> None: ...
     def lease(self, terms: Terms) -> "Lease | None": ...
     def expect_receipt(self, terms: Terms, ended_ms: int | None = None) -> None: ...
+    def forget_receipt(self, terms: Terms) -> None: ...  # a service period cut short (jobs.service_client)

@@ -42,8 +42,8 @@ from .backoff import Backoff
 from .book import FULL, PEER_QUOTA, OrderBook
 from .ledger import Ledger
 from .matching import Candidate
-from .negotiator import NEGOTIATE_PROTOCOL, Consumer, Placement, Provider, Send, run_timers
-from .port import Needs, PlacementRejected
+from .negotiator import NEGOTIATE_PROTOCOL, REASONS, Consumer, Placement, Provider, Send, run_timers
+from .port import HoldRefused, Needs, PlacementRejected
 from .pricing import PricingPolicy, derive_asks
 from .reservations import CapacityPool
 from .router import PeerInfo, RecentPlacements
@@ -267,14 +267,26 @@ class MarketService:
             self.on_agreement(negotiation.terms)
 
     def provider_settle(self, terms: Terms, cpu_s: float, peak_memory: int, outcome: str,
-                        gpu: dict | None = None) -> None:
+                        gpu: dict | None = None, started: int | None = None) -> None:
         """The task under ``terms`` ended: end the lease, release, send the signed receipt
-        (``gpu``: synord.gpu_meter's totals for its devices)."""
+        (``gpu``: synord.gpu_meter's totals for its devices; ``started``: a service's
+        first unbilled millisecond)."""
         try:
             sends = self.provider.settle(terms.consumer, terms.nid, cpu_s=cpu_s,
-                                         peak_memory=peak_memory, outcome=outcome, gpu=gpu)
+                                         peak_memory=peak_memory, outcome=outcome, gpu=gpu, started=started)
         except KeyError:
             log.warning("no agreement to settle", extra={"aid": terms.aid.hex()})
+            return
+        self._nursery.start_soon(self._send_all, sends, "consumer")
+
+    def provider_bill_period(self, terms: Terms, period: Terms, cpu_s: float = 0.0,
+                             peak_memory: int = 0) -> None:
+        """A service's period under ``terms`` is over: send its own signed receipt."""
+        try:
+            sends = self.provider.bill_period(terms.consumer, terms.nid, period, cpu_s=cpu_s,
+                                              peak_memory=peak_memory)
+        except KeyError:
+            log.warning("no agreement to bill a period of", extra={"aid": terms.aid.hex()})
             return
         self._nursery.start_soon(self._send_all, sends, "consumer")
 
@@ -283,6 +295,10 @@ class MarketService:
         (``ended_ms``: when we saw that task end, if we did)."""
         if not self.ledger.has_receipt(terms.aid):
             self.consumer.expect_receipt(terms, ended_ms)
+
+    def forget_receipt(self, terms: Terms) -> None:
+        """Consumer: no receipt will come for ``terms`` (a service's unfinished period)."""
+        self.consumer.forget_receipt(terms.aid)
 
     def observed_end(self, terms: Terms, at_ms: int | None = None) -> None:
         """Consumer: the job path saw the task under ``terms`` end; its receipt may
@@ -334,15 +350,15 @@ class MarketService:
         return PeerInfo(reputation=self.ledger.reputation(peer),
                         ours=(busy or {}).get(peer, 0) + self.recent.get(peer, now or now_ms()))
 
-    def _match(self, needs: Needs, exclude: tuple[str, ...] = ()):
+    def _match(self, needs: Needs, exclude: tuple[str, ...] = (), shortlist: int = 8):
         bid, now, busy = self._bid(needs), now_ms(), self.consumer.busy()
         return self.book.match(bid, now,  # the book's indexes answer a bid nothing can serve
                      peer_info=lambda p: self._peer_info(p, busy, now), exclude_peers=(self.peer_id, *exclude),
-                     shortlist=8, per_peer=self.candidates_per_peer,
+                     shortlist=shortlist, per_peer=self.candidates_per_peer,
                      skip_peer=lambda p: self.backoff.blocked(p, now))
 
-    def candidates(self, needs: Needs, exclude: tuple[str, ...] = ()) -> list[Candidate]:
-        return self._match(needs, exclude).candidates
+    def candidates(self, needs: Needs, exclude: tuple[str, ...] = (), shortlist: int = 8) -> list[Candidate]:
+        return self._match(needs, exclude, shortlist).candidates
 
     def explain(self, needs: Needs) -> str:
         return self._match(needs).explain()
@@ -370,7 +386,8 @@ class MarketService:
         bid = self._bid(needs)
         done = self._waiting[bid.id] = trio.Event()
         try:
-            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates]), "provider")
+            await self._send_all(self.consumer.place(bid, [c.ask for c in candidates], ports=needs.ports),
+                                 "provider")
             # Bounded: each candidate answers or times out within propose_ms.
             wait = len(candidates) * (self.timeouts.propose_ms / 1000) + 1
             with trio.move_on_after(wait if within_s is None else min(wait, within_s)):
@@ -393,6 +410,53 @@ class MarketService:
         if not pl.attempts:
             raise PlacementRejected("no answer from the provider")
         raise PlacementRejected("; ".join(f"{p[:12]}: {why}" for p, _, why in pl.attempts[-4:]))
+
+    # ---- consumer: gang members (synord.protocols.gang decides; these move the messages) ----
+
+    async def hold(self, candidate: Candidate, needs: Needs) -> tuple[Terms, int]:
+        """Propose to one provider and stop at its signed agreement: its capacity is held
+        for us until the returned deadline (ms), uncountersigned. HoldRefused (with the
+        reason slug) when it says no or does not answer."""
+        bid = self._bid(needs)
+        done = self._waiting[bid.id] = trio.Event()
+        try:
+            await self._send_all(self.consumer.place(bid, [candidate.ask], hold=True, ports=needs.ports),
+                                 "provider")
+            with trio.move_on_after(self.timeouts.propose_ms / 1000 + 1):
+                await done.wait()
+            pl: Placement = self.consumer.placements[bid.id]
+        except BaseException:  # the gang let go while we asked: the provider releases at once
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self._send_all(self.consumer.release_held(bid.id, "withdrawn"), "provider")
+            raise
+        finally:
+            self._waiting.pop(bid.id, None)
+        m = pl.negotiation
+        if pl.state == "held" and m is not None and m.terms is not None and m.deadline is not None:
+            self._bid_of[m.terms.aid] = bid.id
+            return m.terms, m.deadline
+        await self._send_all(self.consumer.release_held(bid.id, "gave up"), "provider")
+        why = pl.attempts[-1][2] if pl.attempts else "timeout"
+        slug = "timeout" if "timeout" in why else why.split(":")[0].strip()
+        raise HoldRefused(slug if slug in REASONS or slug == "timeout" else "other", why)
+
+    async def commit_held(self, terms: Terms) -> bool:
+        """Countersign a held agreement; False when the hold is gone."""
+        bid_id = self._bid_of.get(terms.aid, "")
+        try:
+            sends = self.consumer.commit_held(bid_id)
+        except LookupError:
+            return False
+        self.recent.add(terms.provider, now_ms())
+        self.book.record_trade(terms.resource_class, terms.price, terms.units, now_ms(), terms.aid.hex())
+        await self._send_all(sends, "provider")
+        return True
+
+    async def release_held(self, terms: Terms, detail: str) -> None:
+        """Withdraw a held agreement: the provider releases its capacity at once."""
+        bid_id = self._bid_of.pop(terms.aid, None)
+        if bid_id is not None:
+            await self._send_all(self.consumer.release_held(bid_id, detail[:200]), "provider")
 
     def _no_answer(self, provider: str, nid: bytes) -> None:
         """A provider let a proposal time out: it costs it reputation (persisted)."""

@@ -50,6 +50,7 @@ from .envelope import message_type
 from .identity import Identity, verify
 from .lease import NEGOTIATION, Lease
 from .orders import MAX_CORES, MAX_DURATION_S, MAX_GPUS, MAX_MEMORY, MAX_PRICE, RUNTIMES
+from .ports import wire_ports
 
 CONSUMER, PROVIDER = "consumer", "provider"
 AGREEMENT_DOMAIN = b"synord/agreement/1\x00"
@@ -135,6 +136,16 @@ def _devices(res: dict) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _ports(b: dict) -> tuple[int, ...]:
+    """Exposed TCP ports (a proposal's, an agreement's): present only when there are some."""
+    if "ports" not in b:
+        return ()
+    try:
+        return wire_ports(b["ports"])
+    except ValueError as exc:
+        raise BodyError(str(exc)) from None
+
+
 def _nid(b: dict, key: str = "nid") -> bytes:
     return _get(b, key, (bytes,), lambda v: len(v) == NID_LEN)
 
@@ -170,6 +181,7 @@ class Propose:
     gpus: int = 0
     gpu_class: str | None = None
     ask_price: float | None = None  # the price of the ask the consumer matched (optional)
+    ports: tuple[int, ...] = ()  # TCP ports the task exposes (synord.protocols.ports); absent when none
 
     type = "propose"
 
@@ -179,7 +191,8 @@ class Propose:
                 "cores": float(self.cores), "memory": self.memory, "runtime": self.runtime,
                 "max_price": float(self.max_price), "duration_s": self.duration_s, "gpus": self.gpus,
                 "gpu_class": self.gpu_class,
-                **({} if self.ask_price is None else {"ask_price": float(self.ask_price)})}
+                **({} if self.ask_price is None else {"ask_price": float(self.ask_price)}),
+                **({"ports": list(self.ports)} if self.ports else {})}
 
     @classmethod
     def from_body(cls, body: Any) -> "Propose":
@@ -191,7 +204,7 @@ class Propose:
                    _u(b, "bid_seq"), _str(b, "class", 32), _f(b, "cores", MAX_CORES), _u(b, "memory", MAX_MEMORY),
                    runtime, _f(b, "max_price", MAX_PRICE), _u(b, "duration_s", MAX_DURATION_S),
                    _u(b, "gpus", MAX_GPUS), _str(b, "gpu_class", 32, optional=True),
-                   None if b.get("ask_price") is None else _f(b, "ask_price", MAX_PRICE))
+                   None if b.get("ask_price") is None else _f(b, "ask_price", MAX_PRICE), _ports(b))
 
 
 @dataclass(frozen=True)
@@ -246,6 +259,8 @@ class Terms:
     # The provider's device units (GPU UUIDs) reserved for this agreement; absent
     # (and so not in the signed body) when it has none.
     devices: tuple[str, ...] = ()
+    # The TCP ports the consumer may forward to (synord forward); absent when none.
+    ports: tuple[int, ...] = ()
 
     def to_body(self) -> dict:
         res = {"class": self.resource_class, "cores": float(self.cores), "memory": self.memory,
@@ -257,7 +272,8 @@ class Terms:
                 "resources": res,
                 "runtime": self.runtime, "price": float(self.price), "units": float(self.units),
                 "duration_s": self.duration_s, "heartbeat_ms": self.heartbeat_ms,
-                "created": self.created, "expires": self.expires}
+                "created": self.created, "expires": self.expires,
+                **({"ports": list(self.ports)} if self.ports else {})}
 
     @classmethod
     def from_body(cls, body: Any) -> "Terms":
@@ -268,7 +284,8 @@ class Terms:
                    _f(res, "cores", MAX_CORES), _u(res, "memory", MAX_MEMORY), _u(res, "gpus", MAX_GPUS),
                    _str(res, "gpu_class", 32, optional=True), _str(b, "runtime"), _f(b, "price", MAX_PRICE),
                    _f(b, "units", MAX_CORES + MAX_GPUS), _u(b, "duration_s", MAX_DURATION_S),
-                   _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"), _devices(res))
+                   _u(b, "heartbeat_ms", 3_600_000), _u(b, "created"), _u(b, "expires"), _devices(res),
+                   _ports(b))
 
     def signing_input(self) -> bytes:
         # Kept on the (frozen) object: the same terms are signed and verified in turn.
@@ -513,6 +530,7 @@ class Negotiation:
                 ("price", t.price <= p.max_price and (p.ask_price is None or t.price <= p.ask_price)),
                 ("duration", t.duration_s >= p.duration_s),
                 ("heartbeat", t.heartbeat_ms > 0),
+                ("ports", t.ports == p.ports),
             ) if not ok]
             if mismatch:
                 fail("terms differ from the proposal: " + ", ".join(mismatch))

@@ -425,6 +425,10 @@ class Libp2pMesh(Mesh):
             return []
         return addr_policy.dial_candidates([str(a) for a in addrs])
 
+    def addrs_to_tell(self, peer_id: str, to: str) -> list[str]:
+        return addr_policy.tell_about(self.dialable_addrs(peer_id), self.seen_at(to),
+                                      self.seen_at(peer_id))
+
     def set_relays(self, addrs: list[str]) -> None:
         """The relay client's hook: our /p2p-circuit addresses in use (status, doctor)."""
         self.relays = list(addrs)
@@ -495,6 +499,12 @@ class Libp2pMesh(Mesh):
     async def _connect(self, info: PeerInfo) -> None:
         if info.peer_id == self.host.get_id():
             raise MeshError("refusing to dial ourselves")
+        usable = addr_policy.dial_candidates([str(a) for a in info.addrs])
+        if info.addrs and not usable:  # counted once here, not per library retry
+            REFUSALS.count("dial", "unspecified-address")
+            raise MeshError(f"dial {info.peer_id}: no dialable address in "
+                            f"{[str(a) for a in info.addrs]}")
+        info = PeerInfo(info.peer_id, [multiaddr.Multiaddr(a) for a in usable])
         try:
             with trio.fail_after(self.config.backoff_max_s):
                 await self.host.connect(info)
@@ -519,6 +529,8 @@ class Libp2pMesh(Mesh):
             if self.dht is not None and self._nursery is not None:
                 self._nursery.start_soon(self.dht.peer_connected, event.peer_id)
             self.autonat.peer_connected()
+        elif event.kind == "disconnected":
+            self.reachability.forget_observer(event.peer_id)  # its view of us is gone with it
         if event.kind == "connected" and self.config.peer_exchange:
             try:
                 self._px_queue_send.send_nowait(event.peer_id)

@@ -8,6 +8,8 @@ synord.protocols.reachability; this module is the I/O around py-libp2p 0.8.1's
   fresh TCP connection to the address and run the Noise handshake, which proves that the
   asker's peer id answers there, then close it;
 - it dials back whatever peer id the request names: we answer only for the asking peer.
+Every node serves, not only public ones: a dial-back from behind a NAT goes out through it,
+so its answer is as good, and a mesh with few public nodes still gets enough votes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from . import addrs as addr_policy
-from .reachability import ERROR, FAILED, OK, PRIVATE, REFUSED, Reachability
+from .reachability import ERROR, FAILED, OK, REFUSED, Reachability
 from .refusals import REFUSALS
 
 log = logging.getLogger("synord.autonat")
@@ -92,8 +94,6 @@ class AutoNAT(AutoNATService):
                 if request.type != Message.DIAL or request.dial.peer.id != asker.to_bytes():
                     REFUSALS.count("autonat", "bad-request")
                     response = _refusal(Message.E_BAD_REQUEST, "dial back the asking peer only")
-                elif self.state.status(time.time()) == PRIVATE:
-                    response = _refusal(Message.E_DIAL_REFUSED, "this node is not public")
                 else:
                     del request.dial.peer.addrs[MAX_DIALBACK_ADDRS:]
                     response = await self._handle_request(

@@ -58,6 +58,8 @@ class Reachability:
             raise ValueError(f"unknown AutoNAT result {result!r}")
         self.votes[server] = Vote(server, result, now, detail[:200])
         self.pending.discard(server)
+        for old in [s for s, v in self.votes.items() if now - v.at > self.vote_ttl_s]:
+            del self.votes[old]  # bounded by the servers of the last ttl, not of all time
 
     def _live(self, now: float) -> list[Vote]:
         return [v for v in self.votes.values() if now - v.at <= self.vote_ttl_s]

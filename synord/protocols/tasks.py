@@ -43,6 +43,7 @@ from typing import Any
 
 from .envelope import message_type
 from .kinds import RUNTIME_KINDS
+from .ports import wire_ports
 
 TASK_PROTOCOL = "/synord/task/1.0.0"
 # A job id is the consumer's name for its job: never a path anywhere, but kept
@@ -115,6 +116,11 @@ def check_start(body: Any) -> None:
         raise TaskSpecError("checkpoint_interval_s must be >= 0")
     if not isinstance(body.get("progress", False), bool):
         raise TaskSpecError("progress must be a bool")
+    if "ports" in body:  # the ports the task exposes (synord forward): sorted, absent when none
+        try:
+            wire_ports(body["ports"])
+        except ValueError as exc:
+            raise TaskSpecError(str(exc)) from None
     restore = body.get("restore")
     if restore is not None:
         if not isinstance(restore, dict) or not isinstance(restore.get("sha256"), str) \

@@ -27,6 +27,11 @@ clocks: heartbeats carry the sender's ``now_ms``; liveness is `synord.protocols.
                                                              STREAMING -> EXITED
     consumer: Cancel   {"cancel": true} --------------------> STREAMING | BLOB
     consumer: CheckpointRequest {"checkpoint": {stop[, push_to]}}  STREAMING | BLOB
+    consumer: Renew    {"renew": k} (a service pays period k) --> STREAMING | BLOB
+    provider: ServiceInfo {"service": {restarts, paid, volumes}} --> STREAMING
+    provider: Volume   {"volume": {name, sha256, bytes}} ---> STREAMING -> BLOB (a service's named
+              volume as a tar, its bytes follow: sent before the exit frame of a service handed back)
+              (a service's state: synord.protocols.servicelease; volumes: {name: bytes})
 
 Output offsets: the consumer's machine holds, per stream, how many bytes it
 has (``have``, restored from the store or a checkpoint's offsets).  An
@@ -54,6 +59,8 @@ from typing import Any
 
 from .framing import CHUNK
 from .tasks import TaskSpecError, check_progress
+from .servicelease import MAX_PERIODS as _MAX_PERIOD
+from .servicespec import NAME_RE as _VOLUME
 from .transfer import MAX_BLOB_BYTES
 
 CONSUMER, PROVIDER = "consumer", "provider"
@@ -149,6 +156,37 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class ServiceInfo:
+    """A service's state as its provider sees it: restarts, the last period paid, volume sizes."""
+    restarts: int
+    paid: int
+    volumes: dict = field(default_factory=dict)
+
+    def frame(self) -> dict:
+        return {"service": {"restarts": self.restarts, "paid": self.paid, "volumes": dict(self.volumes)}}
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A service's named volume, packed (synord.volumes), travelling with it: a blob follows."""
+    name: str
+    sha256: str
+    size: int
+
+    def frame(self) -> dict:
+        return {"volume": {"name": self.name, "sha256": self.sha256, "bytes": self.size}}
+
+
+@dataclass(frozen=True)
+class Renew:
+    """The consumer pays the service's period ``period`` (synord.protocols.servicelease)."""
+    period: int
+
+    def frame(self) -> dict:
+        return {"renew": self.period}
+
+
+@dataclass(frozen=True)
 class Preempt:
     grace_s: float
     deadline_ms: int
@@ -233,14 +271,15 @@ S = State
 TRANSITIONS: dict[str, dict[State, dict[type, State]]] = {
     CONSUMER: {
         S.IDLE: {Open: S.OPENING},
-        S.STREAMING: {Cancel: S.STREAMING, CheckpointRequest: S.STREAMING},
-        S.BLOB: {Cancel: S.BLOB, CheckpointRequest: S.BLOB},
+        S.STREAMING: {Cancel: S.STREAMING, CheckpointRequest: S.STREAMING, Renew: S.STREAMING},
+        S.BLOB: {Cancel: S.BLOB, CheckpointRequest: S.BLOB, Renew: S.BLOB},
         S.EXITED: {Cancel: S.EXITED},  # a cancel crossing the exit frame is harmless
     },
     PROVIDER: {
         S.OPENING: {Progress: S.OPENING, Started: S.STREAMING, Error: S.CLOSED},
         S.STREAMING: {Output: S.STREAMING, Heartbeat: S.STREAMING, Preempt: S.STREAMING,
                       Checkpoint: S.STREAMING, CheckpointError: S.STREAMING, Exit: S.EXITED,
+                      ServiceInfo: S.STREAMING, Volume: S.STREAMING,
                       Error: S.CLOSED},
         S.BLOB: {Blob: S.STREAMING},
     },
@@ -276,6 +315,11 @@ def parse(role: str, frame: Any) -> Any:
                                          and isinstance(push.get("addrs", []), list)):
                 push = None  # a broken push request: the checkpoint goes through the consumer
             return CheckpointRequest(bool(req.get("stop")), push)
+        if "renew" in frame:
+            k = frame["renew"]
+            if not _is_int(k) or not 0 < k <= _MAX_PERIOD:
+                return Refused("bad_renewal", "renew must name a period number")
+            return Renew(k)
         return Refused("unknown_frame", "not a consumer task frame")
     if "o" in frame:
         s, off, data = frame.get("o"), frame.get("off"), frame.get("d")
@@ -286,6 +330,24 @@ def parse(role: str, frame: Any) -> Any:
         return Output(s, off, data)
     if "hb" in frame:
         return Heartbeat(frame["hb"] if _is_int(frame["hb"]) else 0)
+    if "volume" in frame:
+        v = frame["volume"]
+        # its name and digest name files here and its size drives a read loop
+        if not (isinstance(v, dict) and isinstance(v.get("name"), str) and _VOLUME.fullmatch(v["name"])
+                and isinstance(v.get("sha256"), str) and _SHA.fullmatch(v["sha256"])
+                and _is_int(v.get("bytes")) and 0 <= v["bytes"] <= MAX_BLOB_BYTES):
+            return Refused("bad_volume_frame", "volume frame without name, digest or size", fatal=True)
+        return Volume(v["name"], v["sha256"], v["bytes"])
+    if "service" in frame:
+        info = frame["service"]
+        vols = info.get("volumes", {}) if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and _is_int(info.get("restarts")) and 0 <= info["restarts"] <= _MAX_PERIOD
+                and _is_int(info.get("paid")) and 0 <= info["paid"] <= _MAX_PERIOD
+                and isinstance(vols, dict) and len(vols) <= 8
+                and all(isinstance(k, str) and _VOLUME.fullmatch(k) and _is_int(v) and 0 <= v <= _MAX_OFFSET
+                        for k, v in vols.items())):
+            return Refused("bad_service_frame", "service frame without restarts, paid or volume sizes")
+        return ServiceInfo(info["restarts"], info["paid"], dict(vols))
     if "ckpt" in frame:
         info = frame["ckpt"]
         if not isinstance(info, dict):
@@ -416,6 +478,8 @@ class TaskStream:
             self.checkpoint = event
             if event.pushed_to is None:
                 new, self.blob_expected = State.BLOB, event.size
+        elif isinstance(event, Volume):
+            new, self.blob_expected = State.BLOB, event.size
         elif isinstance(event, Blob):
             self.blob_expected = None
         elif isinstance(event, Preempt):

@@ -26,7 +26,7 @@ from .framing import CHUNK, FramedStream
 from .pacing import PACER
 
 TRANSFER_PROTOCOL = "/synord/transfer/1.0.0"
-KINDS = ("artifact", "checkpoint")
+KINDS = ("artifact", "checkpoint", "volume")  # volume: a service's named volume (synord.volumes)
 MAX_BLOB_BYTES = 16 << 30
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 

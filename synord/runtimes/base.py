@@ -51,6 +51,10 @@ class ExecUnsupported(RuntimeError_):
     """This sandbox cannot run an extra command beside its task (the message says why)."""
 
 
+class ForwardUnsupported(RuntimeError_):
+    """This sandbox cannot take a forwarded TCP connection (the message says why)."""
+
+
 @dataclass(frozen=True)
 class Availability:
     available: bool
@@ -252,6 +256,17 @@ class Sandbox(ABC):
         """
         kind = getattr(getattr(self, "spec", None), "kind", None) or type(self).__name__
         return _unsupported_exec(f"exec is not supported for {kind} tasks yet")
+
+    def forward_unsupported(self) -> str | None:
+        """Why this sandbox cannot take forwarded TCP connections (None: it can)."""
+        kind = getattr(getattr(self, "spec", None), "kind", None) or type(self).__name__
+        return f"forward to {kind} tasks is not supported yet"
+
+    async def connect_port(self, port: int) -> "trio.SocketStream":
+        """A TCP connection to ``port`` on the sandbox's own loopback (``synord
+        forward``), made without giving the sandbox any network. Raises
+        ``ForwardUnsupported`` where the sandbox cannot, or no longer runs."""
+        raise ForwardUnsupported(self.forward_unsupported() or "forward is not supported here")
 
 
 class SupervisedSandbox(Sandbox):

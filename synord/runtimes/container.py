@@ -37,7 +37,7 @@ import trio
 
 from . import cgroups, oci, reaper, seccomp
 
-from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, LogBuffer, LogChunk,
+from .base import (Availability, CheckpointInfo, ExecUnsupported, ExitStatus, ForwardUnsupported, LogBuffer, LogChunk,
                    Mount, RuntimeError_, TerminalSize,
                    Runtime, SpecError, SupervisedSandbox, TaskSpec, Unavailable, Usage,
                    child_env)
@@ -366,6 +366,7 @@ class ContainerSandbox(SupervisedSandbox):
         self.state_dir = rt.state_root / self.engine_name
         self._restore_from: Path | None = None
         self._seen_running = False  # `<rt> state` said running once (exec need not ask again)
+        self._init_pid: int | None = None  # the container's init (its namespaces), once asked
         self._proc: trio.Process | None = None
         self._output = LogBuffer()
         self._done = trio.Event()
@@ -683,6 +684,51 @@ class ContainerSandbox(SupervisedSandbox):
                 shutil.rmtree(console_dir, ignore_errors=True)
             pfile.unlink(missing_ok=True)
             pidfile.unlink(missing_ok=True)
+
+    # -- forward: a TCP connection to the task's own loopback (synord forward) --
+    def forward_unsupported(self) -> str | None:
+        if self.engine_name == "runsc":  # gVisor's own network stack is not the namespace's
+            return "forward to gVisor (checkpointable) container tasks is not supported yet"
+        return None
+
+    async def connect_port(self, port: int) -> trio.SocketStream:
+        """A socket made in the container's net namespace (`synord.runtimes.netns`),
+        connected to 127.0.0.1:``port`` there: the container keeps only ``lo``."""
+        if why := self.forward_unsupported():
+            raise ForwardUnsupported(why)
+        if not self._started or self._done.is_set() or self._proc is None \
+                or self._proc.returncode is not None or self._torn_down:
+            raise ForwardUnsupported("the container is not running")
+        try:
+            await self._wait_created()
+        except ExecUnsupported as exc:
+            raise ForwardUnsupported(str(exc)) from None
+        if self._init_pid is None:
+            res = await self._run_quiet("state", self.id, timeout=5)
+            try:
+                self._init_pid = int(json.loads(res.stdout)["pid"]) if res.returncode == 0 else None
+            except (ValueError, KeyError, TypeError):
+                self._init_pid = None
+            if not self._init_pid:
+                raise ForwardUnsupported("the container is not running")
+        from .netns import socket_in_netns
+        try:
+            raw = await trio.to_thread.run_sync(socket_in_netns, self._init_pid)
+        except PermissionError:
+            raise ForwardUnsupported("forwarding needs a daemon allowed to enter the task's "
+                                     "network namespace (run it as root)") from None
+        except OSError as exc:
+            raise ForwardUnsupported(f"the container is not running ({exc.strerror or exc})") from None
+        if self._done.is_set():  # the pid may have been reused by now: check after
+            raw.close()
+            raise ForwardUnsupported("the container is not running")
+        sock = trio.socket.from_stdlib_socket(raw)
+        try:
+            await sock.connect(("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
 
     async def _wait_created(self, timeout: float = 10.0) -> None:
         """Just after start, ``<rt> run`` may not have created the container yet
