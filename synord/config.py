@@ -23,6 +23,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "listen": (["/ip4/0.0.0.0/tcp/4001"], "list[str]", "libp2p listen multiaddrs"),
         "bootstrap": ([], "list[str]", "bootstrap peers, full multiaddrs with /p2p/<id>"),
         "mdns": (True, "bool", "discover peers on the LAN with mDNS"),
+        "peer_exchange": (True, "bool", "ask connected peers whom they know (the DHT finds peers without it)"),
         "announce_interval_s": (30.0, "float", "re-announce capabilities this often"),
         "region": ("", "str", "free-form region label used by consumers' constraints"),
     },
@@ -108,6 +109,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "max_streams_total": (1024, "int", "open inbound streams all peers together may hold"),
         "max_buffered_per_peer": (16 * 1024 * 1024, "int", "bytes of unfinished frames held per peer"),
         "max_buffered_total": (128 * 1024 * 1024, "int", "bytes of unfinished frames held in total"),
+    },
+    "dht": {
+        "mode": ("auto", "str", "Kademlia DHT: auto (server when reachable, client behind NAT), "
+                                "server, client or off"),
     },
 }
 
@@ -242,6 +247,8 @@ def validate(cfg: Config) -> None:
     for key, value in cfg.values["streams"].items():
         if not 0 < value < float("inf"):  # also refuses nan
             fail(f"streams.{key}", "must be a positive finite number")
+    if cfg["dht.mode"] not in ("auto", "server", "client", "off"):
+        fail("dht.mode", f"must be auto, server, client or off, not {cfg['dht.mode']!r}")
 
 
 def contributor_limits(section: dict, overrides: dict | None = None) -> ContributorLimits:

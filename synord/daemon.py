@@ -257,7 +257,8 @@ class Node:
             self.identity, c["node.listen"], c["node.bootstrap"], mdns=c["node.mdns"],
             profile_provider=lambda: self.profile.to_json() if self.profile is not None else None,
             announce_interval_s=c["node.announce_interval_s"],
-            streams=StreamLimits(**c.values["streams"]))
+            streams=StreamLimits(**c.values["streams"]), dht=c["dht.mode"],
+            peer_exchange=c["node.peer_exchange"])
         await nursery.start(self.mesh.run)
 
         self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()
@@ -455,6 +456,7 @@ class Node:
             "metrics": self.metrics_url,
             "home": str(self.home.path),
             "storage": self.storage_json(),
+            "dht": self.mesh.mesh.dht_json() if self.mesh else {"mode": "off"},
             "reachability": self.mesh.mesh.reachability_json() if self.mesh else {
                 "status": "unknown", "observed_addrs": [], "relays": []},
         }

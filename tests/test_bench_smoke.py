@@ -16,6 +16,7 @@ BENCH = ROOT / "bench"
 # script -> the smallest arguments that still walk every code path it has
 SMOKE_ARGS: dict[str, list[str]] = {
     "bench_container.py": ["-n", "2"],
+    "bench_dht.py": ["--smoke"],
     "bench_exec.py": ["--rounds", "2"],
     "bench_forward.py": ["--smoke"],
     "bench_gang.py": ["--rounds", "1", "--sizes", "2"],

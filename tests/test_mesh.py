@@ -157,9 +157,10 @@ async def test_three_nodes_gossip_request_and_64mib():
 async def test_invalid_message_not_forwarded():
     """A -- B -- C in a line; B validates; C would see anything B forwarded."""
     topic = topics.orders("test")
-    a = create_mesh(Identity.generate(), cfg(peer_exchange=False))
-    b = create_mesh(Identity.generate(), cfg(peer_exchange=False))
-    c = create_mesh(Identity.generate(), cfg(peer_exchange=False))
+    # no peer exchange and no DHT (its join lookup would connect c to a): a line it stays
+    a = create_mesh(Identity.generate(), cfg(peer_exchange=False, dht="off"))
+    b = create_mesh(Identity.generate(), cfg(peer_exchange=False, dht="off"))
+    c = create_mesh(Identity.generate(), cfg(peer_exchange=False, dht="off"))
     bval = EnvelopeValidator()
     async with trio.open_nursery() as n:
         for m in (a, b, c):

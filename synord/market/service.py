@@ -29,6 +29,7 @@ from synord.protocols.admission import RANK
 from synord.protocols.envelope import EnvelopeValidator, now_ms, seal
 from synord.protocols.framing import FramedStream
 from synord.protocols.identity import b58decode
+from synord.protocols.kad import class_key
 from synord.protocols.mesh import envelope_validator
 from synord.protocols.negotiation import NegotiationError, Terms, Timeouts
 from synord.protocols.orders import Ask, Bid, Cancel
@@ -53,6 +54,8 @@ log = logging.getLogger("synord.market")
 
 ORDER_TYPES = ("ask", "bid", "cancel")
 REPUBLISH_FRACTION = 0.5  # re-announce asks when half their TTL has passed
+DHT_FIND_EVERY_S = 10.0  # a consumer with no candidate asks the DHT for a class's providers this often
+DHT_DIAL_PROVIDERS = 8  # ... and dials this many of those it finds
 
 
 class MarketService:
@@ -107,6 +110,8 @@ class MarketService:
         self._paced: dict[bytes, list] = {}  # peer -> [its negotiation message pacer, open streams]
         self._our_asks: list[Ask] = []
         self._subscribed: set[str] = set()
+        self._provided: set[str] = set()  # classes we announce in the DHT
+        self._dht_asked: dict[str, float] = {}  # class -> when we last looked its providers up
         self._republish = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.agreements = 0
@@ -196,6 +201,7 @@ class MarketService:
             env = seal(self.identity, "ask", ask.to_body(), ttl_ms=self.policy.ttl_ms)
             self.book.apply(env, now)  # our share includes our own asks
             await self._publish(ask.resource_class, env.encode())
+        self._provide_classes({a.resource_class for a in asks})
         gone = {a.id for a in self._our_asks} - {a.id for a in asks}
         for ask_id in gone:
             await self._cancel(next(a for a in self._our_asks if a.id == ask_id))
@@ -205,6 +211,27 @@ class MarketService:
         for ask in self._our_asks:
             await self._cancel(ask)
         self._our_asks = []
+        self._provide_classes(set())
+
+    def _provide_classes(self, classes: set[str]) -> None:
+        """Providers are found by class in the DHT: consumers not subscribed to a
+        class's order topic look them up there (`_find_class_providers`)."""
+        for cls in classes - self._provided:
+            self.mesh.provide(class_key(cls))
+        for cls in self._provided - classes:
+            self.mesh.unprovide(class_key(cls))
+        self._provided = set(classes)
+
+    async def _find_class_providers(self, cls: str) -> None:
+        """Dial the providers of ``cls`` the DHT knows: once connected they publish
+        their asks again (`_republish_for_newcomers`), and we hear them."""
+        found = await self.mesh.find_providers(class_key(cls))
+        connected = set(self.mesh.connected_peers())
+        fresh = [(p, addrs) for p, addrs in found if p != self.peer_id and p not in connected]
+        log.info("dht providers", extra={"class": cls, "found": len(found), "dialling": len(fresh)})
+        async with trio.open_nursery() as nursery:
+            for peer, addrs in fresh[:DHT_DIAL_PROVIDERS]:
+                nursery.start_soon(self.mesh.reach, peer, addrs)
 
     async def _cancel(self, ask: Ask) -> None:
         self.provider.withdraw(ask.id)
@@ -348,6 +375,11 @@ class MarketService:
         env = seal(self.identity, "bid", bid.to_body(), ttl_ms=60_000)
         self.book.apply(env, now_ms())
         await self._publish(needs.resource_class, env.encode())
+        cls, now = needs.resource_class, trio.current_time()
+        if (not self.candidates(needs) and self._nursery is not None
+                and (cls not in self._dht_asked or now - self._dht_asked[cls] >= DHT_FIND_EVERY_S)):
+            self._dht_asked[cls] = now  # not subscribed until now, or no one heard: ask the DHT
+            self._nursery.start_soon(self._find_class_providers, cls)
 
     async def negotiate(self, candidate: Candidate, needs: Needs) -> Terms:
         return await self.negotiate_any([candidate], needs)

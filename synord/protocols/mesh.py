@@ -77,6 +77,7 @@ class MeshConfig:
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     streams: StreamLimits = field(default_factory=StreamLimits)  # deadlines and caps for peers' streams
+    dht: str = "auto"  # Kademlia mode: auto | server | client | off (synord.protocols.kad.choose_mode)
 
 
 class Mesh(abc.ABC):
@@ -156,7 +157,37 @@ class Mesh(abc.ABC):
                     return True
                 except MeshError:
                     continue  # the next address may work
+        # none of them works (the peer moved, or we never knew it): ask the DHT
+        return peer_id in self.connected_peers() or await self.reach_moved(peer_id, per_addr_s)
+
+    async def reach_moved(self, peer_id: str, per_addr_s: float = 5.0) -> bool:
+        """Dial ``peer_id`` at the addresses the DHT knows for it now."""
+        for addr in await self.find_peer(peer_id):
+            with trio.move_on_after(per_addr_s):
+                try:
+                    await self.dial(addr)
+                    return True
+                except MeshError:
+                    continue  # the next address may work
         return peer_id in self.connected_peers()
+
+    # -- DHT (peer routing, providers); a backend without one finds nothing ------
+    async def find_peer(self, peer_id: str) -> list[str]:
+        """``peer_id``'s current dialable addresses, looked up in the DHT."""
+        return []
+
+    def provide(self, key: bytes) -> None:
+        """Announce in the DHT that we provide ``key`` (kept up until `unprovide`)."""
+
+    def unprovide(self, key: bytes) -> None:
+        """Stop announcing ``key``."""
+
+    async def find_providers(self, key: bytes, count: int = 20) -> list[tuple[str, list[str]]]:
+        """[(peer id, dialable addresses)] of the peers that provide ``key``."""
+        return []
+
+    def dht_json(self) -> dict:
+        return {"mode": "off"}
 
     def set_request_handler(self, protocol: str, handler: RequestHandler,
                             max_request: int = 64 * 1024 * 1024) -> None:

@@ -56,8 +56,10 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp import tcp as _libp2p_tcp
 
 from . import addrs as addr_policy
+from .dht import DHTMode, SynordDHT
 from .framing import FramedStream, StreamLimitError
 from .identity import Identity
+from .kad import choose_mode
 from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
                    StreamHandler, Validator, parse_px_reply)
 from .reachability import Reachability
@@ -68,6 +70,7 @@ log = logging.getLogger("synord.mesh")
 
 PEERSTORE_TTL_S = 3600
 PING_IDLE_S = 10.0  # an inbound ping stream silent this long is closed (as the library does)
+MOVED_LOOKUP_S = 8.0  # a stream to a peer not at its known addresses: DHT lookup + dial, at most
 PX_MAX_STRETCH = 16  # a settled node's periodic peer exchange: every px_interval_s x this at most
 
 _listen_errors: dict[int, str] = {}  # port -> why binding it failed last
@@ -345,6 +348,11 @@ class Libp2pMesh(Mesh):
         self.host.set_stream_handler(PING_ID, self._answer_pings)
         if cfg.peer_exchange:
             self.set_request_handler(PX_PROTOCOL, self._serve_px, max_request=1024)
+        self.dht: SynordDHT | None = None
+        mode = choose_mode(cfg.dht, "unknown", self._listen_ips())
+        if mode != "off":
+            self.dht = SynordDHT(self.host, mode, self.listen_addrs, budget=self.stream_budget,
+                                 seen_at=self.seen_at)
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -355,6 +363,8 @@ class Libp2pMesh(Mesh):
                     self._check_listening(listen)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
+                        if self.dht is not None:
+                            await nursery.start(self.dht.serve)
                         for addr in self.config.bootstrap:
                             nursery.start_soon(self._keep_connected, addr)
                         if self.config.peer_exchange:
@@ -516,6 +526,8 @@ class Libp2pMesh(Mesh):
     def _emit(self, event: PeerEvent) -> None:
         if event.kind == "connected":
             self._start_watch(event.peer_id)
+            if self.dht is not None and self._nursery is not None:
+                self._nursery.start_soon(self.dht.peer_connected, event.peer_id)
             self.autonat.peer_connected()
         elif event.kind == "disconnected":
             self.reachability.forget_observer(event.peer_id)  # its view of us is gone with it
@@ -610,9 +622,68 @@ class Libp2pMesh(Mesh):
         try:
             stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
-            raise MeshError(f"open {protocol} to {peer_id[:16]}: {type(exc).__name__}: {exc}") from None
+            # not connected and its known addresses failed: it may have moved (e.g. a
+            # consumer restarted elsewhere before its receipt came): ask the DHT, once
+            moved = False
+            if self.dht is not None and peer_id not in self.connected_peers():
+                with trio.move_on_after(MOVED_LOOKUP_S):
+                    moved = await self.reach_moved(peer_id)
+            if not moved:
+                raise MeshError(f"open {protocol} to {peer_id[:16]}: {type(exc).__name__}: {exc}") from None
+            try:
+                stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+            except Exception as exc2:
+                raise MeshError(f"open {protocol} to {peer_id[:16]}: {type(exc2).__name__}: {exc2}") from None
         guard = StreamGuard(None, peer_id, self.config.streams, inbound=False)
         return FramedStream(_RawStream(stream), remote_peer=peer_id, protocol=protocol, guard=guard)
+
+    # -- DHT: peer routing and providers (synord.protocols.dht) --------------------
+    def _listen_ips(self) -> list[str]:
+        ips = []
+        for a in self.config.listen:
+            for text in _expand_wildcard(multiaddr.Multiaddr(a)):
+                parts = text.split("/")
+                if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+                    ips.append(parts[2])
+        return ips
+
+    async def find_peer(self, peer_id: str) -> list[str]:
+        if self.dht is None or peer_id == self.peer_id:
+            return []
+        try:
+            return await self.dht.find_peer_addrs(peer_id)
+        except Exception as exc:  # a bad id, a lookup that broke: nothing found
+            log.debug("find_peer %s: %s", peer_id[:16], exc)
+            return []
+
+    def provide(self, key: bytes) -> None:
+        if self.dht is not None:
+            self.dht.provide_key(key)
+
+    def unprovide(self, key: bytes) -> None:
+        if self.dht is not None:
+            self.dht.unprovide_key(key)
+
+    async def find_providers(self, key: bytes, count: int = 20) -> list[tuple[str, list[str]]]:
+        if self.dht is None:
+            return []
+        try:
+            return await self.dht.find_providers_of(key, count)
+        except Exception as exc:
+            log.debug("find_providers: %s", exc)
+            return []
+
+    async def set_reachability(self, reachability: str) -> None:
+        """AutoNAT's verdict (public / private / unknown) moves `[dht] mode = auto`
+        between server and client mode."""
+        if self.dht is None:
+            return
+        mode = choose_mode(self.config.dht, reachability, self._listen_ips())
+        if mode != self.dht.mode_name and mode in ("server", "client"):
+            await self.dht.switch_mode(DHTMode.SERVER if mode == "server" else DHTMode.CLIENT)
+
+    def dht_json(self) -> dict:
+        return self.dht.info_json() if self.dht is not None else {"mode": "off"}
 
     # -- health: drop frozen peers --------------------------------------------
     async def _answer_pings(self, stream) -> None:

@@ -198,6 +198,8 @@ class AutoNAT(AutoNATService):
                 log.info("reachability %s (%s)", self.state.status(time.time()),
                          ", ".join(f"{v.server[:12]} {v.result}"
                                    for v in self.state.votes.values()))
+                # [dht] mode = auto follows it: server when public, client behind NAT
+                await self.mesh.set_reachability(self.state.status(time.time()))
             with trio.move_on_after(self.state.wait_s(time.time())):
                 await self._connected.wait()
             if self._connected.is_set():
