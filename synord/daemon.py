@@ -119,6 +119,7 @@ class Node:
         self.metrics_url: str | None = None  # the token-less /metrics listener, when configured
         self.profile = None  # hwprobe.CapabilityProfile once probed
         self.mesh = None  # MeshService once started
+        self.relay = None  # synord.relay.RelayService once the mesh runs
         self.market = None  # MarketService
         self.provider_jobs = None  # ProviderJobs
         self.gpu = None  # synord.gpu_devices.GpuNode
@@ -259,6 +260,11 @@ class Node:
             announce_interval_s=c["node.announce_interval_s"],
             streams=StreamLimits(**c.values["streams"]))
         await nursery.start(self.mesh.run)
+        if hasattr(self.mesh.mesh, "host"):  # libp2p: circuit relay + hole punching (synord.relay)
+            from .relay import RelayService, RelaySettings
+            self.relay = RelayService(self.mesh.mesh, RelaySettings.from_config(c.values["relay"]),
+                                      reachability=self._reachability)
+            await nursery.start(self.relay.run)
 
         self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()
                          if av.get("available") and kind in c["runtimes.enabled"]}
@@ -421,6 +427,12 @@ class Node:
 
     # ---- API surface ---------------------------------------------------------------
 
+    def _reachability(self) -> str:
+        """public / private / unknown (AutoNAT, when the daemon has it)."""
+        reach = getattr(self, "reachability", None)
+        state = getattr(reach, "state", None)
+        return state if isinstance(state, str) else "unknown"
+
     def listen_addrs(self) -> list[str]:
         return self.mesh.listen_addrs() if self.mesh else []
 
@@ -440,6 +452,7 @@ class Node:
             "metrics": self.metrics_url,
             "home": str(self.home.path),
             "storage": self.storage_json(),
+            "relay": self.relay.status_json() if self.relay else None,
         }
 
     async def probe_json(self, bench: bool = False) -> dict:
