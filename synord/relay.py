@@ -100,14 +100,13 @@ class RelayService:
         out: list[str] = []
         me = self.mesh.peer_id
         for relay in self.machine.held(trio.current_time()):
-            out.extend(circuit_addrs(relay, _direct(self.mesh.peer_addrs(relay)), me)[:2])
+            out.extend(circuit_addrs(relay, self._relay_addrs(relay), me)[:2])
         return out
 
     def relays_json(self) -> list[dict]:
         """For status: reachability.relays."""
         now = trio.current_time()
-        return [dict(r, addrs=circuit_addrs(r["peer_id"], _direct(self.mesh.peer_addrs(r["peer_id"])),
-                                            self.mesh.peer_id)[:2])
+        return [dict(r, addrs=circuit_addrs(r["peer_id"], self._relay_addrs(r["peer_id"]), self.mesh.peer_id)[:2])
                 for r in self.machine.to_json(now)]
 
     def status_json(self) -> dict:
@@ -188,6 +187,18 @@ class RelayService:
             self.machine.failed(relay, now)
         self._wake.set()
 
+    def _relay_addrs(self, relay: str) -> list[str]:
+        """Where others reach ``relay``: its advertised addresses, else the address our
+        own connection to it goes to (a relay listening on 0.0.0.0 may advertise only that)."""
+        addrs = _direct(self.mesh.peer_addrs(relay))
+        if addrs:
+            return addrs
+        try:
+            conns = self.host.get_network().get_connections(ID.from_base58(relay))
+            return _direct([str(a) for c in conns for a in c.get_transport_addresses()])
+        except Exception:
+            return []
+
     # -- dialling through relays ------------------------------------------------
     def _candidate_circuits(self, peer: str, addrs: list[str]) -> list[str]:
         """The circuit addresses we were given for ``peer``, then one through each relay
@@ -198,7 +209,7 @@ class RelayService:
             r["peer_id"] for r in self.machine.to_json(trio.current_time()) if r["connected"]]
         for relay in dict.fromkeys(relays):
             if relay not in seen and relay != peer:
-                out.extend(circuit_addrs(relay, _direct(self.mesh.peer_addrs(relay)), peer)[:1])
+                out.append(f"/p2p/{relay}/p2p-circuit/p2p/{peer}")  # we are connected to it
                 seen.add(relay)
         return out
 
@@ -215,8 +226,9 @@ class RelayService:
                 log.debug("relayed dial %s via %s: %s", peer[:16], addr, exc)
                 continue
             log.info("connected to %s through relay %s", peer[:16], split_circuit(addr)[0][:16])
-            self._relayed[peer] = trio.current_time()
+            now = self._relayed[peer] = trio.current_time()
             if self._nursery is not None:
+                self._nursery.start_soon(self._watch_punch, peer, now)
                 self._nursery.start_soon(self._punch, pid)
             return True
         return bool(self.host.get_network().get_connections(pid))
@@ -238,6 +250,7 @@ class RelayService:
             if ev.kind == "connected":
                 if self.mesh.relayed_only(ev.peer_id):
                     self._relayed[ev.peer_id] = now
+                    self._nursery.start_soon(self._watch_punch, ev.peer_id, now)
                 elif self.client_active():
                     self._nursery.start_soon(self._rescan_soon)  # a relay, once identify told us
                 continue
@@ -246,6 +259,20 @@ class RelayService:
             since = self._relayed.pop(ev.peer_id, None)
             if since is not None and now - since < REDIAL_WINDOW_S and ev.peer_id not in self._redialing:
                 self._nursery.start_soon(self._redial, ev.peer_id)
+
+    async def _watch_punch(self, peer: str, since: float) -> None:
+        """Once a relayed peer is also directly connected, the punch is over: a later
+        disconnect is a real one (or the other side's choice) and is not re-dialled."""
+        with trio.move_on_after(REDIAL_WINDOW_S):
+            while self._relayed.get(peer) == since:
+                if peer in self.mesh.connected_peers() and not self.mesh.relayed_only(peer):
+                    self._relayed.pop(peer, None)
+                    return
+                await trio.sleep(0.25)
+
+    def dropping(self, peer: str) -> None:
+        """We are about to disconnect ``peer`` on purpose: do not re-dial it."""
+        self._relayed.pop(peer, None)
 
     async def _rescan_soon(self) -> None:
         for delay in (0.2, 0.8):
