@@ -5,7 +5,8 @@
         b = cluster.start("b", bootstrap=a.p2p_addrs())
         b.get("/v1/peers")
 
-Every daemon listens on loopback only, with mDNS off. Teardown stops them
+Every daemon listens on loopback only, with mDNS off, unless started inside a network
+namespace of the NAT testbed (``netns=``, tests/netlab.py). Teardown stops them
 (SIGTERM, then SIGKILL after a deadline) and reaps them.
 """
 
@@ -120,12 +121,20 @@ class DaemonCluster:
         return home
 
     def spawn(self, name: str, bootstrap: list[str] | None = None, config: str = "",
-              extra_args: list[str] | None = None, env: dict | None = None) -> DaemonProcess:
+              extra_args: list[str] | None = None, env: dict | None = None,
+              netns: str | None = None, listen: str = "/ip4/127.0.0.1/tcp/0",
+              mdns: bool = False) -> DaemonProcess:
+        """``netns``: run the daemon inside that network namespace (tests/netlab.py); its control
+        API is then a unix socket in its home, which the client and CLI reach from anywhere."""
         home = self.base / name
         if not (home / "identity.key").exists():
             self.init_home(name, config)
-        args = [*SYNORD, "--home", str(home), "daemon", "--listen", "/ip4/127.0.0.1/tcp/0",
-                "--api", "127.0.0.1:0", "--no-mdns"]
+        api = f"unix:{home / 'api.sock'}" if netns else "127.0.0.1:0"
+        args = [*SYNORD, "--home", str(home), "daemon", "--listen", listen, "--api", api]
+        if not mdns:
+            args.append("--no-mdns")
+        if netns:
+            args = ["ip", "netns", "exec", netns, *args]  # ip execs: the pid stays the daemon's
         for b in bootstrap or []:
             args += ["--bootstrap", b]
         args += extra_args or []

@@ -11,3 +11,15 @@ def cluster(tmp_path):
     from daemons import DaemonCluster
     with DaemonCluster(tmp_path) as c:
         yield c
+
+
+@pytest.fixture
+def netlab():
+    """The NAT testbed of network namespaces (tests/netlab.py), torn down also on failure;
+    skips with the reason where the machine cannot build it (not root, no iproute2/iptables)."""
+    from netlab import NetLab, unavailable_reason
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with NetLab() as lab:
+        yield lab
