@@ -14,6 +14,7 @@ It plugs into `synord.protocols.p2p.Libp2pMesh` through ``mesh.circuit``
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -61,6 +62,46 @@ class RelaySettings:
         return cls(**section)
 
 
+def _public(addr) -> bool:
+    """Worth dialling for a hole punch: a public IP (never 0.0.0.0, loopback, or a private
+    address, which behind another NAT means some other machine, or ourselves)."""
+    text = str(addr)
+    if is_circuit(text):
+        return False
+    parts = text.split("/")
+    for i, proto in enumerate(parts[:-1]):
+        if proto in ("ip4", "ip6"):
+            try:
+                ip = ipaddress.ip_address(parts[i + 1])
+            except ValueError:
+                return False
+            # 198.18/15 (benchmarking) is the testbed's "internet": Python calls it private
+            return ip.is_global or ip in _BENCH_NET
+    return False
+
+
+_BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
+
+
+class _DCUtR(DCUtRProtocol):
+    """DCUtR that dials only public addresses: the library dials every address in the
+    peerstore (identify lists the peer's LAN and 0.0.0.0 listen addresses), and the
+    peer's CONNECT message may carry any address at all."""
+
+    async def _dial_peer(self, peer_id: ID, addr, *args, **kwargs) -> None:
+        # every punch dial passes here; the library adds all peerstore addresses
+        # (identify's LAN and 0.0.0.0 listen addresses) to the peer's own
+        if _public(addr):
+            await super()._dial_peer(peer_id, addr, *args, **kwargs)
+
+    def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[multiaddr.Multiaddr]:
+        addrs = super()._decode_observed_addrs(addr_bytes)
+        kept = [a for a in addrs if _public(a)]
+        if len(kept) < len(addrs):
+            REFUSALS.count("dcutr", "non-public-addr", len(addrs) - len(kept))
+        return kept
+
+
 class RelayService:
     def __init__(self, mesh, settings: RelaySettings | None = None,
                  reachability: Callable[[], str] = lambda: "unknown"):
@@ -75,7 +116,7 @@ class RelayService:
         # STOP only: the library's client role makes a reservation before every dial
         self.transport = CircuitV2Transport(self.host, self.protocol, RelayConfig(
             roles=RelayRole.STOP, limits=limits))
-        self.dcutr = DCUtRProtocol(self.host, dial_timeout=5)
+        self.dcutr = _DCUtR(self.host, dial_timeout=5)
         self.machine = RelayClientMachine(want=s.reservations)
         self.hop_serving = False
         self._relayed: dict[str, float] = {}   # peer -> when we last got a relayed connection to it
