@@ -120,8 +120,6 @@ async def main() -> None:
     ap.add_argument("--hop", default="auto")
     ap.add_argument("--enabled", default="on")
     args = ap.parse_args()
-    if os.environ.get("NATPEER_DIALLOG"):
-        sys.path.insert(0, "/tmp/relay_scratch"); import dialog  # noqa
     from synord.protocols.p2p import Libp2pMesh
     from synord.relay import RelayService, RelaySettings
     mesh = Libp2pMesh(Identity.generate(), MeshConfig(listen=[args.listen], bootstrap=args.bootstrap,
