@@ -262,8 +262,7 @@ class Node:
         await nursery.start(self.mesh.run)
         if hasattr(self.mesh.mesh, "host"):  # libp2p: circuit relay + hole punching (synord.relay)
             from .relay import RelayService, RelaySettings
-            self.relay = RelayService(self.mesh.mesh, RelaySettings.from_config(c.values["relay"]),
-                                      reachability=self._reachability)
+            self.relay = RelayService(self.mesh.mesh, RelaySettings.from_config(c.values["relay"]))
             await nursery.start(self.relay.run)
 
         self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()
@@ -380,8 +379,13 @@ class Node:
         for kind, av in sorted((self.profile.runtimes if self.profile else {}).items()):
             checks.append({"name": f"runtime.{kind}", "ok": bool(av.get("available")),
                            "reason": av.get("reason")})
-        return {"ok": all(c["ok"] for c in checks if not c["name"].startswith("runtime.")),
-                "checks": checks}
+        network = self.mesh.mesh.reachability_json() if self.mesh else {}
+        if self.mesh:
+            from synord.netdoctor import network_checks
+            checks += network_checks(network)  # they explain; they do not fail the doctor
+        return {"ok": all(c["ok"] for c in checks
+                          if not c["name"].startswith(("runtime.", "network."))),
+                "checks": checks, "network": network}
 
     # ---- capability profile ------------------------------------------------------
 
@@ -427,12 +431,6 @@ class Node:
 
     # ---- API surface ---------------------------------------------------------------
 
-    def _reachability(self) -> str:
-        """public / private / unknown (AutoNAT, when the daemon has it)."""
-        reach = getattr(self, "reachability", None)
-        state = getattr(reach, "state", None)
-        return state if isinstance(state, str) else "unknown"
-
     def listen_addrs(self) -> list[str]:
         return self.mesh.listen_addrs() if self.mesh else []
 
@@ -453,6 +451,8 @@ class Node:
             "home": str(self.home.path),
             "storage": self.storage_json(),
             "relay": self.relay.status_json() if self.relay else None,
+            "reachability": self.mesh.mesh.reachability_json() if self.mesh else {
+                "status": "unknown", "observed_addrs": [], "relays": []},
         }
 
     async def probe_json(self, bench: bool = False) -> dict:

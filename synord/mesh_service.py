@@ -25,6 +25,7 @@ import msgpack
 import trio
 
 from synord.protocols import caps, topics
+from synord.protocols.addrs import broadcastable
 from synord.protocols.envelope import MAX_ENVELOPE_BYTES, Envelope, EnvelopeValidator
 from synord.protocols.identity import Identity
 from synord.protocols.mesh import Mesh, MeshConfig, envelope_validator, protocol_id
@@ -147,7 +148,9 @@ class MeshService:
         profile = self.profile_provider() or {}
         offer = self.offer_provider() if self.offer_provider else (
             profile.get("offer") or profile.get("offerable") or {})
-        env = caps.make_caps(self.identity, profile, offer, self.listen_addrs(), self._seq.next())
+        # gossip reaches every LAN: no private or loopback address in it (synord.protocols.addrs)
+        env = caps.make_caps(self.identity, profile, offer, broadcastable(self.listen_addrs()),
+                             self._seq.next())
         data = env.encode()
         self._own = data
         self._own_ready.set()

@@ -14,7 +14,6 @@ It plugs into `synord.protocols.p2p.Libp2pMesh` through ``mesh.circuit``
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
+from synord.protocols import addrs as addr_policy
 from synord.protocols.mesh import MeshError
 from synord.protocols.refusals import REFUSALS
 from synord.protocols.relayclient import RelayClientMachine, circuit_addrs, is_circuit, split_circuit
@@ -63,24 +63,10 @@ class RelaySettings:
 
 
 def _public(addr) -> bool:
-    """Worth dialling for a hole punch: a public IP (never 0.0.0.0, loopback, or a private
-    address, which behind another NAT means some other machine, or ourselves)."""
+    """Worth dialling for a hole punch: a public address (never 0.0.0.0, loopback, or a
+    private one, which behind another NAT means some other machine, or ourselves)."""
     text = str(addr)
-    if is_circuit(text):
-        return False
-    parts = text.split("/")
-    for i, proto in enumerate(parts[:-1]):
-        if proto in ("ip4", "ip6"):
-            try:
-                ip = ipaddress.ip_address(parts[i + 1])
-            except ValueError:
-                return False
-            # 198.18/15 (benchmarking) is the testbed's "internet": Python calls it private
-            return ip.is_global or ip in _BENCH_NET
-    return False
-
-
-_BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
+    return not is_circuit(text) and addr_policy.scope(text) == addr_policy.PUBLIC
 
 
 class _DCUtR(DCUtRProtocol):
@@ -104,11 +90,12 @@ class _DCUtR(DCUtRProtocol):
 
 class RelayService:
     def __init__(self, mesh, settings: RelaySettings | None = None,
-                 reachability: Callable[[], str] = lambda: "unknown"):
+                 reachability: Callable[[], str] | None = None):
         self.mesh = mesh
         self.host = mesh.host
         self.settings = s = settings or RelaySettings()
-        self.reachability = reachability
+        # public / private / unknown: AutoNAT's verdict (synord.protocols.reachability)
+        self.reachability = reachability or (lambda: mesh.reachability.status(time.time()))
         limits = RelayLimits(duration=s.circuit_duration_s, data=s.circuit_bytes,
                              max_circuit_conns=s.max_circuits, max_reservations=s.max_reservations,
                              reservation_ttl=s.reservation_ttl_s)
@@ -177,6 +164,7 @@ class RelayService:
                 for relay in self.machine.due(now):
                     self.machine.started(relay)
                     self._nursery.start_soon(self._reserve, relay)
+            self.mesh.set_relays(self.own_addrs())  # status: reachability.relays
             wake = min(now + SCAN_S, self.machine.next_wakeup(now))
             with trio.move_on_at(wake):
                 await self._wake.wait()

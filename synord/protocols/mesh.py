@@ -131,6 +131,10 @@ class Mesh(abc.ABC):
     @abc.abstractmethod
     async def open_stream(self, peer_id: str, protocol: str) -> FramedStream: ...
 
+    def reachability_json(self) -> dict:
+        """Whether the internet reaches this node (AutoNAT), for `status` and `doctor`."""
+        return {"status": "unknown", "observed_addrs": [], "relays": []}
+
     def dialable_addrs(self, peer_id: str) -> list[str]:
         """``peer_id``'s known addresses as full multiaddrs (ending in /p2p/<id>),
         for handing to another node or keeping across a restart."""

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import socket
+import time
 from collections import OrderedDict
 
 # Yamux sends ~3 window updates per data frame otherwise (~20% CPU). Read at call time.
@@ -54,7 +55,10 @@ from libp2p.stream_muxer.yamux import yamux as _libp2p_yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp import tcp as _libp2p_tcp
 
+from . import addrs as addr_policy
 from .framing import FramedStream, StreamLimitError
+from .reachability import Reachability
+from .refusals import REFUSALS
 from .identity import Identity
 from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
                    StreamHandler, Validator, parse_px_reply)
@@ -222,14 +226,59 @@ def _is_relayed(conn) -> bool:
 
 
 def _expand_wildcard(addr: multiaddr.Multiaddr) -> list[str]:
-    """/ip4/0.0.0.0/... is not dialable: list it once per local IPv4 address."""
+    """/ip4/0.0.0.0/... is not dialable: list it once per local IPv4 address (none at all
+    when the host has no IPv4 address: a wildcard never leaves the node)."""
     text = str(addr)
     if "/ip4/0.0.0.0/" not in text:
-        return [text]
+        return [text] if addr_policy.dialable(text) else []
     import psutil
     ips = sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
                   if a.family == socket.AF_INET})
-    return [text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in ips] or [text]
+    return [text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in ips]
+
+
+def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """The host's addrs_factory: listen + observed addresses, wildcards expanded, so that
+    identify, AutoNAT, DCUtR and mDNS never hand out 0.0.0.0."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in candidates:
+        for text in _expand_wildcard(addr):
+            ma = multiaddr.Multiaddr(text)
+            if ma not in out:
+                out.append(ma)
+    return out
+
+
+def _identify_for_peer(mk_identify):
+    """py-libp2p's identify hands every listen address to every peer. The observed address
+    it is given is where we see the asking peer: keep only what that peer may be told
+    (synord.protocols.addrs), and drop the signed peer record (it lists them all)."""
+    def mk(host, observed_multiaddr):
+        msg = mk_identify(host, observed_multiaddr)
+        seen = str(observed_multiaddr) if observed_multiaddr is not None else None
+        if seen is not None and "/p2p-circuit" in seen:
+            seen = None  # relayed: the address is the relay's, not the peer's
+        keep = []
+        for raw in msg.listen_addrs:
+            try:
+                text = str(multiaddr.Multiaddr(bytes(raw)))
+            except Exception:
+                continue
+            if addr_policy.may_tell(text, seen):
+                keep.append(bytes(raw))
+        if len(keep) != len(msg.listen_addrs):
+            del msg.listen_addrs[:]
+            msg.listen_addrs.extend(keep)
+            msg.ClearField("signedPeerRecord")
+        return msg
+    mk.synord_filtered = True
+    return mk
+
+
+def _install_identify_filter() -> None:
+    from libp2p.identity.identify import identify as _identify
+    if not getattr(_identify._mk_identify_protobuf, "synord_filtered", False):
+        _identify._mk_identify_protobuf = _identify_for_peer(_identify._mk_identify_protobuf)
 
 
 class _LeanGossipSub(GossipSub):
@@ -278,10 +327,19 @@ class Libp2pMesh(Mesh):
         self.host = new_host(
             key_pair=key_pair, sec_opt=self._sec_opt, muxer_opt={TProtocol(YAMUX_ID): Yamux},
             listen_addrs=[multiaddr.Multiaddr(a) for a in cfg.listen],
-            enable_mDNS=cfg.mdns, connection_config=conn_cfg,
-            # identify's observed addresses: DCUtR punches to them (else it dials 0.0.0.0)
-            disable_identify_address_discovery=False,
+            # mDNS is started by us once listening (see _mdns_loop): the library's would
+            # advertise the unexpanded 0.0.0.0 listen address, which LAN peers dial in vain
+            enable_mDNS=False, connection_config=conn_cfg,
+            addrs_factory=_advertised,  # identify's observed addresses on (DCUtR needs them)
         )
+        _install_identify_filter()
+        self.mdns_addrs: list[str] = []  # what mDNS advertises on the LAN
+        self.dials: dict[str, int] = {}  # scope (synord.protocols.addrs) -> dials attempted
+        self._guard_dials()
+        from .p2p_autonat import AutoNAT  # needs self.host
+        self.reachability = Reachability()
+        self.autonat = AutoNAT(self, self.reachability)
+        self.relays: list[str] = []  # circuit addresses in use, set by the relay client
         if self.host.get_id().to_base58() != identity.peer_id:
             raise MeshError("libp2p derived a different peer id from our key")
         self.router = _LeanGossipSub(
@@ -321,6 +379,7 @@ class Libp2pMesh(Mesh):
                             nursery.start_soon(self._keep_connected, addr)
                         if self.config.peer_exchange:
                             nursery.start_soon(self._px_loop)
+                        nursery.start_soon(self.autonat.run)
                         for pid in self.host.get_connected_peers():
                             self._start_watch(pid.to_base58())
                         if self.config.mdns:
@@ -384,7 +443,66 @@ class Libp2pMesh(Mesh):
             addrs = self.host.get_peerstore().addrs(ID.from_base58(peer_id))
         except Exception:
             return []
-        return [str(a) for a in addrs if "/ip4/0.0.0.0/" not in str(a)]
+        return addr_policy.dial_candidates([str(a) for a in addrs])
+
+    def set_relays(self, addrs: list[str]) -> None:
+        """The relay client's hook: our /p2p-circuit addresses in use (status, doctor)."""
+        self.relays = list(addrs)
+
+    def reachability_json(self) -> dict:
+        """`status --json` reachability and what `doctor` explains it from."""
+        listen = self.listen_addrs()
+        local_ips = [ip for ip in (addr_policy.ip_of(a) for a in listen) if ip]
+        out = self.reachability.to_json(time.time(), local_ips)
+        connected = set(self.connected_peers())
+        out.update({
+            "relays": list(self.relays),
+            "listen_addrs": listen,
+            "mdns": {"enabled": self.config.mdns, "advertised": list(self.mdns_addrs),
+                     "lan_peers": sum(1 for p in connected if addr_policy.scope_of_ip(
+                         self.seen_at(p) or "") == addr_policy.PRIVATE)},
+            "bootstrap": [{"addr": a, "connected": a.rsplit("/p2p/", 1)[-1] in connected}
+                          for a in self.config.bootstrap],
+            "dials": dict(self.dials),
+            "autonat_served": self.autonat.served,
+        })
+        return out
+
+    def seen_at(self, peer_id: str) -> str | None:
+        """The IP a connected peer's (direct) connection comes from; None if relayed or gone."""
+        try:
+            conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return None
+        for conn in conns or []:
+            muxed = getattr(conn, "muxed_conn", None)
+            try:
+                if any("/p2p-circuit" in str(a) for a in muxed.get_transport_addresses()):
+                    continue
+                remote = muxed.get_remote_address()
+            except Exception:
+                continue
+            if remote:
+                return remote[0]
+        return None
+
+    def _guard_dials(self) -> None:
+        """Every dial of the host (ours, the library's: identify, DCUtR, AutoNAT) passes
+        here: never 0.0.0.0/::, each one logged and counted by scope."""
+        network = self.host.get_network()
+        dial_one = network._dial_addr_single_attempt  # py-libp2p 0.8.1's single choke point
+
+        async def guarded(addr, peer_id, source=None):
+            text = str(addr)
+            kind = addr_policy.scope(text)
+            if kind == addr_policy.UNSPECIFIED:
+                REFUSALS.count("dial", "unspecified-address")
+                raise MeshError(f"refusing to dial unspecified address {text}")
+            self.dials[kind] = self.dials.get(kind, 0) + 1
+            log.debug("dial %s", text)
+            return await dial_one(addr, peer_id, source)
+
+        network._dial_addr_single_attempt = guarded
 
     async def dial(self, addr: str) -> str:
         try:
@@ -628,11 +746,13 @@ class Libp2pMesh(Mesh):
 
     async def _serve_px(self, peer_id: str, payload: bytes) -> bytes:
         peers = []
+        asker_at = self.seen_at(peer_id)
         for p in self.host.get_connected_peers():
             pid = p.to_base58()
             if pid == peer_id:
                 continue
-            addrs = self.peer_addrs(pid)
+            # never a private address learnt behind one router to a peer behind another
+            addrs = addr_policy.tell_about(self.peer_addrs(pid), asker_at, self.seen_at(pid))
             if addrs:
                 peers.append([pid, addrs[:8]])
             if len(peers) >= PX_MAX_PEERS:
@@ -683,8 +803,10 @@ class Libp2pMesh(Mesh):
             return
         try:
             pid = ID.from_base58(peer_id)
-            maddrs = [multiaddr.Multiaddr(a) for a in addrs]
+            maddrs = [multiaddr.Multiaddr(a) for a in addr_policy.dial_candidates(addrs)]
         except Exception:
+            return
+        if not maddrs:
             return
         if self.host.get_network().get_connections(pid):
             return
@@ -724,12 +846,39 @@ class Libp2pMesh(Mesh):
                 pass
 
         peerDiscovery.register_peer_discovered_handler(on_found)
-        task_status.started()
+        mdns = None
         try:
+            mdns = await trio.to_thread.run_sync(self._start_mdns)
+            task_status.started()
             async for info in recv:
                 self._consider(info.peer_id.to_base58(), [str(a) for a in info.addrs])
         finally:
             peerDiscovery.unregister_peer_discovered_handler(on_found)
+            if mdns is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await trio.to_thread.run_sync(self._stop_mdns, mdns, abandon_on_cancel=True)
+
+    def _start_mdns(self):
+        """Advertise our expanded, non-loopback addresses (LAN peers may have private ones:
+        mDNS stays on the LAN). Blocking (zeroconf probes): runs on a worker thread."""
+        from libp2p.discovery.mdns.mdns import create_mdns_discovery
+        mine = [a.split("/p2p/")[0] for a in self.listen_addrs()
+                if addr_policy.scope(a) not in (addr_policy.LOOPBACK, addr_policy.UNSPECIFIED)]
+        self.mdns_addrs = mine
+        mdns = create_mdns_discovery(self.host.get_network(), listen_addrs=mine)
+        mdns.synord_registered = bool(mine)
+        if mine:  # a loopback-only node has nothing to tell the LAN; it still listens
+            mdns.broadcaster.register()
+        return mdns
+
+    @staticmethod
+    def _stop_mdns(mdns) -> None:
+        try:
+            if mdns.synord_registered:
+                mdns.broadcaster.unregister()
+            mdns.listener.stop()
+        finally:
+            mdns.zeroconf.close()
 
 
 def create_mesh(identity: Identity, config: MeshConfig) -> Mesh:
