@@ -22,8 +22,8 @@ from typing import Callable
 import multiaddr
 import trio
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2 import dcutr as _dcutr_mod
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID, CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -31,7 +31,6 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from synord.protocols import addrs as addr_policy
-from synord.protocols.mesh import MeshError
 from synord.protocols.refusals import REFUSALS
 from synord.protocols.relayclient import RelayClientMachine, circuit_addrs, is_circuit, split_circuit
 
@@ -67,6 +66,21 @@ def _public(addr) -> bool:
     private one, which behind another NAT means some other machine, or ourselves)."""
     text = str(addr)
     return not is_circuit(text) and addr_policy.scope(text) == addr_policy.PUBLIC
+
+
+def _bound_listen_addrs(host) -> list[tuple[int, str, int]]:
+    """What the sockets are bound to (0.0.0.0:4001), not what we advertise: the library
+    binds hole-punch dials to the first advertised address, which once wildcards are
+    expanded (synord.protocols.p2p) is 127.0.0.1, and a SYN from there never leaves."""
+    out = []
+    for addr in host.get_transport_addrs():
+        parsed = None if is_circuit(str(addr)) else _dcutr_mod._tcp_ip_port(addr)
+        if parsed is not None:
+            out.append(parsed)
+    return out
+
+
+_dcutr_mod._local_tcp_listen_addrs = _bound_listen_addrs
 
 
 class _DCUtR(DCUtRProtocol):

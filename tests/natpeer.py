@@ -121,7 +121,15 @@ async def main() -> None:
     ap.add_argument("--bootstrap", action="append", default=[])
     ap.add_argument("--hop", default="auto")
     ap.add_argument("--enabled", default="on")
+    ap.add_argument("--debug", action="append", default=[], help="a logger to log at debug level, on stderr")
     args = ap.parse_args()
+    if args.debug:
+        import logging
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        for name in args.debug:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+            if name.startswith("libp2p"):  # the library's loggers do not propagate to the root
+                logging.getLogger(name).addHandler(logging.getLogger().handlers[0])
     from synord.protocols.p2p import Libp2pMesh
     from synord.relay import RelayService, RelaySettings
     mesh = Libp2pMesh(Identity.generate(), MeshConfig(listen=[args.listen], bootstrap=args.bootstrap,
