@@ -153,7 +153,9 @@ class RelayService:
 
     def status_json(self) -> dict:
         return {"hop": self.hop_serving, "client": self.client_active(), "relays": self.relays_json(),
-                "hole_punches": dict(self.punches)}
+                "hole_punches": dict(self.punches),
+                # connected peers we reach only through a relay (no hole punched, or not yet)
+                "relayed_peers": sorted(p for p in self.mesh.connected_peers() if self.mesh.relayed_only(p))}
 
     # -- running -------------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
