@@ -339,5 +339,8 @@ class RelayService:
 
 
 def _direct(addrs: list[str]) -> list[str]:
-    return [a for a in addrs if not is_circuit(a) and "/ip4/0.0.0.0/" not in a]
+    """A relay's addresses worth putting in a circuit address others dial: not a circuit,
+    not 0.0.0.0 or loopback (a peer elsewhere would dial itself)."""
+    return [a for a in addrs if not is_circuit(a) and addr_policy.scope(a) not in (
+        addr_policy.UNSPECIFIED, addr_policy.LOOPBACK)]
 

@@ -1,7 +1,8 @@
 """Every job path across NATs, on the testbed (tests/netlab.py): real daemons inside network
 namespaces.  One topology for the module:
 
-    anchor1, anchor2     public; circuit relays (hop forced on: AutoNAT takes a while to say public)
+    anchor1, anchor2     public; circuit relays (hop forced on: AutoNAT takes a while to say
+                         public); they sell nothing
     a1  behind natA      the consumer (contributes nothing)
     a2  behind natA      provider
     b1  behind natB      provider
@@ -16,11 +17,11 @@ from __future__ import annotations
 import pytest
 
 from daemons import DaemonCluster, wait_for
-from jobs_helpers import (CONSUMER_ONLY, COUNTER_WASM, PROBE_WASM, ensure_assets, job, output,
+from jobs_helpers import (CONSUMER_ONLY, COUNTER_WASM, PROBE_WASM, ensure_assets, output,
                           providers_in_book, reference_run, submit, wait_job)
 
 LISTEN = "/ip4/0.0.0.0/tcp/4001"
-ANCHOR = '[relay]\nhop = "on"\n'
+ANCHOR = '[relay]\nhop = "on"\n' + CONSUMER_ONLY  # relays; they sell nothing
 JOBS = "[jobs]\ncheckpoint_interval_s = 0.5\nlease_timeout_s = 5.0\n"
 ENV = ["-e", "COUNT=60", "-e", "WORK=20000000"]
 
