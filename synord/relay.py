@@ -31,6 +31,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from synord.protocols import addrs as addr_policy
+from synord.protocols.p2p import PEERSTORE_TTL_S
 from synord.protocols.refusals import REFUSALS
 from synord.protocols.relayclient import RelayClientMachine, circuit_addrs, is_circuit, split_circuit
 
@@ -305,11 +306,27 @@ class RelayService:
             if since is not None and now - since < REDIAL_WINDOW_S and ev.peer_id not in self._redialing:
                 self._nursery.start_soon(self._redial, ev.peer_id)
 
+    def _prune_lan_addrs(self, peer: str) -> None:
+        """A peer we reach through a relay is not on our LAN: its private and loopback
+        addresses (learnt from signed peer records the relay passes on) would have us
+        dial some other machine, or ourselves, and be handed on as its addresses."""
+        store, pid = self.host.get_peerstore(), ID.from_base58(peer)
+        try:
+            addrs = store.addrs(pid)
+        except Exception:
+            return
+        kept = [a for a in addrs if is_circuit(str(a)) or addr_policy.scope(str(a)) in (
+            addr_policy.PUBLIC, addr_policy.OTHER)]
+        if len(kept) < len(addrs):
+            store.clear_addrs(pid)
+            store.add_addrs(pid, kept, PEERSTORE_TTL_S)
+
     async def _watch_punch(self, peer: str, since: float) -> None:
         """Once a relayed peer is also directly connected, the punch is over: a later
         disconnect is a real one (or the other side's choice) and is not re-dialled."""
         with trio.move_on_after(REDIAL_WINDOW_S):
             while self._relayed.get(peer) == since:
+                self._prune_lan_addrs(peer)
                 if peer in self.mesh.connected_peers() and not self.mesh.relayed_only(peer):
                     self._relayed.pop(peer, None)
                     return
