@@ -255,7 +255,8 @@ class RelayService:
             r["peer_id"] for r in self.machine.to_json(trio.current_time()) if r["connected"]]
         for relay in dict.fromkeys(relays):
             if relay not in seen and relay != peer:
-                out.append(f"/p2p/{relay}/p2p-circuit/p2p/{peer}")  # we are connected to it
+                out.extend(circuit_addrs(relay, self._relay_addrs(relay), peer)[:1]
+                           or [f"/p2p/{relay}/p2p-circuit/p2p/{peer}"])  # we are connected to it
                 seen.add(relay)
         return out
 
@@ -271,6 +272,8 @@ class RelayService:
             except Exception as exc:
                 log.debug("relayed dial %s via %s: %s", peer[:16], addr, exc)
                 continue
+            finally:
+                self._drop_bare_addrs(split_circuit(addr))
             log.info("connected to %s through relay %s", peer[:16], split_circuit(addr)[0][:16])
             now = self._relayed[peer] = trio.current_time()
             if self._nursery is not None:
@@ -305,6 +308,22 @@ class RelayService:
             since = self._relayed.pop(ev.peer_id, None)
             if since is not None and now - since < REDIAL_WINDOW_S and ev.peer_id not in self._redialing:
                 self._nursery.start_soon(self._redial, ev.peer_id)
+
+    def _drop_bare_addrs(self, ids) -> None:
+        """The library's relayed dial files the relay under the circuit address's relay
+        part, a bare /p2p/<id> with no transport: the swarm then prefers it to the relay's
+        loopback address and cannot dial the relay at all (its own dial skips neither)."""
+        store = self.host.get_peerstore()
+        for peer in ids or ():
+            try:
+                pid = ID.from_base58(peer)
+                addrs = store.addrs(pid)
+            except Exception:
+                continue
+            kept = [a for a in addrs if is_circuit(str(a)) or not str(a).startswith("/p2p/")]
+            if len(kept) < len(addrs):
+                store.clear_addrs(pid)
+                store.add_addrs(pid, kept, PEERSTORE_TTL_S)
 
     def _prune_lan_addrs(self, peer: str) -> None:
         """A peer we reach through a relay is not on our LAN: its private and loopback
@@ -357,7 +376,9 @@ class RelayService:
 
 def _direct(addrs: list[str]) -> list[str]:
     """A relay's addresses worth putting in a circuit address others dial: not a circuit,
-    not 0.0.0.0 or loopback (a peer elsewhere would dial itself)."""
-    return [a for a in addrs if not is_circuit(a) and addr_policy.scope(a) not in (
-        addr_policy.UNSPECIFIED, addr_policy.LOOPBACK)]
+    not 0.0.0.0, and loopback only for a relay on loopback alone (a local test mesh):
+    a peer elsewhere would dial itself."""
+    out = [a for a in addrs if not is_circuit(a) and addr_policy.dialable(a)]
+    beyond = [a for a in out if addr_policy.scope(a) != addr_policy.LOOPBACK]
+    return beyond or out
 

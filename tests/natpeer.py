@@ -10,7 +10,7 @@ also probes hardware and starts sandboxes).  JSON lines on stdout, commands on s
     drop PEER            disconnect PEER -> {"ev":"dropped"}
     quit
 
-    python tests/natpeer.py --listen /ip4/0.0.0.0/tcp/4001 [--bootstrap ADDR] [--hop on]
+    python tests/natpeer.py --listen /ip4/0.0.0.0/tcp/4001 [--bootstrap ADDR] [--hop on] [--seed HEX]
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ async def main() -> None:
     ap.add_argument("--bootstrap", action="append", default=[])
     ap.add_argument("--hop", default="auto")
     ap.add_argument("--enabled", default="on")
+    ap.add_argument("--seed", help="hex of a 32-byte identity seed (a restarted peer keeps its id)")
     ap.add_argument("--debug", action="append", default=[], help="a logger to log at debug level, on stderr")
     args = ap.parse_args()
     if args.debug:
@@ -132,7 +133,8 @@ async def main() -> None:
                 logging.getLogger(name).addHandler(logging.getLogger().handlers[0])
     from synord.protocols.p2p import Libp2pMesh
     from synord.relay import RelayService, RelaySettings
-    mesh = Libp2pMesh(Identity.generate(), MeshConfig(listen=[args.listen], bootstrap=args.bootstrap,
+    identity = Identity.from_seed(bytes.fromhex(args.seed)) if args.seed else Identity.generate()
+    mesh = Libp2pMesh(identity, MeshConfig(listen=[args.listen], bootstrap=args.bootstrap,
                                                       mdns=False, peer_exchange=False))
     mesh.set_handler(SINK, sink, idle_deadline=False)
     relay = RelayService(mesh, RelaySettings(hop=args.hop, enabled=args.enabled,

@@ -516,6 +516,9 @@ class Libp2pMesh(Mesh):
         if info.peer_id == self.host.get_id():
             raise MeshError("refusing to dial ourselves")
         direct = [a for a in info.addrs if "/p2p-circuit" not in str(a)]
+        # the swarm refuses a peer for 60 s after one failed dial; our callers pace their
+        # own retries (a relay that restarted would otherwise stay unreachable for a minute)
+        self.host.get_network()._negative_peer_cache.evict(str(info.peer_id))
         try:
             if not direct and self.circuit is not None:
                 raise MeshError("no direct address")
