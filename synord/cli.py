@@ -112,8 +112,18 @@ def cmd_status(args) -> int:
         f"contributing {hz.yes_no(d['contributing'], d.get('why_not'))}",
         "storage      " + ("ok" if d.get("storage", {}).get("ok", True) else f"NOT OK: {d['storage']['reason']}"),
         "addrs        " + ("\n             ".join(d["addrs"]) or "-"),
+        "reachable    " + _reachable_line(d.get("reachability") or {}),
     ]))
     return 0
+
+
+def _reachable_line(r: dict) -> str:
+    line = r.get("status", "unknown")
+    if r.get("observed_addrs"):
+        line += " (seen at " + ", ".join(r["observed_addrs"]) + ")"
+    if r.get("relays"):
+        line += ", relays: " + ", ".join(r["relays"])
+    return line + ("" if line.startswith("public") else "; `synord doctor` says why")
 
 
 def cmd_doctor(args) -> int:

@@ -61,6 +61,7 @@ def test_a_private_address_learnt_behind_one_router_never_goes_to_another_lan():
     lo = ["/ip4/127.0.0.1/tcp/4002/p2p/C"]
     assert addrs.tell_about(lo, "127.0.0.1", "/ip4/127.0.0.1/tcp/4002") == lo
     assert addrs.tell_about(lo, "198.18.0.1", "127.0.0.1") == []
+    assert addrs.tell_about(lo, "127.0.0.1", None) == lo  # not connected to C right now
 
 
 def test_garbage_is_not_an_address_anybody_gets_confused_by():

@@ -181,7 +181,7 @@ def test_script_up_status_down():
 
 
 def test_a_daemon_runs_inside_a_lab_host_and_answers_its_cli(lab, cluster):
-    d = cluster.start("a1", netns=lab.ns("a1"), listen="/ip4/0.0.0.0/tcp/4001")
+    d = cluster.spawn("a1", netns=lab.ns("a1"), listen="/ip4/0.0.0.0/tcp/4001").wait_ready(90)
     assert d.status()["peer_id"]  # control API over the unix socket, from the root namespace
     assert "4001" in " ".join(d.p2p_addrs())
     assert d.cli("status", "--json").returncode == 0

@@ -43,6 +43,8 @@ def test_the_latest_vote_per_server_counts_and_old_votes_expire():
     r.record("s1", OK, 50); r.record("s2", OK, 50)  # the router got a port forward
     assert r.status(51) == PUBLIC
     assert r.status(151) == UNKNOWN  # stale: ask again
+    r.record("s3", ERROR, 200)
+    assert set(r.votes) == {"s3"}  # expired votes are dropped, not kept forever
 
 
 def test_unknown_result_is_a_bug_not_a_vote():
@@ -52,10 +54,26 @@ def test_unknown_result_is_a_bug_not_a_vote():
 
 def test_rounds_retry_fast_while_unknown_and_slowly_once_known():
     r = Reachability(min_votes=1, retry_s=20, recheck_s=300)
-    r.started_round(0)
-    assert not r.due(10) and r.due(20)
-    r.record("s1", OK, 21); r.started_round(21)
-    assert not r.due(200) and r.due(321)
+    cands = {"s1": "198.18.0.11"}
+    assert r.plan(cands, 0) == ["s1"]
+    assert r.plan(cands, 1) == []  # asked, no answer yet: not asked twice
+    r.record("s1", ERROR, 2)
+    assert r.plan(cands, 10) == [] and r.plan(cands, 20) == ["s1"]
+    r.record("s1", OK, 21)
+    assert r.status(21) == "public"
+    assert r.plan(cands, 200) == [] and r.plan(cands, 320) == ["s1"]
+
+
+def test_a_new_server_is_asked_at_once_while_unknown():
+    r = Reachability(min_votes=2, retry_s=20)
+    assert r.plan({"s1": "198.18.0.11"}, 0) == ["s1"]
+    r.record("s1", OK, 1)
+    # s2 connects a second later: no waiting for the retry interval
+    assert r.plan({"s1": "198.18.0.11", "s2": "198.18.0.12"}, 2) == ["s2"]
+    r.record("s2", OK, 3)
+    assert r.status(3) == PUBLIC
+    # known now: a third server waits for the recheck
+    assert r.plan({"s1": "198.18.0.11", "s2": "198.18.0.12", "s3": "198.18.0.2"}, 4) == []
 
 
 def test_servers_on_our_lan_or_behind_a_relay_are_not_asked():
@@ -103,3 +121,13 @@ def test_report():
     r.record("s1", OK, 5, "/ip4/198.18.0.11/tcp/4001")
     j = r.to_json(6)
     assert j["status"] == PUBLIC and j["votes"][0]["server"] == "s1" and j["votes_ok"] == 1
+
+
+def test_the_driver_sleeps_until_a_round_can_be_due():
+    r = Reachability(retry_s=10, recheck_s=300, min_votes=1)
+    assert r.wait_s(0) == 10  # nobody asked yet: a connecting peer wakes the driver sooner
+    r.plan({"s1": "198.18.0.11"}, 100)
+    assert r.wait_s(103) == 7
+    r.record("s1", OK, 104)
+    assert r.wait_s(104) == 296
+    assert r.wait_s(1000) == 1.0  # overdue: soon, never a busy loop

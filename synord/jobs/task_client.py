@@ -395,7 +395,7 @@ class TaskClient:
                 grant = seal(self.identity, "blob.grant", {"job_id": job.id, "from": session.provider,
                                                            "to": nxt.provider}, ttl_ms=120_000)
                 push_to = {"peer": nxt.provider, "grant": grant.encode(),
-                           "addrs": self.mesh.dialable_addrs(nxt.provider)}
+                           "addrs": self.mesh.addrs_to_tell(nxt.provider, to=session.provider)}
             session.handover.send(ho.RequestStop(nxt.provider if nxt is not None else None))
             await session.send(ts.CheckpointRequest(True, push_to))
         else:

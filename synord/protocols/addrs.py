@@ -88,9 +88,10 @@ def tell_about(addrs: list[str], peer_seen_at: str | None, third_seen_at: str | 
     """Which of a third party's ``addrs`` (peer exchange) may go to a peer seen at
     ``peer_seen_at``, when we see that third party at ``third_seen_at``. Its non-public
     addresses only help when both are on a private network with us: one learnt from a peer
-    behind another router never goes out."""
+    behind another router never goes out. (Loopback ones go to loopback peers only: all
+    three are on this machine.)"""
     return [a for a in addrs if may_tell(a, peer_seen_at)
-            and (scope(a) in (PUBLIC, OTHER) or may_tell(a, third_seen_at))]
+            and (scope(a) in (PUBLIC, OTHER, LOOPBACK) or may_tell(a, third_seen_at))]
 
 
 def broadcastable(mine: list[str]) -> list[str]:

@@ -135,6 +135,11 @@ class Mesh(abc.ABC):
         """Whether the internet reaches this node (AutoNAT), for `status` and `doctor`."""
         return {"status": "unknown", "observed_addrs": [], "relays": []}
 
+    def addrs_to_tell(self, peer_id: str, to: str) -> list[str]:
+        """``peer_id``'s full addresses that may be handed to peer ``to`` (no private address
+        of one LAN to a peer on another: synord.protocols.addrs)."""
+        return self.dialable_addrs(peer_id)
+
     def dialable_addrs(self, peer_id: str) -> list[str]:
         """``peer_id``'s known addresses as full multiaddrs (ending in /p2p/<id>),
         for handing to another node or keeping across a restart."""

@@ -57,11 +57,11 @@ from libp2p.transport.tcp import tcp as _libp2p_tcp
 
 from . import addrs as addr_policy
 from .framing import FramedStream, StreamLimitError
-from .reachability import Reachability
-from .refusals import REFUSALS
 from .identity import Identity
 from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
                    StreamHandler, Validator, parse_px_reply)
+from .reachability import Reachability
+from .refusals import REFUSALS
 from .streamlimits import StreamBudget, StreamGuard
 
 log = logging.getLogger("synord.mesh")
@@ -445,6 +445,10 @@ class Libp2pMesh(Mesh):
             return []
         return addr_policy.dial_candidates([str(a) for a in addrs])
 
+    def addrs_to_tell(self, peer_id: str, to: str) -> list[str]:
+        return addr_policy.tell_about(self.dialable_addrs(peer_id), self.seen_at(to),
+                                      self.seen_at(peer_id))
+
     def set_relays(self, addrs: list[str]) -> None:
         """The relay client's hook: our /p2p-circuit addresses in use (status, doctor)."""
         self.relays = list(addrs)
@@ -515,6 +519,12 @@ class Libp2pMesh(Mesh):
     async def _connect(self, info: PeerInfo) -> None:
         if info.peer_id == self.host.get_id():
             raise MeshError("refusing to dial ourselves")
+        usable = addr_policy.dial_candidates([str(a) for a in info.addrs])
+        if info.addrs and not usable:  # counted once here, not per library retry
+            REFUSALS.count("dial", "unspecified-address")
+            raise MeshError(f"dial {info.peer_id}: no dialable address in "
+                            f"{[str(a) for a in info.addrs]}")
+        info = PeerInfo(info.peer_id, [multiaddr.Multiaddr(a) for a in usable])
         direct = [a for a in info.addrs if "/p2p-circuit" not in str(a)]
         # the swarm refuses a peer for 60 s after one failed dial; our callers pace their
         # own retries (a relay that restarted would otherwise stay unreachable for a minute)
@@ -547,6 +557,9 @@ class Libp2pMesh(Mesh):
     def _emit(self, event: PeerEvent) -> None:
         if event.kind == "connected":
             self._start_watch(event.peer_id)
+            self.autonat.peer_connected()
+        elif event.kind == "disconnected":
+            self.reachability.forget_observer(event.peer_id)  # its view of us is gone with it
         if event.kind == "connected" and self.config.peer_exchange:
             try:
                 self._px_queue_send.send_nowait(event.peer_id)
@@ -851,7 +864,10 @@ class Libp2pMesh(Mesh):
         peerDiscovery.register_peer_discovered_handler(on_found)
         mdns = None
         try:
-            mdns = await trio.to_thread.run_sync(self._start_mdns)
+            try:
+                mdns = await trio.to_thread.run_sync(self._start_mdns)
+            except Exception as exc:  # no multicast here (port 5353 taken, no interface)
+                log.warning("mDNS off: %s: %s", type(exc).__name__, exc)
             task_status.started()
             async for info in recv:
                 self._consider(info.peer_id.to_base58(), [str(a) for a in info.addrs])

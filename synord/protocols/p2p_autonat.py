@@ -8,6 +8,8 @@ synord.protocols.reachability; this module is the I/O around py-libp2p 0.8.1's
   fresh TCP connection to the address and run the Noise handshake, which proves that the
   asker's peer id answers there, then close it;
 - it dials back whatever peer id the request names: we answer only for the asking peer.
+Every node serves, not only public ones: a dial-back from behind a NAT goes out through it,
+so its answer is as good, and a mesh with few public nodes still gets enough votes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from . import addrs as addr_policy
-from .reachability import ERROR, FAILED, OK, PRIVATE, REFUSED, Reachability
+from .reachability import ERROR, FAILED, OK, REFUSED, Reachability
 from .refusals import REFUSALS
 
 log = logging.getLogger("synord.autonat")
@@ -32,7 +34,7 @@ DIALBACK_TIMEOUT_S = 5.0  # per address, server side
 QUERY_TIMEOUT_S = 20.0  # client side: a server may try a few addresses
 MAX_DIALBACK_ADDRS = 4  # a request naming more gets the first ones tried
 MAX_REQUEST = 8 * 1024
-TICK_S = 2.0
+IDENTIFY_GRACE_S = 1.0
 
 _RESULTS = {int(Message.OK): OK, int(Message.E_DIAL_ERROR): FAILED,
             int(Message.E_DIAL_REFUSED): REFUSED}
@@ -60,6 +62,7 @@ class AutoNAT(AutoNATService):
         self.mesh = mesh
         self.state = state
         self.served = 0
+        self._connected = trio.Event()
         mesh.host.set_stream_handler(AUTONAT_PROTOCOL_ID, self.handle_stream)
         self._watch_observations()
 
@@ -91,8 +94,6 @@ class AutoNAT(AutoNATService):
                 if request.type != Message.DIAL or request.dial.peer.id != asker.to_bytes():
                     REFUSALS.count("autonat", "bad-request")
                     response = _refusal(Message.E_BAD_REQUEST, "dial back the asking peer only")
-                elif self.state.status(time.time()) == PRIVATE:
-                    response = _refusal(Message.E_DIAL_REFUSED, "this node is not public")
                 else:
                     del request.dial.peer.addrs[MAX_DIALBACK_ADDRS:]
                     response = await self._handle_request(
@@ -109,30 +110,40 @@ class AutoNAT(AutoNATService):
                 pass
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        """Dial every candidate at once on a fresh connection; the first that completes the
+        Noise handshake as ``peer_id`` wins (the asker is reachable there)."""
+        won: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            for raw in addrs:
+                nursery.start_soon(self._dial_back, peer_id, raw, won, nursery.cancel_scope)
+        return won[0] if won else None
+
+    async def _dial_back(self, peer_id: ID, raw: bytes, won: list, scope) -> None:
         network = self.host.get_network()
-        for raw in addrs:
+        try:
+            maddr = multiaddr.Multiaddr(raw)
+        except Exception:
+            return
+        text = str(maddr)
+        if not addr_policy.dialable(text) or "/tcp/" not in text:
+            return
+        kind = addr_policy.scope(text)
+        self.mesh.dials[kind] = self.mesh.dials.get(kind, 0) + 1
+        log.debug("dial %s (autonat dial-back)", text)
+        with trio.move_on_after(DIALBACK_TIMEOUT_S):
             try:
-                maddr = multiaddr.Multiaddr(raw)
-            except Exception:
-                continue
-            if not addr_policy.dialable(str(maddr)) or "/tcp/" not in str(maddr):
-                continue
-            self.mesh.dials[addr_policy.scope(str(maddr))] = \
-                self.mesh.dials.get(addr_policy.scope(str(maddr)), 0) + 1
-            log.debug("dial %s (autonat dial-back)", maddr)
-            with trio.move_on_after(DIALBACK_TIMEOUT_S):
+                transport = network.transport_manager.transport_for_dialing(maddr)
+                conn = await transport.dial(maddr)
                 try:
-                    transport = network.transport_manager.transport_for_dialing(maddr)
-                    conn = await transport.dial(maddr)
-                    try:
-                        secured = await network.upgrader.upgrade_security(conn, True, peer_id)
-                        await secured.close()
-                        return bytes(raw)
-                    finally:
+                    secured = await network.upgrader.upgrade_security(conn, True, peer_id)
+                    await secured.close()
+                    won.append(bytes(raw))
+                    scope.cancel()
+                finally:
+                    with trio.CancelScope(shield=True):
                         await conn.close()
-                except Exception as exc:
-                    log.debug("autonat dial-back %s: %s", maddr, exc)
-        return None
+            except Exception as exc:
+                log.debug("autonat dial-back %s: %s", text, exc)
 
     # ---- client
     def our_addrs_for(self, server_ip: str | None) -> list[str]:
@@ -172,20 +183,26 @@ class AutoNAT(AutoNATService):
             out[pid.to_base58()] = self.mesh.seen_at(pid.to_base58())
         return out
 
+    def peer_connected(self) -> None:
+        """A new connection may be a new server: plan again (after identify)."""
+        self._connected.set()
+
     async def run(self) -> None:
+        # sleeps until a round is due or a peer connects: no polling on an idle node
         while True:
-            now = time.time()
-            if self.state.due(now):
-                picked = self.state.pick_servers(self.servers(), now)
-                if picked:
-                    self.state.started_round(now)
-                    async with trio.open_nursery() as nursery:
-                        for server in picked:
-                            nursery.start_soon(self.ask, server)
-                    log.info("reachability %s (%s)", self.state.status(time.time()),
-                             ", ".join(f"{v.server[:12]} {v.result}"
-                                       for v in self.state.votes.values()))
-            await trio.sleep(TICK_S)
+            picked = self.state.plan(self.servers(), time.time())
+            if picked:
+                async with trio.open_nursery() as nursery:
+                    for server in picked:
+                        nursery.start_soon(self.ask, server)
+                log.info("reachability %s (%s)", self.state.status(time.time()),
+                         ", ".join(f"{v.server[:12]} {v.result}"
+                                   for v in self.state.votes.values()))
+            with trio.move_on_after(self.state.wait_s(time.time())):
+                await self._connected.wait()
+            if self._connected.is_set():
+                self._connected = trio.Event()
+                await trio.sleep(IDENTIFY_GRACE_S)  # its protocols are known after identify
 
 
 def _refusal(status, text: str) -> Message:

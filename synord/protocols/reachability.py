@@ -4,7 +4,7 @@ Theory of operation: every so often the driver (synord.protocols.p2p_autonat) as
 connected peers to dial us back (AutoNAT v1). Each answer is a ``Vote`` from one server:
 ``ok`` (it reached us), ``failed`` (it tried our addresses and could not), ``refused`` (it
 would not try, e.g. none of our addresses matched the address it saw us at: we only know
-private addresses, so nobody outside can dial them) or ``error`` (no answer). We keep the
+private addresses, so nobody outside can dial them) or ``error`` (no answer). ``plan`` says whom to ask when. We keep the
 latest vote per server for ``vote_ttl_s``; ``error`` votes say nothing about us and do not
 count. The status is ``public`` when at least ``min_votes`` servers reached us and they
 outnumber the failures, ``private`` when at least ``min_votes`` failed/refused and none
@@ -50,12 +50,16 @@ class Reachability:
     observed: dict[str, str] = field(default_factory=dict)  # observer -> our address it saw
     local_ports: dict[str, int | None] = field(default_factory=dict)  # observer -> our port
     last_round: float | None = None
+    pending: set[str] = field(default_factory=set)  # asked, no answer yet
 
     # ---- votes
     def record(self, server: str, result: str, now: float, detail: str = "") -> None:
         if result not in (OK, FAILED, REFUSED, ERROR):
             raise ValueError(f"unknown AutoNAT result {result!r}")
         self.votes[server] = Vote(server, result, now, detail[:200])
+        self.pending.discard(server)
+        for old in [s for s, v in self.votes.items() if now - v.at > self.vote_ttl_s]:
+            del self.votes[old]  # bounded by the servers of the last ttl, not of all time
 
     def _live(self, now: float) -> list[Vote]:
         return [v for v in self.votes.values() if now - v.at <= self.vote_ttl_s]
@@ -103,8 +107,30 @@ class Reachability:
         (rng or random).shuffle(stale)
         return (fresh + stale)[:self.max_servers]
 
-    def started_round(self, now: float) -> None:
-        self.last_round = now
+    def wait_s(self, now: float) -> float:
+        """How long the driver may sleep before ``plan`` can have work (unless a peer connects)."""
+        if self.last_round is None:
+            return self.retry_s
+        wait = self.recheck_s if self.status(now) != UNKNOWN else self.retry_s
+        return max(1.0, self.last_round + wait - now)
+
+    def plan(self, candidates: dict[str, str | None], now: float,
+             rng: random.Random | None = None) -> list[str]:
+        """The servers to ask now (``[]``: nothing to do): a full round when one is due; while
+        the status is unknown, also any server we have no vote from yet (a newly connected
+        one), so that a starting node does not wait ``retry_s`` for its second vote."""
+        if self.due(now):
+            picked = self.pick_servers(candidates, now, rng)
+        elif self.status(now) == UNKNOWN:
+            voted = {v.server for v in self._live(now)}  # no answer: asked again when due
+            picked = [p for p in self.pick_servers(candidates, now, rng) if p not in voted]
+        else:
+            picked = []
+        picked = [p for p in picked if p not in self.pending]
+        if picked:
+            self.last_round = now
+            self.pending.update(picked)
+        return picked
 
     # ---- observed addresses and the NAT type
     def observe(self, observer: str, our_addr: str, local_port: int | None = None) -> None:
