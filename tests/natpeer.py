@@ -16,8 +16,6 @@ also probes hardware and starts sandboxes).  JSON lines on stdout, commands on s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,12 +27,9 @@ import trio  # noqa: E402
 from synord.protocols.identity import Identity  # noqa: E402
 from synord.protocols.mesh import MeshConfig  # noqa: E402
 
+from meshd import emit, stdin_lines  # noqa: E402  (tests/ is on sys.path: this script's own dir)
+
 SINK = "/bench/sink/1.0.0"
-
-
-def emit(obj) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 async def sink(stream) -> None:
@@ -50,35 +45,26 @@ async def sink(stream) -> None:
 
 async def commands(mesh, relay, cancel: trio.CancelScope) -> None:
     from libp2p.peer.id import ID
-    stdin = trio.lowlevel.FdStream(os.dup(0))
-    buf = b""
     async with trio.open_nursery() as nursery:
-        while True:
-            chunk = await stdin.receive_some(4096)
-            if not chunk:
-                cancel.cancel()
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                cmd = line.decode().split()
-                if not cmd:
-                    continue
-                if cmd[0] == "info":
-                    emit({"ev": "info", "peer_id": mesh.peer_id, "addrs": mesh.listen_addrs(),
-                          "relays": relay.relays_json(), "punches": relay.punches})
-                elif cmd[0] == "dial":
-                    nursery.start_soon(dial, mesh, relay, cmd[1])
-                elif cmd[0] == "send":
-                    nursery.start_soon(send, mesh, cmd[1], int(cmd[2]))
-                elif cmd[0] == "drop":
-                    relay.dropping(cmd[1])
-                    with trio.move_on_after(5):
-                        await mesh.host.disconnect(ID.from_base58(cmd[1]))
-                    emit({"ev": "dropped"})
-                elif cmd[0] == "quit":
-                    cancel.cancel()
-                    return
+        async for line in stdin_lines():
+            cmd = line.split()
+            if not cmd:
+                continue
+            if cmd[0] == "info":
+                emit({"ev": "info", "peer_id": mesh.peer_id, "addrs": mesh.listen_addrs(),
+                      "relays": relay.relays_json(), "punches": relay.punches})
+            elif cmd[0] == "dial":
+                nursery.start_soon(dial, mesh, relay, cmd[1])
+            elif cmd[0] == "send":
+                nursery.start_soon(send, mesh, cmd[1], int(cmd[2]))
+            elif cmd[0] == "drop":
+                relay.dropping(cmd[1])
+                with trio.move_on_after(5):
+                    await mesh.host.disconnect(ID.from_base58(cmd[1]))
+                emit({"ev": "dropped"})
+            elif cmd[0] == "quit":
+                break
+        cancel.cancel()
 
 
 async def dial(mesh, relay, peer: str) -> None:

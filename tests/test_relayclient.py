@@ -12,6 +12,15 @@ from synord.protocols.relayclient import (RelayClientMachine, circuit_addrs, rel
                                           split_circuit, wait_direct)
 
 
+def _holding(want: int, relay: str, expires_at: float, now: float = 0.0) -> RelayClientMachine:
+    """A machine that was granted a reservation on ``relay`` at ``now``."""
+    m = RelayClientMachine(want=want, min_lifetime_s=10.0)
+    m.candidate(relay, now)
+    m.started(relay)
+    m.reserved(relay, expires_at, now)
+    return m
+
+
 def test_reserves_on_two_relays_in_the_order_they_came():
     m = RelayClientMachine(want=2)
     for r in ("R1", "R2", "R3"):
@@ -26,10 +35,7 @@ def test_reserves_on_two_relays_in_the_order_they_came():
 
 
 def test_renews_at_half_the_lifetime_before_expiry():
-    m = RelayClientMachine(want=1)
-    m.candidate("R1", 0.0)
-    m.started("R1")
-    m.reserved("R1", 100.0, 0.0)
+    m = _holding(1, "R1", 100.0)
     assert m.next_wakeup(1.0) == 50.0
     assert m.due(49.9) == []
     assert m.due(50.0) == ["R1"]
@@ -61,20 +67,14 @@ def test_a_refusing_relay_backs_off_and_another_takes_its_place():
 
 
 def test_a_reservation_too_short_counts_as_refused():
-    m = RelayClientMachine(want=1, min_lifetime_s=10.0)
-    m.candidate("R1", 0.0)
-    m.started("R1")
-    m.reserved("R1", 5.0, 0.0)
+    m = _holding(1, "R1", 5.0)
     assert m.held(1.0) == []
     assert m.to_json(1.0)[0]["failures"] == 1
 
 
 def test_a_relay_that_went_away_and_came_back_gets_a_fresh_reservation():
     """A relay restart loses our reservation: we must not trust the old expiry."""
-    m = RelayClientMachine(want=2)
-    m.candidate("R1", 0.0)
-    m.started("R1")
-    m.reserved("R1", 3600.0, 0.0)
+    m = _holding(2, "R1", 3600.0)
     m.lost("R1", 10.0)
     assert m.held(10.0) == []
     assert m.due(10.0) == []  # not connected: nothing to do
@@ -84,10 +84,7 @@ def test_a_relay_that_went_away_and_came_back_gets_a_fresh_reservation():
 
 
 def test_renewal_of_one_relay_does_not_stop_a_second_from_being_made():
-    m = RelayClientMachine(want=2)
-    m.candidate("R1", 0.0)
-    m.started("R1")
-    m.reserved("R1", 100.0, 0.0)
+    m = _holding(2, "R1", 100.0)
     m.candidate("R2", 60.0)
     assert sorted(m.due(60.0)) == ["R1", "R2"]  # R1 due for renewal, R2 to fill the second slot
 
