@@ -38,7 +38,8 @@ from synord.protocols.relayclient import RelayClientMachine, circuit_addrs, is_c
 log = logging.getLogger("synord.relay")
 
 MODES = ("auto", "on", "off")
-SCAN_S = 2.0            # look for new relays / reachability changes this often
+SCAN_S = 10.0           # look for new relays / reachability changes this often (new
+                        # connections trigger a look at once: this only bounds idle wake-ups)
 REDIAL_WINDOW_S = 30.0  # a relayed peer lost this soon after a punch began is re-dialled
 DIAL_TIMEOUT_S = 10.0
 
@@ -147,7 +148,7 @@ class RelayService:
         return out
 
     def relays_json(self) -> list[dict]:
-        """For status: reachability.relays."""
+        """For status: relay.relays (each relay, its reservation, our circuit addresses)."""
         now = trio.current_time()
         return [dict(r, addrs=circuit_addrs(r["peer_id"], self._relay_addrs(r["peer_id"]), self.mesh.peer_id)[:2])
                 for r in self.machine.to_json(now)]
