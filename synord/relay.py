@@ -138,6 +138,10 @@ class RelayService:
         mode = self.settings.hop
         return mode == "on" or (mode == "auto" and self.reachability() == "public")
 
+    def reachability_changed(self) -> None:
+        """Re-decide hop and reservations now rather than at the next scan."""
+        self._wake.set()
+
     def own_addrs(self) -> list[str]:
         """Our /p2p-circuit addresses through the relays holding a reservation for us
         (for capabilities, peer exchange and the DHT)."""

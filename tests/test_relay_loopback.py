@@ -96,12 +96,43 @@ def test_reserve_dial_through_the_relay_and_re_reserve_after_a_relay_restart():
             # a reaches b through the restarted relay too, once it is back with it
             await _until(lambda: relay_id.peer_id in a.connected_peers(), 20, "a back with the relay")
             b_circuit = f"/p2p/{relay_id.peer_id}/p2p-circuit/p2p/{b.peer_id}"
-            ra.dropping(b.peer_id)
+            ra.dropping(b.peer_id), rb.dropping(a.peer_id)  # a hangs up on purpose: no re-dial
             await a.host.disconnect(ID.from_base58(b.peer_id))
-            assert await ra.dial(b.peer_id, [b_circuit]) and a.relayed_only(b.peer_id)
+            await _until(lambda: b.peer_id not in a.connected_peers() and a.peer_id not in b.connected_peers(),
+                         10, "a and b apart")
+            assert await ra.dial(b.peer_id, [b_circuit])
+            assert a.relayed_only(b.peer_id)
             nursery.cancel_scope.cancel()
     try:
         trio.run(main)
     finally:
         for r in relays:
             r.kill()
+
+
+def test_the_hop_follows_reachability_when_auto():
+    """hop = "auto": a relay exactly while AutoNAT says public; a client reserves on it."""
+    async def main():
+        state = {"now": "unknown"}
+        async with trio.open_nursery() as nursery:
+            r = _mesh(Identity.generate())
+            await nursery.start(r.run)
+            service = RelayService(r, RelaySettings(hop="auto", enabled="auto"), reachability=lambda: state["now"])
+            await nursery.start(service.run)
+            assert not service.hop_serving and service.client_active()
+            state["now"] = "public"
+            service.reachability_changed()
+            await _until(lambda: service.hop_serving, 5, "the hop offered")
+            assert not service.client_active()  # a public node needs no relay itself
+
+            c = _mesh(Identity.generate(), bootstrap=[r.listen_addrs()[0]])
+            await nursery.start(c.run)
+            rc = RelayService(c, RelaySettings(), reachability=lambda: "private")
+            await nursery.start(rc.run)
+            await _until(lambda: rc.machine.held(trio.current_time()) == [r.peer_id], 20, "a reservation on r")
+
+            state["now"] = "private"
+            service.reachability_changed()
+            await _until(lambda: not service.hop_serving, 5, "the hop withdrawn")
+            nursery.cancel_scope.cancel()
+    trio.run(main)
