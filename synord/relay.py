@@ -42,6 +42,7 @@ SCAN_S = 10.0           # look for new relays / reachability changes this often 
                         # connections trigger a look at once: this only bounds idle wake-ups)
 REDIAL_WINDOW_S = 30.0  # a relayed peer lost this soon after a punch began is re-dialled
 DIAL_TIMEOUT_S = 10.0
+DIAL_ROUNDS = 2
 
 
 @dataclass
@@ -266,7 +267,17 @@ class RelayService:
         return out
 
     async def dial(self, peer: str, addrs: list[str]) -> bool:
-        """Connect to ``peer`` through a relay; True once connected (by any route)."""
+        """Connect to ``peer`` through a relay; True once connected (by any route).
+        Two rounds over the candidates: a relay that just restarted, or a peer
+        re-making its reservation there, refuses for a moment."""
+        for attempt in range(DIAL_ROUNDS):
+            if attempt:
+                await trio.sleep(0.5)
+            if await self._dial_once(peer, addrs):
+                return True
+        return False
+
+    async def _dial_once(self, peer: str, addrs: list[str]) -> bool:
         pid = ID.from_base58(peer)
         for addr in self._candidate_circuits(peer, addrs):
             if self.host.get_network().get_connections(pid):
