@@ -125,6 +125,7 @@ class RelayService:
         self.hop_serving = False
         self._relayed: dict[str, float] = {}   # peer -> when we last got a relayed connection to it
         self._redialing: set[str] = set()
+        self._redialed_at: dict[str, float] = {}  # peer -> when we last re-dialled it
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.punches = {"started": 0, "direct": 0, "redialled": 0}
@@ -322,7 +323,13 @@ class RelayService:
             self.machine.lost(ev.peer_id, now)
             self._wake.set()
             since = self._relayed.pop(ev.peer_id, None)
-            if since is not None and now - since < REDIAL_WINDOW_S and ev.peer_id not in self._redialing:
+            last = self._redialed_at.get(ev.peer_id, -REDIAL_WINDOW_S)
+            # at most one re-dial per peer and window: a connection that keeps dropping
+            # (a peer leaving, both sides re-dialling) must not become a dial loop
+            if since is not None and now - since < REDIAL_WINDOW_S and now - last >= REDIAL_WINDOW_S \
+                    and ev.peer_id not in self._redialing:
+                self._redialed_at = {p: t for p, t in self._redialed_at.items() if now - t < REDIAL_WINDOW_S}
+                self._redialed_at[ev.peer_id] = now
                 self._nursery.start_soon(self._redial, ev.peer_id)
 
     def _drop_bare_addrs(self, ids) -> None:
