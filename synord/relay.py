@@ -183,8 +183,9 @@ class RelayService:
         while True:
             self._set_hop(self.hop_wanted())
             now = trio.current_time()
+            # relays are known also to a public node: it dials NATed peers through them
+            self._scan_relays(now)
             if self.client_active():
-                self._scan_relays(now)
                 for relay in self.machine.due(now):
                     self.machine.started(relay)
                     self._nursery.start_soon(self._reserve, relay)
@@ -317,7 +318,7 @@ class RelayService:
                 if self.mesh.relayed_only(ev.peer_id):
                     self._relayed[ev.peer_id] = now
                     self._nursery.start_soon(self._watch_punch, ev.peer_id, now)
-                elif self.client_active():
+                else:
                     self._nursery.start_soon(self._rescan_soon)  # a relay, once identify told us
                 continue
             self.machine.lost(ev.peer_id, now)
