@@ -18,7 +18,7 @@ import pytest
 
 from daemons import DaemonCluster, wait_for
 from jobs_helpers import (CONSUMER_ONLY, COUNTER_WASM, PROBE_WASM, ensure_assets, output,
-                          providers_in_book, reference_run, submit, wait_job)
+                          providers_in_book, reference_run, refused, submit, wait_job)
 
 LISTEN = "/ip4/0.0.0.0/tcp/4001"
 ANCHOR = '[relay]\nhop = "on"\n' + CONSUMER_ONLY  # relays; they sell nothing
@@ -51,14 +51,14 @@ class Lab:
 
     def start_consumer(self):
         return self.cluster.start("a1", netns=self.net.ns("a1"), listen=LISTEN, bootstrap=self.boot,
-                                  config=CONSUMER_ONLY + JOBS)
+                                  config=CONSUMER_ONLY + JOBS + "[relay]\ndirect_wait_s = 3.0\n")
 
     def only(self, *hosts: str) -> None:
         """Leave only ``hosts``' asks in the consumer's book."""
         for h, p in self.provs.items():
             p.post("/v1/resume" if h in hosts else "/v1/pause")
         want = {self.ids[h] for h in hosts}
-        wait_for(lambda: providers_in_book(self.consumer) == want, 60, what=f"only {hosts} in the book")
+        wait_for(lambda: providers_in_book(self.consumer) == want, 90, what=f"only {hosts} in the book")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,8 @@ def lab(tmp_path_factory):
         for d in (lab.consumer, *lab.provs.values()):
             wait_for(lambda d=d: sum(r["reserved"] for r in relay_status(d)["relays"]) >= 2, 60,
                      what=f"{d.name}: reservations on both relays")
+        wait_for(lambda: providers_in_book(lab.consumer) == set(lab.ids.values()), 90,
+                 what="every provider's ask in the consumer's book (gossip through the anchors)")
         yield lab
         # nothing was ever dialled at 0.0.0.0, loopback or another LAN's private address
         counters = net.counters()
@@ -114,6 +116,32 @@ def test_a_provider_behind_a_symmetric_nat_serves_through_the_relay(lab):
     aid = j["history"][0]["agreement"]
     wait_for(lambda: receipt(c, aid) and receipt(lab.provs["c1"], aid), 30, what="the receipt in both ledgers")
     assert not directly_connected(c, lab.ids["c1"])  # no punch through a symmetric NAT
+
+
+def _padded_wasm(path, size: int) -> None:
+    """probe.wasm with a custom section of ``size`` bytes appended (still a valid module)."""
+    def leb(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    body = leb(3) + b"pad" + b"\0" * size
+    path.write_bytes(PROBE_WASM.read_bytes() + b"\0" + leb(len(body)) + body)
+
+
+def test_a_large_artefact_is_never_pushed_through_a_relay(lab, tmp_path):
+    """c1 (symmetric NAT) is reachable through the relay only: a 2 MiB artefact waits for a
+    direct connection that never comes, then the job says why."""
+    lab.only("c1")
+    big = tmp_path / "big.wasm"
+    _padded_wasm(big, 2 << 20)
+    job_id = submit(lab.consumer, str(big), "--", "hello")
+    j = wait_job(lab.consumer, job_id, timeout=120)
+    assert j["state"] == "failed", j
+    assert "only reachable through a limited relay; transfer of 2.0 MiB refused" in j["error"], j["error"]
+    assert refused(lab.consumer, "transfer", "relay-limited") >= 1
 
 
 def test_a_paused_provider_hands_its_task_to_one_behind_another_nat(lab):
