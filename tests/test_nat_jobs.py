@@ -14,9 +14,11 @@ skips with the reason otherwise.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from daemons import DaemonCluster, wait_for
+from daemons import ROOT, DaemonCluster, wait_for
 from jobs_helpers import (CONSUMER_ONLY, COUNTER_WASM, PROBE_WASM, ensure_assets, output,
                           providers_in_book, reference_run, refused, submit, wait_job)
 
@@ -118,26 +120,14 @@ def test_a_provider_behind_a_symmetric_nat_serves_through_the_relay(lab):
     assert not directly_connected(c, lab.ids["c1"])  # no punch through a symmetric NAT
 
 
-def _padded_wasm(path, size: int) -> None:
-    """probe.wasm with a custom section of ``size`` bytes appended (still a valid module)."""
-    def leb(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            byte, n = n & 0x7F, n >> 7
-            out.append(byte | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-    body = leb(3) + b"pad" + b"\0" * size
-    path.write_bytes(PROBE_WASM.read_bytes() + b"\0" + leb(len(body)) + body)
-
-
 def test_a_large_artefact_is_never_pushed_through_a_relay(lab, tmp_path):
     """c1 (symmetric NAT) is reachable through the relay only: a 2 MiB artefact waits for a
     direct connection that never comes, then the job says why."""
     lab.only("c1")
-    big = tmp_path / "big.wasm"
-    _padded_wasm(big, 2 << 20)
-    job_id = submit(lab.consumer, str(big), "--", "hello")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_jobs import hello_module  # a WASM module padded with a custom section
+    big = hello_module(tmp_path / "big.wasm", pad_bytes=2 << 20)
+    job_id = submit(lab.consumer, str(big))
     j = wait_job(lab.consumer, job_id, timeout=120)
     assert j["state"] == "failed", j
     assert "only reachable through a limited relay; transfer of 2.0 MiB refused" in j["error"], j["error"]
