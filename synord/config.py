@@ -114,6 +114,19 @@ SCHEMA: dict[str, dict[str, tuple[Any, str, str]]] = {
         "mode": ("auto", "str", "Kademlia DHT: auto (server when reachable, client behind NAT), "
                                 "server, client or off"),
     },
+    "relay": {
+        "enabled": ("auto", "str", "keep reservations on circuit relays: auto (while not publicly reachable), on, off"),
+        "hop": ("auto", "str", "serve as a circuit relay for NATed peers: auto (while publicly reachable), on, off"),
+        "reservations": (2, "int", "relays a NATed node keeps a reservation on"),
+        "max_reservations": (128, "int", "reservations this relay grants at once"),
+        "max_circuits": (256, "int", "relayed connections this relay carries at once"),
+        "circuit_bytes": (64 << 20, "int", "bytes one relayed connection may carry"),
+        "circuit_duration_s": (3600, "int", "seconds one relayed connection may last"),
+        "reservation_ttl_s": (3600, "int", "how long a reservation lasts (clients renew at half)"),
+        "transfer_max_bytes": (1 << 20, "int",
+                               "larger artefacts/checkpoints never go through a relay: they wait for a direct connection"),
+        "direct_wait_s": (15.0, "float", "... this long, then fail with the reason"),
+    },
 }
 
 _LEVELS = {"debug", "info", "warning", "error"}
@@ -249,6 +262,13 @@ def validate(cfg: Config) -> None:
             fail(f"streams.{key}", "must be a positive finite number")
     if cfg["dht.mode"] not in ("auto", "server", "client", "off"):
         fail("dht.mode", f"must be auto, server, client or off, not {cfg['dht.mode']!r}")
+    for key in ("relay.enabled", "relay.hop"):
+        if cfg[key] not in ("auto", "on", "off"):
+            fail(key, f"must be auto, on or off, not {cfg[key]!r}")
+    for key in ("reservations", "max_reservations", "max_circuits", "circuit_bytes", "circuit_duration_s",
+                "reservation_ttl_s", "transfer_max_bytes", "direct_wait_s"):
+        if not cfg[f"relay.{key}"] > 0:
+            fail(f"relay.{key}", "must be a positive number")
 
 
 def contributor_limits(section: dict, overrides: dict | None = None) -> ContributorLimits:

@@ -119,6 +119,7 @@ class Node:
         self.metrics_url: str | None = None  # the token-less /metrics listener, when configured
         self.profile = None  # hwprobe.CapabilityProfile once probed
         self.mesh = None  # MeshService once started
+        self.relay = None  # synord.relay.RelayService once the mesh runs
         self.market = None  # MarketService
         self.provider_jobs = None  # ProviderJobs
         self.gpu = None  # synord.gpu_devices.GpuNode
@@ -260,6 +261,10 @@ class Node:
             streams=StreamLimits(**c.values["streams"]), dht=c["dht.mode"],
             peer_exchange=c["node.peer_exchange"])
         await nursery.start(self.mesh.run)
+        if hasattr(self.mesh.mesh, "host"):  # libp2p: circuit relay + hole punching (synord.relay)
+            from .relay import RelayService, RelaySettings
+            self.relay = RelayService(self.mesh.mesh, RelaySettings.from_config(c.values["relay"]))
+            await nursery.start(self.relay.run)
 
         self.runtimes = {kind: get_runtime(kind) for kind, av in self.profile.runtimes.items()
                          if av.get("available") and kind in c["runtimes.enabled"]}
@@ -457,6 +462,7 @@ class Node:
             "home": str(self.home.path),
             "storage": self.storage_json(),
             "dht": self.mesh.mesh.dht_json() if self.mesh else {"mode": "off"},
+            "relay": self.relay.status_json() if self.relay else None,
             "reachability": self.mesh.mesh.reachability_json() if self.mesh else {
                 "status": "unknown", "observed_addrs": [], "relays": []},
         }

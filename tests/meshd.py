@@ -43,32 +43,36 @@ def profile() -> dict:
             "offerable": {"cpu": 1}}
 
 
-async def commands(svc: MeshService, cancel: trio.CancelScope) -> None:
-    import psutil
+async def stdin_lines():
+    """Command lines from stdin, stripped, until it ends (tests/natpeer.py reads them too)."""
     stdin = trio.lowlevel.FdStream(os.dup(0))
     buf = b""
     while True:
         chunk = await stdin.receive_some(4096)
         if not chunk:
-            cancel.cancel()
             return
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
-            cmd = line.decode().strip()
-            if cmd == "announce":
-                t = time.time()
-                seq = await svc.announce()
-                emit({"ev": "sent", "seq": seq, "t": t})
-            elif cmd == "peers":
-                table = svc.peers_json()
-                emit({"ev": "peers", "n": len(table), "with_caps": sum(1 for p in table if p["capabilities"]),
-                      "connected": len(svc.mesh.connected_peers())})
-            elif cmd == "rss":
-                emit({"ev": "rss", "rss": psutil.Process().memory_info().rss})
-            elif cmd == "quit":
-                cancel.cancel()
-                return
+            yield line.decode().strip()
+
+
+async def commands(svc: MeshService, cancel: trio.CancelScope) -> None:
+    import psutil
+    async for cmd in stdin_lines():
+        if cmd == "announce":
+            t = time.time()
+            seq = await svc.announce()
+            emit({"ev": "sent", "seq": seq, "t": t})
+        elif cmd == "peers":
+            table = svc.peers_json()
+            emit({"ev": "peers", "n": len(table), "with_caps": sum(1 for p in table if p["capabilities"]),
+                  "connected": len(svc.mesh.connected_peers())})
+        elif cmd == "rss":
+            emit({"ev": "rss", "rss": psutil.Process().memory_info().rss})
+        elif cmd == "quit":
+            break
+    cancel.cancel()
 
 
 async def main() -> None:

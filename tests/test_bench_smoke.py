@@ -25,6 +25,7 @@ SMOKE_ARGS: dict[str, list[str]] = {
     "bench_jobs.py": ["-n", "2", "--mib", "8", "--rounds", "1"],
     "bench_market.py": ["--orders", "2000", "--envelopes", "100", "--repeat", "1"],
     "bench_microvm.py": ["1"],
+    "bench_nat.py": ["--smoke"],
     "bench_migration.py": ["--rounds", "1"],
     "bench_placement.py": ["-n", "3", "--warmup", "1"],
     "bench_probe.py": [],

@@ -95,6 +95,8 @@ def test_cli_does_not_import_the_network_stack():
     ("[market]\nspend_cap = -1.0\n", "market.spend_cap: must be a positive finite number"),
     ("[market]\nmax_price = inf\n", "market.max_price: must be a finite number"),
     ("[market]\nmax_price = 0\n", "market.max_price: must be a positive finite number"),
+    ("[relay]\nhop = \"yes\"\n", "relay.hop: must be auto, on or off, not 'yes'"),
+    ("[relay]\nmax_circuits = 0\n", "relay.max_circuits: must be a positive number"),
 ])
 def test_invalid_config_is_refused_with_file_key_and_reason(tmp_path, text, expected):
     synord("init", home=tmp_path)

@@ -33,6 +33,7 @@ from synord.protocols.envelope import seal
 from synord.protocols.handover import Thresholds
 from synord.protocols.identity import Identity
 from synord.protocols.negotiation import Terms
+from synord.protocols.relayclient import wait_direct
 from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, send_file
 
 from .. import humanize as hz
@@ -304,6 +305,7 @@ class ConsumerJobs(TaskClient):
         size = path.stat().st_size
         offer = seal(self.identity, "blob.offer",
                      {"sha256": sha, "size": size, "kind": kind, "job_id": job.id}).encode()
+        await wait_direct(self.mesh, peer, size)  # large blobs never through a limited relay
         stream = await self.mesh.open_stream(peer, TRANSFER_PROTOCOL)
         t0 = time.monotonic()
         self._progress(job, "uploading", 0, size, what=kind,

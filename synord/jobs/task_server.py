@@ -31,6 +31,7 @@ from synord.protocols.envelope import PeerEnvelopeRefused, peer_envelope, seal
 from synord.protocols.framing import CHUNK, FrameError, FramedStream
 from synord.protocols.mesh import MeshError
 from synord.protocols.refusals import REFUSALS
+from synord.protocols.relayclient import wait_direct
 from synord.protocols.transfer import TRANSFER_PROTOCOL, send_file
 
 from .checkpoints import pack
@@ -301,6 +302,7 @@ class TaskServer:
         try:
             with trio.fail_after(max(5.0, self.preemption_grace_s)):
                 await self._mesh.reach(peer, push.get("addrs") or [], per_addr_s=3.0)
+                await wait_direct(self._mesh, peer, size)  # never through a limited relay
                 out = await self._mesh.open_stream(peer, TRANSFER_PROTOCOL)
                 try:
                     offer = seal(self.identity, "blob.offer", {"sha256": sha, "size": size,

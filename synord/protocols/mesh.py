@@ -146,6 +146,10 @@ class Mesh(abc.ABC):
         for handing to another node or keeping across a restart."""
         return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in self.peer_addrs(peer_id)]
 
+    def relayed_only(self, peer_id: str) -> bool:
+        """True while our only connection to ``peer_id`` runs through a circuit relay."""
+        return False
+
     async def reach(self, peer_id: str, addrs: Iterable[str], per_addr_s: float = 5.0) -> bool:
         """Make sure we are connected to ``peer_id``, dialling ``addrs`` in turn if not."""
         if peer_id in self.connected_peers():

@@ -76,14 +76,24 @@ PX_MAX_STRETCH = 16  # a settled node's periodic peer exchange: every px_interva
 _listen_errors: dict[int, str] = {}  # port -> why binding it failed last
 
 
+_reuseport_listeners = _libp2p_tcp._open_reuseport_listeners
+
+
 async def _exclusive_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
-    """py-libp2p listens with SO_REUSEPORT (for DCUtR hole punching, which we do
-    not use), so a second daemon on the same port silently shares it. Listen the
-    way trio does (SO_REUSEADDR only) and keep the reason a bind failed."""
+    """py-libp2p listens with SO_REUSEPORT so that DCUtR hole punching can dial
+    *from* the listen port; but then a second daemon on the same port silently
+    shares it.  Bind the port the way trio does (SO_REUSEADDR only) first: that
+    fails if anyone listens there; then listen with SO_REUSEPORT on that port
+    (the one the kernel chose, for port 0). Keep the reason a bind failed."""
     try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        _listen_errors[port] = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        probe = await trio.open_tcp_listeners(port, host=host)
+        port = probe[0].socket.getsockname()[1]
+        for listener in probe:
+            listener.socket.close()
+        return await _reuseport_listeners(host, port)
+    except (OSError, _libp2p_tcp.OpenConnectionError) as exc:
+        errno = getattr(exc, "errno", None)
+        _listen_errors[port] = (os.strerror(errno) if errno else str(exc)).lower()
         raise _libp2p_tcp.OpenConnectionError(f"cannot listen on {host}:{port}: {exc}") from exc
 
 
@@ -209,6 +219,13 @@ class _Notifee(INotifee):
 
     async def listen_close(self, network, multiaddr) -> None:
         pass
+
+
+def _is_relayed(conn) -> bool:
+    try:
+        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
+    except Exception:
+        return False
 
 
 def _expand_wildcard(addr: multiaddr.Multiaddr) -> list[str]:
@@ -343,6 +360,9 @@ class Libp2pMesh(Mesh):
         self._dial_failures: dict[str, tuple[int, float]] = {}  # peer -> (count, retry_at)
         self.dropped_messages = 0
         self.stream_budget = StreamBudget(cfg.streams)
+        # circuit relay + hole punching (synord.relay.RelayService sets itself here):
+        # dials through relays when a peer has no direct route, adds our /p2p-circuit addrs
+        self.circuit = None
         self.host.get_network().register_notifee(_Notifee(self))
         self._pinged_at: dict[str, float] = {}  # peer -> when it last pinged us
         self.host.set_stream_handler(PING_ID, self._answer_pings)
@@ -410,7 +430,17 @@ class Libp2pMesh(Mesh):
         out: list[str] = []
         for addr in self.host.get_addrs():
             out.extend(_expand_wildcard(addr))
+        if self.circuit is not None:
+            out.extend(self.circuit.own_addrs())
         return out
+
+    def relayed_only(self, peer_id: str) -> bool:
+        """Connected to ``peer_id`` through a relay only (no direct connection)."""
+        try:
+            conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return False
+        return bool(conns) and all(_is_relayed(c) for c in conns)
 
     def security_protocols(self) -> list[str]:
         return [str(p) for p in self.host.get_network().upgrader.security_multistream.transports]
@@ -505,13 +535,24 @@ class Libp2pMesh(Mesh):
             raise MeshError(f"dial {info.peer_id}: no dialable address in "
                             f"{[str(a) for a in info.addrs]}")
         info = PeerInfo(info.peer_id, [multiaddr.Multiaddr(a) for a in usable])
+        direct = [a for a in info.addrs if "/p2p-circuit" not in str(a)]
+        # the swarm refuses a peer for 60 s after one failed dial; our callers pace their
+        # own retries (a relay that restarted would otherwise stay unreachable for a minute)
+        self.host.get_network()._negative_peer_cache.evict(str(info.peer_id))
         try:
+            if not direct and self.circuit is not None:
+                raise MeshError("no direct address")
             with trio.fail_after(self.config.backoff_max_s):
-                await self.host.connect(info)
-        except trio.TooSlowError:
-            raise MeshError(f"dial {info.peer_id} timed out") from None
+                await self.host.connect(PeerInfo(info.peer_id, direct))
         except Exception as exc:
-            raise MeshError(f"dial {info.peer_id} failed: {type(exc).__name__}: {exc}") from None
+            if isinstance(exc, trio.TooSlowError):
+                exc = MeshError(f"dial {info.peer_id} timed out")
+            elif not isinstance(exc, MeshError):
+                exc = MeshError(f"dial {info.peer_id} failed: {type(exc).__name__}: {exc}")
+            # no direct route (NAT): through a relay, if we have any
+            if self.circuit is None or not await self.circuit.dial(
+                    info.peer_id.to_base58(), [str(a) for a in info.addrs]):
+                raise exc from None
 
     def events(self, buffer: int = 256) -> trio.MemoryReceiveChannel:
         send, recv = trio.open_memory_channel(buffer)
@@ -619,6 +660,14 @@ class Libp2pMesh(Mesh):
         self.host.set_stream_handler(TProtocol(protocol), libp2p_handler)
 
     async def open_stream(self, peer_id: str, protocol: str) -> FramedStream:
+        if self.circuit is not None and peer_id not in self.connected_peers():
+            # the library's dial skips /p2p-circuit addresses: reach NATed peers ourselves
+            with trio.move_on_after(self.config.backoff_max_s):
+                try:
+                    await self._connect(PeerInfo(ID.from_base58(peer_id), [
+                        multiaddr.Multiaddr(a) for a in self.peer_addrs(peer_id)]))
+                except Exception as exc:  # new_stream below says why, as before
+                    log.debug("reach %s: %s", peer_id[:16], exc)
         try:
             stream = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
