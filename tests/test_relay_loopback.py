@@ -28,7 +28,8 @@ def _free_port() -> int:
 
 def _mesh(identity: Identity, port: int = 0, bootstrap=()) -> Libp2pMesh:
     return Libp2pMesh(identity, MeshConfig(listen=[f"/ip4/127.0.0.1/tcp/{port}"], bootstrap=list(bootstrap),
-                                           mdns=False, peer_exchange=False, backoff_max_s=2.0))
+                                           mdns=False, peer_exchange=False, backoff_max_s=2.0,
+                                           dht="off"))  # a DHT lookup would find b's loopback address
 
 
 async def _until(predicate, timeout: float, what: str):

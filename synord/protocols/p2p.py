@@ -311,6 +311,10 @@ class _LeanGossipSub(GossipSub):
         return to_graft, to_prune
 
 
+async def _no_auto_connect() -> None:
+    return None
+
+
 class Libp2pMesh(Mesh):
     def __init__(self, identity: Identity, config: MeshConfig | None = None):
         self.identity = identity
@@ -336,6 +340,10 @@ class Libp2pMesh(Mesh):
             addrs_factory=_advertised,  # identify's observed addresses on (DCUtR needs them)
         )
         _install_identify_filter()
+        # We dial ourselves, bounded (target_peers, peer exchange, the DHT's lookups). The
+        # library's auto-connector would aim at (low + high watermark) / 2 = 64
+        # connections, dialling whatever the peerstore holds (the DHT fills it).
+        self.host.get_network().auto_connector.maybe_connect = _no_auto_connect
         self.mdns_addrs: list[str] = []  # what mDNS advertises on the LAN
         self.dials: dict[str, int] = {}  # scope (synord.protocols.addrs) -> dials attempted
         self._guard_dials()
