@@ -49,6 +49,7 @@ from . import addrs as addr_policy
 from .kad import (INBOUND_STREAM_S, LOOKUP_S, MAX_PROVIDER_KEYS, PROTOCOL, RECORD_TTL_S, REPROVIDE_S,
                   sanitize_addrs)
 from .refusals import REFUSALS
+from .streamlimits import Refusal, StreamLimits, count as count_stream_refusal
 
 log = logging.getLogger("synord.dht")
 
@@ -114,6 +115,30 @@ class _DHTHost:
 
     def __getattr__(self, name):
         return getattr(self._host, name)
+
+
+class _DeadlineStream:
+    """An inbound DHT stream with the mesh's deadlines (synord.protocols.streamlimits):
+    its first bytes within ``first_frame_s``, every later read within ``frame_s``, so a
+    silent or stalled asker is reset like on our own protocols (the library waits)."""
+
+    def __init__(self, stream, limits: StreamLimits):
+        self._stream, self._limits = stream, limits
+        self._reads = 0
+        self.late: str | None = None  # the refusal, once a deadline fired
+
+    async def read(self, n: int | None = None) -> bytes:
+        first = self._reads == 0
+        with trio.move_on_after(self._limits.first_frame_s if first else self._limits.frame_s) as scope:
+            data = await self._stream.read(n)
+        if scope.cancelled_caught:
+            self.late = Refusal.FIRST_FRAME if first else Refusal.FRAME_BODY
+            raise trio.TooSlowError
+        self._reads += 1
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 class _BoundedProviderStore(ProviderStore):
@@ -195,9 +220,11 @@ class SynordDHT(KadDHT):
     """py-libp2p's KadDHT on ``/synord/kad/1.0.0`` (see the module doc).
 
     ``mode`` is "server" or "client"; ``advertised()`` lists our dialable addresses;
-    ``budget`` (a `StreamBudget`) bounds inbound streams per peer and in total."""
+    ``budget`` (a `StreamBudget`) bounds inbound streams per peer and in total;
+    ``limits`` gives inbound streams the mesh's first-frame and frame deadlines."""
 
-    def __init__(self, host, mode: str, advertised, budget=None, seen_at=None):
+    def __init__(self, host, mode: str, advertised, budget=None, seen_at=None,
+                 limits: StreamLimits | None = None):
         view = _DHTHost(host, advertised)
         super().__init__(view, DHTMode.SERVER if mode == "server" else DHTMode.CLIENT,
                          enable_random_walk=False,
@@ -209,6 +236,7 @@ class SynordDHT(KadDHT):
                                                     seen=self.seen)
         self._real_host = host
         self._budget = budget
+        self._limits = limits or StreamLimits()
         self._provided: dict[bytes, float] = {}  # key -> when it is provided next
         self._retry: dict[bytes, float] = {}
         self._wake = trio.Event()
@@ -249,9 +277,16 @@ class SynordDHT(KadDHT):
             return await self._reset(stream)  # counted by the budget
         _ASKER.set(self.seen(peer))  # this task's: the answers are filtered for it
         try:
+            timed = _DeadlineStream(stream, self._limits)
             with trio.move_on_after(INBOUND_STREAM_S) as scope:
-                await super().handle_stream(stream)
-            if scope.cancelled_caught:
+                try:
+                    await super().handle_stream(timed)
+                except trio.TooSlowError:
+                    pass
+            if timed.late is not None:  # silent from the start, or stalled mid-message
+                count_stream_refusal(timed.late)
+                await self._reset(stream)
+            elif scope.cancelled_caught:
                 REFUSALS.count("dht", "stream-deadline")
                 await self._reset(stream)
         finally:

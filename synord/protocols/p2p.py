@@ -380,7 +380,7 @@ class Libp2pMesh(Mesh):
         mode = choose_mode(cfg.dht, "unknown", self._listen_ips())
         if mode != "off":
             self.dht = SynordDHT(self.host, mode, self.listen_addrs, budget=self.stream_budget,
-                                 seen_at=self.seen_at)
+                                 seen_at=self.seen_at, limits=cfg.streams)
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -21,6 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import synord.protocols.caps  # noqa: F401  (registers its message type)
+import synord.protocols.forward  # noqa: F401
 import synord.protocols.shell  # noqa: F401
 import synord.protocols.tasks  # noqa: F401
 from synord.protocols.envelope import (Envelope, EnvelopeError, EnvelopeValidator, Rejected, body_checker, decode,
@@ -76,6 +77,7 @@ def valid_bodies() -> dict[str, object]:
                        "restore": {"sha256": SHA, "offsets": {"stdout": 1, "stderr": 0}}},
         "task.attach": {"job_id": "job-1", "offsets": {"stdout": 10, "stderr": 0}},
         "shell.exec": exec_body("job-1", ["sh", "-c", "true"], {"A": "b"}, (24, 80)),
+        "forward.open": {"job_id": "job-1", "port": 8080},
         "blob.offer": {"sha256": SHA, "size": 3, "kind": "artifact", "job_id": "job-1"},
         "blob.grant": {"job_id": "job-1", "from": "p1", "to": "p2"},
     }

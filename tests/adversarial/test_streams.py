@@ -36,7 +36,9 @@ max_buffered_total = 134217728
 """
 # every stream protocol a provider daemon serves (checked against what identify reports)
 EXPECTED = {"/synord/task/1.0.0", "/synord/transfer/1.0.0", "/synord/shell/1.0.0",
-            "/synord/negotiate/1.0.0", "/synord/caps/1.0.0", "/synord/px/1.0.0"}
+            "/synord/negotiate/1.0.0", "/synord/caps/1.0.0", "/synord/px/1.0.0", "/synord/kad/1.0.0"}
+# framed by the library with varints: our 4 MiB header reads as a too-large message, reset at once
+VARINT_FRAMED = {"/synord/kad/1.0.0"}
 HEADER_4MIB = struct.pack(">I", MAX_FRAME)
 
 
@@ -162,7 +164,7 @@ async def test_stalled_streams_are_reset_on_every_protocol(daemon):
     after = await in_thread(metrics, daemon)
     grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert grew.get("first_frame_timeout", 0) >= len(silent), grew
-    assert grew.get("frame_body_timeout", 0) >= len(mid_frame) + 1, grew
+    assert grew.get("frame_body_timeout", 0) >= len([p for p, _ in mid_frame if p not in VARINT_FRAMED]) + 1, grew
     assert grew.get("idle_timeout", 0) >= 1, grew
     log = daemon.log()
     assert "Traceback" not in log, log[-3000:]
