@@ -304,8 +304,15 @@ class TaskCgroup:
             return False
 
     def pids_limited(self) -> bool:
+        """A fork was refused on our pids limit. The kernel (6.1) counts the refusal in the
+        forking task's own cgroup, which may be a child of ours (the runtime's own cgroup,
+        e.g. rootless), so every pids.events at or below ours is read."""
         d = ROOT / self.rel if self.mode == "v2" else ROOT / "pids" / self.rel
-        return _kv(_read(d / "pids.events")).get("max", 0) > 0
+        try:
+            events = [d / "pids.events", *d.rglob("*/pids.events")]
+        except OSError:  # removed meanwhile
+            events = [d / "pids.events"]
+        return any(_kv(_read(e)).get("max", 0) > 0 for e in events)
 
     def pids(self) -> set[int]:
         """Every process still in the task's cgroups (any depth)."""
