@@ -23,3 +23,14 @@ def netlab():
         pytest.skip(reason)
     with NetLab() as lab:
         yield lab
+
+
+# The testbed's tests (real daemons in network namespaces, hole punching): timing-sensitive
+# on 2 busy cores, so `quickstart.sh test` runs them after the rest, on their own.
+NETLAB_MODULES = {"test_netlab.py", "test_nat_jobs.py", "test_dht_lab.py", "test_reachability_lab.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in NETLAB_MODULES:
+            item.add_marker(pytest.mark.netlab)
