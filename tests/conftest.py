@@ -25,8 +25,8 @@ def netlab():
         yield lab
 
 
-# The testbed's tests (real daemons in network namespaces, hole punching): timing-sensitive
-# on 2 busy cores, so `quickstart.sh test` runs them after the rest, on their own.
+# The testbed's tests (real daemons in network namespaces, hole punching): `-m netlab`
+# runs just them, `-m "not netlab"` everything else.
 NETLAB_MODULES = {"test_netlab.py", "test_nat_jobs.py", "test_dht_lab.py", "test_reachability_lab.py"}
 
 
