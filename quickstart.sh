@@ -69,9 +69,18 @@ case "${1:-}" in
     shift
     # -p no:cacheprovider: CI runs from a read-only-friendly clean clone
     # --durations: the slowest tests, to keep an eye on CI time (2 cores). Serial: with two
-    # xdist workers (13-15 min instead of ~25) timing-sensitive daemon tests (hole punching,
-    # service health restarts, microVM under TCG) failed in 2 runs of 3.
-    exec .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=30 "$@"
+    # xdist workers timing-sensitive daemon tests failed under load. The testbed's tests
+    # (network namespaces, hole punching) run in a pytest of their own, after the rest:
+    # in one process with the rest, the first two NAT tests failed; alone they pass.
+    rc=0
+    .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=30 -m "not netlab" "$@" || rc=$?
+    nat=0
+    .venv/bin/python -m pytest -p no:cacheprovider -ra -m netlab "$@" || nat=$?
+    # exit 5 (no test selected) of one phase is fine when the other ran tests
+    if [ "$nat" -eq 5 ] && [ "$rc" -ne 5 ]; then nat=0; fi
+    if [ "$rc" -eq 5 ] && [ "$nat" -ne 5 ]; then rc=0; fi
+    [ "$rc" -ne 0 ] && exit "$rc"
+    exit "$nat"
     ;;
   setup)
     setup
