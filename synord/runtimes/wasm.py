@@ -363,8 +363,13 @@ class WasmSandbox(Sandbox):
         self._cpu_start = 0.0
         self._write_ends: list[int] = []
         self._pipes: dict[str, int] = {}  # output pipes no pump reads yet (read ends)
+        # Trio side:
         self._drained: dict[str, trio.Event] = {}  # per pumped stream: its pipe reached EOF
-        self._inner: trio.Nursery | None = None  # while the guest runs
+        self._nursery: trio.Nursery | None = None
+        self._helpers: list[trio.CancelScope] = []  # pumps and the timer, cancelled at the end
+        self._done = trio.Event()  # the worker's outcome is in:
+        self._result: tuple[ExitStatus, str | None] | None = None
+        self._error: BaseException | None = None
         self._run_scope = trio.CancelScope()
         self.stop_grace_s = 2.0  # how long kill/cancel wait for the guest to leave wasm
 
@@ -375,98 +380,112 @@ class WasmSandbox(Sandbox):
             raise RuntimeError_("sandbox already started")
         self._started = True
         self._token = trio.lowlevel.current_trio_token()
-        nursery.start_soon(self._main)
+        self._nursery = nursery  # the pumps and the timer run here too (rarely needed)
+        if self.spec.limits.timeout_s is not None:
+            self._deadline = time.monotonic() + self.spec.limits.timeout_s
+        # Output goes through pipes rather than wasmtime's Python output
+        # callbacks: those are called from wasmtime's own threads and abort the
+        # process when one fires during interpreter shutdown. Non-blocking read
+        # ends: whoever reads them after the guest ended stops at "empty".
+        out_r, out_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._read_fds = [out_r, err_r]
+        self._pipes = {"stdout": out_r, "stderr": err_r}
+        self._write_ends = [out_w, err_w]  # handed to the worker, see _take_write_ends
+        try:
+            nursery.start_soon(self._main)
+        except BaseException:
+            self._finish(ExitStatus(CODE_KILLED, Usage(), "killed"), None)
+            raise
+        if self._deadline is not None:
+            self._spawn_helper(self._timer)
+        # trio.lowlevel.start_thread_soon, not to_thread: half the hand-over
+        # cost, and a wait that can stop without abandoning the result. The
+        # result comes back through _complete, in the trio thread.
+        trio.lowlevel.start_thread_soon(self._work, self._deliver)
 
     async def _main(self) -> None:
-        stdin_path = None
-        read_ends: list[int] = []
+        # Watches the guest for the caller's nursery (a cancelled caller stops
+        # it) and streams the output of a guest that runs past LIVE_AFTER_S.
+        # A guest that ends sooner is finished by _complete, not here.
         try:
-            if self.spec.stdin is not None:
-                stdin_path = await trio.to_thread.run_sync(self._write_stdin)
-            # Output goes through pipes read here rather than wasmtime's Python
-            # output callbacks: those are called from wasmtime's own threads and
-            # abort the process when one fires during interpreter shutdown.
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            read_ends = [out_r, err_r]
-            self._read_fds = [out_r, err_r]
-            self._write_ends = [out_w, err_w]  # handed to the worker, see _take_write_ends
-            if self.spec.limits.timeout_s is not None:
-                self._deadline = time.monotonic() + self.spec.limits.timeout_s
-            async with trio.open_nursery() as inner:
-                self._inner = inner
-                if self._deadline is not None:
-                    inner.start_soon(self._timer)
-                self._pipes = {"stdout": out_r, "stderr": err_r}
-                read_ends = []  # the pumps or _drain_pipes own them now
-                done, outcome = trio.Event(), []
+            try:
+                with self._run_scope:  # cancelled by kill() when the guest ignores it
+                    with trio.move_on_after(LIVE_AFTER_S):
+                        await self._done.wait()
+                    if not self._done.is_set():
+                        self._follow_pipes()  # still running: stream its output live
+                        await self._done.wait()
+            finally:
+                if not self._done.is_set():  # our caller or kill() gave up on the thread
+                    await self._stop_abandoned_worker()
+            if not self._done.is_set():
+                self._finish(ExitStatus(CODE_KILLED, Usage(), "killed"),
+                             "the guest did not stop when killed (blocked in a host call); abandoned")
+            elif self._error is not None:  # our bug: raise it in the caller's nursery
+                raise self._error
+            elif not self._finished.is_set():
+                # The pipes hit EOF once the store is gone; bounded in case a
+                # wasmtime background task holds them a little longer.
+                self._follow_pipes()
+                with trio.move_on_after(2):
+                    for ev in self._drained.values():
+                        await ev.wait()
+                self._finish(*self._result)
+        finally:  # cancelled, or our bug: nothing above finished the task
+            self._finish(ExitStatus(CODE_KILLED, Usage(), "killed"), None)
 
-                def deliver(result) -> None:  # in the worker thread
-                    outcome.append(result)
-                    self._notify_from_thread(done.set)
+    def _deliver(self, outcome) -> None:  # worker thread: the last thing it does
+        self._notify_from_thread(lambda: self._complete(outcome))
 
-                # trio.lowlevel.start_thread_soon, not to_thread: half the hand-over
-                # cost, and a wait that can stop without abandoning the result.
-                trio.lowlevel.start_thread_soon(lambda: self._run(stdin_path), deliver)
-                try:
-                    with self._run_scope:  # cancelled by kill() when the guest ignores it
-                        with trio.move_on_after(LIVE_AFTER_S):
-                            await done.wait()
-                        if not done.is_set():
-                            self._follow_pipes()  # still running: stream its output live
-                            await done.wait()
-                finally:
-                    if not done.is_set():  # our caller or kill() gave up on the thread
-                        await self._stop_abandoned_worker()
-                if not outcome:
-                    status, detail = ExitStatus(CODE_KILLED, Usage(), "killed"), \
-                        "the guest did not stop when killed (blocked in a host call); abandoned"
-                else:
-                    status, detail = outcome[0].unwrap()
-                    # The pipes hit EOF once the store is gone; bounded in case a
-                    # wasmtime background task holds them a little longer.
-                    self._drain_pipes()
-                    with trio.move_on_after(2):
-                        for ev in self._drained.values():
-                            await ev.wait()
-                inner.cancel_scope.cancel()
-                if detail:
-                    self._emit("stderr", f"[synord] {detail}\n".encode())
-        except BaseException:
-            if self._status is None:
-                self._status = ExitStatus(CODE_KILLED, Usage(), "killed")
-            raise
-        else:
-            self._status = status
-        finally:
-            for fd in read_ends + list(self._pipes.values()) + self._take_write_ends():
-                _close_quietly(fd)
-            self._pipes.clear()
-            if stdin_path:
-                os.unlink(stdin_path)
-            self._finished.set()
-            self._output.close()
+    def _complete(self, outcome) -> None:
+        """Trio thread: the worker is done. Finishes the task at once unless
+        output is still being pumped or the worker failed (then _main does)."""
+        self._done.set()
+        if self._finished.is_set():  # abandoned: the result comes too late
+            return
+        try:
+            (status, detail), chunks = outcome.unwrap()
+        except BaseException as e:
+            self._error = e  # _main raises it in the caller's nursery
+            return
+        self._result = (status, detail)
+        if chunks:
+            self._output.extend(chunks)
+        if not self._pipes and not self._drained:
+            self._finish(status, detail)
+
+    def _finish(self, status: ExitStatus, detail: str | None) -> None:
+        if self._finished.is_set():
+            return
+        if detail:
+            self._emit("stderr", f"[synord] {detail}\n".encode())
+        self._status = status
+        with self._lock:
+            fds, self._pipes = list(self._pipes.values()), {}
+        for fd in fds + self._take_write_ends():
+            _close_quietly(fd)
+        for scope in self._helpers:  # a pump some wasmtime thread keeps open, the timer
+            scope.cancel()
+        self._finished.set()
+        self._output.close()
+
+    def _spawn_helper(self, fn, *args) -> None:
+        scope = trio.CancelScope()
+        self._helpers.append(scope)
+
+        async def helper() -> None:
+            with scope:
+                await fn(*args)
+        self._nursery.start_soon(helper)
 
     def _follow_pipes(self) -> None:
         """Pump the output pipes from now on (idempotent): the guest runs past
         LIVE_AFTER_S, or a checkpoint needs its output counted."""
-        for stream, fd in list(self._pipes.items()):
-            del self._pipes[stream]
-            self._inner.start_soon(self._pump, stream, fd, self._drained.setdefault(stream, trio.Event()))
-
-    def _drain_pipes(self) -> None:
-        """The guest is gone: read what it left in the pipes not yet pumped, up to
-        EOF; a pipe some wasmtime thread still holds open gets a pump."""
-        for stream, fd in list(self._pipes.items()):
-            os.set_blocking(fd, False)
-            try:
-                while data := os.read(fd, 1 << 16):
-                    self._emit(stream, data)
-            except BlockingIOError:
-                continue  # not at EOF yet: _follow_pipes below
-            del self._pipes[stream]
-            _close_quietly(fd)
-        self._follow_pipes()
+        with self._lock:  # the worker reads what no pump took, once the guest ended
+            pipes, self._pipes = self._pipes, {}
+        for stream, fd in pipes.items():
+            self._spawn_helper(self._pump, stream, fd, self._drained.setdefault(stream, trio.Event()))
 
     async def _pump(self, stream: str, fd: int, drained: trio.Event) -> None:
         async with trio.lowlevel.FdStream(fd) as pipe:
@@ -474,15 +493,6 @@ class WasmSandbox(Sandbox):
                 self._emit(stream, data)
                 await self._output.wait_room()  # a reader far behind: the guest waits on its pipe
         drained.set()
-
-    def _write_stdin(self) -> str:
-        base = self.spec.workdir
-        if base is not None:
-            Path(base).mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="synord-stdin-", dir=base)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.spec.stdin or b"")
-        return path
 
     async def _timer(self) -> None:
         # Ticks are only needed to stop a guest at its time limit (kill() bumps
@@ -501,10 +511,11 @@ class WasmSandbox(Sandbox):
         self._stop_reason = self._stop_reason or "killed"
         wait = 0 if self._run_scope.cancel_called else self.stop_grace_s  # kill() already waited
         with trio.CancelScope(shield=True), trio.move_on_after(wait):
-            while not self._worker_done:
+            while not self._done.is_set():
                 self.engine.increment_epoch()
-                await trio.sleep(TICK_S)
-        if not self._worker_done:
+                with trio.move_on_after(TICK_S):
+                    await self._done.wait()
+        if not self._done.is_set():
             log.warning("wasm task %s did not stop within %.1f s; its thread is abandoned",
                         self.spec.task_id, self.stop_grace_s)
 
@@ -551,7 +562,7 @@ class WasmSandbox(Sandbox):
         if not self._started:
             raise RuntimeError_("sandbox not started")
         req = _CheckpointRequest(Path(dest), leave_running)
-        if self._inner is not None:
+        if not self._done.is_set():
             self._follow_pipes()  # the worker counts output the pumps have read
         with self._lock:
             if self._worker_done or self._finished.is_set():
@@ -600,7 +611,38 @@ class WasmSandbox(Sandbox):
             fds, self._write_ends = self._write_ends, []
         return fds
 
-    def _run(self, stdin_path: str | None) -> tuple[ExitStatus, str | None]:
+    def _work(self) -> tuple[tuple[ExitStatus, str | None], list[LogChunk]]:
+        """The worker thread's job: run the guest, then read what it left in
+        the pipes no pump took (most starts: the whole output, read once)."""
+        result = self._run()
+        with self._lock:
+            pipes, self._pipes = self._pipes, {}
+        chunks, left = [], {}
+        for stream, fd in pipes.items():
+            try:
+                while data := os.read(fd, 1 << 16):
+                    chunks.append(LogChunk(stream, data))
+            except BlockingIOError:  # not at EOF: some wasmtime thread still holds it; _main pumps it
+                left[stream] = fd
+                continue
+            except OSError:
+                pass
+            _close_quietly(fd)
+        if left:
+            with self._lock:
+                self._pipes.update(left)
+        return result, chunks
+
+    def _write_stdin(self) -> str:
+        base = self.spec.workdir
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="synord-stdin-", dir=base)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.spec.stdin or b"")
+        return path
+
+    def _run(self) -> tuple[ExitStatus, str | None]:
         t_wall = time.monotonic()
         # CPU time continues across checkpoint/restore, so usage covers the whole task.
         self._cpu_start = time.thread_time() - (self.restore_from.cpu_s if self.restore_from else 0.0)
@@ -610,10 +652,15 @@ class WasmSandbox(Sandbox):
         if spec.limits.fuel is not None:
             store.set_fuel(spec.limits.fuel)
         wasi = wasmtime.WasiConfig()
-        wasi.argv = [Path(spec.artifact).name, *spec.args]
-        wasi.env = list(spec.env.items())
-        if stdin_path:
-            wasi.stdin_file = stdin_path
+        wasi.argv = [os.path.basename(spec.artifact), *spec.args]
+        if spec.env:
+            wasi.env = list(spec.env.items())
+        if spec.stdin is not None:
+            stdin_path = self._write_stdin()
+            try:
+                wasi.stdin_file = stdin_path  # opened here: the name can go at once
+            finally:
+                os.unlink(stdin_path)
         fds = self._take_write_ends()
         if len(fds) != 2:
             return ExitStatus(CODE_KILLED, Usage(), "killed"), None
