@@ -146,6 +146,13 @@ async def test_no_descriptor_outlives_its_task(rt, wasm_modules):
     assert not left
 
 
+async def test_a_far_time_limit_does_not_hold_the_callers_nursery(rt, wasm_modules):
+    # The time-limit timer runs in the caller's nursery; the task's end must
+    # cancel it, or the nursery would wait an hour (the hang guard trips).
+    status, out, _ = await run(rt, probe(wasm_modules, "hello", limits=Limits(timeout_s=3600)))
+    assert (status.code, out) == (0, b"hello, wasm\n")
+
+
 async def test_output_beyond_a_pipe_buffer_arrives_whole(rt, wasm_modules):
     # 3000 lines (~75 KiB) overflow the 64 KiB pipe before the guest ends: it
     # blocks until the output is pumped live, and nothing is lost or reordered.

@@ -2,12 +2,17 @@
 
 Theory of operation
 - A module runs in one worker thread (`trio.lowlevel.start_thread_soon`, the
-  cheapest hand-over trio has); everything else (logs, wait, kill, checkpoint
-  requests, the time-limit timer) is trio.
+  cheapest hand-over trio has: a long-lived worker fed by a queue measured
+  the same); everything else (logs, wait, kill, checkpoint requests, the
+  time-limit timer) is trio. One watcher task per start (`_main`) stands in
+  the caller's nursery, so that a cancelled caller stops the guest.
 - Output: the guest's stdout/stderr are pipes. A guest that ends within
-  LIVE_AFTER_S (most starts) has them read once, after it ended; one that runs
-  longer, or is checkpointed, gets them pumped live. Either way into a bounded
-  `LogBuffer`: a reader far behind makes the pumps, then the guest, wait.
+  LIVE_AFTER_S (most starts) has them read by its worker once the store is
+  gone, and the worker's callback (`_complete`, in the trio thread) finishes
+  the task: no pump task, no wake-up of the watcher before the result. One
+  that runs longer, or is checkpointed, gets them pumped live. Either way into
+  a bounded `LogBuffer`: a reader far behind makes the pumps, then the guest,
+  wait. `_lock` decides who owns a read end: a pump, or the worker.
 - Interruption: engines are built with epoch interruption; each store has a
   deadline one epoch ahead and a deadline callback (run in the worker thread)
   that decides from *its own* sandbox's flags whether to go on, or to trap for
