@@ -490,6 +490,7 @@ class WasmSandbox(Sandbox):
         output is still being pumped or the worker failed (then _main does)."""
         self._done.set()
         if self._finished.is_set():  # abandoned: the result comes too late
+            self._close_pipes()  # any the worker could not read to EOF
             return
         try:
             (status, detail), chunks = outcome.unwrap()
@@ -508,14 +509,17 @@ class WasmSandbox(Sandbox):
         if detail:
             self._emit("stderr", f"[synord] {detail}\n".encode())
         self._status = status
-        with self._lock:
-            fds, self._pipes = list(self._pipes.values()), {}
-        for fd in fds + self._take_write_ends():
-            _close_quietly(fd)
+        self._close_pipes()
         for scope in self._helpers:  # a pump some wasmtime thread keeps open, the timer
             scope.cancel()
         self._finished.set()
         self._output.close()
+
+    def _close_pipes(self) -> None:
+        with self._lock:  # the worker may hand back a read end it could not read to EOF
+            fds, self._pipes = list(self._pipes.values()), {}
+        for fd in fds + self._take_write_ends():
+            _close_quietly(fd)
 
     def _spawn_helper(self, fn, *args) -> None:
         scope = trio.CancelScope()
