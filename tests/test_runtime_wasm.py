@@ -69,6 +69,17 @@ async def wait_for_output(sb, needle: bytes) -> bytes:
     raise AssertionError(f"task ended without printing {needle!r}: {bytes(seen)!r}")
 
 
+async def cancel_the_caller_of_a_loop(rt, mods: Path):
+    """A looping guest whose caller's nursery is cancelled once it runs."""
+    sb = await rt.prepare(probe(mods, "loop"))
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as n:
+            await sb.start(n)
+            await wait_for_output(sb, b"looping")
+            n.cancel_scope.cancel()
+    return sb
+
+
 # --- WASI command modules ---
 
 async def test_hello_output_and_usage(rt, wasm_modules):
@@ -136,13 +147,8 @@ async def test_no_descriptor_outlives_its_task(rt, wasm_modules):
         await run(rt, probe(wasm_modules, *args))
     await run(rt, probe(wasm_modules, "loop", limits=Limits(timeout_s=0.05)))
     await run(rt, counter(wasm_modules, 3000, 0))  # more output than a pipe holds: pumped live
-    sb = await rt.prepare(probe(wasm_modules, "loop"))
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as n:
-            await sb.start(n)
-            await wait_for_output(sb, b"looping")
-            n.cancel_scope.cancel()
-    left = {fd: os.readlink(f'/proc/self/fd/{fd}') for fd in _open_fds() - before}
+    await cancel_the_caller_of_a_loop(rt, wasm_modules)
+    left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _open_fds() - before}
     assert not left
 
 
@@ -267,12 +273,7 @@ async def test_kill_of_a_guest_blocked_in_a_host_call(rt, wasm_modules):
 
 
 async def test_cancelling_the_caller_stops_the_worker(rt, wasm_modules):
-    sb = await rt.prepare(probe(wasm_modules, "loop"))
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as n:
-            await sb.start(n)
-            await wait_for_output(sb, b"looping")
-            n.cancel_scope.cancel()
+    sb = await cancel_the_caller_of_a_loop(rt, wasm_modules)
     assert sb._worker_done
     assert (await sb.wait()).reason == "killed"
 

@@ -127,11 +127,12 @@ if wasmtime is not None:
                                    ctypes.POINTER(ctypes.c_uint8))
     _Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     _NO_FINALIZER = _Finalizer(lambda _data: None)
-    try:  # for _export / _call_start; the public API where this wasmtime-py lacks them
+    try:  # wasmtime-py internals for _command_exports / _call_start; the public API without them
         from wasmtime._func import enter_wasm as _enter_wasm
         from wasmtime._extern import wrap_extern as _wrap_extern
-        _DIRECT = all(hasattr(_wffi, n) for n in ("wasmtime_instance_export_get", "wasmtime_func_call")) \
-            and hasattr(wasmtime.Store, "_context")
+        _DIRECT = all(hasattr(_wffi, n) for n in (
+            "wasmtime_instance_export_get", "wasmtime_func_call", "WASMTIME_EXTERN_MEMORY")) \
+            and hasattr(wasmtime.Store, "_context") and hasattr(wasmtime.WasmtimeError, "_from_ptr")
     except ImportError:
         _DIRECT = False
 
