@@ -88,8 +88,11 @@ def raw_host():
 def runtime_at(rev: str):
     """WasmRuntime as synord/runtimes/wasm.py was at git revision `rev`, loaded
     beside today's (same base classes), to measure it in the same run."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:synord/runtimes/wasm.py"],
-                         capture_output=True, text=True, check=True).stdout
+    res = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:synord/runtimes/wasm.py"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"bench_wasm: --against {rev}: {res.stderr.strip().splitlines()[-1]}")
+    src = res.stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(src)
     try:
@@ -101,7 +104,7 @@ def runtime_at(rev: str):
     return mod.WasmRuntime
 
 
-async def bench_all(n: int, cache: Path, rounds: int, against: str | None = None
+async def bench_all(n: int, cache: Path, rounds: int, against: tuple[str, type] | None = None
                     ) -> dict[str, tuple[list[float], float]]:
     """Each variant runs n starts in `rounds` interleaved slices, so that a
     change in the shared box's load between variants hits all of them alike.
@@ -131,7 +134,8 @@ async def bench_all(n: int, cache: Path, rounds: int, against: str | None = None
                     "raw wasmtime-py in a worker thread": raw_thread,
                     "synord WasmRuntime (module cached in memory)": synord(WasmRuntime(cache_dir=cache))}
         if against:
-            variants[f"synord WasmRuntime at {against}"] = synord(runtime_at(against)(cache_dir=cache / "rev"))
+            rev, runtime = against
+            variants[f"synord WasmRuntime at {rev}"] = synord(runtime(cache_dir=cache / "rev"))
         for fn in variants.values():  # warm-up
             for _ in range(5):
                 await fn()
@@ -176,7 +180,8 @@ def main() -> None:
         subprocess.run(["bash", str(ROOT / "tests" / "assets" / "build.sh"), "wasm"], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
-        res = trio.run(bench_all, args.n, cache, max(1, min(args.rounds, args.n)), args.against)
+        against = (args.against, runtime_at(args.against)) if args.against else None
+        res = trio.run(bench_all, args.n, cache, max(1, min(args.rounds, args.n)), against)
         disk = trio.run(bench_fresh, max(args.n // 4, 5), cache)
     print(f"hello task start-to-exit ({MODULE.name}, {WasmRuntime().available().reason}), "
           f"load average {os.getloadavg()[0]:.1f}")
