@@ -23,6 +23,7 @@ from jobs_helpers import (CONSUMER_ONLY, COUNTER_WASM, PROBE_WASM, ensure_assets
                           providers_in_book, reference_run, refused, submit, wait_job)
 
 LISTEN = "/ip4/0.0.0.0/tcp/4001"
+LISTEN_A2 = "/ip4/0.0.0.0/tcp/4002"
 ANCHOR = '[relay]\nhop = "on"\n' + CONSUMER_ONLY  # relays; they sell nothing
 JOBS = "[jobs]\ncheckpoint_interval_s = 0.5\nlease_timeout_s = 5.0\n"
 ENV = ["-e", "COUNT=60", "-e", "WORK=20000000"]
@@ -45,7 +46,11 @@ class Lab:
                                      bootstrap=boot)
         self.boot = boot + [a for a in self.anchor2.p2p_addrs() if netlab.ip("anchor2") in a]
         self.consumer = self.start_consumer()
-        self.provs = {h: cluster.spawn(h, netns=netlab.ns(h), listen=LISTEN, bootstrap=self.boot, config=JOBS)
+        # a2 shares natA with a1: on the same port, the NAT could keep 4001 for only one of
+        # them towards a given peer and would map the other's punch to a random port (which
+        # the peer cannot guess); a home with two daemons gives each its own port
+        self.provs = {h: cluster.spawn(h, netns=netlab.ns(h), listen=LISTEN_A2 if h == "a2" else LISTEN,
+                                       bootstrap=self.boot, config=JOBS)
                       for h in ("a2", "b1", "c1")}
         for p in self.provs.values():
             p.wait_ready()
