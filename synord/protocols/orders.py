@@ -340,19 +340,19 @@ def order_from_envelope(env) -> Ask | Bid | Cancel:
     A decoded envelope carries the order its body checker parsed
     (``env.parsed``, below): that one is completed and returned, so an order
     arriving by gossip is parsed once, not twice.  Completing it again (the
-    same envelope applied twice) changes nothing."""
-    cls = _ORDER_TYPES.get(env.type)
-    if cls is None:
-        raise OrderError(f"not an order message: {env.type}")
+    same envelope applied twice) sets the same values."""
+    try:
+        cls = _ORDER_TYPES[env.type]
+    except KeyError:
+        raise OrderError(f"not an order message: {env.type}") from None
     order = env.parsed
     if type(order) is not cls:  # an envelope built here (seal), never decoded
         if cls is Cancel:
             return Cancel.from_body(env.body, env.sender_id)
         return cls.from_body(env.body, env.sender_id, env.timestamp_ms)
-    if not order.peer:
-        order.peer = sys.intern(env.sender_id)
-        if cls is not Cancel:
-            order.ts = env.timestamp_ms
+    order.peer = env.sender_id  # interned: one str per peer in the book
+    if cls is not Cancel:
+        order.ts = env.timestamp_ms
     return order
 
 
