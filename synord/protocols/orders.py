@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .envelope import message_type, pack_body
+from .identity import b58encode
 from .kinds import RUNTIME_KINDS
 
 MAX_ORDER_BODY_BYTES = 2048
@@ -350,7 +351,7 @@ def order_from_envelope(env) -> Ask | Bid | Cancel:
         if cls is Cancel:
             return Cancel.from_body(env.body, env.sender_id)
         return cls.from_body(env.body, env.sender_id, env.timestamp_ms)
-    order.peer = env.sender_id  # interned: one str per peer in the book
+    order.peer = b58encode(env.sender)  # = env.sender_id; cached and interned: one str per peer
     if cls is not Cancel:
         order.ts = env.timestamp_ms
     return order
