@@ -219,7 +219,7 @@ def main() -> None:
     print(f"orders: {n} ({len(asks)} asks, {n - len(asks)} bids), {matched} bids matched")
     print(f"baseline dict insert        {rate(len(asks), base_insert)}   (asks; CPU time: {len(asks) / base_cpu:,.0f} /s)")
     print(f"book insert                 {rate(len(asks), insert)}   (asks; CPU time: {len(asks) / insert_cpu:,.0f} /s;"
-          f" target >= 500,000 /s; {insert / base_insert:.1f}x the dict)")
+          f" target >= 500,000 /s; {insert / base_insert:.1f}x the dict's time)")
     print(f"book insert+match           {rate(n, insert_match)}   (target >= 100,000 /s)")
     print(f"match, typical bid          {m_typical * 1e3:>12.4f} ms   ({len(asks)} asks in the book)")
     print(f"baseline linear-scan match  {naive * 1e3:>12.4f} ms")
