@@ -187,7 +187,8 @@ def test_gossip_order_is_parsed_once_and_completed_from_its_envelope():
 
 def test_expiry_index_compacts_and_stays_exact():
     """Replaced and removed orders leave stale expiry entries; past a bound the
-    index is rebuilt, also in the middle of a sweep, and nothing is lost."""
+    index is rebuilt, a sweep of many orders at once keeps the count of stale
+    entries exact, and nothing is lost or swept twice."""
     book = OrderBook(max_orders=10_000, max_per_peer=10_000, max_asks_per_peer=10_000)
     for i in range(100):
         book.add(ask(f"live{i}", expires=NOW + 60_000), NOW)
