@@ -162,3 +162,45 @@ def test_apply_gossip_envelopes():
     env = v.check(seal(ident, "cancel", Cancel("a1", "cpu", "ask", 1).to_body(), now=NOW).encode(), now=NOW)
     assert book.apply(env, NOW) == "cancelled" and len(book) == 0
     assert book.apply(env, NOW) == "ignored"
+
+
+def test_gossip_order_is_parsed_once_and_completed_from_its_envelope():
+    """decode() parses the body to check it; the book takes that very order
+    (sender and time filled in from the envelope) instead of parsing again."""
+    ident = Identity.generate()
+    env = decode(seal(ident, "ask", ask(price=1.5).to_body(), now=NOW).encode())
+    assert isinstance(env.parsed, Ask) and env.parsed.peer == ""
+    got = order_from_envelope(env)
+    assert got is env.parsed and (got.peer, got.ts, got.price) == (ident.peer_id, NOW, 1.5)
+    assert order_from_envelope(env) is got and (got.peer, got.ts) == (ident.peer_id, NOW)
+    book = OrderBook()
+    assert book.apply(env, NOW) == "added"
+    assert book.apply(env, NOW) == "stale_seq" and len(book) == 1  # the same envelope again
+    # an envelope sealed here was never decoded: its body is parsed
+    mine = seal(ident, "ask", ask(id="own", price=2.0).to_body(), now=NOW + 1)
+    assert mine.parsed is None and book.apply(mine, NOW) == "added"
+    assert book.get("ask", ident.peer_id, "own").ts == NOW + 1
+    other = Identity.generate()
+    c = order_from_envelope(decode(seal(other, "cancel", Cancel("own", "cpu", "ask", 9).to_body()).encode()))
+    assert c.peer == other.peer_id and not book.cancel(c)  # not its order
+
+
+def test_expiry_index_compacts_and_stays_exact():
+    """Replaced and removed orders leave stale expiry entries; past a bound the
+    index is rebuilt, a sweep of many orders at once keeps the count of stale
+    entries exact, and nothing is lost or swept twice."""
+    book = OrderBook(max_orders=10_000, max_per_peer=10_000, max_asks_per_peer=10_000)
+    for i in range(100):
+        book.add(ask(f"live{i}", expires=NOW + 60_000), NOW)
+    for seq in range(1, 3000):  # one ask replaced 2999 times: 2998 stale entries
+        assert book.add(ask("r", seq=seq, expires=NOW + 30_000 + seq), NOW) in ("added", "replaced")
+    assert len(book) == 101 and book._expiry_stale <= len(book) + 1024
+    for i in range(2000):
+        book.add(ask(f"short{i}", peer=f"S{i % 7}", expires=NOW + 100 + i % 3), NOW)
+    # one sweep removes 2000 orders (a sweep that counted them stale before taking
+    # their entries out would rebuild the index under its own feet)
+    assert book.expire(NOW + 1_000) == 2000
+    assert len(book) == 101 and {a.id for a in book.asks("cpu")} == {"r"} | {f"live{i}" for i in range(100)}
+    assert book.expire(NOW + 40_000) == 1 and book.expire(NOW + 60_000) == 100
+    assert len(book) == 0 and not book._expiry and book._expiry_stale == 0
+    assert book.supply_demand("cpu") == (0.0, 0.0)

@@ -61,7 +61,9 @@ class _Side:
     Only a new price level touches the sorted list; an order at an existing
     level is appended (or bisected in when it arrives out of time order).
     The price key is the price for asks, -max_price for bids (best first).
-    The orders themselves are the entries: no per-order tuple.
+    The orders themselves are the entries: no per-order tuple.  ``units`` is
+    kept for bids only: the asks' total comes from their shapes
+    (`_ClassBook.ask_units`), one addition less per insert.
     """
     __slots__ = ("prices", "levels", "units", "count")
 
@@ -93,18 +95,21 @@ class _Side:
         return p, self.levels[p][-1]
 
 
+_UNKNOWN_LOW = float("-inf")  # below every price: an insert never takes it for the lowest
+
+
 class _Shape:
     """Asks of one class that differ only in price, expiry and owner: they fail
     the same static constraints (runtime .. region, duration, preemptible), so a
     bid is checked once against ``probe`` (a member's copy at price 0, never
     expiring) instead of once per ask.  ``low`` is the cheapest member's price
-    (None: unknown since that member left) and ``at_low`` how many cost that."""
+    (``_UNKNOWN_LOW`` since that member left) and ``at_low`` how many cost that."""
     __slots__ = ("probe", "count", "low", "at_low")
 
     def __init__(self, ask: Ask) -> None:
         self.probe = replace(ask, id="", peer="", price=0.0, expires=1 << 63, ts=0)
         self.count = 0
-        self.low: float | None = ask.price
+        self.low = ask.price
         self.at_low = 0
 
     # add() is inlined in OrderBook.add
@@ -114,7 +119,7 @@ class _Shape:
         if price == self.low:
             self.at_low -= 1
             if not self.at_low:
-                self.low = None
+                self.low = _UNKNOWN_LOW
 
 
 def _shape(a: Ask) -> tuple:
@@ -141,6 +146,9 @@ class _ClassBook:
         self.last_trade: Trade | None = None
         self.shapes: dict[tuple, _Shape] = {}
 
+    def ask_units(self) -> float:
+        return sum(_units(g.probe) * g.count for g in self.shapes.values())
+
 
 def _price_key(order: Ask | Bid) -> float:
     return order.price if order.side == "ask" else -order.max_price
@@ -165,7 +173,7 @@ class OrderBook:
         # orders stay in their bucket until it is swept or compacted.
         self._expiry: dict[int, list] = {}
         self._expiry_secs: list[int] = []
-        self._expiry_len = 0
+        self._expiry_stale = 0  # entries of orders no longer held (removed, replaced)
         self._last_sec, self._last_bucket = -1, []  # the bucket the last insert went to
         self._tombstones: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self.evicted = 0
@@ -177,21 +185,24 @@ class OrderBook:
 
     def add(self, order: Ask | Bid, now: int) -> str:
         """Insert or replace; returns ``added``/``replaced`` or the refusal reason."""
+        # The hot path (insert >= 500k/s, bench_market.py): adding to the shape,
+        # the price level and the expiry bucket is inlined here.
         if order.expires <= now:
             return EXPIRED
-        peer, is_ask = order.peer, order.side == "ask"
+        peer, oid, is_ask = order.peer, order.id, type(order) is Ask
         held = self._peers.get(peer)
-        old = None if held is None else (held.asks if is_ask else held.bids).get(order.id)
+        old = None if held is None else (held.asks if is_ask else held.bids).get(oid)
         if old is not None and old.seq >= order.seq:
             return STALE
-        if self._tombstones and self._tombstones.get((order.side, peer, order.id), -1) >= order.seq:
+        if self._tombstones and self._tombstones.get((order.side, peer, oid), -1) >= order.seq:
             return CANCELLED
         if old is not None:
             self._remove(old)
             held = self._peers.get(peer)
-        elif held is not None and (len(held.asks) + len(held.bids) >= self.max_per_peer or (
-                is_ask and len(held.asks) >= self.max_asks_per_peer)):
-            return PEER_QUOTA
+        elif held is not None:
+            n = len(held.asks)
+            if n + len(held.bids) >= self.max_per_peer or (is_ask and n >= self.max_asks_per_peer):
+                return PEER_QUOTA
         if self._count >= self.max_orders:
             if not self._make_room(order, now):
                 return FULL
@@ -201,10 +212,8 @@ class OrderBook:
             book = self._classes[order.resource_class] = _ClassBook()
         if held is None:
             held = self._peers[peer] = _Peer()
-        # The hot path (insert >= 500k/s, bench_market.py): adding to the
-        # shape and to the side's price level is inlined here.
         if is_ask:
-            held.asks[order.id] = order
+            held.asks[oid] = order
             side, p = book.asks, order.price
             shape = (order.runtimes, order.memory, order.cores, order.gpus, order.gpu_class, order.region,
                      order.min_duration_s, order.max_duration_s, order.preemptible)  # = _shape(order)
@@ -214,12 +223,12 @@ class OrderBook:
             group.count += 1
             if p == group.low:
                 group.at_low += 1
-            elif group.low is not None and p < group.low:
+            elif p < group.low:
                 group.low, group.at_low = p, 1
         else:
-            held.bids[order.id] = order
+            held.bids[oid] = order
             side, p = book.bids, -order.max_price
-        side.units += order.cores if order.resource_class == CPU_CLASS else float(order.gpus)  # = _units
+            side.units += _units(order)
         level = side.levels.get(p)
         if level is None:
             side.levels[p] = [order]
@@ -240,16 +249,13 @@ class OrderBook:
                 heapq.heappush(self._expiry_secs, sec)
             bucket.append(order)
             self._last_sec, self._last_bucket = sec, bucket
-        self._expiry_len += 1
-        if self._expiry_len > 2 * self._count + 1024:
-            self._compact_expiry()
-        return REPLACED if old is not None else ADDED
+        return ADDED if old is None else REPLACED
 
     def apply(self, env: Any, now: int) -> str:
         """An accepted ``ask``/``bid``/``cancel`` envelope from gossip -> the book.
         Returns ``added``/``replaced``/``cancelled``/``ignored`` or a refusal reason."""
         order = order_from_envelope(env)
-        if isinstance(order, Cancel):
+        if type(order) is Cancel:
             return CANCELLED if self.cancel(order) else "ignored"
         return self.add(order, now)
 
@@ -268,24 +274,24 @@ class OrderBook:
 
     def expire(self, now: int) -> int:
         """Drop every order whose expiry is <= now; returns how many."""
-        dropped = 0
+        due = []
         secs = self._expiry_secs
         while secs and secs[0] * 1000 <= now:
             sec = secs[0]
             bucket = self._expiry.pop(sec)
             self._last_sec = -1
-            later = []
-            for o in bucket:
-                if o.expires > now:
-                    later.append(o)
-                elif self._holds(o):
-                    self._remove(o)
-                    dropped += 1
-            self._expiry_len -= len(bucket) - len(later)
+            later = [o for o in bucket if o.expires > now]
+            due += (o for o in bucket if o.expires <= now)
+            self._expiry_stale -= len(bucket) - len(later)  # entries gone (`_remove` counts its own)
             if later:  # the second ``now`` falls in: the rest waits
                 self._expiry[sec] = later
                 break
             heapq.heappop(secs)
+        dropped = 0
+        for o in due:  # once the buckets are consistent: a removal may compact them
+            if self._holds(o):
+                self._remove(o)
+                dropped += 1
         return dropped
 
     def remove(self, side: str, peer: str, order_id: str) -> bool:
@@ -323,10 +329,13 @@ class OrderBook:
             del held.bids[order.id]
             side = book.bids
             side.remove(-order.max_price, order)
-        side.units -= _units(order)
+            side.units -= _units(order)
         self._count -= 1
         if not held.asks and not held.bids:
             del self._peers[order.peer]
+        self._expiry_stale += 1  # its expiry entry stays until swept or compacted
+        if self._expiry_stale > self._count + 1024:
+            self._compact_expiry()
 
     def _make_room(self, order: Ask | Bid, now: int) -> bool:
         if self.expire(now) and self._count < self.max_orders:
@@ -351,7 +360,7 @@ class OrderBook:
                 self._expiry.setdefault(o.expires // 1000, []).append(o)
         self._expiry_secs = list(self._expiry)
         heapq.heapify(self._expiry_secs)
-        self._expiry_len = self._count
+        self._expiry_stale = 0
 
     @staticmethod
     def _cheapest(book: _ClassBook, shape: tuple) -> tuple[float, int]:
@@ -410,7 +419,7 @@ class OrderBook:
     def supply_demand(self, resource_class: str) -> tuple[float, float]:
         """(ask units, bid units) currently in the book for a class."""
         book = self._classes.get(resource_class)
-        return (0.0, 0.0) if book is None else (book.asks.units, book.bids.units)
+        return (0.0, 0.0) if book is None else (book.ask_units(), book.bids.units)
 
     def depth(self, resource_class: str, levels: int = 10) -> dict[str, list[list[float]]]:
         """Aggregated price levels: ``[[price, units, orders], ...]`` best first."""
@@ -458,7 +467,7 @@ class OrderBook:
         for shape, group in book.shapes.items():
             reason = reasons[shape] = first_failed(group.probe, bid, now, UNKNOWN)
             if reason is None:
-                if group.low is None:
+                if group.low == _UNKNOWN_LOW:
                     group.low, group.at_low = self._cheapest(book, shape)
                 if group.low <= bid.max_price:
                     return None  # some member might pass

@@ -41,7 +41,8 @@ _REGISTRY: dict[str, Callable[[Any], None]] = {}
 
 
 def message_type(name: str, check: Callable[[Any], None] | None = None) -> None:
-    """Register a message type and the function that checks its body."""
+    """Register a message type and the function that checks its body (what it
+    returns is kept as the decoded envelope's ``parsed``)."""
     _REGISTRY[name] = check or (lambda body: None)
 
 
@@ -71,6 +72,9 @@ class Envelope:
     body_bytes: bytes
     signature: bytes
     body: Any = field(default=None, compare=False)
+    # what the type's checker returned (e.g. the typed order): `decode` parsed
+    # the body once to check it, its users need not parse it again
+    parsed: Any = field(default=None, compare=False, repr=False)
 
     @property
     def sender_id(self) -> str:
@@ -151,12 +155,12 @@ def decode(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
         raise EnvelopeError("bad_signature", b58encode(s)[:16])
     try:
         body = unpack_body(b, max_bytes)
-        _REGISTRY[t](body)
+        parsed = _REGISTRY[t](body)
     except EnvelopeError:
         raise
     except Exception as exc:
         raise EnvelopeError("bad_body", f"{t}: {exc}") from None
-    return Envelope(v, t, s, ts, exp, n, b, sig, body)
+    return Envelope(v, t, s, ts, exp, n, b, sig, body, parsed)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .envelope import message_type, pack_body
+from .identity import b58encode
 from .kinds import RUNTIME_KINDS
 
 MAX_ORDER_BODY_BYTES = 2048
@@ -331,15 +332,29 @@ class Cancel:
         return cls(_ident(b), _name(b, "class"), side, _int(b, "seq", 0, 2**63 - 1), peer)
 
 
+_ORDER_TYPES = {"ask": Ask, "bid": Bid, "cancel": Cancel}
+
+
 def order_from_envelope(env) -> Ask | Bid | Cancel:
-    """The typed order inside an accepted envelope (sender and timestamp filled in)."""
-    if env.type == "ask":
-        return Ask.from_body(env.body, env.sender_id, env.timestamp_ms)
-    if env.type == "bid":
-        return Bid.from_body(env.body, env.sender_id, env.timestamp_ms)
-    if env.type == "cancel":
-        return Cancel.from_body(env.body, env.sender_id)
-    raise OrderError(f"not an order message: {env.type}")
+    """The typed order inside an accepted envelope (sender and timestamp filled in).
+
+    A decoded envelope carries the order its body checker parsed
+    (``env.parsed``, below): that one is completed and returned, so an order
+    arriving by gossip is parsed once, not twice.  Completing it again (the
+    same envelope applied twice) sets the same values."""
+    try:
+        cls = _ORDER_TYPES[env.type]
+    except KeyError:
+        raise OrderError(f"not an order message: {env.type}") from None
+    order = env.parsed
+    if type(order) is not cls:  # an envelope built here (seal), never decoded
+        if cls is Cancel:
+            return Cancel.from_body(env.body, env.sender_id)
+        return cls.from_body(env.body, env.sender_id, env.timestamp_ms)
+    order.peer = b58encode(env.sender)  # = env.sender_id; cached and interned: one str per peer
+    if cls is not Cancel:
+        order.ts = env.timestamp_ms
+    return order
 
 
 message_type("ask", lambda body: Ask.from_body(body))
