@@ -19,7 +19,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.custom_types import TProtocol  # noqa: E402
 from libp2p.network.config import ConnectionConfig  # noqa: E402
 
-HEAVY = ("aioquic", "zeroconf", "requests", "httpx", "dns", "miniupnpc")
+HEAVY = ("aioquic", "zeroconf", "requests", "httpx", "dns", "miniupnpc", "Crypto")
 
 
 def _simple(v):
@@ -49,7 +49,8 @@ host = libp2p_loader.new_host(
 report = {"active": libp2p_loader.ACTIVE, "shape": shape(host, 3),
           "loaded": sorted(m for m in HEAVY if m in sys.modules)}
 # what was deferred is still there when used: a stand-in (AutoTLS's peer id in base36),
-# the DNS resolver (dnspython; made, nothing resolved), a name of libp2p/__init__
+# the DNS resolver (dnspython; made, nothing resolved), a name of libp2p/__init__, a
+# peer's RSA key (pycryptodome) read the way a handshake reads it
 from libp2p.security.tls.autotls.acme import compute_b36_peer_id  # noqa: E402
 
 report["b36"] = compute_b36_peer_id(host.get_id())
@@ -57,4 +58,10 @@ report["resolver"] = type(host.get_network().dns_resolver._resolver).__module__
 from libp2p import new_host as upstream_new_host  # noqa: E402
 
 report["upstream_new_host"] = upstream_new_host.__module__
+from libp2p.crypto.rsa import create_new_key_pair as create_rsa_key_pair  # noqa: E402
+from libp2p.crypto.serialization import deserialize_public_key  # noqa: E402
+
+rsa_public = create_rsa_key_pair(bits=1024).public_key
+read_back = deserialize_public_key(rsa_public.serialize())
+report["rsa"] = [type(read_back).__qualname__, read_back.to_bytes() == rsa_public.to_bytes()]
 print(json.dumps(report, default=str))

@@ -37,6 +37,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import types
+from pathlib import Path
 
 PINNED_VERSION = "0.8.1"
 
@@ -58,6 +59,10 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     "libp2p.discovery.upnp.upnp": ("UpnpManager",),  # miniupnpc
     "libp2p.security.tls.autotls.acme": ("ACMEClient", "compute_b36_peer_id"),  # requests, httpx
     "libp2p.security.tls.autotls.broker": ("BrokerClient",),  # requests, dnspython
+    # RSA keys (pycryptodome): only a peer with an RSA identity needs them
+    "libp2p.crypto.rsa": ("RSAPublicKey", "RSAPrivateKey"),
+    # pre-shared-key private networks (pycryptodome's Salsa20): we set no PSK
+    "libp2p.security.pnet.psk_conn": ("PskConn",),
     # QUIC (aioquic): custom_types names QUICStream in a type alias
     "libp2p.transport.quic.stream": ("QUICStream",),
 }
@@ -87,11 +92,24 @@ def _run(module: types.ModuleType) -> types.ModuleType:
     return module
 
 
+class _StandIn(type):
+    """The type of stand-ins: a class attribute taken at import time (serialization's
+    ``RSAPublicKey.from_bytes``) is a method that runs the module when called."""
+
+    def __getattr__(cls, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
+        def deferred(*args, **kwargs):
+            return getattr(getattr(_run(cls._synord_module), cls.__name__), attr)(*args, **kwargs)
+        return deferred
+
+
 def _stand_in(module: types.ModuleType, name: str) -> type:
     def __new__(cls, *args, **kwargs):
         return getattr(_run(module), name)(*args, **kwargs)
-    return type(name, (), {"__new__": __new__, "__module__": module.__name__,
-                           "__doc__": f"{module.__name__}.{name}, loaded when first called"})
+    return _StandIn(name, (), {"__new__": __new__, "__module__": module.__name__, "_synord_module": module,
+                               "__doc__": f"{module.__name__}.{name}, loaded when first called"})
 
 
 class _LazyDNSResolver:
@@ -137,12 +155,13 @@ class _DeferFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _installed_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("libp2p")
-    except PackageNotFoundError:
-        return None
+def _is_pinned_version() -> bool:
+    # the installed distribution's metadata directory (importlib.metadata costs ~1 MiB)
+    spec = importlib.machinery.PathFinder.find_spec("libp2p")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(spec.submodule_search_locations[0]).parent
+    return (site / f"libp2p-{PINNED_VERSION}.dist-info").is_dir()
 
 
 def install() -> bool:
@@ -152,7 +171,7 @@ def install() -> bool:
         return True
     if any(name in sys.modules for name in DEFERRED):
         return False  # imported the ordinary way already: nothing left to save
-    if _installed_version() != PINNED_VERSION:
+    if not _is_pinned_version():
         return False
     sys.meta_path.insert(0, _DeferFinder())
     return True
