@@ -19,7 +19,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.custom_types import TProtocol  # noqa: E402
 from libp2p.network.config import ConnectionConfig  # noqa: E402
 
-HEAVY = ("aioquic", "zeroconf", "requests", "httpx", "dns", "miniupnpc", "Crypto")
+HEAVY = ("aioquic", "zeroconf", "requests", "httpx", "dns", "miniupnpc", "Crypto", "coincurve")
 
 
 def _simple(v):
@@ -50,7 +50,7 @@ report = {"active": libp2p_loader.ACTIVE, "shape": shape(host, 3),
           "loaded": sorted(m for m in HEAVY if m in sys.modules)}
 # what was deferred is still there when used: a stand-in (AutoTLS's peer id in base36),
 # the DNS resolver (dnspython; made, nothing resolved), a name of libp2p/__init__, a
-# peer's RSA key (pycryptodome) read the way a handshake reads it
+# peer's RSA or secp256k1 key read the way a handshake reads it
 from libp2p.security.tls.autotls.acme import compute_b36_peer_id  # noqa: E402
 
 report["b36"] = compute_b36_peer_id(host.get_id())
@@ -61,7 +61,9 @@ report["upstream_new_host"] = upstream_new_host.__module__
 from libp2p.crypto.rsa import create_new_key_pair as create_rsa_key_pair  # noqa: E402
 from libp2p.crypto.serialization import deserialize_public_key  # noqa: E402
 
-rsa_public = create_rsa_key_pair(bits=1024).public_key
-read_back = deserialize_public_key(rsa_public.serialize())
-report["rsa"] = [type(read_back).__qualname__, read_back.to_bytes() == rsa_public.to_bytes()]
+from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp_key_pair  # noqa: E402
+
+for key, public in (("rsa", create_rsa_key_pair(bits=1024).public_key), ("secp256k1", create_secp_key_pair().public_key)):
+    read_back = deserialize_public_key(public.serialize())
+    report[key] = [type(read_back).__qualname__, read_back.to_bytes() == public.to_bytes()]
 print(json.dumps(report, default=str))

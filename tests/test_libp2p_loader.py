@@ -28,7 +28,8 @@ def test_the_loader_builds_py_libp2ps_host_without_its_unused_features():
     upstream, ours = _shape("upstream"), _shape("loader")
     assert upstream["active"] is False and ours["active"] is True
     # py-libp2p's own import loads them all; ours none of them
-    assert upstream["loaded"] == ["Crypto", "aioquic", "dns", "httpx", "miniupnpc", "requests", "zeroconf"]
+    assert upstream["loaded"] == ["Crypto", "aioquic", "coincurve", "dns", "httpx", "miniupnpc", "requests",
+                                  "zeroconf"]
     assert ours["loaded"] == []
     # the same host, part by part; only the DNS resolver waits for its first use
     swarm_up, swarm_ours = upstream["shape"]["_network"], ours["shape"]["_network"]
@@ -36,7 +37,7 @@ def test_the_loader_builds_py_libp2ps_host_without_its_unused_features():
     assert swarm_ours.pop("dns_resolver") == "synord.protocols.libp2p_loader._LazyDNSResolver"
     assert ours["shape"] == upstream["shape"]
     # deferred, not gone: each works when used
-    for key in ("b36", "resolver", "upstream_new_host", "rsa"):
+    for key in ("b36", "resolver", "upstream_new_host", "rsa", "secp256k1"):
         assert ours[key] == upstream[key], key
     assert ours["resolver"] == "dns.asyncresolver" and ours["upstream_new_host"] == "libp2p"
-    assert ours["rsa"] == ["RSAPublicKey", True]
+    assert ours["rsa"] == ["RSAPublicKey", True] and ours["secp256k1"] == ["Secp256k1PublicKey", True]

@@ -59,8 +59,9 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     "libp2p.discovery.upnp.upnp": ("UpnpManager",),  # miniupnpc
     "libp2p.security.tls.autotls.acme": ("ACMEClient", "compute_b36_peer_id"),  # requests, httpx
     "libp2p.security.tls.autotls.broker": ("BrokerClient",),  # requests, dnspython
-    # RSA keys (pycryptodome): only a peer with an RSA identity needs them
+    # RSA (pycryptodome) and secp256k1 (coincurve) keys: only for a peer with such an identity
     "libp2p.crypto.rsa": ("RSAPublicKey", "RSAPrivateKey"),
+    "libp2p.crypto.secp256k1": ("Secp256k1PublicKey", "Secp256k1PrivateKey"),
     # pre-shared-key private networks (pycryptodome's Salsa20): we set no PSK
     "libp2p.security.pnet.psk_conn": ("PskConn",),
     # QUIC (aioquic): custom_types names QUICStream in a type alias
