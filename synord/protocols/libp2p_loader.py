@@ -43,29 +43,25 @@ PINNED_VERSION = "0.8.1"
 
 # module -> its stand-ins (names other modules take from it at import time)
 DEFERRED: dict[str, tuple[str, ...]] = {
-    # packages whose __init__ only re-exports (and so imports everything)
+    # packages whose __init__ re-exports (and so imports) every transport and feature
     "libp2p": (),
     "libp2p.transport": (),
     "libp2p.security": (),
     "libp2p.security.tls": (),
-    "libp2p.relay.circuit_v2": (),
-    "libp2p.kad_dht": (),
     "libp2p.network": (),
-    "libp2p.utils": (),
     "libp2p.discovery.mdns": (),
+    # mDNS (zeroconf), UPnP, AutoTLS (requests, httpx, dnspython): BasicHost imports them
+    "libp2p.discovery.mdns.mdns": ("MDNSDiscovery", "create_mdns_discovery"),
+    "libp2p.discovery.upnp.upnp": ("UpnpManager",),
+    "libp2p.security.tls.autotls.acme": ("ACMEClient", "compute_b36_peer_id"),
+    "libp2p.security.tls.autotls.broker": ("BrokerClient",),
+    # /dns addresses (dnspython, which imports aioquic for DNS over QUIC): Swarm's import
     "multiaddr.resolvers": ("DNSResolver",),
-    # modules of features we do not run (BasicHost imports them at its top)
-    "libp2p.discovery.mdns.mdns": ("MDNSDiscovery", "create_mdns_discovery"),  # zeroconf
-    "libp2p.discovery.upnp.upnp": ("UpnpManager",),  # miniupnpc
-    "libp2p.security.tls.autotls.acme": ("ACMEClient", "compute_b36_peer_id"),  # requests, httpx
-    "libp2p.security.tls.autotls.broker": ("BrokerClient",),  # requests, dnspython
+    # QUIC (aioquic): custom_types names QUICStream in a type alias
+    "libp2p.transport.quic.stream": ("QUICStream",),
     # RSA (pycryptodome) and secp256k1 (coincurve) keys: only for a peer with such an identity
     "libp2p.crypto.rsa": ("RSAPublicKey", "RSAPrivateKey"),
     "libp2p.crypto.secp256k1": ("Secp256k1PublicKey", "Secp256k1PrivateKey"),
-    # pre-shared-key private networks (pycryptodome's Salsa20): we set no PSK
-    "libp2p.security.pnet.psk_conn": ("PskConn",),
-    # QUIC (aioquic): custom_types names QUICStream in a type alias
-    "libp2p.transport.quic.stream": ("QUICStream",),
 }
 
 
