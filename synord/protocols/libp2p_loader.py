@@ -62,6 +62,8 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     # RSA (pycryptodome) and secp256k1 (coincurve) keys: only for a peer with such an identity
     "libp2p.crypto.rsa": ("RSAPublicKey", "RSAPrivateKey"),
     "libp2p.crypto.secp256k1": ("Secp256k1PublicKey", "Secp256k1PrivateKey"),
+    # pre-shared-key private networks (pycryptodome's Salsa20): we set no PSK
+    "libp2p.security.pnet.psk_conn": ("PskConn",),
 }
 
 
