@@ -22,7 +22,9 @@ Importing this module before any other libp2p import *defers* the modules in
   ``[node] mdns`` on, ``ACMEClient`` with AutoTLS).  Calling a stand-in runs
   the module and calls the real thing.  ``DNSResolver()`` (every ``Swarm``
   makes one) gives an object that loads dnspython at its first use, i.e. when a
-  ``/dns`` address is resolved.
+  ``/dns`` address is resolved.  RSA and secp256k1 keys (pycryptodome,
+  coincurve) load when a peer with such an identity shows up; a pre-shared key
+  network's cipher (pycryptodome) never, as we set no PSK.
 
 Only for the pinned py-libp2p version (its modules were read for what the
 stand-ins must do: none is used in an ``isinstance`` or an ``except``); with
@@ -36,6 +38,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -83,11 +86,15 @@ class _Deferred(types.ModuleType):
         return getattr(self, name)
 
 
+_RUN_LOCK = threading.RLock()  # a stand-in may first be called from a worker thread
+
+
 def _run(module: types.ModuleType) -> types.ModuleType:
     """Run a deferred module's own code (once); its real names replace the stand-ins."""
-    if isinstance(module, _Deferred):
-        module.__class__ = types.ModuleType
-        module.__spec__.loader.real.exec_module(module)
+    with _RUN_LOCK:
+        if isinstance(module, _Deferred):
+            module.__class__ = types.ModuleType
+            module.__spec__.loader.real.exec_module(module)
     return module
 
 
