@@ -53,6 +53,7 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     "libp2p.security.tls": (),
     "libp2p.network": (),
     "libp2p.discovery.mdns": (),
+    "libp2p.bitswap": (),  # the DHT takes only its CID helpers (bitswap.cid)
     # mDNS (zeroconf), UPnP, AutoTLS (requests, httpx, dnspython): BasicHost imports them
     "libp2p.discovery.mdns.mdns": ("MDNSDiscovery", "create_mdns_discovery"),
     "libp2p.discovery.upnp.upnp": ("UpnpManager",),
