@@ -49,22 +49,32 @@ def registered(registry) -> dict[str, str]:
     return out
 
 
-async def test_sweep_kills_deletes_and_forgets_registered_containers(tmp_path):
+async def _registered_container(nursery, tmp_path):
+    """(runtime, sandbox): a busybox `sleep 600` started in ``nursery``, in the registry."""
     rt = ContainerRuntime()
     rt.registry = tmp_path / "registry"
     sb = await rt.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sleep", "600"],
                                    workdir=tmp_path / "wd"))
-    async with trio.open_nursery() as n:
-        await sb.start(n)
-        await sb._wait_created()
-        assert registered(rt.registry) == {sb.id: sb.engine_name}
-        assert await trio.to_thread.run_sync(reaper.sweep, rt.registry) == [sb.id]
-        with trio.fail_after(30):
-            status = await sb.wait()
+    await sb.start(nursery)
+    await sb._wait_created()
+    assert registered(rt.registry) == {sb.id: sb.engine_name}
+    return rt, sb
+
+
+def _assert_swept(rt, sb, status) -> None:
     assert status.code != 0
     assert sb.id not in listed(sb.engine_name)
     assert registered(rt.registry) == {}
     assert not sb.cgroup.exists()
+
+
+async def test_sweep_kills_deletes_and_forgets_registered_containers(tmp_path):
+    async with trio.open_nursery() as n:
+        rt, sb = await _registered_container(n, tmp_path)
+        assert await trio.to_thread.run_sync(reaper.sweep, rt.registry) == [sb.id]
+        with trio.fail_after(30):
+            status = await sb.wait()
+    _assert_swept(rt, sb, status)
 
 
 async def _reaper_waiting(nursery, registry):
@@ -86,16 +96,10 @@ def _status(pid: int, field: str) -> str:
 
 
 async def test_the_reaper_sweeps_when_the_daemon_dies_and_when_it_stops(tmp_path):
-    rt = ContainerRuntime()
-    rt.registry = tmp_path / "registry"
-    sb = await rt.prepare(TaskSpec(kind="container", artifact=busybox_dir(), args=["sleep", "600"],
-                                   workdir=tmp_path / "wd"))
     async with trio.open_nursery() as n:
-        await sb.start(n)
-        await sb._wait_created()
+        rt, sb = await _registered_container(n, tmp_path)
         dying = await _reaper_waiting(n, rt.registry)
         stopping = await _reaper_waiting(n, tmp_path / "empty")
-        assert registered(rt.registry) == {sb.id: sb.engine_name}
         # the daemon dies (any way, SIGKILL too): the kernel closes its end of the lifeline
         os.close(dying.owned_fds.pop())
         # the daemon stops: SIGTERM
@@ -106,10 +110,7 @@ async def test_the_reaper_sweeps_when_the_daemon_dies_and_when_it_stops(tmp_path
             status = await sb.wait()
         await dying.aclose()
         await stopping.aclose()
-    assert status.code != 0
-    assert sb.id not in listed(sb.engine_name)
-    assert registered(rt.registry) == {}
-    assert not sb.cgroup.exists()
+    _assert_swept(rt, sb, status)
 
 
 def test_a_reaper_without_arguments_says_how_to_use_it():
