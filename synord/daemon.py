@@ -192,18 +192,13 @@ class Node:
     async def _start_reaper(self) -> None:
         """Containers must not outlive us (synord.runtimes.reaper): sweep what a previous
         life left, then keep a reaper that sweeps again if we die."""
-        import sys
-
         from synord.runtimes import reaper
-        from synord.runtimes.anchored import spawn
-        from synord.runtimes.base import child_env
         registry = self.home.path / "containers"
         swept = await trio.to_thread.run_sync(reaper.sweep, registry)
         if swept:
             log.warning("removed containers a previous run left behind", extra={"count": len(swept)})
         assert self._outer is not None
-        self._reaper = await spawn(self._outer, [sys.executable, "-m", "synord.runtimes.reaper", str(registry)],
-                                   env=child_env(), death_signal=signal.SIGTERM)
+        self._reaper = await reaper.start(self._outer, registry)
         self.runtimes["container"].registry = registry
 
     async def _stop_reaper(self) -> None:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import multiaddr
 import trio
+from synord.protocols import libp2p_loader  # noqa: F401  before any libp2p import (see there)
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2 import dcutr as _dcutr_mod

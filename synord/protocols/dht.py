@@ -33,6 +33,7 @@ from collections import OrderedDict
 
 import multiaddr
 import trio
+from . import libp2p_loader  # noqa: F401  before any libp2p import (see there)
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht import common as _common, kad_dht as _kad_dht, peer_routing as _peer_routing
 from libp2p.kad_dht import provider_store as _provider_store, value_store as _value_store

@@ -30,10 +30,11 @@ from collections import OrderedDict
 # Yamux sends ~3 window updates per data frame otherwise (~20% CPU). Read at call time.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
+from .libp2p_loader import new_host  # first: py-libp2p without the features we do not use
+
 import msgpack
 import multiaddr
 import trio
-from libp2p import new_host
 from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair

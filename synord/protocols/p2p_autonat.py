@@ -19,6 +19,7 @@ import time
 
 import multiaddr
 import trio
+from . import libp2p_loader  # noqa: F401  before any libp2p import (see there)
 from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID

@@ -46,6 +46,7 @@ class AnchoredProcess:
         self.stdout = trio.lowlevel.FdStream(stdout_fd)
         self.stderr = trio.lowlevel.FdStream(stderr_fd)
         self._pidfd = os.pidfd_open(popen.pid)
+        self.owned_fds: list[int] = []  # closed by aclose (e.g. the reaper's lifeline)
 
     @property
     def returncode(self) -> int | None:
@@ -76,12 +77,15 @@ class AnchoredProcess:
     async def aclose(self) -> None:
         for s in (self.stdout, self.stderr):
             await s.aclose()
+        while self.owned_fds:
+            os.close(self.owned_fds.pop())
 
 
 async def spawn(nursery: trio.Nursery, argv: list[str], *, env: dict[str, str],
-                cwd: str | None = None, death_signal: int = signal.SIGKILL) -> AnchoredProcess:
-    """Start ``argv`` in a new session, stdin /dev/null, stdout/stderr piped to trio streams;
-    it gets ``death_signal`` when the daemon dies.
+                cwd: str | None = None, death_signal: int = signal.SIGKILL,
+                stdin: int | None = None) -> AnchoredProcess:
+    """Start ``argv`` in a new session, stdin /dev/null (or the fd ``stdin``), stdout/stderr
+    piped to trio streams; it gets ``death_signal`` when the daemon dies (0: none).
 
     The anchor thread lives in ``nursery`` until the child exits: the caller must
     make sure the child is killed when it stops caring (cancellation included)."""
@@ -93,7 +97,7 @@ async def spawn(nursery: trio.Nursery, argv: list[str], *, env: dict[str, str],
 
     def anchor() -> None:
         try:
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=out_w, stderr=err_w,
                                  env=env, cwd=cwd, start_new_session=True,
                                  preexec_fn=lambda: _pdeathsig(death_signal))
         except BaseException as e:  # reported to the trio side, which raises it

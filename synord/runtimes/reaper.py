@@ -9,9 +9,13 @@ registry of what was left behind:
 
 * ``sweep(dir)``, run by the daemon at start: the previous life's leftovers
   (killed, deleted, their cgroups removed);
-* a reaper process, ``python -m synord.runtimes.reaper DIR``, that the daemon starts
-  with a parent-death signal of SIGTERM (see anchored.py): when the daemon dies
-  for any reason it sweeps the registry and exits.
+* a reaper (``start``): a ``/bin/sh`` that waits, reading a pipe whose other end
+  only the daemon holds.  When the daemon dies for any reason the kernel closes
+  that end; the read returns and the shell becomes ``python -m
+  synord.runtimes.reaper --sweep DIR``, which sweeps the registry and exits.
+  SIGTERM (the daemon stopping) does the same.  A waiting shell costs ~1.7 MiB
+  of RSS where a waiting Python cost 14 MiB (bench/bench_idle.py), and the
+  daemon's death is seen without a death signal (no race with the exec).
 """
 
 from __future__ import annotations
@@ -75,24 +79,46 @@ def sweep(registry: Path) -> list[str]:
     return swept
 
 
+# $0 = "synord.runtimes.reaper" (so the command line reads "synord.runtimes.reaper DIR"),
+# $1 = the registry, $2 = the Python to sweep with.  stdin is the lifeline: `read` returns
+# at its EOF (the daemon died) or when the TERM trap runs (the daemon stops); INT is the
+# daemon's to decide.
+_WAIT_SCRIPT = """trap '' INT
+trap 'exec "$2" -m synord.runtimes.reaper --sweep "$1"' TERM
+read _
+exec "$2" -m synord.runtimes.reaper --sweep "$1"
+"""
+
+
+def command(registry: Path, python: str = sys.executable) -> list[str]:
+    return ["/bin/sh", "-c", _WAIT_SCRIPT, "synord.runtimes.reaper", str(registry), python]
+
+
+async def start(nursery, registry: Path):
+    """Start the reaper of ``registry`` (an anchored.AnchoredProcess); it sweeps when we die
+    or send it SIGTERM."""
+    from .anchored import spawn  # trio: not for the sweeping process
+    from .base import child_env
+    lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)  # no other child inherits the write end
+    try:
+        proc = await spawn(nursery, command(registry), env=child_env(), stdin=lifeline_r,
+                           death_signal=0)  # no death signal: the lifeline's EOF says it
+    except BaseException:
+        os.close(lifeline_w)
+        raise
+    finally:
+        os.close(lifeline_r)
+    proc.owned_fds.append(lifeline_w)  # held until the reaper is closed (or we die)
+    return proc
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m synord.runtimes.reaper REGISTRY_DIR", file=sys.stderr)
+    if len(argv) != 3 or argv[1] != "--sweep":
+        print("usage: python -m synord.runtimes.reaper --sweep REGISTRY_DIR", file=sys.stderr)
         return 2
-    registry = Path(argv[1])
-    done = False
-
-    def on_term(signum, frame) -> None:
-        nonlocal done
-        done = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides; we follow its death
-    if os.getppid() == 1:  # the daemon died before we could arm the death signal
-        done = True
-    while not done:
-        signal.pause()
-    sweep(registry)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop request must not cut the sweep short
+    sweep(Path(argv[2]))
     return 0
 
 
