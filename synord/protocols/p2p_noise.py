@@ -150,6 +150,8 @@ class LeanNoiseSession(SecureSession):
 
     async def read_exactly(self, n: int) -> bytes:
         avail = len(self._pt) - self._pos
+        if not avail and await self._next_message():  # a yamux header opens the next message
+            avail = len(self._pt)
         if avail >= n:
             out = self._pt[self._pos:self._pos + n]
             self._pos += n

@@ -13,7 +13,8 @@ polls every 10 ms while its window is shut.  Here:
 - a stream writes up to WRITE_BATCH bytes of frames in one secure write;
 - the receive window starts at the spec's 256 KiB and doubles (up to
   MAX_WINDOW, py-libp2p's and go-yamux's 16 MiB) while the reader drains half
-  a window within GROW_WITHIN_S; credit goes back once per half window;
+  a window within 4 round trips (GROW_WITHIN_S at least); credit goes back
+  once per half window;
 - a writer waiting for window wakes on the update (an event), not a poll.
 
 Memory: a stream buffers at most its window (the peer may send no more), and
@@ -114,7 +115,9 @@ class LeanYamuxStream(YamuxStream):
             return
         now = trio.current_time()
         grow = 0
-        if now - self._credited_at < GROW_WITHIN_S and self.target_recv_window < MAX_WINDOW:
+        # go-yamux's rule (credit due again within 4 round trips), at least GROW_WITHIN_S
+        fast = max(GROW_WITHIN_S, 4 * self.conn.rtt())
+        if now - self._credited_at < fast and self.target_recv_window < MAX_WINDOW:
             grow = min(self.target_recv_window, MAX_WINDOW - self.target_recv_window)
             self.target_recv_window += grow
         self._credited_at = now
@@ -174,11 +177,15 @@ class LeanYamuxStream(YamuxStream):
                     await self._wait_window()
                     continue
                 n = min(self.send_window, total - sent, WRITE_BATCH)
-                frames = bytearray()
+                # one allocation, one copy: a bytearray grown per frame was
+                # reallocated (and copied again) as it grew
+                frames = bytearray(n + HEADER_SIZE * -(-n // FRAME_PAYLOAD))
+                pos = 0
                 for off in range(sent, sent + n, FRAME_PAYLOAD):
                     part = view[off:min(off + FRAME_PAYLOAD, sent + n)]
-                    frames += _HEADER.pack(0, TYPE_DATA, 0, self.stream_id, len(part))
-                    frames += part
+                    _HEADER.pack_into(frames, pos, 0, TYPE_DATA, 0, self.stream_id, len(part))
+                    frames[pos + HEADER_SIZE:pos + HEADER_SIZE + len(part)] = part
+                    pos += HEADER_SIZE + len(part)
                 self.send_window -= n  # before the await: concurrent writers see it
                 await self.conn._write_frame(frames)
                 sent += n

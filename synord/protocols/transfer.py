@@ -82,30 +82,37 @@ async def _store_blob(stream: FramedStream, f, digest, left: int) -> OSError | N
     spent with the connection idle (bench/bench_transfer.py)."""
     failed: OSError | None = None
 
-    def write(block: bytes) -> None:
+    def write(pieces: list[bytes]) -> None:
         nonlocal failed
-        digest.update(block)
-        if failed is None:
-            try:
-                f.write(block)
-            except OSError as exc:  # our disk is full: keep reading
-                failed = exc
+        for piece in pieces:
+            digest.update(piece)
+            if failed is None:
+                try:
+                    f.write(piece)
+                except OSError as exc:  # our disk is full: keep reading
+                    failed = exc
 
     send, receive = trio.open_memory_channel(2)  # blocks in flight: bounded memory
 
     async def writer() -> None:
         async with receive:
-            async for block in receive:
-                await trio.to_thread.run_sync(write, block)
+            async for pieces in receive:
+                await trio.to_thread.run_sync(write, pieces)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
         async with send:
             while left:
-                block = await stream.read_raw(min(left, CHUNK))
-                await PACER.take(len(block))
-                left -= len(block)
-                await send.send(block)
+                # a block is the pieces as they came (about CHUNK bytes): joining them
+                # into one buffer was a copy of every byte into fresh memory
+                pieces, size = [], 0
+                while left and size < CHUNK:
+                    piece = await stream.read_some(min(left, CHUNK - size))
+                    pieces.append(piece)
+                    size += len(piece)
+                    left -= len(piece)
+                await PACER.take(size)
+                await send.send(pieces)
     if failed is None:
         try:
             await trio.to_thread.run_sync(os.fsync, f.fileno())
