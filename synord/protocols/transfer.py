@@ -84,13 +84,13 @@ async def _store_blob(stream: FramedStream, f, digest, left: int) -> OSError | N
 
     def write(pieces: list[bytes]) -> None:
         nonlocal failed
-        for piece in pieces:
-            digest.update(piece)
-            if failed is None:
-                try:
-                    f.write(piece)
-                except OSError as exc:  # our disk is full: keep reading
-                    failed = exc
+        block = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        digest.update(block)
+        if failed is None:
+            try:
+                f.write(block)
+            except OSError as exc:  # our disk is full: keep reading
+                failed = exc
 
     send, receive = trio.open_memory_channel(2)  # blocks in flight: bounded memory
 
