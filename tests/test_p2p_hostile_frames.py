@@ -140,3 +140,30 @@ def test_yamux_refuses_unknown_versions_and_types():
 
 def test_yamux_refuses_oversized_frames_for_unknown_streams():
     trio.run(yamux_refuses, [HEADER.pack(0, TYPE_DATA, 0, 99, 64 << 20)], "oversized-frame")
+
+
+def test_yamux_gathers_tiny_frames_instead_of_holding_an_object_each():
+    """5000 one-byte frames (within the window) cost ~5000 bytes, not 5000 objects,
+    and read back in order."""
+    async def main() -> None:
+        a, b, _ = await session_pair()
+        muxer = LeanYamux(b, ID.from_pubkey(create_new_key_pair().public_key), is_initiator=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(muxer.start)
+            await a.write(HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0))
+            with trio.fail_after(10):
+                stream = await muxer.accept_stream()
+                sent = bytes(i % 251 for i in range(5000))
+                await a.write(b"".join(HEADER.pack(0, TYPE_DATA, 0, 1, 1) + sent[i:i + 1]
+                                       for i in range(len(sent))))
+                buf = muxer.stream_buffers[1]
+                while len(buf) < len(sent):
+                    await trio.sleep(0.01)
+                assert len(buf.parts) <= 2
+                got = b""
+                while len(got) < len(sent):
+                    got += await stream.read(len(sent) - len(got))
+                assert got == sent
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

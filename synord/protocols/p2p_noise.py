@@ -124,12 +124,16 @@ class LeanNoiseSession(SecureSession):
         return True
 
     async def read_piece(self, n: int):
-        """Exactly ``n`` plaintext bytes: a view into one message when they lie in
-        one (no copy), else bytes."""
+        """Exactly ``n`` plaintext bytes: a view into the message when they are at
+        least half of it (no copy; a view keeps the whole message alive, so a
+        small piece is copied: what a peer makes us hold stays within 2x its
+        bytes), else bytes."""
         if len(self._pt) - self._pos >= n:
             pos = self._pos
             self._pos = pos + n
-            return memoryview(self._pt)[pos:pos + n]
+            if 2 * n >= len(self._pt):
+                return memoryview(self._pt)[pos:pos + n]
+            return self._pt[pos:pos + n]
         out = bytearray()
         await self.read_into(out, n)
         return bytes(out)

@@ -44,6 +44,7 @@ log = logging.getLogger("synord.mesh")
 
 _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # header + payload fit one Noise message
+COALESCE = 4096               # received pieces smaller than this are gathered, not kept one by one
 WRITE_BATCH = 256 * 1024       # frames per secure write (other streams wait behind it)
 MAX_WINDOW = MAX_WINDOW_SIZE   # 16 MiB
 GROW_WITHIN_S = 0.05           # half a window drained this fast: the window is the limit
@@ -72,7 +73,16 @@ class _Pieces:
         return self.size
 
     def append(self, piece) -> None:
-        self.parts.append(piece)
+        """Small pieces are gathered into one bytearray: an object per tiny frame
+        would make a window of 1-byte frames cost ~50x its bytes."""
+        if len(piece) < COALESCE:
+            tail = self.parts[-1] if self.parts else None
+            if type(tail) is bytearray and len(tail) < FRAME_PAYLOAD:
+                tail += piece
+            else:
+                self.parts.append(bytearray(piece))
+        else:
+            self.parts.append(piece)
         self.size += len(piece)
 
     def clear(self) -> None:
