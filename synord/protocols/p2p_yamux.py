@@ -187,15 +187,13 @@ class LeanYamuxStream(YamuxStream):
                     await self._wait_window()
                     continue
                 n = min(self.send_window, total - sent, WRITE_BATCH)
-                # one allocation, one copy: a bytearray grown per frame was
+                # one allocation, one copy (join): a bytearray grown per frame was
                 # reallocated (and copied again) as it grew
-                frames = bytearray(n + HEADER_SIZE * -(-n // FRAME_PAYLOAD))
-                pos = 0
+                parts = []
                 for off in range(sent, sent + n, FRAME_PAYLOAD):
                     part = view[off:min(off + FRAME_PAYLOAD, sent + n)]
-                    _HEADER.pack_into(frames, pos, 0, TYPE_DATA, 0, self.stream_id, len(part))
-                    frames[pos + HEADER_SIZE:pos + HEADER_SIZE + len(part)] = part
-                    pos += HEADER_SIZE + len(part)
+                    parts += (_HEADER.pack(0, TYPE_DATA, 0, self.stream_id, len(part)), part)
+                frames = b"".join(parts)
                 self.send_window -= n  # before the await: concurrent writers see it
                 await self.conn._write_frame(frames)
                 sent += n
