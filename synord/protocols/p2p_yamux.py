@@ -18,9 +18,12 @@ polls every 10 ms while its window is shut.  Here:
 - a writer waiting for window wakes on the update (an event), not a poll.
 
 Memory: a stream buffers at most its window (the peer may send no more), and
-a window only grows while our reader keeps draining it.  Hostile frames (a
-version or type we do not know, more data than the window allows, an oversized
-frame) end the connection with a GO_AWAY (protocol error) and are counted.
+a window only grows while our reader keeps draining it; what is held for those
+bytes stays within ~2x of them (small payloads are copied, tiny ones gathered:
+see `_Pieces`, `LeanNoiseSession.read_piece`).  Hostile frames (a version or
+type we do not know, more data than the window allows, an oversized frame)
+end the connection with a GO_AWAY (protocol error) and are counted, as is a
+frame body not sent within BODY_WAIT_S.
 """
 
 from __future__ import annotations
@@ -265,6 +268,7 @@ class LeanYamux(Yamux):
                 except Exception:
                     pass
         except trio.TooSlowError:
+            REFUSALS.count("yamux", "body-timeout")
             log.info("yamux: frame body from %s did not come within %.0f s", self.peer_id, BODY_WAIT_S)
         except Exception as exc:  # the connection ended (EOF, reset, a refused Noise message)
             log.debug("yamux: connection to %s ended: %s: %s", self.peer_id, type(exc).__name__, exc)
