@@ -1,6 +1,8 @@
 """Hostile bytes on a real Noise session (the stock XX handshake, then our lean
-session) and our lean yamux: refused, counted, and the connection ends.
-In memory (no sockets): a trio memory stream stands in for TCP."""
+session) and our lean yamux: refused, counted, and the connection ends; what a
+peer makes us hold stays bounded; and the lean yamux also runs over a stock
+secure session (its fallback).  In memory (no sockets): a trio memory stream
+stands in for TCP."""
 
 from __future__ import annotations
 
@@ -164,6 +166,61 @@ def test_yamux_gathers_tiny_frames_instead_of_holding_an_object_each():
                 while len(got) < len(sent):
                     got += await stream.read(len(sent) - len(got))
                 assert got == sent
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_lean_yamux_runs_over_a_stock_noise_session_too():
+    """The fallback for a secure connection that is not our lean session: both
+    ends LeanYamux over py-libp2p's own SecureSession, 1 MiB each way."""
+    from libp2p.security.noise.transport import Transport as StockNoise
+    from libp2p.security.secure_session import SecureSession
+
+    async def main() -> None:
+        a_end, b_end = trio.testing.memory_stream_pair()
+        keys = [create_new_key_pair() for _ in range(2)]
+        stock = [StockNoise(k, noise_privkey=create_x25519_key_pair().private_key) for k in keys]
+        out: dict = {}
+
+        async def outbound() -> None:
+            out["a"] = await stock[0].secure_outbound(Pipe(a_end), ID.from_pubkey(keys[1].public_key))
+
+        async def inbound() -> None:
+            out["b"] = await stock[1].secure_inbound(Pipe(b_end))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbound)
+            nursery.start_soon(inbound)
+        assert type(out["a"]) is SecureSession
+        muxers = [LeanYamux(out[side], ID.from_pubkey(keys[i].public_key), is_initiator=(side == "a"))
+                  for i, side in enumerate("ab")]
+        data = bytes(range(256)) * 4096
+        async with trio.open_nursery() as nursery:
+            for m in muxers:
+                nursery.start_soon(m.start)
+            with trio.fail_after(20):
+                await trio.sleep(0.01)
+                ours = await muxers[0].open_stream()
+                theirs = await muxers[1].accept_stream()
+
+                async def pump(stream) -> bytes:
+                    got = bytearray()
+                    async with trio.open_nursery() as n:
+                        n.start_soon(stream.write, data)
+                        while len(got) < len(data):
+                            got += await stream.read(1 << 20)
+                    return bytes(got)
+
+                results = {}
+
+                async def run(name, stream) -> None:
+                    results[name] = await pump(stream)
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(run, "a", ours)
+                    n.start_soon(run, "b", theirs)
+                assert results == {"a": data, "b": data}
             nursery.cancel_scope.cancel()
 
     trio.run(main)
