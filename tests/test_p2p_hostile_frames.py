@@ -224,3 +224,24 @@ def test_lean_yamux_runs_over_a_stock_noise_session_too():
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_pieces_serve_reads_of_any_size_in_order():
+    """The stream buffer (`_Pieces`): views and gathered tiny pieces, read back in
+    order by reads of 1 byte (as varint readers do) up to more than is held."""
+    import random
+
+    from synord.protocols.p2p_yamux import COALESCE, _Pieces
+
+    rng = random.Random(7)
+    sent, buf, got = bytearray(), _Pieces(), bytearray()
+    for _ in range(300):
+        size = rng.choice([1, 3, COALESCE - 1, COALESCE, 20_000, 65_507])
+        piece = bytes(rng.getrandbits(8) for _ in range(min(size, 64))) * (size // 64 + 1)
+        piece = piece[:size]
+        buf.append(memoryview(piece) if size >= COALESCE else piece)
+        sent += piece
+        while rng.random() < 0.5 and len(buf):
+            got += buf.take(rng.choice([1, 2, 7, 4096, 70_000, -1]))
+    got += buf.take(-1)
+    assert bytes(got) == bytes(sent) and len(buf) == 0

@@ -105,7 +105,11 @@ class _Pieces:
             if len(head) <= left:
                 pieces.append(parts.popleft())
                 left -= len(head)
-            else:
+            elif type(head) is bytearray:  # in place: byte-by-byte readers (varints) stay O(1)
+                pieces.append(head[:left])
+                del head[:left]
+                left = 0
+            else:  # a view: slicing copies nothing
                 pieces.append(head[:left])
                 parts[0] = head[left:]
                 left = 0
