@@ -8,6 +8,7 @@ do not line up with Noise messages the way ours do."""
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ SIZE = 2 * 1024 * 1024
 def start_stock() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, str(HERE / "stockpeer.py")], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
-    addr = proc.stdout.readline().strip()
+    ready, _, _ = select.select([proc.stdout], [], [], 60)  # every wait has a deadline
+    addr = proc.stdout.readline().strip() if ready else ""
     if not addr:
         proc.kill()
         pytest.fail(f"the stock py-libp2p peer did not start (exit {proc.wait()})")
@@ -42,7 +44,8 @@ async def ask(proc: subprocess.Popen, line: str) -> str:
         proc.stdin.write(line + "\n")
         proc.stdin.flush()
         return proc.stdout.readline().strip()
-    return await trio.to_thread.run_sync(run)
+    # abandoned on timeout: the peer is killed at the end, which ends the read
+    return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
 
 
 async def echo_through(mesh, peer: str, seed: str) -> bytes:
