@@ -47,15 +47,17 @@ class Pipe:
         return None
 
 
-async def session_pair() -> tuple[LeanNoiseSession, LeanNoiseSession, Pipe]:
-    """(initiator, responder, the initiator's raw pipe) after a real Noise XX handshake."""
+async def session_pair(noise=LeanNoiseTransport) -> tuple:
+    """(initiator, responder, the initiator's raw pipe) after a real Noise XX
+    handshake; sessions from ``noise`` (our lean transport unless told)."""
     a_end, b_end = trio.testing.memory_stream_pair()
+    a_pipe = Pipe(a_end)
     keys = [create_new_key_pair() for _ in range(2)]
-    transports = [LeanNoiseTransport(k, noise_privkey=create_x25519_key_pair().private_key) for k in keys]
+    transports = [noise(k, noise_privkey=create_x25519_key_pair().private_key) for k in keys]
     out: dict = {}
 
     async def outbound() -> None:
-        out["a"] = await transports[0].secure_outbound(Pipe(a_end), ID.from_pubkey(keys[1].public_key))
+        out["a"] = await transports[0].secure_outbound(a_pipe, ID.from_pubkey(keys[1].public_key))
 
     async def inbound() -> None:
         out["b"] = await transports[1].secure_inbound(Pipe(b_end))
@@ -63,8 +65,9 @@ async def session_pair() -> tuple[LeanNoiseSession, LeanNoiseSession, Pipe]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(outbound)
         nursery.start_soon(inbound)
-    assert isinstance(out["a"], LeanNoiseSession) and isinstance(out["b"], LeanNoiseSession)
-    return out["a"], out["b"], out["a"]._raw
+    if noise is LeanNoiseTransport:
+        assert isinstance(out["a"], LeanNoiseSession) and isinstance(out["b"], LeanNoiseSession)
+    return out["a"], out["b"], a_pipe
 
 
 @pytest.mark.parametrize("message, reason", [
@@ -178,23 +181,10 @@ def test_lean_yamux_runs_over_a_stock_noise_session_too():
     from libp2p.security.secure_session import SecureSession
 
     async def main() -> None:
-        a_end, b_end = trio.testing.memory_stream_pair()
-        keys = [create_new_key_pair() for _ in range(2)]
-        stock = [StockNoise(k, noise_privkey=create_x25519_key_pair().private_key) for k in keys]
-        out: dict = {}
-
-        async def outbound() -> None:
-            out["a"] = await stock[0].secure_outbound(Pipe(a_end), ID.from_pubkey(keys[1].public_key))
-
-        async def inbound() -> None:
-            out["b"] = await stock[1].secure_inbound(Pipe(b_end))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(outbound)
-            nursery.start_soon(inbound)
-        assert type(out["a"]) is SecureSession
-        muxers = [LeanYamux(out[side], ID.from_pubkey(keys[i].public_key), is_initiator=(side == "a"))
-                  for i, side in enumerate("ab")]
+        a, b, _ = await session_pair(StockNoise)
+        assert type(a) is SecureSession and type(b) is SecureSession
+        muxers = [LeanYamux(session, ID.from_pubkey(create_new_key_pair().public_key), is_initiator=first)
+                  for session, first in ((a, True), (b, False))]
         data = bytes(range(256)) * 4096
         async with trio.open_nursery() as nursery:
             for m in muxers:
