@@ -63,10 +63,10 @@ from .dht import DHTMode, SynordDHT
 from .framing import FramedStream, StreamLimitError
 from .identity import Identity
 from .kad import choose_mode
-from .p2p_noise import LeanNoiseTransport
-from .p2p_yamux import LeanYamux
 from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
                    StreamHandler, Validator, parse_px_reply)
+from .p2p_noise import LeanNoiseTransport
+from .p2p_yamux import LeanYamux
 from .reachability import Reachability
 from .refusals import REFUSALS
 from .streamlimits import StreamBudget, StreamGuard

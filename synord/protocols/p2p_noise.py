@@ -6,9 +6,10 @@ py-libp2p's session read each message's length and body with separate reads,
 decrypted through three layers of the `noise` package and kept plaintext in a
 BytesIO; a 64 KiB write went out as one TCP write per message
 (bench/bench_transfer.py, cProfile: ~0.1 ms of Python per 64 KiB message).
-Here ciphertext is read in gulps into one buffer, ChaCha20-Poly1305 is called
-directly with our own nonce counters, plaintext is served from the last
-message, and a large write is sealed into one buffer and written once.
+Here ciphertext is read in 256 KiB gulps and decrypted from views into them
+(ChaCha20-Poly1305 called directly, our own nonce counters), plaintext is
+served from the last message (views for yamux bodies), and a large write is
+sealed into one buffer (`encrypt_into`) and written once.
 
 Every message is still authenticated: a bad tag, a message shorter than a tag
 or a stream that ends inside a message ends the connection (counted).
