@@ -115,8 +115,8 @@ def ours_receiver(addr_file: str, store_dir: str, cpu_file: str) -> None:
     import trio
 
     from synord.protocols.envelope import EnvelopeValidator
-    from synord.protocols.identity import Identity
     from synord.protocols.framing import CHUNK
+    from synord.protocols.identity import Identity
     from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, receive_file
 
     async def main() -> None:
@@ -159,9 +159,8 @@ def ours_send(addr: str, path: Path, sha: str, rounds: int, cpu_file: Path) -> l
     then ``rounds`` not stored (to the sink)."""
     import trio
 
-    from synord.protocols.framing import CHUNK
-
     from synord.protocols.envelope import seal
+    from synord.protocols.framing import CHUNK
     from synord.protocols.identity import Identity
     from synord.protocols.transfer import TRANSFER_PROTOCOL, send_file
 
@@ -278,9 +277,9 @@ def main() -> None:
         finally:
             ours_proc.kill()
             ours_proc.wait()
-        store = min(store_only(blob, Path(tmp) / "stored") for _ in range(args.rounds))
+        alone = min(store_only(blob, Path(tmp) / "stored") for _ in range(args.rounds))
 
-    raw_rate, our_rate, sink_rate, store_rate = (mib / r[0] for r in (raw, ours, sink, store))
+    raw_rate, our_rate, sink_rate, store_rate = (mib / r[0] for r in (raw, ours, sink, alone))
     print(f"transfer of {mib} MiB, best of {args.rounds}")
     print(f"baseline raw ChaCha20-Poly1305 TCP   {raw_rate:8.1f} MiB/s   (64 KiB frames, no disk)")
     print(f"ours, not stored (transport only)    {sink_rate:8.1f} MiB/s   "
@@ -288,7 +287,7 @@ def main() -> None:
     print(f"ours (libp2p Noise+yamux, stored)    {our_rate:8.1f} MiB/s   "
           f"= {100 * our_rate / raw_rate:.0f} % of raw (target >= 80 %)")
     print(f"storing alone (sha256, write, fsync) {store_rate:8.1f} MiB/s   "
-          f"CPU per MiB {1e3 * store[1] / mib:.2f} ms (no network)")
+          f"CPU per MiB {1e3 * alone[1] / mib:.2f} ms (no network)")
     # CPU per MiB does not depend on what else the box runs: on an idle box the
     # busier side bounds the rate (the two sides run in parallel)
     for name, (_, snd, rcv) in (("raw", raw), ("ours, not stored", sink), ("ours", ours)):
@@ -299,7 +298,7 @@ def main() -> None:
                       "raw_cpu_ms_per_mib": [round(1e3 * c / mib, 2) for c in raw[1:]],
                       "ours_cpu_ms_per_mib": [round(1e3 * c / mib, 2) for c in ours[1:]],
                       "ours_not_stored_cpu_ms_per_mib": [round(1e3 * c / mib, 2) for c in sink[1:]],
-                      "store_only_cpu_ms_per_mib": round(1e3 * store[1] / mib, 2)}))
+                      "store_only_cpu_ms_per_mib": round(1e3 * alone[1] / mib, 2)}))
 
 
 if __name__ == "__main__":
