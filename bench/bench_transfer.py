@@ -7,6 +7,11 @@
 * raw: the same bytes encrypted with ChaCha20-Poly1305 (`cryptography`) in
   64 KiB frames (Noise's largest is 65535 bytes), length-prefixed over a
   loopback TCP socket to a second process that decrypts them; no disk.
+* ours, not stored: the same libp2p connection, the bytes sent as one blob
+  on a stream whose handler reads and drops them (what raw measures: the
+  transport, no disk).
+* storing alone: sha256, write and fsync of the same bytes in this process,
+  no network: the part of "ours" that raw does not do.
 
 Target (issue 20): ours >= 80 % of raw.  Each figure is the best of --rounds.
 
@@ -33,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # this checkout, not an installed copy
 FRAME = 65535 - 16  # Noise's largest plaintext: 64 KiB less the Poly1305 tag
 _LEN = struct.Struct(">I")
 KEY = bytes(range(32))
+SINK_PROTOCOL = "/synord-bench/sink/1.0.0"
 
 
 def cpu_s() -> float:
@@ -109,6 +115,7 @@ def ours_receiver(addr_file: str, store_dir: str, cpu_file: str) -> None:
     import trio
 
     from synord.protocols.envelope import EnvelopeValidator
+    from synord.protocols.framing import CHUNK
     from synord.protocols.identity import Identity
     from synord.protocols.transfer import TRANSFER_PROTOCOL, BlobStore, receive_file
 
@@ -128,9 +135,19 @@ def ours_receiver(addr_file: str, store_dir: str, cpu_file: str) -> None:
             with open(cpu_file, "a") as f:
                 f.write(f"{used}\n")
 
+        async def sink(stream) -> None:
+            cpu = cpu_s()
+            left = (await stream.receive())["blob"]
+            while left:
+                left -= len(await stream.read_some(min(left, CHUNK)))
+            await stream.send({"ok": True})
+            with open(cpu_file, "a") as f:
+                f.write(f"{cpu_s() - cpu}\n")
+
         async with trio.open_nursery() as nursery:
             await nursery.start(mesh.run)
             mesh.set_handler(TRANSFER_PROTOCOL, handler)
+            mesh.set_handler(SINK_PROTOCOL, sink)
             Path(addr_file).write_text(mesh.listen_addrs()[0])
             await trio.sleep_forever()
 
@@ -138,10 +155,12 @@ def ours_receiver(addr_file: str, store_dir: str, cpu_file: str) -> None:
 
 
 def ours_send(addr: str, path: Path, sha: str, rounds: int, cpu_file: Path) -> list[tuple[float, float, float]]:
-    """(seconds, sender CPU s, receiver CPU s) for each transfer."""
+    """(seconds, sender CPU s, receiver CPU s) for each transfer: ``rounds`` stored,
+    then ``rounds`` not stored (to the sink)."""
     import trio
 
     from synord.protocols.envelope import seal
+    from synord.protocols.framing import CHUNK
     from synord.protocols.identity import Identity
     from synord.protocols.transfer import TRANSFER_PROTOCOL, send_file
 
@@ -165,10 +184,41 @@ def ours_send(addr: str, path: Path, sha: str, rounds: int, cpu_file: Path) -> l
                     while len(_lines(cpu_file)) <= len(times):
                         await trio.sleep(0.01)
                 times.append((dt, cpu, float(_lines(cpu_file)[len(times)])))
+            for _ in range(rounds):
+                stream = await mesh.open_stream(peer, SINK_PROTOCOL)
+                t, cpu = time.perf_counter(), cpu_s()
+                await stream.send({"blob": path.stat().st_size})
+                with open(path, "rb") as f:
+                    while block := f.read(CHUNK):
+                        await stream.raw.write(block)
+                assert await stream.receive() == {"ok": True}
+                dt, cpu = time.perf_counter() - t, cpu_s() - cpu
+                await stream.close()
+                with trio.fail_after(10):
+                    while len(_lines(cpu_file)) <= len(times):
+                        await trio.sleep(0.01)
+                times.append((dt, cpu, float(_lines(cpu_file)[len(times)])))
             nursery.cancel_scope.cancel()
         return times
 
     return trio.run(main)
+
+
+def store_only(path: Path, into: Path) -> tuple[float, float, float]:
+    """(seconds, CPU s, 0) to hash, write and fsync ``path``'s bytes, as a receiver stores them."""
+    import hashlib
+    with open(path, "rb") as f:
+        blocks = [f.read(1 << 20) for _ in range(-(-path.stat().st_size // (1 << 20)))]
+    t, cpu = time.perf_counter(), cpu_s()
+    digest = hashlib.sha256()
+    with open(into, "wb", buffering=0) as out:
+        for block in blocks:
+            digest.update(block)
+            out.write(block)
+        os.fsync(out.fileno())
+    dt, cpu = time.perf_counter() - t, cpu_s() - cpu
+    into.unlink()
+    return dt, cpu, 0.0
 
 
 def _lines(path: Path) -> list[str]:
@@ -222,24 +272,33 @@ def main() -> None:
         store, cpu_file = Path(tmp) / "store", Path(tmp) / "receiver-cpu"
         ours_proc, addr = _serve("ours", str(store), str(cpu_file))
         try:
-            ours = min(ours_send(addr, blob, sha, args.rounds, cpu_file))
+            both = ours_send(addr, blob, sha, args.rounds, cpu_file)
+            ours, sink = min(both[:args.rounds]), min(both[args.rounds:])
         finally:
             ours_proc.kill()
             ours_proc.wait()
+        alone = min(store_only(blob, Path(tmp) / "stored") for _ in range(args.rounds))
 
-    raw_rate, our_rate = mib / raw[0], mib / ours[0]
+    raw_rate, our_rate, sink_rate, store_rate = (mib / r[0] for r in (raw, ours, sink, alone))
     print(f"transfer of {mib} MiB, best of {args.rounds}")
     print(f"baseline raw ChaCha20-Poly1305 TCP   {raw_rate:8.1f} MiB/s   (64 KiB frames, no disk)")
+    print(f"ours, not stored (transport only)    {sink_rate:8.1f} MiB/s   "
+          f"= {100 * sink_rate / raw_rate:.0f} % of raw")
     print(f"ours (libp2p Noise+yamux, stored)    {our_rate:8.1f} MiB/s   "
           f"= {100 * our_rate / raw_rate:.0f} % of raw (target >= 80 %)")
+    print(f"storing alone (sha256, write, fsync) {store_rate:8.1f} MiB/s   "
+          f"CPU per MiB {1e3 * alone[1] / mib:.2f} ms (no network)")
     # CPU per MiB does not depend on what else the box runs: on an idle box the
     # busier side bounds the rate (the two sides run in parallel)
-    for name, (_, snd, rcv) in (("raw", raw), ("ours", ours)):
-        print(f"CPU per MiB, {name:4}  sender {1e3 * snd / mib:6.2f} ms   receiver {1e3 * rcv / mib:6.2f} ms"
+    for name, (_, snd, rcv) in (("raw", raw), ("ours, not stored", sink), ("ours", ours)):
+        print(f"CPU per MiB, {name:16}  sender {1e3 * snd / mib:6.2f} ms   receiver {1e3 * rcv / mib:6.2f} ms"
               f"   (bound {mib / max(snd, rcv):7.1f} MiB/s)")
     print(json.dumps({"mib": mib, "raw_mib_s": round(raw_rate, 1), "ours_mib_s": round(our_rate, 1),
+                      "ours_not_stored_mib_s": round(sink_rate, 1), "store_only_mib_s": round(store_rate, 1),
                       "raw_cpu_ms_per_mib": [round(1e3 * c / mib, 2) for c in raw[1:]],
-                      "ours_cpu_ms_per_mib": [round(1e3 * c / mib, 2) for c in ours[1:]]}))
+                      "ours_cpu_ms_per_mib": [round(1e3 * c / mib, 2) for c in ours[1:]],
+                      "ours_not_stored_cpu_ms_per_mib": [round(1e3 * c / mib, 2) for c in sink[1:]],
+                      "store_only_cpu_ms_per_mib": round(1e3 * alone[1] / mib, 2)}))
 
 
 if __name__ == "__main__":

@@ -195,6 +195,23 @@ class FramedStream:
         """Exactly ``n`` raw bytes (the body of a blob whose header the caller read)."""
         return await self._read_exactly(n)
 
+    async def read_some(self, n: int) -> bytes:
+        """Up to ``n`` raw bytes (at least one) as they arrive, without waiting to
+        join a full piece: a blob's body goes to storage without that copy.
+        FrameError if the stream ends first."""
+        if self._buf:
+            out = bytes(self._buf[:n])
+            del self._buf[:n]
+        else:
+            out = await self._pull(n, self._body_deadline(), Refusal.FRAME_BODY)
+            if not out:
+                raise FrameError("stream ended inside a blob")
+            if len(out) > n:  # a backend may return more than asked: keep the rest (still charged)
+                self._buf += out[n:]
+                out = out[:n]
+        self._handed_over(len(out))
+        return out
+
     async def receive_blob(self, max_bytes: int = MAX_BLOB) -> bytes:
         parts = [p async for p in self.iter_blob(max_bytes)]
         return b"".join(parts)

@@ -14,7 +14,9 @@ Every setting here comes from measurements in shared/notes/py-libp2p.md:
 - pubsub and router services start before ``host.run``;
 - subscriptions are drained promptly into our own channels;
 - TCP is read in 256 KiB gulps and yamux frames fit one Noise message
-  (bench/bench_transfer.py: CPU per MiB received 12.7 -> 9.6 ms).
+  (bench/bench_transfer.py: CPU per MiB received 12.7 -> 9.6 ms);
+- Noise sessions and yamux connections take our lean data paths
+  (p2p_noise, p2p_yamux: same wire format, less Python per frame).
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIP_V10, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.io.trio import TrioTCPStream
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
+from libp2p.stream_muxer import muxer_multistream as _libp2p_muxer_multistream
 from libp2p.stream_muxer.yamux import yamux as _libp2p_yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp import tcp as _libp2p_tcp
@@ -63,6 +66,8 @@ from .identity import Identity
 from .kad import choose_mode
 from .mesh import (PX_MAX_PEERS, PX_PROTOCOL, GossipMessage, Mesh, MeshConfig, MeshError, PeerEvent,
                    StreamHandler, Validator, parse_px_reply)
+from .p2p_noise import LeanNoiseTransport
+from .p2p_yamux import LeanYamux
 from .reachability import Reachability
 from .refusals import REFUSALS
 from .streamlimits import StreamBudget, StreamGuard
@@ -136,6 +141,8 @@ _libp2p_tcp.TrioTCPStream = _BufferedTCPStream
 # one Noise message: each went out as two (two encryptions, two writes, two
 # reads).  Frames that fit one Noise message halve that work.
 _libp2p_yamux.MAX_MESSAGE_SIZE = NOISE_MAX_PLAINTEXT
+# The muxer negotiation builds yamux connections from its module global, not from muxer_opt.
+_libp2p_muxer_multistream.Yamux = LeanYamux
 
 
 class _RawStream:
@@ -322,7 +329,7 @@ class Libp2pMesh(Mesh):
         self.config = config or MeshConfig()
         cfg = self.config
         key_pair = create_new_key_pair(identity.seed)
-        self._sec_opt = {TProtocol(NOISE_ID): NoiseTransport(
+        self._sec_opt = {TProtocol(NOISE_ID): LeanNoiseTransport(
             key_pair, noise_privkey=create_x25519_key_pair().private_key)}
         conn_cfg = ConnectionConfig(
             max_connections=cfg.max_connections, max_connections_per_peer=1,
@@ -333,7 +340,7 @@ class Libp2pMesh(Mesh):
             enable_health_monitoring=False,
         )
         self.host = new_host(
-            key_pair=key_pair, sec_opt=self._sec_opt, muxer_opt={TProtocol(YAMUX_ID): Yamux},
+            key_pair=key_pair, sec_opt=self._sec_opt, muxer_opt={TProtocol(YAMUX_ID): LeanYamux},
             listen_addrs=[multiaddr.Multiaddr(a) for a in cfg.listen],
             # mDNS is started by us once listening (see _mdns_loop): the library's would
             # advertise the unexpanded 0.0.0.0 listen address, which LAN peers dial in vain

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -29,6 +30,7 @@ TRANSFER_PROTOCOL = "/synord/transfer/1.0.0"
 KINDS = ("artifact", "checkpoint", "volume", "input")  # volume: a service's named volume (synord.volumes); input: a task's stdin blob (a shard)
 MAX_BLOB_BYTES = 16 << 30
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+BLOCKS_IN_FLIGHT = 4  # of about CHUNK bytes each, between the network reader and the disk writer
 
 
 class TransferError(Exception):
@@ -77,35 +79,52 @@ async def _store_blob(stream: FramedStream, f, digest, left: int) -> OSError | N
     """Read ``left`` raw bytes into ``f`` and ``digest``; the error that stopped
     the writes, if any (the bytes are still read, so the sender hears why).
 
-    Disk writes and hashing run in a worker thread (both release the GIL), one
-    block behind the network reads: they were a quarter of a receiver's CPU,
-    spent with the connection idle (bench/bench_transfer.py)."""
+    Disk writes and hashing run in one worker thread for the whole blob (both
+    release the GIL), at most BLOCKS_IN_FLIGHT blocks behind the network reads:
+    they were a quarter of a receiver's CPU, spent with the connection idle.
+    A thread hand-over per block (trio.to_thread) cost more than the write
+    itself on a loaded box: the reader waited ~10 ms per MiB for the round
+    trip (bench/bench_transfer.py)."""
     failed: OSError | None = None
+    token = trio.lowlevel.current_trio_token()
+    slots = trio.Semaphore(BLOCKS_IN_FLIGHT)  # bounded memory
+    blocks: queue.SimpleQueue = queue.SimpleQueue()
 
-    def write(block: bytes) -> None:
+    def release_slot() -> None:
+        try:
+            token.run_sync_soon(slots.release)
+        except trio.RunFinishedError:
+            pass
+
+    def writer() -> None:
         nonlocal failed
-        digest.update(block)
-        if failed is None:
-            try:
-                f.write(block)
-            except OSError as exc:  # our disk is full: keep reading
-                failed = exc
-
-    send, receive = trio.open_memory_channel(2)  # blocks in flight: bounded memory
-
-    async def writer() -> None:
-        async with receive:
-            async for block in receive:
-                await trio.to_thread.run_sync(write, block)
+        while (pieces := blocks.get()) is not None:
+            block = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            digest.update(block)
+            if failed is None:
+                try:
+                    f.write(block)
+                except OSError as exc:  # our disk is full: keep reading
+                    failed = exc
+            release_slot()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        async with send:
+        nursery.start_soon(trio.to_thread.run_sync, writer)
+        try:
             while left:
-                block = await stream.read_raw(min(left, CHUNK))
-                await PACER.take(len(block))
-                left -= len(block)
-                await send.send(block)
+                # a block is the pieces as they came (about CHUNK bytes), joined by the
+                # writer: joining them here was a copy into fresh memory on the event loop
+                pieces, size = [], 0
+                while left and size < CHUNK:
+                    piece = await stream.read_some(min(left, CHUNK - size))
+                    pieces.append(piece)
+                    size += len(piece)
+                    left -= len(piece)
+                await PACER.take(size)
+                await slots.acquire()
+                blocks.put(pieces)
+        finally:
+            blocks.put(None)  # the writer ends after what it holds, also on an error here
     if failed is None:
         try:
             await trio.to_thread.run_sync(os.fsync, f.fileno())
