@@ -187,12 +187,12 @@ def write_checkpoint(dest: Path, snap: Snapshot, extra: dict[str, bytes] | None 
     h, size = hashlib.sha256(), 0
     tmp = dest / (ARCHIVE_FILE + ".tmp")
     # Write then rename so a crash never leaves a half-written checkpoint that looks valid.
-    with open(tmp, "wb", buffering=0) as f:
+    with open(tmp, "wb") as f:  # buffered: retries short writes; large ones go straight through
         def put(data) -> None:
             nonlocal size
             h.update(data)
             size += len(data)
-            f.write(data)  # a regular file: a short write only happens on error (then raises)
+            f.write(data)
 
         for name, data in files + [(MEMORY_FILE, mem)]:
             put(_tar_header(name, len(data)))
