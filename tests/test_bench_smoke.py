@@ -35,7 +35,7 @@ SMOKE_ARGS: dict[str, list[str]] = {
     "sim_to_real.py": ["--count", "4", "--work", "2000000"],
     "bench_run_waiting.py": ["-n", "1"],
     "bench_shards.py": ["--smoke"],
-    "bench_wasm.py": ["-n", "5"],
+    "bench_wasm.py": ["-n", "5", "--against", "HEAD"],
 }
 
 # not benchmarks of their own: processes a bench script starts (run by its smoke run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,17 @@ async def wait_for_output(sb, needle: bytes) -> bytes:
     raise AssertionError(f"task ended without printing {needle!r}: {bytes(seen)!r}")
 
 
+async def cancel_the_caller_of_a_loop(rt, mods: Path):
+    """A looping guest whose caller's nursery is cancelled once it runs."""
+    sb = await rt.prepare(probe(mods, "loop"))
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as n:
+            await sb.start(n)
+            await wait_for_output(sb, b"looping")
+            n.cancel_scope.cancel()
+    return sb
+
+
 # --- WASI command modules ---
 
 async def test_hello_output_and_usage(rt, wasm_modules):
@@ -105,6 +117,58 @@ async def test_trap_is_reported(rt, wasm_modules):
     status, _, err = await run(rt, probe(wasm_modules, "trap"))
     assert (status.code, status.reason) == (134, "trap")
     assert b"[synord] trap" in err and b"unreachable" in err
+
+
+@pytest.mark.parametrize("args", [("hello",), ("exit", "3"), ("exit-call", "42"), ("trap",)])
+async def test_direct_start_call_matches_the_public_api(rt, wasm_modules, monkeypatch, args):
+    # A command's _start is looked up and called through the C API (faster than
+    # wasmtime-py's wrappers); the public-API fallback must give the same result.
+    import synord.runtimes.wasm as wasm_mod
+    assert wasm_mod._DIRECT, "this wasmtime-py lacks the internals the direct call uses"
+    results = []
+    for direct in (True, False):
+        monkeypatch.setattr(wasm_mod, "_DIRECT", direct)
+        status, out, err = await run(rt, probe(wasm_modules, *args))
+        assert status.usage.peak_memory_bytes > 0
+        results.append((status.code, status.reason, out, err))
+    assert results[0] == results[1]
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_no_descriptor_outlives_its_task(rt, wasm_modules):
+    # The pipes change hands (the worker reads a short guest's output, pumps a
+    # long one's, the watcher closes what is left): none may leak.
+    # Warm: modules compiled (wasmtime keeps a memfd per module's memory image), trio's threads exist.
+    await run(rt, probe(wasm_modules, "hello"))
+    await run(rt, counter(wasm_modules, 1, 0))
+    before = _open_fds()
+    for args in (("hello",), ("trap",), ("exit", "3")):
+        await run(rt, probe(wasm_modules, *args))
+    await run(rt, probe(wasm_modules, "loop", limits=Limits(timeout_s=0.05)))
+    await run(rt, counter(wasm_modules, 3000, 0))  # more output than a pipe holds: pumped live
+    await cancel_the_caller_of_a_loop(rt, wasm_modules)
+    left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _open_fds() - before}
+    assert not left
+
+
+async def test_a_far_time_limit_does_not_hold_the_callers_nursery(rt, wasm_modules):
+    # The time-limit timer runs in the caller's nursery; the task's end must
+    # cancel it, or the nursery would wait an hour (the hang guard trips).
+    status, out, _ = await run(rt, probe(wasm_modules, "hello", limits=Limits(timeout_s=3600)))
+    assert (status.code, out) == (0, b"hello, wasm\n")
+
+
+async def test_output_beyond_a_pipe_buffer_arrives_whole(rt, wasm_modules):
+    # 3000 lines (~75 KiB) overflow the 64 KiB pipe before the guest ends: it
+    # blocks until the output is pumped live, and nothing is lost or reordered.
+    status, out, _ = await run(rt, counter(wasm_modules, 3000, 0))
+    lines = out.decode().splitlines()
+    assert status.reason is None and len(lines) == 3001
+    assert [ln.split()[1] for ln in lines[:-1]] == [str(i) for i in range(1, 3001)]
+    assert lines[-1].startswith("done steps=3000 ")
 
 
 async def test_infinite_loop_times_out(rt, wasm_modules):
@@ -211,12 +275,7 @@ async def test_kill_of_a_guest_blocked_in_a_host_call(rt, wasm_modules):
 
 
 async def test_cancelling_the_caller_stops_the_worker(rt, wasm_modules):
-    sb = await rt.prepare(probe(wasm_modules, "loop"))
-    with trio.fail_after(GUARD_S):
-        async with trio.open_nursery() as n:
-            await sb.start(n)
-            await wait_for_output(sb, b"looping")
-            n.cancel_scope.cancel()
+    sb = await cancel_the_caller_of_a_loop(rt, wasm_modules)
     assert sb._worker_done
     assert (await sb.wait()).reason == "killed"
 

@@ -2,12 +2,17 @@
 
 Theory of operation
 - A module runs in one worker thread (`trio.lowlevel.start_thread_soon`, the
-  cheapest hand-over trio has); everything else (logs, wait, kill, checkpoint
-  requests, the time-limit timer) is trio.
+  cheapest hand-over trio has: a long-lived worker fed by a queue measured
+  the same); everything else (logs, wait, kill, checkpoint requests, the
+  time-limit timer) is trio. One watcher task per start (`_main`) stands in
+  the caller's nursery, so that a cancelled caller stops the guest.
 - Output: the guest's stdout/stderr are pipes. A guest that ends within
-  LIVE_AFTER_S (most starts) has them read once, after it ended; one that runs
-  longer, or is checkpointed, gets them pumped live. Either way into a bounded
-  `LogBuffer`: a reader far behind makes the pumps, then the guest, wait.
+  LIVE_AFTER_S (most starts) has them read by its worker once the store is
+  gone, and the worker's callback (`_complete`, in the trio thread) finishes
+  the task: no pump task, no wake-up of the watcher before the result. One
+  that runs longer, or is checkpointed, gets them pumped live. Either way into
+  a bounded `LogBuffer`: a reader far behind makes the pumps, then the guest,
+  wait. `_lock` decides who owns a read end: a pump, or the worker.
 - Interruption: engines are built with epoch interruption; each store has a
   deadline one epoch ahead and a deadline callback (run in the worker thread)
   that decides from *its own* sandbox's flags whether to go on, or to trap for
@@ -122,6 +127,44 @@ if wasmtime is not None:
                                    ctypes.POINTER(ctypes.c_uint8))
     _Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     _NO_FINALIZER = _Finalizer(lambda _data: None)
+    try:  # wasmtime-py internals for _command_exports / _call_start; the public API without them
+        from wasmtime._func import enter_wasm as _enter_wasm
+        from wasmtime._extern import wrap_extern as _wrap_extern
+        _DIRECT = all(hasattr(_wffi, n) for n in (
+            "wasmtime_instance_export_get", "wasmtime_func_call", "WASMTIME_EXTERN_MEMORY")) \
+            and hasattr(wasmtime.Store, "_context") and hasattr(wasmtime.WasmtimeError, "_from_ptr")
+    except ImportError:
+        _DIRECT = False
+
+
+def _command_exports(store, instance) -> tuple:
+    """(_start, memory or None) of a WASI command instance. Looked up by name:
+    `instance.exports()` wraps every export, ~20 us a start."""
+    if not _DIRECT:
+        exports = instance.exports(store)
+        mem = _get(exports, "memory")
+        return exports["_start"], (mem if isinstance(mem, wasmtime.Memory) else None)
+    found = []
+    for name in (b"_start", b"memory"):
+        item = _wffi.wasmtime_extern_t()
+        ok = _wffi.wasmtime_instance_export_get(store._context(), ctypes.byref(instance._instance),
+                                                name, len(name), ctypes.byref(item))
+        found.append(item if ok else None)
+    start, mem = found
+    memory = _wrap_extern(mem) if mem is not None and mem.kind == _wffi.WASMTIME_EXTERN_MEMORY.value else None
+    return start, memory
+
+
+def _call_start(store, start) -> None:
+    """Call `_start`: `Func.__call__` builds the function's type and argument
+    arrays at every call, a third of a hello start's time in wasm."""
+    if not _DIRECT:
+        start(store)
+        return
+    with _enter_wasm(store) as trap:  # raises the guest's trap, as Func.__call__ does
+        err = _wffi.wasmtime_func_call(store._context(), ctypes.byref(start.of.func), None, 0, None, 0, trap)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)  # an ExitTrap for proc_exit
 
 
 def _read(path: Path) -> bytes:
@@ -257,7 +300,7 @@ class WasmRuntime(Runtime):
             raise SpecError(f"spec kind is {spec.kind!r}, not 'wasm'")
         if spec.network:
             raise SpecError("the wasm sandbox has no network access; run this task in a container or microvm")
-        artifact = Path(spec.artifact)
+        artifact = os.fspath(spec.artifact)  # a str: no Path parsing on every start
         try:
             st = os.stat(artifact)
         except FileNotFoundError:
@@ -268,20 +311,22 @@ class WasmRuntime(Runtime):
             raise SpecError(f"not a WebAssembly module: {artifact} is a directory")
         if not stat.S_ISREG(st.st_mode):
             raise SpecError(f"artefact {artifact} is not a regular file")
-        ident = (str(artifact), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        ident = (artifact, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         sha = self._digests.get(ident)
         wasm = None
+        name = os.path.basename(artifact)
         if sha is None:
             # Typical modules are read in microseconds; only big ones are worth a thread hop.
             small = st.st_size <= _INLINE_READ_MAX
-            wasm = _read(artifact) if small else await trio.to_thread.run_sync(_read, artifact)
+            wasm = _read(Path(artifact)) if small else await trio.to_thread.run_sync(_read, Path(artifact))
             sha = hashlib.sha256(wasm).hexdigest()  # read once, hashed once: what runs is what was checked
-        expect_digest(artifact.name, sha, spec.sha256)
+        if spec.sha256 is not None:
+            expect_digest(name, sha, spec.sha256)
         if wasm is not None:
             if wasm[:4] != b"\0asm":
-                raise SpecError(f"not a WebAssembly module: {artifact.name} does not start with \\0asm")
+                raise SpecError(f"not a WebAssembly module: {name} does not start with \\0asm")
             if wasm[:8] != _WASM_MAGIC:
-                raise SpecError(f"not a WebAssembly core module: {artifact.name} (components are not supported)")
+                raise SpecError(f"not a WebAssembly core module: {name} (components are not supported)")
         lim = spec.limits
         if lim.memory_bytes <= 0:
             raise SpecError("limits.memory_bytes must be positive")
@@ -365,9 +410,15 @@ class WasmSandbox(Sandbox):
         self._cpu_start = 0.0
         self._write_ends: list[int] = []
         self._pipes: dict[str, int] = {}  # output pipes no pump reads yet (read ends)
+        # Trio side:
         self._drained: dict[str, trio.Event] = {}  # per pumped stream: its pipe reached EOF
-        self._inner: trio.Nursery | None = None  # while the guest runs
-        self._run_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._helpers: list[trio.CancelScope] = []  # pumps and the timer, cancelled at the end
+        self._done = trio.Event()  # the worker's outcome is in:
+        self._result: tuple[ExitStatus, str | None] | None = None
+        self._error: BaseException | None = None
+        self._run_scope: trio.CancelScope | None = None  # _main's wait; kill() cancels it
+        self._kill_gave_up = False  # kill() stopped waiting for a guest that ignored it
         self.stop_grace_s = 2.0  # how long kill/cancel wait for the guest to leave wasm
 
     # --- trio side ---
@@ -377,98 +428,118 @@ class WasmSandbox(Sandbox):
             raise RuntimeError_("sandbox already started")
         self._started = True
         self._token = trio.lowlevel.current_trio_token()
-        nursery.start_soon(self._main)
+        self._nursery = nursery  # the pumps and the timer run here too (rarely needed)
+        if self.spec.limits.timeout_s is not None:
+            self._deadline = time.monotonic() + self.spec.limits.timeout_s
+        # Output goes through pipes rather than wasmtime's Python output
+        # callbacks: those are called from wasmtime's own threads and abort the
+        # process when one fires during interpreter shutdown. Non-blocking read
+        # ends: whoever reads them after the guest ended stops at "empty".
+        out_r, out_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._read_fds = [out_r, err_r]
+        self._pipes = {"stdout": out_r, "stderr": err_r}
+        self._write_ends = [out_w, err_w]  # handed to the worker, see _take_write_ends
+        try:
+            nursery.start_soon(self._main)
+        except BaseException:
+            self._finish(ExitStatus(CODE_KILLED, Usage(), "killed"), None)
+            raise
+        if self._deadline is not None:
+            self._spawn_helper(self._timer)
+        # trio.lowlevel.start_thread_soon, not to_thread: half the hand-over
+        # cost, and a wait that can stop without abandoning the result. The
+        # result comes back through _complete, in the trio thread.
+        trio.lowlevel.start_thread_soon(self._work, self._deliver)
 
     async def _main(self) -> None:
-        stdin_path = None
-        read_ends: list[int] = []
+        # Watches the guest for the caller's nursery (a cancelled caller stops
+        # it) and streams the output of a guest that runs past LIVE_AFTER_S.
+        # A guest that ends sooner is finished by _complete, not here.
         try:
-            if self.spec.stdin is not None:
-                stdin_path = await trio.to_thread.run_sync(self._write_stdin)
-            # Output goes through pipes read here rather than wasmtime's Python
-            # output callbacks: those are called from wasmtime's own threads and
-            # abort the process when one fires during interpreter shutdown.
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            read_ends = [out_r, err_r]
-            self._read_fds = [out_r, err_r]
-            self._write_ends = [out_w, err_w]  # handed to the worker, see _take_write_ends
-            if self.spec.limits.timeout_s is not None:
-                self._deadline = time.monotonic() + self.spec.limits.timeout_s
-            async with trio.open_nursery() as inner:
-                self._inner = inner
-                if self._deadline is not None:
-                    inner.start_soon(self._timer)
-                self._pipes = {"stdout": out_r, "stderr": err_r}
-                read_ends = []  # the pumps or _drain_pipes own them now
-                done, outcome = trio.Event(), []
+            try:
+                # One cancel scope per wait (each costs): the first one's
+                # deadline is when output starts streaming live.
+                with trio.CancelScope(deadline=trio.current_time() + LIVE_AFTER_S) as self._run_scope:
+                    await self._done.wait()
+                if not self._done.is_set() and not self._kill_gave_up:
+                    self._follow_pipes()  # still running: stream its output live
+                    with trio.CancelScope() as self._run_scope:
+                        await self._done.wait()
+            finally:
+                if not self._done.is_set():  # our caller or kill() gave up on the thread
+                    await self._stop_abandoned_worker()
+            if not self._done.is_set():
+                self._finish(ExitStatus(CODE_KILLED, Usage(), "killed"),
+                             "the guest did not stop when killed (blocked in a host call); abandoned")
+            elif self._error is not None:  # our bug: raise it in the caller's nursery
+                raise self._error
+            elif not self._finished.is_set():
+                # The pipes hit EOF once the store is gone; bounded in case a
+                # wasmtime background task holds them a little longer.
+                self._follow_pipes()
+                with trio.move_on_after(2):
+                    for ev in self._drained.values():
+                        await ev.wait()
+                self._finish(*self._result)
+        finally:  # cancelled, or our bug: nothing above finished the task
+            self._finish(ExitStatus(CODE_KILLED, Usage(), "killed"), None)
 
-                def deliver(result) -> None:  # in the worker thread
-                    outcome.append(result)
-                    self._notify_from_thread(done.set)
+    def _deliver(self, outcome) -> None:  # worker thread: the last thing it does
+        self._notify_from_thread(lambda: self._complete(outcome))
 
-                # trio.lowlevel.start_thread_soon, not to_thread: half the hand-over
-                # cost, and a wait that can stop without abandoning the result.
-                trio.lowlevel.start_thread_soon(lambda: self._run(stdin_path), deliver)
-                try:
-                    with self._run_scope:  # cancelled by kill() when the guest ignores it
-                        with trio.move_on_after(LIVE_AFTER_S):
-                            await done.wait()
-                        if not done.is_set():
-                            self._follow_pipes()  # still running: stream its output live
-                            await done.wait()
-                finally:
-                    if not done.is_set():  # our caller or kill() gave up on the thread
-                        await self._stop_abandoned_worker()
-                if not outcome:
-                    status, detail = ExitStatus(CODE_KILLED, Usage(), "killed"), \
-                        "the guest did not stop when killed (blocked in a host call); abandoned"
-                else:
-                    status, detail = outcome[0].unwrap()
-                    # The pipes hit EOF once the store is gone; bounded in case a
-                    # wasmtime background task holds them a little longer.
-                    self._drain_pipes()
-                    with trio.move_on_after(2):
-                        for ev in self._drained.values():
-                            await ev.wait()
-                inner.cancel_scope.cancel()
-                if detail:
-                    self._emit("stderr", f"[synord] {detail}\n".encode())
-        except BaseException:
-            if self._status is None:
-                self._status = ExitStatus(CODE_KILLED, Usage(), "killed")
-            raise
-        else:
-            self._status = status
-        finally:
-            for fd in read_ends + list(self._pipes.values()) + self._take_write_ends():
-                _close_quietly(fd)
-            self._pipes.clear()
-            if stdin_path:
-                os.unlink(stdin_path)
-            self._finished.set()
-            self._output.close()
+    def _complete(self, outcome) -> None:
+        """Trio thread: the worker is done. Finishes the task at once unless
+        output is still being pumped or the worker failed (then _main does)."""
+        self._done.set()
+        if self._finished.is_set():  # abandoned: the result comes too late
+            self._close_pipes()  # any the worker could not read to EOF
+            return
+        try:
+            (status, detail), chunks = outcome.unwrap()
+        except BaseException as e:
+            self._error = e  # _main raises it in the caller's nursery
+            return
+        self._result = (status, detail)
+        if chunks:
+            self._output.extend(chunks)
+        if not self._pipes and not self._drained:
+            self._finish(status, detail)
+
+    def _finish(self, status: ExitStatus, detail: str | None) -> None:
+        if self._finished.is_set():
+            return
+        if detail:
+            self._emit("stderr", f"[synord] {detail}\n".encode())
+        self._status = status
+        self._close_pipes()
+        for scope in self._helpers:  # a pump some wasmtime thread keeps open, the timer
+            scope.cancel()
+        self._finished.set()
+        self._output.close()
+
+    def _close_pipes(self) -> None:
+        with self._lock:  # the worker may hand back a read end it could not read to EOF
+            fds, self._pipes = list(self._pipes.values()), {}
+        for fd in fds + self._take_write_ends():
+            _close_quietly(fd)
+
+    def _spawn_helper(self, fn, *args) -> None:
+        scope = trio.CancelScope()
+        self._helpers.append(scope)
+
+        async def helper() -> None:
+            with scope:
+                await fn(*args)
+        self._nursery.start_soon(helper)
 
     def _follow_pipes(self) -> None:
         """Pump the output pipes from now on (idempotent): the guest runs past
         LIVE_AFTER_S, or a checkpoint needs its output counted."""
-        for stream, fd in list(self._pipes.items()):
-            del self._pipes[stream]
-            self._inner.start_soon(self._pump, stream, fd, self._drained.setdefault(stream, trio.Event()))
-
-    def _drain_pipes(self) -> None:
-        """The guest is gone: read what it left in the pipes not yet pumped, up to
-        EOF; a pipe some wasmtime thread still holds open gets a pump."""
-        for stream, fd in list(self._pipes.items()):
-            os.set_blocking(fd, False)
-            try:
-                while data := os.read(fd, 1 << 16):
-                    self._emit(stream, data)
-            except BlockingIOError:
-                continue  # not at EOF yet: _follow_pipes below
-            del self._pipes[stream]
-            _close_quietly(fd)
-        self._follow_pipes()
+        with self._lock:  # the worker reads what no pump took, once the guest ended
+            pipes, self._pipes = self._pipes, {}
+        for stream, fd in pipes.items():
+            self._spawn_helper(self._pump, stream, fd, self._drained.setdefault(stream, trio.Event()))
 
     async def _pump(self, stream: str, fd: int, drained: trio.Event) -> None:
         async with trio.lowlevel.FdStream(fd) as pipe:
@@ -476,15 +547,6 @@ class WasmSandbox(Sandbox):
                 self._emit(stream, data)
                 await self._output.wait_room()  # a reader far behind: the guest waits on its pipe
         drained.set()
-
-    def _write_stdin(self) -> str:
-        base = self.spec.workdir
-        if base is not None:
-            Path(base).mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="synord-stdin-", dir=base)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.spec.stdin or b"")
-        return path
 
     async def _timer(self) -> None:
         # Ticks are only needed to stop a guest at its time limit (kill() bumps
@@ -501,12 +563,13 @@ class WasmSandbox(Sandbox):
         # give it a bounded time to leave (a guest blocked in a host call such as
         # a long WASI sleep only notices when the call returns).
         self._stop_reason = self._stop_reason or "killed"
-        wait = 0 if self._run_scope.cancel_called else self.stop_grace_s  # kill() already waited
+        wait = 0 if self._kill_gave_up else self.stop_grace_s  # kill() already waited
         with trio.CancelScope(shield=True), trio.move_on_after(wait):
-            while not self._worker_done:
+            while not self._done.is_set():
                 self.engine.increment_epoch()
-                await trio.sleep(TICK_S)
-        if not self._worker_done:
+                with trio.move_on_after(TICK_S):
+                    await self._done.wait()
+        if not self._done.is_set():
             log.warning("wasm task %s did not stop within %.1f s; its thread is abandoned",
                         self.spec.task_id, self.stop_grace_s)
 
@@ -542,7 +605,9 @@ class WasmSandbox(Sandbox):
             return
         # The guest sits in a host call: stop waiting for it. The epoch is
         # already past its deadline, so it traps as soon as it is back in wasm.
-        self._run_scope.cancel()
+        self._kill_gave_up = True
+        if self._run_scope is not None:
+            self._run_scope.cancel()
         await self._finished.wait()
 
     async def checkpoint(self, dest: Path, leave_running: bool = False) -> CheckpointInfo:
@@ -553,7 +618,7 @@ class WasmSandbox(Sandbox):
         if not self._started:
             raise RuntimeError_("sandbox not started")
         req = _CheckpointRequest(Path(dest), leave_running)
-        if self._inner is not None:
+        if not self._done.is_set():
             self._follow_pipes()  # the worker counts output the pumps have read
         with self._lock:
             if self._worker_done or self._finished.is_set():
@@ -603,7 +668,38 @@ class WasmSandbox(Sandbox):
             fds, self._write_ends = self._write_ends, []
         return fds
 
-    def _run(self, stdin_path: str | None) -> tuple[ExitStatus, str | None]:
+    def _work(self) -> tuple[tuple[ExitStatus, str | None], list[LogChunk]]:
+        """The worker thread's job: run the guest, then read what it left in
+        the pipes no pump took (most starts: the whole output, read once)."""
+        result = self._run()
+        with self._lock:
+            pipes, self._pipes = self._pipes, {}
+        chunks, left = [], {}
+        for stream, fd in pipes.items():
+            try:
+                while data := os.read(fd, 1 << 16):
+                    chunks.append(LogChunk(stream, data))
+            except BlockingIOError:  # not at EOF: some wasmtime thread still holds it; _main pumps it
+                left[stream] = fd
+                continue
+            except OSError:
+                pass
+            _close_quietly(fd)
+        if left:
+            with self._lock:
+                self._pipes.update(left)
+        return result, chunks
+
+    def _write_stdin(self) -> str:
+        base = self.spec.workdir
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="synord-stdin-", dir=base)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.spec.stdin or b"")
+        return path
+
+    def _run(self) -> tuple[ExitStatus, str | None]:
         t_wall = time.monotonic()
         # CPU time continues across checkpoint/restore, so usage covers the whole task.
         self._cpu_start = time.thread_time() - (self.restore_from.cpu_s if self.restore_from else 0.0)
@@ -613,10 +709,15 @@ class WasmSandbox(Sandbox):
         if spec.limits.fuel is not None:
             store.set_fuel(spec.limits.fuel)
         wasi = wasmtime.WasiConfig()
-        wasi.argv = [Path(spec.artifact).name, *spec.args]
-        wasi.env = list(spec.env.items())
-        if stdin_path:
-            wasi.stdin_file = stdin_path
+        wasi.argv = [os.path.basename(spec.artifact), *spec.args]
+        if spec.env:
+            wasi.env = list(spec.env.items())
+        if spec.stdin is not None:
+            stdin_path = self._write_stdin()
+            try:
+                wasi.stdin_file = stdin_path  # opened here: the name can go at once
+            finally:
+                os.unlink(stdin_path)
         fds = self._take_write_ends()
         if len(fds) != 2:
             return ExitStatus(CODE_KILLED, Usage(), "killed"), None
@@ -636,21 +737,20 @@ class WasmSandbox(Sandbox):
         store.set_epoch_deadline(1)
 
         code, reason, detail = 0, None, None
-        memory = instance = exports = None
+        memory = instance = exports = start = None
         try:
             if self._stop_reason is not None:
                 # kill() came before the deadline above: its epoch bump was too early
                 # to count, and nothing else ticks an engine without a time limit.
                 raise wasmtime.WasmtimeError(f"synord: {self._stop_reason}")
             instance = self._pre.instantiate(store)
-            exports = instance.exports(store)
             if self.memory_export is not None:
+                exports = instance.exports(store)
                 memory = exports[self.memory_export]
                 code, reason = self._step_loop(store, exports, memory)
             else:
-                mem = _get(exports, "memory")
-                memory = mem if isinstance(mem, wasmtime.Memory) else None
-                exports["_start"](store)
+                start, memory = _command_exports(store, instance)
+                _call_start(store, start)
         except wasmtime.ExitTrap as e:
             code = e.code
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
@@ -669,7 +769,7 @@ class WasmSandbox(Sandbox):
         # Drop the store here, in this thread: wasmtime's WASI streams call back
         # into Python when freed, and if that happens from one of its own
         # threads during interpreter shutdown the process aborts.
-        memory = instance = exports = None
+        memory = instance = exports = start = None
         store.close()
         usage = Usage(cpu_s=time.thread_time() - self._cpu_start,
                       peak_memory_bytes=peak, wall_s=time.monotonic() - t_wall)
