@@ -11,9 +11,17 @@
       consumer heard it), pre-place (agreement with the next provider), ask
       (the checkpoint request reaching the old provider), snapshot (runtime),
       tar+hash, push (old -> new provider, direct), start+restore (task.start,
-      unpack, runtime restore), seen (the consumer records the leg).
+      unpack, runtime restore), seen (the consumer records the leg);
+  (c) the non-network parts alone, in this process, on 64 MiB of real wasmtime
+      guest memory: checkpoint out (the archive written and hashed in one pass
+      from the guest's buffer) and in (the verified blob linked, the archive
+      read straight into a fresh guest's memory), against the path the code
+      took before, replayed with the same primitives in the same run (copy,
+      hash, write; checkpoint_digest re-reads and hashes; pack re-reads,
+      hashes, writes a tar; unpack reads, hashes, writes; read_checkpoint
+      reads and hashes; copy into the guest). Wall and CPU time per step.
 
-    .venv/bin/python bench/bench_migration.py [--only assign|migrate] [--rounds 3] [--timeline]
+    .venv/bin/python bench/bench_migration.py [--only assign|migrate|local] [--rounds 3] [--timeline]
 """
 
 from __future__ import annotations
@@ -208,14 +216,105 @@ def bench_migrate(rounds: int, timeline: bool = False) -> None:
     print(f"    median {statistics.median(r[0] for r in results) * 1000:.0f} ms   target <= 500 ms (issue 20)")
 
 
+def bench_local(rounds: int) -> None:
+    import ctypes
+    import hashlib
+    import os
+
+    import msgpack
+    import wasmtime
+
+    from synord.jobs.checkpoints import pack, restore_source, unpack
+    from synord.runtimes import wasm_abi as abi
+    from synord.runtimes.digests import checkpoint_digest
+    from synord.runtimes.wasm import _guest_memory
+
+    store = wasmtime.Store(wasmtime.Engine())
+    pages = 1024  # 64 MiB
+    src_mem = wasmtime.Memory(store, wasmtime.MemoryType(wasmtime.Limits(pages, None)))
+    dst_mem = wasmtime.Memory(store, wasmtime.MemoryType(wasmtime.Limits(pages, None)))
+    src = _guest_memory(store, src_mem)
+    src[:] = os.urandom(1 << 20) * (len(src) >> 20)  # any bytes: nothing here compresses or skips zeros
+    mod_sha = "ab" * 32
+
+    def timed(fn):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        return out, (time.perf_counter() - w) * 1000, (time.process_time() - c) * 1000
+
+    def old(tmp: Path) -> list[tuple[str, float, float]]:
+        steps = []
+        d = tmp / "old"
+
+        def snapshot():
+            mem = ctypes.string_at(src_mem.data_ptr(store), src_mem.data_len(store))
+            d.mkdir()
+            state = {"format": abi.FORMAT, "abi": 1, "module_sha256": mod_sha, "steps": 1,
+                     "memory": {"export": "memory", "bytes": len(mem), "sha256": hashlib.sha256(mem).hexdigest()},
+                     "globals": [], "cpu_s": 0.0}
+            (d / abi.MEMORY_FILE).write_bytes(mem)
+            (d / abi.STATE_FILE).write_bytes(msgpack.packb(state))
+            return checkpoint_digest(d)
+        steps.append(("snapshot", *timed(snapshot)[1:]))
+        sha = None
+
+        def do_pack():
+            nonlocal sha
+            sha, _ = pack(d, tmp / "old.tar")
+        steps.append(("tar+hash", *timed(do_pack)[1:]))
+
+        def restore():
+            out = unpack(tmp / "old.tar", tmp / "old-restore", expected_sha=sha)
+            state = msgpack.unpackb((out / abi.STATE_FILE).read_bytes())  # read_checkpoint, as it was:
+            mem = (out / abi.MEMORY_FILE).read_bytes()  # read, hash, keep the bytes
+            assert hashlib.sha256(mem).hexdigest() == state["memory"]["sha256"]
+            ctypes.memmove(dst_mem.data_ptr(store), mem, len(mem))  # then the copy into the guest
+        steps.append(("unpack+restore", *timed(restore)[1:]))
+        return steps
+
+    def new(tmp: Path) -> list[tuple[str, float, float]]:
+        steps = []
+        d = tmp / "new"
+        snap = abi.Snapshot(mod_sha, 1, "memory", src, [])
+        (size, sha), w, c = timed(lambda: abi.write_checkpoint(d, snap, {"synord-output.json": b"{}"}))
+        steps.append(("snapshot", w, c))
+        steps.append(("tar+hash", 0.0, 0.0))  # none: the archive is what travels
+        (tmp / "work").mkdir()
+
+        def restore():
+            blob = restore_source(d / abi.ARCHIVE_FILE, tmp / "work" / "restore", sha, archive=True)
+            s = abi.read_checkpoint(blob, mod_sha)
+            abi.load_memory(s, _guest_memory(store, dst_mem))
+        steps.append(("unpack+restore", *timed(restore)[1:]))
+        return steps
+
+    print("(c) checkpoint path without the network, 64 MiB of wasmtime guest memory (wall / CPU ms)")
+    results: dict[str, list] = {"before": [], "now": []}
+    for r in range(rounds):
+        for name, fn in (("before", old), ("now", new)):
+            with tempfile.TemporaryDirectory(prefix="synord-bench-ckpt-") as t:
+                steps = fn(Path(t))
+                if name == "now":
+                    assert bytes(_guest_memory(store, dst_mem)) == bytes(src), "restored memory differs"
+                results[name].append(steps)
+                print(f"    round {r + 1} {name:6s} " + ", ".join(f"{n} {w:.0f}/{c:.0f}" for n, w, c in steps)
+                      + f"; total {sum(w for _, w, _ in steps):.0f}/{sum(c for _, _, c in steps):.0f}")
+    for name, runs in results.items():
+        tw = statistics.median(sum(w for _, w, _ in s) for s in runs)
+        tc = statistics.median(sum(c for _, _, c in s) for s in runs)
+        print(f"    median {name:6s} {tw:6.0f} ms wall, {tc:6.0f} ms CPU")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["assign", "migrate"])
+    ap.add_argument("--only", choices=["assign", "migrate", "local"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeline", action="store_true", help="print the daemons' log lines per round")
     a = ap.parse_args()
     if a.only in (None, "assign"):
         bench_assign(a.rounds)
+    if a.only in (None, "local"):
+        bench_local(a.rounds)
     if a.only in (None, "migrate"):
         bench_migrate(a.rounds, a.timeline)
 

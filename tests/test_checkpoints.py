@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from synord.jobs.checkpoints import CheckpointError, pack, unpack
+from synord.jobs.checkpoints import CheckpointError, pack, restore_source, unpack
 from synord.protocols.transfer import sha256_of
 
 
@@ -77,3 +77,22 @@ def test_unpack_refuses_garbage(tmp_path):
     path.write_bytes(b"not a tar archive " * 64)
     with pytest.raises(CheckpointError, match="not a valid archive"):
         unpack(path, tmp_path / "out")
+
+
+def test_restore_source_links_an_archive_and_unpacks_the_rest(tmp_path):
+    """A runtime that reads the archive itself gets the blob as it is (verified on
+    arrival by the blob store), linked so the cache cannot take it away; any other
+    gets it unpacked and verified."""
+    src = _tree(tmp_path)
+    blob = tmp_path / "blob"
+    sha, _ = pack(src, blob)
+    (tmp_path / "w1").mkdir()  # the task's workdir
+    linked = restore_source(blob, tmp_path / "w1" / "restore", sha, archive=True)
+    assert linked == tmp_path / "w1" / "restore.tar"
+    assert sha256_of(linked) == sha
+    blob.unlink()  # evicted from the cache: the task's copy stays
+    assert sha256_of(linked) == sha
+    out = restore_source(linked, tmp_path / "w2" / "restore", sha, archive=False)
+    assert (out / "memory.bin").read_bytes() == (src / "memory.bin").read_bytes()
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        restore_source(linked, tmp_path / "w3" / "restore", "00" * 32, archive=False)

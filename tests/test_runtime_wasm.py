@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import msgpack
@@ -15,7 +17,7 @@ import pytest
 import trio
 
 from synord.runtimes.base import CheckpointUnsupported, Limits, Mount, SpecError, TaskSpec, child_env
-from synord.runtimes.digests import checkpoint_digest
+from synord.runtimes.digests import sha256_file
 
 wasmtime = pytest.importorskip("wasmtime")
 from synord.runtimes.wasm import WasmRuntime  # noqa: E402
@@ -383,15 +385,20 @@ async def test_checkpoint_then_restore_in_a_fresh_process(rt, wasm_modules, tmp_
     info, status, before = await checkpoint_mid_run(
         rt, counter(wasm_modules, COUNT, WORK), dest, b"step 5 ", leave_running=False)
     assert status.reason == "checkpointed"
-    assert info.path == dest and (info.bytes, info.sha256) == checkpoint_digest(dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["memory.bin", "state.msgpack", "synord-output.json"]
-    state = msgpack.unpackb((dest / "state.msgpack").read_bytes())
+    # One tar, written and hashed in one pass: the digest is the file's own.
+    assert info.path == dest and info.archive == dest / "checkpoint.tar"
+    assert (info.bytes, info.sha256) == (info.archive.stat().st_size, sha256_file(info.archive))
+    files = _members(dest)
+    assert list(files) == ["state.msgpack", "synord-output.json", "memory.bin"]  # state first
+    state = msgpack.unpackb(files["state.msgpack"])
     assert 5 <= state["steps"] < COUNT and state["abi"] == 1
+    assert state["memory"]["bytes"] == len(files["memory.bin"]) > 0
     assert "__stack_pointer" in [g["name"] for g in state["globals"]]
     assert lines(before) == lines(ref_out)[:state["steps"]]
     # the exact output position of the checkpoint: every byte printed by the steps before it
-    offsets = json.loads((dest / "synord-output.json").read_text())
+    offsets = json.loads(files["synord-output.json"])
     assert offsets["stdout"] == len(before) > 0
+    assert json.loads((dest / "synord-output.json").read_text()) == offsets  # the executor's copy
 
     script = (
         "import json, sys, trio\n"
@@ -425,7 +432,7 @@ async def test_checkpoint_leave_running_then_restore(rt, wasm_modules, tmp_path)
     dest = tmp_path / "ckpt"
     info, status, full = await checkpoint_mid_run(rt, spec, dest, b"step 3 ", leave_running=True)
     assert status.reason is None and len(lines(full)) == COUNT + 1  # kept running to the end
-    steps = msgpack.unpackb((dest / "state.msgpack").read_bytes())["steps"]
+    steps = msgpack.unpackb(_members(dest)["state.msgpack"])["steps"]
 
     sb = await rt.restore(spec, dest)
     status2, tail, _ = await _run_prepared(sb)
@@ -454,25 +461,53 @@ async def checkpoint_dir(rt, wasm_modules, tmp_path) -> Path:
     return dest
 
 
-def _corrupt_memory(d: Path):
-    data = bytearray((d / "memory.bin").read_bytes())
-    data[70000] ^= 0xFF
-    (d / "memory.bin").write_bytes(bytes(data))
+def _members(d: Path) -> dict[str, bytes]:
+    """The checkpoint archive's files, in archive order."""
+    with tarfile.open(d / "checkpoint.tar") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+def _rewrite(edit):
+    """Damage: the archive rewritten with edit(files) applied (a valid tar around bad content)."""
+    def damage(d: Path):
+        files = _members(d)
+        edit(files)
+        with tarfile.open(d / "checkpoint.tar", "w") as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return damage
 
 
 def _edit_state(**changes):
-    def edit(d: Path):
-        state = msgpack.unpackb((d / "state.msgpack").read_bytes())
+    def edit(files):
+        state = msgpack.unpackb(files["state.msgpack"])
         state.update(changes)
-        (d / "state.msgpack").write_bytes(msgpack.packb(state))
-    return edit
+        files["state.msgpack"] = msgpack.packb(state)
+    return _rewrite(edit)
+
+
+def _add_symlink(d: Path):
+    with tarfile.open(d / "checkpoint.tar", "a") as tar:
+        info = tarfile.TarInfo("state.msgpack")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+
+
+def _truncate(d: Path):
+    a = d / "checkpoint.tar"
+    a.write_bytes(a.read_bytes()[:a.stat().st_size // 2])
 
 
 @pytest.mark.parametrize("damage,match", [
-    (_corrupt_memory, "corrupted"),
-    (lambda d: (d / "memory.bin").write_bytes((d / "memory.bin").read_bytes()[:-65536]), "memory image"),
-    (lambda d: (d / "state.msgpack").write_bytes(b"\xc1garbage"), "unreadable state"),
-    (lambda d: (d / "state.msgpack").unlink(), "missing"),
+    (_rewrite(lambda f: f.update({"memory.bin": f["memory.bin"][:-65536]})), "memory image"),
+    (_rewrite(lambda f: f.update({"state.msgpack": b"\xc1garbage"})), "unreadable state"),
+    (_rewrite(lambda f: f.pop("state.msgpack")), "missing"),
+    (_rewrite(lambda f: f.update({"../escape": b"x"})), "unexpected archive member"),
+    (_add_symlink, "unexpected archive member"),
+    (_truncate, "archive"),
+    (lambda d: (d / "checkpoint.tar").write_bytes(b"\0" * 100), "archive"),
     (_edit_state(module_sha256="ab" * 32), "not by this module"),
     (_edit_state(abi=2), "unsupported ABI"),
     (_edit_state(globals=[{"name": "__stack_pointer", "type": "i64", "value": 1}]), "does not match"),
@@ -484,6 +519,25 @@ async def test_damaged_checkpoint_is_refused(rt, wasm_modules, checkpoint_dir, d
     damage(checkpoint_dir)
     with pytest.raises(SpecError, match=match):
         await rt.restore(spec, checkpoint_dir)
+
+
+async def test_unpacked_checkpoint_with_a_memory_digest_is_verified(rt, wasm_modules, checkpoint_dir, tmp_path):
+    """The older form (files, memory digest in the state) still restores, and a flipped
+    byte of its memory is refused."""
+    spec = counter(wasm_modules, 10**6, 1000)
+    files, old = _members(checkpoint_dir), tmp_path / "old"
+    old.mkdir()
+    state = msgpack.unpackb(files["state.msgpack"])
+    state["memory"]["sha256"] = hashlib.sha256(files["memory.bin"]).hexdigest()
+    (old / "state.msgpack").write_bytes(msgpack.packb(state))
+    (old / "memory.bin").write_bytes(files["memory.bin"])
+    sb = await rt.restore(spec, old)
+    assert sb.restore_from.steps == state["steps"]
+    data = bytearray(files["memory.bin"])
+    data[70000] ^= 0xFF
+    (old / "memory.bin").write_bytes(bytes(data))
+    with pytest.raises(SpecError, match="corrupted"):
+        await rt.restore(spec, old)
 
 
 async def test_restore_respects_memory_limit(rt, wasm_modules, checkpoint_dir):

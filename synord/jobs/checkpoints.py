@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -86,3 +87,21 @@ def unpack(tar_path: Path, dest: Path, expected_sha: str | None = None) -> Path:
     if expected_sha is not None and src.h.hexdigest() != expected_sha:
         raise CheckpointError(f"checkpoint {tar_path.name}: sha256 mismatch")
     return dest
+
+
+def restore_source(blob: Path, dest: Path, sha: str, archive: bool) -> Path:
+    """What the runtime restores from, given the checkpoint blob ``sha``.
+
+    ``archive`` (a runtime that reads the tar itself, CheckpointInfo.archive):
+    the blob as it is, not unpacked nor hashed again: the blob store verified
+    every byte against ``sha`` on arrival and stores nothing else under that
+    name. It is hard-linked to ``dest``.tar so the cache cannot evict it under
+    the task. Otherwise the blob is unpacked into ``dest``, verified once more."""
+    if not archive:
+        return unpack(blob, dest, expected_sha=sha)
+    out = dest.with_name(dest.name + ".tar")
+    try:
+        os.link(blob, out)
+    except OSError:  # another filesystem
+        shutil.copyfile(blob, out)
+    return out

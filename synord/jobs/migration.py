@@ -67,7 +67,8 @@ def cost(task: Displaced, slot: Slot, price_weight: float = 1.0) -> float:
             or slot.cores + 1e-9 < task.cores or slot.memory < task.memory
             or (task.max_price is not None and slot.price > task.max_price)):
         return INFEASIBLE
-    return task.checkpoint_bytes * _seconds_per_byte(slot.bandwidth_bps) + price_weight * slot.price
+    # Scalar arithmetic, the same operations as cost_matrix's: no numpy for one pair.
+    return task.checkpoint_bytes * (1.0 / max(1.0, slot.bandwidth_bps)) + price_weight * slot.price
 
 
 def _seconds_per_byte(bandwidth_bps):
@@ -137,13 +138,19 @@ def assign_optimal(tasks: Sequence[Displaced], slots: Sequence[Slot],
     result: dict[str, int | None] = {t.job_id: None for t in tasks}
     if not tasks or not slots:
         return result
+    if len(tasks) == 1 and matrix is None:
+        # One task: the optimum is its cheapest slot (the first, on a tie, as
+        # argmin). Spares the solver and, in a lone hand-over, the first imports
+        # of numpy (0.2-0.4 s on a 2-core box) and scipy.optimize (0.9 s).
+        costs = [cost(tasks[0], s, price_weight) for s in slots]
+        best = min(range(len(slots)), key=costs.__getitem__)
+        result[tasks[0].job_id] = best if costs[best] < INFEASIBLE else None
+        return result
     m = cost_matrix(tasks, slots, price_weight) if matrix is None else matrix
     feasible = m < INFEASIBLE
     if not feasible.any():
         return result
     if len(tasks) == 1:
-        # One task: the optimum is its cheapest slot. Spares the solver, and the
-        # first import of scipy.optimize (0.9 s on a 2-core box) in a hand-over.
         result[tasks[0].job_id] = int(np.argmin(m[0]))
         return result
     from scipy.optimize import linear_sum_assignment

@@ -35,7 +35,7 @@ from synord.runtimes.base import Runtime
 
 from ..store import Store
 from . import output as ndjson
-from .checkpoints import CheckpointError, unpack
+from .checkpoints import CheckpointError, restore_source
 from .exec_service import ShellService
 from .executor import TaskExecution
 from .services import ProviderServices, ServiceSpecError, VolumeError
@@ -336,7 +336,8 @@ class ProviderJobs(TaskServer):
         if csha is not None:
             on_phase("restoring")
             try:
-                restore_dir = unpack(self.blobs.path(csha), workdir / "restore", expected_sha=csha)
+                restore_dir = restore_source(self.blobs.path(csha), workdir / "restore", csha,
+                                             runtime.restores_archive)
             except CheckpointError as exc:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise TaskRefused("bad_checkpoint", f"corrupted checkpoint: {exc}") from None

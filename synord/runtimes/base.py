@@ -136,7 +136,10 @@ OUTPUT_OFFSETS_FILE = "synord-output.json"
 class CheckpointInfo:
     path: Path  # a directory holding the checkpoint files
     bytes: int
-    sha256: str  # digest over the checkpoint files (see checkpoint_digest)
+    sha256: str  # digest over the checkpoint files (see checkpoint_digest), or the archive's
+    # Set by a runtime that writes its checkpoint as one tar (wasm): the file
+    # that travels as it is (bytes and sha256 are its own), no pack step.
+    archive: Path | None = None
 
 
 # What a sandbox holds of its output, by default: its reader (the provider's
@@ -334,6 +337,8 @@ async def _unsupported_exec(reason: str):
 class Runtime(ABC):
     kind: ClassVar[str]
     supports_checkpoint: ClassVar[bool] = False
+    # restore() takes the checkpoint archive itself (CheckpointInfo.archive), not unpacked files
+    restores_archive: ClassVar[bool] = False
 
     @abstractmethod
     def available(self) -> Availability: ...

@@ -62,7 +62,7 @@ from .base import (LOG_BUFFER_BYTES, Availability, CheckpointInfo, CheckpointUns
                    LogBuffer, LogChunk, Runtime, RuntimeError_, Sandbox, SpecError, TaskSpec, Unavailable, Usage,
                    OUTPUT_OFFSETS_FILE)
 from .artifacts import MAX_WASM_BYTES, open_regular
-from .digests import checkpoint_digest, expect_digest
+from .digests import expect_digest
 from . import wasm_abi as abi
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,7 @@ class ModuleCache:
 class WasmRuntime(Runtime):
     kind: ClassVar[str] = "wasm"
     supports_checkpoint: ClassVar[bool] = True
+    restores_archive: ClassVar[bool] = True
 
     def __init__(self, cache_dir: Path | str | None = None, log_limit_bytes: int = LOG_BUFFER_BYTES):
         self.cache = ModuleCache(Path(cache_dir) if cache_dir else default_cache_dir())
@@ -360,8 +361,8 @@ class WasmRuntime(Runtime):
         if snap.memory_export != sb.memory_export:
             raise SpecError(f"checkpoint {checkpoint}: memory export {snap.memory_export!r} "
                             f"is not the module's ({sb.memory_export!r})")
-        if len(snap.memory) > spec.limits.memory_bytes:
-            raise SpecError(f"checkpoint {checkpoint}: needs {len(snap.memory)} bytes of memory, "
+        if snap.memory_bytes > spec.limits.memory_bytes:
+            raise SpecError(f"checkpoint {checkpoint}: needs {snap.memory_bytes} bytes of memory, "
                             f"the limit is {spec.limits.memory_bytes}")
         exported = {e.name: e.type for e in sb.module.exports}
         for name, typ, _ in snap.globals:
@@ -378,6 +379,7 @@ class _CheckpointRequest:
         self.done = trio.Event()
         self.error: BaseException | None = None
         self.output_bytes: dict[str, int] | None = None  # emitted per stream at the checkpoint
+        self.archive: tuple[int, str] | None = None  # (bytes, sha256) of the archive written
         self.claimed = False  # set by the worker, under the sandbox lock
 
 
@@ -638,9 +640,10 @@ class WasmSandbox(Sandbox):
         if req.output_bytes is not None:
             # Exact output position of the checkpoint, so a restore elsewhere
             # continues the output stream without repeating or losing a byte.
+            # (Also inside the archive; this copy is for the caller, see CheckpointInfo.)
             (Path(req.dest) / OUTPUT_OFFSETS_FILE).write_text(json.dumps(req.output_bytes))
-        nbytes, digest = await trio.to_thread.run_sync(checkpoint_digest, req.dest)
-        return CheckpointInfo(req.dest, nbytes, digest)
+        nbytes, digest = req.archive  # hashed as the worker wrote it: nothing is read back
+        return CheckpointInfo(req.dest, nbytes, digest, archive=req.dest / abi.ARCHIVE_FILE)
 
     def _emit(self, stream: str, data: bytes) -> None:
         self._output.append(LogChunk(stream, data))
@@ -808,9 +811,9 @@ class WasmSandbox(Sandbox):
         else:
             self._steps = snap.steps
             have = memory.data_len(store)
-            if len(snap.memory) > have:
-                memory.grow(store, (len(snap.memory) - have) // abi.PAGE)
-            ctypes.memmove(memory.data_ptr(store), snap.memory, len(snap.memory))
+            if snap.memory_bytes > have:
+                memory.grow(store, (snap.memory_bytes - have) // abi.PAGE)
+            abi.load_memory(snap, _guest_memory(store, memory))  # read from disk straight into the guest
             for name, _typ, value in snap.globals:
                 exports[name].set_value(store, value)
         while True:
@@ -854,16 +857,23 @@ class WasmSandbox(Sandbox):
                 t = exp.type
                 if isinstance(t, wasmtime.GlobalType) and t.mutable:
                     globs.append((exp.name, abi.scalar_type_name(t.content), exports[exp.name].value(store)))
-            mem = ctypes.string_at(memory.data_ptr(store), memory.data_len(store))
             req.output_bytes = self._drain_output()
-            abi.write_checkpoint(req.dest, abi.Snapshot(
-                self.module_sha256, self._steps, self.memory_export, mem, globs,
-                cpu_s=time.thread_time() - self._cpu_start))
+            # Written straight from the guest's memory (paused: this thread runs it).
+            req.archive = abi.write_checkpoint(req.dest, abi.Snapshot(
+                self.module_sha256, self._steps, self.memory_export, _guest_memory(store, memory), globs,
+                cpu_s=time.thread_time() - self._cpu_start),
+                extra={OUTPUT_OFFSETS_FILE: json.dumps(req.output_bytes).encode()})
         except BaseException as e:
             req.error = e if isinstance(e, RuntimeError_) else RuntimeError_(f"checkpoint failed: {e}")
         with self._lock:
             self._ckpt = None
         self._notify_from_thread(req.done.set)
+
+
+def _guest_memory(store, memory) -> memoryview:
+    """The guest's linear memory as a writable buffer, no copy (valid until it grows)."""
+    n = memory.data_len(store)
+    return memoryview((ctypes.c_ubyte * n).from_address(ctypes.addressof(memory.data_ptr(store).contents))).cast("B")
 
 
 def _pipe_pending(fd: int) -> int:
