@@ -12,7 +12,8 @@ import sys
 if sys.argv[1] == "upstream":
     import libp2p  # noqa: F401
 from synord.protocols import libp2p_loader  # noqa: E402
-from synord.protocols.p2p import NOISE_ID, YAMUX_ID, NoiseTransport, Yamux, create_x25519_key_pair  # noqa: E402
+from synord.protocols.p2p import (NOISE_ID, YAMUX_ID, LeanNoiseTransport as NoiseTransport,  # noqa: E402
+                                  LeanYamux as Yamux, create_x25519_key_pair)
 
 import multiaddr  # noqa: E402
 from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
