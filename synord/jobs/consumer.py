@@ -17,6 +17,7 @@ the state store. Output is stored by per-stream byte offset, so a re-attach
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -241,11 +242,24 @@ class ConsumerJobs(TaskClient):
             return self.sharding.drive
         return functools.partial(gangs.drive, self) if gangs.is_parent(job) else self._drive
 
+    @contextlib.contextmanager
+    def failing_on_error(self, job: ConsumerJob, what: str):
+        """Around a job's driver (``what``: job, gang): no placement, or a bug of ours,
+        fails the job with the reason instead of escaping into the daemon's nursery."""
+        try:
+            yield
+        except NoPlacement as exc:
+            self._set_state(job, "failed", error=str(exc))
+            log.warning(f"{what} failed: no placement", extra={"job": job.id, "reason": str(exc)})
+        except Exception as exc:  # trio.Cancelled is a BaseException: it passes
+            log.exception(f"{what} failed", extra={"job": job.id})
+            self._set_state(job, "failed", error=f"{type(exc).__name__}: {exc}")
+
     async def _drive(self, job: ConsumerJob, resumed: bool, session: Session | None = None,
                      exclude: tuple[str, ...] = (), preferred: Any = None) -> None:
         """``session``: the task already started (a gang member), watched from here on;
         ``exclude``/``preferred``: providers to avoid / to try first (a re-placed shard)."""
-        try:
+        with self.failing_on_error(job, "job"):
             if resumed and job.state in ("running", "migrating") and job.provider:
                 session = await self._attach(job)
                 if session is None:
@@ -269,14 +283,6 @@ class ConsumerJobs(TaskClient):
                     await self._lost(job, detail)
                 if job.next_terms is None:
                     preferred = await self._join_replacement(job, exclude)
-        except NoPlacement as exc:
-            self._set_state(job, "failed", error=str(exc))
-            log.warning("job failed: no placement", extra={"job": job.id, "reason": str(exc)})
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            log.exception("job failed", extra={"job": job.id})
-            self._set_state(job, "failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _lost(self, job: ConsumerJob, reason: str) -> None:
         ck = job.checkpoint

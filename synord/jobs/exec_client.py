@@ -82,6 +82,17 @@ class ExecClient:
                 pass
 
 
+async def open_provider_stream(mesh, provider: str, protocol: str, timeout: float, error: type) -> FramedStream:
+    """A stream to ``provider`` for an exec or a forward; ``error(message, "unreachable")``
+    when it cannot be opened within ``timeout``."""
+    try:
+        with trio.fail_after(timeout):
+            return await mesh.open_stream(provider, protocol)
+    except Exception as exc:
+        raise error(f"cannot reach the provider {provider[:16]}…: {type(exc).__name__}: {exc}",
+                    "unreachable") from None
+
+
 async def open_exec(mesh, identity: Identity, provider: str, job_id: str, argv: list[str],
                     env: dict[str, str] | None = None, timeout: float = OPEN_TIMEOUT_S,
                     tty: tuple[int, int] | None = None) -> ExecClient:
@@ -91,12 +102,7 @@ async def open_exec(mesh, identity: Identity, provider: str, job_id: str, argv: 
         body = exec_body(job_id, argv, env, tty)
     except ValueError as exc:
         raise ExecError(str(exc), "bad_request") from None
-    try:
-        with trio.fail_after(timeout):
-            stream = await mesh.open_stream(provider, SHELL_PROTOCOL)
-    except Exception as exc:
-        raise ExecError(f"cannot reach the provider {provider[:16]}…: {type(exc).__name__}: {exc}",
-                        "unreachable") from None
+    stream = await open_provider_stream(mesh, provider, SHELL_PROTOCOL, timeout, ExecError)
     client = ExecClient(stream, job_id)
     try:
         with trio.fail_after(timeout):

@@ -33,6 +33,7 @@ from synord.protocols.identity import Identity
 from synord.protocols.refusals import REFUSALS
 
 from ..errors import Busy, Conflict, Forbidden, Invalid, NotFound, Unavailable, Unsupported
+from .exec_client import open_provider_stream
 from .forward_relay import IDLE_S, MAX_PER_JOB, relay
 from .spec import TERMINAL
 
@@ -56,12 +57,7 @@ async def open_forward(mesh, identity: Identity, provider: str, job_id: str, por
         body = open_body(job_id, port, check)
     except ValueError as exc:
         raise ForwardError(str(exc), "bad_request") from None
-    try:
-        with trio.fail_after(timeout):
-            stream = await mesh.open_stream(provider, FORWARD_PROTOCOL)
-    except Exception as exc:
-        raise ForwardError(f"cannot reach the provider {provider[:16]}…: {type(exc).__name__}: {exc}",
-                           "unreachable") from None
+    stream = await open_provider_stream(mesh, provider, FORWARD_PROTOCOL, timeout, ForwardError)
     channel = ForwardChannel(OPENER)
     try:
         with trio.fail_after(timeout):

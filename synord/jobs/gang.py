@@ -194,21 +194,13 @@ async def _commit(market, gang: gm.Gang, held: dict[str, Terms]) -> list[Terms] 
 
 async def drive(jobs: "ConsumerJobs", parent: "ConsumerJob", resumed: bool) -> None:
     """The gang's life: reserve, commit, start every member, follow them."""
-    try:
+    with jobs.failing_on_error(parent, "gang"):
         if resumed and not parent.runstate.gang.get("members"):
             jobs._set_state(parent, "failed", error="consumer restarted before the gang was committed")
             return
         if not resumed:
             await _place(jobs, parent)
         await _follow(jobs, parent)
-    except NoPlacement as exc:
-        jobs._set_state(parent, "failed", error=str(exc))
-        log.warning("gang failed: no placement", extra={"job": parent.id, "reason": str(exc)})
-    except trio.Cancelled:
-        raise
-    except Exception as exc:
-        log.exception("gang failed", extra={"job": parent.id})
-        jobs._set_state(parent, "failed", error=f"{type(exc).__name__}: {exc}")
 
 
 async def _place(jobs: "ConsumerJobs", parent: "ConsumerJob") -> None:
