@@ -28,7 +28,7 @@ def tmpfs(path: Path, size: str):
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
                          capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        pytest.skip(f"this machine lets us mount no tmpfs: {res.stderr.strip()}")
     try:
         yield path
     finally:
