@@ -424,6 +424,8 @@ def event_from_envelope(env) -> Any:
     cls = WIRE_EVENTS.get(env.type)
     if cls is None:
         raise BodyError(f"not a negotiation message: {env.type}")
+    if isinstance(env.parsed, cls):  # decode ran this very checker on the body: not twice
+        return env.parsed
     return cls.from_body(env.body)
 
 
